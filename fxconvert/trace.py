@@ -1,0 +1,490 @@
+"""Trace transformers 5 T5-family models into torch.fx GraphModules.
+
+`torch.fx.symbolic_trace` cannot trace T5 under transformers 5: forwards take `**kwargs`
+behind decorators, layer norms branch on `weight.dtype`, attention unpacks shapes into
+new shapes, and masks come from helpers that inspect config and cache objects. This
+tracer handles each of those without touching transformers' source:
+
+- Every traced value carries a meta-device twin in `node.meta["val"]`, computed as the
+  node is recorded. Static facts (dtype, rank) are answered from it; sizes stay symbolic
+  (`x.shape` is a node whose items are nodes), so the graph is shape-generic.
+- The root's signature is built from `input_names`; the model is called by keyword with
+  `use_cache=False`, and its ModelOutput becomes a dict of its non-None tensors.
+- Within the modeling modules' namespaces, and only while tracing, the mask helpers are
+  replaced by calls of `fxconvert.runtime` leaf functions, and the SDPA attention
+  function by a traceable equivalent. Modules built on the fly (a loss) are traced through.
+- Anything else that cannot be traced raises `TraceError` naming the module path and the
+  source line.
+"""
+
+import contextlib
+import inspect
+import operator
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch.fx.node import map_aggregate, map_arg
+from torch.fx.proxy import Attribute, Proxy
+
+from fxconvert import runtime
+from fxconvert.errors import TraceError
+
+SUPPORTED_CLASSES = (
+    "T5Model",
+    "T5ForConditionalGeneration",
+    "T5EncoderModel",
+    "MT5Model",
+    "MT5ForConditionalGeneration",
+    "MT5EncoderModel",
+    "UMT5Model",
+    "UMT5ForConditionalGeneration",
+    "UMT5EncoderModel",
+)
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+# Input name -> (dtype kind, which sequence it spans). Meta example tensors are built from it.
+INPUT_SPECS = {
+    "input_ids": ("ids", "encoder"),
+    "attention_mask": ("mask", "encoder"),
+    "decoder_input_ids": ("ids", "decoder"),
+    "decoder_attention_mask": ("mask", "decoder"),
+    "labels": ("ids", "decoder"),
+    "inputs_embeds": ("embeds", "encoder"),
+    "decoder_inputs_embeds": ("embeds", "decoder"),
+}
+# The example sizes only feed meta tensors; the graph does not depend on them.
+_EXAMPLE_SIZES = {"batch": 2, "encoder": 7, "decoder": 5}
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_SKIP_FILES = (_HERE, _TORCH_DIR, os.path.dirname(contextlib.__file__))
+
+
+def trace(model: torch.nn.Module, input_names=None) -> torch.fx.GraphModule:
+    """Trace a T5-family model into a GraphModule whose forward takes exactly `input_names`.
+
+    The GraphModule returns a dict of the model's non-None output tensors keyed by their
+    ModelOutput field names (e.g. `loss`, `logits`, `encoder_last_hidden_state`). It
+    works at any batch size and sequence lengths, and for models on the meta device.
+    """
+    return trace_with_stats(model, input_names).graph_module
+
+
+@dataclass
+class TraceResult:
+    graph_module: torch.fx.GraphModule
+    seconds: float
+
+
+def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
+    start = time.perf_counter()
+    cls_name = type(model).__name__
+    if cls_name not in SUPPORTED_CLASSES:
+        raise TraceError(
+            f"{cls_name} is not supported; fxconvert traces {', '.join(SUPPORTED_CLASSES)}"
+        )
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in SUPPORTED_ATTENTION:
+        raise TraceError(
+            f"attention implementation '{impl}' is not supported; load the model with "
+            f"attn_implementation='sdpa' or 'eager'"
+        )
+    input_names = list(input_names) if input_names is not None else default_input_names(model)
+    _check_input_names(model, input_names)
+
+    tracer = T5Tracer(input_names)
+    with _leaf_replacements(model, tracer):
+        try:
+            graph = tracer.trace(model)
+        except TraceError:
+            raise
+        except Exception as e:
+            raise TraceError(_explain_failure(e, cls_name)) from e
+    gm = torch.fx.GraphModule(model, graph, class_name=f"{cls_name}Traced")
+    eliminate_dead_code(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta["input_names"] = tuple(input_names)
+    gm.meta["model_class"] = cls_name
+    return TraceResult(gm, time.perf_counter() - start)
+
+
+def default_input_names(model) -> list[str]:
+    name = type(model).__name__
+    if name.endswith("EncoderModel"):
+        return ["input_ids", "attention_mask"]
+    if name.endswith("ForConditionalGeneration"):
+        return ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
+    return ["input_ids", "attention_mask", "decoder_input_ids"]
+
+
+def accepted_input_names(model) -> list[str]:
+    params = inspect.signature(inspect.unwrap(type(model).forward)).parameters
+    return [n for n in INPUT_SPECS if n in params]
+
+
+def _check_input_names(model, input_names):
+    accepted = accepted_input_names(model)
+    unknown = [n for n in input_names if n not in accepted]
+    if unknown:
+        raise TraceError(
+            f"unknown input name(s) {', '.join(unknown)} for {type(model).__name__}; "
+            f"choose from {', '.join(accepted)}"
+        )
+    if len(set(input_names)) != len(input_names):
+        raise TraceError(f"input names repeat: {', '.join(input_names)}; give each once")
+    if not any(n in input_names for n in ("input_ids", "inputs_embeds")):
+        raise TraceError("the inputs need 'input_ids' (or 'inputs_embeds'); add it to the input names")
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> bool:
+    """Dead-code elimination that keeps in-place method calls and `operator.setitem`."""
+    return graph.eliminate_dead_code(is_impure_node=is_impure)
+
+
+def is_impure(node: torch.fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        return node.target in (operator.setitem, torch._assert)
+    return False
+
+
+class _TracedValue:
+    """Behaviour shared by every proxy the tracer hands to model code."""
+
+    def _meta(self):
+        return self.node.meta.get("val")
+
+    @property
+    def dtype(self):
+        meta = self._meta()
+        if isinstance(meta, torch.Tensor):
+            return meta.dtype
+        return Attribute(self, "dtype")
+
+    @property
+    def ndim(self):
+        meta = self._meta()
+        if isinstance(meta, torch.Tensor):
+            return meta.ndim
+        return Attribute(self, "ndim")
+
+    def dim(self):
+        meta = self._meta()
+        if isinstance(meta, torch.Tensor):
+            return meta.dim()
+        return self.tracer.create_proxy("call_method", "dim", (self,), {})
+
+    def is_floating_point(self):
+        return self._meta().is_floating_point()
+
+    def __len__(self):
+        meta = self._meta()
+        if isinstance(meta, (tuple, list)):  # a shape: its length is the rank, a static fact
+            return len(meta)
+        raise self.tracer.untraceable("len() of a tensor would freeze its first dimension")
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def __getattr__(self, name):
+        return _TracedAttribute(self, name)
+
+
+class _TracedProxy(_TracedValue, Proxy):
+    pass
+
+
+class _TracedAttribute(_TracedValue, Attribute):
+    pass
+
+
+class T5Tracer(torch.fx.Tracer):
+    """A torch.fx Tracer that propagates meta tensors and builds the root from `input_names`."""
+
+    def __init__(self, input_names):
+        super().__init__()
+        self.input_names = list(input_names)
+        self._meta_params: dict[str, torch.Tensor] = {}
+        self._module_meta_state: dict[int, dict[str, torch.Tensor]] = {}
+        self._path_stack: list[str] = []
+
+    # -- root ---------------------------------------------------------------------------
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        model = self.root
+        names = self.input_names
+        example = _example_inputs(model, names)
+        placeholders = []
+        for name in names:
+            proxy = self.create_proxy("placeholder", name, (), {})
+            proxy.node.meta["val"] = example[name]
+            placeholders.append(proxy)
+        extra = {}
+        params = inspect.signature(inspect.unwrap(type(model).forward)).parameters
+        if "use_cache" in params:
+            extra["use_cache"] = False
+
+        def root(self_, *args):
+            output = root_fn(self_, **dict(zip(names, args)), **extra, return_dict=True)
+            return {k: v for k, v in output.items() if v is not None}
+
+        root.__signature__ = inspect.Signature(
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+        )
+        return root, [model, *placeholders]
+
+    # -- proxies and meta propagation ---------------------------------------------------
+    def proxy(self, node):
+        return _TracedProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if self._path_stack:
+            node.meta["module_path"] = self._path_stack[-1]
+        node.meta["source"] = _user_source()
+        if kind != "placeholder":
+            try:
+                node.meta["val"] = self._compute_meta(node)
+            except TraceError:
+                raise
+            except Exception as e:
+                raise self.untraceable(
+                    f"could not compute {node.format_node()} on meta tensors ({type(e).__name__}: {e})"
+                ) from e
+        return proxy
+
+    def _compute_meta(self, node):
+        def val(n):
+            return n.meta["val"]
+
+        args = map_arg(node.args, val)
+        kwargs = map_arg(node.kwargs, val)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            return self._meta_attr(node.target)
+        if node.op == "call_module":
+            module = self.root.get_submodule(node.target)
+            state = self._module_meta_state.get(id(module))
+            if state is None:
+                state = {k: _to_meta(v) for k, v in module.state_dict(keep_vars=True).items()}
+                self._module_meta_state[id(module)] = state
+            with _fx_patches_reverted():
+                return torch.func.functional_call(module, state, args, kwargs)
+        raise AssertionError(node.op)
+
+    def _meta_attr(self, target):
+        if target not in self._meta_params:
+            with _fx_patches_reverted():
+                value = operator.attrgetter(target)(self.root)
+            self._meta_params[target] = _to_meta(value)
+        return self._meta_params[target]
+
+    # -- control flow and iteration ------------------------------------------------------
+    def to_bool(self, obj):
+        raise self.untraceable(
+            f"the value of {obj.node.format_node()} decides Python control flow, which a graph cannot record"
+        )
+
+    def iter(self, obj):
+        meta = obj.node.meta.get("val")
+        if isinstance(meta, (tuple, list)):
+            return iter([obj[i] for i in range(len(meta))])
+        raise self.untraceable(f"iterating over {obj.node.format_node()} would freeze its size into the graph")
+
+    def untraceable(self, why: str) -> TraceError:
+        where = _user_source()
+        path = self._path_stack[-1] if self._path_stack else "<root>"
+        return TraceError(f"cannot trace module '{path}' at {where}: {why}")
+
+    # -- modules ---------------------------------------------------------------------------
+    def call_module(self, m, forward, args, kwargs):
+        path = self.submodule_paths.get(m) if self.submodule_paths else None
+        if path is None:  # built on the fly inside a forward (e.g. CrossEntropyLoss): trace through it
+            return forward(*args, **kwargs)
+        self._path_stack.append(path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except TraceError:
+            raise
+        except Exception as e:
+            if not hasattr(e, "_fxconvert_where"):
+                e._fxconvert_where = (path, _user_source(e.__traceback__))
+            raise
+        finally:
+            self._path_stack.pop()
+
+    def is_leaf_module(self, m, module_qualified_name):
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _to_meta(value):
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return value.detach() if value.requires_grad else value
+        return torch.empty_like(value, device="meta")
+    return value
+
+
+@contextlib.contextmanager
+def _fx_patches_reverted():
+    """Run real module code (for meta propagation) without fx's Module.__call__ patch."""
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+    with _maybe_revert_all_patches():
+        yield
+
+
+def _example_inputs(model, names):
+    cfg = model.config
+    b = _EXAMPLE_SIZES["batch"]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    out = {}
+    for name in names:
+        kind, seq = INPUT_SPECS[name]
+        length = _EXAMPLE_SIZES[seq]
+        if kind == "embeds":
+            out[name] = torch.empty(b, length, cfg.d_model, dtype=dtype, device="meta")
+        else:
+            out[name] = torch.empty(b, length, dtype=torch.long, device="meta")
+    return out
+
+
+def _user_source(tb=None) -> str:
+    """file:line and code of the innermost model-code frame (outside torch and fxconvert)."""
+    frames = []
+    if tb is not None:
+        while tb is not None:
+            frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+            tb = tb.tb_next
+        frames.reverse()
+    else:
+        frame = sys._getframe(1)
+        while frame is not None:
+            frames.append((frame.f_code.co_filename, frame.f_lineno))
+            frame = frame.f_back
+    for filename, lineno in frames:
+        if filename.startswith(_SKIP_FILES) or filename.startswith("<"):
+            continue
+        return f"{_short_path(filename)}:{lineno}"
+    return "<unknown>"
+
+
+def _short_path(filename: str) -> str:
+    marker = os.sep + "site-packages" + os.sep
+    if marker in filename:
+        return filename.split(marker, 1)[1]
+    return filename
+
+
+def _explain_failure(e: Exception, cls_name: str) -> str:
+    path, where = getattr(e, "_fxconvert_where", ("<root>", _user_source(e.__traceback__)))
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"cannot trace {cls_name}: module '{path}' at {where}: {type(e).__name__}: {message}"
+
+
+# -- leaf replacements ---------------------------------------------------------------------
+# While tracing, these names are rebound in the namespaces of the modeling modules that
+# define the traced classes. Each replacement records a runtime leaf call (or traceable
+# torch code) with tensor and constant arguments only.
+
+
+def _mask_dtype(config, tensor):
+    """None (boolean mask) for SDPA; the embeddings' dtype (additive mask) for eager."""
+    return None if config._attn_implementation == "sdpa" else tensor.dtype
+
+
+class _MaskReplacements:
+    def __init__(self, tracer):
+        self.tracer = tracer
+
+    def create_causal_mask(self, config, inputs_embeds, attention_mask=None, cache=None, **kwargs):
+        return self.tracer.create_proxy(
+            "call_function",
+            runtime.causal_mask,
+            (inputs_embeds, attention_mask),
+            {"dtype": _mask_dtype(config, inputs_embeds)},
+        )
+
+    def create_bidirectional_mask(self, config, inputs_embeds, attention_mask=None, encoder_hidden_states=None, **kwargs):
+        if attention_mask is None:  # no padding: no mask, as transformers does
+            return None
+        embeds = encoder_hidden_states if encoder_hidden_states is not None else inputs_embeds
+        return self.tracer.create_proxy(
+            "call_function", runtime.padding_mask, (attention_mask,), {"dtype": _mask_dtype(config, embeds)}
+        )
+
+
+def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                   position_bias=None, **kwargs):
+    """Traceable equivalent of transformers' `sdpa_attention_forward` for T5 attention.
+
+    T5 always passes a position bias, so transformers folds the mask into one additive
+    float mask and calls SDPA with `is_causal=False`; the recorded ops are the same.
+    """
+    mask = attention_mask
+    if position_bias is not None:
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = torch.where(mask, position_bias, torch.finfo(key.dtype).min)
+        else:
+            mask = position_bias + mask
+        mask = mask.contiguous()
+    elif is_causal or (is_causal is None and getattr(module, "is_causal", False)):
+        raise TraceError("SDPA attention without a position bias or mask is not supported; use attn 'eager'")
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+class _AttentionFunctions:
+    """Stands in for transformers' ALL_ATTENTION_FUNCTIONS while tracing."""
+
+    def get_interface(self, implementation, default):
+        if implementation == "eager":
+            return default
+        if implementation == "sdpa":
+            return sdpa_attention
+        raise TraceError(
+            f"attention implementation '{implementation}' is not supported; use 'sdpa' or 'eager'"
+        )
+
+
+@contextlib.contextmanager
+def _leaf_replacements(model, tracer):
+    masks = _MaskReplacements(tracer)
+    replacements = {
+        "create_causal_mask": masks.create_causal_mask,
+        "create_bidirectional_mask": masks.create_bidirectional_mask,
+        "ALL_ATTENTION_FUNCTIONS": _AttentionFunctions(),
+    }
+    namespaces = {id(sys.modules[type(m).__module__].__dict__): sys.modules[type(m).__module__].__dict__
+                  for m in model.modules() if type(m).__module__ in sys.modules}
+    saved = []
+    try:
+        for ns in namespaces.values():
+            for name, replacement in replacements.items():
+                if name in ns:
+                    saved.append((ns, name, ns[name]))
+                    ns[name] = replacement
+        yield
+    finally:
+        for ns, name, original in reversed(saved):
+            ns[name] = original
+
+
+__all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "default_input_names",
+           "accepted_input_names", "eliminate_dead_code", "is_impure", "map_aggregate"]
