@@ -110,6 +110,11 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     gm.recompile()
     gm.meta["input_names"] = tuple(input_names)
     gm.meta["model_class"] = cls_name
+    gm.meta["traced_training"] = model.training
+    # Attention modules keep their configured dropout rate; an eval-mode trace records 0.0.
+    gm.meta["dropout_rates"] = {
+        path: float(m.dropout) for path, m in model.named_modules() if isinstance(getattr(m, "dropout", None), float)
+    }
     return TraceResult(gm, time.perf_counter() - start)
 
 

@@ -1,0 +1,146 @@
+"""`fxconvert.convert`: trace a model, run the FTPipe passes, and wrap the result for training.
+
+The result is a `Conversion`:
+
+- `graph_module`: the pre-partitioning GraphModule. Its placeholders are the model
+  inputs, then the shared weight(s), then `training`; it returns one tensor.
+- `module`: a `ConvertedModule` that owns the shared weight(s) as Parameters and calls
+  `graph_module`; `.train()` / `.eval()` drive the `training` placeholder. It is a
+  drop-in for fine-tuning.
+- `passes`: one `PassRecord` per pass, plain data for the report.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from fxconvert.analysis import count_kinds, output_names, placeholder_names
+from fxconvert.errors import UsageError
+from fxconvert.passes import default_passes
+from fxconvert.trace import trace_with_stats
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, as plain data: nodes are compared by kind (op and target)."""
+
+    name: str
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    added: dict[str, int]
+    removed: dict[str, int]
+    placeholders_before: list[str]
+    placeholders_after: list[str]
+    outputs_before: list[str]
+    outputs_after: list[str]
+    seconds: float
+
+
+@dataclass
+class Conversion:
+    graph_module: torch.fx.GraphModule
+    module: "ConvertedModule"
+    passes: list[PassRecord]
+    traced_code: str
+    input_names: list[str]
+    output_name: str
+    shared_weights: dict[str, list[str]]
+    timings: dict[str, float] = field(default_factory=dict)
+    model_class: str = ""
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+
+class ConvertedModule(torch.nn.Module):
+    """Owns the lifted shared weights and feeds them, with `self.training`, to the graph."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, shared: dict[str, torch.nn.Parameter], input_names):
+        super().__init__()
+        self.graph_module = graph_module
+        self.input_names = tuple(input_names)
+        self.shared_names = tuple(shared)
+        for name, param in shared.items():
+            self.register_parameter(name, param)
+
+    def forward(self, *args, **kwargs):
+        if len(args) > len(self.input_names):
+            raise TypeError(f"expected at most {len(self.input_names)} inputs ({', '.join(self.input_names)})")
+        values = dict(zip(self.input_names, args))
+        for key, value in kwargs.items():
+            if key not in self.input_names or key in values:
+                raise TypeError(f"unexpected or repeated input '{key}'; inputs are {', '.join(self.input_names)}")
+            values[key] = value
+        missing = [n for n in self.input_names if n not in values]
+        if missing:
+            raise TypeError(f"missing input(s) {', '.join(missing)}")
+        inputs = [values[n] for n in self.input_names]
+        weights = [getattr(self, n) for n in self.shared_names]
+        return self.graph_module(*inputs, *weights, self.training)
+
+
+def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
+    records = []
+    for p in passes:
+        kinds_before = count_kinds(gm)
+        ph_before, out_before = placeholder_names(gm), output_names(gm)
+        start = time.perf_counter()
+        result = p(gm)
+        seconds = time.perf_counter() - start
+        gm = result.graph_module
+        kinds_after = count_kinds(gm)
+        records.append(
+            PassRecord(
+                name=type(p).__name__,
+                modified=bool(result.modified),
+                nodes_before=sum(kinds_before.values()),
+                nodes_after=sum(kinds_after.values()),
+                added=dict(sorted((kinds_after - kinds_before).items())),
+                removed=dict(sorted((kinds_before - kinds_after).items())),
+                placeholders_before=ph_before,
+                placeholders_after=placeholder_names(gm),
+                outputs_before=out_before,
+                outputs_after=output_names(gm),
+                seconds=seconds,
+            )
+        )
+    return records
+
+
+def convert(model: torch.nn.Module, *, input_names=None, output: str | None = None) -> Conversion:
+    """Trace `model` and turn it into FTPipe's pre-partitioning form."""
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"convert() takes a model (torch.nn.Module), got {type(model).__name__}")
+    traced = trace_with_stats(model, input_names)
+    gm = traced.graph_module
+    traced_code = gm.code
+    start = time.perf_counter()
+    records = run_passes(gm, default_passes(output=output))
+    passes_seconds = time.perf_counter() - start
+    lifted = gm.meta.get("lifted_weights", {})
+    shared = {name: torch.nn.Parameter(p.data, requires_grad=p.requires_grad) if not isinstance(p, torch.nn.Parameter)
+              else p for name, p in lifted.items()}
+    shared_names = {}
+    from fxconvert.analysis import find_shared_parameters
+
+    for info, param in find_shared_parameters(model):
+        for name, p in shared.items():
+            if p is param:
+                shared_names[name] = list(info.names)
+    module = ConvertedModule(gm, shared, gm.meta["input_names"])
+    module.train(model.training)
+    return Conversion(
+        graph_module=gm,
+        module=module,
+        passes=records,
+        traced_code=traced_code,
+        input_names=list(gm.meta["input_names"]),
+        output_name=gm.meta["output_name"],
+        shared_weights=shared_names,
+        timings={"trace": traced.seconds, "passes": passes_seconds},
+        model_class=gm.meta["model_class"],
+    )

@@ -1,0 +1,131 @@
+"""Make shared parameters explicit graph inputs that feed stateless calls.
+
+FTPipe made T5's shared embedding "stateless": the weight is passed in as an argument to
+the encoder embedding, the decoder embedding and a tied LM head, so that a partitioner
+sees one tensor flowing to every stage that uses it. This pass does the same on a graph:
+
+- parameters registered under several names are found by tensor identity
+  (`fxconvert.analysis.find_shared_parameters`);
+- each becomes one placeholder (`shared_embed_weight` for a tied embedding, FTPipe's
+  name), inserted after the model inputs and before `training`;
+- `nn.Embedding` calls become `F.embedding(ids, w, ...)`, `nn.Linear` calls
+  `F.linear(x, w, bias)`, and direct reads of the weight read the placeholder;
+- the parameter is unregistered from the graph module, so it is not held twice. The
+  lifted tensors are handed over in `gm.meta["lifted_weights"]` (placeholder -> tensor)
+  for the module that owns them (`fxconvert.convert.ConvertedModule`).
+
+Parameters used under one name, such as an untied LM head, stay ordinary parameters.
+"""
+
+import copy
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxconvert.analysis import find_shared_parameters
+from fxconvert.errors import PassError, describe_node
+from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
+
+
+def _placeholder_name(names, taken) -> str:
+    owner_is_embedding = any(n.endswith("embed_tokens.weight") or n.startswith("shared.") for n in names)
+    base = "shared_embed_weight" if owner_is_embedding else "shared_" + names[0].replace(".", "_")
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _stateless_call(module, node, weight):
+    """The functional call that replaces `node` (a call of `module`) with `weight` passed in."""
+    if isinstance(module, torch.nn.Embedding):
+        return F.embedding, (node.args[0], weight), {
+            "padding_idx": module.padding_idx,
+            "max_norm": module.max_norm,
+            "norm_type": module.norm_type,
+            "scale_grad_by_freq": module.scale_grad_by_freq,
+            "sparse": module.sparse,
+        }
+    if isinstance(module, torch.nn.Linear):
+        return F.linear, (node.args[0], weight), {}
+    raise PassError(
+        f"a shared weight is used by {type(module).__name__}, which has no stateless form here, "
+        f"at {describe_node(node)}; untie that weight before converting"
+    )
+
+
+class LiftSharedWeightsPass(PassBase):
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        shared = find_shared_parameters(graph_module)
+        if not shared:
+            return PassResult(graph_module, False)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        taken = {n.target for n in placeholders}
+        anchor = next((n for n in placeholders if n.target == TRAINING), None)
+        lifted = dict(graph_module.meta.get("lifted_weights", {}))
+        for info, param in shared:
+            name = _placeholder_name(info.names, taken)
+            taken.add(name)
+            if anchor is not None:
+                with graph.inserting_before(anchor):
+                    weight = graph.placeholder(name, type_expr=torch.Tensor)
+            else:
+                with graph.inserting_after(placeholders[-1]):
+                    weight = graph.placeholder(name, type_expr=torch.Tensor)
+                placeholders.append(weight)
+            weight.meta["val"] = torch.empty_like(param, device="meta")
+            owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in info.names}
+            attrs = set(info.names)
+            for node in list(graph.nodes):
+                if node.op == "call_module" and node.target in owners:
+                    module = graph_module.get_submodule(node.target)
+                    if module.weight is not param:
+                        continue
+                    fn, args, kwargs = _stateless_call(module, node, weight)
+                    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                        with graph.inserting_before(node):
+                            kwargs["bias"] = graph.get_attr(f"{node.target}.bias")
+                    with graph.inserting_before(node):
+                        new = graph.call_function(fn, args, kwargs)
+                    new.meta = dict(node.meta)
+                    node.replace_all_uses_with(new)
+                    graph.erase_node(node)
+                elif node.op == "get_attr" and node.target in attrs:
+                    node.replace_all_uses_with(weight)
+                    graph.erase_node(node)
+            lifted[name] = param
+        graph_module.meta["lifted_weights"] = lifted
+        graph_module.delete_all_unused_submodules()
+        for info, _ in shared:
+            self._unregister(graph_module, info.names)
+        graph.lint()
+        graph_module.recompile()
+        return PassResult(graph_module, True)
+
+    @staticmethod
+    def _unregister(gm: torch.nn.Module, names) -> None:
+        """Drop any registration the graph module still holds, without touching the source model.
+
+        Leaf modules are shared with the model that was traced, so a module that still
+        holds the weight is replaced in the graph module by a copy that does not.
+        """
+        for qualified in names:
+            owner_path, _, attr = qualified.rpartition(".")
+            try:
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+            except AttributeError:
+                continue  # the owner was unused and has been deleted
+            if attr not in owner._parameters:
+                continue
+            if owner is gm:
+                del gm._parameters[attr]
+                continue
+            replacement = copy.copy(owner)
+            replacement._parameters = {k: v for k, v in owner._parameters.items() if k != attr}
+            parent_path, _, child = owner_path.rpartition(".")
+            parent = gm.get_submodule(parent_path) if parent_path else gm
+            setattr(parent, child, replacement)
