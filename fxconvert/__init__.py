@@ -1,31 +1,14 @@
 """fxconvert: Hugging Face T5-family models as clean torch.fx graphs, ready for pipeline partitioning.
 
 The data path reads as the package: load -> trace -> passes -> convert -> codegen/save -> report.
-Attributes are imported lazily, so `import fxconvert.runtime` (what generated code needs)
-does not import transformers.
+Importing fxconvert imports torch but not transformers, so generated code that needs
+`fxconvert.runtime` runs where transformers is not installed.
 """
 
-import importlib
-
-_EXPORTS = {
-    "trace": "fxconvert.trace",
-    "convert": "fxconvert.convert",
-    "Conversion": "fxconvert.convert",
-    "ConvertedModule": "fxconvert.convert",
-    "PassRecord": "fxconvert.convert",
-    "FxConvertError": "fxconvert.errors",
-    "TraceError": "fxconvert.errors",
-    "PassError": "fxconvert.errors",
-}
+from fxconvert.errors import FxConvertError, PassError, TraceError
+from fxconvert.trace import trace  # noqa: E402  (the function shadows its module's name on purpose)
+from fxconvert.convert import Conversion, ConvertedModule, PassRecord, convert  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fxconvert' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__all__ = ["trace", "convert", "Conversion", "ConvertedModule", "PassRecord", "FxConvertError", "TraceError",
+           "PassError"]
