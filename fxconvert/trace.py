@@ -18,6 +18,7 @@ tracer handles each of those without touching transformers' source:
 """
 
 import contextlib
+import copy
 import inspect
 import operator
 import os
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.proxy import Attribute, Proxy
 
@@ -62,6 +64,7 @@ _EXAMPLE_SIZES = {"batch": 2, "encoder": 7, "decoder": 5}
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _SKIP_FILES = (_HERE, _TORCH_DIR, os.path.dirname(contextlib.__file__))
+_SKIP_CODE: dict = {}  # code object -> whether its frames are tracer plumbing
 
 
 def trace(model: torch.nn.Module, input_names=None) -> torch.fx.GraphModule:
@@ -104,7 +107,8 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
             raise
         except Exception as e:
             raise TraceError(_explain_failure(e, cls_name)) from e
-    gm = torch.fx.GraphModule(model, graph, class_name=f"{cls_name}Traced")
+    # A lazy GraphModule generates its code on first use, not at every pass's recompile().
+    gm = _LazyGraphModule(model, graph, class_name=f"{cls_name}Traced")
     eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
@@ -196,6 +200,9 @@ class _TracedValue:
             return len(meta)
         raise self.tracer.untraceable("len() of a tensor would freeze its first dimension")
 
+    def __iter__(self):
+        return self.tracer.iter(self)
+
     def __setitem__(self, key, value):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
@@ -218,13 +225,21 @@ class T5Tracer(torch.fx.Tracer):
         super().__init__()
         self.input_names = list(input_names)
         self._meta_params: dict[str, torch.Tensor] = {}
-        self._module_meta_state: dict[int, dict[str, torch.Tensor]] = {}
+        self._meta_modules: dict[str, torch.nn.Module] = {}
         self._path_stack: list[str] = []
 
     # -- root ---------------------------------------------------------------------------
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         model = self.root
         names = self.input_names
+        # Looked up before fx patches Module.__getattr__ (this runs ahead of tracing).
+        self._modules = dict(model.named_modules(remove_duplicate=False))
+        self._attributes = dict(model.named_parameters(remove_duplicate=False))
+        self._attributes.update(model.named_buffers(remove_duplicate=False))
+        # First registered name of each parameter/buffer, as fx's own lookup finds it, but O(1).
+        self._attribute_names = {}
+        for name, value in [*model.named_parameters(), *model.named_buffers()]:
+            self._attribute_names.setdefault(id(value), name)
         example = _example_inputs(model, names)
         placeholders = []
         for name in names:
@@ -278,23 +293,27 @@ class T5Tracer(torch.fx.Tracer):
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "get_attr":
-            return self._meta_attr(node.target)
+            if node.target not in self._meta_params:
+                self._meta_params[node.target] = _to_meta(self._attributes[node.target])
+            return self._meta_params[node.target]
         if node.op == "call_module":
-            module = self.root.get_submodule(node.target)
-            state = self._module_meta_state.get(id(module))
-            if state is None:
-                state = {k: _to_meta(v) for k, v in module.state_dict(keep_vars=True).items()}
-                self._module_meta_state[id(module)] = state
-            with _fx_patches_reverted():
-                return torch.func.functional_call(module, state, args, kwargs)
+            twin = self._meta_modules.get(node.target)
+            if twin is None:
+                twin = self._meta_modules[node.target] = _meta_twin(self._modules[node.target])
+            return type(twin).forward(twin, *args, **kwargs)
         raise AssertionError(node.op)
 
-    def _meta_attr(self, target):
-        if target not in self._meta_params:
-            with _fx_patches_reverted():
-                value = operator.attrgetter(target)(self.root)
-            self._meta_params[target] = _to_meta(value)
-        return self._meta_params[target]
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """A parameter (or buffer) read inside a traced forward becomes one shared get_attr node."""
+        if isinstance(attr_val, torch.nn.Parameter) or (
+            self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
+        ):
+            name = self._attribute_names.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return attr_val
 
     # -- control flow and iteration ------------------------------------------------------
     def to_bool(self, obj):
@@ -334,21 +353,25 @@ class T5Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def _meta_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of a leaf module whose parameters and buffers are meta tensors.
+
+    They are plain instance attributes, so its forward reads them without going through
+    `Module.__getattr__`, which fx patches while tracing.
+    """
+    twin = copy.copy(module)
+    for table in (module._parameters, module._buffers):
+        for k, v in table.items():
+            twin.__dict__[k] = None if v is None else _to_meta(v)
+    return twin
+
+
 def _to_meta(value):
     if isinstance(value, torch.Tensor):
         if value.device.type == "meta":
             return value.detach() if value.requires_grad else value
         return torch.empty_like(value, device="meta")
     return value
-
-
-@contextlib.contextmanager
-def _fx_patches_reverted():
-    """Run real module code (for meta propagation) without fx's Module.__call__ patch."""
-    from torch.fx._symbolic_trace import _maybe_revert_all_patches
-
-    with _maybe_revert_all_patches():
-        yield
 
 
 def _example_inputs(model, names):
@@ -377,7 +400,12 @@ def _user_source(tb=None) -> str:
     else:
         frame = sys._getframe(1)
         while frame is not None:
-            frames.append((frame.f_code.co_filename, frame.f_lineno))
+            code = frame.f_code
+            skip = _SKIP_CODE.get(code)
+            if skip is None:
+                skip = _SKIP_CODE[code] = code.co_filename.startswith(_SKIP_FILES) or code.co_filename.startswith("<")
+            if not skip:
+                return f"{_short_path(code.co_filename)}:{frame.f_lineno}"
             frame = frame.f_back
     for filename, lineno in frames:
         if filename.startswith(_SKIP_FILES) or filename.startswith("<"):

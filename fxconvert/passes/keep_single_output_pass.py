@@ -44,6 +44,5 @@ class KeepSingleOutputPass(PassBase):
         graph_module.meta["output_name"] = name
         eliminate_dead_code(graph)
         graph_module.delete_all_unused_submodules()
-        graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, True)

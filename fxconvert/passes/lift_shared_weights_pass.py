@@ -102,7 +102,6 @@ class LiftSharedWeightsPass(PassBase):
         graph_module.delete_all_unused_submodules()
         for info, _ in shared:
             self._unregister(graph_module, info.names)
-        graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, True)
 

@@ -90,7 +90,6 @@ class LiftTrainingFlagPass(PassBase):
             elif node.op in ("call_function", "call_method"):
                 modified |= self._rewire_training_argument(graph_module, node, training)
         if modified:
-            graph.lint()
             graph_module.recompile()
         return PassResult(graph_module, modified)
 

@@ -96,6 +96,5 @@ class RemoveNoneChecksPass(PassBase):
             modified = True
         if modified:
             eliminate_dead_code(graph)
-            graph.lint()
             graph_module.recompile()
         return PassResult(graph_module, modified)
