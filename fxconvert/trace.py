@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
-from torch.fx.node import map_aggregate, map_arg
+from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import runtime
 from fxconvert.errors import TraceError
+from fxconvert.graph_utils import eliminate_dead_code, is_impure
 
 SUPPORTED_CLASSES = (
     "T5Model",
@@ -148,21 +149,6 @@ def _check_input_names(model, input_names):
         raise TraceError(f"input names repeat: {', '.join(input_names)}; give each once")
     if not any(n in input_names for n in ("input_ids", "inputs_embeds")):
         raise TraceError("the inputs need 'input_ids' (or 'inputs_embeds'); add it to the input names")
-
-
-def eliminate_dead_code(graph: torch.fx.Graph) -> bool:
-    """Dead-code elimination that keeps in-place method calls and `operator.setitem`."""
-    return graph.eliminate_dead_code(is_impure_node=is_impure)
-
-
-def is_impure(node: torch.fx.Node) -> bool:
-    if node.op in ("placeholder", "output"):
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        return node.target in (operator.setitem, torch._assert)
-    return False
 
 
 class _TracedValue:
@@ -520,4 +506,4 @@ def _leaf_replacements(model, tracer):
 
 
 __all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "default_input_names",
-           "accepted_input_names", "eliminate_dead_code", "is_impure", "map_aggregate"]
+           "accepted_input_names", "eliminate_dead_code", "is_impure"]

@@ -10,7 +10,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxconvert.errors import UsageError
-from fxconvert.trace import eliminate_dead_code
+from fxconvert.graph_utils import delete_unused_submodules, eliminate_dead_code
 
 PREFERENCE = ("loss", "logits", "last_hidden_state")
 
@@ -43,6 +43,6 @@ class KeepSingleOutputPass(PassBase):
         out.args = (value[name],)
         graph_module.meta["output_name"] = name
         eliminate_dead_code(graph)
-        graph_module.delete_all_unused_submodules()
+        delete_unused_submodules(graph_module)
         graph_module.recompile()
         return PassResult(graph_module, True)

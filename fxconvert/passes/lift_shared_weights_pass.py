@@ -24,6 +24,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxconvert.graph_utils import delete_unused_submodules
 from fxconvert.analysis import find_shared_parameters
 from fxconvert.errors import PassError, describe_node
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
@@ -99,7 +100,7 @@ class LiftSharedWeightsPass(PassBase):
                     graph.erase_node(node)
             lifted[name] = param
         graph_module.meta["lifted_weights"] = lifted
-        graph_module.delete_all_unused_submodules()
+        delete_unused_submodules(graph_module)
         for info, _ in shared:
             self._unregister(graph_module, info.names)
         graph_module.recompile()

@@ -16,7 +16,7 @@ from torch.fx.node import map_arg
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxconvert.errors import PassError, describe_node
-from fxconvert.trace import eliminate_dead_code
+from fxconvert.graph_utils import eliminate_dead_code
 
 # FTPipe's helpers, matched by name since they are defined in user code.
 _NAMED_CHECKS = {"is_None": True, "is_not_None": False}
