@@ -15,10 +15,9 @@ def causal_mask(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None
     Returns a boolean mask (True = attend) when `dtype` is None (for SDPA), else an additive
     mask of `dtype` holding 0 where attention is allowed and the dtype's minimum elsewhere.
     """
-    batch, length = inputs_embeds.shape[0], inputs_embeds.shape[1]
+    length = inputs_embeds.shape[1]
     positions = torch.arange(length, device=inputs_embeds.device)
-    mask = (positions[None, :] <= positions[:, None])[None, None, :, :]
-    mask = mask.expand(batch, 1, length, length)
+    mask = (positions[None, :] <= positions[:, None])[None, None, :, :]  # (1, 1, q, q): broadcast over batch
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :length].to(device=inputs_embeds.device, dtype=torch.bool)
     return _finish(mask, dtype)
@@ -27,10 +26,29 @@ def causal_mask(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None
 def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype | None = None):
     """Bidirectional padding mask of shape (batch, 1, 1, kv), broadcast over queries.
 
-    Boolean (True = attend) when `dtype` is None, else additive in `dtype`.
+    Boolean (True = attend) when `dtype` is None, else additive in `dtype`. Like
+    transformers' SDPA masks, the boolean form is None when nothing is padded (checked at
+    run time, except under torch.compile), so attention skips the masking work.
     """
+    if dtype is None and _nothing_padded(attention_mask):
+        return None
     mask = attention_mask[:, None, None, :].to(dtype=torch.bool)
     return _finish(mask, dtype)
+
+
+def _nothing_padded(attention_mask: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or attention_mask.device.type == "meta":
+        return False
+    return bool(attention_mask.all())
+
+
+def position_bias_mask(position_bias: torch.Tensor, mask: torch.Tensor | None):
+    """T5's SDPA attention mask: the position bias, with masked positions at the dtype's minimum."""
+    if mask is None:
+        return position_bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, position_bias, torch.finfo(position_bias.dtype).min).contiguous()
+    return (position_bias + mask).contiguous()
 
 
 def _finish(mask: torch.Tensor, dtype: torch.dtype | None):

@@ -19,6 +19,7 @@ tracer handles each of those without touching transformers' source:
 
 import contextlib
 import copy
+import functools
 import inspect
 import operator
 import os
@@ -64,7 +65,7 @@ _EXAMPLE_SIZES = {"batch": 2, "encoder": 7, "decoder": 5}
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
-_SKIP_FILES = (_HERE, _TORCH_DIR, os.path.dirname(contextlib.__file__))
+_SKIP_FILES = (_HERE + os.sep, _TORCH_DIR + os.sep, contextlib.__file__, functools.__file__)
 _SKIP_CODE: dict = {}  # code object -> whether its frames are tracer plumbing
 
 
@@ -454,13 +455,12 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     """
     mask = attention_mask
     if position_bias is not None:
-        if mask is None:
-            mask = position_bias
-        elif mask.dtype == torch.bool:
-            mask = torch.where(mask, position_bias, torch.finfo(key.dtype).min)
+        if mask is not None:  # a leaf call: whether the mask is None at run time is decided at run time
+            mask = position_bias.tracer.create_proxy(
+                "call_function", runtime.position_bias_mask, (position_bias, mask), {}
+            )
         else:
-            mask = position_bias + mask
-        mask = mask.contiguous()
+            mask = position_bias
     elif is_causal or (is_causal is None and getattr(module, "is_causal", False)):
         raise TraceError("SDPA attention without a position bias or mask is not supported; use attn 'eager'")
     out = torch.nn.functional.scaled_dot_product_attention(
