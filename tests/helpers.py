@@ -78,3 +78,122 @@ def max_diff(a: dict, b: dict) -> dict:
 
 def grads(module) -> dict:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+# --- shared by tests/test_trace.py and tests/test_codegen.py --------------------------------
+
+import functools  # noqa: E402
+
+import torch.fx  # noqa: E402
+
+# What a traced graph is asked to take, per case: (class-name suffix, input names or None for the
+# tracer's default). The ForConditionalGeneration model is traced with labels among the inputs,
+# without them, and with input_ids + labels only (the decoder inputs come from shifting labels right).
+CASES = {
+    "Model": ("Model", None),
+    "CG_labels": ("ForConditionalGeneration", ["input_ids", "attention_mask", "decoder_input_ids", "labels"]),
+    "CG_no_labels": ("ForConditionalGeneration", ["input_ids", "attention_mask", "decoder_input_ids"]),
+    "CG_shift_right": ("ForConditionalGeneration", ["input_ids", "labels"]),
+    "EncoderModel": ("EncoderModel", None),
+}
+
+# Shapes (batch, encoder length, decoder length) other than the traced meta example (2, 7, 5):
+# length 1, lengths longer than relative_attention_max_distance (16 in tiny_config), and
+# encoder/decoder lengths that differ in both directions.
+SHAPES = [(1, 1, 1), (3, 40, 40), (2, 9, 3), (2, 3, 12), (1, 40, 1)]
+
+
+def _matrix():
+    """The class x variant x attention matrix of the per-configuration tests.
+
+    Tracing a tiny model takes ~0.1 s, so the matrix stays small enough for the whole of
+    test_trace.py + test_codegen.py to run well under 3 minutes on 2 cores:
+    - T5: every case x every config variant, on "sdpa" and on "eager";
+    - MT5 / UMT5: every case on "v1_1" (how mT5/umT5 checkpoints are configured) and
+      "uneven_layers" (UMT5 keeps a position bias per layer, so layer counts matter), "sdpa";
+      plus every case on "v1_1" with "eager".
+    """
+    rows = []
+    for case in CASES:
+        for variant in VARIANTS:
+            for attn in ("sdpa", "eager"):
+                rows.append(("T5", case, variant, attn))
+        for family in ("MT5", "UMT5"):
+            for variant in ("v1_1", "uneven_layers"):
+                rows.append((family, case, variant, "sdpa"))
+            rows.append((family, case, "v1_1", "eager"))
+    return rows
+
+
+MATRIX = _matrix()
+MATRIX_IDS = ["-".join(row) for row in MATRIX]
+
+
+def case_class(family, case):
+    return family + CASES[case][0]
+
+
+@functools.lru_cache(maxsize=None)
+def traced(family, case, variant, attn):
+    """(eval-mode eager model, GraphModule traced from it); cached, so treat both as read-only.
+
+    The GraphModule shares the model's parameters. Tests that run backward must clear the
+    gradients they create (see `grads_of`).
+    """
+    from fxconvert.trace import trace
+
+    model = build(case_class(family, case), variant, attn)
+    names = CASES[case][1]
+    return model, trace(model, names)
+
+
+def input_names_of(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def assert_outputs_match(expected: dict, actual: dict, atol=1e-5):
+    """Same output names in the same order, and every tensor within `atol` (max abs diff, rtol 0)."""
+    assert list(actual) == list(expected), (list(actual), list(expected))
+    for name in expected:
+        torch.testing.assert_close(
+            actual[name], expected[name], rtol=0, atol=atol, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+def output_sum(outputs: dict) -> torch.Tensor:
+    """A scalar depending on every output (the loss, when present, is one of them)."""
+    return sum(v.float().sum() for v in outputs.values())
+
+
+def grads_of(model, run) -> dict:
+    """Gradients of every parameter of `model` from backward of `output_sum(run())`; leaves them cleared."""
+    model.zero_grad(set_to_none=True)
+    try:
+        output_sum(run()).backward()
+        return grads(model)
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def assert_grads_match(expected: dict, actual: dict, model):
+    everything = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(expected) == everything, sorted(everything - set(expected))  # eager reaches every parameter
+    assert set(actual) == everything, sorted(everything - set(actual))
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Run the tiny models on one intra-op thread (import this fixture into a test module).
+
+    Their ops take microseconds; on a small, busy CI machine thread hand-offs made each
+    forward hundreds of times slower. Restores the previous setting afterwards.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
