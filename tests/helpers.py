@@ -9,7 +9,9 @@ FAMILIES = {"T5": transformers.T5Config, "MT5": transformers.MT5Config, "UMT5": 
 VARIANTS = {
     # original T5: relu FF, LM head tied to the shared embedding, d_model**-0.5 rescale
     "original": dict(feed_forward_proj="relu", tie_word_embeddings=True),
-    # v1.1 / flan: gated-gelu, untied LM head
+    # v1.1 / flan: gated-gelu, untied LM head, no rescale. transformers 5 always ties T5's
+    # head at construction (tie_word_embeddings=False only turns the rescale off) and
+    # unties it when a checkpoint holds a distinct head; `build` unties it the same way.
     "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "uneven_layers": dict(feed_forward_proj="relu", tie_word_embeddings=True, num_layers=2, num_decoder_layers=1),
     "narrow_heads": dict(feed_forward_proj="relu", tie_word_embeddings=True, num_heads=3, d_kv=8),  # 24 != 32
@@ -38,6 +40,8 @@ def build(cls_name="T5ForConditionalGeneration", variant="original", attn="sdpa"
     config = tiny_config(family, variant, attn, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)._from_config(config, attn_implementation=attn)
+    if VARIANTS[variant].get("tie_word_embeddings") is False and hasattr(model, "lm_head"):
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
     return model.eval()
 
 

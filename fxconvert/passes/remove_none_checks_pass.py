@@ -36,22 +36,27 @@ def _check_kind(node: torch.fx.Node):
     return None
 
 
-def _is_none_value(arg, node) -> bool | None:
-    """True/False when `arg` is decidably None/not None, else None."""
+def _is_none_value(arg, gm: torch.fx.GraphModule) -> bool | None:
+    """True/False when `arg` is decidably None / not None, else None (undecidable).
+
+    A node's recorded meta value decides. Without one, only nodes that cannot produce
+    None count as "not None": parameter reads, tensor methods, torch functions and torch.nn
+    leaf modules. An item of a tuple (`operator.getitem`) or a graph input may be None.
+    """
     if arg is None:
         return True
     if not isinstance(arg, torch.fx.Node):
         return False
-    val = arg.meta.get("val")
-    if isinstance(val, torch.Tensor):
+    if "val" in arg.meta:
+        return arg.meta["val"] is None
+    if arg.op in ("get_attr", "call_method"):
         return False
-    if "val" in arg.meta and val is None:
-        return True
-    if arg.op in ("call_module", "get_attr", "call_method"):
-        return False
+    if arg.op == "call_module":
+        module = gm.get_submodule(arg.target)
+        return False if type(module).__module__.startswith("torch.nn") else None
     if arg.op == "call_function":
         module = getattr(arg.target, "__module__", "") or ""
-        if module.startswith("torch") or module == "_operator":
+        if module.startswith("torch"):
             return False
     return None
 
@@ -73,11 +78,11 @@ class RemoveNoneChecksPass(PassBase):
             arity, negate = kind
             if arity == "unary":
                 operands = [node.args[0] if node.args else node.kwargs.get("x")]
-                decided = _is_none_value(operands[0], node)
+                decided = _is_none_value(operands[0], graph_module)
                 value = decided
             else:
                 left, right = node.args[:2]
-                lv, rv = _is_none_value(left, node), _is_none_value(right, node)
+                lv, rv = _is_none_value(left, graph_module), _is_none_value(right, graph_module)
                 if left is None or right is None:
                     other = rv if left is None else lv
                     value = other
