@@ -1,0 +1,435 @@
+"""`fxconvert.stages`: cut the pre-partitioning graph into pipeline stages at T5 block boundaries.
+
+`split_stages(conversion, num_stages)` returns `Stages`, an nn.Module that runs the stage
+GraphModules in order and equals `conversion.module`: same output, same gradients, and
+in train mode the same dropout masks, because the stages execute the nodes of the
+converted graph in the same order (dropout draws from the random stream in that order).
+
+How nodes are assigned to stages:
+
+- a node whose `meta["module_path"]` lies in a block (`encoder.block.<i>`, then
+  `decoder.block.<i>`) belongs to that block; blocks must appear in that order;
+- any other node (embeddings, masks, final norms, LM head, loss) joins a neighbouring
+  block in node order: a node computed from block outputs joins the block before it
+  (its producer), a node computed only from graph inputs the block after it (its
+  consumer). Stage indices are then nondecreasing along the node list, which is checked;
+- the blocks are grouped into `num_stages` contiguous runs that minimise the largest
+  stage's parameter bytes (not FLOPs). The balance counts the parameters each stage
+  owns; a shared weight, which every stage that uses it receives, is not counted.
+
+What crosses a boundary: a value one stage computes and a later one reads (hidden states,
+the encoder output, the position bias that block 0 computes and later blocks reuse, a
+causal mask) is returned by every stage from its producer to its last reader, so each
+stage needs only its predecessor's outputs. A value computed from model inputs alone,
+deterministically and without parameters (a padding mask, which is None for an unpadded
+batch), is recomputed by the stage that reads it instead: it never crosses.
+
+Every stage GraphModule keeps the converted graph's calling convention: its inputs are
+the values received from the previous stage, then the model inputs it reads, then the
+shared weights it uses, then `training` (present on every stage, default False). It
+returns a tuple of the values it sends on, and the last stage returns the converted
+graph's single output. `Stages.stage_module(i)` packages one stage, with its own copy of
+the shared weights, for `torch.distributed.pipelining` (see `fxconvert.train`).
+"""
+
+import copy
+import inspect
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from fxconvert.codegen import forward_source
+from fxconvert.convert import Conversion, ConvertedModule
+from fxconvert.errors import UsageError, describe_node
+from fxconvert.graph_utils import is_impure
+from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
+
+_BLOCK = re.compile(r"^(encoder|decoder)\.block\.(\d+)(?:\.|$)")
+_STACK_ORDER = {"encoder": 0, "decoder": 1}
+
+
+class SplitError(UsageError):
+    """The graph cannot be cut as asked (too many stages, no block boundaries, blocks out of order)."""
+
+
+@dataclass
+class StageSpec:
+    """What one stage holds and exchanges, as plain data (values are named by their node names)."""
+
+    index: int
+    blocks: list[str]
+    received: list[str]
+    inputs: list[str]
+    shared_weights: list[str]
+    uses_training: bool
+    sent: list[str]
+    recomputed: list[str]
+
+
+class Stages(ConvertedModule):
+    """The stages of a converted model, run in order; a drop-in for `conversion.module`.
+
+    `graph_module` is a driver graph with the converted graph's placeholders that calls
+    `stage_0` ... `stage_<N-1>`; the shared weights are Parameters of this module, held
+    once. The stages share every other parameter with the conversion they were cut from.
+    """
+
+    def __init__(self, graph_module, shared, input_names, specs: list[StageSpec]):
+        super().__init__(graph_module, shared, input_names)
+        self.specs = list(specs)
+
+    @property
+    def stages(self) -> list[torch.fx.GraphModule]:
+        return [getattr(self.graph_module, f"stage_{spec.index}") for spec in self.specs]
+
+    def stage_module(self, index: int) -> "StageModule":
+        """Stage `index` as a standalone module for `torch.distributed.pipelining.PipelineStage`.
+
+        It takes the values received from the previous stage positionally (stage 0: the
+        model inputs it reads), the model inputs a later stage reads as keywords, and it
+        owns deep copies of its parameters, including its own copy of each shared weight.
+        Copies of a shared weight stay equal only if their gradients are summed over the
+        stages that hold them before each optimizer step (see `fxconvert.train`).
+        """
+        spec = self.specs[index]
+        shared = {name: torch.nn.Parameter(getattr(self, name).detach().clone()) for name in spec.shared_weights}
+        module = StageModule(copy.deepcopy(self.stages[index]), shared, spec.received + spec.inputs, spec.sent)
+        module.train(self.training)
+        return module
+
+
+class StageModule(ConvertedModule):
+    """One stage on its own: a ConvertedModule whose inputs are the received values, then model inputs.
+
+    It returns what the stage GraphModule returns, with the values sent on made
+    contiguous: point-to-point communication sends and receives contiguous buffers.
+    """
+
+    def __init__(self, graph_module, shared, input_names, sent):
+        super().__init__(graph_module, shared, input_names)
+        self.sent = tuple(sent)
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if not self.sent:
+            return out
+        for name, value in zip(self.sent, out):
+            if not isinstance(value, torch.Tensor):
+                raise SplitError(f"this stage sends '{name}', which is {type(value).__name__} for this input; "
+                                 f"only tensors can cross a pipeline boundary")
+        return tuple(v.contiguous() for v in out)
+
+
+def split_stages(conversion: Conversion, num_stages: int) -> Stages:
+    """Cut `conversion.graph_module` into `num_stages` stages at block boundaries."""
+    gm = conversion.graph_module
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    block_of = _block_of_nodes(gm, nodes)
+    blocks = sorted(set(block_of.values()), key=_block_key)
+    if not blocks:
+        raise SplitError(
+            f"{conversion.model_class or 'this graph'} has no block boundaries (no node's module path lies in "
+            f"'encoder.block.<i>' or 'decoder.block.<i>'); it cannot be split into stages"
+        )
+    if num_stages > len(blocks):
+        raise SplitError(
+            f"cannot split into {num_stages} stages: the graph has {len(blocks)} blocks "
+            f"({blocks[0]} ... {blocks[-1]}) and a stage holds at least one; ask for at most {len(blocks)}"
+        )
+    unit = _attach_to_blocks(nodes, block_of, [_block_key(b) for b in blocks])
+    costs = [0] * len(blocks)
+    for node, param in _owned_parameters(gm, nodes):
+        costs[unit[node]] += param.numel() * param.element_size()
+    group = _balance(costs, num_stages)
+    stage_of = {node: group[u] for node, u in unit.items()}
+    _check_monotone(nodes, stage_of)
+    return _build(conversion, stage_of, [[b for b, g in zip(blocks, group) if g == s] for s in range(num_stages)])
+
+
+# -- assignment ----------------------------------------------------------------------------
+
+
+def _block_key(block: str) -> tuple[int, int]:
+    stack, _, index = block.split(".")
+    return _STACK_ORDER[stack], int(index)
+
+
+def _block_of_nodes(gm, nodes) -> dict[torch.fx.Node, str]:
+    out = {}
+    for node in nodes:
+        match = _BLOCK.match(node.meta.get("module_path") or "")
+        if match:
+            out[node] = f"{match.group(1)}.block.{match.group(2)}"
+    return out
+
+
+def _attach_to_blocks(nodes, block_of, keys) -> dict[torch.fx.Node, int]:
+    """Unit (block index) of every node; non-block nodes join a neighbour in node order.
+
+    Between two consecutive block nodes, the nodes computed from block outputs up to the
+    last such node join the block before; the rest join the block after.
+    """
+    index_of = {key: i for i, key in enumerate(keys)}
+    derived = set()
+    for node in nodes:
+        if node in block_of or any(a in derived for a in node.all_input_nodes):
+            derived.add(node)
+    unit, pending, previous = {}, [], None
+    for node in nodes + [None]:
+        if node is not None and node not in block_of:
+            pending.append(node)
+            continue
+        current = None if node is None else index_of[_block_key(block_of[node])]
+        if previous is not None and current is not None and current < previous:
+            raise SplitError(
+                f"block nodes are out of order: {describe_node(node)} comes after a node of a later block; "
+                f"stages must run the graph in order"
+            )
+        # before the first block everything joins the next block, after the last one the previous block
+        last_derived = max((i for i, n in enumerate(pending) if n in derived), default=-1)
+        for i, n in enumerate(pending):
+            unit[n] = previous if current is None or (previous is not None and i <= last_derived) else current
+        pending = []
+        if node is not None:
+            unit[node] = previous = current
+    return unit
+
+
+def _owned_parameters(gm, nodes):
+    """(node, parameter) for every parameter the nodes reach, each parameter once."""
+    seen = set()
+    for node in nodes:
+        if node.op == "call_module":
+            params = list(gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr":
+            value = operator.attrgetter(node.target)(gm)
+            params = [value] if isinstance(value, torch.nn.Parameter) else []
+        else:
+            continue
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield node, p
+
+
+def _balance(costs: list[int], parts: int) -> list[int]:
+    """Group of each item: `parts` contiguous nonempty groups minimising the largest sum."""
+    n = len(costs)
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the smallest possible largest sum when the first i items form k groups
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    group, i = [0] * n, n
+    for k in range(parts, 0, -1):
+        j = cut[k][i]
+        group[j:i] = [k - 1] * (i - j)
+        i = j
+    return group
+
+
+def _check_monotone(nodes, stage_of) -> None:
+    for before, node in zip(nodes, nodes[1:]):
+        if stage_of[node] < stage_of[before]:
+            raise SplitError(
+                f"stage indices decrease along the graph at {describe_node(node)} (stage {stage_of[node]} after "
+                f"{stage_of[before]}); the stages would not run the graph in order"
+            )
+
+
+# -- building --------------------------------------------------------------------------------
+
+_RANDOM = re.compile(r"rand|dropout|bernoulli|multinomial|normal|uniform|exponential|geometric|cauchy|poisson")
+
+
+def _recomputable(gm, model_inputs) -> set:
+    """Nodes computed from model inputs alone, deterministically, with no parameter and no mutation.
+
+    Such a value (a padding mask, say; it may even be None for some batches) is recomputed
+    in each later stage that reads it rather than sent: only activations cross a boundary.
+    """
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or is_impure(node):
+            continue
+        if _RANDOM.search(getattr(node.target, "__name__", str(node.target))):
+            continue
+        if any(is_impure(u) and u.op != "output" for u in node.users):
+            continue
+        if all(a in out or a in model_inputs for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
+    gm = conversion.graph_module
+    num_stages = len(blocks_per_stage)
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    output = nodes[-1]
+    shared_names = set(conversion.module.shared_names)
+    training = next(p for p in placeholders if p.target == TRAINING)
+    model_inputs = {p for p in placeholders if p.target not in shared_names and p is not training}
+    recomputable = _recomputable(gm, model_inputs)
+
+    def stage(n):
+        return num_stages - 1 if n.op == "output" else stage_of[n]
+
+    # sent[s]: values produced in stages <= s and read in a stage > s, in node order;
+    # recomputed[s]: values of earlier stages that stage s recomputes (with what they are computed from)
+    sent = [set() for _ in range(num_stages)]
+    recomputed = [set() for _ in range(num_stages)]
+    for node in nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        for user in node.users:
+            if stage(user) == stage(node):
+                continue
+            if node in recomputable:
+                recomputed[stage(user)] |= _ancestors(node, recomputable)
+            else:
+                for s in range(stage(node), stage(user)):
+                    sent[s].add(node)
+    sent = [sorted(v, key=order.get) for v in sent]
+
+    specs, modules = [], {}
+    for s in range(num_stages):
+        body = sorted(recomputed[s], key=order.get) + [n for n in nodes if stage_of.get(n) == s]
+        reads = {a for n in body + ([output] if s == num_stages - 1 else []) for a in n.all_input_nodes}
+        received = sent[s - 1] if s else []
+        inputs = [p for p in placeholders if p in reads and p in model_inputs]
+        shared = [p for p in placeholders if p in reads and p.target in shared_names]
+        graph, env = torch.fx.Graph(), {}
+        for node in received + inputs + shared + [training]:
+            env[node] = graph.placeholder(node.name if node in received else node.target,
+                                          type_expr=node.type, default_value=_default(node))
+            env[node].meta = dict(node.meta)
+        for node in body:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+        if s == num_stages - 1:
+            graph.output(torch.fx.map_arg(output.args[0], lambda a: env[a]))
+        else:
+            graph.output(tuple(env[n] for n in sent[s]))
+        graph.lint()
+        modules[f"stage_{s}"] = torch.fx.GraphModule(gm, graph, class_name=f"Stage{s}")
+        specs.append(StageSpec(
+            index=s,
+            blocks=blocks_per_stage[s],
+            received=[n.name for n in received],
+            inputs=[p.target for p in inputs],
+            shared_weights=[p.target for p in shared],
+            uses_training=training in reads,
+            sent=[n.name for n in sent[s]] if s < num_stages - 1 else [],
+            recomputed=[n.name for n in sorted(recomputed[s], key=order.get)],
+        ))
+    driver = _driver(placeholders, specs, modules)
+    shared_params = {name: getattr(conversion.module, name) for name in conversion.module.shared_names}
+    stages = Stages(driver, shared_params, conversion.input_names, specs)
+    stages.train(conversion.module.training)
+    return stages
+
+
+def _ancestors(node, within: set) -> set:
+    out, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(a for a in n.all_input_nodes if a in within)
+    return out
+
+
+def _default(node):
+    return node.args[0] if node.op == "placeholder" and node.args else inspect.Signature.empty
+
+
+def _driver(placeholders, specs, modules) -> torch.fx.GraphModule:
+    """The converted graph's signature, calling the stages in order."""
+    graph = torch.fx.Graph()
+    env = {}
+    for p in placeholders:
+        env[p.target] = graph.placeholder(p.target, type_expr=p.type, default_value=_default(p))
+    for spec in specs:
+        args = [env[name] for name in spec.received + spec.inputs + spec.shared_weights + [TRAINING]]
+        result = graph.call_module(f"stage_{spec.index}", tuple(args))
+        for i, name in enumerate(spec.sent):
+            env[name] = graph.create_node("call_function", operator.getitem, (result, i),
+                                          name=f"stage{spec.index}_{name}")
+    graph.output(result)
+    graph.lint()
+    return torch.fx.GraphModule(modules, graph, class_name="StagesDriver")
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def stage_table(stages: Stages) -> list[dict]:
+    """One row per stage, as plain data: blocks, parameters, what it receives and sends.
+
+    Sizes are those of the traced example shapes (batch 2, encoder 7, decoder 5 tokens).
+    Parameters are those the stage owns; shared weights are listed apart, since every
+    stage that uses one receives it.
+    """
+    rows = []
+    for spec, gm in zip(stages.specs, stages.stages):
+        params = list(gm.parameters())
+        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        sent = [_value_row(n) for n in out.args[0]] if spec.sent else []
+        rows.append({
+            "stage": spec.index,
+            "blocks": list(spec.blocks),
+            "parameters": sum(p.numel() for p in params),
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+            "inputs": list(spec.inputs),
+            "receives_shared_weight": bool(spec.shared_weights),
+            "shared_weights": list(spec.shared_weights),
+            "uses_training": spec.uses_training,
+            "received": list(spec.received),
+            "sent": sent,
+            "sent_bytes": sum(v["bytes"] or 0 for v in sent),
+            "recomputed": list(spec.recomputed),
+        })
+    return rows
+
+
+def _value_row(node: torch.fx.Node) -> dict:
+    val = node.meta.get("val")
+    tensor = isinstance(val, torch.Tensor)
+    return {
+        "name": node.name,
+        "module_path": node.meta.get("module_path"),
+        "shape": list(val.shape) if tensor else None,
+        "dtype": str(val.dtype).removeprefix("torch.") if tensor else type(val).__name__,
+        "bytes": val.numel() * val.element_size() if tensor else None,
+    }
+
+
+def write_stage_sources(stages: Stages, directory) -> list[Path]:
+    """Write `stage_<i>.py` (imports plus the stage's forward) into `directory`; return the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for spec, gm in zip(stages.specs, stages.stages):
+        path = directory / f"stage_{spec.index}.py"
+        path.write_text(forward_source(gm))
+        paths.append(path)
+    return paths
+
+
+__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "write_stage_sources"]
