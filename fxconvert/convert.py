@@ -8,18 +8,27 @@ The result is a `Conversion`:
   `graph_module`; `.train()` / `.eval()` drive the `training` placeholder. It is a
   drop-in for fine-tuning.
 - `passes`: one `PassRecord` per pass, plain data for the report.
+- `model` and `source`: the traced model (it shares its parameters with `module`) and,
+  when `convert` was given a name, where that model came from (`fxconvert.load`).
+
+`convert` takes a model or a name (checkpoint directory, Hub id, config file or preset,
+resolved by `fxconvert.load.load`); `Conversion.save(dir)` writes model.py,
+weights.safetensors and the reports (`fxconvert.save`).
 """
 
+import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxconvert.analysis import count_kinds, output_names, placeholder_names
 from fxconvert.errors import UsageError
 from fxconvert.passes import default_passes
-from fxconvert.trace import trace_with_stats
+from fxconvert.trace import TraceResult, trace_with_stats
 
 
 @dataclass
@@ -39,6 +48,10 @@ class PassRecord:
     seconds: float
 
 
+if TYPE_CHECKING:
+    from fxconvert.load import ModelSource
+
+
 @dataclass
 class Conversion:
     graph_module: torch.fx.GraphModule
@@ -50,10 +63,25 @@ class Conversion:
     shared_weights: dict[str, list[str]]
     timings: dict[str, float] = field(default_factory=dict)
     model_class: str = ""
+    model: torch.nn.Module | None = None
+    source: "ModelSource | None" = None
 
     @property
     def code(self) -> str:
         return self.graph_module.code
+
+    def save(self, out_dir, *, force: bool = False, validation=None, diff: bool = False):
+        """Write model.py, weights.safetensors, report.md and report.json to `out_dir`, atomically.
+
+        An existing directory is refused unless `force`. `validation` (a
+        `fxconvert.validate.ValidationResult`) and `diff` add those sections to the reports.
+        Returns the `fxconvert.save.Saved` record (paths and the report written).
+        """
+        from fxconvert.report import build_report, diff_section
+        from fxconvert.save import save
+
+        return save(self, out_dir, force=force, make_report=lambda: build_report(
+            self, validation=validation, extra=[diff_section(self)] if diff else []))
 
 
 class ConvertedModule(torch.nn.Module):
@@ -61,6 +89,8 @@ class ConvertedModule(torch.nn.Module):
 
     def __init__(self, graph_module: torch.fx.GraphModule, shared: dict[str, torch.nn.Parameter], input_names):
         super().__init__()
+        # Generate the code now: torch.compile cannot trace a lazy GraphModule's first call.
+        _LazyGraphModule.force_recompile(graph_module)
         self.graph_module = graph_module
         self.input_names = tuple(input_names)
         self.shared_names = tuple(shared)
@@ -111,11 +141,34 @@ def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
     return records
 
 
-def convert(model: torch.nn.Module, *, input_names=None, output: str | None = None) -> Conversion:
-    """Trace `model` and turn it into FTPipe's pre-partitioning form."""
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"convert() takes a model (torch.nn.Module), got {type(model).__name__}")
-    traced = trace_with_stats(model, input_names)
+def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, output: str | None = None,
+            offline: bool = False, meta: bool = False, attn: str = "sdpa", seed: int = 0) -> Conversion:
+    """Trace `model` and turn it into FTPipe's pre-partitioning form.
+
+    `model` is a module, or a name that `fxconvert.load.load` resolves (a checkpoint
+    directory, a Hub id, a config .json file or a preset such as "t5-small"); `offline`,
+    `meta`, `attn` and `seed` (of random weights) apply to names only.
+    """
+    source, timings = None, {}
+    if isinstance(model, (str, os.PathLike)):
+        from fxconvert.load import load
+
+        start = time.perf_counter()
+        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed)
+        model, source = loaded.model, loaded.source
+        timings["load"] = time.perf_counter() - start
+    elif not isinstance(model, torch.nn.Module):
+        raise UsageError(f"convert() takes a model (torch.nn.Module) or a name, got {type(model).__name__}")
+    elif (offline, meta, attn, seed) != (False, False, "sdpa", 0):
+        raise UsageError("offline, meta, attn and seed apply to a model given by name; this one is built already")
+    conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source)
+    conversion.timings = {**timings, **conversion.timings}
+    return conversion
+
+
+def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str | None = None,
+                   source=None) -> Conversion:
+    """The passes and the wrapping of `convert`, for a model already traced by `trace_with_stats`."""
     gm = traced.graph_module
     traced_code = gm.code
     start = time.perf_counter()
@@ -143,4 +196,6 @@ def convert(model: torch.nn.Module, *, input_names=None, output: str | None = No
         shared_weights=shared_names,
         timings={"trace": traced.seconds, "passes": passes_seconds},
         model_class=gm.meta["model_class"],
+        model=model,
+        source=source,
     )

@@ -1,0 +1,279 @@
+"""`fxconvert NAME` (or `python -m fxconvert NAME`): convert, validate, write and report.
+
+The phases read as the package: load (`fxconvert.load`) -> trace (`fxconvert.trace`) ->
+passes (`fxconvert.convert`) -> validate (`fxconvert.validate`) -> write (`fxconvert.save`)
+-> report (`fxconvert.report`). Progress goes to stderr, the report to stdout.
+
+Exit codes: 0 done; 1 a failure (model not found or not supported, bad config or weights,
+trace, validation, write); 2 a usage error (bad option, unknown input or output name,
+existing --out without --force); 130 interrupted. Every failure is one line on stderr
+(with a traceback under -v), and nothing is left partially written.
+
+Optional report sections hang off `OPTIONAL_SECTIONS`: a feature adds its option in
+`build_parser` and a `(enabled(args), build(conversion, args))` pair there.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+from fxconvert.errors import FxConvertError, UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PROG = "fxconvert"
+
+
+def _diff_section(conversion, args):
+    from fxconvert.report import diff_section
+
+    return diff_section(conversion)
+
+
+# Report sections beyond the standard ones: (is it asked for, build it).
+OPTIONAL_SECTIONS = [
+    (lambda args: args.diff, _diff_section),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Convert a T5-family model (checkpoint directory, Hugging Face Hub id, config file or "
+                    "built-in preset) into a torch.fx GraphModule in FTPipe's pre-partitioning form, validate "
+                    "it against the original, and report what changed.",
+        epilog="NAME is tried as: a local directory with config.json; a Hub id in the local Hugging Face "
+               "cache; a Hub id downloaded from the Hub (when reachable, and not --offline or "
+               "HF_HUB_OFFLINE=1); a built-in preset (t5-small/base/large/3b/11b, google/t5-v1_1-*, "
+               "google/flan-t5-*, google/mt5-*) with random weights. Exit codes: 0 ok, 1 failure, "
+               "2 usage error.",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="checkpoint directory, Hub id or preset name")
+    p.add_argument("--config", metavar="FILE.json", help="convert the architecture in this config file "
+                                                          "(random weights) instead of NAME")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: ./fxconvert-out/<name>/)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--inputs", metavar="A,B,...", help="comma-separated graph input names (default: "
+                                                       "input_ids, attention_mask, decoder_input_ids and labels "
+                                                       "as the model takes them)")
+    p.add_argument("--output", metavar="NAME", help="the single output to keep (default: loss, else logits, "
+                                                    "else last_hidden_state)")
+    p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation "
+                                                                              "(default: sdpa)")
+    p.add_argument("--offline", action="store_true", help="never touch the network")
+    p.add_argument("--meta", action="store_true", help="build and trace on the meta device: no weights, no "
+                                                       "validation (automatic above 2B random-weight parameters)")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the comparison with the eager model")
+    p.add_argument("--atol", type=float, default=1e-5, help="validation tolerance, absolute (default: 1e-5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random inputs and random weights (default: 0)")
+    p.add_argument("--format", choices=("rich", "plain", "markdown", "json"),
+                   help="report format on stdout (default: rich)")
+    p.add_argument("--diff", action="store_true", help="add a unified diff of the code before and after the "
+                                                       "passes")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress; report only with --format")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="more detail, library logs, tracebacks")
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit code."""
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    except KeyboardInterrupt:
+        _fail("interrupted (no partial output is left behind)", args)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as rich does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except UsageError as e:
+        _fail(str(e), args)
+        return EXIT_USAGE
+    except FxConvertError as e:
+        _fail(str(e), args)
+        return EXIT_FAILURE
+    except Exception as e:
+        hint = "" if args is not None and args.verbose else " (rerun with -v for the traceback)"
+        _fail(f"unexpected {type(e).__name__}: {_first_line(e)}{hint}", args)
+        return EXIT_FAILURE
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from fxconvert.load import short_name
+
+    if (args.name is None) == (args.config is None):
+        raise UsageError(f"give a model NAME or --config FILE.json{'' if args.name is None else ', not both'} "
+                         f"(see {PROG} --help)")
+    if args.config is not None and not os.path.isfile(args.config):
+        raise UsageError(f"--config {args.config}: no such file")
+    if not args.atol > 0:
+        raise UsageError(f"--atol must be positive, got {args.atol}")
+    name = args.name if args.name is not None else args.config
+    out = Path(args.out) if args.out else Path("fxconvert-out") / short_name(name)
+    input_names = [n.strip() for n in args.inputs.split(",") if n.strip()] if args.inputs is not None else None
+    if input_names == []:
+        raise UsageError("--inputs is empty; give comma-separated input names")
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for huggingface_hub and transformers too, imported after this
+    from fxconvert.save import check_destination
+
+    check_destination(out, force=args.force)  # before any work
+    progress = Progress(enabled=not args.quiet, verbose=args.verbose)
+    timings = {}
+
+    with progress.step("load", f"loading {name}", timings) as step:
+        from fxconvert.load import load, quiet_transformers
+
+        if not args.verbose:
+            quiet_transformers()
+        loaded = load(name, offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed)
+        source = loaded.source
+        step.detail = f"{type(loaded.model).__name__}, {source.origin} {source.location}, weights: {source.weights}"
+    for note in source.notes:
+        progress.warn(note)
+    _check_input_names(loaded.model, input_names)
+
+    with progress.step("trace", "tracing", timings) as step:
+        from fxconvert.trace import trace_with_stats
+
+        traced = trace_with_stats(loaded.model, input_names)
+        step.detail = f"{len(traced.graph_module.graph.nodes)} nodes"
+    with progress.step("passes", "running passes", timings) as step:
+        from fxconvert.convert import convert_traced
+
+        conversion = convert_traced(loaded.model, traced, output=args.output, source=source)
+        modified = sum(r.modified for r in conversion.passes)
+        step.detail = (f"{len(conversion.passes)} passes, {modified} modified the graph; "
+                       f"{len(conversion.graph_module.graph.nodes)} nodes, output {conversion.output_name}")
+    conversion.timings = {**conversion.timings, **timings}  # the phases as the progress display timed them
+
+    from fxconvert.validate import ValidationResult, validate
+
+    validation = ValidationResult(args.atol, args.seed, skipped="not run (--no-validate)")
+    if args.validate:
+        with progress.step("validate", "validating against the eager model", timings) as step:
+            validation = validate(conversion, atol=args.atol, seed=args.seed)
+            step.detail = (f"skipped: {validation.skipped}" if validation.skipped else
+                           f"{len(validation.checks)} tensors, max diff {validation.max_diff:.2g}, "
+                           + ("passed" if validation.passed else f"{len(validation.failures)} FAILED"))
+            step.ok = validation.skipped is not None or validation.passed
+        conversion.timings["validate"] = timings["validate"]
+    else:
+        progress.warn("validation skipped (--no-validate)")
+
+    from fxconvert.report import build_report
+
+    extra = [build(conversion, args) for enabled, build in OPTIONAL_SECTIONS if enabled(args)]
+
+    def make_report(detail=True):
+        return build_report(conversion, validation=validation, extra=extra, detail=detail)
+
+    if validation.skipped is None and not validation.passed:
+        _show(make_report(detail=args.verbose), args)
+        validation.raise_if_failed()
+
+    with progress.step("write", f"writing {out}", timings) as step:
+        from fxconvert.save import save
+
+        saved = save(conversion, out, force=args.force, make_report=make_report)
+        step.detail = f"{len(saved.files)} files"
+    _show(make_report(detail=args.verbose), args)
+    if not args.quiet:
+        progress.console.print(f"Wrote {out}{os.sep} ({', '.join(saved.files)})", highlight=False)
+    return EXIT_OK
+
+
+def _check_input_names(model, input_names) -> None:
+    """Unknown input names are a usage error (exit 2), caught before tracing."""
+    if input_names is None:
+        return
+    from fxconvert.trace import accepted_input_names
+
+    accepted = accepted_input_names(model)
+    unknown = [n for n in input_names if n not in accepted]
+    if unknown:
+        raise UsageError(f"unknown input name(s) {', '.join(unknown)} for {type(model).__name__}; "
+                         f"choose from {', '.join(accepted)}")
+
+
+def _show(report, args) -> None:
+    if args.quiet and args.format is None:
+        return
+    fmt = args.format or "rich"
+    if fmt == "rich":
+        from rich.console import Console
+
+        from fxconvert.report import print_rich
+
+        print_rich(report, Console(highlight=False))
+    else:
+        from fxconvert.report import render
+
+        sys.stdout.write(render(report, fmt))
+        sys.stdout.flush()
+
+
+class _Step:
+    def __init__(self):
+        self.detail = ""
+        self.ok = True
+
+
+class Progress:
+    """One line per phase on stderr (a spinner while it runs, in a terminal); warnings stand out."""
+
+    def __init__(self, *, enabled: bool, verbose: bool):
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.enabled = enabled
+        self.verbose = verbose
+
+    @contextlib.contextmanager
+    def step(self, name: str, description: str, timings: dict):
+        step = _Step()
+        start = time.perf_counter()
+        status = self.console.status(f"{description}...") if self.enabled else contextlib.nullcontext()
+        try:
+            with status:
+                yield step
+        finally:  # on an exception, the error line that main() prints says what failed
+            timings[name] = time.perf_counter() - start
+        if self.enabled:
+            mark = "[green]✓[/]" if step.ok else "[bold red]✗[/]"
+            detail = step.detail if self.verbose or len(step.detail) < 100 else step.detail[:97] + "..."
+            self.console.print(f"{mark} {name:<9}{_seconds(timings[name]):>9}  {detail}", highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _fail(message: str, args) -> None:
+    if args is not None and args.verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

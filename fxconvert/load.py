@@ -1,0 +1,392 @@
+"""Turn a name into a T5-family model: a checkpoint directory, a Hub id, a config file or a preset.
+
+`load(name)` tries, in order:
+
+1. a local directory with `config.json` (and its weights, if it has any);
+2. a Hub id whose files are in the local Hugging Face cache;
+3. a Hub id downloaded from the Hub, when it is reachable (probed with a 2 s connect,
+   not transformers' retry loop) and neither `offline=True` nor `HF_HUB_OFFLINE` is set;
+4. a built-in preset of the public T5 family (`PRESETS`): the published architecture,
+   with random weights.
+
+A path to a `.json` file is read as a config (an architecture without weights). Without
+weights a model gets random weights, drawn fast and said so (`ModelSource.notes`): each
+Linear uniform with std `in_features**-0.5`, each embedding std 1, norms 1. The model is
+built on the meta device, moved with `to_empty` and filled in place: about 0.3 s for
+t5-small, where transformers' own initialisation takes about 4 s. This is not
+transformers' initialisation; it only has to be numerically sane for validation.
+
+Models built from a config that would not fit in memory (over `META_THRESHOLD`
+parameters), or any model with `meta=True`, are built on the meta device: they trace and
+convert, but carry no weights.
+
+transformers is imported only when a model is built, so `import fxconvert.load` is cheap.
+"""
+
+import json
+import math
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fxconvert.errors import ModelResolutionError, UsageError
+from fxconvert.trace import SUPPORTED_ATTENTION, SUPPORTED_CLASSES
+
+# model_type in config.json -> prefix of the transformers classes.
+MODEL_TYPES = {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}
+
+# Published hyperparameters of the public T5 family. Each family fixes the vocabulary,
+# feed-forward and tying; each size: (d_model, d_ff, d_kv, num_heads, num_layers).
+FAMILIES = {
+    "t5": dict(model_type="t5", vocab_size=32128, feed_forward_proj="relu", tie_word_embeddings=True),
+    "t5-v1_1": dict(model_type="t5", vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "mt5": dict(model_type="mt5", vocab_size=250112, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+PRESETS = {
+    "t5-small": ("t5", 512, 2048, 64, 8, 6),
+    "t5-base": ("t5", 768, 3072, 64, 12, 12),
+    "t5-large": ("t5", 1024, 4096, 64, 16, 24),
+    "t5-3b": ("t5", 1024, 16384, 128, 32, 24),
+    "t5-11b": ("t5", 1024, 65536, 128, 128, 24),
+    "google/t5-v1_1-small": ("t5-v1_1", 512, 1024, 64, 6, 8),
+    "google/t5-v1_1-base": ("t5-v1_1", 768, 2048, 64, 12, 12),
+    "google/t5-v1_1-large": ("t5-v1_1", 1024, 2816, 64, 16, 24),
+    "google/t5-v1_1-xl": ("t5-v1_1", 2048, 5120, 64, 32, 24),
+    "google/t5-v1_1-xxl": ("t5-v1_1", 4096, 10240, 64, 64, 24),
+    "google/flan-t5-small": ("t5-v1_1", 512, 1024, 64, 6, 8),
+    "google/flan-t5-base": ("t5-v1_1", 768, 2048, 64, 12, 12),
+    "google/flan-t5-large": ("t5-v1_1", 1024, 2816, 64, 16, 24),
+    "google/flan-t5-xl": ("t5-v1_1", 2048, 5120, 64, 32, 24),
+    "google/flan-t5-xxl": ("t5-v1_1", 4096, 10240, 64, 64, 24),
+    "google/mt5-small": ("mt5", 512, 1024, 64, 6, 8),
+    "google/mt5-base": ("mt5", 768, 2048, 64, 12, 12),
+    "google/mt5-large": ("mt5", 1024, 2816, 64, 16, 24),
+    "google/mt5-xl": ("mt5", 2048, 5120, 64, 32, 24),
+    "google/mt5-xxl": ("mt5", 4096, 10240, 64, 64, 24),
+}
+ALIASES = {f"google-t5/{n}": n for n in PRESETS if n.startswith("t5-")}
+
+# Random-weight models above this many parameters are built on the meta device.
+META_THRESHOLD = 2_000_000_000
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+HUB_PROBE_TIMEOUT = 2.0
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from, as plain data for the report."""
+
+    name: str  # what was asked for
+    origin: str  # "local directory", "Hugging Face cache", "Hugging Face Hub", "config file", "preset"
+    location: str  # a path or a Hub id
+    weights: str  # "checkpoint", "random" or "none (meta device)"
+    device: str  # "cpu" or "meta"
+    notes: list[str] = field(default_factory=list)  # what a user must not miss (random weights, meta)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights == "random"
+
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    source: ModelSource
+
+
+def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, attn: str = "sdpa",
+         seed: int = 0) -> LoadedModel:
+    """Resolve `name` to a T5-family model in eval mode (see the module docstring for the order)."""
+    if attn not in SUPPORTED_ATTENTION:
+        raise UsageError(f"unknown attention '{attn}'; choose {' or '.join(SUPPORTED_ATTENTION)}")
+    name = os.fspath(name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        config = read_config(path)
+        return _from_config(config, ModelSource(name, "config file", str(path), "random", "cpu"), meta, attn, seed)
+    if path.is_dir():
+        return _from_directory(name, path, meta=meta, attn=attn, seed=seed)
+    if path.exists():
+        raise ModelResolutionError(f"'{name}' is a file, not a checkpoint directory; for an architecture use "
+                                   f"--config FILE.json")
+    return _from_hub_or_preset(name, offline=offline or offline_env(), meta=meta, attn=attn, seed=seed)
+
+
+def short_name(name: str | os.PathLike) -> str:
+    """A directory name for a model's outputs: the last component of its name, without `.json`."""
+    last = Path(os.fspath(name).rstrip("/\\")).name
+    return last.removesuffix(".json") or "model"
+
+
+def offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def read_config(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ModelResolutionError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelResolutionError(f"malformed {path}: {e.msg} at line {e.lineno} column {e.colno}") from e
+    if not isinstance(config, dict):
+        raise ModelResolutionError(f"malformed {path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def model_class_name(config: dict, where: str) -> str:
+    """The transformers class to build for a config dict, or a ModelResolutionError saying what is supported."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if model_type not in MODEL_TYPES:
+        what = f"model_type '{model_type}'" if model_type else "a config without model_type"
+        if architectures:
+            what += f" ({', '.join(architectures)})"
+        raise ModelResolutionError(
+            f"{where} describes {what}, which is not supported; fxconvert converts T5-family models "
+            f"(model_type {', '.join(MODEL_TYPES)}): {', '.join(SUPPORTED_CLASSES)}"
+        )
+    if not architectures:
+        return f"{MODEL_TYPES[model_type]}ForConditionalGeneration"
+    cls_name = architectures[0]
+    if cls_name not in SUPPORTED_CLASSES:
+        raise ModelResolutionError(
+            f"{where} describes {cls_name}, which is not supported; fxconvert converts {', '.join(SUPPORTED_CLASSES)}"
+        )
+    return cls_name
+
+
+def preset_config(name: str) -> dict:
+    family, d_model, d_ff, d_kv, num_heads, num_layers = PRESETS[ALIASES.get(name, name)]
+    config = dict(FAMILIES[family], d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=num_heads,
+                  num_layers=num_layers, num_decoder_layers=num_layers)
+    config.update(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False)
+    config["architectures"] = [f"{MODEL_TYPES[config['model_type']]}ForConditionalGeneration"]
+    return config
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hub endpoint accepts a TCP connection within `timeout` seconds (DNS included)."""
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' info logging and progress bars (the CLI shows its own)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+# -- the four sources -------------------------------------------------------------------------
+
+
+def _from_directory(name, path: Path, *, meta, attn, seed) -> LoadedModel:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelResolutionError(f"directory '{name}' has no config.json; give a checkpoint directory "
+                                   f"(as written by save_pretrained) or --config FILE.json")
+    config = read_config(config_file)
+    has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
+    source = ModelSource(name, "local directory", str(path), "checkpoint" if has_weights else "random", "cpu")
+    if not has_weights and not meta:
+        source.notes.append(f"{path} has no weights ({' or '.join(WEIGHT_FILES[::2])})")
+    if not has_weights or meta:
+        return _from_config(config, source, meta, attn, seed)
+    return _from_checkpoint(str(path), config, source, attn, local_files_only=True)
+
+
+def _from_hub_or_preset(name, *, offline, meta, attn, seed) -> LoadedModel:
+    cached = _cached_config(name)
+    if cached is not None:
+        config = read_config(cached)
+        source = ModelSource(name, "Hugging Face cache", name, "checkpoint", "cpu")
+        if meta:
+            return _from_config(config, source, meta, attn, seed)
+        try:
+            return _from_checkpoint(name, config, source, attn, local_files_only=True)
+        except _WeightsUnavailable:
+            loaded = _download(name, meta=meta, attn=attn, seed=seed) if not offline and hub_reachable() else None
+            if loaded is not None:
+                return loaded
+            source.notes.append(f"the weights of '{name}' are not in the Hugging Face cache")
+            return _from_config(config, source, meta, attn, seed)
+    if offline:
+        why = "not in the Hugging Face cache (offline)"
+    elif not hub_reachable():
+        why = "not in the Hugging Face cache, the Hub is unreachable"
+    else:
+        loaded = _download(name, meta=meta, attn=attn, seed=seed)
+        if loaded is not None:
+            return loaded
+        why = "not in the Hugging Face cache nor on the Hub"
+    key = ALIASES.get(name, name)
+    if key in PRESETS:
+        source = ModelSource(name, "preset", key, "random", "cpu")
+        source.notes.append(f"'{name}' is {why}: using the built-in {key} architecture")
+        return _from_config(preset_config(key), source, meta, attn, seed)
+    raise ModelResolutionError(
+        f"unknown model '{name}': not a local directory, {why}, and not a built-in preset "
+        f"(presets: {', '.join(PRESETS)}; use --config FILE.json for another architecture)"
+    )
+
+
+def _cached_config(name) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        return None  # not a Hub id at all
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _download(name, *, meta, attn, seed) -> LoadedModel | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        config_file = hf_hub_download(name, "config.json")
+    except (RepositoryNotFoundError, EntryNotFoundError, HFValidationError):
+        return None
+    except Exception as e:  # network errors, gated repos: say what happened
+        raise ModelResolutionError(f"cannot download '{name}' from the Hub: {_first_line(e)}") from e
+    config = read_config(Path(config_file))
+    source = ModelSource(name, "Hugging Face Hub", name, "checkpoint", "cpu")
+    if meta:
+        return _from_config(config, source, meta, attn, seed)
+    return _from_checkpoint(name, config, source, attn, local_files_only=False)
+
+
+class _WeightsUnavailable(Exception):
+    pass
+
+
+def _from_checkpoint(location, config: dict, source: ModelSource, attn, *, local_files_only) -> LoadedModel:
+    import transformers
+
+    cls = getattr(transformers, model_class_name(config, source.location))
+    config_obj = _config_object(config, source.location)
+    try:
+        model, info = cls.from_pretrained(location, config=config_obj, attn_implementation=attn,
+                                          output_loading_info=True, ignore_mismatched_sizes=True,
+                                          local_files_only=local_files_only)
+    except OSError as e:
+        if local_files_only and source.origin == "Hugging Face cache":
+            raise _WeightsUnavailable() from e
+        raise ModelResolutionError(f"cannot load the weights of {source.location}: {_first_line(e)}") from e
+    except Exception as e:
+        raise ModelResolutionError(f"cannot load the weights of {source.location}: {_first_line(e)}") from e
+    _check_loading_info(info, source.location)
+    return LoadedModel(model.eval(), source)
+
+
+def _check_loading_info(info, where) -> None:
+    problems = []
+    for key, shape_file, shape_model in sorted(info.get("mismatched_keys") or ()):
+        problems.append(f"{key} is {tuple(shape_file)} in the weights but {tuple(shape_model)} by the config")
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:
+        problems.append(f"the weights lack {missing[0]}{_more(len(missing) - 1, 'key')}")
+    if unexpected:
+        problems.append(f"the weights have {unexpected[0]}, which the model does not"
+                        f"{_more(len(unexpected) - 1, 'key')}")
+    if problems:
+        raise ModelResolutionError(f"the weights in {where} do not match its config.json: "
+                                   f"{problems[0]}{_more(len(problems) - 1, 'problem')}")
+
+
+def _more(n: int, noun: str) -> str:
+    return f" (and {n} more {noun}{'s' if n > 1 else ''})" if n > 0 else ""
+
+
+def _config_object(config: dict, where: str):
+    import transformers
+
+    cls_name = model_class_name(config, where)
+    config_cls = getattr(transformers, f"{MODEL_TYPES[config['model_type']]}Config")
+    try:
+        return config_cls.from_dict(dict(config))
+    except Exception as e:
+        raise ModelResolutionError(f"invalid config in {where} for {cls_name}: {_first_line(e)}") from e
+
+
+def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed: int) -> LoadedModel:
+    """Build from a config: on the meta device when asked or too large, else with fast random weights."""
+    import transformers
+
+    cls = getattr(transformers, model_class_name(config, source.location))
+    config_obj = _config_object(config, source.location)
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(config_obj, attn_implementation=attn)
+    except Exception as e:
+        raise ModelResolutionError(f"cannot build {cls.__name__} from {source.location}: {_first_line(e)}") from e
+    n_params = sum(p.numel() for p in model.parameters())
+    if not meta and n_params > META_THRESHOLD:
+        meta = True
+        source.notes.append(f"{n_params / 1e9:.1f}B parameters are too many to build in memory: built on the "
+                            f"meta device (pass a checkpoint directory to convert real weights)")
+    if meta:
+        source.device, source.weights = "meta", "none (meta device)"
+        source.notes.append("built on the meta device: no weights are written and validation is skipped")
+        return LoadedModel(model.eval(), source)
+    if any(True for _ in model.buffers()):  # buffers hold values a random init cannot invent
+        torch.manual_seed(seed)
+        model = cls._from_config(config_obj, attn_implementation=attn)
+    else:
+        model.to_empty(device="cpu")
+        model.tie_weights()
+        _random_init(model, seed)
+    source.weights = "random"
+    source.notes.append("RANDOM WEIGHTS: the converted model computes nothing useful until real weights "
+                        "are loaded")
+    return LoadedModel(model.eval(), source)
+
+
+@torch.no_grad()
+def _random_init(model: torch.nn.Module, seed: int) -> None:
+    """Fast, numerically sane random weights (not transformers' initialisation)."""
+    generator = torch.Generator().manual_seed(seed)
+    done = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in done:
+                continue
+            done.add(id(p))
+            if p.dim() < 2:
+                p.fill_(1.0 if name == "weight" else 0.0)  # norm scales 1, biases 0
+            else:
+                std = module.in_features ** -0.5 if isinstance(module, torch.nn.Linear) else 1.0
+                p.uniform_(-math.sqrt(3) * std, math.sqrt(3) * std, generator=generator)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,399 @@
+"""What a conversion did, as plain data rendered for terminals (rich), files (markdown), logs and CI.
+
+A `Report` is a title, warnings and a list of `Section`s. Each section carries JSON-ready
+`data` (for report.json) and a display form: `fields` (key: value lines), `tables`,
+an optional `code` block and `notes`. Builders turn a `Conversion` into sections; the
+renderers know nothing about conversions:
+
+- `print_rich(report, console)`: the terminal (rich tables, a highlighted diff);
+- `render(report, "markdown" | "plain" | "json")`: text (tabulate for the tables).
+
+A feature adds a section by writing one builder and appending its result to
+`Report.sections` (see `build_report(..., extra=[...])`).
+"""
+
+import difflib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fxconvert.analysis import node_kind
+from fxconvert.trace import _EXAMPLE_SIZES, INPUT_SPECS
+
+FORMATS = ("rich", "plain", "markdown", "json")
+PHASES = ("load", "trace", "passes", "validate", "write")
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Any]]  # cells: str or number; a list of str is one item per line
+    title: str = ""
+
+
+@dataclass
+class Section:
+    key: str  # its key in report.json
+    title: str
+    data: Any = None  # JSON-ready
+    fields: dict[str, str] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+    code: str | None = None
+    language: str = "diff"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    title: str
+    status: str  # "ok", "validation failed", ...
+    warnings: list[str] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)
+
+    def section(self, key: str) -> Section:
+        return next(s for s in self.sections if s.key == key)
+
+    def to_dict(self) -> dict:
+        out = {"title": self.title, "status": self.status, "warnings": self.warnings}
+        out.update({s.key: s.data for s in self.sections})
+        return out
+
+
+# -- builders ----------------------------------------------------------------------------------
+
+
+def build_report(conversion, *, validation=None, extra=(), detail: bool = True) -> Report:
+    """The standard report of a conversion; `detail` adds every validated tensor to the display."""
+    source = conversion.source
+    warnings = list(source.notes) if source is not None else []
+    status = "ok"
+    sections = [model_section(conversion), io_section(conversion), passes_section(conversion),
+                shared_weights_section(conversion)]
+    if validation is not None:
+        sections.append(validation_section(validation, detail=detail))
+        if validation.skipped is None and not validation.passed:
+            status = "validation failed"
+            warnings.append(f"VALIDATION FAILED: {len(validation.failures)} tensor(s) differ by more than "
+                            f"atol {validation.atol:g}")
+    sections.append(timings_section(conversion.timings))
+    sections.extend(extra)
+    return Report(f"fxconvert: {conversion.model_class} ({_name(conversion)})", status, warnings, sections)
+
+
+def model_section(conversion) -> Section:
+    model = conversion.model if conversion.model is not None else conversion.module
+    params = {id(p): p for p in model.parameters()}
+    n_params = sum(p.numel() for p in params.values())
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params.values()})
+    config = getattr(model, "config", None)
+    summary = _config_summary(config) if config is not None else {}
+    source = conversion.source
+    origin = f"{source.origin} {source.location}" if source is not None else "a model object"
+    data = {
+        "class": conversion.model_class,
+        "source": asdict(source) if source is not None else None,
+        "parameters": n_params,
+        "dtype": ", ".join(dtypes),
+        "attention": getattr(config, "_attn_implementation", None),
+        "config": summary,
+    }
+    fields = {
+        "class": conversion.model_class,
+        "source": origin,
+        "weights": source.weights if source is not None else "from the model object",
+        "device": source.device if source is not None else str(next(iter(params.values())).device),
+        "parameters": f"{_short_count(n_params)} ({n_params:,})",
+        "dtype": data["dtype"],
+        "attention": str(data["attention"]),
+        "config": ", ".join(f"{k} {v}" for k, v in summary.items()),
+    }
+    return Section("model", "Model", data, fields)
+
+
+def io_section(conversion) -> Section:
+    gm = conversion.graph_module
+    shared = set(conversion.shared_weights) | set(gm.meta.get("lifted_weights", {}))
+    rows, data = [], []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = node.target
+        if name in conversion.input_names:
+            role, shape, dtype = "model input", _input_shape(name), _dtype(node)
+        elif name in shared:
+            role, shape, dtype = "shared weight", str(tuple(node.meta["val"].shape)), _dtype(node)
+        else:
+            default = node.args[0] if node.args else None
+            role, shape, dtype = f"flag (default {default})", "", "bool"
+        rows.append([name, role, dtype, shape])
+        data.append({"name": name, "role": role, "dtype": dtype, "shape": shape})
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = out.args[0]
+    val = value.meta.get("val") if hasattr(value, "meta") else None
+    out_dtype = str(val.dtype).removeprefix("torch.") if hasattr(val, "dtype") else ""
+    out_shape = _output_shape(val)
+    tables = [Table(["input", "role", "dtype", "shape"], rows, "Inputs (placeholders, in order)"),
+              Table(["output", "dtype", "shape"], [[conversion.output_name, out_dtype, out_shape]], "Output")]
+    return Section("io", "Inputs and output", {"inputs": data, "output": {"name": conversion.output_name,
+                                                                        "dtype": out_dtype, "shape": out_shape}},
+                   tables=tables)
+
+
+def passes_section(conversion) -> Section:
+    rows = []
+    for p in conversion.passes:
+        new_inputs = [n for n in p.placeholders_after if n not in p.placeholders_before]
+        gone_inputs = [n for n in p.placeholders_before if n not in p.placeholders_after]
+        gone_outputs = [n for n in p.outputs_before if n not in p.outputs_after]
+        added = [f"+{n} {k}" + (f" ({', '.join(new_inputs)})" if k == "placeholder" else "")
+                 for k, n in p.added.items()]
+        removed = [f"-{n} {k}" + (f" ({', '.join(gone_inputs)})" if k == "placeholder" else "")
+                   for k, n in p.removed.items()]
+        if gone_outputs:
+            removed.append(f"-{len(gone_outputs)} output(s) ({', '.join(gone_outputs)})")
+        rows.append([p.name, "yes" if p.modified else "no", f"{p.nodes_before} -> {p.nodes_after}",
+                     added or "", removed or "", _seconds(p.seconds)])
+    return Section("passes", "Passes", [asdict(p) for p in conversion.passes],
+                   tables=[Table(["pass", "modified", "nodes", "added", "removed", "time"], rows)])
+
+
+def shared_weights_section(conversion) -> Section:
+    gm = conversion.graph_module
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    weights, consumers, data = [], [], []
+    for name, eager_names in conversion.shared_weights.items():
+        node = placeholders.get(name)
+        val = node.meta.get("val") if node is not None else None
+        shape = str(tuple(val.shape)) if val is not None else ""
+        users = []
+        for user in (node.users if node is not None else ()):
+            users.append({"node": user.name, "kind": node_kind(user, gm), "module": user.meta.get("module_path", ""),
+                          "source": user.meta.get("source", "")})
+            consumers.append([name, user.name, node_kind(user, gm), user.meta.get("module_path", ""),
+                              user.meta.get("source", "")])
+        weights.append([name, shape, _dtype(node) if node is not None else "", list(eager_names)])
+        data.append({"name": name, "shape": shape, "tied_names": list(eager_names), "consumers": users})
+    tables = [Table(["weight", "shape", "dtype", "eager names"], weights),
+              Table(["weight", "node", "kind", "module", "source"], consumers, "Nodes that consume them")]
+    notes = [] if weights else ["no parameter is shared: the graph takes no weight as input"]
+    return Section("shared_weights", "Shared weights", data, tables=tables if weights else [], notes=notes)
+
+
+def validation_section(result, *, detail: bool = True) -> Section:
+    data = asdict(result) | {"passed": result.passed}
+    if result.skipped is not None:
+        return Section("validation", "Validation", data, {"status": f"skipped: {result.skipped}"})
+    runs: dict[str, list] = {}
+    for c in result.checks:
+        runs.setdefault(c.run, []).append(c)
+    summary = []
+    for run, checks in runs.items():
+        outputs = [c for c in checks if c.tensor.startswith("output")]
+        grads = [c for c in checks if c.tensor.startswith("grad") and c.max_diff is not None]
+        worst = max(grads, key=lambda c: c.max_diff, default=None)
+        summary.append([
+            run,
+            ", ".join(_diff(c.max_diff) for c in outputs),
+            "" if worst is None else _diff(worst.max_diff) if worst.max_diff == 0 else
+            f"{_diff(worst.max_diff)} ({worst.tensor.removeprefix('grad ')})",
+            len(checks),
+            "ok" if all(c.ok for c in checks) else "FAILED",
+        ])
+    fields = {
+        "status": "passed" if result.passed else "FAILED",
+        "tolerance": f"atol {result.atol:g}",
+        "seed": str(result.seed),
+        "checked": f"{len(result.checks)} tensors, max diff {_diff(result.max_diff)}",
+    }
+    tables = [Table(["run", "output max diff", "grad max diff (worst parameter)", "tensors", "result"], summary)]
+    if result.failures:
+        tables.append(Table(["run", "tensor", "max diff", "why"],
+                            [[c.run, c.tensor, _diff(c.max_diff), c.note or f"> atol {result.atol:g}"]
+                             for c in result.failures], "Failures"))
+    if detail:
+        names = list(dict.fromkeys(c.tensor for c in result.checks))
+        by_key = {(c.tensor, c.run): c for c in result.checks}
+        rows = [[n] + [_check_cell(by_key.get((n, run))) for run in runs] for n in names]
+        tables.append(Table(["tensor", *runs], rows, "Max abs diff per tensor"))
+    return Section("validation", "Validation", data, fields, tables)
+
+
+def timings_section(timings: dict[str, float]) -> Section:
+    order = [p for p in PHASES if p in timings] + [p for p in timings if p not in PHASES]
+    rows = [[p, _seconds(timings[p])] for p in order] + [["total", _seconds(sum(timings.values()))]]
+    return Section("timings", "Timings", {p: timings[p] for p in order}, tables=[Table(["phase", "time"], rows)])
+
+
+def diff_section(conversion) -> Section:
+    before = conversion.traced_code.strip().splitlines()
+    after = conversion.graph_module.code.strip().splitlines()
+    diff = "\n".join(difflib.unified_diff(before, after, "traced", "converted", lineterm=""))
+    plus = sum(1 for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
+    minus = sum(1 for line in diff.splitlines() if line.startswith("-") and not line.startswith("---"))
+    return Section("diff", "Code diff (traced -> converted)", diff, code=diff or "(no change)",
+                   notes=[f"{plus} lines added, {minus} removed"])
+
+
+# -- renderers ---------------------------------------------------------------------------------
+
+
+def render(report: Report, fmt: str) -> str:
+    """The report as text: "markdown" (GitHub tables), "plain" or "json"."""
+    if fmt == "json":
+        return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+    if fmt == "markdown":
+        return _markdown(report)
+    if fmt == "plain":
+        return _plain(report)
+    raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+
+
+def print_rich(report: Report, console) -> None:
+    """Print the report on a rich Console: tables, warnings in a panel, the diff highlighted."""
+    from rich import box
+    from rich.panel import Panel
+    from rich.syntax import Syntax
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    console.rule(Text(report.title, style="bold"))
+    if report.warnings:
+        console.print(Panel("\n".join(report.warnings), title="warning", border_style="bold yellow",
+                            style="yellow"))
+    for section in report.sections:
+        console.print()
+        console.print(Text(section.title, style="bold cyan"))
+        if section.fields:
+            grid = RichTable.grid(padding=(0, 2))
+            grid.add_column(style="bold")
+            grid.add_column(overflow="fold")
+            for key, value in section.fields.items():
+                grid.add_row(key, Text(value, style=_rich_style(value)))
+            console.print(grid)
+        for table in section.tables:
+            rt = RichTable(title=table.title or None, title_justify="left", box=box.SIMPLE_HEAD, title_style="italic")
+            for header in table.headers:
+                rt.add_column(header, overflow="fold")
+            for row in table.rows:
+                rt.add_row(*(Text(_cell(c, "\n"), style=_rich_style(c)) for c in row))
+            console.print(rt)
+        if section.code is not None:
+            console.print(Syntax(section.code, section.language, theme="ansi_dark", background_color="default"))
+        for note in section.notes:
+            console.print(Text(note, style="dim"))
+
+
+def _markdown(report: Report) -> str:
+    from tabulate import tabulate
+
+    out = [f"# {report.title}", ""]
+    for w in report.warnings:
+        out += [f"> **Warning:** {_md_escape(w)}", ""]
+    for section in report.sections:
+        out += [f"## {section.title}", ""]
+        if section.fields:
+            out += [f"- **{k}:** {_md_escape(v)}" for k, v in section.fields.items()] + [""]
+        for table in section.tables:
+            if table.title:
+                out += [f"**{table.title}**", ""]
+            rows = [[_md_escape(_cell(c, "<br>")) for c in row] for row in table.rows]
+            out += [tabulate(rows, headers=table.headers, tablefmt="github", disable_numparse=True), ""]
+        if section.code is not None:
+            out += [f"```{section.language}", section.code, "```", ""]
+        out += [f"_{_md_escape(n)}_" for n in section.notes] + ([""] if section.notes else [])
+    return "\n".join(out)
+
+
+def _plain(report: Report) -> str:
+    from tabulate import tabulate
+
+    out = [report.title, "=" * len(report.title)]
+    out += [f"WARNING: {w}" for w in report.warnings]
+    for section in report.sections:
+        out += ["", section.title, "-" * len(section.title)]
+        width = max((len(k) for k in section.fields), default=0)
+        out += [f"{k + ':':<{width + 1}} {v}" for k, v in section.fields.items()]
+        for table in section.tables:
+            out += [""] + ([table.title] if table.title else [])
+            rows = [[_cell(c, "\n") for c in row] for row in table.rows]
+            out.append(tabulate(rows, headers=table.headers, tablefmt="simple", disable_numparse=True))
+        if section.code is not None:
+            out += ["", section.code]
+        out += section.notes
+    return "\n".join(out) + "\n"
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def _cell(value, newline: str) -> str:
+    if isinstance(value, (list, tuple)):
+        return newline.join(str(v) for v in value)
+    return str(value)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _rich_style(value) -> str:
+    text = str(value)
+    if text in ("FAILED",) or text.startswith("FAILED"):
+        return "bold red"
+    if text in ("ok", "passed"):
+        return "green"
+    return ""
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _diff(d) -> str:
+    return "-" if d is None else f"{d:.2g}"
+
+
+def _check_cell(check) -> str:
+    if check is None:
+        return ""
+    return ("" if check.ok else "FAILED ") + (_diff(check.max_diff) if check.max_diff is not None else check.note)
+
+
+def _short_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _dtype(node) -> str:
+    val = node.meta.get("val")
+    return str(val.dtype).removeprefix("torch.") if hasattr(val, "dtype") else ""
+
+
+def _input_shape(name: str) -> str:
+    kind, seq = INPUT_SPECS[name]
+    dims = ["batch", f"{seq}_length"] + (["d_model"] if kind == "embeds" else [])
+    return f"({', '.join(dims)})"
+
+
+def _output_shape(val) -> str:
+    """The output's shape with the tracer's example batch and lengths named (they are symbolic in the graph)."""
+    if not hasattr(val, "shape"):
+        return ""
+    if val.dim() == 0:
+        return "scalar"
+    names = {0: {_EXAMPLE_SIZES["batch"]: "batch"},
+             1: {_EXAMPLE_SIZES["encoder"]: "encoder_length", _EXAMPLE_SIZES["decoder"]: "decoder_length"}}
+    dims = [names.get(i, {}).get(s, str(s)) for i, s in enumerate(val.shape)]
+    return f"({', '.join(dims)})"
+
+
+def _config_summary(config) -> dict:
+    keys = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size",
+            "feed_forward_proj", "tie_word_embeddings", "scale_decoder_outputs")
+    return {k: getattr(config, k) for k in keys if hasattr(config, k)}
+
+
+def _name(conversion) -> str:
+    return conversion.source.name if conversion.source is not None else "model object"

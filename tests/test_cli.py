@@ -1,0 +1,208 @@
+"""The command line: in-process for the many cases, in a subprocess for the real program."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fxconvert.cli import main
+from fxconvert.load import PRESETS
+
+from checkpoints import edit_config, leftovers, write_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+FILES = ["model.py", "report.json", "report.md", "weights.safetensors"]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    write_checkpoint(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_converts_validates_writes_and_reports(ckpt, tmp_path, capsys):
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "json")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "out")) == FILES
+    report = json.loads(out)
+    assert report == json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "ok" and report["warnings"] == []
+    assert report["model"]["source"]["origin"] == "local directory"
+    assert report["validation"]["passed"] is True and len(report["validation"]["checks"]) > 100
+    assert set(report["timings"]) == {"load", "trace", "passes", "validate", "write"}
+    for phase in ("load", "trace", "passes", "validate", "write"):
+        assert f"✓ {phase}" in err
+    assert f"Wrote {tmp_path / 'out'}" in err
+
+
+def test_inputs_output_and_attention_options(ckpt, tmp_path, capsys):
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "json", "--attn", "eager",
+                             "--inputs", "input_ids, decoder_input_ids", "--output", "logits", "--seed", "3")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [i["name"] for i in report["io"]["inputs"]] == ["input_ids", "decoder_input_ids", "shared_embed_weight",
+                                                          "training"]
+    assert report["io"]["output"]["name"] == "logits"
+    assert report["model"]["attention"] == "eager" and report["validation"]["seed"] == 3
+
+
+def test_markdown_diff_and_quiet(ckpt, tmp_path, capsys):
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "a", "--format", "markdown", "--diff", "--no-validate")
+    assert code == 0, err
+    assert "```diff" in out and "- **status:** skipped: not run (--no-validate)" in out
+    assert "validation skipped (--no-validate)" in err
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "b", "-q")
+    assert (code, out, err) == (0, "", "")
+    assert sorted(os.listdir(tmp_path / "b")) == FILES
+
+
+def test_config_file_random_weights_and_the_default_out(ckpt, tmp_path, capsys, monkeypatch):
+    (tmp_path / "arch.json").write_text((ckpt / "config.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "--config", "arch.json", "--format", "plain")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "fxconvert-out" / "arch")) == FILES
+    assert "warning: RANDOM WEIGHTS" in err and "WARNING: RANDOM WEIGHTS" in out
+    assert "source:     config file arch.json" in out and "status:    passed" in out
+
+
+def test_meta_flag_skips_weights_and_validation(ckpt, tmp_path, capsys):
+    code, out, err = run_cli(capsys, ckpt, "--meta", "--out", tmp_path / "out", "--format", "json")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.py", "report.json", "report.md"]
+    report = json.loads(out)
+    assert report["model"]["source"]["weights"] == "none (meta device)"
+    assert "meta device" in report["validation"]["skipped"]
+
+
+@pytest.mark.slow
+def test_t5_11b_converts_on_the_meta_device(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "t5-11b", "--offline", "--out", tmp_path / "out", "--format", "json")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.py", "report.json", "report.md"]  # no weights
+    report = json.loads(out)
+    assert report["model"]["parameters"] == 11_307_321_344
+    assert report["model"]["source"]["device"] == "meta"
+    assert report["validation"]["passed"] is False and "meta device" in report["validation"]["skipped"]
+    assert any("meta device" in w for w in report["warnings"])
+    assert "meta device" in err
+
+
+@pytest.mark.parametrize("case, expected_code, message", [
+    ("unknown name", 1, r"unknown model 'no-such-model'"),
+    ("not T5", 1, r"model_type 'bert'.*not supported.*T5ForConditionalGeneration"),
+    ("malformed config", 1, r"malformed .*config.json"),
+    ("weights do not match", 1, r"do not match its config.json"),
+    ("unknown input", 2, r"unknown input name\(s\) bogus for T5ForConditionalGeneration; choose from input_ids"),
+    ("unknown output", 2, r"unknown output 'nope'; this model returns loss, logits, encoder_last_hidden_state"),
+    ("unwritable out", 1, r"cannot write to .*not a directory"),
+    ("existing out", 2, r"already exists; pass --force"),
+    ("bad option", 2, r"unrecognized arguments: --bogus"),
+    ("name and config", 2, r"give a model NAME or --config FILE.json, not both"),
+])
+def test_failures_are_one_line_with_an_exit_code_and_leave_nothing(case, expected_code, message, ckpt, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "out"
+    args = [ckpt, "--out", out]
+    if case == "unknown name":
+        args[0] = "no-such-model"
+    elif case == "not T5":
+        (ckpt / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    elif case == "malformed config":
+        (ckpt / "config.json").write_text("{not json")
+    elif case == "weights do not match":
+        edit_config(ckpt, d_model=48)
+    elif case == "unknown input":
+        args += ["--inputs", "input_ids,bogus"]
+    elif case == "unknown output":
+        args += ["--output", "nope"]
+    elif case == "unwritable out":
+        (tmp_path / "file").write_text("")
+        args[2] = tmp_path / "file" / "out"
+    elif case == "existing out":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep")
+    elif case == "bad option":
+        args.append("--bogus")
+    elif case == "name and config":
+        args += ["--config", ckpt / "config.json"]
+    before = leftovers(tmp_path)
+    code, stdout, err = run_cli(capsys, *args, "--offline")
+    assert code == expected_code
+    lines = err.strip().splitlines()
+    assert len(lines) >= 1 and lines[-1].startswith("fxconvert: error: ")
+    assert [line for line in lines if "error" in line] == [lines[-1]]
+    assert re.search(message, lines[-1]), lines[-1]
+    assert "Traceback" not in err
+    assert leftovers(tmp_path) == before  # nothing written, nothing half-written
+
+
+def test_a_broken_conversion_fails_validation_and_writes_nothing(ckpt, tmp_path, capsys, monkeypatch):
+    from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+    import fxconvert.passes
+
+    class ScaleLoss(PassBase):  # a "pass" that changes what the graph computes
+        def call(self, gm):
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            with gm.graph.inserting_before(out):
+                scaled = gm.graph.call_function(torch.mul, (out.args[0], 1.001))
+            out.args = (scaled,)
+            gm.recompile()
+            return PassResult(gm, True)
+
+    before = leftovers(tmp_path)
+    convert_module = sys.modules["fxconvert.convert"]
+    monkeypatch.setattr(convert_module, "default_passes",
+                        lambda output=None: fxconvert.passes.default_passes(output=output) + [ScaleLoss()])
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "plain")
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("fxconvert: error: validation failed: ")
+    assert "output loss differs by" in err
+    assert "Failures" in out and "VALIDATION FAILED" in out
+    assert leftovers(tmp_path) == before
+
+
+def test_verbose_failures_show_the_traceback(capsys):
+    code, out, err = run_cli(capsys, "no-such-model", "--offline", "-v")
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("fxconvert: error: unknown")
+
+
+def test_help_lists_every_option(capsys):
+    code, out, err = run_cli(capsys, "--help")
+    assert code == 0
+    for option in ("--inputs", "--output", "--attn", "--out", "--force", "--offline", "--meta", "--config",
+                   "--format", "--diff", "--atol", "--seed", "--no-validate", "-q", "-v"):
+        assert option in out, option
+
+
+def test_the_program_in_a_subprocess(ckpt, tmp_path):
+    """`python -m fxconvert` as a user runs it: a success, then a failure, each in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run([sys.executable, "-m", "fxconvert", str(ckpt), "--out", str(tmp_path / "out"), "--format",
+                         "plain", "--diff"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    for title in ("Model", "Inputs and output", "Passes", "Shared weights", "Validation", "Timings",
+                  "Code diff (traced -> converted)"):
+        assert f"\n{title}\n" in ok.stdout
+    assert "status:    passed" in ok.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == FILES
+    bad = subprocess.run([sys.executable, "-m", "fxconvert", "google/not-a-t5", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "fxconvert: error: unknown model 'google/not-a-t5': not a local directory, not in the Hugging Face cache "
+        f"(offline), and not a built-in preset (presets: {', '.join(PRESETS)}; use --config FILE.json for another "
+        "architecture)"]
+    assert not (tmp_path / "bad").exists()
