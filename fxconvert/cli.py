@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs and random weights (default: 0)")
     p.add_argument("--format", choices=("rich", "plain", "markdown", "json"),
                    help="report format on stdout (default: rich)")
+    p.add_argument("--stages", type=int, metavar="N", help="also split the converted graph into N pipeline "
+                   "stages at T5 block boundaries: a report table and stage_<i>.py files")
     p.add_argument("--diff", action="store_true", help="add a unified diff of the code before and after the "
                                                        "passes")
     verbosity = p.add_mutually_exclusive_group()
@@ -119,6 +121,8 @@ def run(args) -> int:
                          f"(see {PROG} --help)")
     if args.config is not None and not os.path.isfile(args.config):
         raise UsageError(f"--config {args.config}: no such file")
+    if args.stages is not None and args.stages < 1:
+        raise UsageError(f"--stages must be at least 1, got {args.stages}")
     if not args.atol > 0:
         raise UsageError(f"--atol must be positive, got {args.atol}")
     name = args.name if args.name is not None else args.config
@@ -178,6 +182,18 @@ def run(args) -> int:
     from fxconvert.report import build_report
 
     extra = [build(conversion, args) for enabled, build in OPTIONAL_SECTIONS if enabled(args)]
+    extra_files = {}
+    if args.stages is not None:
+        with progress.step("split", f"splitting into {args.stages} stages", timings) as step:
+            from fxconvert.codegen import forward_source
+            from fxconvert.report import stages_section
+            from fxconvert.stages import split_stages, stage_table
+
+            stages = split_stages(conversion, args.stages)
+            extra.append(stages_section(stage_table(stages)))
+            extra_files = {f"stage_{spec.index}.py": forward_source(gm) for spec, gm in zip(stages.specs, stages.stages)}
+            step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
+        conversion.timings["split"] = timings["split"]
 
     def make_report(detail=True):
         return build_report(conversion, validation=validation, extra=extra, detail=detail)
@@ -189,7 +205,7 @@ def run(args) -> int:
     with progress.step("write", f"writing {out}", timings) as step:
         from fxconvert.save import save
 
-        saved = save(conversion, out, force=args.force, make_report=make_report)
+        saved = save(conversion, out, force=args.force, make_report=make_report, extra_files=extra_files)
         step.detail = f"{len(saved.files)} files"
     _show(make_report(detail=args.verbose), args)
     if not args.quiet:

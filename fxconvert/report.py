@@ -234,6 +234,34 @@ def diff_section(conversion) -> Section:
                    notes=[f"{plus} lines added, {minus} removed"])
 
 
+def stages_section(rows: list[dict]) -> Section:
+    """The pipeline stages (`fxconvert.stages.stage_table` rows): one table row per stage."""
+    table = []
+    for r in rows:
+        blocks = r["blocks"]
+        span = f"{blocks[0]} .. {blocks[-1]}" if len(blocks) > 2 else ", ".join(blocks)
+        sent = [f"{v['name']} {tuple(v['shape']) if v['shape'] is not None else ''} {_bytes(v['bytes'])}".strip()
+                for v in r["sent"]] or ["(the output)"]
+        table.append([r["stage"], span, f"{r['parameters']:,}", _bytes(r["parameter_bytes"]),
+                      "yes" if r["receives_shared_weight"] else "no", sent, _bytes(r["sent_bytes"])])
+    return Section(
+        "stages", f"Pipeline stages ({len(rows)})", rows,
+        tables=[Table(["stage", "blocks", "parameters", "bytes", "shared weight", "sends (traced shape)",
+                       "sent bytes"], table)],
+        notes=["sizes are at the traced example shape (batch 2, encoder 7, decoder 5 tokens)",
+               "the shared weight is not counted in a stage's parameters: each stage that uses it holds a copy"],
+    )
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 # -- renderers ---------------------------------------------------------------------------------
 
 

@@ -58,12 +58,13 @@ def check_destination(out_dir, *, force: bool = False) -> Path:
     return out
 
 
-def save(conversion, out_dir, *, force: bool = False, make_report=None) -> Saved:
+def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_files=None) -> Saved:
     """Write the conversion's files into `out_dir` atomically (see the module docstring).
 
     `make_report()`, called after model.py and the weights are written (so that the
     report can include the write time, recorded in `conversion.timings["write"]`),
     returns the `fxconvert.report.Report` to write as report.md and report.json.
+    `extra_files` maps more file names to their text (e.g. `stage_<i>.py`).
     """
     out = check_destination(out_dir, force=force)
     start = time.perf_counter()
@@ -75,6 +76,9 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None) -> Saved
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
         (tmp / MODEL_FILE).write_text(source, encoding="utf-8")
         files = [MODEL_FILE]
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+            files.append(name)
         if not _on_meta(conversion.module):
             save_weights(conversion.module, tmp / WEIGHTS_FILE)
             files.append(WEIGHTS_FILE)

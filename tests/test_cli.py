@@ -46,6 +46,21 @@ def test_converts_validates_writes_and_reports(ckpt, tmp_path, capsys):
     assert f"Wrote {tmp_path / 'out'}" in err
 
 
+def test_stages_add_a_report_table_and_one_file_per_stage(ckpt, tmp_path, capsys):
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "json", "--stages", "3")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(FILES + [f"stage_{i}.py" for i in range(3)])
+    rows = json.loads(out)["stages"]
+    assert [r["stage"] for r in rows] == [0, 1, 2]
+    # every block of the 2+2-layer model lands in exactly one stage, in order
+    assert [b for r in rows for b in r["blocks"]] == [f"encoder.block.{i}" for i in range(2)] + [
+        f"decoder.block.{i}" for i in range(2)]
+    # the tied embedding reaches the first stage (encoder embedding) and the last (decoder side, LM head)
+    assert rows[0]["receives_shared_weight"] and rows[-1]["receives_shared_weight"]
+    assert all(r["sent_bytes"] > 0 for r in rows[:-1]) and rows[-1]["sent"] == []
+    assert "timings" in json.loads(out) and "split" in json.loads(out)["timings"]
+
+
 def test_inputs_output_and_attention_options(ckpt, tmp_path, capsys):
     code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "json", "--attn", "eager",
                              "--inputs", "input_ids, decoder_input_ids", "--output", "logits", "--seed", "3")
@@ -109,6 +124,7 @@ def test_t5_11b_converts_on_the_meta_device(tmp_path, capsys):
     ("unwritable out", 1, r"cannot write to .*not a directory"),
     ("existing out", 2, r"already exists; pass --force"),
     ("bad option", 2, r"unrecognized arguments: --bogus"),
+    ("too many stages", 2, r"cannot split into 9 stages: the graph has 4 blocks .*ask for at most 4"),
     ("name and config", 2, r"give a model NAME or --config FILE.json, not both"),
 ])
 def test_failures_are_one_line_with_an_exit_code_and_leave_nothing(case, expected_code, message, ckpt, tmp_path,
@@ -135,6 +151,8 @@ def test_failures_are_one_line_with_an_exit_code_and_leave_nothing(case, expecte
         (out / "mine.txt").write_text("keep")
     elif case == "bad option":
         args.append("--bogus")
+    elif case == "too many stages":
+        args += ["--stages", "9", "--no-validate"]
     elif case == "name and config":
         args += ["--config", ckpt / "config.json"]
     before = leftovers(tmp_path)
