@@ -84,6 +84,10 @@ def validate(conversion, *, atol: float = 1e-5, seed: int = 0, shapes=SHAPES) ->
     params = [p for _, p in model.named_parameters()] + [p for _, p in module.named_parameters()]
     dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
     was_training = (model.training, module.training)
+    threads = torch.get_num_threads()
+    # The validation shapes are tiny: with several intra-op threads on a busy machine, thread
+    # hand-offs (not arithmetic) dominate and a 2 s check can take 40 s. One thread is steady.
+    torch.set_num_threads(1)
     try:
         for batch, enc, dec in shapes:
             inputs = _random_inputs(conversion.input_names, model.config, batch, enc, dec, seed, dtype)
@@ -99,6 +103,7 @@ def validate(conversion, *, atol: float = 1e-5, seed: int = 0, shapes=SHAPES) ->
                 for name in ref_grads:
                     result.checks.append(_compare(run, f"grad {name}", ref_grads[name], out_grads.get(name), atol))
     finally:
+        torch.set_num_threads(threads)
         model.train(was_training[0])
         module.train(was_training[1])
         for p in params:
