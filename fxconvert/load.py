@@ -354,20 +354,37 @@ def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed:
         source.notes.append(f"{n_params / 1e9:.1f}B parameters are too many to build in memory: built on the "
                             f"meta device (pass a checkpoint directory to convert real weights)")
     if meta:
+        _untie_head(model, config)
         source.device, source.weights = "meta", "none (meta device)"
         source.notes.append("built on the meta device: no weights are written and validation is skipped")
         return LoadedModel(model.eval(), source)
     if any(True for _ in model.buffers()):  # buffers hold values a random init cannot invent
         torch.manual_seed(seed)
         model = cls._from_config(config_obj, attn_implementation=attn)
+        _untie_head(model, config)
     else:
         model.to_empty(device="cpu")
         model.tie_weights()
+        _untie_head(model, config)
         _random_init(model, seed)
     source.weights = "random"
     source.notes.append("RANDOM WEIGHTS: the converted model computes nothing useful until real weights "
                         "are loaded")
     return LoadedModel(model.eval(), source)
+
+
+def _untie_head(model: torch.nn.Module, config: dict) -> None:
+    """Give the LM head its own weight when the architecture publishes it untied (v1.1, flan, mT5).
+
+    transformers 5 ties T5's head at construction whatever the config says and unties it
+    only when a checkpoint holds a distinct head; a random-weight build mirrors the
+    published checkpoints instead.
+    """
+    head = getattr(model, "lm_head", None)
+    if config.get("tie_word_embeddings") is False and head is not None:
+        head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
+        if head.weight.device.type != "meta":
+            torch.nn.init.normal_(head.weight, std=head.in_features ** -0.5)
 
 
 @torch.no_grad()

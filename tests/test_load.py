@@ -83,6 +83,20 @@ def test_presets_offline_are_published_architectures(name, cls, facts, params, n
     assert any("offline" in n for n in loaded.source.notes)
     if params is not None:
         assert sum(p.numel() for p in model.parameters()) == params
+    # original T5 ties its LM head to the shared embedding; v1.1, flan and mT5 checkpoints hold their own head
+    assert (model.lm_head.weight is model.shared.weight) == (cls.startswith("T5") and "flan" not in name)
+
+
+def test_untied_preset_converts_with_the_head_as_its_own_parameter(no_network):
+    loaded = load("google/flan-t5-small", offline=True)
+    model = loaded.model
+    assert model.lm_head.weight is not model.shared.weight
+    from fxconvert.convert import convert
+
+    conversion = convert(model)
+    assert conversion.shared_weights == {"shared_embed_weight": ["shared.weight", "encoder.embed_tokens.weight",
+                                                                 "decoder.embed_tokens.weight"]}
+    assert any(p is model.lm_head.weight for p in conversion.module.parameters())
 
 
 def test_large_presets_go_to_the_meta_device_by_themselves(no_network):
