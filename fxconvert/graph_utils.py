@@ -47,3 +47,50 @@ def delete_unused_submodules(gm: torch.fx.GraphModule) -> bool:
         delattr(owner, child)
         deleted.add(name)
     return bool(deleted)
+
+
+class BoundContainer(torch.nn.Module):
+    """A container module whose children are also plain instance attributes.
+
+    Generated code reaches a leaf as `getattr(getattr(self.encoder.block, "0").layer, "0")...`;
+    for ordinary modules every step is a `Module.__getattr__` call, a measurable share of a
+    small model's forward. Here each step is a plain attribute lookup. Adding, replacing or
+    deleting a child keeps the attribute in step with `_modules`.
+    """
+
+    def __setattr__(self, name, value):
+        torch.nn.Module.__setattr__(self, name, value)
+        if name in self._modules:
+            self.__dict__[name] = self._modules[name]
+
+    def __delattr__(self, name):
+        if name in self._modules:
+            self.__dict__.pop(name, None)
+        torch.nn.Module.__delattr__(self, name)
+
+    def add_module(self, name, module):
+        torch.nn.Module.add_module(self, name, module)
+        self.__dict__[name] = module
+
+    register_module = add_module
+
+
+_BOUND_METHODS = ("__setattr__", "__delattr__", "add_module", "register_module")
+
+
+def bind_containers(gm: torch.fx.GraphModule) -> None:
+    """Give `gm` and the plain containers fx made for it `BoundContainer`'s behaviour.
+
+    The model's own modules (the leaves, shared with the traced model) are left alone.
+    `gm`'s class is its own (GraphModule makes one class per instance), so the methods are
+    set on that class.
+    """
+    for module in gm.modules():
+        if type(module) is torch.nn.Module:
+            module.__class__ = BoundContainer
+            module.__dict__.update(module._modules)
+    cls = type(gm)
+    if cls.__qualname__.endswith("GraphModuleImpl"):  # its own class; `class_name` renames only __name__
+        for name in _BOUND_METHODS:
+            setattr(cls, name, getattr(BoundContainer, name))
+        gm.__dict__.update(gm._modules)

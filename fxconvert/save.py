@@ -27,6 +27,7 @@ import torch
 
 from fxconvert.codegen import forward_source
 from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.graph_utils import BoundContainer
 
 MODEL_FILE, WEIGHTS_FILE, REPORT_MD, REPORT_JSON = "model.py", "weights.safetensors", "report.md", "report.json"
 
@@ -315,7 +316,7 @@ def _structure(gm: torch.fx.GraphModule):
     for name, module in gm.named_modules():
         if any(name.startswith(p) for p in leaf_prefixes):
             continue
-        if module is gm or type(module) is torch.nn.Module:
+        if module is gm or type(module) in (torch.nn.Module, BoundContainer):
             for attr, t in module._parameters.items():
                 if t is not None:
                     tensors[f"{name}.{attr}" if name else attr] = (t, True)

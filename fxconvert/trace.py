@@ -35,7 +35,7 @@ from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import runtime
 from fxconvert.errors import TraceError
-from fxconvert.graph_utils import eliminate_dead_code, is_impure
+from fxconvert.graph_utils import bind_containers, eliminate_dead_code, is_impure
 
 SUPPORTED_CLASSES = (
     "T5Model",
@@ -111,6 +111,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
             raise TraceError(_explain_failure(e, cls_name)) from e
     # A lazy GraphModule generates its code on first use, not at every pass's recompile().
     gm = _LazyGraphModule(model, graph, class_name=f"{cls_name}Traced")
+    bind_containers(gm)
     eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
