@@ -214,6 +214,7 @@ class T5Tracer(torch.fx.Tracer):
         self.input_names = list(input_names)
         self._meta_params: dict[str, torch.Tensor] = {}
         self._meta_modules: dict[str, torch.nn.Module] = {}
+        self._meta_cache: dict = {}
         self._path_stack: list[str] = []
 
     # -- root ---------------------------------------------------------------------------
@@ -271,19 +272,37 @@ class T5Tracer(torch.fx.Tracer):
         return proxy
 
     def _compute_meta(self, node):
+        if node.op == "get_attr":
+            if node.target not in self._meta_params:
+                self._meta_params[node.target] = _to_meta(self._attributes[node.target])
+            return self._meta_params[node.target]
+
         def val(n):
             return n.meta["val"]
 
         args = map_arg(node.args, val)
         kwargs = map_arg(node.kwargs, val)
+        # Repeated layers repeat the same ops on the same metadata: compute each once.
+        key = None
+        if not is_impure(node):
+            try:
+                target = (type(self._modules[node.target]),) if node.op == "call_module" else node.target
+                key = (node.op, target, _meta_key(args), _meta_key(kwargs))
+                hit = self._meta_cache.get(key)
+            except (_Unkeyable, TypeError):
+                key = hit = None
+            if hit is not None:
+                return _fresh_meta(hit)
+        result = self._run_meta(node, args, kwargs)
+        if key is not None:
+            self._meta_cache[key] = result
+        return result
+
+    def _run_meta(self, node, args, kwargs):
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            if node.target not in self._meta_params:
-                self._meta_params[node.target] = _to_meta(self._attributes[node.target])
-            return self._meta_params[node.target]
         if node.op == "call_module":
             twin = self._meta_modules.get(node.target)
             if twin is None:
@@ -339,6 +358,44 @@ class T5Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m, module_qualified_name):
         return super().is_leaf_module(m, module_qualified_name)
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+_SCALARS = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _meta_key(value):
+    """A hashable account of everything about `value` that an op's output metadata can depend on."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device.type,
+                value.requires_grad)
+    if value is None or value is Ellipsis:
+        return value
+    if isinstance(value, _SCALARS):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)):
+        return (type(value),) + tuple(_meta_key(v) for v in value)
+    if isinstance(value, dict):
+        return (dict,) + tuple((k, _meta_key(v)) for k, v in value.items())
+    if isinstance(value, slice):
+        return (slice, _meta_key(value.start), _meta_key(value.stop), _meta_key(value.step))
+    raise _Unkeyable
+
+
+def _fresh_meta(value):
+    """A new meta tensor (or structure of them) like `value`, so no two nodes share one."""
+    if isinstance(value, torch.Tensor):
+        fresh = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        return fresh.requires_grad_() if value.requires_grad else fresh
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        items = [_fresh_meta(v) for v in value]
+        if hasattr(value, "_fields") and not hasattr(value, "n_fields"):  # a namedtuple (not a structseq)
+            return type(value)(*items)
+        return type(value)(items)
+    return value
 
 
 def _meta_twin(module: torch.nn.Module) -> torch.nn.Module:
