@@ -159,7 +159,8 @@ def run(args) -> int:
     with progress.step("passes", "running passes", timings) as step:
         from fxconvert.convert import convert_traced
 
-        conversion = convert_traced(loaded.model, traced, output=args.output, source=source)
+        conversion = convert_traced(loaded.model, traced, output=args.output, source=source,
+                                    keep_traced_code=args.diff)
         modified = sum(r.modified for r in conversion.passes)
         step.detail = (f"{len(conversion.passes)} passes, {modified} modified the graph; "
                        f"{len(conversion.graph_module.graph.nodes)} nodes, output {conversion.output_name}")

@@ -57,7 +57,7 @@ class Conversion:
     graph_module: torch.fx.GraphModule
     module: "ConvertedModule"
     passes: list[PassRecord]
-    traced_code: str
+    traced_code: str | None  # the code before the passes, kept when asked (for a diff)
     input_names: list[str]
     output_name: str
     shared_weights: dict[str, list[str]]
@@ -78,6 +78,9 @@ class Conversion:
         Returns the `fxconvert.save.Saved` record (paths and the report written).
         """
         from fxconvert.report import build_report, diff_section
+
+        if diff and self.traced_code is None:
+            raise UsageError("this conversion kept no traced code to diff; convert with keep_traced_code=True")
         from fxconvert.save import save
 
         return save(self, out_dir, force=force, make_report=lambda: build_report(
@@ -115,14 +118,14 @@ class ConvertedModule(torch.nn.Module):
 
 def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
     records = []
+    kinds_before = count_kinds(gm)
     for p in passes:
-        kinds_before = count_kinds(gm)
         ph_before, out_before = placeholder_names(gm), output_names(gm)
         start = time.perf_counter()
         result = p(gm)
         seconds = time.perf_counter() - start
         gm = result.graph_module
-        kinds_after = count_kinds(gm)
+        kinds_after = count_kinds(gm) if result.modified else kinds_before
         records.append(
             PassRecord(
                 name=type(p).__name__,
@@ -138,16 +141,20 @@ def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
                 seconds=seconds,
             )
         )
+        kinds_before = kinds_after
     return records
 
 
 def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, output: str | None = None,
-            offline: bool = False, meta: bool = False, attn: str = "sdpa", seed: int = 0) -> Conversion:
+            offline: bool = False, meta: bool = False, attn: str = "sdpa", seed: int = 0,
+            keep_traced_code: bool = False) -> Conversion:
     """Trace `model` and turn it into FTPipe's pre-partitioning form.
 
     `model` is a module, or a name that `fxconvert.load.load` resolves (a checkpoint
     directory, a Hub id, a config .json file or a preset such as "t5-small"); `offline`,
     `meta`, `attn` and `seed` (of random weights) apply to names only.
+    `keep_traced_code` keeps the code as traced, before the passes, in
+    `Conversion.traced_code` (for a diff; generating it costs a tenth of a conversion).
     """
     source, timings = None, {}
     if isinstance(model, (str, os.PathLike)):
@@ -161,16 +168,17 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
         raise UsageError(f"convert() takes a model (torch.nn.Module) or a name, got {type(model).__name__}")
     elif (offline, meta, attn, seed) != (False, False, "sdpa", 0):
         raise UsageError("offline, meta, attn and seed apply to a model given by name; this one is built already")
-    conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source)
+    conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
+                                keep_traced_code=keep_traced_code)
     conversion.timings = {**timings, **conversion.timings}
     return conversion
 
 
 def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str | None = None,
-                   source=None) -> Conversion:
+                   source=None, keep_traced_code: bool = False) -> Conversion:
     """The passes and the wrapping of `convert`, for a model already traced by `trace_with_stats`."""
     gm = traced.graph_module
-    traced_code = gm.code
+    traced_code = gm.graph.python_code(root_module="self").src if keep_traced_code else None
     start = time.perf_counter()
     records = run_passes(gm, default_passes(output=output))
     passes_seconds = time.perf_counter() - start

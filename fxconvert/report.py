@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fxconvert.analysis import node_kind
+from fxconvert.errors import UsageError
 from fxconvert.trace import _EXAMPLE_SIZES, INPUT_SPECS
 
 FORMATS = ("rich", "plain", "markdown", "json")
@@ -225,6 +226,8 @@ def timings_section(timings: dict[str, float]) -> Section:
 
 
 def diff_section(conversion) -> Section:
+    if conversion.traced_code is None:
+        raise UsageError("this conversion kept no traced code to diff; convert with keep_traced_code=True")
     before = conversion.traced_code.strip().splitlines()
     after = conversion.graph_module.code.strip().splitlines()
     diff = "\n".join(difflib.unified_diff(before, after, "traced", "converted", lineterm=""))

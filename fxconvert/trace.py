@@ -113,7 +113,6 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     gm = _LazyGraphModule(model, graph, class_name=f"{cls_name}Traced")
     bind_containers(gm)
     eliminate_dead_code(gm.graph)
-    gm.graph.lint()
     gm.recompile()
     gm.meta["input_names"] = tuple(input_names)
     gm.meta["model_class"] = cls_name

@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 
 from fxconvert import convert
+from fxconvert.errors import UsageError
 from fxconvert.report import FORMATS, build_report, diff_section, print_rich, render
 from fxconvert.validate import validate
 
@@ -17,7 +18,7 @@ import helpers
 
 @pytest.fixture(scope="module")
 def conversion():
-    return convert(helpers.build())
+    return convert(helpers.build(), keep_traced_code=True)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +100,8 @@ def test_unknown_format_is_refused(report):
     with pytest.raises(ValueError, match="unknown format 'html'"):
         render(report, "html")
     assert FORMATS == ("rich", "plain", "markdown", "json")
+
+
+def test_a_diff_needs_the_traced_code_kept():
+    with pytest.raises(UsageError, match="keep_traced_code=True"):
+        diff_section(convert(helpers.build()))
