@@ -18,8 +18,16 @@ def is_impure(node: torch.fx.Node) -> bool:
 
 
 def eliminate_dead_code(graph: torch.fx.Graph) -> bool:
-    """Dead-code elimination that keeps in-place method calls and `operator.setitem`."""
-    return graph.eliminate_dead_code(is_impure_node=is_impure)
+    """Dead-code elimination that keeps in-place method calls and `operator.setitem`.
+
+    (`Graph.eliminate_dead_code` would also lint the whole graph first, each time.)
+    """
+    changed = False
+    for node in reversed(graph.nodes):
+        if not node.users and not is_impure(node):
+            graph.erase_node(node)
+            changed = True
+    return changed
 
 
 def delete_unused_submodules(gm: torch.fx.GraphModule) -> bool:

@@ -222,11 +222,11 @@ class T5Tracer(torch.fx.Tracer):
         names = self.input_names
         # Looked up before fx patches Module.__getattr__ (this runs ahead of tracing).
         self._modules = dict(model.named_modules(remove_duplicate=False))
-        self._attributes = dict(model.named_parameters(remove_duplicate=False))
-        self._attributes.update(model.named_buffers(remove_duplicate=False))
+        tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        self._attributes = dict(tensors)
         # First registered name of each parameter/buffer, as fx's own lookup finds it, but O(1).
         self._attribute_names = {}
-        for name, value in [*model.named_parameters(), *model.named_buffers()]:
+        for name, value in tensors:
             self._attribute_names.setdefault(id(value), name)
         example = _example_inputs(model, names)
         placeholders = []
