@@ -185,19 +185,3 @@ def assert_grads_match(expected: dict, actual: dict, model):
     assert set(actual) == everything, sorted(everything - set(actual))
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run the tiny models on one intra-op thread (import this fixture into a test module).
-
-    Their ops take microseconds; on a small, busy CI machine thread hand-offs made each
-    forward hundreds of times slower. Restores the previous setting afterwards.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -17,7 +17,6 @@ from fxconvert.errors import UsageError
 from fxconvert.stages import SplitError
 from fxconvert.train import INPUT_NAMES, RunConfig, batches, build_model, check, run as run_pipeline, train_reference
 
-from helpers import one_torch_thread  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = RunConfig(stages=2, schedules=("gpipe", "1f1b"), steps=2, microbatches=2, batch=4, control=True)

@@ -15,7 +15,7 @@ from fxconvert.convert import convert
 from fxconvert.errors import UsageError
 from fxconvert.stages import SplitError, Stages, split_stages, stage_table, write_stage_sources
 
-from helpers import build, one_torch_thread, random_inputs  # noqa: F401  (a fixture)
+from helpers import build, random_inputs
 from passes.common import untie_lm_head
 
 # name -> (class, input names or None for the default, make the LM head its own weight)

@@ -36,7 +36,6 @@ from helpers import (
     eager_outputs,
     grads_of,
     input_names_of,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
     random_inputs,
     traced,
 )
