@@ -1,0 +1,1078 @@
+#!/usr/bin/env python
+"""Benchmark fxconvert against baselines measured in the same run; one command for every figure.
+
+    PYTHONPATH=. python scripts/bench.py --quick --json bench.json     # < 3 min on 2 cores
+    PYTHONPATH=. python scripts/bench.py --json bench.json             # more repetitions
+    PYTHONPATH=. python scripts/bench.py --quick --compile             # + torch.compile comparison
+    PYTHONPATH=. python scripts/bench.py --tiny --json out.json        # smoke run (tests/test_bench.py)
+    PYTHONPATH=. python scripts/bench.py --only runtime_eval --profile prof/   # a subset, with profiles
+
+Every target is a ratio fxconvert / baseline (lower is better), except the peak RSS of the
+t5-11b meta conversion, which is absolute (MB). Each figure is the median of several
+repetitions after a warm-up; an fxconvert repetition and a baseline repetition alternate
+(AB BA AB ...), so drifting load on a shared machine hits both sides alike.
+
+A measurement that cannot run (no CLI yet, torch.compile unusable, a crash) is reported as
+"unavailable: <reason>" in the table and the JSON; the rest of the run goes on.
+"""
+
+import argparse
+import contextlib
+import cProfile
+import datetime
+import gc
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # `python scripts/bench.py` works without PYTHONPATH too
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+SCHEMA_VERSION = 1
+THREADS = 2
+INPUT_NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
+
+# key -> (target, unit, one-line description). Ratios are fxconvert / baseline; lower is better.
+TARGETS = {
+    "convert_over_export": (0.10, "ratio", "fxconvert.convert vs torch.export.export(strict=False), t5-small shape"),
+    "scaling_48_over_6": (9.0, "ratio", "convert time, 48 vs 6 layers (d_model 512, meta device)"),
+    "t5_11b_meta_peak_rss_mb": (1500.0, "MB", "peak RSS of `python -m fxconvert t5-11b --offline`"),
+    "cli_over_import": (1.5, "ratio", "`python -m fxconvert t5-small --offline --no-validate` vs importing torch + T5"),
+    "runtime_overhead_tiny": (0.60, "ratio", "eval forward, tiny T5 (d_model 64, 2+2 layers), 1x8"),
+    "runtime_eval_1x32": (0.95, "ratio", "eval forward, t5-small shape, 1x32"),
+    "runtime_eval_8x128": (1.02, "ratio", "eval forward, t5-small shape, 8x128"),
+    "runtime_train_1x32": (0.95, "ratio", "train forward + backward, t5-small shape, 1x32"),
+    "runtime_train_8x128": (1.02, "ratio", "train forward + backward, t5-small shape, 8x128"),
+}
+RUNTIME_KEYS = [k for k in TARGETS if k.startswith("runtime_")]
+# Reported with --compile; no targets.
+COMPILE_KEYS = ("compile_fullgraph", "compile_time_converted_s", "compile_time_eager_s", "compile_time_ratio",
+                "compile_runtime_ratio")
+
+# Repetition plans. In-process comparisons run `warmup` untimed rounds (one call of each side),
+# then enough timed rounds to fill `budget_s` (judged from the warm-up), at least `min_reps` and
+# at most `max_reps` (conversions: at most min_reps + 2). Subprocess comparisons run one untimed
+# round and `sub_reps` timed ones; the t5-11b peak RSS is the median of `rss_reps` runs.
+MODES = {
+    "tiny": dict(warmup=0, min_reps=1, max_reps=1, budget_s=0.0, sub_reps=1, rss_reps=1, subprocess=False,
+                 child_timeout_s=120),
+    "quick": dict(warmup=1, min_reps=3, max_reps=100, budget_s=3.0, sub_reps=3, rss_reps=1, subprocess=True,
+                  child_timeout_s=150),
+    "full": dict(warmup=2, min_reps=7, max_reps=400, budget_s=10.0, sub_reps=5, rss_reps=3, subprocess=True,
+                 child_timeout_s=600),
+}
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """One side of a comparison: what ran, and its timed samples (or one measured value)."""
+
+    label: str
+    samples: list[float]
+    unit: str = "s"
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def as_json(self):
+        return {"label": self.label, "median": self.median, "min": min(self.samples), "unit": self.unit,
+                "n": len(self.samples), "samples": self.samples}
+
+
+@dataclass
+class Result:
+    key: str
+    value: float | None = None
+    fxconvert: Figure | None = None
+    baseline: Figure | None = None
+    unavailable: str | None = None  # "unavailable: ..." or "skipped: ..."
+    details: dict = field(default_factory=dict)
+    # Profiles the fxconvert side (--profile): in-process, called with a cProfile.Profile to enable
+    # around the profiled work only; for a subprocess, called with a path prefix for the .prof file.
+    profile: object = None
+
+    @property
+    def target(self):
+        return TARGETS[self.key][0] if self.key in TARGETS else None
+
+    @property
+    def status(self) -> str:
+        if self.unavailable:
+            return self.unavailable.split(":", 1)[0]  # "unavailable" / "skipped"
+        if self.key == "compile_fullgraph":  # a requirement without a number: no graph break
+            return "pass" if self.value else "fail"
+        if self.target is None:
+            return "info"
+        return "pass" if self.value <= self.target else "fail"
+
+    def as_json(self):
+        out = {"value": self.value, "status": self.status}
+        if self.key in TARGETS:
+            target, unit, what = TARGETS[self.key]
+            out.update(target=target, comparison="<=", unit=unit, what=what)
+        if self.unavailable:
+            out["reason"] = self.unavailable
+        if self.fxconvert:
+            out["fxconvert"] = self.fxconvert.as_json()
+        if self.baseline:
+            out["baseline"] = self.baseline.as_json()
+        out["details"] = self.details
+        return out
+
+
+def unavailable(key, why, **details) -> Result:
+    return Result(key, unavailable=f"unavailable: {why}", details=details)
+
+
+def _fmt(x, unit):
+    if x is None:
+        return "-"
+    if unit == "s":
+        if x < 0.01:
+            return f"{x * 1e3:.2f} ms"
+        if x < 1:
+            return f"{x * 1e3:.1f} ms"
+        return f"{x:.2f} s"
+    if unit == "MB":
+        return f"{x:.0f} MB"
+    return f"{x:.3g}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def interleaved(sides: dict, *, warmup: int, min_reps: int, max_reps: int, budget_s: float, setup=None):
+    """Time each side (a name -> zero-argument callable) in alternating order: AB BA AB ...
+
+    `setup(name)` runs untimed before each call (seeding, clearing gradients). Returns
+    name -> list of seconds. The number of timed rounds fills `budget_s`, judged from the
+    warm-up (or from the first round when there is none), within [min_reps, max_reps].
+    """
+    names = list(sides)
+    samples = {n: [] for n in names}
+
+    def once(name):
+        if setup is not None:
+            setup(name)
+        gc.collect()  # untimed, before every call: no side runs in (or pays to collect) the other's garbage
+        start = time.perf_counter()
+        sides[name]()
+        return time.perf_counter() - start
+
+    gc.collect()
+    gc.freeze()  # what exists now is never garbage here: keeps the collection before each call cheap
+    try:
+        round_s = None
+        for _ in range(warmup):
+            round_s = sum(once(n) for n in names)
+        reps, i = min_reps, 0
+        while i < reps:
+            for n in names if i % 2 == 0 else names[::-1]:
+                samples[n].append(once(n))
+            if i == 0:
+                first = round_s if round_s is not None else sum(samples[n][0] for n in names)
+                reps = max(min_reps, min(max_reps, int(budget_s / max(first, 1e-6))))
+            i += 1
+    finally:
+        gc.unfreeze()
+    return samples
+
+
+# --- models and inputs ---------------------------------------------------------------------------
+
+
+def small_config(**overrides):
+    """The t5-small architecture (T5Config's defaults)."""
+    return transformers.T5Config(decoder_start_token_id=0, use_cache=False, **overrides)
+
+
+def tiny_config(**overrides):
+    kwargs = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, vocab_size=1000,
+                  decoder_start_token_id=0, use_cache=False)
+    kwargs.update(overrides)
+    return transformers.T5Config(**kwargs)
+
+
+def build(config, *, meta=False, seed=0):
+    torch.manual_seed(seed)
+    if meta:
+        with torch.device("meta"):
+            model = transformers.T5ForConditionalGeneration(config)
+    else:
+        model = transformers.T5ForConditionalGeneration(config)
+    return model.eval()
+
+
+def make_inputs(batch, seq, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if seq > 4:
+        mask[0, -2:] = 0  # pad the tail of the first sequence
+    return {
+        "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+        "attention_mask": mask,
+        "decoder_input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+        "labels": torch.randint(0, vocab, (batch, seq), generator=g),
+    }
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def convert(model):
+    import fxconvert
+
+    conversion = fxconvert.convert(model, input_names=INPUT_NAMES)
+    conversion.graph_module.code  # codegen is part of the cost (convert already recompiles)
+    return conversion
+
+
+# --- measurements: in-process conversion --------------------------------------------------------
+
+
+def measure_convert_over_export(ctx) -> Result:
+    key = "convert_over_export"
+    model = ctx.main_model()
+    inputs = make_inputs(1, 32, model.config.vocab_size)
+    phases = []
+
+    def run_convert():
+        phases.append(convert(model).timings)
+
+    def run_export():
+        torch.export.export(model, (), kwargs={**inputs, "use_cache": False}, strict=False)
+
+    samples = interleaved({"fxconvert": run_convert, "export": run_export}, **ctx.plan(heavy=True))
+    fx = Figure("fxconvert.convert (trace + passes + codegen)", samples["fxconvert"])
+    base = Figure("torch.export.export(strict=False)", samples["export"])
+    details = {"model": ctx.main_name, "params": n_params(model), "export_inputs": "1x32",
+               "fxconvert_phases_median_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]}}
+    return Result(key, fx.median / base.median, fx, base, details=details, profile=lambda prof: _profiled(prof, lambda: convert(model)))
+
+
+def measure_scaling(ctx) -> Result:
+    key = "scaling_48_over_6"
+    lo, hi = ctx.scaling_layers
+    base_cfg = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, vocab_size=1000) if ctx.mode == "tiny" else {}
+    models = {L: build(small_config(num_layers=L, **base_cfg), meta=True) for L in (lo, hi)}
+    phases = {lo: [], hi: []}
+
+    def side(L):
+        return lambda: phases[L].append(convert(models[L]).timings)
+
+    samples = interleaved({hi: side(hi), lo: side(lo)}, **ctx.plan(heavy=True))
+    fx = Figure(f"convert, {hi} layers (meta)", samples[hi])
+    base = Figure(f"convert, {lo} layers (meta)", samples[lo])
+    details = {
+        "layers": [lo, hi], "d_model": models[lo].config.d_model, "device": "meta",
+        "per_layer_ms": {L: 1e3 * statistics.median(samples[L]) / L for L in (lo, hi)},
+        "fxconvert_phases_median_s": {L: {k: statistics.median(p[k] for p in phases[L]) for k in phases[L][0]}
+                                      for L in (lo, hi)},
+    }
+    return Result(key, fx.median / base.median, fx, base, details=details, profile=lambda prof: _profiled(prof, lambda: convert(models[hi])))
+
+
+# --- measurements: runtime ----------------------------------------------------------------------
+
+
+def compare_runtime(ctx, key, model, conversion, batch, seq, train) -> Result:
+    inputs = make_inputs(batch, seq, model.config.vocab_size)
+    module = conversion.module
+    model.train(train)
+    module.train(train)
+    try:
+        if train:
+            def eager():
+                model(**inputs, use_cache=False).loss.backward()
+
+            def converted():
+                module(**inputs).backward()
+
+            def setup(_):
+                model.zero_grad(set_to_none=True)
+                torch.manual_seed(0)
+        else:
+            def eager():
+                with torch.no_grad():
+                    model(**inputs, use_cache=False).loss
+
+            def converted():
+                with torch.no_grad():
+                    module(**inputs)
+
+            setup = None
+
+        # Same seed, same inputs: the two losses should agree (dropout draws too, in train mode).
+        with torch.no_grad():
+            torch.manual_seed(0)
+            loss_eager = model(**inputs, use_cache=False).loss.item()
+            torch.manual_seed(0)
+            loss_converted = module(**inputs).item()
+        samples = interleaved({"converted": converted, "eager": eager}, setup=setup, **ctx.plan())
+        model.zero_grad(set_to_none=True)
+    finally:
+        model.eval()
+        module.eval()
+    fx = Figure("Conversion.module" + (" fwd+bwd" if train else " forward"), samples["converted"])
+    base = Figure("eager transformers" + (" fwd+bwd" if train else " forward"), samples["eager"])
+    details = {"model": ctx.main_name if key != "runtime_overhead_tiny" else "tiny", "params": n_params(model),
+               "batch": batch, "seq": seq, "mode": "train" if train else "eval", "threads": torch.get_num_threads(),
+               "loss_abs_diff": abs(loss_eager - loss_converted)}
+
+    def profile(profiler):
+        """Three converted calls under `profiler`; setup (mode, seed, gradients) stays outside it."""
+        module.train(train)
+        try:
+            for _ in range(3):
+                model.zero_grad(set_to_none=True)
+                torch.manual_seed(0)
+                _profiled(profiler, converted)
+        finally:
+            model.zero_grad(set_to_none=True)
+            module.eval()
+
+    return Result(key, fx.median / base.median, fx, base, details=details, profile=profile)
+
+
+def measure_runtime(ctx) -> list[Result]:
+    results = []
+    if ctx.selected("runtime_overhead_tiny"):
+        tiny = build(tiny_config())
+        results.append(ctx.guard("runtime_overhead_tiny", lambda: compare_runtime(
+            ctx, "runtime_overhead_tiny", tiny, convert(tiny), 1, 8, False)))
+    if not any(ctx.selected(k) for k in RUNTIME_KEYS if k != "runtime_overhead_tiny"):
+        return results
+    model = ctx.main_model()
+    conversion = convert(model)
+    for key, batch, seq, train in [("runtime_eval_1x32", 1, 32, False), ("runtime_eval_8x128", 8, 128, False),
+                                   ("runtime_train_1x32", 1, 32, True), ("runtime_train_8x128", 8, 128, True)]:
+        if ctx.selected(key):
+            results.append(ctx.guard(key, lambda: compare_runtime(ctx, key, model, conversion, batch, seq, train)))
+    return results
+
+
+# --- measurements: subprocesses -----------------------------------------------------------------
+
+
+@dataclass
+class ChildRun:
+    argv: list[str]
+    returncode: int
+    wall_s: float
+    maxrss_mb: float
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    def failure(self) -> str | None:
+        """None when the child succeeded, else one line saying how it failed."""
+        if self.timed_out:
+            return f"{_cli_label(self.argv)} timed out after {self.wall_s:.0f} s"
+        if self.returncode != 0:
+            tail = [line for line in self.stderr.strip().splitlines() if line.strip()]
+            return f"{_cli_label(self.argv)} exited {self.returncode}: {tail[-1].strip() if tail else '(no stderr)'}"
+        return None
+
+
+def _cmdline(argv):
+    shown = ["python" if a == sys.executable else repr(a) if " " in a else a for a in argv]
+    return " ".join(shown)
+
+
+def child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+# Runs the measured command for run_child, from a small process. Linux carries a process's peak
+# RSS across exec(), so a child forked straight from this (large) process would report at least
+# this process's size; a grandchild forked from this small launcher reports only its own.
+_LAUNCHER = """
+import json, os, signal, subprocess, sys, threading, time
+report, timeout, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+start = time.perf_counter()
+proc = subprocess.Popen(argv)
+killed = threading.Event()
+def kill():
+    killed.set()
+    proc.kill()
+timer = threading.Timer(timeout, kill)
+timer.start()
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+timer.cancel()
+with open(report, "w") as f:
+    json.dump({"status": status, "wall_s": wall, "maxrss_kb": usage.ru_maxrss, "timed_out": killed.is_set()}, f)
+"""
+
+
+def run_child(argv, *, cwd=None, timeout_s=600.0) -> ChildRun:
+    """Run `argv` to completion: its wall time and its own peak RSS (os.wait4's rusage of it).
+
+    The command runs under a small launcher process (see `_LAUNCHER`), which times it, kills it
+    after `timeout_s`, and reports its rusage.
+    """
+    with tempfile.TemporaryDirectory(prefix="fxbench-run-") as tmp:
+        out_path, err_path, report_path = (os.path.join(tmp, n) for n in ("stdout", "stderr", "report.json"))
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, report_path, str(timeout_s), *argv],
+                                        cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        start_new_session=True)
+            try:
+                launcher.wait(timeout=timeout_s + 30)
+            except subprocess.TimeoutExpired:  # the launcher itself hung: end its whole session
+                os.killpg(launcher.pid, 9)
+                launcher.wait()
+        stdout, stderr = Path(out_path).read_text(), Path(err_path).read_text()
+        if not os.path.exists(report_path):
+            return ChildRun(list(argv), launcher.returncode or -1, float("nan"), float("nan"), stdout,
+                            stderr + "\nthe benchmark's launcher process failed", timed_out=launcher.returncode == -9)
+        report = json.loads(Path(report_path).read_text())
+    return ChildRun(list(argv), os.waitstatus_to_exitcode(report["status"]), report["wall_s"],
+                    report["maxrss_kb"] / 1024.0, stdout, stderr, report["timed_out"])
+
+
+def cli_unavailable_reason() -> str | None:
+    """Why `python -m fxconvert` cannot run at all, judged without running it (None: try it)."""
+    if not (REPO / "fxconvert" / "__main__.py").exists():
+        return "python -m fxconvert is not implemented yet (no fxconvert/__main__.py)"
+    return None
+
+
+CLI = [sys.executable, "-m", "fxconvert"]
+IMPORT_BASELINE = [sys.executable, "-c", "import torch, transformers.models.t5.modeling_t5"]
+
+
+def _cli_label(argv):
+    """The command line as the table shows it: without the temporary --out directory."""
+    shown = list(argv)
+    if "--out" in shown:
+        i = shown.index("--out")
+        del shown[i:i + 2]
+    return "`" + _cmdline(shown) + "`"
+
+
+def measure_cli_over_import(ctx) -> Result:
+    key = "cli_over_import"
+    with tempfile.TemporaryDirectory(prefix="fxbench-cli-") as tmp:
+        cli = CLI + ["t5-small", "--offline", "--no-validate", "--out", os.path.join(tmp, "out"), "--force"]
+        why = cli_unavailable_reason()
+        runs = {"cli": [], "import": []}
+        rounds = ctx.plan_subprocess()
+        timeout = ctx.plan_dict["child_timeout_s"]
+        # warm-up round (page cache), then AB BA ... rounds
+        for i in range(1 + rounds):
+            order = ["cli", "import"] if i % 2 == 0 else ["import", "cli"]
+            for side in order:
+                if side == "cli" and why:
+                    continue
+                run = run_child(cli if side == "cli" else IMPORT_BASELINE, cwd=tmp, timeout_s=timeout)
+                if run.failure():
+                    if side == "import":
+                        return unavailable(key, f"the baseline failed: {run.failure()}")
+                    why = run.failure()
+                    continue
+                if i > 0:
+                    runs[side].append(run)
+    base = Figure(_cli_label(IMPORT_BASELINE), [r.wall_s for r in runs["import"]])
+    details = {"import_peak_rss_mb": statistics.median(r.maxrss_mb for r in runs["import"])}
+    ctx.import_rss_mb = details["import_peak_rss_mb"]
+    if why:
+        result = unavailable(key, why, **details)
+        result.baseline = base
+        return result
+    fx = Figure(_cli_label(cli), [r.wall_s for r in runs["cli"]])
+    details["cli_peak_rss_mb"] = statistics.median(r.maxrss_mb for r in runs["cli"])
+    return Result(key, fx.median / base.median, fx, base, details=details,
+                  profile=lambda out: _profile_child(cli, out, timeout))
+
+
+def measure_t5_11b_rss(ctx) -> Result:
+    key = "t5_11b_meta_peak_rss_mb"
+    why = cli_unavailable_reason()
+    if why:
+        return unavailable(key, why)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="fxbench-11b-") as tmp:
+        argv = CLI + ["t5-11b", "--offline", "--out", os.path.join(tmp, "out"), "--force"]
+        for _ in range(ctx.plan_dict["rss_reps"]):
+            run = run_child(argv, cwd=tmp, timeout_s=ctx.plan_dict["child_timeout_s"])
+            if run.failure():
+                return unavailable(key, run.failure())
+            runs.append(run)
+    fx = Figure(_cli_label(argv) + " peak RSS", [r.maxrss_mb for r in runs], unit="MB")
+    details = {"wall_s": statistics.median(r.wall_s for r in runs)}
+    if ctx.import_rss_mb is not None:
+        details["import_only_peak_rss_mb"] = ctx.import_rss_mb
+    return Result(key, fx.median, fx, None, details=details,
+                  profile=lambda out: _profile_child(argv, out, ctx.plan_dict["child_timeout_s"]))
+
+
+def _profile_child(argv, out_prefix, timeout_s):
+    """Profile a `python -m fxconvert ...` child with cProfile; returns the .prof path."""
+    prof = os.path.abspath(f"{out_prefix}.prof")  # the child runs in a temporary directory
+    with tempfile.TemporaryDirectory(prefix="fxbench-prof-") as tmp:
+        args = list(argv)
+        if "--out" in args:  # a fresh output directory
+            args[args.index("--out") + 1] = os.path.join(tmp, "out")
+        run = run_child([sys.executable, "-m", "cProfile", "-o", prof] + args[1:], cwd=tmp, timeout_s=timeout_s)
+    if run.failure():
+        raise RuntimeError(run.failure())
+    return prof
+
+
+# --- torch.compile --------------------------------------------------------------------------------
+
+
+def measure_compile(ctx) -> list[Result]:
+    """torch.compile(fullgraph=True) of Conversion.module vs torch.compile of eager transformers."""
+
+    def all_unavailable(why):
+        return [unavailable(k, why) for k in COMPILE_KEYS]
+
+    if not ctx.compile:
+        return [Result(k, unavailable="skipped: pass --compile") for k in COMPILE_KEYS]
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        return all_unavailable("torch.compile's inductor backend needs a C++ compiler (g++) and none is on PATH")
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    inductor_config.force_disable_caches = True  # cold compile times, not the on-disk cache's
+    warnings.filterwarnings("ignore", message=".*force disabled by torch.compiler.config.force_disable_caches")
+    try:  # one-off costs (imports, compiler probing) count against neither side
+        torch._dynamo.reset()
+        torch.compile(lambda x: (x * 2).sin() + 1, fullgraph=True)(torch.randn(8))
+    except Exception as e:
+        return all_unavailable(f"torch.compile does not work here: {_first_line(e)}")
+
+    model = ctx.main_model()
+    conversion = convert(model)
+    batch, seq = 1, 32
+    inputs = make_inputs(batch, seq, model.config.vocab_size)
+    with torch.no_grad():
+        reference = model(**inputs, use_cache=False).loss.item()
+
+    def compile_once(side):
+        """Compile one side and run its first call: (compiled callable, seconds, loss, graph breaks)."""
+        counters.clear()
+        if side == "converted":
+            compiled = torch.compile(conversion.module, fullgraph=True)
+            call = lambda: compiled(**inputs)  # noqa: E731
+        else:
+            compiled = torch.compile(model)  # fullgraph=False: the eager model may break graphs
+            call = lambda: compiled(**inputs, use_cache=False).loss  # noqa: E731
+        start = time.perf_counter()
+        with torch.no_grad():
+            loss = call().item()
+        return call, time.perf_counter() - start, loss, sum(counters["graph_break"].values())
+
+    # Cold compiles (caches off, dynamo reset before each), in AB BA order when there are two of
+    # each; the last two stay compiled for the steady-state comparison.
+    order = ["converted", "eager"] if ctx.mode == "tiny" else ["converted", "eager", "eager", "converted"]
+    times = {"converted": [], "eager": []}
+    live, losses, breaks = {}, {}, {}
+    for i, side in enumerate(order):
+        if i < len(order) - 1:
+            torch._dynamo.reset()
+        try:
+            live[side], seconds, losses[side], breaks[side] = compile_once(side)
+        except Exception as e:
+            if side == "converted":
+                why = f"torch.compile(Conversion.module, fullgraph=True) failed: {_first_line(e)}"
+                return [Result("compile_fullgraph", value=0.0, details={"error": why})] + \
+                    [unavailable(k, why) for k in COMPILE_KEYS[1:]]
+            why = f"torch.compile on eager transformers failed: {_first_line(e)}"
+            return [Result("compile_fullgraph", value=1.0, details={"graph_breaks_converted": 0})] + \
+                [unavailable(k, why) for k in COMPILE_KEYS[1:]]
+        times[side].append(seconds)
+
+    def run(side):
+        def go():
+            with torch.no_grad():
+                live[side]()
+        return go
+
+    samples = interleaved({"converted": run("converted"), "eager": run("eager")}, **ctx.plan())
+    common = {"model": ctx.main_name, "batch": batch, "seq": seq, "mode": "eval"}
+    fx_rt = Figure("torch.compile(Conversion.module, fullgraph=True) forward", samples["converted"])
+    base_rt = Figure("torch.compile(eager transformers) forward", samples["eager"])
+    fx_ct = Figure("compile + first call, Conversion.module", times["converted"])
+    base_ct = Figure("compile + first call, eager transformers", times["eager"])
+    return [
+        Result("compile_fullgraph", 1.0, details={**common, "graph_breaks_converted": breaks["converted"],
+                                                  "graph_breaks_eager": breaks["eager"]}),
+        Result("compile_time_converted_s", fx_ct.median, fx_ct, None, details=common),
+        Result("compile_time_eager_s", base_ct.median, base_ct, None, details=common),
+        Result("compile_time_ratio", fx_ct.median / base_ct.median, fx_ct, base_ct, details=common),
+        Result("compile_runtime_ratio", fx_rt.median / base_rt.median, fx_rt, base_rt,
+               details={**common, "loss_abs_diff_vs_uncompiled": {k: abs(v - reference) for k, v in losses.items()}}),
+    ]
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+class Context:
+    def __init__(self, args):
+        self.mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+        self.plan_dict = dict(MODES[self.mode])
+        if args.reps:
+            self.plan_dict.update(min_reps=args.reps, max_reps=args.reps, sub_reps=args.reps, rss_reps=args.reps)
+        self.only = [s for s in (args.only or "").split(",") if s]
+        self.compile = args.compile
+        self.main_name = "tiny" if self.mode == "tiny" else "t5-small"
+        self.scaling_layers = (1, 8) if self.mode == "tiny" else (6, 48)
+        self.import_rss_mb = None
+        self._main = None
+
+    def plan(self, heavy=False):
+        p = self.plan_dict
+        if heavy:  # a conversion takes ~0.1-5 s; a few rounds suffice
+            return dict(warmup=p["warmup"], min_reps=p["min_reps"], max_reps=min(p["max_reps"], p["min_reps"] + 2),
+                        budget_s=p["budget_s"])
+        return dict(warmup=p["warmup"], min_reps=p["min_reps"], max_reps=p["max_reps"], budget_s=p["budget_s"])
+
+    def plan_subprocess(self):
+        return self.plan_dict["sub_reps"]
+
+    def main_model(self):
+        """t5-small's shape (tiny under --tiny), random weights, eval mode; built once."""
+        if self._main is None:
+            self._main = build(tiny_config() if self.mode == "tiny" else small_config())
+        return self._main
+
+    def selected(self, key) -> bool:
+        return not self.only or any(s in key for s in self.only)
+
+    def guard(self, key, fn):
+        try:
+            return fn()
+        except Exception as e:
+            traceback.print_exc()
+            return unavailable(key, f"the measurement crashed: {_first_line(e)}")
+
+
+def run_all(ctx) -> list[Result]:
+    results = []
+
+    def add(keys, fn, *, subprocess_needed=False):
+        keys = [keys] if isinstance(keys, str) else keys
+        wanted = [k for k in keys if ctx.selected(k)]
+        if not wanted:
+            results.extend(Result(k, unavailable="skipped: not selected (--only)") for k in keys)
+            return
+        if subprocess_needed and not ctx.plan_dict["subprocess"]:
+            results.extend(Result(k, unavailable=f"skipped: subprocess measurements are off in --{ctx.mode} mode")
+                           for k in keys)
+            return
+        _log(f"measuring {', '.join(wanted)} ...")
+        start = time.perf_counter()
+        try:
+            out = fn(ctx)
+        except Exception as e:
+            traceback.print_exc()
+            out = [unavailable(k, f"the measurement crashed: {_first_line(e)}") for k in keys]
+        out = out if isinstance(out, list) else [out]
+        load = _loadavg()
+        for r in out:
+            r.details.setdefault("loadavg_1min_after", load[0] if load else None)
+        got = {r.key for r in out}
+        out += [Result(k, unavailable="skipped: not selected (--only)") for k in keys if k not in got]
+        results.extend(out)
+        _log(f"  ... {time.perf_counter() - start:.1f} s")
+
+    add("convert_over_export", measure_convert_over_export)
+    add("scaling_48_over_6", measure_scaling)
+    add(RUNTIME_KEYS, measure_runtime)
+    add("cli_over_import", measure_cli_over_import, subprocess_needed=True)
+    add("t5_11b_meta_peak_rss_mb", measure_t5_11b_rss, subprocess_needed=True)
+    if ctx.compile:
+        add(list(COMPILE_KEYS), measure_compile)
+    else:
+        results.extend(measure_compile(ctx))
+    order = list(TARGETS) + list(COMPILE_KEYS)
+    return sorted(results, key=lambda r: order.index(r.key))
+
+
+def machine_info():
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": _mem_gb(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import fxconvert
+
+        info["fxconvert"] = fxconvert.__version__
+    except Exception as e:  # pragma: no cover
+        info["fxconvert"] = f"import failed: {_first_line(e)}"
+    commit = _git_commit()
+    if commit:
+        info["commit"] = commit
+    return info
+
+
+def _cpu_model():
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _mem_gb():
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 ** 2, 1)
+    return None
+
+
+def _git_commit():
+    """HEAD's commit, read from .git without running git (the tree may have local changes)."""
+    with contextlib.suppress(OSError):
+        head = (REPO / ".git" / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head[:12]
+        ref = head[5:]
+        path = REPO / ".git" / ref
+        if path.exists():
+            return path.read_text().strip()[:12]
+        packed = REPO / ".git" / "packed-refs"
+        if packed.exists():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0][:12]
+    return None
+
+
+def _loadavg():
+    with contextlib.suppress(OSError):
+        return list(os.getloadavg())
+    return None
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def render_markdown(report) -> str:
+    m = report["machine"]
+    lines = [
+        *(["**--tiny smoke run: tiny models, one repetition, no warm-up; the figures mean nothing.**", ""]
+          if report["mode"] == "tiny" else []),
+        f"Run {report['started']} ({report['mode']} mode, {report['wall_s']:.0f} s), "
+        f"`{report['command']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['usable_cpus']} usable CPUs, {m['memory_gb']} GB RAM; {m['platform']}; "
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, fxconvert {m['fxconvert']}"
+        + (f" (commit {m['commit']}, working tree as run)" if m.get("commit") else "")
+        + f"; torch threads {m['torch_threads']}; load average at start / end: "
+        + f"{_fmt_load(report['loadavg_start'])} / {_fmt_load(report['loadavg_end'])}",
+        *(["", f"**Warning: the machine was busy during this run (1-minute load average up to "
+             f"{_max_load(report):.1f} on {m['usable_cpus']} CPUs; `loadavg_1min_after` in the JSON says when); "
+             "multi-threaded timings suffer most. Rerun on a quiet machine before trusting a ratio near its "
+             "target.**"] if _max_load(report) > (m["usable_cpus"] or 1) else []),
+        "",
+        "| Measurement | fxconvert | Baseline | Value | Target | Result |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, r in report["results"].items():
+        fx = r.get("fxconvert")
+        base = r.get("baseline")
+        fx_text = f"{fx['label']}: {_fmt(fx['median'], fx['unit'])} (n={fx['n']})" if fx else "-"
+        base_text = f"{base['label']}: {_fmt(base['median'], base['unit'])} (n={base['n']})" if base else "-"
+        if key == "t5_11b_meta_peak_rss_mb" and r["details"].get("import_only_peak_rss_mb"):
+            base_text = f"(absolute target; importing torch + T5 alone peaks at " \
+                        f"{r['details']['import_only_peak_rss_mb']:.0f} MB)"
+        if r["status"] in ("unavailable", "skipped"):
+            value = r["reason"]
+        else:
+            value = _fmt(r["value"], r.get("unit", "ratio"))
+            if key == "compile_fullgraph":
+                value = "yes (no graph break)" if r["value"] else "no"
+            elif key.endswith("_s"):
+                value = _fmt(r["value"], "s")
+        target = f"<= {r['target']:g}" + (" MB" if r.get("unit") == "MB" else "") if "target" in r else "-"
+        status = {"pass": "PASS", "fail": "**FAIL**", "info": "-"}.get(r["status"], r["status"])
+        lines.append(f"| `{key}` | {fx_text} | {base_text} | {value} | {target} | {status} |")
+    targets = {k: r for k, r in report["results"].items() if k in TARGETS}
+    passed = sum(r["status"] == "pass" for r in targets.values())
+    failed = [k for k, r in report["results"].items() if r["status"] == "fail"]
+    missing = [k for k, r in targets.items() if r["status"] == "unavailable"]
+    lines += ["", f"{passed} of {len(TARGETS)} targets pass"
+              + (f"; missed: {', '.join(failed)}" if failed else "")
+              + (f"; unavailable: {', '.join(missing)}" if missing else "") + "."]
+    notes = _detail_notes(report["results"])
+    if notes:
+        lines += ["", "Details:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _max_load(report) -> float:
+    """The highest 1-minute load average seen: at the start, after each measurement, at the end."""
+    loads = [load[0] for load in (report["loadavg_start"], report["loadavg_end"]) if load]
+    loads += [r["details"].get("loadavg_1min_after") or 0 for r in report["results"].values()]
+    return max(loads, default=0.0)
+
+
+def _fmt_load(load):
+    return "?" if not load else ", ".join(f"{x:.1f}" for x in load)
+
+
+def _detail_notes(results) -> list[str]:
+    notes = []
+    r = results.get("convert_over_export", {})
+    if r.get("status") in ("pass", "fail"):
+        ph = r["details"]["fxconvert_phases_median_s"]
+        notes.append(f"convert ({r['details']['model']}, {r['details']['params'] / 1e6:.1f}M params): "
+                     + ", ".join(f"{k} {_fmt(v, 's')}" for k, v in ph.items()) + " (medians)")
+    r = results.get("scaling_48_over_6", {})
+    if r.get("status") in ("pass", "fail"):
+        d = r["details"]
+        notes.append("convert per layer: " + ", ".join(f"{L} layers {ms:.0f} ms" for L, ms in d["per_layer_ms"].items())
+                     + "; phases " + "; ".join(f"{L} layers: " + ", ".join(f"{k} {_fmt(v, 's')}" for k, v in p.items())
+                                               for L, p in d["fxconvert_phases_median_s"].items()))
+    mins = {k: r["fxconvert"]["min"] / r["baseline"]["min"] for k, r in results.items()
+            if r.get("status") in ("pass", "fail") and r.get("unit") == "ratio" and r["fxconvert"]["n"] > 1}
+    if mins:
+        notes.append("ratios of the fastest repetitions (less sensitive to load than the medians): "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in mins.items()))
+    diffs = {k: r["details"]["loss_abs_diff"] for k, r in results.items()
+             if k.startswith("runtime_") and r.get("status") in ("pass", "fail")}
+    if diffs:
+        notes.append("|loss(eager) - loss(converted)|, same inputs and seed: "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    r = results.get("cli_over_import", {})
+    if r.get("details", {}).get("cli_peak_rss_mb"):
+        notes.append(f"peak RSS: CLI t5-small {r['details']['cli_peak_rss_mb']:.0f} MB, "
+                     f"import-only baseline {r['details']['import_peak_rss_mb']:.0f} MB")
+    r = results.get("t5_11b_meta_peak_rss_mb", {})
+    if r.get("status") in ("pass", "fail"):
+        notes.append(f"t5-11b meta CLI run: {r['details']['wall_s']:.1f} s wall")
+    r = results.get("compile_fullgraph", {})
+    if r.get("status") in ("pass", "fail") and "graph_breaks_eager" in r.get("details", {}):
+        notes.append(f"torch.compile graph breaks: Conversion.module {r['details']['graph_breaks_converted']} "
+                     f"(fullgraph=True), eager transformers {r['details']['graph_breaks_eager']} (fullgraph=False)")
+    for k, r in results.items():
+        d = r.get("details", {})
+        if d.get("profile_top"):
+            notes.append(f"profile of `{k}` ({d['profile_file']}), top self time: " + "; ".join(d["profile_top"][:5])
+                         + (("; fxconvert by cumulative time: " + "; ".join(d["profile_fxconvert"][:6]))
+                            if d.get("profile_fxconvert") else ""))
+        elif d.get("profile_error"):
+            notes.append(f"profiling `{k}` failed: {d['profile_error']}")
+    return notes
+
+
+def _profiled(profiler, fn):
+    profiler.enable()
+    try:
+        return fn()
+    finally:
+        profiler.disable()
+
+
+def profile_missed(results, directory: Path, top=25):
+    """cProfile the fxconvert side of each missed target; write DIR/<key>.txt and .prof."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        if r.status != "fail" or r.profile is None:
+            continue
+        _log(f"profiling {r.key} ...")
+        prefix = directory / r.key
+        try:
+            if r.key in ("cli_over_import", "t5_11b_meta_peak_rss_mb"):
+                prof = r.profile(str(prefix))
+                stats = pstats.Stats(prof)
+            else:
+                profiler = cProfile.Profile()
+                r.profile(profiler)
+                prof = f"{prefix}.prof"
+                profiler.dump_stats(prof)
+                stats = pstats.Stats(profiler)
+        except Exception as e:
+            r.details["profile_error"] = _first_line(e)
+            continue
+        buf = io.StringIO()
+        stats.stream = buf
+        stats.sort_stats("tottime").print_stats(top)
+        stats.sort_stats("cumulative").print_stats(top)
+        Path(f"{prefix}.txt").write_text(buf.getvalue())
+        r.details["profile_file"] = f"{prefix}.txt"
+        r.details["profile_top"] = _top_entries(stats, 10)
+        r.details["profile_fxconvert"] = _fxconvert_entries(stats, 10)
+
+
+def _top_entries(stats, n):
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:n]  # by tottime
+    total = sum(v[2] for v in stats.stats.values()) or 1.0
+    out = []
+    for (filename, line, func), (_, ncalls, tottime, cumtime, _) in rows:
+        where = "~" if filename == "~" else _short(filename) + f":{line}"
+        out.append(f"{where}({func}) {tottime:.3f}s self ({100 * tottime / total:.0f}%), {ncalls} calls")
+    return out
+
+
+def _fxconvert_entries(stats, n):
+    """fxconvert's own functions by cumulative time: where in the package the time goes."""
+    package = str(REPO / "fxconvert") + os.sep
+    rows = [(k, v) for k, v in stats.stats.items() if k[0].startswith(package)]
+    rows.sort(key=lambda kv: kv[1][3], reverse=True)
+    total = max((v[3] for v in stats.stats.values()), default=0.0) or 1.0
+    return [f"{_short(f)}:{line}({func}) {cum:.3f}s cumulative ({100 * cum / total:.0f}%), {ncalls} calls"
+            for (f, line, func), (_, ncalls, _, cum, _) in rows[:n]]
+
+
+def _short(filename):
+    for marker in ("site-packages" + os.sep, str(REPO) + os.sep):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
+
+
+def write_markdown_section(path: Path, table: str):
+    """Replace the text between the bench markers in `path` (or create it)."""
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    block = f"{begin}\n{table}{end}"
+    if path.exists() and begin in (text := path.read_text()) and end in text:
+        head, rest = text.split(begin, 1)
+        path.write_text(head + block + rest.split(end, 1)[1])
+    else:
+        path.write_text(f"# Benchmarks\n\n{block}\n")
+
+
+def wait_quiet(limit_s: float, poll_s: float = 5.0, polls: int = 3):
+    """Wait (at most `limit_s`) until the 1-minute load average is below the CPU count and at most
+    one task is runnable (this one), `polls` polls in a row."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    while time.monotonic() < deadline:
+        load, runnable = _loadavg(), _runnable()
+        quiet = quiet + 1 if (not load or load[0] < cpus) and runnable <= 1 else 0
+        if quiet >= polls:
+            return
+        _log(f"waiting for a quiet machine: load average {load[0] if load else '?'}, {runnable} runnable tasks ...")
+        time.sleep(poll_s)
+    _log("the machine did not quieten down; measuring anyway")
+
+
+def _runnable() -> int:
+    """Runnable tasks now, from /proc/loadavg (this process counts as one); 0 where unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    return 0
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer repetitions: under 3 minutes on 2 cores")
+    mode.add_argument("--tiny", action="store_true",
+                      help="smoke test: tiny models, 1 repetition, no subprocess measurements (figures meaningless)")
+    p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
+    p.add_argument("--compile", action="store_true",
+                   help="also compare torch.compile(fullgraph=True) of the converted module with torch.compile of "
+                        "eager transformers (slow: minutes)")
+    p.add_argument("--only", metavar="KEYS", help="comma-separated substrings of measurement keys to run")
+    p.add_argument("--reps", type=int, help="exact number of timed repetitions (overrides the mode)")
+    p.add_argument("--threads", type=int,
+                   help=f"torch threads (default {THREADS}; 1 under --tiny, which must not depend on a quiet machine)")
+    p.add_argument("--wait-quiet", type=float, metavar="SECONDS",
+                   help="first wait up to SECONDS for the 1-minute load average to drop below the CPU count")
+    p.add_argument("--profile", metavar="DIR", help="cProfile the fxconvert side of every missed target into DIR")
+    p.add_argument("--render", metavar="JSON", help="measure nothing: print (and --markdown) the table of a stored "
+                                                    "--json report")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="write the table into FILE between <!-- bench:begin --> and <!-- bench:end --> "
+                        "(e.g. BENCHMARKS.md)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        table = render_markdown(json.loads(Path(args.render).read_text()))
+        print(table)
+        if args.markdown:
+            write_markdown_section(Path(args.markdown), table)
+        return 0
+    torch.set_num_threads(args.threads or (1 if args.tiny else THREADS))
+    ctx = Context(args)
+    if args.wait_quiet:
+        wait_quiet(args.wait_quiet)
+    started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    load_start = _loadavg()
+    start = time.perf_counter()
+    results = run_all(ctx)
+    wall = time.perf_counter() - start
+    if args.profile:
+        profile_missed(results, Path(args.profile))
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "started": started.isoformat(),
+        "mode": ctx.mode,
+        "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else argv)),
+        "wall_s": wall,
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
+        "machine": machine_info(),
+        "results": {r.key: r.as_json() for r in results},
+    }
+    # Flat keys: each figure's value, or "unavailable: ..." / "skipped: ..." when it has none.
+    for r in results:
+        report[r.key] = r.unavailable if r.unavailable else r.value
+    table = render_markdown(report)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if args.markdown:
+        write_markdown_section(Path(args.markdown), table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
