@@ -46,6 +46,7 @@ from fxconvert.codegen import forward_source
 from fxconvert.convert import Conversion, ConvertedModule
 from fxconvert.errors import UsageError, describe_node
 from fxconvert.graph_utils import is_impure
+from fxconvert.passes.lift_shared_weights_pass import sparse_embedding_gradients
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 
 _BLOCK = re.compile(r"^(encoder|decoder)\.block\.(\d+)(?:\.|$)")
@@ -326,6 +327,9 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
             graph.output(torch.fx.map_arg(output.args[0], lambda a: env[a]))
         else:
             graph.output(tuple(env[n] for n in sent[s]))
+        # A stage whose only use of a shared weight is a lookup gets a dense lookup back, so
+        # the weight's gradient there is dense too (see LiftSharedWeightsPass).
+        sparse_embedding_gradients(graph, {p.target for p in shared})
         graph.lint()
         modules[f"stage_{s}"] = torch.fx.GraphModule(gm, graph, class_name=f"Stage{s}")
         specs.append(StageSpec(
