@@ -38,8 +38,19 @@ def qualified_name(fn) -> str:
     return f"{module}.{name}" if module else name
 
 
-def count_kinds(gm: torch.fx.GraphModule) -> collections.Counter:
-    return collections.Counter(node_kind(n, gm) for n in gm.graph.nodes)
+def count_kinds(gm: torch.fx.GraphModule, cache: dict | None = None) -> collections.Counter:
+    """How many nodes of each kind. `cache` ((op, target) -> kind) may be shared by calls
+    on one graph module whose module paths keep their module types."""
+    if cache is None:
+        return collections.Counter(node_kind(n, gm) for n in gm.graph.nodes)
+    counts = collections.Counter()
+    for n in gm.graph.nodes:
+        key = (n.op, n.target)
+        kind = cache.get(key)
+        if kind is None:
+            kind = cache[key] = node_kind(n, gm)
+        counts[kind] += 1
+    return counts
 
 
 def placeholder_names(gm: torch.fx.GraphModule) -> list[str]:

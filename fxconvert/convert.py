@@ -118,14 +118,15 @@ class ConvertedModule(torch.nn.Module):
 
 def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
     records = []
-    kinds_before = count_kinds(gm)
+    kind_cache = {}  # passes retarget by making new nodes, so (op, target) keeps its kind
+    kinds_before = count_kinds(gm, kind_cache)
     for p in passes:
         ph_before, out_before = placeholder_names(gm), output_names(gm)
         start = time.perf_counter()
         result = p(gm)
         seconds = time.perf_counter() - start
         gm = result.graph_module
-        kinds_after = count_kinds(gm) if result.modified else kinds_before
+        kinds_after = count_kinds(gm, kind_cache) if result.modified else kinds_before
         records.append(
             PassRecord(
                 name=type(p).__name__,

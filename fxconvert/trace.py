@@ -250,6 +250,21 @@ class T5Tracer(torch.fx.Tracer):
         return root, [model, *placeholders]
 
     # -- proxies and meta propagation ---------------------------------------------------
+    def create_arg(self, a):
+        """Fast path for what model code passes most: proxies, plain constants and flat tuples.
+
+        (fx's own fast path matches the exact Proxy class only; this tracer's proxies are a
+        subclass, which would walk every generic check first.)
+        """
+        if isinstance(a, Proxy):
+            return a.node
+        kind = type(a)
+        if kind in _PLAIN_ARGS:
+            return a
+        if kind is tuple or kind is list:
+            return kind(self.create_arg(x) for x in a)
+        return super().create_arg(a)
+
     def proxy(self, node):
         return _TracedProxy(node, self)
 
@@ -364,6 +379,7 @@ class _Unkeyable(Exception):
 
 
 _SCALARS = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+_PLAIN_ARGS = frozenset((*_SCALARS, type(None), type(Ellipsis)))
 
 
 def _meta_key(value):
