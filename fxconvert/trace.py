@@ -17,6 +17,7 @@ tracer handles each of those without touching transformers' source:
   source line.
 """
 
+import collections
 import contextlib
 import copy
 import functools
@@ -214,6 +215,7 @@ class T5Tracer(torch.fx.Tracer):
         self._meta_params: dict[str, torch.Tensor] = {}
         self._meta_modules: dict[str, torch.nn.Module] = {}
         self._meta_cache: dict = {}
+        self._stack_snapshot = None
         self._path_stack: list[str] = []
 
     # -- root ---------------------------------------------------------------------------
@@ -267,6 +269,23 @@ class T5Tracer(torch.fx.Tracer):
 
     def proxy(self, node):
         return _TracedProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        """fx copies the module stack into every node's meta["nn_module_stack"]; nodes made
+        in the same module call share one copy here (a call's key, path@n, names its chain)."""
+        stack = self.module_stack
+        if not stack:
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        snapshot = self._stack_snapshot
+        if snapshot is None or len(snapshot) != len(stack) or next(reversed(snapshot)) != next(reversed(stack)):
+            snapshot = self._stack_snapshot = copy.copy(stack)
+        self.module_stack = _NO_STACK
+        try:
+            node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        finally:
+            self.module_stack = stack
+        node.meta["nn_module_stack"] = snapshot
+        return node
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -379,6 +398,7 @@ class _Unkeyable(Exception):
 
 
 _SCALARS = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+_NO_STACK = collections.OrderedDict()
 _PLAIN_ARGS = frozenset((*_SCALARS, type(None), type(Ellipsis)))
 
 
