@@ -27,6 +27,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxconvert.analysis import count_kinds, output_names, placeholder_names
 from fxconvert.errors import UsageError
+from fxconvert.graph_utils import gc_paused
 from fxconvert.passes import default_passes
 from fxconvert.trace import TraceResult, trace_with_stats
 
@@ -169,8 +170,9 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
         raise UsageError(f"convert() takes a model (torch.nn.Module) or a name, got {type(model).__name__}")
     elif (offline, meta, attn, seed) != (False, False, "sdpa", 0):
         raise UsageError("offline, meta, attn and seed apply to a model given by name; this one is built already")
-    conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
-                                keep_traced_code=keep_traced_code)
+    with gc_paused():
+        conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
+                                    keep_traced_code=keep_traced_code)
     conversion.timings = {**timings, **conversion.timings}
     return conversion
 

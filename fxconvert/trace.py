@@ -36,7 +36,7 @@ from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import runtime
 from fxconvert.errors import TraceError
-from fxconvert.graph_utils import bind_containers, eliminate_dead_code, is_impure
+from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
 SUPPORTED_CLASSES = (
     "T5Model",
@@ -103,7 +103,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     _check_input_names(model, input_names)
 
     tracer = T5Tracer(input_names)
-    with _leaf_replacements(model, tracer):
+    with gc_paused(), _leaf_replacements(model, tracer):
         try:
             graph = tracer.trace(model)
         except TraceError:
