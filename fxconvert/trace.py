@@ -99,6 +99,12 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
             f"attention implementation '{impl}' is not supported; load the model with "
             f"attn_implementation='sdpa' or 'eager'"
         )
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    if len(dtypes) > 1:  # e.g. fp16 weights with T5's `wo` kept in fp32: its dtype guard is not recordable
+        raise TraceError(
+            f"the model mixes parameter dtypes ({', '.join(dtypes)}); convert it in one dtype, "
+            f"e.g. model.float() or model.to(torch.bfloat16)"
+        )
     input_names = list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
 

@@ -505,3 +505,15 @@ def test_random_t5_configs_match_eager(setup):
     with torch.no_grad():
         actual = gm(**inputs)
     assert_outputs_match(expected, actual)
+
+
+def test_mixed_parameter_dtypes_are_refused_with_the_fix():
+    """transformers keeps T5's `wo` in fp32 when a checkpoint loads in fp16; eager then casts
+    through an isinstance guard that a graph cannot record, so such a model is refused."""
+    model = build("T5ForConditionalGeneration")
+    model.half()
+    model.encoder.block[0].layer[1].DenseReluDense.wo.float()
+    with pytest.raises(TraceError, match=r"mixes parameter dtypes \(torch.float16, torch.float32\); convert it in one"):
+        trace(model)
+    model.float()
+    assert trace(model) is not None
