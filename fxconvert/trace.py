@@ -7,7 +7,9 @@ tracer handles each of those without touching transformers' source:
 
 - Every traced value carries a meta-device twin in `node.meta["val"]`, computed as the
   node is recorded. Static facts (dtype, rank) are answered from it; sizes stay symbolic
-  (`x.shape` is a node whose items are nodes), so the graph is shape-generic.
+  (`x.shape` is a node whose items are nodes), so the graph is shape-generic. Each
+  distinct op on distinct argument metadata runs on meta tensors once: repeated layers
+  hit a cache, so tracing stays linear in depth and cheap.
 - The root's signature is built from `input_names`; the model is called by keyword with
   `use_cache=False`, and its ModelOutput becomes a dict of its non-None tensors.
 - Within the modeling modules' namespaces, and only while tracing, the mask helpers are
@@ -395,9 +397,6 @@ class T5Tracer(torch.fx.Tracer):
         finally:
             self._path_stack.pop()
 
-    def is_leaf_module(self, m, module_qualified_name):
-        return super().is_leaf_module(m, module_qualified_name)
-
 
 class _Unkeyable(Exception):
     pass
@@ -605,4 +604,4 @@ def _leaf_replacements(model, tracer):
 
 
 __all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "default_input_names",
-           "accepted_input_names", "eliminate_dead_code", "is_impure"]
+           "accepted_input_names"]
