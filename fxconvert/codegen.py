@@ -7,6 +7,7 @@ runs in a fresh namespace (or a file) given nothing but torch and `fxconvert.run
 
 import builtins
 import math
+import re
 import types
 
 import torch
@@ -16,7 +17,8 @@ import torch.fx
 def forward_source(gm: torch.fx.GraphModule) -> str:
     """Imports plus `def forward(self, ...)`, exactly as `gm` runs it."""
     code = gm.graph.python_code(root_module="self")
-    imports = sorted({_import_line(name, obj) for name, obj in code.globals.items()} - {None})
+    used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code.src))  # fx lists globals the code may not use
+    imports = sorted({_import_line(name, obj) for name, obj in code.globals.items() if name in used} - {None})
     return "\n".join(imports) + "\n\n" + code.src.strip("\n") + "\n"
 
 
