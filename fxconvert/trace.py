@@ -223,6 +223,7 @@ class T5Tracer(torch.fx.Tracer):
         self._meta_params: dict[str, torch.Tensor] = {}
         self._meta_modules: dict[str, torch.nn.Module] = {}
         self._meta_cache: dict = {}
+        self._module_keys: dict = {}
         self._stack_snapshot = None
         self._path_stack: list[str] = []
 
@@ -327,7 +328,7 @@ class T5Tracer(torch.fx.Tracer):
         key = None
         if not is_impure(node):
             try:
-                target = (type(self._modules[node.target]),) if node.op == "call_module" else node.target
+                target = self._module_key(node.target) if node.op == "call_module" else node.target
                 key = (node.op, target, _meta_key(args), _meta_key(kwargs))
                 hit = self._meta_cache.get(key)
             except (_Unkeyable, TypeError):
@@ -338,6 +339,17 @@ class T5Tracer(torch.fx.Tracer):
         if key is not None:
             self._meta_cache[key] = result
         return result
+
+    def _module_key(self, target):
+        """What a leaf module's output metadata can depend on besides its arguments: its class,
+        its configuration (`extra_repr`) and its parameters' and buffers' metadata."""
+        key = self._module_keys.get(target)
+        if key is None:
+            module = self._modules[target]
+            tensors = (*module._parameters.values(), *module._buffers.values())
+            key = self._module_keys[target] = (type(module), module.extra_repr(),
+                                               tuple(_meta_key(t) for t in tensors))
+        return key
 
     def _run_meta(self, node, args, kwargs):
         if node.op == "call_function":
