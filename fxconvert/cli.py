@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        return run(args)
+        with _offline_env(args.offline):
+            return run(args)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
     except KeyboardInterrupt:
@@ -109,6 +110,22 @@ def main(argv=None) -> int:
         hint = "" if args is not None and args.verbose else " (rerun with -v for the traceback)"
         _fail(f"unexpected {type(e).__name__}: {_first_line(e)}{hint}", args)
         return EXIT_FAILURE
+
+
+@contextlib.contextmanager
+def _offline_env(offline: bool):
+    """With --offline, HF_HUB_OFFLINE=1 for huggingface_hub and transformers during the run only."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if offline:
+            if previous is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def run(args) -> int:
@@ -131,8 +148,6 @@ def run(args) -> int:
     if input_names == []:
         raise UsageError("--inputs is empty; give comma-separated input names")
 
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # for huggingface_hub and transformers too, imported after this
     from fxconvert.save import check_destination
 
     check_destination(out, force=args.force)  # before any work

@@ -186,8 +186,7 @@ def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str |
     records = run_passes(gm, default_passes(output=output))
     passes_seconds = time.perf_counter() - start
     lifted = gm.meta.get("lifted_weights", {})
-    shared = {name: torch.nn.Parameter(p.data, requires_grad=p.requires_grad) if not isinstance(p, torch.nn.Parameter)
-              else p for name, p in lifted.items()}
+    shared = dict(lifted)  # placeholder -> the model's own Parameter
     shared_names = {}
     from fxconvert.analysis import find_shared_parameters
 

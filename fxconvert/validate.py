@@ -84,30 +84,33 @@ def validate(conversion, *, atol: float = 1e-5, seed: int = 0, shapes=SHAPES) ->
     params = [p for _, p in model.named_parameters()] + [p for _, p in module.named_parameters()]
     dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
     was_training = (model.training, module.training)
+    saved_grads = {id(p): (p, p.grad) for p in params}  # the caller's gradients are put back afterwards
     threads = torch.get_num_threads()
     # The validation shapes are tiny: with several intra-op threads on a busy machine, thread
     # hand-offs (not arithmetic) dominate and a 2 s check can take 40 s. One thread is steady.
     torch.set_num_threads(1)
     try:
-        for batch, enc, dec in shapes:
-            inputs = _random_inputs(conversion.input_names, model.config, batch, enc, dec, seed, dtype)
-            for mode in MODES:
-                run = f"{mode} {batch}x{enc}/{dec}"
-                model.train(mode == "train")
-                module.train(mode == "train")
-                ref, ref_grads = _run(lambda: _eager_output(model, inputs, conversion.output_name),
-                                      model.named_parameters(), params, seed)
-                out, out_grads = _run(lambda: module(**inputs), module.named_parameters(), params, seed)
-                result.checks.append(_compare(run, f"output {conversion.output_name}", ref, out, atol))
-                out_grads = {converted_names[n]: g for n, g in out_grads.items() if n in converted_names}
-                for name in ref_grads:
-                    result.checks.append(_compare(run, f"grad {name}", ref_grads[name], out_grads.get(name), atol))
+        with torch.random.fork_rng():  # the runs' seeding leaves the caller's random state as it was
+            for batch, enc, dec in shapes:
+                inputs = _random_inputs(conversion.input_names, model.config, batch, enc, dec, seed, dtype)
+                for mode in MODES:
+                    run = f"{mode} {batch}x{enc}/{dec}"
+                    model.train(mode == "train")
+                    module.train(mode == "train")
+                    ref, ref_grads = _run(lambda: _eager_output(model, inputs, conversion.output_name),
+                                          model.named_parameters(), params, seed)
+                    out, out_grads = _run(lambda: module(**inputs), module.named_parameters(), params, seed)
+                    result.checks.append(_compare(run, f"output {conversion.output_name}", ref, out, atol))
+                    out_grads = {converted_names[n]: g for n, g in out_grads.items() if n in converted_names}
+                    for name in ref_grads:
+                        result.checks.append(
+                            _compare(run, f"grad {name}", ref_grads[name], out_grads.get(name), atol))
     finally:
         torch.set_num_threads(threads)
         model.train(was_training[0])
         module.train(was_training[1])
-        for p in params:
-            p.grad = None
+        for p, grad in saved_grads.values():
+            p.grad = grad
     return result
 
 

@@ -224,3 +224,10 @@ def test_the_program_in_a_subprocess(ckpt, tmp_path):
         f"(offline), and not a built-in preset (presets: {', '.join(PRESETS)}; use --config FILE.json for another "
         "architecture)"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_offline_does_not_outlive_the_run(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--offline", "--no-validate", "-q")
+    assert code == 0, err
+    assert "HF_HUB_OFFLINE" not in os.environ

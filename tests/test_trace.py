@@ -515,8 +515,10 @@ def test_mixed_parameter_dtypes_are_refused_with_the_fix():
     model.encoder.block[0].layer[1].DenseReluDense.wo.float()
     with pytest.raises(TraceError, match=r"mixes parameter dtypes \(torch.float16, torch.float32\); convert it in one"):
         trace(model)
-    model.float()
-    assert trace(model) is not None
+    model.float()  # in one dtype it traces and matches eager
+    inputs = random_inputs(["input_ids", "attention_mask", "decoder_input_ids", "labels"], 2, 6, 4)
+    with torch.no_grad():
+        assert_outputs_match(eager_outputs(model, inputs), trace(model)(**inputs))
 
 
 @pytest.mark.parametrize("family,case,variant", [("T5", "CG_labels", "original"), ("UMT5", "Model", "v1_1"),

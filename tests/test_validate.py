@@ -76,3 +76,16 @@ def test_meta_models_are_skipped():
     result = validate(convert(model))
     assert result.skipped and "meta" in result.skipped
     assert not result.passed and result.checks == []
+
+
+def test_the_callers_gradients_and_random_state_are_left_as_found():
+    model = helpers.build()
+    conversion = convert(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)  # gradients the caller accumulated
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    assert validate(conversion).passed
+    torch.testing.assert_close(torch.rand(3), expected_next)  # the global RNG continues where it was
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
