@@ -56,3 +56,9 @@ def _finish(mask: torch.Tensor, dtype: torch.dtype | None):
         return mask
     zero = torch.zeros((), device=mask.device, dtype=dtype)
     return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+# Leaf functions whose result may be None at run time although their traced (meta) value is
+# a tensor: a None check on them cannot be decided from the graph.
+MAY_RETURN_NONE = frozenset({padding_mask})
+

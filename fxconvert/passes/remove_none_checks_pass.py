@@ -17,6 +17,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxconvert.errors import PassError, describe_node
 from fxconvert.graph_utils import eliminate_dead_code
+from fxconvert.runtime import MAY_RETURN_NONE
 
 # FTPipe's helpers, matched by name since they are defined in user code.
 _NAMED_CHECKS = {"is_None": True, "is_not_None": False}
@@ -47,6 +48,8 @@ def _is_none_value(arg, gm: torch.fx.GraphModule) -> bool | None:
         return True
     if not isinstance(arg, torch.fx.Node):
         return False
+    if arg.op == "call_function" and arg.target in MAY_RETURN_NONE:
+        return None  # e.g. a padding mask: None at run time when nothing is padded
     if "val" in arg.meta:
         return arg.meta["val"] is None
     if arg.op in ("get_attr", "call_method"):

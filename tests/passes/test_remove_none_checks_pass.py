@@ -190,3 +190,21 @@ def test_traced_t5_graphs_hold_no_checks_and_are_left_alone(cls_name, attn):
     inputs = t5_inputs(gm.meta["input_names"])
     gm = check(gm, RemoveNoneChecksPass(), 0, eager=as_eager(reference), kwargs=inputs)
     assert not none_checks(gm)
+
+
+def test_check_on_a_mask_that_may_be_none_at_run_time_raises():
+    """runtime.padding_mask is None at run time when nothing is padded, although its traced
+    value is a tensor: folding `mask is None` to False would be wrong for unpadded batches."""
+    import fxconvert.runtime as runtime
+
+    _, _, gm = traced_t5("T5EncoderModel")
+    mask = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is runtime.padding_mask)
+    unpadded = {"input_ids": torch.randint(0, 50, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    assert runtime.padding_mask(unpadded["attention_mask"]) is None  # the stated fact
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        check_node = gm.graph.call_function(operator.is_, (mask, None))
+    out.args = ({**out.args[0], "mask_is_none": check_node},)
+    gm.recompile()
+    with pytest.raises(PassError, match=r"cannot decide the None check .*padding_mask"):
+        RemoveNoneChecksPass()(gm)
