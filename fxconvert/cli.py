@@ -164,7 +164,6 @@ def run(args) -> int:
         step.detail = f"{type(loaded.model).__name__}, {source.origin} {source.location}, weights: {source.weights}"
     for note in source.notes:
         progress.warn(note)
-    _check_input_names(loaded.model, input_names)
 
     with progress.step("trace", "tracing", timings) as step:
         from fxconvert.trace import trace_with_stats
@@ -201,13 +200,12 @@ def run(args) -> int:
     extra_files = {}
     if args.stages is not None:
         with progress.step("split", f"splitting into {args.stages} stages", timings) as step:
-            from fxconvert.codegen import forward_source
             from fxconvert.report import stages_section
-            from fxconvert.stages import split_stages, stage_table
+            from fxconvert.stages import split_stages, stage_sources, stage_table
 
             stages = split_stages(conversion, args.stages)
             extra.append(stages_section(stage_table(stages)))
-            extra_files = {f"stage_{spec.index}.py": forward_source(gm) for spec, gm in zip(stages.specs, stages.stages)}
+            extra_files = stage_sources(stages)
             step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
         conversion.timings["split"] = timings["split"]
 
@@ -227,19 +225,6 @@ def run(args) -> int:
     if not args.quiet:
         progress.console.print(f"Wrote {out}{os.sep} ({', '.join(saved.files)})", highlight=False)
     return EXIT_OK
-
-
-def _check_input_names(model, input_names) -> None:
-    """Unknown input names are a usage error (exit 2), caught before tracing."""
-    if input_names is None:
-        return
-    from fxconvert.trace import accepted_input_names
-
-    accepted = accepted_input_names(model)
-    unknown = [n for n in input_names if n not in accepted]
-    if unknown:
-        raise UsageError(f"unknown input name(s) {', '.join(unknown)} for {type(model).__name__}; "
-                         f"choose from {', '.join(accepted)}")
 
 
 def _show(report, args) -> None:

@@ -25,6 +25,10 @@ class UsageError(FxConvertError):
     """An option or argument is wrong (bad input or output name, bad combination of flags)."""
 
 
+class InputNameError(TraceError, UsageError):
+    """The input names asked for do not fit the model (unknown, repeated, or no input ids)."""
+
+
 def describe_node(node) -> str:
     """One-line description of an fx node: its format, module path and the source line it came from."""
     where = node.meta.get("source")

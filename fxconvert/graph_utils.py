@@ -63,7 +63,8 @@ def delete_unused_submodules(gm: torch.fx.GraphModule) -> bool:
     # Delete the outermost unused modules only; their children go with them.
     deleted = set()
     for name in unused:
-        if any(name.startswith(d + ".") for d in deleted):
+        atoms = name.split(".")
+        if any(".".join(atoms[:i]) in deleted for i in range(1, len(atoms))):
             continue
         parent, _, child = name.rpartition(".")
         owner = gm.get_submodule(parent) if parent else gm

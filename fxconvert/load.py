@@ -361,7 +361,7 @@ def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed:
     if any(True for _ in model.buffers()):  # buffers hold values a random init cannot invent
         torch.manual_seed(seed)
         model = cls._from_config(config_obj, attn_implementation=attn)
-        _untie_head(model, config)
+        _untie_head(model, config, init=True)
     else:
         model.to_empty(device="cpu")
         model.tie_weights()
@@ -373,7 +373,7 @@ def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed:
     return LoadedModel(model.eval(), source)
 
 
-def _untie_head(model: torch.nn.Module, config: dict) -> None:
+def _untie_head(model: torch.nn.Module, config: dict, *, init: bool = False) -> None:
     """Give the LM head its own weight when the architecture publishes it untied (v1.1, flan, mT5).
 
     transformers 5 ties T5's head at construction whatever the config says and unties it
@@ -383,7 +383,7 @@ def _untie_head(model: torch.nn.Module, config: dict) -> None:
     head = getattr(model, "lm_head", None)
     if config.get("tie_word_embeddings") is False and head is not None:
         head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
-        if head.weight.device.type != "meta":
+        if init and head.weight.device.type != "meta":
             torch.nn.init.normal_(head.weight, std=head.in_features ** -0.5)
 
 

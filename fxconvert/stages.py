@@ -424,16 +424,21 @@ def _value_row(node: torch.fx.Node) -> dict:
     }
 
 
+def stage_sources(stages: Stages) -> dict[str, str]:
+    """`stage_<i>.py` -> its text (imports plus the stage's forward)."""
+    return {f"stage_{spec.index}.py": forward_source(gm) for spec, gm in zip(stages.specs, stages.stages)}
+
+
 def write_stage_sources(stages: Stages, directory) -> list[Path]:
-    """Write `stage_<i>.py` (imports plus the stage's forward) into `directory`; return the paths."""
+    """Write the `stage_<i>.py` files into `directory`; return the paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for spec, gm in zip(stages.specs, stages.stages):
-        path = directory / f"stage_{spec.index}.py"
-        path.write_text(forward_source(gm))
-        paths.append(path)
+    for name, text in stage_sources(stages).items():
+        (directory / name).write_text(text)
+        paths.append(directory / name)
     return paths
 
 
-__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "write_stage_sources"]
+__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_sources",
+           "write_stage_sources"]

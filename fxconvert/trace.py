@@ -37,7 +37,7 @@ from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import runtime
-from fxconvert.errors import TraceError
+from fxconvert.errors import InputNameError, TraceError
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
 SUPPORTED_CLASSES = (
@@ -142,8 +142,13 @@ def default_input_names(model) -> list[str]:
     return ["input_ids", "attention_mask", "decoder_input_ids"]
 
 
+def forward_parameters(model):
+    """The parameters of the model's undecorated forward."""
+    return inspect.signature(inspect.unwrap(type(model).forward)).parameters
+
+
 def accepted_input_names(model) -> list[str]:
-    params = inspect.signature(inspect.unwrap(type(model).forward)).parameters
+    params = forward_parameters(model)
     return [n for n in INPUT_SPECS if n in params]
 
 
@@ -151,14 +156,14 @@ def _check_input_names(model, input_names):
     accepted = accepted_input_names(model)
     unknown = [n for n in input_names if n not in accepted]
     if unknown:
-        raise TraceError(
+        raise InputNameError(
             f"unknown input name(s) {', '.join(unknown)} for {type(model).__name__}; "
             f"choose from {', '.join(accepted)}"
         )
     if len(set(input_names)) != len(input_names):
-        raise TraceError(f"input names repeat: {', '.join(input_names)}; give each once")
+        raise InputNameError(f"input names repeat: {', '.join(input_names)}; give each once")
     if not any(n in input_names for n in ("input_ids", "inputs_embeds")):
-        raise TraceError("the inputs need 'input_ids' (or 'inputs_embeds'); add it to the input names")
+        raise InputNameError("the inputs need 'input_ids' (or 'inputs_embeds'); add it to the input names")
 
 
 class _TracedValue:
@@ -246,8 +251,7 @@ class T5Tracer(torch.fx.Tracer):
             proxy.node.meta["val"] = example[name]
             placeholders.append(proxy)
         extra = {}
-        params = inspect.signature(inspect.unwrap(type(model).forward)).parameters
-        if "use_cache" in params:
+        if "use_cache" in forward_parameters(model):
             extra["use_cache"] = False
 
         def root(self_, *args):
@@ -616,4 +620,4 @@ def _leaf_replacements(model, tracer):
 
 
 __all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "default_input_names",
-           "accepted_input_names"]
+           "accepted_input_names", "forward_parameters"]

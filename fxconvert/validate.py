@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fxconvert.errors import ValidationError
-from fxconvert.trace import INPUT_SPECS
+from fxconvert.trace import INPUT_SPECS, forward_parameters
 
 # (batch, encoder length, decoder length): two shapes, so that a size frozen into the graph shows.
 SHAPES = ((2, 7, 5), (3, 4, 9))
@@ -129,16 +129,10 @@ def _run(forward, named_parameters, all_params, seed):
 
 def _eager_output(model, inputs, output_name):
     kwargs = dict(inputs)
-    if "use_cache" in _forward_parameters(model):
+    if "use_cache" in forward_parameters(model):
         kwargs["use_cache"] = False
     outputs = model(**kwargs, return_dict=True)
     return outputs[output_name]
-
-
-def _forward_parameters(model):
-    import inspect
-
-    return inspect.signature(inspect.unwrap(type(model).forward)).parameters
 
 
 def _compare(run, tensor, ref, out, atol) -> TensorCheck:

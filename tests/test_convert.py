@@ -133,6 +133,21 @@ def test_pass_records_are_consistent(cls_name):
     assert by_name["LiftTrainingFlagPass"].placeholders_after[-1] == "training"
     assert by_name["KeepSingleOutputPass"].modified
 
+    # Stated facts of the T5 stack (2 encoder + 2 decoder layers here): each stack applies its dropout
+    # module twice (embeddings, final norm); an encoder layer has 3 dropout sites (self-attention, FF,
+    # inside the FF), a decoder layer 4 (plus cross-attention); every attention gets one SDPA dropout rate.
+    enc, dec = 2, (0 if cls_name.endswith("EncoderModel") else 2)
+    dropouts = 2 + 3 * enc + (2 + 4 * dec if dec else 0)
+    training = by_name["LiftTrainingFlagPass"]
+    assert training.removed == {"call_module Dropout": dropouts}
+    assert training.added == {"call_function torch.nn.functional.dropout": dropouts,
+                              "call_function operator.mul": enc + 2 * dec, "placeholder": 1}
+    # the tied embedding: two lookups (encoder, decoder) and the LM head; an encoder alone uses it once
+    shared = by_name["LiftSharedWeightsPass"]
+    expected_removed = {"T5ForConditionalGeneration": {"call_module Embedding": 2, "call_module Linear": 1},
+                        "UMT5Model": {"call_module Embedding": 2}, "MT5EncoderModel": {}}[cls_name]
+    assert shared.removed == expected_removed and shared.modified == bool(expected_removed)
+
 
 def test_input_names_and_output_options():
     model = build("T5Model")

@@ -202,6 +202,7 @@ def test_stage_table():
         assert row["sent_bytes"] == sum(v["bytes"] for v in row["sent"])
     encoder_out = {v["name"]: v for v in rows[0]["sent"]}
     assert len(encoder_out) == 1 and next(iter(encoder_out.values()))["shape"] == [2, 7, 32]
+    assert next(iter(encoder_out.values()))["bytes"] == 2 * 7 * 32 * 4  # fp32 hidden states at the traced shape
     sent = {v["name"]: v for v in rows[1]["sent"]}
     # decoder block 0 computes the self-attention position bias that block 1 reuses: (1, heads, 5, 5)
     assert [2, 7, 32] in [v["shape"] for v in sent.values()] and [1, 4, 5, 5] in [v["shape"] for v in sent.values()]
