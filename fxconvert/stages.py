@@ -128,21 +128,9 @@ class StageModule(ConvertedModule):
 def split_stages(conversion: Conversion, num_stages: int) -> Stages:
     """Cut `conversion.graph_module` into `num_stages` stages at block boundaries."""
     gm = conversion.graph_module
-    if not isinstance(num_stages, int) or num_stages < 1:
-        raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
+    blocks = stage_blocks(gm, num_stages, conversion.model_class)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     block_of = _block_of_nodes(gm, nodes)
-    blocks = sorted(set(block_of.values()), key=_block_key)
-    if not blocks:
-        raise SplitError(
-            f"{conversion.model_class or 'this graph'} has no block boundaries (no node's module path lies in "
-            f"'encoder.block.<i>' or 'decoder.block.<i>'); it cannot be split into stages"
-        )
-    if num_stages > len(blocks):
-        raise SplitError(
-            f"cannot split into {num_stages} stages: the graph has {len(blocks)} blocks "
-            f"({blocks[0]} ... {blocks[-1]}) and a stage holds at least one; ask for at most {len(blocks)}"
-        )
     unit = _attach_to_blocks(nodes, block_of, [_block_key(b) for b in blocks])
     costs = [0] * len(blocks)
     for node, param in _owned_parameters(gm, nodes):
@@ -151,6 +139,29 @@ def split_stages(conversion: Conversion, num_stages: int) -> Stages:
     stage_of = {node: group[u] for node, u in unit.items()}
     _check_monotone(nodes, stage_of)
     return _build(conversion, stage_of, [[b for b, g in zip(blocks, group) if g == s] for s in range(num_stages)])
+
+
+def stage_blocks(gm: torch.fx.GraphModule, num_stages: int, model_class: str = "") -> list[str]:
+    """The graph's blocks in order, once `num_stages` is known to fit them (a stage holds at least one).
+
+    The traced graph has the same blocks as the converted one, so a command line can refuse
+    too many stages before the passes and validation run.
+    """
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    blocks = sorted(set(_block_of_nodes(gm, nodes).values()), key=_block_key)
+    if not blocks:
+        raise SplitError(
+            f"{model_class or 'this graph'} has no block boundaries (no node's module path lies in "
+            f"'encoder.block.<i>' or 'decoder.block.<i>'); it cannot be split into stages"
+        )
+    if num_stages > len(blocks):
+        raise SplitError(
+            f"cannot split into {num_stages} stages: the graph has {len(blocks)} blocks "
+            f"({blocks[0]} ... {blocks[-1]}) and a stage holds at least one; ask for at most {len(blocks)}"
+        )
+    return blocks
 
 
 # -- assignment ----------------------------------------------------------------------------
