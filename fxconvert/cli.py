@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit code."""
-    args = None
+    args, started = None, time.time()
     try:
         with _sigterm_interrupts():
             args = build_parser().parse_args(argv)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
     except KeyboardInterrupt:
-        _fail(f"interrupted; {_on_disk(args)}", args)
+        _fail(f"interrupted; {_on_disk(args, started)}", args)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (| head): stop quietly, as rich does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -132,10 +132,11 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _on_disk(args) -> str:
+def _on_disk(args, started: float) -> str:
     """What an interrupted run leaves: its complete output (the commit is atomic), or nothing it wrote."""
     save = sys.modules.get("fxconvert.save")  # not imported: nothing was written
-    if save is not None and args is not None and (args.name or args.config) and save.is_own_output(_out_dir(args)):
+    if (save is not None and args is not None and (args.name or args.config)
+            and save.is_own_output(_out_dir(args), since=started)):
         return f"the output in {_out_dir(args)} is complete"
     return "nothing was written"
 
@@ -306,7 +307,7 @@ class Progress:
     def step(self, name: str, description: str, timings: dict):
         step = _Step()
         start = time.perf_counter()
-        status = self.console.status(f"{description}...") if self.enabled else contextlib.nullcontext()
+        status = self.console.status(_markup(f"{description}...")) if self.enabled else contextlib.nullcontext()
         try:
             with status:
                 yield step

@@ -177,14 +177,17 @@ def _write_marker(directory: Path, files: list[str]) -> None:
     import fxconvert
 
     record = {"producer": "fxconvert", "version": fxconvert.__version__, "files": files, "pid": os.getpid(),
-              "host": socket.gethostname(), "run": _RUN}
+              "host": socket.gethostname(), "run": _RUN, "time": time.time()}
     (directory / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
 
 
-def is_own_output(out_dir) -> bool:
-    """Whether `out_dir` holds an output this process wrote: complete, since only a finished one is put there."""
+def is_own_output(out_dir, *, since: float = 0.0) -> bool:
+    """Whether `out_dir` holds an output this process began writing at `time.time()` >= `since`.
+
+    Such an output is complete, since only a finished one is put in place.
+    """
     record = _read_marker(Path(out_dir))
-    return record is not None and record.get("run") == _RUN
+    return record is not None and record.get("run") == _RUN and record.get("time", 0) >= since
 
 
 def _read_marker(directory: Path) -> dict | None:
