@@ -153,8 +153,9 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
         raise SaveError(f"cannot write to {out}: {e.strerror or e}") from e
     finally:
         if tmp is not None:
-            with _signals_deferred(), contextlib.suppress(OSError):
-                _rmtree(tmp)
+            with _signals_deferred():
+                with contextlib.suppress(OSError):
+                    _rmtree(tmp)
                 _remove_empty(created)
     return Saved(out, files, report, notes)
 
@@ -292,7 +293,7 @@ def _remove_stale(out: Path) -> None:
         record = _read_marker(path)
         if record is None or _not_written_by_fxconvert(path) or _writer_alive(record):
             continue
-        with contextlib.suppress(OSError):
+        with _signals_deferred(), contextlib.suppress(OSError):
             _rmtree(path)
 
 
@@ -312,18 +313,29 @@ def _writer_alive(record: dict) -> bool:
 
 
 def _rmtree(path: Path) -> None:
-    """Remove one of fxconvert's own directories, making read-only subdirectories writable if needed."""
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        return
-    except OSError:
-        os.chmod(path, 0o700)
-        for parent, dirs, _ in os.walk(path):
-            for name in dirs:
-                if not os.path.islink(os.path.join(parent, name)):
-                    os.chmod(os.path.join(parent, name), 0o700)
-        shutil.rmtree(path)
+    """Remove one of fxconvert's own directories, its marker last, so that if this process is killed
+    meanwhile the next run still knows the rest for fxconvert's. A read-only subdirectory (a
+    chmod-ed `__pycache__`) is made writable; nothing outside `path` is touched."""
+    for attempt in (1, 2):
+        try:
+            for name in sorted(os.listdir(path), key=lambda name: name == MARKER):
+                entry = path / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except PermissionError:
+            if attempt == 2:
+                raise
+            os.chmod(path, 0o700)
+            for parent, dirs, _ in os.walk(path):
+                for name in dirs:
+                    if not os.path.islink(os.path.join(parent, name)):
+                        os.chmod(os.path.join(parent, name), 0o700)
 
 
 @contextlib.contextmanager
@@ -356,7 +368,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """Linux renameat2(2); False where the C library or the file system lacks it (the caller falls back)."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # not Linux, or an old C library
         return False
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
         return True

@@ -149,6 +149,8 @@ def test_a_symlinked_destination_writes_into_its_target(target_exists, conversio
 def test_force_removes_an_old_output_with_a_read_only_subdirectory(conversion, shared_tmp):
     """As an ordinary user (root ignores permissions, so a root run drops to nobody in a child)."""
     base = shared_tmp
+    write(conversion, shared_tmp / "warm-up")  # imports all a save needs: nobody cannot read /root's packages
+    shutil.rmtree(shared_tmp / "warm-up")
 
     def scenario():
         out = base / "out"
@@ -194,6 +196,18 @@ def as_unprivileged(fn):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, result
     return tuple(result)
+
+
+def test_removal_deletes_the_marker_last(conversion, tmp_path, monkeypatch):
+    """A run killed while removing its own directory leaves one the next run still recognises."""
+    out = tmp_path / "out"
+    write(conversion, out)
+    removed = []
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, *args, **kwargs: (removed.append(self.name),
+                                                                        unlink(self, *args, **kwargs)))
+    save_module._rmtree(out)
+    assert not out.exists() and sorted(removed) == OUTPUT and removed[-1] == MARKER
 
 
 # A run killed outright (SIGKILL) while writing: what it leaves is its hidden temporary directory.
