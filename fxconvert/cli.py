@@ -337,7 +337,7 @@ def _fail(message: str, args) -> None:
     if args is not None and args.verbose:
         import traceback
 
-        traceback.print_exc()
+        sys.stderr.write("".join(printable(line) + "\n" for line in traceback.format_exc().splitlines()))
     print(f"{PROG}: error: {printable(message)}", file=sys.stderr)
 
 

@@ -183,6 +183,9 @@ def test_config_text_cannot_fake_lines_or_colours(ckpt, tmp_path, capsys):
     assert code == 1 and out == ""
     line = one_error_line(err)
     assert "\x1b" not in err and "X\\x0a\\x1b[31mfxconvert: all good" in line
+    code, _, err = run_cli(capsys, tmp_path / "bad", "--out", tmp_path / "out", "--offline", "-v")
+    assert code == 1 and "Traceback" in err and "\x1b" not in err  # the traceback quotes the text escaped too
+    assert not any(line.startswith("fxconvert: all good") for line in err.splitlines())
 
 
 def test_a_path_with_control_characters_and_markup_is_printed_escaped(ckpt, tmp_path, capsys, monkeypatch):

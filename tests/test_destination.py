@@ -198,6 +198,17 @@ def as_unprivileged(fn):
     return tuple(result)
 
 
+def test_an_old_output_that_cannot_be_removed_is_reported_not_hidden(conversion, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    write(conversion, out)
+    monkeypatch.setattr(save_module, "_rmtree", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    saved = write(conversion, out, force=True)
+    (left,) = hidden(tmp_path)
+    assert saved.notes == [f"the previous output could not be removed from {tmp_path / left}: denied; remove it "
+                           f"yourself"]
+    assert sorted(os.listdir(out)) == OUTPUT
+
+
 def test_removal_deletes_the_marker_last(conversion, tmp_path, monkeypatch):
     """A run killed while removing its own directory leaves one the next run still recognises."""
     out = tmp_path / "out"
