@@ -242,11 +242,8 @@ def _commit(tmp: Path, out: Path, found: str) -> Path | None:
         if _renameat2(tmp, out, _RENAME_EXCHANGE):
             return tmp  # the old output, under the temporary name
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        try:
-            os.rename(out, old)  # onto the empty directory mkdtemp made
-        except BaseException:
-            old.rmdir()
-            raise
+        old.rmdir()  # a fresh name (Windows renames onto no directory)
+        os.rename(out, old)
         try:
             os.rename(tmp, out)
         except BaseException:

@@ -2,7 +2,6 @@
 values, and config text or paths holding control characters. Each failure is one line and the
 right exit code; what is on disk is what the message says."""
 
-import json
 import os
 import shutil
 import signal

@@ -68,6 +68,16 @@ def test_force_replaces_only_a_directory_fxconvert_wrote(conversion, tmp_path):
     assert sorted(os.listdir(out)) == OUTPUT and hidden(tmp_path) == []
 
 
+def test_force_replaces_with_two_renames_where_renameat2_is_missing(conversion, tmp_path, monkeypatch):
+    monkeypatch.setattr(save_module, "_renameat2", lambda src, dst, flags: False)
+    out = tmp_path / "out"
+    write(conversion, out)
+    (out / REPORT_MD).write_text("old")
+    write(conversion, out, force=True)
+    assert sorted(os.listdir(out)) == OUTPUT and (out / REPORT_MD).read_text() != "old"
+    assert hidden(tmp_path) == []
+
+
 def test_the_source_checkpoint_or_a_directory_holding_it_is_never_the_destination(tmp_path):
     write_checkpoint(tmp_path / "models" / "ckpt")
     conversion = convert(tmp_path / "models" / "ckpt")
