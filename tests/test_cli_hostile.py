@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -81,8 +80,10 @@ def test_an_interrupt_says_what_is_on_disk(moment, ckpt, tmp_path, capsys, monke
     assert "stage_0.py" in old
     if moment == "writing":
         monkeypatch.setattr(save_module, "save_weights", interrupt_first(save_module.save_weights))
-    elif moment == "removing the old output":
-        monkeypatch.setattr(save_module, "shutil", types.SimpleNamespace(rmtree=interrupt_first(shutil.rmtree)))
+    elif moment == "removing the old output":  # as the hidden directory that held it goes
+        rmdir = os.rmdir
+        monkeypatch.setattr(os, "rmdir", lambda path, *args, **kwargs: (
+            interrupt_first(rmdir) if os.path.basename(path).startswith(".out.") else rmdir)(path, *args, **kwargs))
     else:
         monkeypatch.setattr(cli_module, "_show", interrupt_first(cli_module._show))
     code, _, err = run_cli(capsys, ckpt, "--out", out, "--force", "--no-validate", "-q", "--offline")
