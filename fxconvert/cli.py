@@ -93,43 +93,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit code."""
-    args, started = None, time.time()
+    args, started, signals = None, time.time(), []
     try:
-        with _sigterm_interrupts():
+        with _interrupts(signals):
             args = build_parser().parse_args(argv)
             with _offline_env(args.offline):
-                return run(args)
+                code = run(args)
+            if signals:  # a library caught the KeyboardInterrupt and carried on
+                raise KeyboardInterrupt
+            return code
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
     except KeyboardInterrupt:
-        _fail(f"interrupted; {_on_disk(args, started)}", args)
-        return EXIT_INTERRUPTED
+        return _interrupted(args, started)
     except BrokenPipeError:  # stdout closed early (| head): stop quietly, as rich does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
-    except UsageError as e:
-        _fail(str(e), args)
-        return EXIT_USAGE
-    except FxConvertError as e:
-        _fail(str(e), args)
-        return EXIT_FAILURE
     except Exception as e:
+        if signals:  # a library caught the KeyboardInterrupt and raised another error
+            return _interrupted(args, started)
+        if isinstance(e, FxConvertError):
+            _fail(str(e), args)
+            return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
         hint = "" if args is not None and args.verbose else " (rerun with -v for the traceback)"
         _fail(f"unexpected {type(e).__name__}: {_first_line(e)}{hint}", args)
         return EXIT_FAILURE
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt during the run, so that it cleans up and reports as Ctrl-C does."""
+def _interrupts(received: list):
+    """Ctrl-C and SIGTERM alike raise KeyboardInterrupt, and are recorded in `received`.
+
+    The record matters because some libraries catch a KeyboardInterrupt that lands in their
+    imports and raise another error, or carry on; the run must still end as interrupted.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # under nohup, or a background job: ignored stays ignored
+            signal.signal(s, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _interrupted(args, started: float) -> int:
+    _fail(f"interrupted; {_on_disk(args, started)}", args)
+    return EXIT_INTERRUPTED
 
 
 def _on_disk(args, started: float) -> str:

@@ -2,6 +2,7 @@
 values, and config text or paths holding control characters. Each failure is one line and the
 right exit code; what is on disk is what the message says."""
 
+import importlib
 import os
 import shutil
 import signal
@@ -98,6 +99,31 @@ def test_an_interrupt_says_what_is_on_disk(moment, ckpt, tmp_path, capsys, monke
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no hidden temporary or old directory
 
 
+@pytest.mark.parametrize("library", ["raises another error", "carries on"])
+def test_an_interrupt_a_library_swallows_still_ends_the_run(library, ckpt, tmp_path, capsys, monkeypatch):
+    """As transformers' lazy imports do with a Ctrl-C that lands in them (seen as ModuleNotFoundError)."""
+    trace_module = importlib.import_module("fxconvert.trace")  # fxconvert.trace is the function
+    trace_with_stats = trace_module.trace_with_stats
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt lands here
+        except BaseException as e:  # noqa: BLE001 - the library's doing
+            if library == "raises another error":
+                raise ModuleNotFoundError("Could not import module 'T5ForConditionalGeneration'") from e
+        return trace_with_stats(*args, **kwargs)
+
+    monkeypatch.setattr(trace_module, "trace_with_stats", swallowing)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, ckpt, "--out", out, "--no-validate", "--offline")
+    assert code == 130
+    assert err.strip().splitlines()[-1] == ("fxconvert: error: interrupted; nothing was written"
+                                            if library == "raises another error" else
+                                            f"fxconvert: error: interrupted; the output in {out} is complete")
+    assert os.listdir(tmp_path) == ([] if library == "raises another error" else ["out"])
+
+
 # The program, with SIGTERM sent to itself while it writes the weights.
 SIGTERM_WHILE_WRITING = r"""
 import os, signal, sys
@@ -138,7 +164,7 @@ runpy.run_module("fxconvert", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6, 1.0])
 def test_ctrl_c_during_the_imports_is_one_line(delay, ckpt, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", READY_AT_TORCH, str(ckpt), "--out", str(tmp_path / "out")],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
