@@ -85,11 +85,11 @@ def load_tokenizer(directory, *, required=True):
 
 
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise ValueError(f"key {repeated[0]!r} appears twice")
-    return dict(pairs)
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return obj
 
 
 def _parse(raw: bytes, where: str) -> tuple[str, dict]:
@@ -210,7 +210,7 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     examples = []
     for number, (_, obj) in enumerate(parsed, 1):
         labels = obj["labels"][:max_target_length]
-        if all(v == IGNORE_INDEX for v in labels):
+        if max_target_length is not None and all(v == IGNORE_INDEX for v in labels):
             _nothing_to_learn(f"{name}:{number} (cut to --max-target-length {max_target_length})")
         examples.append(Example(obj["input_ids"][:max_source_length], labels))
     return examples
