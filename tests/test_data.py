@@ -60,6 +60,13 @@ def test_text_lines_are_tokenized_as_the_tokenizer_itself_does(tmp_path, tokeniz
         assert len(example.input_ids) <= (source_max or 99) and len(example.labels) <= (target_max or 99)
 
 
+def test_no_max_length_means_no_truncation_even_past_model_max_length(tmp_path, t5_tokenizer_dir):
+    # "default settings": tokenizer(text) does not truncate, it only warns past model_max_length
+    tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer_dir, model_max_length=3)
+    (example,) = read_jsonl(write(tmp_path / "d.jsonl", text_lines(TEXTS[:1])), tokenizer=tokenizer)
+    assert example.input_ids == tokenizer(TEXTS[0][0])["input_ids"] and len(example.input_ids) == 7
+
+
 def test_token_id_lines_are_cut_to_the_max_lengths(tmp_path):
     rows = [{"input_ids": [5, 6, 7, 8, 1], "labels": [9, -100, 1]}, {"input_ids": [4], "labels": [3, 2]}]
     path = write(tmp_path / "d.jsonl", rows)
