@@ -17,7 +17,8 @@ same file see exactly the same batches, and a resumed run continues where it sto
 - A batch is padded on the right to its own longest input and longest labels: input_ids with
   pad_token_id, attention_mask 1 on real tokens, labels with -100; decoder_input_ids are the
   padded labels shifted right behind decoder_start_token_id, -100 replaced by pad_token_id
-  (what transformers' T5 does when given labels alone). Everything is int64.
+  (what transformers' T5 does when given labels alone). Everything is int64. A runtime that
+  sizes its buffers once may pad to fixed lengths instead (`collate(..., pad_to=...)`).
 - Microbatches are `torch.tensor_split(tensor, M)` along dim 0: the first B % M microbatches
   hold one row more. All microbatches of a batch share the batch's padded lengths.
 
@@ -68,9 +69,7 @@ def load_tokenizer(directory, *, required=True):
     if not any((directory / name).is_file() for name in VOCAB_FILES):
         if not required:
             return None
-        raise DataError(
-            f"{_shown(directory)} has no tokenizer (none of {', '.join(VOCAB_FILES)}); {NO_TOKENIZER}"
-        )
+        raise DataError(f"{_shown(directory)} has no tokenizer (none of {', '.join(VOCAB_FILES)}); {NO_TOKENIZER}")
     from transformers import AutoTokenizer
 
     try:
@@ -109,10 +108,12 @@ def _parse(raw: bytes, where: str) -> dict:
         raise DataError(f"{where}: invalid JSON ({_shown(str(e).splitlines()[0][:120])}); {FIX}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; {FIX}")
+    if not obj:
+        raise DataError(f"{where}: an empty object; {FIX}")
     unknown = sorted(set(obj) - {*TEXT_KEYS, *ID_KEYS})
     if unknown:
         raise DataError(f"{where}: unknown key {unknown[0]!r}; {FIX}")
-    if set(obj) & set(TEXT_KEYS) and set(obj) & set(ID_KEYS) or not obj:
+    if set(obj) & set(TEXT_KEYS) and set(obj) & set(ID_KEYS):
         raise DataError(f"{where}: mixes text and token-id keys ({', '.join(sorted(obj))}); {FIX}")
     keys = TEXT_KEYS if set(obj) & set(TEXT_KEYS) else ID_KEYS
     missing = [k for k in keys if k not in obj]
@@ -259,7 +260,7 @@ def collate(examples, *, pad_token_id, decoder_start_token_id, pad_to=None) -> d
     for name, value in (("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)):
         if type(value) is not int:
             raise UsageError(f"{name} is {value!r}, not a token id; set {name} in the model's config.json")
-    source_length, target_length = pad_to if pad_to is not None else (None, None)
+    source_length, target_length = (_positive(v, "pad_to") for v in pad_to) if pad_to is not None else (None, None)
     input_ids = _pad([e.input_ids for e in examples], pad_token_id, source_length, "--max-source-length")
     attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, source_length, "--max-source-length")
     labels = _pad([e.labels for e in examples], IGNORE_INDEX, target_length, "--max-target-length")

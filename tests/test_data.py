@@ -117,7 +117,7 @@ HOSTILE = {
     "null": ("null", "a JSON NoneType, not an object"),
     "missing_labels": ({"input_ids": [5]}, "missing key 'labels'"),
     "missing_target": ({"input": "w1"}, "missing key 'target'"),
-    "empty_object": ({}, "mixes text and token-id keys"),
+    "empty_object": ({}, "an empty object"),
     "mixed": ({"input": "w1", "labels": [5]}, "mixes text and token-id keys"),
     "both_formats": ({"input": "w1", "target": "w2", "input_ids": [5], "labels": [6]}, "mixes text and token-id keys"),
     "unknown_key": ({**GOOD, "attention_mask": [1, 1]}, "unknown key 'attention_mask'"),
