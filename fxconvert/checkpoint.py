@@ -123,8 +123,8 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
         root.mkdir(parents=True, exist_ok=True)
         remove_stale(run_dir)
         tmp.mkdir()
-    barrier()  # the tmp directory exists and is empty
     try:
+        barrier()  # the tmp directory exists and is empty
         for index, state in states.items():
             _write(tmp / stage_file(index), lambda f, state=state: torch.save(state, f))
         _write(tmp / rank_file(rank), lambda f: torch.save(rng, f))
