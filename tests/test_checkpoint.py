@@ -255,6 +255,16 @@ def test_load_errors_name_the_missing_piece(tmp_path):
         load_checkpoint(path, rank=0, stage_indices=[0])
 
 
+def test_load_refuses_files_of_the_wrong_shape(tmp_path):
+    path = save_single(tmp_path, 1, toy_states())
+    torch.save({"x": 1}, path / "rank_0.pt")
+    with pytest.raises(CheckpointError, match="rank_0.pt holds no random states"):
+        load_checkpoint(path, rank=0, stage_indices=[])
+    torch.save([1, 2], path / "stage_1.pt")
+    with pytest.raises(CheckpointError, match="stage_1.pt holds no model and optimizer states"):
+        load_checkpoint(path, rank=0, stage_indices=[1])
+
+
 def test_check_meta_names_what_differs_and_the_fix(tmp_path):
     path = save_single(tmp_path, 1, toy_states())
     meta = json.loads((path / "meta.json").read_text())

@@ -310,3 +310,42 @@ def test_a_broken_conversion_directory(setup, edit, message):
     errors = run_ranks([[0, 1]], modules, out, conv)
     assert message in _one_line(errors)
     assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("variant_name", ["original", "v1_1"])
+def test_export_of_a_real_pipeline_conversion(tmp_path, capsys, variant_name):
+    """End to end with what `fxconvert CKPT --stages 2` writes: pipeline.json, stage files, config, tokenizer."""
+    pipeline = pytest.importorskip("fxconvert.pipeline", reason="this tree has no fxconvert.pipeline "
+                                   "(pipeline.json and stage files from --stages) yet")
+    from checkpoints import write_checkpoint
+    from fxconvert.cli import main
+
+    checkpoint, conv, out = tmp_path / "ck", tmp_path / "conv", tmp_path / "run" / "hf"
+    model = write_checkpoint(checkpoint, variant=variant_name)
+    (checkpoint / "spiece.model").write_bytes(TOKENIZER_FILES["spiece.model"])
+    assert main([str(checkpoint), "--stages", "2", "--out", str(conv)]) == 0
+    capsys.readouterr()
+    loaded_pipeline = pipeline.load_pipeline(conv)
+    modules = [loaded_pipeline.load_stage(i) for i in range(2)]
+    g = torch.Generator().manual_seed(0)
+    moved = {}
+    with torch.no_grad():
+        for module in modules:
+            for name, p in module.named_parameters():
+                if name not in loaded_pipeline.shared_weights or name not in moved:
+                    moved[name] = torch.randn(p.shape, generator=g) * 0.01
+                p.add_(moved[name])
+
+    assert run_ranks([[0], [1]], modules, out, conv) == [None, None]
+    loaded, info = transformers.T5ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    assert (out / "spiece.model").read_bytes() == TOKENIZER_FILES["spiece.model"]
+    assert (out / "config.json").read_bytes() == (conv / "config.json").read_bytes()
+    batch = helpers.random_inputs(NAMES, 2, 7, 5, seed=3)
+    with torch.no_grad():
+        values = modules[0](*[batch[n] for n in loaded_pipeline.stages[0]["inputs"]])
+        ours = modules[1](*values, **{n: batch[n] for n in loaded_pipeline.stages[1]["inputs"]})
+        theirs = loaded.eval()(**batch, use_cache=False).loss
+        untrained = model(**batch, use_cache=False).loss
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert abs(untrained - ours) > 1e-4
