@@ -118,13 +118,18 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
         raise CheckpointError(f"a checkpoint step must be a non-negative integer, got {step!r}")
     if "num_stages" not in meta:
         raise CheckpointError("checkpoint meta has no 'num_stages'; pass the pipeline's stage count in meta")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint meta must be plain JSON data ({e}); convert paths and objects to "
+                              f"strings") from e
     root = checkpoints_dir(run_dir)
     tmp, final = root / f".step_{step}.tmp", root / f"step_{step}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_stale(run_dir)
-        tmp.mkdir()
     try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale(run_dir)
+            tmp.mkdir()
         barrier()  # the tmp directory exists and is empty
         for index, state in states.items():
             _write(tmp / stage_file(index), lambda f, state=state: torch.save(state, f))
@@ -133,11 +138,21 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
         if rank == 0:
             _complete(tmp, final, step=step, world_size=world_size, meta=meta)
         barrier()  # no rank goes on (or exits) before the checkpoint is in place
+    except OSError as e:
+        _abandon(tmp, rank)
+        raise CheckpointError(f"cannot write checkpoint step {step} in {root}: {e.strerror or e}"
+                              f"{f' ({e.filename})' if e.filename else ''}; free space or fix permissions, "
+                              f"then resume") from e
     except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _abandon(tmp, rank)
         raise
     return final
+
+
+def _abandon(tmp: Path, rank: int) -> None:
+    """Rank 0 removes a save that failed; a tmp name held by something else than a directory stays."""
+    if rank == 0 and tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict) -> None:

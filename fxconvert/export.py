@@ -139,10 +139,10 @@ def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor
     for stage in states:
         if stage not in plan.names:
             raise ExportError(f"rank {rank} passes stage {stage}, but the pipeline has stages 0..{plan.num_stages - 1}")
-    if rank == 0:
-        _remove(tmp)
-        tmp.mkdir(parents=True)
     try:
+        if rank == 0:
+            _remove(tmp)
+            tmp.mkdir(parents=True)
         barrier()  # the tmp directory exists and is empty
         for stage, state in sorted(states.items()):
             _write_shard(tmp / shard_name(stage, plan.num_stages), stage, state, plan)
@@ -150,6 +150,11 @@ def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor
         if rank == 0:
             _finish(tmp, out, plan, directory)
         barrier()  # no rank goes on before run/hf is in place
+    except OSError as e:
+        if rank == 0:
+            _remove(tmp)
+        raise ExportError(f"cannot write {out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
+                          f"free space or fix permissions, then export again") from e
     except BaseException:
         if rank == 0:
             _remove(tmp)

@@ -307,3 +307,19 @@ def test_two_ranks_save_and_a_killed_rank_leaves_no_checkpoint(tmp_path):
     assert latest_checkpoint(run) == first
     remove_stale(run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
+
+
+def test_save_refuses_meta_that_is_not_json(tmp_path):
+    with pytest.raises(CheckpointError, match="plain JSON data"):
+        save_single(tmp_path, 1, toy_states(), meta={"data": tmp_path})
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_write_failure_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".step_1.tmp").write_text("not ours: a file")
+    with pytest.raises(CheckpointError, match="cannot write checkpoint step 1 .*File exists") as e:
+        save_single(tmp_path, 1, toy_states())
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "checkpoints" / ".step_1.tmp").read_text() == "not ours: a file"
+    assert latest_checkpoint(tmp_path) is None

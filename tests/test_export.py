@@ -349,3 +349,11 @@ def test_export_of_a_real_pipeline_conversion(tmp_path, capsys, variant_name):
         untrained = model(**batch, use_cache=False).loss
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     assert abs(untrained - ours) > 1e-4
+
+
+def test_an_unwritable_destination_is_one_line(setup, tmp_path):
+    modules, _, conv, _ = setup
+    (tmp_path / "run").write_text("a file where the run directory should be")
+    errors = run_ranks([[0, 1]], modules, tmp_path / "run" / "hf", conv)
+    assert "cannot write" in _one_line(errors) and "fix permissions" in _one_line(errors)
+    assert (tmp_path / "run").read_text() == "a file where the run directory should be"
