@@ -607,7 +607,7 @@ def traced_isinstance(obj, classinfo) -> bool:
     """
     if isinstance(obj, classinfo):
         return True
-    if isinstance(obj, _TracedValue) and isinstance(obj, Proxy):
+    if isinstance(obj, _TracedValue):
         node = obj.node
         value = obj.tracer._attributes.get(node.target) if node.op == "get_attr" else node.meta.get("val")
         return isinstance(value, torch.Tensor) and isinstance(value, classinfo)
