@@ -513,11 +513,16 @@ def stage_sources(stages: Stages) -> dict[str, str]:
 
 def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
     """pipeline.json as a dict: per stage its blocks, parameters (with their transformers names), shared
-    weights, and the values it receives and sends, with symbolic shapes (see `symbolic_boundaries`)."""
+    weights, and the values it receives and sends, with symbolic shapes (see `symbolic_boundaries`).
+
+    A parameter's `hf_name` is its transformers name; `tied_hf_names`, present only when the
+    eager model ties the same tensor under more names without the graph sharing it, lists
+    the others. Shared weights list all their tied names under `shared_weights`.
+    """
     from fxconvert.pipeline import tokenizer_sources
 
     weights_keys = set(conversion.module.state_dict())
-    hf_name = _hf_names(conversion)
+    hf_names = _hf_names(conversion)
     sent = symbolic_boundaries(stages, conversion)
     rows = []
     for spec in stages.specs:
@@ -526,8 +531,10 @@ def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
             if name not in weights_keys:
                 raise SplitError(f"stage {spec.index} holds {name}, which weights.safetensors does not")
             size = t.numel() * t.element_size()
-            parameters.append({"name": name, "weights_key": name, "hf_name": hf_name(name, t),
-                               "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": size})
+            hf_name, *tied = hf_names(name, t)
+            parameters.append({"name": name, "weights_key": name, "hf_name": hf_name,
+                               "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": size,
+                               **({"tied_hf_names": tied} if tied else {})})
         rows.append({
             "index": spec.index,
             "file": f"stage_{spec.index}.py",
@@ -561,29 +568,31 @@ def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
 
 
 def _hf_names(conversion: Conversion):
-    """name, tensor -> the transformers name of a stage tensor.
+    """name, tensor -> the transformers names of a stage tensor, the one mirroring its module path first.
 
     A shared weight is named by its first tied name (all of them are in the manifest's
     shared_weights). Every other tensor is found by identity among the eager model's
-    state dict, which the converted module shares; its name there mirrors the module path.
+    state dict, which the converted module shares. A tensor the eager model ties under
+    several names but the graph reads once (T5EncoderModel's embedding is also
+    `shared.weight`) is not lifted; its other names are listed too.
     """
     eager = {}
     if conversion.model is not None:
         for name, t in conversion.model.state_dict(keep_vars=True).items():
             eager.setdefault(id(t), []).append(name)
 
-    def hf_name(name: str, t: torch.Tensor) -> str:
+    def hf_names(name: str, t: torch.Tensor) -> list[str]:
         if name in conversion.shared_weights:
-            return conversion.shared_weights[name][0]
-        names = eager.get(id(t), [])
+            return conversion.shared_weights[name][:1]
+        path = name.removeprefix("graph_module.")
         if conversion.model is None:
-            return name.removeprefix("graph_module.")
-        if len(names) != 1:
-            raise SplitError(f"cannot name {name} in transformers terms: the eager model holds it as "
-                             f"{names or 'nothing'}")
-        return names[0]
+            return [path]
+        names = eager.get(id(t))
+        if not names:
+            raise SplitError(f"cannot name {name} in transformers terms: the eager model does not hold it")
+        return sorted(names, key=lambda n: n != path)
 
-    return hf_name
+    return hf_names
 
 
 # Two meta runs of the stages whose sizes all differ between the runs, each size by a different

@@ -279,10 +279,7 @@ def test_manifest_names_every_eager_tensor_and_counts_its_bytes(converted, n):
         "fxconvert-pipeline", 1, n, "T5ForConditionalGeneration", "t5")
     assert (m["output_name"], m["weights"], m["config"]) == ("loss", "weights.safetensors", "config.json")
     assert m["input_names"] == ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
-    hf_names = [p["hf_name"] for s in m["stages"] for p in s["parameters"] if p["name"] not in m["shared_weights"]]
-    shared_names = [name for w in m["shared_weights"].values() for name in w["hf_names"]]
-    assert len(hf_names) == len(set(hf_names))
-    assert sorted(hf_names + shared_names) == sorted(eager_state)  # exactly the eager state dict's names
+    assert sorted(all_hf_names(m)) == sorted(eager_state)  # exactly the eager state dict's names, each once
     for name, shared in m["shared_weights"].items():
         assert shared["stages"] == [s["index"] for s in m["stages"] if name in s["shared_weights"]]
     unique = {}
@@ -296,6 +293,28 @@ def test_manifest_names_every_eager_tensor_and_counts_its_bytes(converted, n):
         assert stage["parameter_bytes"] == sum(p["bytes"] for p in stage["parameters"])
     assert sum(unique.values()) == sum(t.numel() * t.element_size() for t in weights.values())
     assert set(unique) == set(weights)
+
+
+def all_hf_names(m: dict) -> list[str]:
+    """Every transformers name in a manifest: parameters (and their tied aliases), then shared weights."""
+    names = [n for s in m["stages"] for p in s["parameters"] if p["name"] not in m["shared_weights"]
+             for n in [p["hf_name"], *p.get("tied_hf_names", [])]]
+    return names + [n for w in m["shared_weights"].values() for n in w["hf_names"]]
+
+
+def test_a_tied_tensor_the_graph_reads_once_lists_all_its_names():
+    """T5EncoderModel ties `shared` to `encoder.embed_tokens` but reads it once: nothing is lifted, and the
+    parameter carries both names (the one mirroring its module path first)."""
+    from fxconvert.stages import pipeline_manifest, split_stages
+
+    model = helpers.build("T5EncoderModel")
+    conversion = convert(model)
+    assert conversion.shared_weights == {}
+    m = pipeline_manifest(split_stages(conversion, 2), conversion)
+    assert sorted(all_hf_names(m)) == sorted(model.state_dict())
+    (embedding,) = [p for p in m["stages"][0]["parameters"] if "tied_hf_names" in p]
+    assert (embedding["hf_name"], embedding["tied_hf_names"]) == ("encoder.embed_tokens.weight", ["shared.weight"])
+    assert not any("tied_hf_names" in p for s in m["stages"] for p in s["parameters"] if p is not embedding)
 
 
 # -- config and tokenizer files -------------------------------------------------------------------
