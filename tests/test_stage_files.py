@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 from fxconvert import convert
 from fxconvert.cli import main
 from fxconvert.errors import UsageError
-from fxconvert.pipeline import TOKENIZER_FILES, PipelineError, load_pipeline
-from fxconvert.stages import SIZE_PROBES
+from fxconvert.pipeline import SIZE_PROBES, TOKENIZER_FILES, PipelineError, load_pipeline
 
 import helpers
 from checkpoints import write_checkpoint
@@ -305,7 +304,7 @@ def all_hf_names(m: dict) -> list[str]:
 def test_a_tied_tensor_the_graph_reads_once_lists_all_its_names():
     """T5EncoderModel ties `shared` to `encoder.embed_tokens` but reads it once: nothing is lifted, and the
     parameter carries both names (the one mirroring its module path first)."""
-    from fxconvert.stages import pipeline_manifest, split_stages
+    from fxconvert.stages import pipeline_manifest, split_stages  # the names the pipeline interface pins
 
     model = helpers.build("T5EncoderModel")
     conversion = convert(model)
