@@ -403,3 +403,19 @@ def test_meta_conversion_writes_stage_files_without_weights(tmp_path):
     assert all(p.device.type == "meta" for p in module.build().parameters())
     with pytest.raises(FileNotFoundError, match="meta device, so no weights were written; use build"):
         pipeline.load_stage(1)
+
+
+@pytest.mark.parametrize("heads", [2, 3])  # the batch size of the first, then of the second size probe
+def test_a_head_count_equal_to_a_probe_batch_stays_fixed(heads):
+    from fxconvert.stages import pipeline_manifest, split_stages
+
+    assert heads in [p["batch"] for p in SIZE_PROBES]
+    conversion = convert(helpers.build(num_heads=heads, d_kv=8))
+    stages = split_stages(conversion, 4)
+    m = pipeline_manifest(stages, conversion)
+    shapes = [v["shape"] for v in m["stages"][1]["received"]]
+    assert [1, heads, "encoder_length", "encoder_length"] in shapes  # encoder block 0's position bias
+    # and it resolves to what the stages send at a batch equal to the head count
+    inputs = helpers.random_inputs(conversion.input_names, heads, 9, 6)
+    values = stages.stage_module(0)(**{n: inputs[n] for n in stages.specs[0].inputs})
+    assert [list(v.shape) for v in values] == [resolve(s, (heads, 9, 6)) for s in shapes]
