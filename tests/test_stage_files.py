@@ -419,3 +419,22 @@ def test_a_head_count_equal_to_a_probe_batch_stays_fixed(heads):
     inputs = helpers.random_inputs(conversion.input_names, heads, 9, 6)
     values = stages.stage_module(0)(**{n: inputs[n] for n in stages.specs[0].inputs})
     assert [list(v.shape) for v in values] == [resolve(s, (heads, 9, 6)) for s in shapes]
+
+
+def test_tokenizer_files_come_from_the_hub_cache_snapshot(tmp_path, monkeypatch):
+    """A model found in the Hugging Face cache: its tokenizer files are beside config.json in the snapshot."""
+    import huggingface_hub.constants
+
+    from checkpoints import fake_hub_cache
+
+    write_checkpoint(tmp_path / "ckpt")
+    make_tokenizer(tmp_path / "ckpt")
+    files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    fake_hub_cache(tmp_path / "cache", "someone/tiny-t5", tmp_path / "ckpt", files=files)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    conversion = convert("someone/tiny-t5", offline=True)
+    assert conversion.source.origin == "Hugging Face cache"
+    conversion.save(tmp_path / "out", stages=2)
+    assert manifest(tmp_path / "out")["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ckpt" / name).read_bytes()
