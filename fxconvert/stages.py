@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from fxconvert.codegen import forward_source
 from fxconvert.convert import Conversion, ConvertedModule
 from fxconvert.errors import UsageError, describe_node
 from fxconvert.graph_utils import is_impure
@@ -79,9 +78,12 @@ class Stages(ConvertedModule):
     once. The stages share every other parameter with the conversion they were cut from.
     """
 
-    def __init__(self, graph_module, shared, input_names, specs: list[StageSpec]):
+    def __init__(self, graph_module, shared, input_names, specs: list[StageSpec], *, model_class: str = "",
+                 output_name: str = ""):
         super().__init__(graph_module, shared, input_names)
         self.specs = list(specs)
+        self.model_class = model_class
+        self.output_name = output_name
 
     @property
     def stages(self) -> list[torch.fx.GraphModule]:
@@ -344,7 +346,8 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
         ))
     driver = _driver(placeholders, specs, modules)
     shared_params = {name: getattr(conversion.module, name) for name in conversion.module.shared_names}
-    stages = Stages(driver, shared_params, conversion.input_names, specs)
+    stages = Stages(driver, shared_params, conversion.input_names, specs, model_class=conversion.model_class,
+                    output_name=conversion.output_name)
     stages.train(conversion.module.training)
     return stages
 
@@ -424,11 +427,6 @@ def _value_row(node: torch.fx.Node) -> dict:
     }
 
 
-def stage_sources(stages: Stages) -> dict[str, str]:
-    """`stage_<i>.py` -> its text (imports plus the stage's forward)."""
-    return {f"stage_{spec.index}.py": forward_source(gm) for spec, gm in zip(stages.specs, stages.stages)}
-
-
 def write_stage_sources(stages: Stages, directory) -> list[Path]:
     """Write the `stage_<i>.py` files into `directory`; return the paths."""
     directory = Path(directory)
@@ -440,5 +438,9 @@ def write_stage_sources(stages: Stages, directory) -> list[Path]:
     return paths
 
 
+# The stage files and pipeline.json are written by fxconvert.pipeline (which imports this module
+# at its top, so this import comes last).
+from fxconvert.pipeline import pipeline_manifest, stage_sources  # noqa: E402
+
 __all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_sources",
-           "write_stage_sources"]
+           "write_stage_sources", "pipeline_manifest"]
