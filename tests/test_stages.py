@@ -170,18 +170,18 @@ def test_shared_weight_and_training_reach_the_stages_that_use_them():
     assert "padding_mask" in tied.specs[1].recomputed
 
 
-def test_balance_minimises_the_largest_stage():
+def test_balance_by_params_minimises_the_largest_stage():
     """Per-block parameter bytes from a one-block-per-stage split; every contiguous grouping is tried."""
     conv = conversion("tied")
-    per_block = [row["parameter_bytes"] for row in stage_table(split_stages(conv, 4))]
+    per_block = [row["parameter_bytes"] for row in stage_table(split_stages(conv, 4, balance="params"))]
     for num_stages in (2, 3):
-        rows = stage_table(split_stages(conv, num_stages))
+        rows = stage_table(split_stages(conv, num_stages, balance="params"))
         best = min(
             max(sum(per_block[a:b]) for a, b in zip((0, *cuts), (*cuts, 4)))
             for cuts in itertools.combinations(range(1, 4), num_stages - 1)
         )
         assert max(r["parameter_bytes"] for r in rows) == best
-    assert [r["blocks"] for r in stage_table(split_stages(conv, 2))] == [
+    assert [r["blocks"] for r in stage_table(split_stages(conv, 2, balance="params"))] == [
         ["encoder.block.0", "encoder.block.1"], ["decoder.block.0", "decoder.block.1"]]
 
 
