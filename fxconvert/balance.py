@@ -253,8 +253,8 @@ def _one_round(stages, inputs) -> list[float]:
     forward, saved = [], []
     values = ()
     for spec, gm in zip(stages.specs, stages.stages):
-        received = [v.detach().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
-                    for v in values]
+        received = [v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+                    for v in values]  # a value needs a gradient where it needs one in the unsplit graph
         args = [*received, *(inputs[n] for n in spec.inputs), *(getattr(stages, w) for w in spec.shared_weights),
                 True]
         start = time.perf_counter()

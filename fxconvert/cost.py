@@ -141,9 +141,13 @@ def op_flops(func, args, kwargs, out) -> int:
 
 
 def op_bytes(func, args, kwargs, out) -> int:
-    """Bytes one aten op reads and writes: its tensor arguments and results (a view moves nothing)."""
+    """Bytes one aten op reads and writes: its tensor arguments and results (a view moves nothing;
+    a lookup reads only the rows it writes, not its whole table)."""
     if func.is_view or func.overloadpacket in _FREE:
         return 0
+    if func.overloadpacket is torch.ops.aten.embedding:
+        weight, indices = args[0], args[1]
+        return indices.numel() * indices.element_size() + 2 * out.numel() * out.element_size()
     return sum(t.numel() * t.element_size() for t in pytree.tree_leaves((args, kwargs, out))
                if isinstance(t, torch.Tensor))
 
@@ -193,7 +197,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         self._owner: dict = {}  # autograd node -> NodeCost of the fx node that created it
         self._meta: dict = {}  # id(tensor) -> its meta twin
         self._twins: dict = {}  # module path -> meta twin of that leaf module
-        self._weights: set = set()  # storages of the twins: parameters are not activations
+        self.weights: set = set()  # storages of the twins: parameters are not activations
 
     def meta(self, value):
         if not isinstance(value, torch.Tensor):
@@ -202,7 +206,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         if twin is None:
             twin = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
             twin = self._meta[id(value)] = twin.requires_grad_(value.requires_grad)
-            self._weights.add(twin.untyped_storage()._cdata)
+            self.weights.add(twin.untyped_storage()._cdata)
         return twin
 
     def call_module(self, target, args, kwargs):
@@ -256,7 +260,7 @@ class _CostInterpreter(torch.fx.Interpreter):
     def pack(self, tensor):
         cost = self.counter.current
         storage = tensor.untyped_storage()
-        if cost is not None and storage._cdata not in self._weights:  # parameters (and views of them) apart
+        if cost is not None and storage._cdata not in self.weights:  # parameters (and views of them) apart
             cost.saved[storage._cdata] = storage.nbytes()
         return tensor
 
@@ -265,17 +269,30 @@ def analyze(conversion, *, sizes: Sizes = Sizes(), roofline: Roofline = Roofline
     """Cost of every node of `conversion.graph_module` at `sizes`, in training mode (see the module docstring)."""
     gm = conversion.graph_module
     module = conversion.module
+    args, weights = [], []
+    for p in gm.graph.find_nodes(op="placeholder"):
+        if p.target == TRAINING:
+            args.append(True)
+        elif p.target in module.shared_names:
+            weight = getattr(module, p.target)
+            weights.append(torch.empty(weight.shape, dtype=weight.dtype, device="meta").requires_grad_())
+            args.append(weights[-1])
+        else:
+            args.append(_input_at(p, sizes))
+    return run_costs(gm, args, sizes=sizes, roofline=roofline, weights=weights)
+
+
+def run_costs(gm: torch.fx.GraphModule, args, *, sizes: Sizes | None = None, roofline: Roofline = Roofline(),
+              weights=()) -> GraphCost:
+    """Run `gm` on `args` (meta tensors; the module's own parameters get meta twins), forward then backward of
+    every output that requires grad (with gradients of ones), and record each node's cost.
+
+    `weights`: tensors among `args` that are parameters (their storages are not activations).
+    """
     counter = _OpCounter(roofline)
     interpreter = _CostInterpreter(gm, counter)
+    interpreter.weights.update(w.untyped_storage()._cdata for w in weights)
     with counter, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, lambda t: t):
-        args = []
-        for p in gm.graph.find_nodes(op="placeholder"):
-            if p.target == TRAINING:
-                args.append(True)
-            elif p.target in module.shared_names:
-                args.append(interpreter.meta(getattr(module, p.target)))
-            else:
-                args.append(_input_at(p, sizes))
         out = interpreter.run(*args)
         counter.backward = True
         tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -310,5 +327,5 @@ def flops_text(flops: float) -> str:
     return f"{flops / 1000 ** power:.3g} {units[power]}FLOP"
 
 
-__all__ = ["Sizes", "Roofline", "NodeCost", "GraphCost", "analyze", "op_flops", "op_bytes", "FLOP_RULES",
+__all__ = ["Sizes", "Roofline", "NodeCost", "GraphCost", "analyze", "run_costs", "op_flops", "op_bytes", "FLOP_RULES",
            "parameter_bytes", "flops_text"]
