@@ -90,14 +90,47 @@ def test_stages_compose_to_the_converted_module(case, num_stages, mode):
         whole.eval()
 
 
+# Every way of choosing the cuts; sizes with a long encoder, so that "time" and "params" cut differently.
+BALANCES = {"params": dict(balance="params"),
+            "time": dict(balance="time", batch=3, encoder_length=48, decoder_length=4),
+            "profile": dict(balance="profile", batch=3, encoder_length=48, decoder_length=4)}
+
+
+@pytest.mark.parametrize("balance", list(BALANCES))
+@pytest.mark.parametrize("case", ["tied", "untied_head", "umt5"])
+def test_stages_compose_for_every_balance(case, balance):
+    conv = conversion(case)
+    stages = split_stages(conv, 3, **BALANCES[balance])
+    whole = conv.module
+    names = {id(p): n for n, p in whole.named_parameters()}
+    for module in (whole, stages):
+        module.train()
+    try:
+        inputs = inputs_for(conv)
+        expected, expected_grads = run_with_grads(whole, inputs)
+        actual, actual_grads = run_with_grads(stages, inputs)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+        assert_same_grads(expected_grads, actual_grads, names)
+    finally:
+        whole.eval()
+
+
+def test_time_balance_cuts_differently_from_params():
+    """So that the balance modes above test different splits."""
+    conv = conversion("tied")
+    blocks = {b: [s.blocks for s in split_stages(conv, 3, **kw).specs] for b, kw in BALANCES.items() if b != "profile"}
+    assert blocks["time"] != blocks["params"]
+
+
+@pytest.mark.parametrize("balance", list(BALANCES))
 @pytest.mark.parametrize("pad", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("num_stages", [2, 3, 4])
-def test_stage_modules_as_the_pipeline_runs_them(num_stages, pad):
+def test_stage_modules_as_the_pipeline_runs_them(num_stages, pad, balance):
     """Each stage on its own, with its own copy of the shared weight: positional = received values, keywords =
     model inputs. Summed over the copies, the shared weight's gradient is the converted module's (what the
     pipeline's all-reduce does); every other gradient and the loss match as they are."""
     conv = conversion("tied")
-    stages = split_stages(conv, num_stages)
+    stages = split_stages(conv, num_stages, **BALANCES[balance])
     modules = [stages.stage_module(i).train() for i in range(num_stages)]
     conv.module.train()
     try:
