@@ -480,10 +480,12 @@ def stage_table(stages: Stages) -> list[dict]:
     stage that uses one receives it.
     """
     rows = []
+    plan = stages.plan
     for spec, gm in zip(stages.specs, stages.stages):
         params = list(gm.parameters())
         out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         sent = [_value_row(n) for n in out.args[0]] if spec.sent else []
+        predicted = plan.stages[spec.index] if plan is not None else None
         rows.append({
             "stage": spec.index,
             "blocks": list(spec.blocks),
@@ -497,8 +499,44 @@ def stage_table(stages: Stages) -> list[dict]:
             "sent": sent,
             "sent_bytes": sum(v["bytes"] or 0 for v in sent),
             "recomputed": list(spec.recomputed),
+            # predictions at the sizes the split was balanced for (None without them), per microbatch
+            "flops": spec.flops,
+            "flops_share": plan.flop_shares[spec.index] if plan is not None else None,
+            "seconds": predicted.seconds if predicted is not None else None,
+            "time_share": plan.shares[spec.index] if plan is not None else None,
+            "activation_bytes": predicted.activation_bytes if predicted is not None else None,
+            "in_flight": predicted.in_flight if predicted is not None else None,
+            "peak_bytes": spec.peak_bytes,
+            "sent_bytes_per_microbatch": predicted.sent_bytes if predicted is not None else None,
+            "bottleneck": plan.bottleneck == spec.index if plan is not None else None,
         })
     return rows
+
+
+def stage_plan(stages: Stages) -> dict | None:
+    """How the split was chosen and its predicted pipeline behaviour, as plain data (None without predictions).
+
+    `seconds` are predicted forward + backward seconds per microbatch (measured ones with
+    balance="profile"); `step_seconds` is one step of `microbatches` under the schedule.
+    """
+    plan = stages.plan
+    if plan is None:
+        return None
+    return {
+        "balance": plan.balance,
+        "batch": plan.sizes.batch,
+        "encoder_length": plan.sizes.encoder_length,
+        "decoder_length": plan.sizes.decoder_length,
+        "schedule": plan.schedule,
+        "microbatches": plan.microbatches,
+        "bottleneck": plan.bottleneck,
+        "bubble_fraction": plan.bubble_fraction,
+        "step_seconds": plan.step_seconds,
+        "seconds": [s.seconds for s in plan.stages],
+        "time_share": plan.shares,
+        "flops": [s.flops for s in plan.stages],
+        "peak_bytes": [s.peak_bytes for s in plan.stages],
+    }
 
 
 def _value_row(node: torch.fx.Node) -> dict:
@@ -529,5 +567,5 @@ def write_stage_sources(stages: Stages, directory) -> list[Path]:
     return paths
 
 
-__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_sources",
+__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan", "stage_sources",
            "write_stage_sources"]
