@@ -230,20 +230,20 @@ def real_inputs(input_names, sizes: Sizes, *, vocab_size: int, d_model: int | No
     return out
 
 
-def measure_stage_seconds(stages, inputs: dict, *, repeats: int = 3) -> list[float]:
+def measure_stage_seconds(stages, inputs: dict, *, repeats: int = 3, warmup: int = 1) -> list[float]:
     """Median forward + backward seconds of each stage on `inputs`, run as a pipeline runs them.
 
     Each stage's forward runs on the previous stage's detached outputs; backward runs from
     the last stage to the first with the gradients the next stage returned, in training
     mode. Gradients are taken with `torch.autograd.grad`, so no parameter's `.grad` changes,
-    and the caller's random state is restored. One untimed round comes first.
+    and the caller's random state is restored. `warmup` untimed rounds come first.
     """
     samples = [[] for _ in stages.specs]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        for round_ in range(repeats + 1):
+        for round_ in range(repeats + warmup):
             times = _one_round(stages, inputs)
-            if round_:
+            if round_ >= warmup:
                 for s, t in enumerate(times):
                     samples[s].append(t)
     return [statistics.median(s) for s in samples]
