@@ -115,12 +115,14 @@ class UnitCosts:
     """Costs of the units (blocks with their attached nodes) that stages are made of.
 
     `nodes_of[u]`: the graph nodes of unit u; `seconds[u]`, `flops[u]`: forward + backward;
-    `owned[u]`: bytes of the parameters it owns; `shared[u]`: the shared weights it reads.
+    `owned[u]`: bytes of the parameters it owns; `shared[u]`: the shared weights it reads;
+    `cut_bytes[u]`: bytes sent across the cut after unit u.
     Activations of a run of units are the union of their saved storages (`GraphCost.saved_bytes`).
     """
 
-    def __init__(self, graph_cost: GraphCost, nodes_of, owned, shared, shared_bytes):
+    def __init__(self, graph_cost: GraphCost, nodes_of, owned, shared, shared_bytes, cut_bytes):
         self.graph_cost = graph_cost
+        self.cut_bytes = cut_bytes  # per microbatch, crossing the cut after unit u
         self.nodes_of = nodes_of
         self.owned = owned
         self.shared = shared

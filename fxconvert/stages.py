@@ -239,7 +239,19 @@ def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs) -> "balancing.
                if a.op == "placeholder" and a.target in shared_names} for members in nodes_of]
     shared_bytes = {name: getattr(conversion.module, name).numel() * getattr(conversion.module, name).element_size()
                     for name in shared_names}
-    return balancing.UnitCosts(graph_cost, nodes_of, list(owned_costs), shared, shared_bytes)
+    # bytes crossing each possible cut (after unit u): values made up to u and read after it, unless recomputed
+    gm = conversion.graph_module
+    model_inputs = {p for p in gm.graph.find_nodes(op="placeholder") if p.target not in shared_names
+                    and p.target != TRAINING}
+    recomputable = _recomputable(gm, model_inputs)
+    cut_bytes = [0] * max(count - 1, 0)
+    for node in nodes:
+        if node in recomputable:
+            continue
+        last = max((count - 1 if u.op == "output" else unit[u] for u in node.users), default=unit[node])
+        for u in range(unit[node], last):
+            cut_bytes[u] += graph_cost.value_bytes(node)
+    return balancing.UnitCosts(graph_cost, nodes_of, list(owned_costs), shared, shared_bytes, cut_bytes)
 
 
 # -- assignment ----------------------------------------------------------------------------

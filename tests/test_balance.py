@@ -135,6 +135,32 @@ def test_sent_bytes_are_what_the_stages_send():
         assert predicted.sent_bytes == sent
 
 
+def test_bytes_across_every_possible_cut():
+    """The cost model's bytes across each cut between blocks equal what the stages cut there send."""
+    conv = conversion()
+    per_block = split_stages(conv, 6, **SIZES)
+    assert [s.sent_bytes for s in per_block.plan.stages[:-1]] == cut_bytes(conv)
+    for num_stages in (2, 3, 4):
+        stages = split_stages(conv, num_stages, balance="params", **SIZES)  # sizes only for the predictions
+        plan = stages.plan
+        ends = [sum(len(s.blocks) for s in stages.specs[:i + 1]) for i in range(len(stages.specs) - 1)]
+        assert [s.sent_bytes for s in plan.stages[:-1]] == [cut_bytes(conv)[e - 1] for e in ends]
+
+
+def cut_bytes(conv):
+    import fxconvert.stages as st
+    from fxconvert.cost import Sizes, analyze
+
+    gm = conv.graph_module
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    block_of = st._block_of_nodes(gm, nodes)
+    blocks = sorted(set(block_of.values()), key=st._block_key)
+    unit = st._attach_to_blocks(nodes, block_of, [st._block_key(b) for b in blocks])
+    costs = [0] * len(blocks)
+    units = st._unit_costs(conv, analyze(conv, sizes=Sizes(**SIZES)), nodes, unit, costs)
+    return units.cut_bytes
+
+
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_peak_memory_follows_the_schedule(schedule):
     """GPipe holds every microbatch's activations on every stage; 1F1B holds at most S - s on stage s."""
@@ -205,3 +231,22 @@ def test_measured_stage_times_leave_the_callers_state_alone():
     assert torch.equal(torch.rand(3), expected)  # the random stream is the caller's
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
     assert all(p.grad is None for p in conv.module.parameters())
+
+
+def test_report_shows_a_bar_per_stage():
+    """The terminal report draws one bar per stage, the longest for the bottleneck; files get the table."""
+    from rich.console import Console
+
+    from fxconvert.report import Report, print_rich, render, stage_plan_section
+    from fxconvert.stages import stage_plan, stage_table
+
+    stages = split_stages(conversion(), 3, **SIZES)
+    section = stage_plan_section(stage_table(stages), stage_plan(stages))
+    console = Console(record=True, width=120, color_system=None)
+    print_rich(Report("t", "ok", sections=[section]), console)
+    bars = [line for line in console.export_text().splitlines() if "█" in line]
+    assert [line.split()[:2] for line in bars] == [["stage", "0"], ["stage", "1"], ["stage", "2"]]
+    lengths = [line.count("█") for line in bars]
+    assert lengths.index(max(lengths)) == stages.plan.bottleneck and max(lengths) == 40
+    markdown = render(Report("t", "ok", sections=[section]), "markdown")
+    assert "fwd+bwd FLOPs" in markdown and f"stage {stages.plan.bottleneck}" in markdown
