@@ -184,7 +184,12 @@ def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "tim
             raise SplitError(str(e)) from None
         microbatches = microbatches or max(4, num_stages)
         units = _unit_costs(conversion, analyze(conversion, sizes=sizes), nodes, unit, costs)
-    measured = balancing.profile_units(conversion, len(blocks), units.graph_cost.sizes) if balance == "profile" else None
+    measured = None
+    if balance == "profile":
+        try:
+            measured = balancing.profile_units(conversion, len(blocks), units.graph_cost.sizes)
+        except UsageError as e:
+            raise SplitError(str(e)) from None
     if balance == "params":
         cost = _range_sums(costs)
     else:

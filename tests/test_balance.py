@@ -250,3 +250,18 @@ def test_report_shows_a_bar_per_stage():
     assert lengths.index(max(lengths)) == stages.plan.bottleneck and max(lengths) == 40
     markdown = render(Report("t", "ok", sections=[section]), "markdown")
     assert "fwd+bwd FLOPs" in markdown and f"stage {stages.plan.bottleneck}" in markdown
+
+
+def test_a_meta_device_model_is_balanced_by_prediction_not_by_profile():
+    """A model without weights (built on the meta device) can be costed, not run."""
+    import transformers
+
+    from helpers import tiny_config
+
+    with torch.device("meta"):
+        model = transformers.T5ForConditionalGeneration(tiny_config()).eval()
+    conv = convert(model)
+    stages = split_stages(conv, 2, **SIZES)
+    assert all(s.flops > 0 for s in stages.specs)
+    with pytest.raises(SplitError, match="balance='profile' runs the blocks and needs real weights"):
+        split_stages(conv, 2, balance="profile", **SIZES)
