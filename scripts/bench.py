@@ -645,7 +645,20 @@ def measure_balance(ctx) -> list[Result]:
     (`fxconvert.balance.measure_stage_seconds`: forward on the previous stage's detached
     outputs, backward with the next stage's gradients), one round of each split in turn
     (AB BA ...). A stage's time is the median of its rounds.
+
+    On one torch thread, whatever --threads says: each stage of a pipeline runs in a process of its
+    own, and with 4 stages on a small machine each gets one core at most. (On a busy 2-core machine,
+    2 threads per stage made these timings swing by a factor of ten from thread hand-offs alone.)
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure_balance(ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_balance(ctx) -> list[Result]:
     from fxconvert.balance import measure_stage_seconds, real_inputs
     from fxconvert.stages import split_stages
 
