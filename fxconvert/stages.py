@@ -172,44 +172,17 @@ def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "tim
     costs = [0] * len(blocks)
     for node, param in _owned_parameters(gm, nodes):
         costs[unit[node]] += param.numel() * param.element_size()
-    given = (batch, encoder_length, decoder_length)
     units = None
-    if balance != "params" or max_stage_bytes is not None or any(v is not None for v in given):
-        defaults = Sizes()
-        try:
-            sizes = Sizes(defaults.batch if batch is None else batch,
-                          defaults.encoder_length if encoder_length is None else encoder_length,
-                          defaults.decoder_length if decoder_length is None else decoder_length)
-        except UsageError as e:
-            raise SplitError(str(e)) from None
+    if balance != "params" or max_stage_bytes is not None or any(v is not None for v in
+                                                                   (batch, encoder_length, decoder_length)):
+        sizes = _sizes(batch, encoder_length, decoder_length)
         microbatches = microbatches or max(4, num_stages)
         units = _unit_costs(conversion, analyze(conversion, sizes=sizes), nodes, unit, costs)
-    measured = None
-    if balance == "profile":
-        try:
-            measured = balancing.profile_units(conversion, len(blocks), units.graph_cost.sizes)
-        except UsageError as e:
-            raise SplitError(str(e)) from None
-    if balance == "params":
-        cost = _range_sums(costs)
+    if balance == "params" and max_stage_bytes is None:
+        group, measured = _balance(costs, num_stages), None  # the rule of earlier versions, kept exactly
     else:
-        cost = _range_sums(measured if measured is not None else [f + b for f, b in zip(units.forward, units.backward)])
-    fits = None
-    if max_stage_bytes is not None:
-        def fits(j, i, stage):
-            return units.peak_bytes(j, i, stage, num_stages, schedule, microbatches) <= max_stage_bytes
-    if balance == "params" and fits is None:
-        group = _balance(costs, num_stages)  # the rule of earlier versions, kept exactly
-    else:
-        group = balancing.best_groups(len(blocks), num_stages, cost, fits)
-    if group is None:
-        least = min(units.peak_bytes(j, j + 1, 0, num_stages, schedule, microbatches) for j in range(len(blocks)))
-        raise SplitError(
-            f"no split into {num_stages} contiguous stages keeps every stage's predicted peak memory within "
-            f"max_stage_bytes={max_stage_bytes:,} (the smallest one-block stage 0 alone needs {least:,} bytes at "
-            f"{_sizes_text(units.graph_cost.sizes)}, {schedule}, {microbatches} microbatches); raise the cap, "
-            f"use more stages or fewer microbatches"
-        )
+        group, measured = _choose(conversion, units, costs, num_stages, balance=balance, schedule=schedule,
+                                  microbatches=microbatches, max_stage_bytes=max_stage_bytes)
     stage_of = {node: group[u] for node, u in unit.items()}
     _check_monotone(nodes, stage_of)
     stages = _build(conversion, stage_of, [[b for b, g in zip(blocks, group) if g == s] for s in range(num_stages)])
@@ -221,6 +194,42 @@ def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "tim
         for spec, stage in zip(stages.specs, stages.plan.stages):
             spec.flops, spec.peak_bytes = stage.flops, stage.peak_bytes
     return stages
+
+
+def _sizes(batch, encoder_length, decoder_length) -> Sizes:
+    defaults = Sizes()
+    try:
+        return Sizes(defaults.batch if batch is None else batch,
+                     defaults.encoder_length if encoder_length is None else encoder_length,
+                     defaults.decoder_length if decoder_length is None else decoder_length)
+    except UsageError as e:
+        raise SplitError(str(e)) from None
+
+
+def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, microbatches, max_stage_bytes):
+    """(group of each unit, measured seconds per unit or None): the best split under the memory cap."""
+    measured = None
+    if balance == "profile":
+        try:
+            measured = balancing.profile_units(conversion, len(units), units.graph_cost.sizes)
+        except UsageError as e:
+            raise SplitError(str(e)) from None
+    per_unit = {"params": param_costs, "profile": measured,
+                "time": [f + b for f, b in zip(units.forward, units.backward)]}[balance]
+    fits = None
+    if max_stage_bytes is not None:
+        def fits(j, i, stage):
+            return units.peak_bytes(j, i, stage, num_stages, schedule, microbatches) <= max_stage_bytes
+    group = balancing.best_groups(len(units), num_stages, _range_sums(per_unit), fits)
+    if group is None:
+        least = min(units.peak_bytes(j, j + 1, 0, num_stages, schedule, microbatches) for j in range(len(units)))
+        raise SplitError(
+            f"no split into {num_stages} contiguous stages keeps every stage's predicted peak memory within "
+            f"max_stage_bytes={max_stage_bytes:,} (a first stage of one block alone needs at least {least:,} bytes "
+            f"at {_sizes_text(units.graph_cost.sizes)}, {schedule}, {microbatches} microbatches); raise the cap, "
+            f"use more stages or fewer microbatches"
+        )
+    return group, measured
 
 
 def _range_sums(values):
