@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, metavar="N", help="also split the converted graph into N pipeline "
                    "stages at T5 block boundaries: a report table, importable stage_<i>.py files, pipeline.json, "
                    "config.json and the source's tokenizer files")
+    p.add_argument("--balance", choices=("time", "params", "profile"), default="time",
+                   help="what --stages evens out: predicted time at --seq-lengths (default), parameter bytes, "
+                        "or time measured on this machine")
+    p.add_argument("--seq-lengths", metavar="ENC,DEC", help="encoder and decoder tokens the stages are balanced "
+                                                            "for (default: 512,128)")
+    p.add_argument("--batch", type=int, metavar="B", help="sequences per microbatch the stages are balanced for "
+                                                          "(default: 8)")
     p.add_argument("--diff", action="store_true", help="add a unified diff of the code before and after the "
                                                        "passes")
     verbosity = p.add_mutually_exclusive_group()
@@ -146,6 +153,9 @@ def run(args) -> int:
         raise UsageError(f"--config {args.config}: no such file")
     if args.stages is not None and args.stages < 1:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
+    lengths = _seq_lengths(args.seq_lengths)
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
     for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
         if value is not None and not 0 <= value < float("inf"):
             raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
@@ -209,11 +219,17 @@ def run(args) -> int:
     if args.stages is not None:
         with progress.step("split", f"splitting into {args.stages} stages", timings) as step:
             from fxconvert.pipeline import pipeline_output
+            from fxconvert.report import stage_plan_section
+            from fxconvert.stages import split_stages, stage_plan, stage_table
 
-            output = pipeline_output(conversion, args.stages)
+            stages = split_stages(conversion, args.stages, balance=args.balance, batch=args.batch,
+                                  encoder_length=lengths[0], decoder_length=lengths[1])
+            output = pipeline_output(conversion, stages)
             extra.append(output.section)
+            if stages.plan is not None:
+                extra.append(stage_plan_section(stage_table(stages), stage_plan(stages)))
             extra_files = output.files
-            step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in output.stages.specs)
+            step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
         conversion.timings["split"] = timings["split"]
 
     def make_report(detail=True):
@@ -232,6 +248,17 @@ def run(args) -> int:
     if not args.quiet:
         progress.console.print(f"Wrote {out}{os.sep} ({', '.join(saved.files)})", highlight=False)
     return EXIT_OK
+
+
+def _seq_lengths(text):
+    """--seq-lengths ENC,DEC -> (ENC, DEC); None -> (None, None), the defaults."""
+    if text is None:
+        return None, None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--seq-lengths takes two positive integers, encoder and decoder tokens, as ENC,DEC "
+                         f"(e.g. 512,128), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _show(report, args) -> None:

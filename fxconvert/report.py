@@ -42,6 +42,7 @@ class Section:
     code: str | None = None
     language: str = "diff"
     notes: list[str] = field(default_factory=list)
+    bars: list[tuple[str, float, str]] = field(default_factory=list)  # (label, share 0..1, caption), terminal only
 
 
 @dataclass
@@ -261,6 +262,38 @@ def stages_section(rows: list[dict]) -> Section:
     )
 
 
+def stage_plan_section(rows: list[dict], plan: dict) -> Section:
+    """Predicted cost of each stage (`stage_table` rows and `stage_plan`), with a bar of its time share."""
+    from fxconvert.cost import flops_text
+
+    measured = plan["balance"] == "profile"
+    table = []
+    for r in rows:
+        table.append([r["stage"], f"{flops_text(r['flops'])} ({r['flops_share']:.0%})",
+                      f"{_seconds(r['seconds'])} ({r['time_share']:.0%})", _bytes(r["activation_bytes"]),
+                      _bytes(r["peak_bytes"]), r["in_flight"],
+                      _bytes(r["sent_bytes_per_microbatch"]), "yes" if r["bottleneck"] else ""])
+    fields = {
+        "balanced by": {"time": "predicted time (FLOPs and bytes moved)", "params": "parameter bytes",
+                        "profile": "measured time on this machine"}[plan["balance"]],
+        "sizes": f"batch {plan['batch']} per microbatch, encoder {plan['encoder_length']}, "
+                 f"decoder {plan['decoder_length']} tokens",
+        "schedule": f"{plan['schedule']}, {plan['microbatches']} microbatches",
+        "bottleneck": f"stage {plan['bottleneck']}",
+        "bubble": f"{plan['bubble_fraction']:.0%} of the stages' time idle "
+                  f"(one step {_seconds(plan['step_seconds'])})",
+    }
+    return Section(
+        "stage_plan", "Stage costs (predicted)" if not measured else "Stage costs (time measured)", plan,
+        fields=fields,
+        tables=[Table(["stage", "fwd+bwd FLOPs", "fwd+bwd time" + (" (measured)" if measured else ""),
+                       "activations", "peak memory", "in flight", "sends", "bottleneck"], table)],
+        bars=[(f"stage {r['stage']}", r["time_share"], f"{r['time_share']:.0%}") for r in rows],
+        notes=["per microbatch; peak memory = parameters, gradients and Adam state (a shared weight on every "
+               "stage holding a copy) + activations of the microbatches in flight"],
+    )
+
+
 def _bytes(n) -> str:
     if n is None:
         return "-"
@@ -313,10 +346,28 @@ def print_rich(report: Report, console) -> None:
             for row in table.rows:
                 rt.add_row(*(Text(_cell(c, "\n"), style=_rich_style(c)) for c in row))
             console.print(rt)
+        if section.bars:
+            console.print(_rich_bars(section.bars, width=40))
         if section.code is not None:
             console.print(Syntax(section.code, section.language, theme="ansi_dark", background_color="default"))
         for note in section.notes:
             console.print(Text(note, style="dim"))
+
+
+def _rich_bars(bars, *, width: int):
+    """One bar per row, scaled so that the largest share fills `width` cells; the largest is highlighted."""
+    from rich.text import Text
+
+    largest = max((share for _, share, _ in bars), default=0) or 1
+    label_width = max(len(label) for label, _, _ in bars)
+    text = Text()
+    for label, share, caption in bars:
+        cells = round(width * share / largest)
+        text.append(f"{label:<{label_width}} ")
+        text.append("█" * cells, style="bold red" if share == largest else "cyan")
+        text.append(" " * (width - cells) + f" {caption}\n")
+    text.rstrip()
+    return text
 
 
 def _markdown(report: Report) -> str:
