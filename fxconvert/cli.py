@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("rich", "plain", "markdown", "json"),
                    help="report format on stdout (default: rich)")
     p.add_argument("--stages", type=int, metavar="N", help="also split the converted graph into N pipeline "
-                   "stages at T5 block boundaries: a report table and stage_<i>.py files")
+                   "stages at T5 block boundaries: a report table, importable stage_<i>.py files, pipeline.json, "
+                   "config.json and the source's tokenizer files")
     p.add_argument("--diff", action="store_true", help="add a unified diff of the code before and after the "
                                                        "passes")
     verbosity = p.add_mutually_exclusive_group()
@@ -200,12 +201,13 @@ def run(args) -> int:
     extra_files = {}
     if args.stages is not None:
         with progress.step("split", f"splitting into {args.stages} stages", timings) as step:
+            from fxconvert.pipeline import pipeline_files
             from fxconvert.report import stages_section
-            from fxconvert.stages import split_stages, stage_sources, stage_table
+            from fxconvert.stages import split_stages, stage_table
 
             stages = split_stages(conversion, args.stages)
             extra.append(stages_section(stage_table(stages)))
-            extra_files = stage_sources(stages)
+            extra_files = pipeline_files(stages, conversion)
             step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
         conversion.timings["split"] = timings["split"]
 

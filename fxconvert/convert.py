@@ -71,11 +71,14 @@ class Conversion:
     def code(self) -> str:
         return self.graph_module.code
 
-    def save(self, out_dir, *, force: bool = False, validation=None, diff: bool = False):
+    def save(self, out_dir, *, force: bool = False, validation=None, diff: bool = False, stages=None):
         """Write model.py, weights.safetensors, report.md and report.json to `out_dir`, atomically.
 
         An existing directory is refused unless `force`. `validation` (a
         `fxconvert.validate.ValidationResult`) and `diff` add those sections to the reports.
+        `stages` (a number of stages, or `fxconvert.stages.Stages` split from this conversion)
+        also writes what `--stages` does: stage files, pipeline.json, config.json and the
+        tokenizer files (`fxconvert.pipeline`), and a stage table in the reports.
         Returns the `fxconvert.save.Saved` record (paths and the report written).
         """
         from fxconvert.report import build_report, diff_section
@@ -84,8 +87,18 @@ class Conversion:
             raise UsageError("this conversion kept no traced code to diff; convert with keep_traced_code=True")
         from fxconvert.save import save
 
-        return save(self, out_dir, force=force, make_report=lambda: build_report(
-            self, validation=validation, extra=[diff_section(self)] if diff else []))
+        extra, extra_files = [diff_section(self)] if diff else [], {}
+        if stages is not None:
+            from fxconvert.pipeline import pipeline_files
+            from fxconvert.report import stages_section
+            from fxconvert.stages import split_stages, stage_table
+
+            if isinstance(stages, int):
+                stages = split_stages(self, stages)
+            extra.append(stages_section(stage_table(stages)))
+            extra_files = pipeline_files(stages, self)
+        return save(self, out_dir, force=force, extra_files=extra_files,
+                    make_report=lambda: build_report(self, validation=validation, extra=extra))
 
 
 class ConvertedModule(torch.nn.Module):

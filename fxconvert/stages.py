@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from fxconvert.codegen import forward_source
 from fxconvert.convert import Conversion, ConvertedModule
 from fxconvert.errors import UsageError, describe_node
 from fxconvert.graph_utils import is_impure
@@ -79,9 +78,12 @@ class Stages(ConvertedModule):
     once. The stages share every other parameter with the conversion they were cut from.
     """
 
-    def __init__(self, graph_module, shared, input_names, specs: list[StageSpec]):
+    def __init__(self, graph_module, shared, input_names, specs: list[StageSpec], *, model_class: str = "",
+                 output_name: str = ""):
         super().__init__(graph_module, shared, input_names)
         self.specs = list(specs)
+        self.model_class = model_class
+        self.output_name = output_name
 
     @property
     def stages(self) -> list[torch.fx.GraphModule]:
@@ -344,7 +346,8 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
         ))
     driver = _driver(placeholders, specs, modules)
     shared_params = {name: getattr(conversion.module, name) for name in conversion.module.shared_names}
-    stages = Stages(driver, shared_params, conversion.input_names, specs)
+    stages = Stages(driver, shared_params, conversion.input_names, specs, model_class=conversion.model_class,
+                    output_name=conversion.output_name)
     stages.train(conversion.module.training)
     return stages
 
@@ -424,9 +427,224 @@ def _value_row(node: torch.fx.Node) -> dict:
     }
 
 
+# -- stage files and pipeline.json ---------------------------------------------------------------
+
+WEIGHTS_FILE, CONFIG_FILE, PIPELINE_FILE = "weights.safetensors", "config.json", "pipeline.json"
+
+_STAGE_DOC = """Stage {index} of {num_stages} of {model_class} in FTPipe's pre-partitioning form, written by fxconvert {version}.
+
+It runs the blocks in BLOCKS ({blocks}) and owns its parameters, with its
+own copy of each shared weight in SHARED_WEIGHTS. It takes the values in RECEIVED from
+the previous stage positionally, then the model inputs in INPUTS (positionally on the
+first stage, by keyword on later ones), and returns {returns}.
+
+    import stage_{index}  # this file
+    stage = stage_{index}.load()  # only this stage's tensors, from weights.safetensors beside this file
+    {usage}
+
+`build()` gives the module without weights (on the meta device). Copies of a shared weight
+stay equal only if their gradients are summed over the stages that hold them before each
+optimizer step. pipeline.json describes every stage. Needs torch, safetensors and
+fxconvert.runtime; not transformers.
+"""
+
+_SENT_FUNCTION = '''
+def _sent(values):
+    """The values sent to the next stage, contiguous: point-to-point communication sends contiguous buffers."""
+    for name, value in zip(SENT, values):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"this stage sends {name}, which is {type(value).__name__} for this input; "
+                            f"only tensors can cross a pipeline boundary")
+    return tuple(value.contiguous() for value in values)
+'''
+
+
+def stage_parameters(stages: Stages, index: int) -> dict[str, torch.Tensor]:
+    """Stage `index`'s state dict as its stage file names it (and as weights.safetensors keys it)."""
+    spec, gm = stages.specs[index], stages.stages[index]
+    state = {f"graph_module.{name}": t for name, t in gm.state_dict(keep_vars=True).items()}
+    state.update({name: getattr(stages, name) for name in spec.shared_weights})
+    return state
+
+
 def stage_sources(stages: Stages) -> dict[str, str]:
-    """`stage_<i>.py` -> its text (imports plus the stage's forward)."""
-    return {f"stage_{spec.index}.py": forward_source(gm) for spec, gm in zip(stages.specs, stages.stages)}
+    """`stage_<i>.py` -> its text: a module a user imports on its own, as model.py (see the docstrings)."""
+    import fxconvert
+    from fxconvert.codegen import check_names, module_source
+
+    num_stages = len(stages.specs)
+    on_meta = any(t.device.type == "meta" for t in stages.state_dict().values())
+    (model_class,) = check_names("the model class name", [stages.model_class or "Model"])
+    (output,) = check_names("the output name", [stages.output_name or "output"])
+    sources = {}
+    for spec, gm in zip(stages.specs, stages.stages):
+        first, last = spec.index == 0, spec.index == num_stages - 1
+        received = check_names("the received value", spec.received)
+        inputs = check_names("the input name", spec.inputs)
+        arguments = received + inputs if first else received + [f"{n}={n}" for n in inputs]
+        doc = _STAGE_DOC.format(
+            index=spec.index, num_stages=num_stages, model_class=model_class, version=fxconvert.__version__,
+            blocks=", ".join(spec.blocks),
+            returns=f"the model's output, `{output}`" if last else "the values in SENT, as a tuple of contiguous tensors",
+            usage=f"{output if last else 'sent'} = stage({', '.join(arguments)})",
+        )
+        constants = {
+            "STAGE": spec.index,
+            "NUM_STAGES": num_stages,
+            "BLOCKS": list(spec.blocks),
+            "RECEIVED": list(received),
+            "INPUTS": list(inputs),
+            "SENT": list(spec.sent),
+            "OUTPUT_NAME": stages.output_name,
+        }
+        parameters = {name: name for name in stage_parameters(stages, spec.index)}
+        filename = f"stage_{spec.index}.py"
+        sources[filename] = module_source(
+            gm, filename=filename, doc=doc, constants=constants, wrapper="Stage",
+            wrapper_doc="One pipeline stage: owns its parameters (and shared-weight copies), passes them with "
+                        "`self.training` to the graph.",
+            graph_doc="the received values, then the model inputs",
+            signature=received + inputs, shared={n: getattr(stages, n) for n in spec.shared_weights},
+            parameters=parameters, weights=WEIGHTS_FILE, on_meta=on_meta,
+            extra="" if last else _SENT_FUNCTION, wrap="" if last else "_sent",
+        )
+    return sources
+
+
+def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
+    """pipeline.json as a dict: per stage its blocks, parameters (with their transformers names), shared
+    weights, and the values it receives and sends, with symbolic shapes (see `symbolic_boundaries`)."""
+    from fxconvert.pipeline import tokenizer_sources
+
+    weights_keys = set(conversion.module.state_dict())
+    hf_name = _hf_names(conversion)
+    sent = symbolic_boundaries(stages, conversion)
+    rows = []
+    for spec in stages.specs:
+        parameters = []
+        for name, t in stage_parameters(stages, spec.index).items():
+            if name not in weights_keys:
+                raise SplitError(f"stage {spec.index} holds {name}, which weights.safetensors does not")
+            size = t.numel() * t.element_size()
+            parameters.append({"name": name, "weights_key": name, "hf_name": hf_name(name, t),
+                               "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": size})
+        rows.append({
+            "index": spec.index,
+            "file": f"stage_{spec.index}.py",
+            "blocks": list(spec.blocks),
+            "inputs": list(spec.inputs),
+            "received": sent[spec.index - 1] if spec.index else [],
+            "sent": sent[spec.index],
+            "shared_weights": list(spec.shared_weights),
+            "parameters": parameters,
+            "parameter_bytes": sum(p["bytes"] for p in parameters),
+        })
+    config = getattr(conversion.model, "config", None)
+    return {
+        "format": "fxconvert-pipeline",
+        "version": 1,
+        "model_class": conversion.model_class,
+        "model_type": getattr(config, "model_type", None),
+        "num_stages": len(stages.specs),
+        "input_names": list(conversion.input_names),
+        "output_name": conversion.output_name,
+        "weights": WEIGHTS_FILE,
+        "config": CONFIG_FILE,
+        "tokenizer_files": sorted(tokenizer_sources(conversion.source)),
+        "shared_weights": {
+            name: {"hf_names": list(conversion.shared_weights.get(name, [])),
+                   "stages": [spec.index for spec in stages.specs if name in spec.shared_weights]}
+            for name in conversion.module.shared_names
+        },
+        "stages": rows,
+    }
+
+
+def _hf_names(conversion: Conversion):
+    """name, tensor -> the transformers name of a stage tensor.
+
+    A shared weight is named by its first tied name (all of them are in the manifest's
+    shared_weights). Every other tensor is found by identity among the eager model's
+    state dict, which the converted module shares; its name there mirrors the module path.
+    """
+    eager = {}
+    if conversion.model is not None:
+        for name, t in conversion.model.state_dict(keep_vars=True).items():
+            eager.setdefault(id(t), []).append(name)
+
+    def hf_name(name: str, t: torch.Tensor) -> str:
+        if name in conversion.shared_weights:
+            return conversion.shared_weights[name][0]
+        names = eager.get(id(t), [])
+        if conversion.model is None:
+            return name.removeprefix("graph_module.")
+        if len(names) != 1:
+            raise SplitError(f"cannot name {name} in transformers terms: the eager model holds it as "
+                             f"{names or 'nothing'}")
+        return names[0]
+
+    return hf_name
+
+
+# Two meta runs of the stages whose sizes all differ between the runs, each size by a different
+# pair of values: a dimension that changes follows the one size that changed the same way (a head
+# count equal to one run's batch size cannot pass for the batch); one that does not change is fixed.
+SIZE_PROBES = ({"batch": 2, "encoder_length": 7, "decoder_length": 5},
+               {"batch": 3, "encoder_length": 11, "decoder_length": 13})
+
+
+def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dict]]:
+    """Per stage, the values it sends ({name, dtype, shape}); sizes that follow the batch or a
+    sequence length are "batch", "encoder_length" or "decoder_length", the others ints."""
+    runs = [_sent_values(stages, conversion, sizes) for sizes in SIZE_PROBES]
+    out = []
+    for spec, first, second in zip(stages.specs, *runs):
+        values = []
+        for name, a, b in zip(spec.sent, first, second):
+            shape = []
+            for dim, (x, y) in enumerate(zip(a.shape, b.shape)):
+                if x == y:
+                    shape.append(x)
+                    continue
+                follows = [size for size in SIZE_PROBES[0] if (SIZE_PROBES[0][size], SIZE_PROBES[1][size]) == (x, y)]
+                if len(follows) != 1 or a.dim() != b.dim():
+                    raise SplitError(f"stage {spec.index} sends {name}, whose dimension {dim} ({x}, then {y}) follows "
+                                     f"neither the batch nor a sequence length; pipeline.json cannot describe it")
+                shape.append(follows[0])
+            values.append({"name": name, "dtype": str(a.dtype).removeprefix("torch."), "shape": shape})
+        out.append(values)
+    return out
+
+
+def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[list[torch.Tensor]]:
+    """The values each stage sends when the stages run on meta copies with inputs of `sizes`."""
+    from fxconvert.trace import INPUT_SPECS
+
+    config = getattr(conversion.model, "config", None)
+    dtype = next((p.dtype for p in stages.parameters() if p.is_floating_point()), torch.float32)
+    lengths = {"encoder": sizes["encoder_length"], "decoder": sizes["decoder_length"]}
+    inputs = {}
+    for name in stages.input_names:
+        kind, seq = INPUT_SPECS[name]
+        shape = (sizes["batch"], lengths[seq]) + ((config.d_model,) if kind == "embeds" else ())
+        inputs[name] = torch.empty(shape, dtype=dtype if kind == "embeds" else torch.long, device="meta")
+    memo = {}
+    for t in [*stages.parameters(), *stages.buffers()]:
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(twin, t.requires_grad) if isinstance(t, torch.nn.Parameter) else twin
+    out, values = [], ()
+    with torch.no_grad():
+        for spec, gm in zip(stages.specs, stages.stages):
+            meta = copy.deepcopy(gm, dict(memo))
+            args = (*values, *(inputs[n] for n in spec.inputs), *(memo[id(getattr(stages, w))]
+                                                                   for w in spec.shared_weights), False)
+            values = meta(*args) if spec.sent else ()
+            for name, value in zip(spec.sent, values):
+                if not isinstance(value, torch.Tensor):
+                    raise SplitError(f"stage {spec.index} sends {name}, which is {type(value).__name__}; only "
+                                     f"tensors can cross a pipeline boundary")
+            out.append(list(values))
+    return out
 
 
 def write_stage_sources(stages: Stages, directory) -> list[Path]:
@@ -441,4 +659,4 @@ def write_stage_sources(stages: Stages, directory) -> list[Path]:
 
 
 __all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_sources",
-           "write_stage_sources"]
+           "write_stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters"]
