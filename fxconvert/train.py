@@ -49,8 +49,10 @@ import gc
 import json
 import math
 import os
+import re
 import signal
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -200,7 +202,7 @@ class Model:
     shared_stages: dict[str, list[int]]
     config: dict
     pipeline_dir: Path | None = None  # a conversion directory (stage files)
-    manifest: dict | None = None  # pipeline.json's content
+    export_files: dict | None = None  # converted here: pipeline.json, config.json, tokenizer files
     tokenizer_dir: Path | None = None
 
 
@@ -226,19 +228,18 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device) -> Model
     from fxconvert.pipeline import load_pipeline
 
     pipeline = load_pipeline(path)
-    manifest = json.loads((path / "pipeline.json").read_text(encoding="utf-8"))
-    _check_stage_count(path, manifest["num_stages"], topo)
-    unknown = sorted({n for s in manifest["stages"] for n in s["inputs"]} - set(INPUT_NAMES))
+    _check_stage_count(path, pipeline.num_stages, topo)
+    unknown = sorted({n for s in pipeline.stages for n in s["inputs"]} - set(INPUT_NAMES))
     if unknown:
         raise UsageError(f"{path}'s stages read {', '.join(unknown)}, which the data does not give; reconvert "
                          f"with the inputs {', '.join(INPUT_NAMES)}")
     parts = {}
     for i in topo.my_stages:
         module = pipeline.load_stage(i, device=str(device))
-        parts[i] = StagePart(i, module.train(), list(manifest["stages"][i]["inputs"]))
-    shared = {name: list(info["stages"]) for name, info in manifest.get("shared_weights", {}).items()}
-    return Model(parts, manifest["num_stages"], shared, _read_config(path / manifest.get("config", "config.json")),
-                 pipeline_dir=path, manifest=manifest, tokenizer_dir=path)
+        parts[i] = StagePart(i, module.train(), list(pipeline.stages[i]["inputs"]))
+    shared = {name: list(info["stages"]) for name, info in pipeline.shared_weights.items()}
+    return Model(parts, pipeline.num_stages, shared, _read_config(path / pipeline.config), pipeline_dir=path,
+                 tokenizer_dir=path)
 
 
 def _check_stage_count(where, count: int, topo: Topology) -> None:
@@ -254,6 +255,7 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     import transformers
 
     from fxconvert.convert import convert
+    from fxconvert.pipeline import pipeline_files
     from fxconvert.stages import split_stages
 
     transformers.utils.logging.disable_progress_bar()
@@ -268,17 +270,13 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     shared = {name: [s.index for s in stages.specs if name in s.shared_weights] for name in conversion.shared_weights}
     config = conversion.model.config.to_dict()
     config["architectures"] = [type(conversion.model).__name__]
-    manifest = None
-    try:
-        from fxconvert.stages import pipeline_manifest
-    except ImportError:
-        pipeline_manifest = None
-    if pipeline_manifest is not None:
-        manifest = pipeline_manifest(stages, conversion)
+    # What a conversion directory would hold besides stage files and weights (pipeline.json, config.json,
+    # tokenizer files): RUN/hf's export reads them from a directory written at export time.
+    files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
     tokenizer_dir = path if path.is_dir() else None
     del conversion, stages
     gc.collect()  # the whole model was here; keep only this rank's stages
-    return Model(parts, topo.num_stages, shared, config, manifest=manifest, tokenizer_dir=tokenizer_dir)
+    return Model(parts, topo.num_stages, shared, config, export_files=files, tokenizer_dir=tokenizer_dir)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -582,8 +580,14 @@ def _export(run: Run, barrier) -> None:
     from fxconvert.export import export_hf
 
     states = {i: part.module.state_dict() for i, part in run.model.parts.items()} if run.topo.replica == 0 else {}
-    source = {"pipeline_dir": run.model.pipeline_dir} if run.model.pipeline_dir else {"manifest": run.model.manifest}
-    export_hf(run.run_dir / "hf", states=states, rank=run.topo.rank, barrier=barrier, **source)
+    if run.model.pipeline_dir is not None:
+        export_hf(run.run_dir / "hf", pipeline_dir=run.model.pipeline_dir, states=states, rank=run.topo.rank,
+                  barrier=barrier)
+        return
+    with tempfile.TemporaryDirectory(prefix="fxconvert-export-") as tmp:  # on every rank: no shared files needed
+        for name, content in run.model.export_files.items():
+            (Path(tmp) / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        export_hf(run.run_dir / "hf", pipeline_dir=tmp, states=states, rank=run.topo.rank, barrier=barrier)
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -591,14 +595,18 @@ def _export(run: Run, barrier) -> None:
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)
+    line = text.splitlines()[0] if text else type(error).__name__
+    # gloo's messages: "[.../pair.cc:537] Read error [addr]: Connection reset by peer. This is typically ..."
+    line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", line)
+    return line.split(". This is typically")[0]
 
 
-def _describe(topo: Topology | None, launch: Launch) -> str:
-    if topo is None:
-        return f"rank {launch.rank}"
-    stages = ", ".join(str(s) for s in topo.my_stages)
-    return f"rank {launch.rank} (stage{'s' if len(topo.my_stages) > 1 else ''} {stages}, replica {topo.replica})"
+def _describe(topo: Topology, launch: Launch, *, rank: int | None = None) -> str:
+    rank = launch.rank if rank is None else rank
+    pipeline_rank, replica = divmod(rank, topo.dp)
+    stages = topo.stages_of(pipeline_rank)
+    listed = ", ".join(str(s) for s in stages)
+    return f"rank {rank} (stage{'s' if len(stages) > 1 else ''} {listed}, replica {replica})"
 
 
 def _free_port() -> int:
@@ -613,8 +621,33 @@ class _Terminated(Exception):
     pass
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated("stopped by the launcher (another rank failed or the run was interrupted)")
+class _Signals:
+    """SIGTERM (torchrun stopping the workers after another one failed) becomes an exception while
+    training; once this rank is reporting its failure, it only sets a flag."""
+
+    def __init__(self):
+        self.reporting = False
+        self.terminated = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.terminated = True
+        if not self.reporting:
+            raise _Terminated("stopped by the launcher (another rank failed, or the run was interrupted)")
+
+
+def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str:
+    """One line for this rank's first error, naming the rank that failed first when another one did."""
+    signals.reporting = True
+    message = _one_line(error)
+    culprit = heartbeat.culprit() if heartbeat is not None else None  # torchrun allows 30 s after SIGTERM
+    if culprit is not None and culprit[0] != run.launch.rank:
+        rank, what = culprit
+        other = Launch(rank, run.launch.world_size, 0)
+        message = f"{_describe(run.topo, other, rank=rank)} failed: {what} (here: {message})"
+    elif heartbeat is not None:
+        heartbeat.record_failure(message)
+    return f"fxconvert.train: error: {_describe(run.topo, run.launch)}: {message}"
 
 
 def main(argv=None) -> int:
@@ -630,7 +663,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"{PROG.split()[-1]}: error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signals = _Signals()
     # Checks before any process group or file: every rank finds the same problem; one line per machine.
     try:
         run = prepare(args, launch)
@@ -640,7 +673,9 @@ def main(argv=None) -> int:
         return 2 if isinstance(e, UsageError) else 1
     import torch.distributed as dist
 
-    topo = run.topo
+    from fxconvert.heartbeat import Heartbeat
+
+    heartbeat = None
     try:
         backend = "nccl" if run.device.type == "cuda" else "gloo"
         if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
@@ -648,15 +683,19 @@ def main(argv=None) -> int:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                                 timeout=timedelta(seconds=args.timeout))
+        if launch.world_size > 1:
+            heartbeat = Heartbeat(launch.rank, launch.world_size)
         train(run)
     except (Exception, _Terminated) as e:
-        print(f"fxconvert.train: error: {_describe(topo, launch)}: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(_report_failure(e, run, heartbeat, signals), file=sys.stderr, flush=True)
         if os.environ.get("FXCONVERT_TRACEBACK"):
             raise
-        return 2 if isinstance(e, UsageError) else 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # no destroy_process_group: with a peer gone it may wait; the process exits and its sockets close
+        sys.stderr.flush()
+        os._exit(2 if isinstance(e, UsageError) else 1)
+    if heartbeat is not None:
+        heartbeat.stop(finished=True)
+    dist.destroy_process_group()
     return 0
 
 
