@@ -76,26 +76,27 @@ def checkpoints_dir(run_dir) -> Path:
 
 
 def rng_state() -> dict:
-    """This process's random states: torch CPU, every CUDA device (when available), python `random`.
+    """This process's random states: torch CPU, the current CUDA device (when available), python `random`.
 
-    Dropout draws from the torch generator of the device it runs on, so a resumed run
-    draws the same masks only if these are restored (`set_rng_state`). python's state is
-    stored as lists so that `torch.load(weights_only=True)` can read it back.
+    Dropout draws from the generator of the device it runs on, so a resumed run draws the
+    same masks only if these are restored (`set_rng_state`). Only the current CUDA device
+    is read: a rank drives one device, and reading every device's state would create a
+    CUDA context on each of them from every rank. python's state is stored as lists so
+    that `torch.load(weights_only=True)` reads it back.
     """
     version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "python": [version, list(internal), gauss],
     }
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state()` captured; CUDA states apply to the devices both runs have."""
+    """Restore what `rng_state()` captured (the CUDA state onto the current device, when both runs have one)."""
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        for device, cuda_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
+    if torch.cuda.is_available() and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -117,14 +118,19 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
         raise CheckpointError(f"a checkpoint step must be a non-negative integer, got {step!r}")
     if "num_stages" not in meta:
         raise CheckpointError("checkpoint meta has no 'num_stages'; pass the pipeline's stage count in meta")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint meta must be plain JSON data ({e}); convert paths and objects to "
+                              f"strings") from e
     root = checkpoints_dir(run_dir)
     tmp, final = root / f".step_{step}.tmp", root / f"step_{step}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_stale(run_dir)
-        tmp.mkdir()
-    barrier()  # the tmp directory exists and is empty
     try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale(run_dir)
+            tmp.mkdir()
+        barrier()  # the tmp directory exists and is empty
         for index, state in states.items():
             _write(tmp / stage_file(index), lambda f, state=state: torch.save(state, f))
         _write(tmp / rank_file(rank), lambda f: torch.save(rng, f))
@@ -132,11 +138,21 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
         if rank == 0:
             _complete(tmp, final, step=step, world_size=world_size, meta=meta)
         barrier()  # no rank goes on (or exits) before the checkpoint is in place
+    except OSError as e:
+        _abandon(tmp, rank)
+        raise CheckpointError(f"cannot write checkpoint step {step} in {root}: {e.strerror or e}"
+                              f"{f' ({e.filename})' if e.filename else ''}; free space or fix permissions, "
+                              f"then resume") from e
     except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _abandon(tmp, rank)
         raise
     return final
+
+
+def _abandon(tmp: Path, rank: int) -> None:
+    """Rank 0 removes a save that failed; a tmp name held by something else than a directory stays."""
+    if rank == 0 and tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict) -> None:
@@ -249,7 +265,15 @@ def load_checkpoint(path, *, rank: int, stage_indices) -> tuple[dict[int, dict],
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}); resume from latest_checkpoint()")
     meta = read_meta(path)
     states = {i: _load(path / stage_file(i)) for i in stage_indices}
-    return states, _load(path / rank_file(rank)), meta
+    for i, state in states.items():
+        if not (isinstance(state, dict) and isinstance(state.get("model"), dict) and "optimizer" in state):
+            raise CheckpointError(f"{path / stage_file(i)} holds no model and optimizer states; "
+                                  f"resume from another checkpoint")
+    rng = _load(path / rank_file(rank))
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+            and isinstance(rng.get("python"), list) and len(rng["python"]) == 3):
+        raise CheckpointError(f"{path / rank_file(rank)} holds no random states; resume from another checkpoint")
+    return states, rng, meta
 
 
 def _load(file: Path):

@@ -17,7 +17,8 @@ same file see exactly the same batches, and a resumed run continues where it sto
 - A batch is padded on the right to its own longest input and longest labels: input_ids with
   pad_token_id, attention_mask 1 on real tokens, labels with -100; decoder_input_ids are the
   padded labels shifted right behind decoder_start_token_id, -100 replaced by pad_token_id
-  (what transformers' T5 does when given labels alone). Everything is int64.
+  (what transformers' T5 does when given labels alone). Everything is int64. A runtime that
+  sizes its buffers once may pad to fixed lengths instead (`collate(..., pad_to=...)`).
 - Microbatches are `torch.tensor_split(tensor, M)` along dim 0: the first B % M microbatches
   hold one row more. All microbatches of a batch share the batch's padded lengths.
 
@@ -35,8 +36,7 @@ import torch
 from fxconvert.errors import UsageError
 
 IGNORE_INDEX = -100  # the label value transformers' cross-entropy ignores
-FORMATS = {("input", "target"): "text", ("input_ids", "labels"): "ids"}
-KNOWN_KEYS = {key for pair in FORMATS for key in pair}
+TEXT_KEYS, ID_KEYS = ("input", "target"), ("input_ids", "labels")
 # Files that hold a vocabulary. AutoTokenizer on a directory with config.json alone builds a
 # T5 tokenizer of special tokens only, so without one of these there is no tokenizer.
 VOCAB_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -69,9 +69,7 @@ def load_tokenizer(directory, *, required=True):
     if not any((directory / name).is_file() for name in VOCAB_FILES):
         if not required:
             return None
-        raise DataError(
-            f"{_shown(directory)} has no tokenizer (none of {', '.join(VOCAB_FILES)}); {NO_TOKENIZER}"
-        )
+        raise DataError(f"{_shown(directory)} has no tokenizer (none of {', '.join(VOCAB_FILES)}); {NO_TOKENIZER}")
     from transformers import AutoTokenizer
 
     try:
@@ -85,15 +83,15 @@ def load_tokenizer(directory, *, required=True):
 
 
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise ValueError(f"key {repeated[0]!r} appears twice")
-    return dict(pairs)
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return obj
 
 
-def _parse(raw: bytes, where: str) -> tuple[str, dict]:
-    """One line -> (format, object); raises DataError naming `where` (file:line)."""
+def _parse(raw: bytes, where: str) -> dict:
+    """One line -> its object, with the keys of exactly one format; DataError naming `where` (file:line)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -110,26 +108,18 @@ def _parse(raw: bytes, where: str) -> tuple[str, dict]:
         raise DataError(f"{where}: invalid JSON ({_shown(str(e).splitlines()[0][:120])}); {FIX}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; {FIX}")
-    unknown = sorted(set(obj) - KNOWN_KEYS)
+    if not obj:
+        raise DataError(f"{where}: an empty object; {FIX}")
+    unknown = sorted(set(obj) - {*TEXT_KEYS, *ID_KEYS})
     if unknown:
         raise DataError(f"{where}: unknown key {unknown[0]!r}; {FIX}")
-    formats = [name for keys, name in FORMATS.items() if any(k in obj for k in keys)]
-    if len(formats) != 1:
+    if set(obj) & set(TEXT_KEYS) and set(obj) & set(ID_KEYS):
         raise DataError(f"{where}: mixes text and token-id keys ({', '.join(sorted(obj))}); {FIX}")
-    keys = next(keys for keys, name in FORMATS.items() if name == formats[0])
+    keys = TEXT_KEYS if set(obj) & set(TEXT_KEYS) else ID_KEYS
     missing = [k for k in keys if k not in obj]
     if missing:
         raise DataError(f"{where}: missing key {missing[0]!r}; {FIX}")
-    return formats[0], obj
-
-
-def _check_text(obj: dict, where: str) -> None:
-    for key in ("input", "target"):
-        value = obj[key]
-        if not isinstance(value, str):
-            raise DataError(f"{where}: {key!r} is a {type(value).__name__}, not a string; {FIX}")
-        if not value.strip():
-            raise DataError(f"{where}: {key!r} is empty; give every line some text or remove it")
+    return obj
 
 
 def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str) -> list[int]:
@@ -155,9 +145,9 @@ def _nothing_to_learn(where: str):
     raise DataError(f"{where}: every label is -100, so the line teaches nothing; give it a real target or remove it")
 
 
-def _max_length(value, option: str):
-    if value is not None and (type(value) is not int or value < 1):
-        raise UsageError(f"{option} must be a positive integer, not {value!r}; pass e.g. {option} 512")
+def _positive(value, what: str, minimum=1) -> int:
+    if type(value) is not int or value < minimum:
+        raise UsageError(f"{what} is {value!r}; give an integer >= {minimum}")
     return value
 
 
@@ -170,8 +160,9 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     cut to their first max length ids, exactly as given. A UTF-8 byte-order mark at the very
     start of the file is accepted (editors on Windows write one); anywhere else it is invalid JSON.
     """
-    max_source_length = _max_length(max_source_length, "--max-source-length")
-    max_target_length = _max_length(max_target_length, "--max-target-length")
+    for option, value in (("--max-source-length", max_source_length), ("--max-target-length", max_target_length)):
+        if value is not None:
+            _positive(value, option)
     path = Path(path)
     name = _shown(path)
     if not path.exists():
@@ -187,30 +178,28 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
         lines.pop()  # the newline that ends the last line
     if not any(line.strip() for line in lines):
         raise DataError(f"{name} is empty; {FIX}, one per line")
-    parsed = []
+    rows = []
     for number, raw in enumerate(lines, 1):  # every line is checked, in file order, before tokenizing
-        where = f"{name}:{number}"
-        kind, obj = _parse(raw, where)
-        if kind == "text":
-            if tokenizer is None:
-                raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; {NO_TOKENIZER}")
-            _check_text(obj, where)
-        else:
-            for key in ("input_ids", "labels"):
-                _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer")
-        parsed.append((kind, obj))
-    texts = [number for number, (kind, _) in enumerate(parsed, 1) if kind == "text"]
-    sources = _tokenize(tokenizer, [parsed[n - 1][1]["input"] for n in texts], max_source_length, target=False)
-    targets = _tokenize(tokenizer, [parsed[n - 1][1]["target"] for n in texts], max_target_length, target=True)
+        where, obj = f"{name}:{number}", _parse(raw, f"{name}:{number}")
+        if "input" in obj and tokenizer is None:
+            raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; {NO_TOKENIZER}")
+        for key in ("input", "target") if "input" in obj else ():
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                problem = "is empty" if isinstance(obj[key], str) else f"is a {type(obj[key]).__name__}, not a string"
+                raise DataError(f"{where}: {key!r} {problem}; {FIX}")
+        for key in ("input_ids", "labels") if "input_ids" in obj else ():
+            _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer")
+        rows.append(obj)
+    texts = [number for number, obj in enumerate(rows, 1) if "input" in obj]
+    sources = _tokenize(tokenizer, [rows[n - 1]["input"] for n in texts], max_source_length, target=False)
+    targets = _tokenize(tokenizer, [rows[n - 1]["target"] for n in texts], max_target_length, target=True)
     for number, input_ids, labels in zip(texts, sources, targets):
-        where = f"{name}:{number} (tokenized)"
-        fix = "the tokenizer does not fit the model; use the checkpoint's own tokenizer"
-        parsed[number - 1] = ("ids", {"input_ids": _check_ids(input_ids, "input_ids", where, vocab_size, fix=fix),
-                                      "labels": _check_ids(labels, "labels", where, vocab_size, fix=fix)})
+        where, fix = f"{name}:{number} (tokenized)", "the tokenizer does not fit the model; use the checkpoint's own tokenizer"
+        rows[number - 1] = {key: _check_ids(ids, key, where, vocab_size, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
     examples = []
-    for number, (_, obj) in enumerate(parsed, 1):
+    for number, obj in enumerate(rows, 1):
         labels = obj["labels"][:max_target_length]
-        if all(v == IGNORE_INDEX for v in labels):
+        if max_target_length is not None and all(v == IGNORE_INDEX for v in labels):
             _nothing_to_learn(f"{name}:{number} (cut to --max-target-length {max_target_length})")
         examples.append(Example(obj["input_ids"][:max_source_length], labels))
     return examples
@@ -226,12 +215,6 @@ def _tokenize(tokenizer, texts: list[str], max_length, *, target: bool, chunk=10
     return out
 
 
-def _positive(value, what: str, minimum=1) -> int:
-    if type(value) is not int or value < minimum:
-        raise UsageError(f"{what} must be an integer >= {minimum}, not {value!r}")
-    return value
-
-
 def batch_indices(num_examples, batch_size, k, *, shuffle=False, seed=0) -> list[int]:
     """The example indices of global batch `k` (see the module docstring for the contract).
 
@@ -243,7 +226,7 @@ def batch_indices(num_examples, batch_size, k, *, shuffle=False, seed=0) -> list
     size = _positive(batch_size, "--batch")
     k = _positive(k, "the batch index", minimum=0)
     if type(seed) is not int:
-        raise UsageError(f"--seed must be an integer, not {seed!r}")
+        raise UsageError(f"--seed is {seed!r}; give an integer")
     positions = [divmod(p, n) for p in range(k * size, k * size + size)]  # (epoch, index in epoch)
     if not shuffle:
         return [i for _, i in positions]
@@ -255,23 +238,32 @@ def _epoch_order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.int64)
+def _pad(rows: list[list[int]], value: int, length: int | None, option: str) -> torch.Tensor:
+    longest = max(len(r) for r in rows)
+    if length is not None and longest > length:
+        raise UsageError(f"an example has {longest} tokens, more than the {length} to pad to; truncate with {option} {length}")
+    out = torch.full((len(rows), length or longest), value, dtype=torch.int64)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
     return out
 
 
-def collate(examples, *, pad_token_id, decoder_start_token_id) -> dict[str, torch.Tensor]:
-    """One padded int64 batch: input_ids, attention_mask, labels, decoder_input_ids."""
+def collate(examples, *, pad_token_id, decoder_start_token_id, pad_to=None) -> dict[str, torch.Tensor]:
+    """One padded int64 batch: input_ids, attention_mask, labels, decoder_input_ids.
+
+    `pad_to=(source_length, target_length)` pads every batch to the same fixed lengths instead
+    of its own longest, for runtimes that size their buffers once; the real tokens' losses are
+    the same either way.
+    """
     if not examples:
         raise UsageError("cannot collate an empty batch; give at least one example")
     for name, value in (("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)):
         if type(value) is not int:
             raise UsageError(f"{name} is {value!r}, not a token id; set {name} in the model's config.json")
-    input_ids = _pad([e.input_ids for e in examples], pad_token_id)
-    attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
-    labels = _pad([e.labels for e in examples], IGNORE_INDEX)
+    source_length, target_length = (_positive(v, "pad_to") for v in pad_to) if pad_to is not None else (None, None)
+    input_ids = _pad([e.input_ids for e in examples], pad_token_id, source_length, "--max-source-length")
+    attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, source_length, "--max-source-length")
+    labels = _pad([e.labels for e in examples], IGNORE_INDEX, target_length, "--max-target-length")
     decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], dim=1)
     decoder_input_ids.masked_fill_(decoder_input_ids == IGNORE_INDEX, pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "decoder_input_ids": decoder_input_ids}

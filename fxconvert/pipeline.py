@@ -71,6 +71,7 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
                          "convert the model with fxconvert.convert")
     files: dict[str, str | bytes] = dict(stage_sources(stages))
     config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
     config["architectures"] = [conversion.model_class]
     files[CONFIG_FILE] = json.dumps(config, indent=2, sort_keys=True) + "\n"
     generation = getattr(model, "generation_config", None) if model.can_generate() else None

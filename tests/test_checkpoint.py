@@ -255,6 +255,16 @@ def test_load_errors_name_the_missing_piece(tmp_path):
         load_checkpoint(path, rank=0, stage_indices=[0])
 
 
+def test_load_refuses_files_of_the_wrong_shape(tmp_path):
+    path = save_single(tmp_path, 1, toy_states())
+    torch.save({"x": 1}, path / "rank_0.pt")
+    with pytest.raises(CheckpointError, match="rank_0.pt holds no random states"):
+        load_checkpoint(path, rank=0, stage_indices=[])
+    torch.save([1, 2], path / "stage_1.pt")
+    with pytest.raises(CheckpointError, match="stage_1.pt holds no model and optimizer states"):
+        load_checkpoint(path, rank=0, stage_indices=[1])
+
+
 def test_check_meta_names_what_differs_and_the_fix(tmp_path):
     path = save_single(tmp_path, 1, toy_states())
     meta = json.loads((path / "meta.json").read_text())
@@ -297,3 +307,19 @@ def test_two_ranks_save_and_a_killed_rank_leaves_no_checkpoint(tmp_path):
     assert latest_checkpoint(run) == first
     remove_stale(run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
+
+
+def test_save_refuses_meta_that_is_not_json(tmp_path):
+    with pytest.raises(CheckpointError, match="plain JSON data"):
+        save_single(tmp_path, 1, toy_states(), meta={"data": tmp_path})
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_write_failure_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".step_1.tmp").write_text("not ours: a file")
+    with pytest.raises(CheckpointError, match="cannot write checkpoint step 1 .*File exists") as e:
+        save_single(tmp_path, 1, toy_states())
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "checkpoints" / ".step_1.tmp").read_text() == "not ours: a file"
+    assert latest_checkpoint(tmp_path) is None

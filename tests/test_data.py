@@ -60,6 +60,13 @@ def test_text_lines_are_tokenized_as_the_tokenizer_itself_does(tmp_path, tokeniz
         assert len(example.input_ids) <= (source_max or 99) and len(example.labels) <= (target_max or 99)
 
 
+def test_no_max_length_means_no_truncation_even_past_model_max_length(tmp_path, t5_tokenizer_dir):
+    # "default settings": tokenizer(text) does not truncate, it only warns past model_max_length
+    tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer_dir, model_max_length=3)
+    (example,) = read_jsonl(write(tmp_path / "d.jsonl", text_lines(TEXTS[:1])), tokenizer=tokenizer)
+    assert example.input_ids == tokenizer(TEXTS[0][0])["input_ids"] and len(example.input_ids) == 7
+
+
 def test_token_id_lines_are_cut_to_the_max_lengths(tmp_path):
     rows = [{"input_ids": [5, 6, 7, 8, 1], "labels": [9, -100, 1]}, {"input_ids": [4], "labels": [3, 2]}]
     path = write(tmp_path / "d.jsonl", rows)
@@ -110,7 +117,7 @@ HOSTILE = {
     "null": ("null", "a JSON NoneType, not an object"),
     "missing_labels": ({"input_ids": [5]}, "missing key 'labels'"),
     "missing_target": ({"input": "w1"}, "missing key 'target'"),
-    "empty_object": ({}, "mixes text and token-id keys"),
+    "empty_object": ({}, "an empty object"),
     "mixed": ({"input": "w1", "labels": [5]}, "mixes text and token-id keys"),
     "both_formats": ({"input": "w1", "target": "w2", "input_ids": [5], "labels": [6]}, "mixes text and token-id keys"),
     "unknown_key": ({**GOOD, "attention_mask": [1, 1]}, "unknown key 'attention_mask'"),
@@ -213,7 +220,7 @@ def test_a_path_with_a_newline_stays_one_line(tmp_path):
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "512"])
 def test_bad_max_lengths_are_usage_errors(tmp_path, value):
     path = write(tmp_path / "d.jsonl", [GOOD])
-    with pytest.raises(UsageError, match="--max-source-length must be a positive integer"):
+    with pytest.raises(UsageError, match=r"--max-source-length is .*; give an integer >= 1"):
         read_jsonl(path, max_source_length=value)
 
 
@@ -289,7 +296,7 @@ def test_data_parallel_replicas_together_take_one_large_batch(shuffle):
 
 @pytest.mark.parametrize("args", [(0, 2, 0), (5, 0, 0), (5, 2, -1), (5, True, 0), (5, 2.0, 0)])
 def test_bad_batch_arguments_are_usage_errors(args):
-    with pytest.raises(UsageError, match="must be an integer >="):
+    with pytest.raises(UsageError, match=r" is .*; give an integer >= [01]$"):
         batch_indices(*args)
 
 
@@ -328,6 +335,20 @@ def test_a_padded_batch_gives_the_losses_of_its_examples_alone(model):
     torch.testing.assert_close(model(**batch).loss, from_labels_only, rtol=0, atol=0)  # T5 shifts the same way itself
 
 
+def test_fixed_lengths_pad_further_and_change_no_loss(model):
+    alone = collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4)
+    fixed = collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4, pad_to=(6, 8))
+    assert fixed["input_ids"].shape == fixed["attention_mask"].shape == (3, 6)
+    assert fixed["labels"].shape == fixed["decoder_input_ids"].shape == (3, 8)
+    for name, tensor in alone.items():  # the same batch, padded further
+        assert torch.equal(fixed[name][:, : tensor.shape[1]], tensor)
+    torch.testing.assert_close(fixed["decoder_input_ids"], model._shift_right(fixed["labels"]), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**fixed).loss, model(**alone).loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="an example has 5 tokens, more than the 4 to pad to; truncate with --max-target-length 4"):
+        collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4, pad_to=(6, 4))
+
+
 @pytest.mark.parametrize("bad", [dict(pad_token_id=None, decoder_start_token_id=0), dict(pad_token_id=0, decoder_start_token_id=1.0)])
 def test_collate_refuses_missing_token_ids(bad):
     with pytest.raises(UsageError, match="not a token id; set .* in the model's config.json"):
@@ -347,7 +368,7 @@ def test_microbatches_follow_tensor_split(size, m):
     assert [len(p["labels"]) for p in parts] == [size // m + (i < size % m) for i in range(m)]  # first ones hold one more
 
 
-@pytest.mark.parametrize("m, problem", [(9, "--microbatches 9 is more than the batch's 8 examples; use --microbatches <= --batch"), (0, "--microbatches must be an integer >= 1")])
+@pytest.mark.parametrize("m, problem", [(9, "--microbatches 9 is more than the batch's 8 examples; use --microbatches <= --batch"), (0, "--microbatches is 0; give an integer >= 1")])
 def test_bad_microbatch_counts_are_one_line(m, problem):
     batch = collate([EXAMPLES[0]] * 8, pad_token_id=0, decoder_start_token_id=0)
     with pytest.raises(UsageError, match=problem.replace("(", r"\(")):

@@ -220,7 +220,7 @@ def test_written_stage_sources_run_like_the_stages(tmp_path):
         exec(compile(path.read_text(), str(path), "exec"), namespace)
         args = (*values, *(inputs[n] for n in spec.inputs), *(getattr(stages, w) for w in spec.shared_weights), False)
         expected = gm(*args)
-        values = namespace["forward"](gm, *args)  # the source's forward, with the stage's modules as `self`
+        values = namespace["Graph"].forward(gm, *args)  # the file's forward, with the stage's modules as `self`
         torch.testing.assert_close(values, expected, rtol=0, atol=0)
     torch.testing.assert_close(values, conv.module(**inputs), rtol=0, atol=0)
 
