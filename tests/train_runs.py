@@ -39,8 +39,10 @@ def env() -> dict:
 
 
 def torchrun_command(nproc: int, *train_args, port: int | None = None, extra=()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()), *extra,
+    """`extra` with --rdzv-endpoint replaces the single-machine master address."""
+    master = [] if "--rdzv-endpoint" in extra else ["--master-addr", "127.0.0.1", "--master-port",
+                                                    str(port or free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *master, *extra,
             "-m", "fxconvert.train", *map(str, train_args)]
 
 
