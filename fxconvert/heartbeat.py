@@ -57,7 +57,7 @@ class Heartbeat:
     def _counters(self) -> dict[int, int]:
         return {r: self.store.add(f"beat/{r}", 0) for r in range(self.world_size) if r != self.rank}
 
-    def culprit(self, should_stop=lambda: False) -> tuple[int, str] | None:
+    def culprit(self) -> tuple[int, str] | None:
         """(rank, what happened to it) for the rank that failed first, or None if none did (that we can see)."""
         try:
             if self.store.check(["failures/1"]):
@@ -66,7 +66,7 @@ class Heartbeat:
             last = self._counters()
             since = {r: time.monotonic() for r in last}
             deadline = time.monotonic() + STALE_SECONDS + INTERVAL_SECONDS
-            while time.monotonic() < deadline and not should_stop():
+            while time.monotonic() < deadline:
                 time.sleep(INTERVAL_SECONDS / 2)
                 now = self._counters()
                 for r, value in now.items():

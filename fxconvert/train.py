@@ -496,7 +496,11 @@ def prepare(args, launch: Launch) -> Run:
             current = {"model": str(args.source), "num_stages": topo.num_stages, "virtual_stages": args.virtual_stages,
                        "dp": args.dp, "world_size": topo.world_size, "schedule": args.schedule,
                        "optimizer": args.optimizer}
-            check_meta(read_meta(resume_from), current, path=resume_from)
+            meta = read_meta(resume_from)
+            check_meta(meta, current, path=resume_from)
+            if meta.get("step", 0) > args.steps:
+                raise UsageError(f"{resume_from} is step {meta['step']}, past --steps {args.steps}; "
+                                 f"raise --steps to train on")
     model = load_model(args, topo, device)
     topo.shared_stages = model.shared_stages
     data = load_data(args, model)
@@ -561,7 +565,7 @@ def train(run: Run) -> None:
     finally:
         if reporter is not None:
             reporter.close()
-    if args.save_every:
+    if args.save_every and start < args.steps:
         _save(run, args.steps, save_checkpoint, rng_state, dist.barrier)
     if not args.no_export:
         _export(run, dist.barrier)
@@ -623,15 +627,13 @@ class _Terminated(Exception):
 
 class _Signals:
     """SIGTERM (torchrun stopping the workers after another one failed) becomes an exception while
-    training; once this rank is reporting its failure, it only sets a flag."""
+    training; once this rank is reporting its own failure, it is ignored (torchrun waits 30 s)."""
 
     def __init__(self):
         self.reporting = False
-        self.terminated = False
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        self.terminated = True
         if not self.reporting:
             raise _Terminated("stopped by the launcher (another rank failed, or the run was interrupted)")
 

@@ -129,3 +129,29 @@ def test_an_existing_run_needs_resume(setup, tmp_path, capsys, monkeypatch):
 def test_the_self_check_stays_behind_a_flag(capsys):
     assert main(["--self-check", "--stages", "3", "--layers", "1", "--decoder-layers", "1"]) == 2
     assert "at most 2" in capsys.readouterr().err
+
+
+def test_the_progress_line_on_a_terminal_and_the_metrics_file(tmp_path, monkeypatch):
+    """On a terminal: a rich progress line (step, loss, tokens/s, ETA); metrics.jsonl either way."""
+    import io
+
+    from fxconvert.train import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    reporter = Reporter(tmp_path, total_steps=4, start_step=0)
+    for step in (1, 2):
+        reporter.step({"step": step, "loss": 3.25 / step, "lr": 0.1, "tokens_per_s": 1234.0, "seconds": 0.5})
+    reporter.close()
+    text = screen.getvalue()
+    assert "step 2/4" in text and "loss 1.6250" in text and "1,234 tokens/s" in text and "ETA" in text
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+    # a resume from step 1 drops the lines the stopped run wrote after it
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    Reporter(tmp_path, total_steps=4, start_step=1).close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]

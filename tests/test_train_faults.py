@@ -17,8 +17,10 @@ import time
 
 import pytest
 
+import checkpoints
 import train_runs as tr
 from fxconvert.checkpoint import COMPLETE, latest_checkpoint
+from fxconvert.train import main
 
 STEPS, TIMEOUT = 30, 20
 HANG_GUARD = TIMEOUT + 60  # torchrun gives its workers 30 s between SIGTERM and SIGKILL
@@ -88,7 +90,7 @@ def _workers(launcher_pid) -> dict[int, int]:
     return found
 
 
-def test_a_killed_rank_stops_the_run_and_resume_finishes_it(setup, reference):
+def test_a_killed_rank_stops_the_run_and_resume_finishes_it(setup, reference, monkeypatch, capsys):
     out = setup / "killed"
     proc = subprocess.Popen(tr.torchrun_command(2, *_args(setup, out)), cwd=tr.REPO, env=tr.env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -115,3 +117,12 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it(setup, reference):
     resumed = tr.torchrun(2, *_args(setup, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_result(out, reference)
+
+    # a checkpoint past --steps is refused before anything is touched
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = [str(a) for a in _args(setup, out, "--resume")]
+    argv[argv.index("--steps") + 1] = "4"
+    before = checkpoints.leftovers(out)
+    assert main(argv) == 2
+    assert f"step_{STEPS} is step {STEPS}, past --steps 4" in capsys.readouterr().err
+    assert checkpoints.leftovers(out) == before
