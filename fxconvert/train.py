@@ -37,11 +37,13 @@ How a run is laid out (see `fxconvert.grad_sync` for the ranks):
 - Output: `RUN/hf/` (`fxconvert.export.export_hf`: a sharded transformers checkpoint written
   stage by stage) and `RUN/metrics.jsonl` (one line per step).
 
-Errors: a bad option, SOURCE or data line is found by every rank before any process group
-or file exists, and printed once as one line (exit 2, or 1 for a failure). A failure
-during training is printed by each rank as `fxconvert.train: error: rank R (stage S,
-replica D): ...` (exit 1). A dead rank or a collective that waits longer than
-`--timeout` makes every other rank fail within that time.
+Errors: a bad option, SOURCE or data line is found by every rank alike before any process
+group or file exists, and printed once per machine as one line (exit 2, or 1 for a
+failure). A failure during training is printed by each rank as `fxconvert.train: error:
+rank R (stage S, replica D): ...` (exit 1). A rank that dies breaks its neighbours'
+connections at once, and one that hangs makes their next collective time out after
+`--timeout`; torchrun then stops every other worker. Each line names the rank that failed
+first, found with a heartbeat in torchrun's store (`fxconvert.heartbeat`).
 """
 
 import argparse
@@ -54,6 +56,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub for SOURCE")
     p.add_argument("--no-export", action="store_true", help="do not write RUN/hf at the end")
+    p.add_argument("-v", "--verbose", action="store_true", help="print a failing rank's traceback before its line")
     return p
 
 
@@ -689,11 +693,12 @@ def main(argv=None) -> int:
             heartbeat = Heartbeat(launch.rank, launch.world_size)
         train(run)
     except (Exception, _Terminated) as e:
+        if args.verbose:
+            traceback.print_exc()
         print(_report_failure(e, run, heartbeat, signals), file=sys.stderr, flush=True)
-        if os.environ.get("FXCONVERT_TRACEBACK"):
-            raise
-        # no destroy_process_group: with a peer gone it may wait; the process exits and its sockets close
-        sys.stderr.flush()
+        # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
+        # process ends here; its sockets close, which is what its peers notice.
+        sys.stdout.flush()
         os._exit(2 if isinstance(e, UsageError) else 1)
     if heartbeat is not None:
         heartbeat.stop(finished=True)

@@ -112,7 +112,8 @@ def test_bad_options(setup, tmp_path, capsys, monkeypatch, extra, world, needle)
 
 def test_stage_count_mismatch_names_the_fix(setup, tmp_path, capsys, monkeypatch):
     """More stages than the model has blocks: the split refuses before anything is written."""
-    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", "--schedule", "gpipe", "--microbatches", 4), world=5)
+    argv = _argv(setup, tmp_path / "run", "--schedule", "gpipe", "--microbatches", 4)
+    err = _fails(capsys, monkeypatch, argv, world=5)
     assert "ask for at most 4" in err
     assert not (tmp_path / "run").exists()
 

@@ -10,6 +10,7 @@ for STEPS steps, checkpointing every 2, and are compared with one uninterrupted 
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,3 +127,27 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it(setup, reference, mo
     assert main(argv) == 2
     assert f"step_{STEPS} is step {STEPS}, past --steps 4" in capsys.readouterr().err
     assert checkpoints.leftovers(out) == before
+
+
+def test_a_rank_that_raises_is_named_with_its_message(setup, tmp_path):
+    """Stage 1's code raises: rank 1 prints its own line, rank 0 names rank 1 and its message."""
+    conv = tmp_path / "conv"
+    shutil.copytree(setup / "conv", conv)
+    text = (conv / "stage_1.py").read_text()
+    head = "class Stage(nn.Module):"
+    assert text.count(head) == 1
+    text = text.replace(head, "class Stage(nn.Module):\n    def __call__(self, *args, **kwargs):\n"
+                              "        if kwargs['attention_mask'].shape[1] > 3:\n"
+                              "            raise RuntimeError('stage 1 refuses inputs over 3 tokens')\n"
+                              "        return super().__call__(*args, **kwargs)\n")
+    (conv / "stage_1.py").write_text(text)
+    proc = tr.torchrun(2, conv, *_args(setup, tmp_path / "run")[1:], timeout=HANG_GUARD + 60)
+    assert proc.returncode != 0
+    lines = sorted(line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train: error: "))
+    assert lines == [
+        "fxconvert.train: error: rank 0 (stage 0, replica 0): rank 1 (stage 1, replica 0) failed: "
+        + lines[0].split(" failed: ", 1)[1],
+        "fxconvert.train: error: rank 1 (stage 1, replica 0): stage 1 refuses inputs over 3 tokens",
+    ], proc.stderr[-3000:]
+    assert lines[0].split(" failed: ", 1)[1].startswith("stage 1 refuses inputs over 3 tokens (here: ")
+    assert not (tmp_path / "run" / "hf").exists()
