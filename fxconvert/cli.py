@@ -201,14 +201,12 @@ def run(args) -> int:
     extra_files = {}
     if args.stages is not None:
         with progress.step("split", f"splitting into {args.stages} stages", timings) as step:
-            from fxconvert.pipeline import pipeline_files
-            from fxconvert.report import stages_section
-            from fxconvert.stages import split_stages, stage_table
+            from fxconvert.pipeline import pipeline_output
 
-            stages = split_stages(conversion, args.stages)
-            extra.append(stages_section(stage_table(stages)))
-            extra_files = pipeline_files(stages, conversion)
-            step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
+            output = pipeline_output(conversion, args.stages)
+            extra.append(output.section)
+            extra_files = output.files
+            step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in output.stages.specs)
         conversion.timings["split"] = timings["split"]
 
     def make_report(detail=True):

@@ -51,7 +51,7 @@ def forward_source(gm: torch.fx.GraphModule) -> str:
 # -- what fx writes bare ------------------------------------------------------------------------
 
 # Types whose repr() is Python source for the value (fx writes constants with repr()).
-_LITERAL_TYPES = (type(None), bool, int, float, complex, str, type(Ellipsis))
+_LITERAL_TYPES = (type(None), bool, int, float, str, type(Ellipsis))
 _TORCH_CONSTANTS = (torch.dtype, torch.device, torch.memory_format, torch.layout)
 _DIGITS = re.compile(r"[0-9]+")
 

@@ -89,14 +89,11 @@ class Conversion:
 
         extra, extra_files = [diff_section(self)] if diff else [], {}
         if stages is not None:
-            from fxconvert.pipeline import pipeline_files
-            from fxconvert.report import stages_section
-            from fxconvert.stages import split_stages, stage_table
+            from fxconvert.pipeline import pipeline_output
 
-            if isinstance(stages, int):
-                stages = split_stages(self, stages)
-            extra.append(stages_section(stage_table(stages)))
-            extra_files = pipeline_files(stages, self)
+            output = pipeline_output(self, stages)
+            extra.append(output.section)
+            extra_files = output.files
         return save(self, out_dir, force=force, extra_files=extra_files,
                     make_report=lambda: build_report(self, validation=validation, extra=extra))
 

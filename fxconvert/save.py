@@ -1,10 +1,12 @@
 """Write a conversion to a directory: model.py, weights.safetensors, report.md, report.json.
 
-- model.py is the GraphModule as source: a table of its torch.nn leaf modules (with their
-  constructor arguments) and directly-held tensors, the class that rebuilds that structure,
-  the generated `forward` (`fxconvert.codegen.forward_source`), a wrapper that owns the
-  shared weight(s) like `fxconvert.ConvertedModule`, and `build()` / `load()`. It imports
-  torch, safetensors and `fxconvert.runtime`, never transformers.
+- model.py is the GraphModule as source (`fxconvert.codegen.module_source`, the template the
+  stage files share): a table of its torch.nn leaf modules (with their constructor
+  arguments) and directly-held tensors, the class that rebuilds that structure, the
+  generated `forward`, a wrapper that owns the shared weight(s) like
+  `fxconvert.ConvertedModule`, and `build()` / `load()`. It imports torch, safetensors and
+  `fxconvert.runtime`, never transformers. User text (the source path) is only in the
+  repr() literal SOURCE.
 - weights.safetensors is the state dict of `Conversion.module`: each shared weight once,
   under its placeholder name, the rest under `graph_module.<eager name>`. A model on the
   meta device has no weights, so the file is not written.

@@ -177,8 +177,16 @@ def test_export_loads_exactly_in_transformers(tmp_path, variant, model, conversi
     assert index["metadata"]["total_size"] == sum(got[n].numel() * got[n].element_size() for n in index["weight_map"])
 
 
+@pytest.fixture(scope="module")
+def tied():
+    """The tied model and its conversion, for the failure cases (they do not depend on the variant)."""
+    model = helpers.build("T5ForConditionalGeneration", "original")
+    return model, convert(model, input_names=NAMES)
+
+
 @pytest.fixture
-def setup(tmp_path, model, conversion):
+def setup(tmp_path, tied):
+    model, conversion = tied
     stages, modules = trained_stages(conversion, 2)
     manifest = fake_manifest(stages, conversion)
     conv = tmp_path / "conv"

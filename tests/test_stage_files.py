@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 from fxconvert import convert
 from fxconvert.cli import main
 from fxconvert.errors import UsageError
-from fxconvert.pipeline import TOKENIZER_FILES, PipelineError, load_pipeline
-from fxconvert.stages import SIZE_PROBES
+from fxconvert.pipeline import SIZE_PROBES, TOKENIZER_FILES, PipelineError, load_pipeline
 
 import helpers
 from checkpoints import write_checkpoint
@@ -279,10 +278,7 @@ def test_manifest_names_every_eager_tensor_and_counts_its_bytes(converted, n):
         "fxconvert-pipeline", 1, n, "T5ForConditionalGeneration", "t5")
     assert (m["output_name"], m["weights"], m["config"]) == ("loss", "weights.safetensors", "config.json")
     assert m["input_names"] == ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
-    hf_names = [p["hf_name"] for s in m["stages"] for p in s["parameters"] if p["name"] not in m["shared_weights"]]
-    shared_names = [name for w in m["shared_weights"].values() for name in w["hf_names"]]
-    assert len(hf_names) == len(set(hf_names))
-    assert sorted(hf_names + shared_names) == sorted(eager_state)  # exactly the eager state dict's names
+    assert sorted(all_hf_names(m)) == sorted(eager_state)  # exactly the eager state dict's names, each once
     for name, shared in m["shared_weights"].items():
         assert shared["stages"] == [s["index"] for s in m["stages"] if name in s["shared_weights"]]
     unique = {}
@@ -296,6 +292,28 @@ def test_manifest_names_every_eager_tensor_and_counts_its_bytes(converted, n):
         assert stage["parameter_bytes"] == sum(p["bytes"] for p in stage["parameters"])
     assert sum(unique.values()) == sum(t.numel() * t.element_size() for t in weights.values())
     assert set(unique) == set(weights)
+
+
+def all_hf_names(m: dict) -> list[str]:
+    """Every transformers name in a manifest: parameters (and their tied aliases), then shared weights."""
+    names = [n for s in m["stages"] for p in s["parameters"] if p["name"] not in m["shared_weights"]
+             for n in [p["hf_name"], *p.get("tied_hf_names", [])]]
+    return names + [n for w in m["shared_weights"].values() for n in w["hf_names"]]
+
+
+def test_a_tied_tensor_the_graph_reads_once_lists_all_its_names():
+    """T5EncoderModel ties `shared` to `encoder.embed_tokens` but reads it once: nothing is lifted, and the
+    parameter carries both names (the one mirroring its module path first)."""
+    from fxconvert.stages import pipeline_manifest, split_stages  # the names the pipeline interface pins
+
+    model = helpers.build("T5EncoderModel")
+    conversion = convert(model)
+    assert conversion.shared_weights == {}
+    m = pipeline_manifest(split_stages(conversion, 2), conversion)
+    assert sorted(all_hf_names(m)) == sorted(model.state_dict())
+    (embedding,) = [p for p in m["stages"][0]["parameters"] if "tied_hf_names" in p]
+    assert (embedding["hf_name"], embedding["tied_hf_names"]) == ("encoder.embed_tokens.weight", ["shared.weight"])
+    assert not any("tied_hf_names" in p for s in m["stages"] for p in s["parameters"] if p is not embedding)
 
 
 # -- config and tokenizer files -------------------------------------------------------------------
@@ -385,3 +403,38 @@ def test_meta_conversion_writes_stage_files_without_weights(tmp_path):
     assert all(p.device.type == "meta" for p in module.build().parameters())
     with pytest.raises(FileNotFoundError, match="meta device, so no weights were written; use build"):
         pipeline.load_stage(1)
+
+
+@pytest.mark.parametrize("heads", [2, 3])  # the batch size of the first, then of the second size probe
+def test_a_head_count_equal_to_a_probe_batch_stays_fixed(heads):
+    from fxconvert.stages import pipeline_manifest, split_stages
+
+    assert heads in [p["batch"] for p in SIZE_PROBES]
+    conversion = convert(helpers.build(num_heads=heads, d_kv=8))
+    stages = split_stages(conversion, 4)
+    m = pipeline_manifest(stages, conversion)
+    shapes = [v["shape"] for v in m["stages"][1]["received"]]
+    assert [1, heads, "encoder_length", "encoder_length"] in shapes  # encoder block 0's position bias
+    # and it resolves to what the stages send at a batch equal to the head count
+    inputs = helpers.random_inputs(conversion.input_names, heads, 9, 6)
+    values = stages.stage_module(0)(**{n: inputs[n] for n in stages.specs[0].inputs})
+    assert [list(v.shape) for v in values] == [resolve(s, (heads, 9, 6)) for s in shapes]
+
+
+def test_tokenizer_files_come_from_the_hub_cache_snapshot(tmp_path, monkeypatch):
+    """A model found in the Hugging Face cache: its tokenizer files are beside config.json in the snapshot."""
+    import huggingface_hub.constants
+
+    from checkpoints import fake_hub_cache
+
+    write_checkpoint(tmp_path / "ckpt")
+    make_tokenizer(tmp_path / "ckpt")
+    files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    fake_hub_cache(tmp_path / "cache", "someone/tiny-t5", tmp_path / "ckpt", files=files)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    conversion = convert("someone/tiny-t5", offline=True)
+    assert conversion.source.origin == "Hugging Face cache"
+    conversion.save(tmp_path / "out", stages=2)
+    assert manifest(tmp_path / "out")["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ckpt" / name).read_bytes()
