@@ -118,6 +118,17 @@ def test_stage_count_mismatch_names_the_fix(setup, tmp_path, capsys, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
+def test_a_conversion_with_other_stages_names_the_fix(setup, tmp_path, capsys, monkeypatch):
+    conv = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(setup / "ckpt"), "--stages", "2", "--out", str(conv),
+                           "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", "--microbatches", 4, source=conv), world=4)
+    assert "has 2 stages, but 4 processes with --dp 1 and --virtual-stages 1 run 4" in err
+    assert "launch 2 processes, or reconvert with --stages 4" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_existing_run_needs_resume(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
