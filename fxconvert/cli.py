@@ -18,7 +18,6 @@ Optional report sections hang off `OPTIONAL_SECTIONS`: a feature adds its option
 
 import argparse
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -77,12 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "validation (automatic above 2B random-weight parameters)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the comparison with the eager model")
-    p.add_argument("--atol", type=float, default=1e-5, help="validation tolerance, absolute (default: 1e-5)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="load the model in this dtype, as transformers does (float16 keeps T5's wo in float32; "
+                        "default: the checkpoint's own)")
+    p.add_argument("--atol", type=float, help="validation tolerance, absolute term (default: 1e-5)")
+    p.add_argument("--rtol", type=float, help="validation tolerance, relative term (default by dtype: float32 "
+                                              "1.3e-6, float16 1e-3, bfloat16 1.6e-2)")
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs and random weights (default: 0)")
     p.add_argument("--format", choices=("rich", "plain", "markdown", "json"),
                    help="report format on stdout (default: rich)")
     p.add_argument("--stages", type=int, metavar="N", help="also split the converted graph into N pipeline "
-                   "stages at T5 block boundaries: a report table and stage_<i>.py files")
+                   "stages at T5 block boundaries: a report table, importable stage_<i>.py files, pipeline.json, "
+                   "config.json and the source's tokenizer files")
+    p.add_argument("--balance", choices=("time", "params", "profile"), default="time",
+                   help="what --stages evens out: predicted time at --seq-lengths (default), parameter bytes, "
+                        "or time measured on this machine")
+    p.add_argument("--seq-lengths", metavar="ENC,DEC", help="encoder and decoder tokens the stages are balanced "
+                                                            "for (default: 512,128)")
+    p.add_argument("--batch", type=int, metavar="B", help="sequences per microbatch the stages are balanced for "
+                                                          "(default: 8)")
     p.add_argument("--diff", action="store_true", help="add a unified diff of the code before and after the "
                                                        "passes")
     verbosity = p.add_mutually_exclusive_group()
@@ -192,8 +204,12 @@ def run(args) -> int:
         raise UsageError(f"--config {args.config}: no such file")
     if args.stages is not None and args.stages < 1:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
-    if args.atol is not None and not 0 < args.atol < math.inf:
-        raise UsageError(f"--atol must be a positive finite number, got {args.atol}")
+    lengths = _seq_lengths(args.seq_lengths)
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
+        if value is not None and not 0 <= value < float("inf"):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
     if not 0 <= args.seed < 2**63:  # torch.manual_seed takes 64 bits, and validation seeds with seed + 1
         raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     name = args.name if args.name is not None else args.config
@@ -214,7 +230,8 @@ def run(args) -> int:
 
         if not args.verbose:
             quiet_transformers()
-        loaded = load(name, offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed)
+        loaded = load(name, offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed,
+                      dtype=args.dtype)
         source = loaded.source
         step.detail = f"{type(loaded.model).__name__}, {source.origin} {source.location}, weights: {source.weights}"
     for note in source.notes:
@@ -241,10 +258,10 @@ def run(args) -> int:
 
     from fxconvert.validate import ValidationResult, validate
 
-    validation = ValidationResult(args.atol, args.seed, skipped="not run (--no-validate)")
+    validation = ValidationResult(args.atol, args.seed, skipped="not run (--no-validate)", rtol=args.rtol)
     if args.validate:
         with progress.step("validate", "validating against the eager model", timings) as step:
-            validation = validate(conversion, atol=args.atol, seed=args.seed)
+            validation = validate(conversion, atol=args.atol, rtol=args.rtol, seed=args.seed)
             step.detail = (f"skipped: {validation.skipped}" if validation.skipped else
                            f"{len(validation.checks)} tensors, max diff {validation.max_diff:.2g}, "
                            + ("passed" if validation.passed else f"{len(validation.failures)} FAILED"))
@@ -259,12 +276,17 @@ def run(args) -> int:
     extra_files = {}
     if args.stages is not None:
         with progress.step("split", f"splitting into {args.stages} stages", timings) as step:
-            from fxconvert.report import stages_section
-            from fxconvert.stages import split_stages, stage_sources, stage_table
+            from fxconvert.pipeline import pipeline_output
+            from fxconvert.report import stage_plan_section
+            from fxconvert.stages import split_stages, stage_plan, stage_table
 
-            stages = split_stages(conversion, args.stages)
-            extra.append(stages_section(stage_table(stages)))
-            extra_files = stage_sources(stages)
+            stages = split_stages(conversion, args.stages, balance=args.balance, batch=args.batch,
+                                  encoder_length=lengths[0], decoder_length=lengths[1])
+            output = pipeline_output(conversion, stages)
+            extra.append(output.section)
+            if stages.plan is not None:
+                extra.append(stage_plan_section(stage_table(stages), stage_plan(stages)))
+            extra_files = output.files
             step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
         conversion.timings["split"] = timings["split"]
 
@@ -287,6 +309,17 @@ def run(args) -> int:
     if not args.quiet:
         progress.console.print(_markup(f"Wrote {out}{os.sep} ({', '.join(saved.files)})"), highlight=False)
     return EXIT_OK
+
+
+def _seq_lengths(text):
+    """--seq-lengths ENC,DEC -> (ENC, DEC); None -> (None, None), the defaults."""
+    if text is None:
+        return None, None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--seq-lengths takes two positive integers, encoder and decoder tokens, as ENC,DEC "
+                         f"(e.g. 512,128), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _show(report, args) -> None:

@@ -1,33 +1,95 @@
-"""Python source for GraphModules: the forward with the imports it needs, runnable anywhere.
+"""Python source for GraphModules: the forward with the imports it needs, and importable modules.
 
 `GraphModule.code` is only the body of `forward`; the functions it calls live in its
 globals. `forward_source` writes those globals out as import statements, so the text
 runs in a fresh namespace (or a file) given nothing but torch and `fxconvert.runtime`.
+
+`module_source` is the one template behind `model.py` and every `stage_<i>.py`: a table of
+the graph's `torch.nn` leaf modules (with their constructor arguments) and directly-held
+tensors, the class that rebuilds that structure, the generated `forward`, a wrapper that
+owns the shared weight(s), `build()` and `load()`.
+
+Generated code never carries user text (paths, config values, names from a model) except
+as a `repr()` literal of a plain str, int, float, bool or None, or of a tuple, list or dict
+of them, whose repr is exactly Python source for the value. Names that must appear bare
+(in a signature, an attribute path, a docstring) are checked to be Python identifiers or
+plain words; what fx itself writes is checked node by node, since fx writes a module
+path that is not an identifier as `getattr(self, "<path>")` without escaping it. Anything
+else raises `CodegenError` naming what and where.
 """
 
+import ast
 import builtins
+import inspect
+import keyword
 import math
 import re
 import types
 
 import torch
 import torch.fx
+from torch.fx.node import map_aggregate
+
+from fxconvert.errors import FxConvertError, describe_node
+from fxconvert.graph_utils import BoundContainer
+
+
+class CodegenError(FxConvertError):
+    """The graph or a name in it cannot be written as safe, importable Python source."""
 
 
 def forward_source(gm: torch.fx.GraphModule) -> str:
     """Imports plus `def forward(self, ...)`, exactly as `gm` runs it."""
+    for node in gm.graph.nodes:
+        _check_node(node)
     code = gm.graph.python_code(root_module="self")
     used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code.src))  # fx lists globals the code may not use
     imports = sorted({_import_line(name, obj) for name, obj in code.globals.items() if name in used} - {None})
     return "\n".join(imports) + "\n\n" + code.src.strip("\n") + "\n"
 
 
+# -- what fx writes bare ------------------------------------------------------------------------
+
+# Types whose repr() is Python source for the value (fx writes constants with repr()).
+_LITERAL_TYPES = (type(None), bool, int, float, str, type(Ellipsis))
+_TORCH_CONSTANTS = (torch.dtype, torch.device, torch.memory_format, torch.layout)
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _check_node(node: torch.fx.Node) -> None:
+    """Refuse a node whose name, target or constants fx would write as anything but safe source."""
+    if not is_identifier(node.name):
+        raise CodegenError(f"cannot write the graph as source: node name {node.name!r} is not a Python identifier")
+    if node.op == "placeholder" and not is_identifier(node.target):
+        raise CodegenError(f"cannot write the graph as source: input {node.target!r} is not a Python identifier")
+    if node.op in ("get_attr", "call_module"):
+        for part in node.target.split("."):
+            if not (is_identifier(part) or _DIGITS.fullmatch(part)):  # fx writes getattr(x, "<part>") unescaped
+                raise CodegenError(f"cannot write the graph as source: module path {node.target!r} has the part "
+                                   f"{part!r}, which is neither an identifier nor a number ({describe_node(node)})")
+    if node.op == "call_method" and not is_identifier(node.target):
+        raise CodegenError(f"cannot write the graph as source: method {node.target!r} is not a Python identifier "
+                           f"({describe_node(node)})")
+    map_aggregate((node.args, node.kwargs), lambda value: _check_constant(node, value))
+
+
+def _check_constant(node, value):
+    if isinstance(value, torch.fx.Node) or type(value) in _LITERAL_TYPES or isinstance(value, _TORCH_CONSTANTS):
+        return value
+    raise CodegenError(f"cannot write the graph as source: {describe_node(node)} holds a constant of type "
+                       f"{type(value).__module__}.{type(value).__qualname__}, whose repr() is not known to be source")
+
+
 def _import_line(name: str, obj) -> str | None:
+    if not is_identifier(name):
+        raise CodegenError(f"cannot write an import for the global {name!r}: not a Python identifier")
     if getattr(builtins, name, None) is obj:
         return None
     if isinstance(obj, float) and (math.isinf(obj) or math.isnan(obj)):
         return f"from math import {name}"
     if isinstance(obj, types.ModuleType):
+        if not _is_dotted(obj.__name__):
+            raise CodegenError(f"cannot write an import of module {obj.__name__!r}: not a dotted Python name")
         return f"import {obj.__name__}" if obj.__name__ == name else f"import {obj.__name__} as {name}"
     if obj is type(None):
         return f"{name} = type(None)"
@@ -35,8 +97,309 @@ def _import_line(name: str, obj) -> str | None:
         return f"{name} = torch.device({str(obj)!r})"
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)
-    if module and qualname and "." not in qualname and "<" not in qualname:
+    if isinstance(module, str) and isinstance(qualname, str) and _is_dotted(module) and is_identifier(qualname):
         if module.startswith("torch._C") and hasattr(torch, qualname) and getattr(torch, qualname) is obj:
             module = "torch"
         return f"from {module} import {qualname} as {name}" if qualname != name else f"from {module} import {name}"
-    raise ValueError(f"cannot write an import for global {name!r} ({obj!r}) of the generated code")
+    raise CodegenError(f"cannot write an import for global {name!r} ({type(obj).__name__}) of the generated code")
+
+
+def is_identifier(name) -> bool:
+    """A Python identifier that is not a keyword: safe bare in code and in a docstring."""
+    return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+
+
+def _is_dotted(name: str) -> bool:
+    return all(is_identifier(part) for part in name.split("."))
+
+
+def is_literal(value) -> bool:
+    """A value whose repr() is Python source for it (exact builtin types only: a subclass may lie)."""
+    if type(value) in (tuple, list):
+        return all(is_literal(v) for v in value)
+    if type(value) is dict:
+        return all(is_literal(k) and is_literal(v) for k, v in value.items())
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) in (type(None), bool, int, str)
+
+
+def check_names(what: str, names) -> list[str]:
+    """`names`, each checked to be a Python identifier (it is written bare into code)."""
+    names = list(names)
+    for name in names:
+        if not is_identifier(name):
+            raise CodegenError(f"cannot write {what} {name!r} into generated code: it is not a Python identifier")
+    return names
+
+
+# -- importable modules: model.py and stage_<i>.py ------------------------------------------------
+
+_TEMPLATE = '''"""{doc}
+"""
+
+import os
+
+import torch
+from torch import nn
+
+{forward_imports}
+
+{constants}
+
+# The graph's leaf modules: qualified name -> (torch.nn class, constructor arguments).
+LEAF_MODULES = {leaf_rows}
+# Tensors the graph reads directly (parameters unless marked as buffers): name -> (shape, dtype, is_parameter).
+TENSORS = {tensor_rows}
+# The shared weight(s) {wrapper} owns and passes to the graph, in the graph's order.
+SHARED_WEIGHTS = {shared_names}
+SHARED_WEIGHT_TENSORS = {shared_rows}
+# What load() reads: state-dict name -> key in the weights file.
+PARAMETERS = {parameter_rows}
+
+
+def _owner(root: nn.Module, qualified_name: str):
+    """The module that holds `qualified_name` (plain containers are created on the way) and the last name."""
+    *path, name = qualified_name.split(".")
+    owner = root
+    for part in path:
+        if part not in owner._modules:
+            owner.add_module(part, nn.Module())
+        owner = owner._modules[part]
+    return owner, name
+
+
+class Graph(nn.Module):
+    """The graph: {graph_doc}, then the shared weight(s), then `training`."""
+
+    def __init__(self):
+        super().__init__()
+        for name, (cls, kwargs) in LEAF_MODULES.items():
+            owner, attr = _owner(self, name)
+            owner.add_module(attr, getattr(nn, cls)(**kwargs))
+        for name, (shape, dtype, is_parameter) in TENSORS.items():
+            owner, attr = _owner(self, name)
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+            if is_parameter:
+                owner.register_parameter(attr, nn.Parameter(tensor))
+            else:
+                owner.register_buffer(attr, tensor)
+
+{forward}
+
+class {wrapper}(nn.Module):
+    """{wrapper_doc}"""
+
+    def __init__(self):
+        super().__init__()
+        self.graph_module = Graph()
+        for name in SHARED_WEIGHTS:
+            shape, dtype = SHARED_WEIGHT_TENSORS[name]
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=getattr(torch, dtype))))
+
+    def forward({parameters}):
+        return {wrap_open}self.graph_module({call_args}){wrap_close}
+{extra}
+
+def build(device="meta") -> {wrapper}:
+    """The module without weights (uninitialised memory unless on the meta device)."""
+    with torch.device(device):
+        return {wrapper}()
+
+
+def load(weights=None, device="cpu") -> {wrapper}:
+    """The module with its tensors from `weights` (default: {weights_default} beside this file), in eval mode.
+
+    Reads only the tensors named in PARAMETERS, one by one (safetensors.safe_open), never
+    the whole file.
+    """
+    from safetensors import safe_open
+
+    path = weights or os.path.join(os.path.dirname(os.path.abspath(__file__)), WEIGHTS)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{{path}} not found{missing_hint}")
+    module = build("meta")
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        available = set(f.keys())
+        missing = [key for key in PARAMETERS.values() if key not in available]
+        if missing:
+            raise KeyError(f"{{path}} has no tensor {{missing[0]}} ({{len(missing)}} missing); "
+                           f"it was not written with this file")
+        state = {{name: f.get_tensor(key) for name, key in PARAMETERS.items()}}
+    module.load_state_dict(state, assign=True)
+    return module.eval()
+'''
+
+# The names the template itself binds at module level; the forward's imports must not rebind them.
+_TEMPLATE_NAMES = {"os", "torch", "nn", "LEAF_MODULES", "TENSORS", "SHARED_WEIGHTS", "SHARED_WEIGHT_TENSORS",
+                   "PARAMETERS", "WEIGHTS", "_owner", "Graph", "build", "load"}
+_DOC_SAFE = re.compile(r"[^\\\"\n]*")  # no backslash, no quote: nothing can end or escape the docstring
+
+
+def module_source(gm: torch.fx.GraphModule, *, filename: str, doc: str, constants: dict, wrapper: str,
+                  wrapper_doc: str, graph_doc: str, signature: list[str], shared: dict, parameters: dict,
+                  weights: str, on_meta: bool, extra: str = "", wrap: str = "") -> str:
+    """The text of an importable module for `gm` (see the module docstring).
+
+    `doc`, `wrapper_doc` and `graph_doc` are fixed text and identifiers only; `constants`
+    (name -> literal value) are written as repr() literals; `signature` is the wrapper's
+    forward parameters, passed on to the graph, then `shared` (name -> tensor, the
+    shared weights the wrapper owns) and `self.training`. `parameters` maps the wrapper's
+    state-dict names to keys in the weights file `weights`. `wrap` names a function in
+    `extra` that the wrapper's result passes through.
+    """
+    leaves, tensors = _structure(gm)
+    forward = forward_source(gm)
+    head, _, body = forward.partition("\ndef forward(")
+    lines = [line for line in head.splitlines() if line.strip() and line != "import torch"]
+    imports = [line for line in lines if line.startswith(("import ", "from "))]
+    imports += [line for line in lines if line not in imports]  # assignments such as NoneType = type(None)
+    constants = {"WEIGHTS": weights, **constants}
+    bound = _bound_names(imports)
+    reserved = _TEMPLATE_NAMES | set(constants) | {wrapper} | set(re.findall(r"^def (\w+)", extra, re.M))
+    if bound & reserved:
+        raise CodegenError(f"cannot write {filename}: the graph's global {sorted(bound & reserved)[0]!r} would "
+                           f"clash with a name the file defines")
+    check_names(f"{filename}'s input", signature)
+    check_names(f"{filename}'s shared weight", shared)
+    for text in (doc, wrapper_doc, graph_doc):
+        if not _DOC_SAFE.fullmatch(text.replace("\n", "")) or not text.replace("\n", "").isprintable():
+            raise CodegenError(f"cannot write {filename}: its docstring would hold a quote, a backslash or a "
+                               f"control character")
+    text = _TEMPLATE.format(
+        doc=doc.strip("\n"),
+        forward_imports="\n".join(imports),
+        constants="\n".join(f"{name} = {_literal(value, f'{filename}: {name}')}" for name, value in constants.items()),
+        leaf_rows=_literal(leaves, f"{filename}: LEAF_MODULES"),
+        tensor_rows=_literal(tensors, f"{filename}: TENSORS"),
+        shared_names=_literal(list(shared), f"{filename}: SHARED_WEIGHTS"),
+        shared_rows=_literal({n: (tuple(p.shape), _dtype(p)) for n, p in shared.items()}, f"{filename}: shared"),
+        parameter_rows=_literal(parameters, f"{filename}: PARAMETERS"),
+        graph_doc=graph_doc,
+        forward=_indent("def forward(" + body.strip("\n")),
+        wrapper=wrapper,
+        wrapper_doc=wrapper_doc,
+        parameters=", ".join(["self", *signature]),
+        call_args=", ".join([*signature, *(f"self.{n}" for n in shared), "self.training"]),
+        wrap_open=f"{wrap}(" if wrap else "",
+        wrap_close=")" if wrap else "",
+        extra=("\n" + extra.strip("\n") + "\n") if extra else "",
+        weights_default=weights if _DOC_SAFE.fullmatch(weights) and weights.isprintable() else "WEIGHTS",
+        missing_hint="" if not on_meta else
+        ": this conversion was made on the meta device, so no weights were written; use build()",
+    )
+    _check_module(text, filename)
+    return text
+
+
+def _literal(value, where: str) -> str:
+    """repr() of a literal value; a dict one row per line, for a readable table."""
+    if not is_literal(value):
+        raise CodegenError(f"cannot write {where}: a value is not a plain literal")
+    if type(value) is dict and value:
+        return "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _bound_names(lines) -> set:
+    names = set()
+    for stmt in ast.parse("\n".join(lines)).body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in stmt.names}
+        elif isinstance(stmt, ast.Assign):
+            names |= {t.id for t in stmt.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _check_module(text: str, filename: str) -> None:
+    """The generated module compiles, and at module level only imports, definitions and literals run.
+
+    This states the injection rule as a check: text that escaped a string or a comment
+    would show up as another kind of statement (or a syntax error).
+    """
+    try:
+        tree = ast.parse(text, filename)
+        compile(tree, filename, "exec")
+    except SyntaxError as e:
+        raise CodegenError(f"generated {filename} does not compile: {e.msg} at line {e.lineno}") from e
+    for i, stmt in enumerate(tree.body):
+        if i == 0 and isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue  # the docstring
+        if isinstance(stmt, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            value = stmt.value
+            if _is_literal_node(value) or (  # or what forward_source writes: NoneType = type(None), a device
+                    isinstance(value, ast.Call) and ast.unparse(value.func) in ("type", "torch.device")
+                    and len(value.args) == 1 and not value.keywords and _is_literal_node(value.args[0])):
+                continue
+        raise CodegenError(f"generated {filename} has an unexpected statement at line {stmt.lineno}")
+
+
+def _is_literal_node(node) -> bool:
+    try:
+        ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _indent(code: str) -> str:
+    return "\n".join(("    " + line) if line.strip() else "" for line in code.splitlines()) + "\n"
+
+
+def _structure(gm: torch.fx.GraphModule):
+    """Leaf modules with constructor arguments, and tensors held by plain container modules."""
+    leaves, tensors = {}, {}
+    leaf_prefixes = []
+    for name, module in gm.named_modules():
+        if any(name.startswith(p) for p in leaf_prefixes):
+            continue
+        if module is gm or type(module) in (torch.nn.Module, BoundContainer):
+            for attr, t in module._parameters.items():
+                if t is not None:
+                    tensors[f"{name}.{attr}" if name else attr] = (tuple(t.shape), _dtype(t), True)
+            for attr, t in module._buffers.items():
+                if t is not None:
+                    if attr in module._non_persistent_buffers_set:
+                        raise CodegenError(f"generated code cannot restore the non-persistent buffer {name}.{attr}")
+                    tensors[f"{name}.{attr}" if name else attr] = (tuple(t.shape), _dtype(t), False)
+            continue
+        leaves[name] = (type(module).__name__, _constructor_args(name, module))
+        leaf_prefixes.append(name + ".")
+    return leaves, tensors
+
+
+def _constructor_args(name: str, module: torch.nn.Module) -> dict:
+    """Arguments that rebuild `module`, read from its attributes; checked by rebuilding it on meta."""
+    cls = type(module)
+    if getattr(torch.nn, cls.__name__, None) is not cls:
+        raise CodegenError(f"generated code can only rebuild torch.nn modules; '{name}' is a "
+                           f"{cls.__module__}.{cls.__name__}")
+    args = {}
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):
+            continue
+        if not hasattr(module, p.name):
+            if p.default is p.empty:
+                raise CodegenError(f"cannot rebuild '{name}' ({cls.__name__}): no attribute holds its argument "
+                                   f"{p.name}")
+            continue
+        value = getattr(module, p.name)
+        if isinstance(p.default, bool) and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None  # e.g. Linear(bias=...) holds the bias tensor or None
+        if p.default is not p.empty and type(value) is type(p.default) and value == p.default:
+            continue  # defaults stay implicit, for a readable table
+        if not is_literal(value):
+            raise CodegenError(f"cannot rebuild '{name}' ({cls.__name__}): argument {p.name} is {type(value).__name__}")
+        args[p.name] = value
+    with torch.device("meta"):
+        rebuilt = cls(**args)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} != expected:
+        raise CodegenError(f"cannot rebuild '{name}' ({cls.__name__}) from {args}: its tensors differ")
+    return args

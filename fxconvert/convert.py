@@ -66,16 +66,20 @@ class Conversion:
     model_class: str = ""
     model: torch.nn.Module | None = None
     source: "ModelSource | None" = None
+    dropped_inputs: list[str] = field(default_factory=list)  # traced inputs the kept output does not read
 
     @property
     def code(self) -> str:
         return self.graph_module.code
 
-    def save(self, out_dir, *, force: bool = False, validation=None, diff: bool = False):
+    def save(self, out_dir, *, force: bool = False, validation=None, diff: bool = False, stages=None):
         """Write model.py, weights.safetensors, report.md and report.json to `out_dir`, atomically.
 
         An existing directory is refused unless `force`. `validation` (a
         `fxconvert.validate.ValidationResult`) and `diff` add those sections to the reports.
+        `stages` (a number of stages, or `fxconvert.stages.Stages` split from this conversion)
+        also writes what `--stages` does: stage files, pipeline.json, config.json and the
+        tokenizer files (`fxconvert.pipeline`), and a stage table in the reports.
         Returns the `fxconvert.save.Saved` record (paths and the report written).
         """
         from fxconvert.report import build_report, diff_section
@@ -84,8 +88,15 @@ class Conversion:
             raise UsageError("this conversion kept no traced code to diff; convert with keep_traced_code=True")
         from fxconvert.save import save
 
-        return save(self, out_dir, force=force, make_report=lambda: build_report(
-            self, validation=validation, extra=[diff_section(self)] if diff else []))
+        extra, extra_files = [diff_section(self)] if diff else [], {}
+        if stages is not None:
+            from fxconvert.pipeline import pipeline_output
+
+            output = pipeline_output(self, stages)
+            extra.append(output.section)
+            extra_files = output.files
+        return save(self, out_dir, force=force, extra_files=extra_files,
+                    make_report=lambda: build_report(self, validation=validation, extra=extra))
 
 
 class ConvertedModule(torch.nn.Module):
@@ -149,12 +160,12 @@ def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
 
 def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, output: str | None = None,
             offline: bool = False, meta: bool = False, attn: str = "sdpa", seed: int = 0,
-            keep_traced_code: bool = False) -> Conversion:
+            dtype=None, keep_traced_code: bool = False) -> Conversion:
     """Trace `model` and turn it into FTPipe's pre-partitioning form.
 
     `model` is a module, or a name that `fxconvert.load.load` resolves (a checkpoint
     directory, a Hub id, a config .json file or a preset such as "t5-small"); `offline`,
-    `meta`, `attn` and `seed` (of random weights) apply to names only.
+    `meta`, `attn`, `seed` (of random weights) and `dtype` apply to names only.
     `keep_traced_code` keeps the code as traced, before the passes, in
     `Conversion.traced_code` (for a diff; generating it costs a tenth of a conversion).
     """
@@ -163,13 +174,14 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
         from fxconvert.load import load
 
         start = time.perf_counter()
-        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed)
+        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed, dtype=dtype)
         model, source = loaded.model, loaded.source
         timings["load"] = time.perf_counter() - start
     elif not isinstance(model, torch.nn.Module):
         raise UsageError(f"convert() takes a model (torch.nn.Module) or a name, got {type(model).__name__}")
-    elif (offline, meta, attn, seed) != (False, False, "sdpa", 0):
-        raise UsageError("offline, meta, attn and seed apply to a model given by name; this one is built already")
+    elif (offline, meta, attn, seed, dtype) != (False, False, "sdpa", 0, None):
+        raise UsageError("offline, meta, attn, seed and dtype apply to a model given by name; this one is built "
+                         "already")
     with gc_paused():
         conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
                                     keep_traced_code=keep_traced_code)
@@ -208,4 +220,5 @@ def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str |
         model_class=gm.meta["model_class"],
         model=model,
         source=source,
+        dropped_inputs=list(gm.meta.get("dropped_inputs", ())),
     )

@@ -26,6 +26,7 @@ transformers is imported only when a model is built, so `import fxconvert.load` 
 import json
 import math
 import os
+import re
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ META_THRESHOLD = 2_000_000_000
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 HUB_PROBE_TIMEOUT = 2.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -101,21 +103,40 @@ class LoadedModel:
 
 
 def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, attn: str = "sdpa",
-         seed: int = 0) -> LoadedModel:
-    """Resolve `name` to a T5-family model in eval mode (see the module docstring for the order)."""
+         seed: int = 0, dtype: "str | torch.dtype | None" = None) -> LoadedModel:
+    """Resolve `name` to a T5-family model in eval mode (see the module docstring for the order).
+
+    `dtype` ("float32", "bfloat16", "float16" or the torch dtype) loads the model in that
+    dtype as transformers does: a checkpoint through `from_pretrained(dtype=...)`, a build
+    from a config cast after construction; either way fp16 keeps the modules the class lists
+    in `_keep_in_fp32_modules` (T5's `wo`) in fp32. By default a checkpoint keeps its own
+    dtype and a config its `dtype` entry.
+    """
     if attn not in SUPPORTED_ATTENTION:
         raise UsageError(f"unknown attention '{attn}'; choose {' or '.join(SUPPORTED_ATTENTION)}")
+    dtype = resolve_dtype(dtype)
     name = os.fspath(name)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".json":
         config = read_config(path)
-        return _from_config(config, ModelSource(name, "config file", str(path), "random", "cpu"), meta, attn, seed)
+        return _from_config(config, ModelSource(name, "config file", str(path), "random", "cpu"), meta, attn, seed,
+                            dtype)
     if path.is_dir():
-        return _from_directory(name, path, meta=meta, attn=attn, seed=seed)
+        return _from_directory(name, path, meta=meta, attn=attn, seed=seed, dtype=dtype)
     if path.exists():
         raise ModelResolutionError(f"'{name}' is a file, not a checkpoint directory; for an architecture use "
                                    f"--config FILE.json")
-    return _from_hub_or_preset(name, offline=offline or offline_env(), meta=meta, attn=attn, seed=seed)
+    return _from_hub_or_preset(name, offline=offline or offline_env(), meta=meta, attn=attn, seed=seed,
+                               dtype=dtype)
+
+
+def resolve_dtype(dtype) -> "torch.dtype | None":
+    """The torch dtype for a `dtype` option (None stays None), or a UsageError listing the choices."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UsageError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
 
 
 def short_name(name: str | os.PathLike) -> str:
@@ -206,7 +227,7 @@ def quiet_transformers() -> None:
 # -- the four sources -------------------------------------------------------------------------
 
 
-def _from_directory(name, path: Path, *, meta, attn, seed) -> LoadedModel:
+def _from_directory(name, path: Path, *, meta, attn, seed, dtype) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelResolutionError(f"directory '{name}' has no config.json; give a checkpoint directory "
@@ -217,31 +238,32 @@ def _from_directory(name, path: Path, *, meta, attn, seed) -> LoadedModel:
     if not has_weights and not meta:
         source.notes.append(f"{path} has no weights ({' or '.join(WEIGHT_FILES[::2])})")
     if not has_weights or meta:
-        return _from_config(config, source, meta, attn, seed)
-    return _from_checkpoint(str(path), config, source, attn, local_files_only=True)
+        return _from_config(config, source, meta, attn, seed, dtype)
+    return _from_checkpoint(str(path), config, source, attn, dtype, local_files_only=True)
 
 
-def _from_hub_or_preset(name, *, offline, meta, attn, seed) -> LoadedModel:
+def _from_hub_or_preset(name, *, offline, meta, attn, seed, dtype) -> LoadedModel:
     cached = _cached_config(name)
     if cached is not None:
         config = read_config(cached)
         source = ModelSource(name, "Hugging Face cache", name, "checkpoint", "cpu")
         if meta:
-            return _from_config(config, source, meta, attn, seed)
+            return _from_config(config, source, meta, attn, seed, dtype)
         try:
-            return _from_checkpoint(name, config, source, attn, local_files_only=True)
+            return _from_checkpoint(name, config, source, attn, dtype, local_files_only=True)
         except _WeightsUnavailable:
-            loaded = _download(name, meta=meta, attn=attn, seed=seed) if not offline and hub_reachable() else None
+            loaded = (_download(name, meta=meta, attn=attn, seed=seed, dtype=dtype)
+                      if not offline and hub_reachable() else None)
             if loaded is not None:
                 return loaded
             source.notes.append(f"the weights of '{name}' are not in the Hugging Face cache")
-            return _from_config(config, source, meta, attn, seed)
+            return _from_config(config, source, meta, attn, seed, dtype)
     if offline:
         why = "not in the Hugging Face cache (offline)"
     elif not hub_reachable():
         why = "not in the Hugging Face cache, the Hub is unreachable"
     else:
-        loaded = _download(name, meta=meta, attn=attn, seed=seed)
+        loaded = _download(name, meta=meta, attn=attn, seed=seed, dtype=dtype)
         if loaded is not None:
             return loaded
         why = "not in the Hugging Face cache nor on the Hub"
@@ -249,7 +271,7 @@ def _from_hub_or_preset(name, *, offline, meta, attn, seed) -> LoadedModel:
     if key in PRESETS:
         source = ModelSource(name, "preset", key, "random", "cpu")
         source.notes.append(f"'{name}' is {why}: using the built-in {key} architecture")
-        return _from_config(preset_config(key), source, meta, attn, seed)
+        return _from_config(preset_config(key), source, meta, attn, seed, dtype)
     raise ModelResolutionError(
         f"unknown model '{name}': not a local directory, {why}, and not a built-in preset "
         f"(presets: {', '.join(PRESETS)}; use --config FILE.json for another architecture)"
@@ -267,7 +289,7 @@ def _cached_config(name) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _download(name, *, meta, attn, seed) -> LoadedModel | None:
+def _download(name, *, meta, attn, seed, dtype) -> LoadedModel | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
 
@@ -280,15 +302,15 @@ def _download(name, *, meta, attn, seed) -> LoadedModel | None:
     config = read_config(Path(config_file))
     source = ModelSource(name, "Hugging Face Hub", name, "checkpoint", "cpu")
     if meta:
-        return _from_config(config, source, meta, attn, seed)
-    return _from_checkpoint(name, config, source, attn, local_files_only=False)
+        return _from_config(config, source, meta, attn, seed, dtype)
+    return _from_checkpoint(name, config, source, attn, dtype, local_files_only=False)
 
 
 class _WeightsUnavailable(Exception):
     pass
 
 
-def _from_checkpoint(location, config: dict, source: ModelSource, attn, *, local_files_only) -> LoadedModel:
+def _from_checkpoint(location, config: dict, source: ModelSource, attn, dtype, *, local_files_only) -> LoadedModel:
     import transformers
 
     cls = getattr(transformers, model_class_name(config, source.location))
@@ -296,7 +318,8 @@ def _from_checkpoint(location, config: dict, source: ModelSource, attn, *, local
     try:
         model, info = cls.from_pretrained(location, config=config_obj, attn_implementation=attn,
                                           output_loading_info=True, ignore_mismatched_sizes=True,
-                                          local_files_only=local_files_only)
+                                          local_files_only=local_files_only,
+                                          **({} if dtype is None else {"dtype": dtype}))
     except OSError as e:
         if local_files_only and source.origin == "Hugging Face cache":
             raise _WeightsUnavailable() from e
@@ -337,15 +360,17 @@ def _config_object(config: dict, where: str):
         raise ModelResolutionError(f"invalid config in {where} for {cls_name}: {_first_line(e)}") from e
 
 
-def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed: int) -> LoadedModel:
+def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed: int, dtype=None) -> LoadedModel:
     """Build from a config: on the meta device when asked or too large, else with fast random weights."""
     import transformers
 
     cls = getattr(transformers, model_class_name(config, source.location))
     config_obj = _config_object(config, source.location)
+    kwargs = {"attn_implementation": attn, **({} if dtype is None else {"dtype": dtype})}
     try:
         with torch.device("meta"):
-            model = cls._from_config(config_obj, attn_implementation=attn)
+            model = cls._from_config(config_obj, **kwargs)
+        _keep_in_fp32(model)
     except Exception as e:
         raise ModelResolutionError(f"cannot build {cls.__name__} from {source.location}: {_first_line(e)}") from e
     n_params = sum(p.numel() for p in model.parameters())
@@ -360,7 +385,8 @@ def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed:
         return LoadedModel(model.eval(), source)
     if any(True for _ in model.buffers()):  # buffers hold values a random init cannot invent
         torch.manual_seed(seed)
-        model = cls._from_config(config_obj, attn_implementation=attn)
+        model = cls._from_config(config_obj, **kwargs)
+        _keep_in_fp32(model)
         _untie_head(model, config, init=True)
     else:
         model.to_empty(device="cpu")
@@ -371,6 +397,25 @@ def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed:
     source.notes.append("RANDOM WEIGHTS: the converted model computes nothing useful until real weights "
                         "are loaded")
     return LoadedModel(model.eval(), source)
+
+
+def _keep_in_fp32(model: torch.nn.Module) -> None:
+    """Cast the parameters that transformers keeps in fp32 when it loads a checkpoint in fp16
+    (`_keep_in_fp32_modules`; `_keep_in_fp32_modules_strict` in bf16 too), matched the way
+    `from_pretrained` matches them: each pattern searched in the parameter's name.
+    `_from_config` does not do this, `from_pretrained` does."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    patterns = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (
+        torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not patterns:
+        return
+    regex = re.compile("|".join(p.replace("*", ".*") for p in sorted(patterns)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if regex.search(name):
+                p.data = p.data.to(torch.float32)
 
 
 def _untie_head(model: torch.nn.Module, config: dict, *, init: bool = False) -> None:

@@ -43,6 +43,7 @@ class Section:
     code: str | None = None
     language: str = "diff"
     notes: list[str] = field(default_factory=list)
+    bars: list[tuple[str, float, str]] = field(default_factory=list)  # (label, share 0..1, caption), terminal only
 
 
 @dataclass
@@ -75,8 +76,8 @@ def build_report(conversion, *, validation=None, extra=(), detail: bool = True) 
         sections.append(validation_section(validation, detail=detail))
         if validation.skipped is None and not validation.passed:
             status = "validation failed"
-            warnings.append(f"VALIDATION FAILED: {len(validation.failures)} tensor(s) differ by more than "
-                            f"atol {validation.atol:g}")
+            warnings.append(f"VALIDATION FAILED: {len(validation.failures)} tensor(s) are not finite or exceed "
+                            f"the tolerance ({validation.tolerance})")
     sections.append(timings_section(conversion.timings))
     sections.extend(extra)
     return Report(f"fxconvert: {conversion.model_class} ({_name(conversion)})", status, warnings, sections)
@@ -136,9 +137,13 @@ def io_section(conversion) -> Section:
     out_shape = _output_shape(val)
     tables = [Table(["input", "role", "dtype", "shape"], rows, "Inputs (placeholders, in order)"),
               Table(["output", "dtype", "shape"], [[conversion.output_name, out_dtype, out_shape]], "Output")]
+    dropped = list(getattr(conversion, "dropped_inputs", ()))
+    notes = [f"dropped inputs: {', '.join(dropped)} (the output {conversion.output_name} does not read them)"
+             ] if dropped else []
     return Section("io", "Inputs and output", {"inputs": data, "output": {"name": conversion.output_name,
-                                                                        "dtype": out_dtype, "shape": out_shape}},
-                   tables=tables)
+                                                                        "dtype": out_dtype, "shape": out_shape},
+                                               "dropped_inputs": dropped},
+                   tables=tables, notes=notes)
 
 
 def passes_section(conversion) -> Section:
@@ -203,14 +208,15 @@ def validation_section(result, *, detail: bool = True) -> Section:
         ])
     fields = {
         "status": "passed" if result.passed else "FAILED",
-        "tolerance": f"atol {result.atol:g}",
+        "tolerance": result.tolerance,
+        "rule": result.rule,
         "seed": str(result.seed),
         "checked": f"{len(result.checks)} tensors, max diff {_diff(result.max_diff)}",
     }
     tables = [Table(["run", "output max diff", "grad max diff (worst parameter)", "tensors", "result"], summary)]
     if result.failures:
         tables.append(Table(["run", "tensor", "max diff", "why"],
-                            [[c.run, c.tensor, _diff(c.max_diff), c.note or f"> atol {result.atol:g}"]
+                            [[c.run, c.tensor, _diff(c.max_diff), c.note or "exceeds the tolerance"]
                              for c in result.failures], "Failures"))
     if detail:
         names = list(dict.fromkeys(c.tensor for c in result.checks))
@@ -254,6 +260,38 @@ def stages_section(rows: list[dict]) -> Section:
                        "sent bytes"], table)],
         notes=["sizes are at the traced example shape (batch 2, encoder 7, decoder 5 tokens)",
                "the shared weight is not counted in a stage's parameters: each stage that uses it holds a copy"],
+    )
+
+
+def stage_plan_section(rows: list[dict], plan: dict) -> Section:
+    """Predicted cost of each stage (`stage_table` rows and `stage_plan`), with a bar of its time share."""
+    from fxconvert.cost import flops_text
+
+    measured = plan["balance"] == "profile"
+    table = []
+    for r in rows:
+        table.append([r["stage"], f"{flops_text(r['flops'])} ({r['flops_share']:.0%})",
+                      f"{_seconds(r['seconds'])} ({r['time_share']:.0%})", _bytes(r["activation_bytes"]),
+                      _bytes(r["peak_bytes"]), r["in_flight"],
+                      _bytes(r["sent_bytes_per_microbatch"]), "yes" if r["bottleneck"] else ""])
+    fields = {
+        "balanced by": {"time": "predicted time (FLOPs and bytes moved)", "params": "parameter bytes",
+                        "profile": "measured time on this machine"}[plan["balance"]],
+        "sizes": f"batch {plan['batch']} per microbatch, encoder {plan['encoder_length']}, "
+                 f"decoder {plan['decoder_length']} tokens",
+        "schedule": f"{plan['schedule']}, {plan['microbatches']} microbatches",
+        "bottleneck": f"stage {plan['bottleneck']}",
+        "bubble": f"{plan['bubble_fraction']:.0%} of the stages' time idle "
+                  f"(one step {_seconds(plan['step_seconds'])})",
+    }
+    return Section(
+        "stage_plan", "Stage costs (predicted)" if not measured else "Stage costs (time measured)", plan,
+        fields=fields,
+        tables=[Table(["stage", "fwd+bwd FLOPs", "fwd+bwd time" + (" (measured)" if measured else ""),
+                       "activations", "peak memory", "in flight", "sends", "bottleneck"], table)],
+        bars=[(f"stage {r['stage']}", r["time_share"], f"{r['time_share']:.0%}") for r in rows],
+        notes=["per microbatch; peak memory = parameters, gradients and Adam state (a shared weight on every "
+               "stage holding a copy) + activations of the microbatches in flight"],
     )
 
 
@@ -311,6 +349,8 @@ def print_rich(report: Report, console) -> None:
             for row in table.rows:
                 rt.add_row(*(Text(_cell(c, "\n"), style=_rich_style(c)) for c in row))
             console.print(rt)
+        if section.bars:
+            console.print(_rich_bars(section.bars, width=40))
         if section.code is not None:
             console.print(Syntax(section.code, section.language, theme="ansi_dark", background_color="default"))
         for note in section.notes:
@@ -332,6 +372,22 @@ def _printable(report: Report) -> Report:
                             tables=[Table(t.headers, [[text(c) for c in row] for row in t.rows], printable(t.title))
                                     for t in s.tables], notes=text(s.notes))
         for s in report.sections])
+
+
+def _rich_bars(bars, *, width: int):
+    """One bar per row, scaled so that the largest share fills `width` cells; the largest is highlighted."""
+    from rich.text import Text
+
+    largest = max((share for _, share, _ in bars), default=0) or 1
+    label_width = max(len(label) for label, _, _ in bars)
+    text = Text()
+    for label, share, caption in bars:
+        cells = round(width * share / largest)
+        text.append(f"{label:<{label_width}} ")
+        text.append("█" * cells, style="bold red" if share == largest else "cyan")
+        text.append(" " * (width - cells) + f" {caption}\n")
+    text.rstrip()
+    return text
 
 
 def _markdown(report: Report) -> str:

@@ -1,10 +1,12 @@
 """Write a conversion to a directory: model.py, weights.safetensors, report.md, report.json.
 
-- model.py is the GraphModule as source: a table of its torch.nn leaf modules (with their
-  constructor arguments) and directly-held tensors, the class that rebuilds that structure,
-  the generated `forward` (`fxconvert.codegen.forward_source`), a wrapper that owns the
-  shared weight(s) like `fxconvert.ConvertedModule`, and `build()` / `load()`. It imports
-  torch, safetensors and `fxconvert.runtime`, never transformers.
+- model.py is the GraphModule as source (`fxconvert.codegen.module_source`, the template the
+  stage files share): a table of its torch.nn leaf modules (with their constructor
+  arguments) and directly-held tensors, the class that rebuilds that structure, the
+  generated `forward`, a wrapper that owns the shared weight(s) like
+  `fxconvert.ConvertedModule`, and `build()` / `load()`. It imports torch, safetensors and
+  `fxconvert.runtime`, never transformers. User text (the source path) is only in the
+  repr() literal SOURCE.
 - weights.safetensors is the state dict of `Conversion.module`: each shared weight once,
   under its placeholder name, the rest under `graph_module.<eager name>`. A model on the
   meta device has no weights, so the file is not written.
@@ -28,9 +30,7 @@ hidden directory that the next run to the same destination removes.
 import contextlib
 import ctypes
 import errno
-import inspect
 import json
-import math
 import os
 import re
 import secrets
@@ -46,9 +46,8 @@ from pathlib import Path
 
 import torch
 
-from fxconvert.codegen import forward_source
+from fxconvert.codegen import check_names, module_source
 from fxconvert.errors import FxConvertError, UsageError
-from fxconvert.graph_utils import BoundContainer
 
 MODEL_FILE, WEIGHTS_FILE, REPORT_MD, REPORT_JSON = "model.py", "weights.safetensors", "report.md", "report.json"
 MARKER = ".fxconvert"
@@ -110,7 +109,8 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
     `make_report()`, called after model.py and the weights are written (so that the
     report can include the write time, recorded in `conversion.timings["write"]`),
     returns the `fxconvert.report.Report` to write as report.md and report.json.
-    `extra_files` maps more file names to their text (e.g. `stage_<i>.py`).
+    `extra_files` maps more file names to their text (e.g. `stage_<i>.py`), or to bytes
+    for files copied as they are (tokenizer files).
     A KeyboardInterrupt leaves `out_dir` as it was, or, once the commit began, complete
     (`is_own_output` tells which).
     """
@@ -131,8 +131,11 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
         _write_marker(tmp, files)  # first: a killed run's directory is recognisable from the start
         (tmp / MODEL_FILE).write_text(text, encoding="utf-8")
-        for name, extra in (extra_files or {}).items():
-            (tmp / name).write_text(extra, encoding="utf-8")
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):  # copied files (a tokenizer's), byte for byte
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
         if weights:
             save_weights(conversion.module, tmp / WEIGHTS_FILE)
         conversion.timings["write"] = time.perf_counter() - start
@@ -412,9 +415,11 @@ def _on_meta(module: torch.nn.Module) -> bool:
 
 # -- model.py ----------------------------------------------------------------------------------
 
-_HEADER = '''"""{model_class} in FTPipe's pre-partitioning form, written by fxconvert {version}.
+_DOC = """{model_class} in FTPipe's pre-partitioning form, written by fxconvert {version}.
 
 {summary}
+
+SOURCE says where the model and its weights came from.
 
     import model  # this file
     m = model.load()  # the weights in weights.safetensors beside this file
@@ -424,192 +429,38 @@ _HEADER = '''"""{model_class} in FTPipe's pre-partitioning form, written by fxco
 partitioner needs. Needs torch, safetensors and fxconvert.runtime; not transformers.
 """
 
-import os
-
-import torch
-from torch import nn
-
-{forward_imports}
-
-INPUT_NAMES = {input_names!r}
-OUTPUT_NAME = {output!r}
-WEIGHTS = {weights!r}
-
-# The graph's leaf modules: qualified name -> (torch.nn class, constructor arguments).
-LEAF_MODULES = {{
-{leaf_rows}
-}}
-# Tensors the graph reads directly (parameters unless marked as buffers): name -> (shape, dtype, is_parameter).
-TENSORS = {{
-{tensor_rows}
-}}
-# Shared weights, owned by the wrapper and passed to the graph: name -> (shape, dtype).
-SHARED_WEIGHTS = {{
-{shared_rows}
-}}
-
-
-def _owner(root: nn.Module, qualified_name: str):
-    """The module that holds `qualified_name` (plain containers are created on the way) and the last name."""
-    *path, name = qualified_name.split(".")
-    owner = root
-    for part in path:
-        if part not in owner._modules:
-            owner.add_module(part, nn.Module())
-        owner = owner._modules[part]
-    return owner, name
-
-
-class {graph_class}(nn.Module):
-    """The pre-partitioning graph: inputs, then the shared weight(s), then `training`."""
-
-    def __init__(self):
-        super().__init__()
-        for name, (cls, kwargs) in LEAF_MODULES.items():
-            owner, attr = _owner(self, name)
-            owner.add_module(attr, getattr(nn, cls)(**kwargs))
-        for name, (shape, dtype, is_parameter) in TENSORS.items():
-            owner, attr = _owner(self, name)
-            tensor = torch.empty(shape, dtype=dtype)
-            if is_parameter:
-                owner.register_parameter(attr, nn.Parameter(tensor))
-            else:
-                owner.register_buffer(attr, tensor)
-
-{forward}
-
-class Converted(nn.Module):
-    """Owns the shared weight(s) and passes them, with `self.training`, to the graph."""
-
-    def __init__(self):
-        super().__init__()
-        self.graph_module = {graph_class}()
-        for name, (shape, dtype) in SHARED_WEIGHTS.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype)))
-
-    def forward(self, {signature}):
-        return self.graph_module({signature}, {shared_args}self.training)
-
-
-def build(device="meta") -> Converted:
-    """The module without weights (uninitialised memory unless on the meta device)."""
-    with torch.device(device):
-        return Converted()
-
-
-def load(weights=None, device="cpu") -> Converted:
-    """The module with the weights of `weights` (default: weights.safetensors beside this file), in eval mode."""
-    from safetensors.torch import load_file
-
-    path = weights or os.path.join(os.path.dirname(os.path.abspath(__file__)), WEIGHTS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{{path}} not found{missing_hint}")
-    module = build("meta")
-    module.load_state_dict(load_file(path, device=str(device)), assign=True)
-    return module.eval()
-'''
-
 
 def model_source(conversion) -> str:
-    """The text of model.py for `conversion` (see the module docstring)."""
+    """The text of model.py for `conversion` (see the module docstring).
+
+    User text (the source path or Hub id, above all) is written only as repr() literals
+    in SOURCE; the docstring holds fixed text and identifiers (`fxconvert.codegen`).
+    """
     import fxconvert
 
-    gm = conversion.graph_module
-    leaves, tensors = _structure(gm)
-    forward = forward_source(gm)
-    head, _, body = forward.partition("\ndef forward(")
-    lines = [line for line in head.splitlines() if line.strip() and line != "import torch"]
-    imports = [line for line in lines if line.startswith(("import ", "from "))]
-    imports += [line for line in lines if line not in imports]  # assignments such as NoneType = type(None)
     shared = {name: getattr(conversion.module, name) for name in conversion.module.shared_names}
-    names = list(conversion.input_names)
+    names = check_names("the input name", conversion.input_names)
+    (model_class,) = check_names("the model class name", [conversion.model_class or "Model"])
+    (output,) = check_names("the output name", [conversion.output_name])
     source = conversion.source
-    text = _HEADER.format(
-        model_class=conversion.model_class,
+    doc = _DOC.format(
+        model_class=model_class,
         version=fxconvert.__version__,
-        summary=textwrap.fill(
-            (f"Source: {source.origin} {source.location}, weights: {source.weights}. " if source else "")
-            + f"The graph takes {', '.join(names)}, then the shared weight(s) {', '.join(shared) or '(none)'}, "
-            f"then `training`; it returns `{conversion.output_name}`.", width=92),
-        output=conversion.output_name,
+        summary=textwrap.fill(f"The graph takes {', '.join(names)}, then the shared weight(s) "
+                              f"{', '.join(shared) or '(none)'}, then `training`; it returns `{output}`.", width=92),
+        output=output,
         call=", ".join(f"{n}={n}" for n in names),
-        forward_imports="\n".join(imports),
-        input_names=tuple(names),
-        weights=WEIGHTS_FILE,
-        leaf_rows="\n".join(f"    {name!r}: ({cls!r}, {kwargs!r})," for name, (cls, kwargs) in leaves.items()),
-        tensor_rows="\n".join(f"    {name!r}: ({tuple(t.shape)!r}, {t.dtype}, {is_param!r}),"
-                              for name, (t, is_param) in tensors.items()),
-        shared_rows="\n".join(f"    {name!r}: ({tuple(p.shape)!r}, {p.dtype})," for name, p in shared.items()),
-        graph_class=type(gm).__name__,
-        forward=_indent("def forward(" + body.strip("\n")),
-        signature=", ".join(names),
-        shared_args="".join(f"self.{n}, " for n in shared),
-        missing_hint="" if not _on_meta(conversion.module) else
-        ": this conversion was made on the meta device, so no weights were written; use build()",
     )
-    compile(text, MODEL_FILE, "exec")
-    return text
-
-
-def _structure(gm: torch.fx.GraphModule):
-    """Leaf modules with constructor arguments, and tensors held by plain container modules."""
-    leaves, tensors = {}, {}
-    leaf_prefixes = []
-    for name, module in gm.named_modules():
-        if any(name.startswith(p) for p in leaf_prefixes):
-            continue
-        if module is gm or type(module) in (torch.nn.Module, BoundContainer):
-            for attr, t in module._parameters.items():
-                if t is not None:
-                    tensors[f"{name}.{attr}" if name else attr] = (t, True)
-            for attr, t in module._buffers.items():
-                if t is not None:
-                    if attr in module._non_persistent_buffers_set:
-                        raise SaveError(f"model.py cannot restore the non-persistent buffer {name}.{attr}")
-                    tensors[f"{name}.{attr}" if name else attr] = (t, False)
-            continue
-        leaves[name] = (type(module).__name__, _constructor_args(name, module))
-        leaf_prefixes.append(name + ".")
-    return leaves, tensors
-
-
-def _constructor_args(name: str, module: torch.nn.Module) -> dict:
-    """Arguments that rebuild `module`, read from its attributes; checked by rebuilding it on meta."""
-    cls = type(module)
-    if getattr(torch.nn, cls.__name__, None) is not cls:
-        raise SaveError(f"model.py can only rebuild torch.nn modules; '{name}' is a {cls.__module__}.{cls.__name__}")
-    args = {}
-    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):
-            continue
-        if not hasattr(module, p.name):
-            if p.default is p.empty:
-                raise SaveError(f"cannot rebuild '{name}' ({cls.__name__}): no attribute holds its argument {p.name}")
-            continue
-        value = getattr(module, p.name)
-        if isinstance(p.default, bool) and (value is None or isinstance(value, torch.Tensor)):
-            value = value is not None  # e.g. Linear(bias=...) holds the bias tensor or None
-        if p.default is not p.empty and type(value) is type(p.default) and value == p.default:
-            continue  # defaults stay implicit, for a readable table
-        if not _is_literal(value):
-            raise SaveError(f"cannot rebuild '{name}' ({cls.__name__}): argument {p.name} is {type(value).__name__}")
-        args[p.name] = value
-    with torch.device("meta"):
-        rebuilt = cls(**args)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    if {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} != expected:
-        raise SaveError(f"cannot rebuild '{name}' ({cls.__name__}) from {args}: its tensors differ")
-    return args
-
-
-def _is_literal(value) -> bool:
-    """A value whose repr() is Python source for it."""
-    if isinstance(value, (tuple, list)):
-        return all(_is_literal(v) for v in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return value is None or isinstance(value, (bool, int, str))
-
-
-def _indent(code: str) -> str:
-    return "\n".join(("    " + line) if line.strip() else "" for line in code.splitlines()) + "\n"
+    constants = {
+        "INPUT_NAMES": tuple(names),
+        "OUTPUT_NAME": output,
+        "SOURCE": None if source is None else {"name": os.fspath(source.name), "origin": source.origin,
+                                               "location": os.fspath(source.location), "weights": source.weights},
+    }
+    state = conversion.module.state_dict()
+    return module_source(
+        conversion.graph_module, filename=MODEL_FILE, doc=doc, constants=constants, wrapper="Converted",
+        wrapper_doc="Owns the shared weight(s) and passes them, with `self.training`, to the graph.",
+        graph_doc="the model inputs", signature=names, shared=shared, parameters={k: k for k in state},
+        weights=WEIGHTS_FILE, on_meta=_on_meta(conversion.module),
+    )

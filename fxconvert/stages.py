@@ -14,8 +14,10 @@ How nodes are assigned to stages:
   (its producer), a node computed only from graph inputs the block after it (its
   consumer). Stage indices are then nondecreasing along the node list, which is checked;
 - the blocks are grouped into `num_stages` contiguous runs that minimise the largest
-  stage's parameter bytes (not FLOPs). The balance counts the parameters each stage
-  owns; a shared weight, which every stage that uses it receives, is not counted.
+  stage's cost (`fxconvert.balance`): by default its predicted forward + backward time at
+  the sizes given (`balance="time"`), or its measured time (`"profile"`), or its parameter
+  bytes (`"params"`, where a shared weight, which every stage that uses it receives, is not
+  counted). `Stages.plan` holds each stage's predicted time, FLOPs, peak memory and bytes sent.
 
 What crosses a boundary: a value one stage computes and a later one reads (hidden states,
 the encoder output, the position bias that block 0 computes and later blocks reuse, a
@@ -42,7 +44,8 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from fxconvert.codegen import forward_source
+from fxconvert import balance as balancing
+from fxconvert.cost import Sizes, analyze
 from fxconvert.convert import Conversion, ConvertedModule
 from fxconvert.errors import UsageError, describe_node
 from fxconvert.graph_utils import is_impure
@@ -69,6 +72,10 @@ class StageSpec:
     uses_training: bool
     sent: list[str]
     recomputed: list[str]
+    # predicted forward + backward FLOPs and peak memory (bytes) under the schedule, at the sizes
+    # the split was balanced for; None when it was balanced by parameters with no sizes given
+    flops: int | None = None
+    peak_bytes: int | None = None
 
 
 class Stages(ConvertedModule):
@@ -79,9 +86,13 @@ class Stages(ConvertedModule):
     once. The stages share every other parameter with the conversion they were cut from.
     """
 
-    def __init__(self, graph_module, shared, input_names, specs: list[StageSpec]):
+    def __init__(self, graph_module, shared, input_names, specs: list[StageSpec], *, model_class: str = "",
+                 output_name: str = "", plan=None):
         super().__init__(graph_module, shared, input_names)
         self.specs = list(specs)
+        self.model_class = model_class
+        self.output_name = output_name
+        self.plan = plan  # fxconvert.balance.Plan, or None
 
     @property
     def stages(self) -> list[torch.fx.GraphModule]:
@@ -125,9 +136,27 @@ class StageModule(ConvertedModule):
         return tuple(v.contiguous() for v in out)
 
 
-def split_stages(conversion: Conversion, num_stages: int) -> Stages:
-    """Cut `conversion.graph_module` into `num_stages` stages at block boundaries."""
+def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "time", batch: int | None = None,
+                 encoder_length: int | None = None, decoder_length: int | None = None, schedule: str = "1f1b",
+                 microbatches: int | None = None, max_stage_bytes: int | None = None) -> Stages:
+    """Cut `conversion.graph_module` into `num_stages` stages at block boundaries.
+
+    `balance` ("time", "profile" or "params", see `fxconvert.balance`) says what the split
+    evens out; `batch` (sequences per microbatch), `encoder_length` and `decoder_length`
+    (defaults 8, 512, 128) are the sizes it is judged at. `schedule` ("1f1b" or "gpipe")
+    and `microbatches` (default: at least 4, at least `num_stages`) decide how many
+    microbatches' activations a stage holds; no stage's predicted peak memory may exceed
+    `max_stage_bytes`. With balance="params" and none of the sizes, nothing is predicted
+    (`Stages.plan` and each spec's `flops` / `peak_bytes` are None).
+    """
     gm = conversion.graph_module
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+        raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
+    try:
+        balancing.check_options(balance=balance, schedule=schedule, microbatches=microbatches,
+                                max_stage_bytes=max_stage_bytes)
+    except UsageError as e:
+        raise SplitError(str(e)) from None
     blocks = stage_blocks(gm, num_stages, conversion.model_class)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     block_of = _block_of_nodes(gm, nodes)
@@ -135,10 +164,100 @@ def split_stages(conversion: Conversion, num_stages: int) -> Stages:
     costs = [0] * len(blocks)
     for node, param in _owned_parameters(gm, nodes):
         costs[unit[node]] += param.numel() * param.element_size()
-    group = _balance(costs, num_stages)
+    units = None
+    if balance != "params" or max_stage_bytes is not None or any(v is not None for v in
+                                                                   (batch, encoder_length, decoder_length)):
+        sizes = _sizes(batch, encoder_length, decoder_length)
+        microbatches = microbatches or max(4, num_stages)
+        units = _unit_costs(conversion, analyze(conversion, sizes=sizes), nodes, unit, costs)
+    if balance == "params" and max_stage_bytes is None:
+        group, measured = _balance(costs, num_stages), None  # the rule of earlier versions, kept exactly
+    else:
+        group, measured = _choose(conversion, units, costs, num_stages, balance=balance, schedule=schedule,
+                                  microbatches=microbatches, max_stage_bytes=max_stage_bytes)
     stage_of = {node: group[u] for node, u in unit.items()}
     _check_monotone(nodes, stage_of)
-    return _build(conversion, stage_of, [[b for b, g in zip(blocks, group) if g == s] for s in range(num_stages)])
+    stages = _build(conversion, stage_of, [[b for b, g in zip(blocks, group) if g == s] for s in range(num_stages)])
+    if units is not None:
+        by_name = {n.name: n for n in nodes}
+        sent = [sum(units.graph_cost.value_bytes(by_name[name]) for name in spec.sent) for spec in stages.specs]
+        stages.plan = balancing.predict(units, group, balance=balance, schedule=schedule, microbatches=microbatches,
+                                        sent_bytes=sent, seconds=measured)
+        for spec, stage in zip(stages.specs, stages.plan.stages):
+            spec.flops, spec.peak_bytes = stage.flops, stage.peak_bytes
+    return stages
+
+
+def _sizes(batch, encoder_length, decoder_length) -> Sizes:
+    defaults = Sizes()
+    try:
+        return Sizes(defaults.batch if batch is None else batch,
+                     defaults.encoder_length if encoder_length is None else encoder_length,
+                     defaults.decoder_length if decoder_length is None else decoder_length)
+    except UsageError as e:
+        raise SplitError(str(e)) from None
+
+
+def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, microbatches, max_stage_bytes):
+    """(group of each unit, measured seconds per unit or None): the best split under the memory cap."""
+    measured = None
+    if balance == "profile":
+        try:
+            measured = balancing.profile_units(conversion, len(units), units.graph_cost.sizes)
+        except UsageError as e:
+            raise SplitError(str(e)) from None
+    per_unit = {"params": param_costs, "profile": measured,
+                "time": [f + b for f, b in zip(units.forward, units.backward)]}[balance]
+    fits = None
+    if max_stage_bytes is not None:
+        def fits(j, i, stage):
+            return units.peak_bytes(j, i, stage, num_stages, schedule, microbatches) <= max_stage_bytes
+    group = balancing.best_groups(len(units), num_stages, _range_sums(per_unit), fits)
+    if group is None:
+        least = min(units.peak_bytes(j, j + 1, 0, num_stages, schedule, microbatches) for j in range(len(units)))
+        raise SplitError(
+            f"no split into {num_stages} contiguous stages keeps every stage's predicted peak memory within "
+            f"max_stage_bytes={max_stage_bytes:,} (a first stage of one block alone needs at least {least:,} bytes "
+            f"at {_sizes_text(units.graph_cost.sizes)}, {schedule}, {microbatches} microbatches); raise the cap, "
+            f"use more stages or fewer microbatches"
+        )
+    return group, measured
+
+
+def _range_sums(values):
+    prefix = [0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    return lambda j, i: prefix[i] - prefix[j]
+
+
+def _sizes_text(sizes: Sizes) -> str:
+    return f"batch {sizes.batch}, encoder {sizes.encoder_length}, decoder {sizes.decoder_length} tokens"
+
+
+def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs) -> "balancing.UnitCosts":
+    count = len(owned_costs)
+    nodes_of = [[] for _ in range(count)]
+    for node in nodes:
+        nodes_of[unit[node]].append(node)
+    shared_names = set(conversion.module.shared_names)
+    shared = [{a.target for n in members for a in n.all_input_nodes
+               if a.op == "placeholder" and a.target in shared_names} for members in nodes_of]
+    shared_bytes = {name: getattr(conversion.module, name).numel() * getattr(conversion.module, name).element_size()
+                    for name in shared_names}
+    # bytes crossing each possible cut (after unit u): values made up to u and read after it, unless recomputed
+    gm = conversion.graph_module
+    model_inputs = {p for p in gm.graph.find_nodes(op="placeholder") if p.target not in shared_names
+                    and p.target != TRAINING}
+    recomputable = _recomputable(gm, model_inputs)
+    cut_bytes = [0] * max(count - 1, 0)
+    for node in nodes:
+        if node in recomputable:
+            continue
+        last = max((count - 1 if u.op == "output" else unit[u] for u in node.users), default=unit[node])
+        for u in range(unit[node], last):
+            cut_bytes[u] += graph_cost.value_bytes(node)
+    return balancing.UnitCosts(graph_cost, nodes_of, list(owned_costs), shared, shared_bytes, cut_bytes)
 
 
 def stage_blocks(gm: torch.fx.GraphModule, num_stages: int, model_class: str = "") -> list[str]:
@@ -147,7 +266,7 @@ def stage_blocks(gm: torch.fx.GraphModule, num_stages: int, model_class: str = "
     The traced graph has the same blocks as the converted one, so a command line can refuse
     too many stages before the passes and validation run.
     """
-    if not isinstance(num_stages, int) or num_stages < 1:
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
         raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     blocks = sorted(set(_block_of_nodes(gm, nodes).values()), key=_block_key)
@@ -355,7 +474,8 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
         ))
     driver = _driver(placeholders, specs, modules)
     shared_params = {name: getattr(conversion.module, name) for name in conversion.module.shared_names}
-    stages = Stages(driver, shared_params, conversion.input_names, specs)
+    stages = Stages(driver, shared_params, conversion.input_names, specs, model_class=conversion.model_class,
+                    output_name=conversion.output_name)
     stages.train(conversion.module.training)
     return stages
 
@@ -402,10 +522,12 @@ def stage_table(stages: Stages) -> list[dict]:
     stage that uses one receives it.
     """
     rows = []
+    plan = stages.plan
     for spec, gm in zip(stages.specs, stages.stages):
         params = list(gm.parameters())
         out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         sent = [_value_row(n) for n in out.args[0]] if spec.sent else []
+        predicted = plan.stages[spec.index] if plan is not None else None
         rows.append({
             "stage": spec.index,
             "blocks": list(spec.blocks),
@@ -419,8 +541,44 @@ def stage_table(stages: Stages) -> list[dict]:
             "sent": sent,
             "sent_bytes": sum(v["bytes"] or 0 for v in sent),
             "recomputed": list(spec.recomputed),
+            # predictions at the sizes the split was balanced for (None without them), per microbatch
+            "flops": spec.flops,
+            "flops_share": plan.flop_shares[spec.index] if plan is not None else None,
+            "seconds": predicted.seconds if predicted is not None else None,
+            "time_share": plan.shares[spec.index] if plan is not None else None,
+            "activation_bytes": predicted.activation_bytes if predicted is not None else None,
+            "in_flight": predicted.in_flight if predicted is not None else None,
+            "peak_bytes": spec.peak_bytes,
+            "sent_bytes_per_microbatch": predicted.sent_bytes if predicted is not None else None,
+            "bottleneck": plan.bottleneck == spec.index if plan is not None else None,
         })
     return rows
+
+
+def stage_plan(stages: Stages) -> dict | None:
+    """How the split was chosen and its predicted pipeline behaviour, as plain data (None without predictions).
+
+    `seconds` are predicted forward + backward seconds per microbatch (measured ones with
+    balance="profile"); `step_seconds` is one step of `microbatches` under the schedule.
+    """
+    plan = stages.plan
+    if plan is None:
+        return None
+    return {
+        "balance": plan.balance,
+        "batch": plan.sizes.batch,
+        "encoder_length": plan.sizes.encoder_length,
+        "decoder_length": plan.sizes.decoder_length,
+        "schedule": plan.schedule,
+        "microbatches": plan.microbatches,
+        "bottleneck": plan.bottleneck,
+        "bubble_fraction": plan.bubble_fraction,
+        "step_seconds": plan.step_seconds,
+        "seconds": [s.seconds for s in plan.stages],
+        "time_share": plan.shares,
+        "flops": [s.flops for s in plan.stages],
+        "peak_bytes": [s.peak_bytes for s in plan.stages],
+    }
 
 
 def _value_row(node: torch.fx.Node) -> dict:
@@ -435,11 +593,6 @@ def _value_row(node: torch.fx.Node) -> dict:
     }
 
 
-def stage_sources(stages: Stages) -> dict[str, str]:
-    """`stage_<i>.py` -> its text (imports plus the stage's forward)."""
-    return {f"stage_{spec.index}.py": forward_source(gm) for spec, gm in zip(stages.specs, stages.stages)}
-
-
 def write_stage_sources(stages: Stages, directory) -> list[Path]:
     """Write the `stage_<i>.py` files into `directory`; return the paths."""
     directory = Path(directory)
@@ -451,5 +604,9 @@ def write_stage_sources(stages: Stages, directory) -> list[Path]:
     return paths
 
 
-__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_sources",
-           "write_stage_sources"]
+# The stage files and pipeline.json are written by fxconvert.pipeline (which imports this module
+# at its top, so this import comes last).
+from fxconvert.pipeline import pipeline_manifest, stage_sources  # noqa: E402
+
+__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan",
+           "stage_sources", "write_stage_sources", "pipeline_manifest"]

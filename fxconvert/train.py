@@ -1,174 +1,360 @@
-"""`python -m fxconvert.train`: train the stages of a converted T5 with torch.distributed.pipelining.
+"""`python -m fxconvert.train`: fine-tune a converted T5 with pipeline parallelism, launched by torchrun.
 
-One process per stage (`torch.multiprocessing` spawn, gloo on CPU). Each process builds
-the same tiny `T5ForConditionalGeneration` from a config and seed, converts it, splits it
-with `fxconvert.stages.split_stages` and keeps its own stage (`Stages.stage_module`),
-which it hands to `PipelineStage` under `ScheduleGPipe` or `Schedule1F1B`.
+    torchrun --nproc-per-node 4 -m fxconvert.train conv/ --data train.jsonl --out run/ \\
+        --steps 1000 --batch 32 --microbatches 8 --schedule 1f1b --lr 1e-4 --optimizer adamw
 
-- Data flow: stage 0 takes the model inputs it reads as positional arguments of
-  `schedule.step`; every later stage receives its predecessor's outputs (values produced
-  earlier pass through) and reads the model inputs it needs (masks, labels) as keyword
-  arguments of its own `schedule.step`, which pipelining chunks into the same microbatches.
-- Loss: the last stage returns the converted graph's own loss (the mean cross-entropy of
-  one microbatch), so the schedule's `loss_fn` returns its input; the labels are passed as
-  the nominal `target`. With `scale_grads=True` (the default) gradients are summed over
-  microbatches and divided by their number: the objective of a step is the mean of the
-  microbatch losses, and the loss reported per step is that mean.
-- Tied weights: pipelining would copy the shared embedding into every stage that uses it
-  (encoder embedding, decoder embedding, tied LM head) and never reconcile the copies.
-  Here each such stage owns a copy; the copies start equal (a broadcast from the lowest
-  rank holding one) and their gradients are all-reduced (summed) over exactly the ranks
-  that hold one, in a `dist.new_group`, before every optimizer step, as DeepSpeed does for
-  tied layers. Every copy then takes the same step and stays identical.
-- Reference: the unsplit converted module, trained in one process on the same batches
-  split into the same microbatches (`torch.tensor_split`), gradients accumulated over the
-  microbatches and divided by their number. The run compares the loss of every step and
-  the final weights (fp32) and the copies of the shared weight among themselves.
-- Dropout is 0 and the modules are in train mode (the `training` flag is True), so both
-  sides are deterministic; dropout masks drawn by several processes cannot match one
-  process's random stream.
-- The optimizer is SGD by default. AdamW (`--optimizer adamw`) works the same way, but
-  it divides each gradient entry by its own magnitude, so for entries near its `eps` the
-  float reassociation of a pipelined backward (~1e-11) becomes a visible weight difference
-  (up to 9e-6 after 3 steps with 4 stages at lr 1e-2, against 2e-7 for SGD at lr 0.5).
-- `--control` adds a run of the first schedule without the all-reduce: what plain
-  pipelining does with a weight used by several stages. Its copies drift apart.
+SOURCE is a conversion written with `python -m fxconvert CKPT --stages N` (each rank
+imports its own `stage_<i>.py` and reads only that stage's tensors, so no rank ever holds
+the whole model), or any name `fxconvert` accepts, which every rank then converts and
+splits the same way (each rank holds the whole model while it converts).
+
+How a run is laid out (see `fxconvert.grad_sync` for the ranks):
+
+- world size = pipeline ranks x `--dp`; stages = pipeline ranks x `--virtual-stages`;
+  stage i runs on pipeline rank i % pipeline ranks. The rendezvous is torchrun's env://
+  (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so multi-machine launches work unchanged;
+  gloo on CPU, nccl on CUDA.
+- Data (`fxconvert.data`): replica r at step s trains on global batch s*dp + r; every rank
+  reads the file and builds its replica's batch; `torch.distributed.pipelining` splits it
+  into `--microbatches` equal microbatches. A batch is padded to its own longest sequences,
+  so shapes change between steps; a pipeline stage fixes its buffers at its first step,
+  so each rank keeps one `PipelineStage` + schedule per shape (a few, least recently used
+  dropped), built the same way on every rank of the replica.
+- Loss: the last stage returns the converted graph's loss (transformers' own: the mean
+  over that microbatch's target tokens), the schedule's `loss_fn` passes it through, and
+  the schedule divides the accumulated gradients by the number of microbatches
+  (`scale_grads=True`): a step's objective is the mean of the microbatch losses, as in
+  eager gradient accumulation. The loss reported per step is that mean (over replicas too).
+- Tied weights, replicas and `--max-grad-norm`: `fxconvert.grad_sync`.
+- `--dtype bfloat16`: each stage's forward runs under `torch.autocast(bfloat16)`; the
+  weights, their gradients and the optimizer state stay float32 (master weights), and
+  the values sent between stages are float32, as torch's stage buffers are fixed by a
+  metadata pass that autocast does not see.
+- Checkpoints (`fxconvert.checkpoint`) every `--save-every` steps, with every rank's RNG
+  state; `--resume` continues from the latest complete one. Everything that decides a step
+  (weights, optimizer state, the batch index, RNG) is restored, so a resumed run repeats
+  the uninterrupted run's losses and weights bit for bit (float32 on CPU).
+- Output: `RUN/hf/` (`fxconvert.export.export_hf`: a sharded transformers checkpoint written
+  stage by stage) and `RUN/metrics.jsonl` (one line per step).
+
+Errors: a bad option, SOURCE or data line is found by every rank alike before any process
+group or file exists, and printed once per machine as one line (exit 2, or 1 for a
+failure). A failure during training is printed by each rank as `fxconvert.train: error:
+rank R (stage S, replica D): ...` (exit 1). A rank that dies breaks its neighbours'
+connections at once, and one that hangs makes their next collective time out after
+`--timeout`; torchrun then stops every other worker. Each line names the rank that failed
+first, found with a heartbeat in torchrun's store (`fxconvert.heartbeat`).
 """
 
 import argparse
+import gc
 import json
+import math
 import os
+import re
+import signal
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from fxconvert.convert import convert
-from fxconvert.errors import UsageError
-from fxconvert.stages import split_stages
+from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.grad_sync import Topology
 
-SCHEDULES = ("gpipe", "1f1b")
+PROG = "python -m fxconvert.train"
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 OPTIMIZERS = ("sgd", "adamw")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
+SHAPE_CACHE = 8  # pipeline stages (with their buffers) kept per rank, one per batch shape
+
+
+class TrainError(FxConvertError):
+    """Training failed (a rank died, a collective timed out, a step produced no loss)."""
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p.add_argument("source", metavar="SOURCE",
+                   help="a conversion directory written with --stages N, or a name fxconvert accepts")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl",
+                   help='one {"input": str, "target": str} or {"input_ids": [...], "labels": [...]} per line')
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory: metrics.jsonl, checkpoints/, hf/")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch", type=int, default=8, help="examples per step and replica (default 8)")
+    p.add_argument("--microbatches", type=int, default=None, help="microbatches per batch (default: the stages)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
+    p.add_argument("--virtual-stages", type=int, default=1, metavar="V",
+                   help="stages per pipeline rank (V > 1 needs --schedule interleaved-1f1b)")
+    p.add_argument("--dp", type=int, default=1, metavar="R", help="data-parallel replicas of the pipeline")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="bfloat16: bf16 autocast, float32 weights and optimizer state")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="clip by the whole model's gradient norm")
+    p.add_argument("--save-every", type=int, default=None, metavar="K", help="checkpoint every K steps")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its latest complete checkpoint")
+    p.add_argument("--shuffle", action="store_true", help="a seeded permutation of the data per epoch")
+    p.add_argument("--seed", type=int, default=0, help="data order, dropout, and random weights of a preset")
+    p.add_argument("--max-source-length", type=int, default=None)
+    p.add_argument("--max-target-length", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a rank waits for the others before failing (default 300)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub for SOURCE")
+    p.add_argument("--no-export", action="store_true", help="do not write RUN/hf at the end")
+    p.add_argument("-v", "--verbose", action="store_true", help="print a failing rank's traceback before its line")
+    return p
 
 
 @dataclass
-class RunConfig:
-    stages: int = 2
-    schedules: tuple[str, ...] = SCHEDULES
-    steps: int = 3
-    microbatches: int = 4
-    batch: int = 8
-    encoder_length: int = 7
-    decoder_length: int = 5
-    family: str = "T5"
-    d_model: int = 32
-    layers: int = 2
-    decoder_layers: int = 2
-    heads: int = 4
-    vocab: int = 97
-    optimizer: str = "sgd"
-    lr: float = 0.5
-    seed: int = 0
-    tolerance: float = 1e-5
-    timeout_s: int = 120
-    control: bool = False  # also run the first schedule without the tied-gradient all-reduce
+class Launch:
+    """What torchrun (or the environment) says about this process."""
 
-    def runs(self) -> list[tuple[str, bool]]:
-        """(schedule, all-reduce tied gradients) for every run, in order."""
-        return [(s, True) for s in self.schedules] + ([(self.schedules[0], False)] if self.control else [])
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls) -> "Launch":
+        def number(name, default):
+            value = os.environ.get(name, default)
+            try:
+                return int(value)
+            except ValueError:
+                raise UsageError(f"{name}={value!r} is not an integer; launch with torchrun") from None
+
+        launch = cls(number("RANK", "0"), number("WORLD_SIZE", "1"), number("LOCAL_RANK", "0"))
+        if not 0 <= launch.rank < launch.world_size:
+            raise UsageError(f"RANK {launch.rank} is not below WORLD_SIZE {launch.world_size}; launch with torchrun")
+        return launch
+
+
+def check_options(args, launch: Launch) -> Topology:
+    """Every check that needs no file; the same on every rank. Returns the layout (without groups)."""
+    positive = {"--steps": args.steps, "--batch": args.batch, "--virtual-stages": args.virtual_stages,
+                "--dp": args.dp}
+    if args.microbatches is not None:
+        positive["--microbatches"] = args.microbatches
+    if args.save_every is not None:
+        positive["--save-every"] = args.save_every
+    for option, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+    for option, value in (("--lr", args.lr), ("--timeout", args.timeout), ("--max-grad-norm", args.max_grad_norm)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{option} must be a positive number, got {value}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be a non-negative number, got {args.weight_decay}")
+    if launch.world_size % args.dp:
+        raise UsageError(f"{launch.world_size} processes do not split into --dp {args.dp} replicas; launch a "
+                         f"multiple of {args.dp} processes (pipeline ranks x replicas)")
+    if args.virtual_stages > 1 and args.schedule != "interleaved-1f1b":
+        raise UsageError(f"--virtual-stages {args.virtual_stages} needs --schedule interleaved-1f1b")
+    if args.schedule == "interleaved-1f1b" and args.virtual_stages < 2:
+        raise UsageError("--schedule interleaved-1f1b needs --virtual-stages 2 or more (stages per rank)")
+    topo = Topology(world_size=launch.world_size, dp=args.dp, virtual_stages=args.virtual_stages,
+                    shared_stages={}, rank=launch.rank)
+    stages, pipeline_ranks = topo.num_stages, topo.pipeline_ranks
+    if args.microbatches is None:
+        args.microbatches = stages
+    m = args.microbatches
+    if args.batch % m:
+        raise UsageError(f"--batch {args.batch} does not split into {m} equal microbatches; "
+                         f"make --batch a multiple of --microbatches")
+    if args.schedule == "1f1b" and m < stages:
+        raise UsageError(f"--schedule 1f1b needs at least as many microbatches as stages ({m} < {stages}); "
+                         f"raise --microbatches to {stages} or more")
+    if args.schedule == "interleaved-1f1b":
+        rounds = max(1, m // pipeline_ranks)
+        if m % rounds:
+            raise UsageError(f"--schedule interleaved-1f1b needs --microbatches to be a multiple of "
+                             f"{rounds} with {pipeline_ranks} pipeline ranks; use e.g. {pipeline_ranks * rounds}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available; use --device cpu")
+    return topo
+
+
+# -- the model: this rank's stages -------------------------------------------------------------
 
 
 @dataclass
-class ScheduleResult:
-    schedule: str
-    tied_sync: bool
-    losses: list[float]
-    reference_losses: list[float]
-    max_loss_diff: float
-    max_weight_diff: float
-    max_weight_update: float
-    shared_copies: dict[str, list[int]]
-    max_shared_copy_diff: float
-    ok: bool = field(default=False)
+class StagePart:
+    """One stage this rank runs: the module and what it reads."""
+
+    index: int
+    module: torch.nn.Module
+    inputs: list[str]
 
 
-# -- model, data, optimizer: the same in every process ---------------------------------------
+@dataclass
+class Model:
+    """This rank's stages and what the run needs to know about the whole model."""
+
+    parts: dict[int, StagePart]
+    num_stages: int
+    shared_stages: dict[str, list[int]]
+    config: dict
+    pipeline_dir: Path | None = None  # a conversion directory (stage files)
+    export_files: dict | None = None  # converted here: pipeline.json, config.json, tokenizer files
+    tokenizer_dir: Path | None = None
 
 
-def build_model(cfg: RunConfig) -> torch.nn.Module:
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}; reconvert with --stages N") from None
+
+
+def load_model(args, topo: Topology, device: torch.device) -> Model:
+    """This rank's stage modules, from stage files or by converting SOURCE here."""
+    path = Path(args.source).expanduser()
+    if path.is_dir() and (path / "pipeline.json").is_file():
+        return _from_stage_files(path, topo, device)
+    if path.is_dir() and (path / "model.py").is_file() and not (path / "pipeline.json").exists():
+        raise UsageError(f"{args.source} is a conversion without stages (no pipeline.json); reconvert it with "
+                         f"`python -m fxconvert CKPT --stages {topo.num_stages} --out DIR` or pass the checkpoint")
+    return _from_name(args, path, topo, device)
+
+
+def _from_stage_files(path: Path, topo: Topology, device: torch.device) -> Model:
+    from fxconvert.pipeline import load_pipeline
+
+    pipeline = load_pipeline(path)
+    _check_stage_count(path, pipeline.num_stages, topo)
+    unknown = sorted({n for s in pipeline.stages for n in s["inputs"]} - set(INPUT_NAMES))
+    if unknown:
+        raise UsageError(f"{path}'s stages read {', '.join(unknown)}, which the data does not give; reconvert "
+                         f"with the inputs {', '.join(INPUT_NAMES)}")
+    parts = {}
+    for i in topo.my_stages:
+        module = pipeline.load_stage(i, device=str(device))
+        parts[i] = StagePart(i, module.train(), list(pipeline.stages[i]["inputs"]))
+    shared = {name: list(info["stages"]) for name, info in pipeline.shared_weights.items()}
+    return Model(parts, pipeline.num_stages, shared, _read_config(path / pipeline.config), pipeline_dir=path,
+                 tokenizer_dir=path)
+
+
+def _check_stage_count(where, count: int, topo: Topology) -> None:
+    if count != topo.num_stages:
+        ranks = count // topo.virtual_stages if count % topo.virtual_stages == 0 else None
+        fix = (f"launch {ranks * topo.dp} processes" if ranks else f"choose --virtual-stages dividing {count}")
+        raise UsageError(f"{where} has {count} stages, but {topo.world_size} processes with --dp {topo.dp} and "
+                         f"--virtual-stages {topo.virtual_stages} run {topo.num_stages}; {fix}, or reconvert with "
+                         f"--stages {topo.num_stages}")
+
+
+def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     import transformers
 
-    config_class = {"T5": transformers.T5Config, "MT5": transformers.MT5Config, "UMT5": transformers.UMT5Config}
-    config = config_class[cfg.family](
-        d_model=cfg.d_model, d_ff=2 * cfg.d_model, d_kv=cfg.d_model // cfg.heads, num_heads=cfg.heads,
-        num_layers=cfg.layers, num_decoder_layers=cfg.decoder_layers, vocab_size=cfg.vocab,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="relu",
-        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, use_cache=False,
-    )
-    torch.manual_seed(cfg.seed)
-    model_class = getattr(transformers, f"{cfg.family}ForConditionalGeneration")
-    return model_class._from_config(config, attn_implementation="sdpa").train()
+    from fxconvert.convert import convert
+    from fxconvert.pipeline import pipeline_files
+    from fxconvert.stages import split_stages
+
+    transformers.utils.logging.disable_progress_bar()
+    conversion = convert(args.source, input_names=list(INPUT_NAMES), offline=args.offline, seed=args.seed)
+    if conversion.source is not None and conversion.source.device == "meta":
+        raise UsageError(f"{args.source} has no weights here (built on the meta device); convert a checkpoint")
+    stages = split_stages(conversion, topo.num_stages)
+    parts = {}
+    for i in topo.my_stages:
+        module = stages.stage_module(i).train().to(device)
+        parts[i] = StagePart(i, module, list(stages.specs[i].inputs))
+    shared = {name: [s.index for s in stages.specs if name in s.shared_weights] for name in conversion.shared_weights}
+    config = conversion.model.config.to_dict()
+    config["architectures"] = [type(conversion.model).__name__]
+    # What a conversion directory would hold besides stage files and weights (pipeline.json, config.json,
+    # tokenizer files): RUN/hf's export reads them from a directory written at export time.
+    files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
+    tokenizer_dir = path if path.is_dir() else None
+    del conversion, stages
+    gc.collect()  # the whole model was here; keep only this rank's stages
+    return Model(parts, topo.num_stages, shared, config, export_files=files, tokenizer_dir=tokenizer_dir)
 
 
-def batches(cfg: RunConfig) -> list[dict[str, torch.Tensor]]:
-    """One batch of random tokens per step; padding at random lengths, some ignored labels."""
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    out = []
-    for _ in range(cfg.steps):
-        b, n, m = cfg.batch, cfg.encoder_length, cfg.decoder_length
-        lengths = torch.randint(1, n + 1, (b,), generator=g)
-        labels = torch.randint(1, cfg.vocab, (b, m), generator=g)
-        labels[torch.rand(b, m, generator=g) < 0.2] = -100
-        out.append({
-            "input_ids": torch.randint(1, cfg.vocab, (b, n), generator=g),
-            "attention_mask": (torch.arange(n)[None, :] < lengths[:, None]).long(),
-            "decoder_input_ids": torch.randint(1, cfg.vocab, (b, m), generator=g),
-            "labels": labels,
-        })
-    return out
+# -- data ---------------------------------------------------------------------------------------
 
 
-def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr)
-    return torch.optim.AdamW(params, lr=cfg.lr)
+@dataclass
+class Data:
+    examples: list
+    pad_token_id: int
+    decoder_start_token_id: int
+
+    def batch(self, args, index: int) -> dict[str, torch.Tensor]:
+        from fxconvert.data import batch_indices, collate
+
+        rows = batch_indices(len(self.examples), args.batch, index, shuffle=args.shuffle, seed=args.seed)
+        return collate([self.examples[i] for i in rows], pad_token_id=self.pad_token_id,
+                       decoder_start_token_id=self.decoder_start_token_id)
+
+    def tokens(self, args, index: int) -> int:
+        """Real input tokens plus target tokens of global batch `index` (for tokens/s)."""
+        from fxconvert.data import batch_indices
+
+        rows = batch_indices(len(self.examples), args.batch, index, shuffle=args.shuffle, seed=args.seed)
+        return sum(len(self.examples[i].input_ids) + sum(1 for v in self.examples[i].labels if v != -100)
+                   for i in rows)
 
 
-def _named_weights(module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
+def load_data(args, model: Model) -> Data:
+    from fxconvert.data import load_tokenizer, read_jsonl
+
+    config = model.config
+    tokenizer = load_tokenizer(model.tokenizer_dir, required=False) if model.tokenizer_dir is not None else None
+    examples = read_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
+                          max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"))
+    pad = config.get("pad_token_id")
+    start = config.get("decoder_start_token_id")
+    for name, value in (("pad_token_id", pad), ("decoder_start_token_id", start)):
+        if type(value) is not int:
+            raise UsageError(f"the model's config has {name} = {value!r}; set it in config.json")
+    return Data(examples, pad, start)
 
 
-# -- single-process reference ----------------------------------------------------------------
+# -- pipeline stages --------------------------------------------------------------------------------
 
 
-def train_reference(cfg: RunConfig) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Train the unsplit converted module as the pipeline does: (losses per step, initial, final weights)."""
-    module = convert(build_model(cfg), input_names=INPUT_NAMES).module.train()
-    initial = _named_weights(module)
-    optimizer = make_optimizer(cfg, module.parameters())
-    losses = []
-    for batch in batches(cfg):
-        optimizer.zero_grad()
-        chunks = {k: torch.tensor_split(v, cfg.microbatches) for k, v in batch.items()}
-        step = []
-        for i in range(cfg.microbatches):
-            loss = module(**{k: v[i] for k, v in chunks.items()})
-            loss.backward()
-            step.append(loss.detach())
-        for p in module.parameters():
-            if p.grad is not None:
-                p.grad.div_(cfg.microbatches)
-        optimizer.step()
-        losses.append(torch.stack(step).mean().item())
-    return losses, initial, _named_weights(module)
+class StageCall(torch.nn.Module):
+    """Adapts one stage to the schedule: model inputs arrive as keywords on every stage.
 
+    The schedule passes every rank's keyword arguments to each of its stages, so a rank
+    that runs several stages (interleaved) gives each all the model inputs; this picks
+    the ones its stage reads. Stage 0 takes them positionally (the schedule's own
+    positional argument, the input ids, is only there to mark the first stage's input).
+    """
 
-# -- one pipeline process ----------------------------------------------------------------------
+    def __init__(self, part: StagePart, *, autocast: torch.dtype | None, device: torch.device):
+        super().__init__()
+        self.stage = part.module
+        self.index = part.index
+        self.inputs = list(part.inputs)
+        self.autocast = autocast
+        self.device_type = device.type
+
+    def forward(self, *received, **batch):
+        if self.index == 0:
+            args, kwargs = [batch[n] for n in self.inputs], {}
+        else:
+            args, kwargs = list(received), {n: batch[n] for n in self.inputs}
+        if self.autocast is None:
+            return self.stage(*args, **kwargs)
+        with torch.autocast(self.device_type, dtype=self.autocast):
+            out = self.stage(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in out)
+        return out.float()
 
 
 def _loss_is_output(output, target):
@@ -176,190 +362,348 @@ def _loss_is_output(output, target):
     return output
 
 
-def _tied_groups(specs) -> dict[str, tuple[list[int], object]]:
-    """Shared weight -> (ranks holding a copy, their process group). Every rank must call this."""
-    groups = {}
-    for name in sorted({w for spec in specs for w in spec.shared_weights}):
-        ranks = [spec.index for spec in specs if name in spec.shared_weights]
-        groups[name] = (ranks, dist.new_group(ranks) if len(ranks) > 1 else None)
-    return groups
+class Schedules:
+    """One `PipelineStage` set + schedule per batch shape, least recently used dropped first."""
 
+    def __init__(self, calls: dict[int, StageCall], topo: Topology, args, device: torch.device):
+        self.calls, self.topo, self.args, self.device = calls, topo, args, device
+        self.cache: OrderedDict = OrderedDict()
 
-def _train_stage(rank: int, cfg: RunConfig, schedule_name: str, tied_sync: bool) -> dict:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    def get(self, batch: dict[str, torch.Tensor]):
+        key = tuple(tuple(v.shape) for v in batch.values())
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
 
-    stages = split_stages(convert(build_model(cfg), input_names=INPUT_NAMES), cfg.stages)
-    specs, spec, module = stages.specs, stages.specs[rank], stages.stage_module(rank).train()
-    last = rank == cfg.stages - 1
-    pipe = PipelineStage(module, rank, cfg.stages, torch.device("cpu"))
-    schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule_name]
-    schedule = schedule_class(pipe, n_microbatches=cfg.microbatches, loss_fn=_loss_is_output)
-    tied = {name: group for name, (ranks, group) in _tied_groups(specs).items() if group is not None and rank in ranks}
-    if not tied_sync:  # what plain pipelining does: each copy goes its own way
-        tied = {}
-    for name, group in tied.items():
-        dist.broadcast(getattr(module, name).data, group=group, group_src=0)
-    optimizer = make_optimizer(cfg, module.parameters())
-    losses = []
-    for batch in batches(cfg):
-        optimizer.zero_grad()
-        args = [batch[n] for n in spec.inputs] if rank == 0 else []
-        kwargs = {} if rank == 0 else {n: batch[n] for n in spec.inputs}
-        step_losses = [] if last else None
-        schedule.step(*args, target=batch["labels"] if last else None, losses=step_losses, return_outputs=False,
-                      **kwargs)
-        for name, group in tied.items():
-            param = getattr(module, name)
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=group)
-        optimizer.step()
-        if last:
-            losses.append(torch.stack([loss.detach() for loss in step_losses]).mean().item())
-    return {"losses": losses, "weights": _named_weights(module), "shared": list(spec.shared_weights)}
-
-
-def _worker(rank: int, cfg: RunConfig, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=cfg.stages,
-                            timeout=timedelta(seconds=cfg.timeout_s))
-    try:
-        for name, tied_sync in cfg.runs():
-            torch.save(_train_stage(rank, cfg, name, tied_sync), Path(out_dir) / _result_file(name, tied_sync, rank))
-    finally:
-        dist.destroy_process_group()
-
-
-def _result_file(schedule: str, tied_sync: bool, rank: int) -> str:
-    return f"{schedule}{'' if tied_sync else '-unsynced'}_rank{rank}.pt"
-
-
-# -- launch and compare --------------------------------------------------------------------------
-
-
-def check(cfg: RunConfig) -> None:
-    if cfg.stages < 2:
-        raise UsageError(f"pipeline training needs at least 2 stages, got {cfg.stages}")
-    unknown = [s for s in cfg.schedules if s not in SCHEDULES]
-    if unknown:
-        raise UsageError(f"unknown schedule(s) {', '.join(unknown)}; choose from {', '.join(SCHEDULES)}")
-    if "1f1b" in cfg.schedules and cfg.microbatches < cfg.stages:
-        raise UsageError(f"Schedule1F1B needs at least as many microbatches as stages "
-                         f"({cfg.microbatches} < {cfg.stages}); raise --microbatches")
-    if cfg.batch < cfg.microbatches:
-        raise UsageError(f"the batch ({cfg.batch}) must hold at least one sample per microbatch ({cfg.microbatches})")
-
-
-def run(cfg: RunConfig, out_dir: str | None = None) -> list[ScheduleResult]:
-    """Train with pipelining in `cfg.stages` processes, train the reference here, compare."""
-    import torch.multiprocessing as mp
-
-    check(cfg)
-    split_stages(convert(build_model(cfg), input_names=INPUT_NAMES), cfg.stages)  # a SplitError before any spawn
-    with tempfile.TemporaryDirectory(prefix="fxconvert-pipe-") as tmp:
-        work = Path(out_dir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "rendezvous").unlink(missing_ok=True)
-        mp.spawn(_worker, args=(cfg, str(work)), nprocs=cfg.stages, join=True)
-        per_rank = {run: [torch.load(work / _result_file(*run, r)) for r in range(cfg.stages)] for run in cfg.runs()}
-    reference_losses, initial, final = train_reference(cfg)
-    return [_compare(cfg, run, ranks, reference_losses, initial, final) for run, ranks in per_rank.items()]
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def _compare(cfg, run, ranks, reference_losses, initial, final) -> ScheduleResult:
-    losses = ranks[-1]["losses"]
-    copies: dict[str, list[int]] = {}
-    weight_diff = copy_diff = 0.0
-    for r, result in enumerate(ranks):
-        for key, value in result["weights"].items():
-            weight_diff = max(weight_diff, _max_diff(value, final[key]))
-            if key in result["shared"]:
-                copies.setdefault(key, []).append(r)
-                copy_diff = max(copy_diff, _max_diff(value, ranks[copies[key][0]]["weights"][key]))
-    covered = {key for result in ranks for key in result["weights"]}
-    if covered != set(final):
-        raise AssertionError(f"the stages hold {sorted(covered ^ set(final))} unlike the unsplit module")
-    loss_diff = max(abs(a - b) for a, b in zip(losses, reference_losses, strict=True))
-    result = ScheduleResult(
-        schedule=run[0],
-        tied_sync=run[1],
-        losses=losses,
-        reference_losses=reference_losses,
-        max_loss_diff=loss_diff,
-        max_weight_diff=weight_diff,
-        max_weight_update=max(_max_diff(final[k], initial[k]) for k in final),
-        shared_copies=copies,
-        max_shared_copy_diff=copy_diff,
-    )
-    result.ok = loss_diff <= cfg.tolerance and weight_diff <= cfg.tolerance and copy_diff == 0.0
-    return result
-
-
-def format_results(cfg: RunConfig, results: list[ScheduleResult]) -> str:
-    lines = [f"{cfg.family}ForConditionalGeneration d_model={cfg.d_model} layers={cfg.layers}+{cfg.decoder_layers}, "
-             f"{cfg.stages} stages, {cfg.microbatches} microbatches of a batch of {cfg.batch}, {cfg.steps} "
-             f"{cfg.optimizer} steps (lr {cfg.lr}), tolerance {cfg.tolerance:g}"]
-    for r in results:
-        if r.tied_sync:
-            lines.append(f"{r.schedule}: {'OK' if r.ok else 'MISMATCH'}")
+        stages = [PipelineStage(self.calls[i], i, self.topo.num_stages, self.device, group=self.topo.pipeline_group)
+                  for i in sorted(self.calls)]
+        m = self.args.microbatches
+        if self.args.schedule == "interleaved-1f1b":
+            schedule = ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=_loss_is_output)
         else:
-            lines.append(f"{r.schedule} without the tied-gradient all-reduce (control; expected to differ): "
-                         f"{'differs' if not r.ok else 'no difference'}")
-        for i, (a, b) in enumerate(zip(r.losses, r.reference_losses)):
-            lines.append(f"  step {i}: loss {a:.8f}  single-process {b:.8f}  diff {abs(a - b):.2e}")
-        lines.append(f"  max weight diff {r.max_weight_diff:.2e} (largest update {r.max_weight_update:.2e})")
-        for key, ranks in r.shared_copies.items():
-            lines.append(f"  {key}: copies on ranks {ranks}, max diff between copies {r.max_shared_copy_diff:.2e}")
-    return "\n".join(lines)
+            cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[self.args.schedule]
+            schedule = cls(stages[0], n_microbatches=m, loss_fn=_loss_is_output)
+        self.cache[key] = schedule
+        while len(self.cache) > SHAPE_CACHE:
+            self.cache.popitem(last=False)
+        return schedule
 
 
-def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
-    d = RunConfig()
-    p = argparse.ArgumentParser(prog="python -m fxconvert.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stages", type=int, default=d.stages, help="pipeline stages = processes")
-    p.add_argument("--schedule", nargs="+", choices=SCHEDULES, default=list(d.schedules))
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--microbatches", type=int, default=d.microbatches)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--family", choices=("T5", "MT5", "UMT5"), default=d.family)
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--layers", type=int, default=d.layers, help="encoder layers")
-    p.add_argument("--decoder-layers", type=int, default=d.decoder_layers)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--tolerance", type=float, default=d.tolerance)
-    p.add_argument("--timeout", type=int, default=d.timeout_s, help="seconds a collective may wait")
-    p.add_argument("--control", action="store_true",
-                   help="also run the first schedule without the tied-gradient all-reduce, as plain pipelining does")
-    p.add_argument("--out", help="keep the per-rank results here")
-    p.add_argument("--json", help="write the comparison as JSON to this file")
-    a = p.parse_args(argv)
-    cfg = RunConfig(stages=a.stages, schedules=tuple(a.schedule), steps=a.steps, microbatches=a.microbatches,
-                    batch=a.batch, family=a.family, d_model=a.d_model, layers=a.layers,
-                    decoder_layers=a.decoder_layers, optimizer=a.optimizer, lr=a.lr, seed=a.seed,
-                    tolerance=a.tolerance, timeout_s=a.timeout, control=a.control)
-    return cfg, a
+# -- progress and metrics --------------------------------------------------------------------------
+
+
+class Reporter:
+    """Metrics lines and the progress line, on the rank that holds the loss (last stage, replica 0)."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.total, self.start = total_steps, start_step
+        self.began = time.perf_counter()
+        self._keep_steps_up_to(start_step)
+        self.file = self.path.open("a", encoding="utf-8")
+        self.progress = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tokens/s"),
+                                     TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", rate="-")
+            self.progress.start()
+
+    def _keep_steps_up_to(self, step: int) -> None:
+        """On resume, drop lines of steps after the checkpoint (the killed run may have written them)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def step(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        done = record["step"] - self.start
+        elapsed = time.perf_counter() - self.began
+        eta = elapsed / done * (self.total - record["step"]) if done else 0.0
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], loss=f"{record['loss']:.4f}",
+                                 rate=f"{record['tokens_per_s']:,.0f}")
+        else:
+            print(f"step {record['step']}/{self.total}  loss {record['loss']:.6f}  "
+                  f"{record['tokens_per_s']:,.0f} tokens/s  {record['seconds']:.3f} s  ETA {_clock(eta)}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.file.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    launch: Launch
+    topo: Topology
+    device: torch.device
+    model: Model
+    data: Data
+    run_dir: Path
+    resume_from: Path | None = None
+    where: str = ""
+    optimizers: dict = field(default_factory=dict)
+
+
+def _optimizer(args, params) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def _meta(run: Run, step: int) -> dict:
+    args = run.args
+    return {"step": step, "data_position": step * args.dp, "model": str(args.source),
+            "num_stages": run.topo.num_stages, "virtual_stages": args.virtual_stages, "dp": args.dp,
+            "world_size": run.topo.world_size, "schedule": args.schedule, "optimizer": args.optimizer,
+            "args": {k: v for k, v in vars(args).items()}}
+
+
+def prepare(args, launch: Launch) -> Run:
+    """Everything that can be checked before a process group or a file exists, on every rank alike."""
+    topo = check_options(args, launch)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
+    run_dir = Path(args.out).expanduser()
+    resume_from = None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory; choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not args.resume:
+            raise UsageError(f"--out {args.out} exists and is not empty; pass --resume to continue it, "
+                             f"or choose another --out")
+        from fxconvert.checkpoint import check_meta, latest_checkpoint, read_meta
+
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is not None:
+            current = {"model": str(args.source), "num_stages": topo.num_stages, "virtual_stages": args.virtual_stages,
+                       "dp": args.dp, "world_size": topo.world_size, "schedule": args.schedule,
+                       "optimizer": args.optimizer}
+            meta = read_meta(resume_from)
+            check_meta(meta, current, path=resume_from)
+            if meta.get("step", 0) > args.steps:
+                raise UsageError(f"{resume_from} is step {meta['step']}, past --steps {args.steps}; "
+                                 f"raise --steps to train on")
+    model = load_model(args, topo, device)
+    topo.shared_stages = model.shared_stages
+    data = load_data(args, model)
+    return Run(args, launch, topo, device, model, data, run_dir, resume_from)
+
+
+def train(run: Run) -> None:
+    import torch.distributed as dist
+
+    from fxconvert.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from fxconvert.grad_sync import broadcast_initial, clip_global_norm, make_groups, sync_gradients
+
+    args, topo, model = run.args, run.topo, run.model
+    make_groups(topo)
+    modules = {i: part.module for i, part in model.parts.items()}
+    run.optimizers = {i: _optimizer(args, m.parameters()) for i, m in modules.items()}
+    start = 0
+    if run.resume_from is not None:
+        states, rng, meta = load_checkpoint(run.resume_from, rank=topo.rank, stage_indices=sorted(modules))
+        for i, state in states.items():
+            modules[i].load_state_dict(state["model"])
+            run.optimizers[i].load_state_dict(state["optimizer"])
+        set_rng_state(rng)
+        start = int(meta["step"])
+    else:
+        torch.manual_seed(args.seed * 1000 + topo.rank)  # dropout: each rank its own stream
+        broadcast_initial(topo, modules)
+    if topo.rank == 0:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
+    calls = {i: StageCall(part, autocast=autocast, device=run.device) for i, part in model.parts.items()}
+    schedules = Schedules(calls, topo, args, run.device)
+    last = topo.num_stages - 1 in modules
+    reporter = Reporter(run.run_dir, args.steps, start) if last and topo.replica == 0 else None
+    try:
+        for step in range(start, args.steps):
+            began = time.perf_counter()
+            batch = {k: v.to(run.device) for k, v in run.data.batch(args, step * args.dp + topo.replica).items()}
+            for optimizer in run.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            losses = [] if last else None
+            schedules.get(batch).step(batch["input_ids"], target=batch["labels"], losses=losses,
+                                      return_outputs=False, **batch)
+            sync_gradients(topo, modules)
+            if args.max_grad_norm is not None:
+                clip_global_norm(topo, modules, args.max_grad_norm)
+            for optimizer in run.optimizers.values():
+                optimizer.step()
+            if last:
+                loss = torch.stack([v.detach().float() for v in losses]).mean()
+                if topo.dp > 1:
+                    dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=topo.dp_group)
+                    loss /= topo.dp
+            if reporter is not None:
+                seconds = time.perf_counter() - began
+                tokens = sum(run.data.tokens(args, step * args.dp + r) for r in range(args.dp))
+                reporter.step({"step": step + 1, "loss": loss.item(), "lr": args.lr,
+                               "tokens_per_s": tokens / seconds, "seconds": seconds})
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                _save(run, step + 1, save_checkpoint, rng_state, dist.barrier)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    if args.save_every and start < args.steps:
+        _save(run, args.steps, save_checkpoint, rng_state, dist.barrier)
+    if not args.no_export:
+        _export(run, dist.barrier)
+
+
+def _save(run: Run, step: int, save_checkpoint, rng_state, barrier) -> None:
+    states = {}
+    if run.topo.replica == 0:
+        states = {i: {"model": part.module.state_dict(), "optimizer": run.optimizers[i].state_dict()}
+                  for i, part in run.model.parts.items()}
+    save_checkpoint(run.run_dir, step, rank=run.topo.rank, world_size=run.topo.world_size, states=states,
+                    rng=rng_state(), meta=_meta(run, step), barrier=barrier)
+
+
+def _export(run: Run, barrier) -> None:
+    from fxconvert.export import export_hf
+
+    states = {i: part.module.state_dict() for i, part in run.model.parts.items()} if run.topo.replica == 0 else {}
+    if run.model.pipeline_dir is not None:
+        export_hf(run.run_dir / "hf", pipeline_dir=run.model.pipeline_dir, states=states, rank=run.topo.rank,
+                  barrier=barrier)
+        return
+    with tempfile.TemporaryDirectory(prefix="fxconvert-export-") as tmp:  # on every rank: no shared files needed
+        for name, content in run.model.export_files.items():
+            (Path(tmp) / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        export_hf(run.run_dir / "hf", pipeline_dir=tmp, states=states, rank=run.topo.rank, barrier=barrier)
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    # gloo's messages: "[.../pair.cc:537] Read error [addr]: Connection reset by peer. This is typically ..."
+    line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", line)
+    return line.split(". This is typically")[0]
+
+
+def _describe(topo: Topology, launch: Launch, *, rank: int | None = None) -> str:
+    rank = launch.rank if rank is None else rank
+    pipeline_rank, replica = divmod(rank, topo.dp)
+    stages = topo.stages_of(pipeline_rank)
+    listed = ", ".join(str(s) for s in stages)
+    return f"rank {rank} (stage{'s' if len(stages) > 1 else ''} {listed}, replica {replica})"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Terminated(Exception):
+    pass
+
+
+class _Signals:
+    """SIGTERM (torchrun stopping the workers after another one failed) becomes an exception while
+    training; once this rank is reporting its own failure, it is ignored (torchrun waits 30 s)."""
+
+    def __init__(self):
+        self.reporting = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.reporting:
+            raise _Terminated("stopped by the launcher (another rank failed, or the run was interrupted)")
+
+
+def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str:
+    """One line for this rank's first error, naming the rank that failed first when another one did."""
+    signals.reporting = True
+    message = _one_line(error)
+    culprit = heartbeat.culprit() if heartbeat is not None else None  # torchrun allows 30 s after SIGTERM
+    if culprit is not None and culprit[0] != run.launch.rank:
+        rank, what = culprit
+        other = Launch(rank, run.launch.world_size, 0)
+        message = f"{_describe(run.topo, other, rank=rank)} failed: {what} (here: {message})"
+    elif heartbeat is not None:
+        heartbeat.record_failure(message)
+    return f"fxconvert.train: error: {_describe(run.topo, run.launch)}: {message}"
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--self-check" in argv:
+        from fxconvert.pipeline_check import main as self_check
+
+        return self_check([a for a in argv if a != "--self-check"])
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    cfg, args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        results = run(cfg, args.out)
+        launch = Launch.from_env()
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{PROG.split()[-1]}: error: {e}", file=sys.stderr)
         return 2
-    print(format_results(cfg, results))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": asdict(cfg), "results": [asdict(r) for r in results]},
-                                              indent=2))
-    return 0 if all(r.ok for r in results if r.tied_sync) else 1
+    signals = _Signals()
+    # Checks before any process group or file: every rank finds the same problem; one line per machine.
+    try:
+        run = prepare(args, launch)
+    except (FxConvertError, _Terminated) as e:
+        if launch.local_rank == 0:
+            print(f"fxconvert.train: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, UsageError) else 1
+    import torch.distributed as dist
+
+    from fxconvert.heartbeat import Heartbeat
+
+    heartbeat = None
+    try:
+        backend = "nccl" if run.device.type == "cuda" else "gloo"
+        if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timedelta(seconds=args.timeout))
+        if launch.world_size > 1:
+            heartbeat = Heartbeat(launch.rank, launch.world_size)
+        train(run)
+    except (Exception, _Terminated) as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(_report_failure(e, run, heartbeat, signals), file=sys.stderr, flush=True)
+        # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
+        # process ends here; its sockets close, which is what its peers notice.
+        sys.stdout.flush()
+        os._exit(2 if isinstance(e, UsageError) else 1)
+    if heartbeat is not None:
+        heartbeat.stop(finished=True)
+    dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

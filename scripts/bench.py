@@ -22,6 +22,7 @@ import cProfile
 import datetime
 import gc
 import io
+import itertools
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,22 +54,9 @@ SCHEMA_VERSION = 1
 THREADS = 2
 INPUT_NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
 
-# key -> (target, unit, one-line description). Ratios are fxconvert / baseline; lower is better.
-TARGETS = {
-    "convert_over_export": (0.10, "ratio", "fxconvert.convert vs torch.export.export(strict=False), t5-small shape"),
-    "scaling_48_over_6": (9.0, "ratio", "convert time, 48 vs 6 layers (d_model 512, meta device)"),
-    "t5_11b_meta_peak_rss_mb": (1500.0, "MB", "peak RSS of `python -m fxconvert t5-11b --offline`"),
-    "cli_over_import": (1.5, "ratio", "`python -m fxconvert t5-small --offline --no-validate` vs importing torch + T5"),
-    "runtime_overhead_tiny": (0.60, "ratio", "eval forward, tiny T5 (d_model 64, 2+2 layers), 1x8"),
-    "runtime_eval_1x32": (0.95, "ratio", "eval forward, t5-small shape, 1x32"),
-    "runtime_eval_8x128": (1.02, "ratio", "eval forward, t5-small shape, 8x128"),
-    "runtime_train_1x32": (0.95, "ratio", "train forward + backward, t5-small shape, 1x32"),
-    "runtime_train_8x128": (1.02, "ratio", "train forward + backward, t5-small shape, 8x128"),
-}
-RUNTIME_KEYS = [k for k in TARGETS if k.startswith("runtime_")]
-# Reported with --compile; no targets.
-COMPILE_KEYS = ("compile_fullgraph", "compile_time_converted_s", "compile_time_eager_s", "compile_time_ratio",
-                "compile_runtime_ratio")
+# Every measurement is registered once, in `REGISTRY` (after the functions that measure them):
+# key, target, unit, what it compares, the function. TARGETS, RUNTIME_KEYS and COMPILE_KEYS are
+# read from it. Ratios are fxconvert / baseline; lower is better.
 
 # Repetition plans. In-process comparisons run `warmup` untimed rounds (one call of each side),
 # then enough timed rounds to fill `budget_s` (judged from the warm-up), at least `min_reps` and
@@ -642,6 +631,130 @@ def measure_compile(ctx) -> list[Result]:
     ]
 
 
+# --- pipeline balance ------------------------------------------------------------------------------
+
+BALANCE_STAGES = 4
+BALANCE_SIZES = {"tiny": dict(batch=2, encoder_length=32, decoder_length=8),
+                 "small": dict(batch=4, encoder_length=256, decoder_length=32)}
+
+
+def measure_balance(ctx) -> list[Result]:
+    """Stage times of a split balanced by predicted time against one balanced by parameter bytes.
+
+    Both splits of one converted model run stage by stage as a pipeline runs them
+    (`fxconvert.balance.measure_stage_seconds`: forward on the previous stage's detached
+    outputs, backward with the next stage's gradients), one round of each split in turn
+    (AB BA ...). A stage's time is the median of its rounds.
+
+    On one torch thread, whatever --threads says: each stage of a pipeline runs in a process of its
+    own, and with 4 stages on a small machine each gets one core at most. (On a busy 2-core machine,
+    2 threads per stage made these timings swing by a factor of ten from thread hand-offs alone.)
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure_balance(ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_balance(ctx) -> list[Result]:
+    from fxconvert.balance import measure_stage_seconds, real_inputs
+    from fxconvert.stages import split_stages
+
+    model = ctx.main_model()
+    conversion = convert(model)
+    sizes = BALANCE_SIZES["tiny" if ctx.mode == "tiny" else "small"]
+    splits = {b: split_stages(conversion, BALANCE_STAGES, balance=b, **sizes) for b in ("time", "params")}
+    inputs = real_inputs(conversion.input_names, splits["time"].plan.sizes, vocab_size=model.config.vocab_size)
+    plan = ctx.plan()
+    rounds = {b: [] for b in splits}  # per round: each stage's seconds
+    for _ in range(max(plan["warmup"], 1)):  # untimed
+        for b in splits:
+            measure_stage_seconds(splits[b], inputs, repeats=1, warmup=0)
+    for i in range(plan["min_reps"]):
+        for b in (("time", "params") if i % 2 == 0 else ("params", "time")):
+            rounds[b].append(measure_stage_seconds(splits[b], inputs, repeats=1, warmup=0))
+    medians = {b: [statistics.median(r[s] for r in rounds[b]) for s in range(BALANCE_STAGES)] for b in splits}
+    measured_share = [t / sum(medians["time"]) for t in medians["time"]]
+    predicted_share = splits["time"].plan.shares
+    slowest = max(range(BALANCE_STAGES), key=lambda s: medians["time"][s])
+    details = {
+        "model": ctx.main_name, **sizes, "stages": BALANCE_STAGES, "threads": torch.get_num_threads(),
+        "rounds": plan["min_reps"],
+        "blocks": {b: [spec.blocks for spec in splits[b].specs] for b in splits},
+        "stage_seconds": medians,
+        "predicted_stage_seconds": {b: [st.seconds for st in splits[b].plan.stages] for b in splits},
+        "predicted_share_time": predicted_share, "measured_share_time": measured_share,
+    }
+
+    def bottleneck(b):
+        return Figure(f"bottleneck stage fwd+bwd, balance={b!r}", [max(r) for r in rounds[b]])
+
+    return [
+        Result("balance_bottleneck_time_over_params", max(medians["time"]) / max(medians["params"]),
+               bottleneck("time"), bottleneck("params"), details=details),
+        Result("balance_imbalance_time", max(medians["time"]) / statistics.mean(medians["time"]),
+               Figure(f"slowest stage ({slowest}), balance='time'", [r[slowest] for r in rounds["time"]]),
+               Figure("mean stage, balance='time'", [statistics.mean(r) for r in rounds["time"]]), details=details),
+        Result("balance_prediction_error", max(abs(p - m) for p, m in zip(predicted_share, measured_share)),
+               details=details),
+    ]
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One figure: its key, target (None: reported without one), unit, what it compares, and the function that
+    measures it. A function that measures several keys is registered once per key, consecutively, and called
+    once for them all (it returns a list of Results)."""
+
+    key: str
+    target: float | None
+    unit: str
+    what: str
+    measure: Callable
+    subprocess: bool = False
+
+
+def _m(key, target, unit, what, measure, **kw):
+    return Measurement(key, target, unit, what, measure, **kw)
+
+
+# In the order they run (cli_over_import measures the import-only RSS that t5_11b_meta_peak_rss_mb shows).
+REGISTRY = [
+    _m("convert_over_export", 0.10, "ratio", "fxconvert.convert vs torch.export.export(strict=False), t5-small shape",
+       measure_convert_over_export),
+    _m("scaling_48_over_6", 9.0, "ratio", "convert time, 48 vs 6 layers (d_model 512, meta device)", measure_scaling),
+    _m("runtime_overhead_tiny", 0.60, "ratio", "eval forward, tiny T5 (d_model 64, 2+2 layers), 1x8", measure_runtime),
+    _m("runtime_eval_1x32", 0.95, "ratio", "eval forward, t5-small shape, 1x32", measure_runtime),
+    _m("runtime_eval_8x128", 1.02, "ratio", "eval forward, t5-small shape, 8x128", measure_runtime),
+    _m("runtime_train_1x32", 0.95, "ratio", "train forward + backward, t5-small shape, 1x32", measure_runtime),
+    _m("runtime_train_8x128", 1.02, "ratio", "train forward + backward, t5-small shape, 8x128", measure_runtime),
+    _m("balance_bottleneck_time_over_params", 0.65, "ratio",
+       "bottleneck stage fwd+bwd time, balance='time' vs 'params'; t5-small shape, 4 stages, encoder 256 / "
+       "decoder 32 tokens, batch 4", measure_balance),
+    _m("balance_imbalance_time", 1.15, "ratio", "slowest stage time over the mean stage time, balance='time'",
+       measure_balance),
+    _m("balance_prediction_error", 0.08, "share",
+       "largest gap between a stage's predicted and measured share of the total time, balance='time'",
+       measure_balance),
+    _m("cli_over_import", 1.5, "ratio", "`python -m fxconvert t5-small --offline --no-validate` vs importing torch + T5",
+       measure_cli_over_import, subprocess=True),
+    _m("t5_11b_meta_peak_rss_mb", 1500.0, "MB", "peak RSS of `python -m fxconvert t5-11b --offline`",
+       measure_t5_11b_rss, subprocess=True),
+    # Reported with --compile; no targets.
+    *(_m(k, None, "", "", measure_compile) for k in ("compile_fullgraph", "compile_time_converted_s",
+                                                       "compile_time_eager_s", "compile_time_ratio",
+                                                       "compile_runtime_ratio")),
+]
+TARGETS = {m.key: (m.target, m.unit, m.what) for m in REGISTRY if m.target is not None}
+RUNTIME_KEYS = [m.key for m in REGISTRY if m.measure is measure_runtime]
+COMPILE_KEYS = tuple(m.key for m in REGISTRY if m.measure is measure_compile)
+
+
 # --- the run ----------------------------------------------------------------------------------------
 
 
@@ -689,7 +802,6 @@ def run_all(ctx) -> list[Result]:
     results = []
 
     def add(keys, fn, *, subprocess_needed=False):
-        keys = [keys] if isinstance(keys, str) else keys
         wanted = [k for k in keys if ctx.selected(k)]
         if not wanted:
             results.extend(Result(k, unavailable="skipped: not selected (--only)") for k in keys)
@@ -714,16 +826,15 @@ def run_all(ctx) -> list[Result]:
         results.extend(out)
         _log(f"  ... {time.perf_counter() - start:.1f} s")
 
-    add("convert_over_export", measure_convert_over_export)
-    add("scaling_48_over_6", measure_scaling)
-    add(RUNTIME_KEYS, measure_runtime)
-    add("cli_over_import", measure_cli_over_import, subprocess_needed=True)
-    add("t5_11b_meta_peak_rss_mb", measure_t5_11b_rss, subprocess_needed=True)
-    if ctx.compile:
-        add(list(COMPILE_KEYS), measure_compile)
-    else:
-        results.extend(measure_compile(ctx))
-    order = list(TARGETS) + list(COMPILE_KEYS)
+    # one call per function, for the keys it measures, in the registry's order
+    for fn, group in itertools.groupby(REGISTRY, key=lambda m: m.measure):
+        group = list(group)
+        keys = [m.key for m in group]
+        if fn is measure_compile and not ctx.compile:
+            results.extend(fn(ctx))  # "skipped: pass --compile"
+            continue
+        add(keys, fn, subprocess_needed=group[0].subprocess)
+    order = [m.key for m in REGISTRY]
     return sorted(results, key=lambda r: order.index(r.key))
 
 

@@ -17,10 +17,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 
-TARGET_KEYS = ["convert_over_export", "scaling_48_over_6", "t5_11b_meta_peak_rss_mb", "cli_over_import",
-               "runtime_overhead_tiny", "runtime_eval_1x32", "runtime_eval_8x128", "runtime_train_1x32",
-               "runtime_train_8x128"]
-IN_PROCESS_KEYS = [k for k in TARGET_KEYS if k not in ("t5_11b_meta_peak_rss_mb", "cli_over_import")]
+TARGET_KEYS = ["convert_over_export", "scaling_48_over_6", "runtime_overhead_tiny", "runtime_eval_1x32",
+               "runtime_eval_8x128", "runtime_train_1x32", "runtime_train_8x128", "balance_bottleneck_time_over_params",
+               "balance_imbalance_time", "balance_prediction_error", "cli_over_import", "t5_11b_meta_peak_rss_mb"]
+BALANCE_KEYS = ["balance_bottleneck_time_over_params", "balance_imbalance_time", "balance_prediction_error"]
+IN_PROCESS_KEYS = [k for k in TARGET_KEYS if k not in ("t5_11b_meta_peak_rss_mb", "cli_over_import", *BALANCE_KEYS)]
 COMPILE_KEYS = ["compile_fullgraph", "compile_time_converted_s", "compile_time_eager_s", "compile_time_ratio",
                 "compile_runtime_ratio"]
 
@@ -81,6 +82,12 @@ def test_tiny_run_json_shape(bench, tiny_run):
             assert is_number(entry[side]["median"]) and entry[side]["n"] >= 1 and entry[side]["label"]
     for key in IN_PROCESS_KEYS[2:]:  # the runtime comparisons check the two losses agree
         assert report["results"][key]["details"]["loss_abs_diff"] < 1e-3
+    for key in BALANCE_KEYS:  # two splits of one model, measured stage by stage
+        entry = report["results"][key]
+        assert is_number(report[key]) and report[key] > 0 and entry["status"] in ("pass", "fail"), (key, report[key])
+        details = entry["details"]
+        assert len(details["stage_seconds"]["time"]) == len(details["stage_seconds"]["params"]) == 4
+        assert sum(details["predicted_share_time"]) == pytest.approx(1.0)
     for key in ("t5_11b_meta_peak_rss_mb", "cli_over_import"):
         assert report[key].startswith("skipped: "), report[key]
     for key in COMPILE_KEYS:

@@ -49,7 +49,8 @@ def test_converts_validates_writes_and_reports(ckpt, tmp_path, capsys):
 def test_stages_add_a_report_table_and_one_file_per_stage(ckpt, tmp_path, capsys):
     code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "json", "--stages", "3")
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "out")) == sorted(FILES + [f"stage_{i}.py" for i in range(3)])
+    pipeline = ["config.json", "generation_config.json", "pipeline.json"]  # this checkpoint has no tokenizer files
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(FILES + pipeline + [f"stage_{i}.py" for i in range(3)])
     rows = json.loads(out)["stages"]
     assert [r["stage"] for r in rows] == [0, 1, 2]
     # every block of the 2+2-layer model lands in exactly one stage, in order
@@ -235,3 +236,46 @@ def test_offline_does_not_outlive_the_run(ckpt, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--offline", "--no-validate", "-q")
     assert code == 0, err
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_stages_balanced_at_the_sizes_given(ckpt, tmp_path, capsys):
+    """--balance/--seq-lengths/--batch reach the split: the report's stage costs are at those sizes."""
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "json", "--no-validate",
+                             "--stages", "2", "--balance", "time", "--seq-lengths", "64,8", "--batch", "3")
+    assert code == 0, err
+    report = json.loads(out)
+    plan = report["stage_plan"]
+    assert (plan["balance"], plan["batch"], plan["encoder_length"], plan["decoder_length"]) == ("time", 3, 64, 8)
+    assert plan["bottleneck"] in (0, 1) and 0 <= plan["bubble_fraction"] < 1
+    rows = report["stages"]
+    assert all(r["flops"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    assert sum(r["time_share"] for r in rows) == pytest.approx(1.0)
+    # the encoder output sent by stage 0: (3, 64, 32) fp32 at the sizes asked for
+    assert rows[0]["sent_bytes_per_microbatch"] >= 3 * 64 * 32 * 4
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Stage costs (predicted)" in md and "bubble" in md
+
+
+def test_stages_balanced_by_params_report_no_predictions(ckpt, tmp_path, capsys):
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "json", "--no-validate",
+                             "--stages", "2", "--balance", "params")
+    assert code == 0, err
+    report = json.loads(out)
+    assert "stage_plan" not in report and all(r["flops"] is None for r in report["stages"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-lengths", "512"], r"--seq-lengths takes two positive integers.*got '512'"),
+    (["--seq-lengths", "0,8"], r"--seq-lengths takes two positive integers"),
+    (["--seq-lengths", "64,-8"], r"--seq-lengths takes two positive integers"),
+    (["--seq-lengths", "1e3,8"], r"--seq-lengths takes two positive integers"),
+    (["--batch", "0"], r"--batch must be at least 1, got 0"),
+    (["--balance", "flops"], r"argument --balance: invalid choice: 'flops'"),
+])
+def test_bad_balance_options_are_usage_errors(args, message, ckpt, tmp_path, capsys):
+    before = leftovers(tmp_path)
+    code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--no-validate", "--stages", "2", *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert re.search(message, lines[-1]) and "Traceback" not in err, lines[-1]
+    assert leftovers(tmp_path) == before

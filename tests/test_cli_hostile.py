@@ -183,8 +183,8 @@ def test_ctrl_c_during_the_imports_is_one_line(delay, ckpt, tmp_path):
 @pytest.mark.parametrize("option, value, message", [
     ("--seed", "99999999999999999999999", "--seed must be an integer from 0 to 2**63 - 1, got 9999"),
     ("--seed", "-1", "--seed must be an integer from 0 to 2**63 - 1, got -1"),
-    ("--atol", "inf", "--atol must be a positive finite number, got inf"),
-    ("--atol", "nan", "--atol must be a positive finite number, got nan"),
+    ("--atol", "inf", "--atol must be a finite number >= 0, got inf"),
+    ("--atol", "nan", "--atol must be a finite number >= 0, got nan"),
 ])
 def test_bad_option_values_are_refused_before_any_work(option, value, message, ckpt, tmp_path, capsys):
     code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", option, value, "--offline")

@@ -1,4 +1,4 @@
-"""Distributed pipeline training of the stages (`python -m fxconvert.train`) on PyTorch's own engine.
+"""The self-check `python -m fxconvert.train --self-check` (fxconvert.pipeline_check) on PyTorch's own engine.
 
 One run in a subprocess: 2 processes (gloo), GPipe and 1F1B, 2 microbatches, 2 SGD steps, plus the
 control run without the tied-gradient all-reduce. The per-rank results are checked here against
@@ -15,7 +15,7 @@ import torch
 
 from fxconvert.errors import UsageError
 from fxconvert.stages import SplitError
-from fxconvert.train import INPUT_NAMES, RunConfig, batches, build_model, check, run as run_pipeline, train_reference
+from fxconvert.pipeline_check import INPUT_NAMES, RunConfig, batches, build_model, check, run as run_pipeline, train_reference
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -90,14 +90,47 @@ def test_stages_compose_to_the_converted_module(case, num_stages, mode):
         whole.eval()
 
 
+# Every way of choosing the cuts; sizes with a long encoder, so that "time" and "params" cut differently.
+BALANCES = {"params": dict(balance="params"),
+            "time": dict(balance="time", batch=3, encoder_length=48, decoder_length=4),
+            "profile": dict(balance="profile", batch=3, encoder_length=48, decoder_length=4)}
+
+
+@pytest.mark.parametrize("balance", list(BALANCES))
+@pytest.mark.parametrize("case", ["tied", "untied_head", "umt5"])
+def test_stages_compose_for_every_balance(case, balance):
+    conv = conversion(case)
+    stages = split_stages(conv, 3, **BALANCES[balance])
+    whole = conv.module
+    names = {id(p): n for n, p in whole.named_parameters()}
+    for module in (whole, stages):
+        module.train()
+    try:
+        inputs = inputs_for(conv)
+        expected, expected_grads = run_with_grads(whole, inputs)
+        actual, actual_grads = run_with_grads(stages, inputs)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+        assert_same_grads(expected_grads, actual_grads, names)
+    finally:
+        whole.eval()
+
+
+def test_time_balance_cuts_differently_from_params():
+    """So that the balance modes above test different splits."""
+    conv = conversion("tied")
+    blocks = {b: [s.blocks for s in split_stages(conv, 3, **kw).specs] for b, kw in BALANCES.items() if b != "profile"}
+    assert blocks["time"] != blocks["params"]
+
+
+@pytest.mark.parametrize("balance", list(BALANCES))
 @pytest.mark.parametrize("pad", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("num_stages", [2, 3, 4])
-def test_stage_modules_as_the_pipeline_runs_them(num_stages, pad):
+def test_stage_modules_as_the_pipeline_runs_them(num_stages, pad, balance):
     """Each stage on its own, with its own copy of the shared weight: positional = received values, keywords =
     model inputs. Summed over the copies, the shared weight's gradient is the converted module's (what the
     pipeline's all-reduce does); every other gradient and the loss match as they are."""
     conv = conversion("tied")
-    stages = split_stages(conv, num_stages)
+    stages = split_stages(conv, num_stages, **BALANCES[balance])
     modules = [stages.stage_module(i).train() for i in range(num_stages)]
     conv.module.train()
     try:
@@ -170,24 +203,24 @@ def test_shared_weight_and_training_reach_the_stages_that_use_them():
     assert "padding_mask" in tied.specs[1].recomputed
 
 
-def test_balance_minimises_the_largest_stage():
+def test_balance_by_params_minimises_the_largest_stage():
     """Per-block parameter bytes from a one-block-per-stage split; every contiguous grouping is tried."""
     conv = conversion("tied")
-    per_block = [row["parameter_bytes"] for row in stage_table(split_stages(conv, 4))]
+    per_block = [row["parameter_bytes"] for row in stage_table(split_stages(conv, 4, balance="params"))]
     for num_stages in (2, 3):
-        rows = stage_table(split_stages(conv, num_stages))
+        rows = stage_table(split_stages(conv, num_stages, balance="params"))
         best = min(
             max(sum(per_block[a:b]) for a, b in zip((0, *cuts), (*cuts, 4)))
             for cuts in itertools.combinations(range(1, 4), num_stages - 1)
         )
         assert max(r["parameter_bytes"] for r in rows) == best
-    assert [r["blocks"] for r in stage_table(split_stages(conv, 2))] == [
+    assert [r["blocks"] for r in stage_table(split_stages(conv, 2, balance="params"))] == [
         ["encoder.block.0", "encoder.block.1"], ["decoder.block.0", "decoder.block.1"]]
 
 
 def test_stage_table():
     conv = conversion("tied")
-    stages = split_stages(conv, 3)
+    stages = split_stages(conv, 3, balance="params")  # the encoder's two blocks on stage 0
     rows = stage_table(stages)
     whole = [p for n, p in conv.module.named_parameters() if n not in conv.shared_weights]
     assert sum(r["parameters"] for r in rows) == sum(p.numel() for p in whole)
@@ -220,7 +253,7 @@ def test_written_stage_sources_run_like_the_stages(tmp_path):
         exec(compile(path.read_text(), str(path), "exec"), namespace)
         args = (*values, *(inputs[n] for n in spec.inputs), *(getattr(stages, w) for w in spec.shared_weights), False)
         expected = gm(*args)
-        values = namespace["forward"](gm, *args)  # the source's forward, with the stage's modules as `self`
+        values = namespace["Graph"].forward(gm, *args)  # the file's forward, with the stage's modules as `self`
         torch.testing.assert_close(values, expected, rtol=0, atol=0)
     torch.testing.assert_close(values, conv.module(**inputs), rtol=0, atol=0)
 

@@ -1,0 +1,188 @@
+"""Gradient bookkeeping of pipeline training: tied weights, data-parallel replicas, global clipping.
+
+`torch.distributed.pipelining` gives every stage that uses a tied weight (T5's shared
+embedding: encoder embedding, decoder embedding, tied LM head) its own copy and never
+reconciles them. `Topology` describes where every stage and replica lives, and the
+functions here make the copies behave as one parameter, as DeepSpeed does for tied layers:
+
+- `broadcast_initial`: every copy starts equal to the lowest stage's copy, and every
+  replica starts equal to replica 0;
+- `sync_gradients`: each shared weight's gradient is summed over the stages holding a
+  copy (first over the copies on this rank, then over the ranks of this replica that
+  hold one), and every gradient is averaged over the replicas;
+- `clip_global_norm`: clips by the norm of the whole model's gradient, counting each
+  shared weight once (on the lowest stage holding it). A per-stage `clip_grad_norm_`
+  would scale each stage by its own norm: the stages would take steps in different
+  directions than the unsplit model, and copies of a shared weight would drift apart.
+
+Ranks: pipeline rank p of replica r is global rank `p * dp + r` (replicas of one stage
+are neighbours, so their all-reduce, the heavy traffic, stays on one machine when a
+machine holds whole groups; the pipeline's point-to-point sends cross machines).
+Stage i runs on pipeline rank `i % pipeline_ranks` (PyTorch's interleaved layout).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Topology:
+    """Where stages and replicas live; the process groups are made by `make_groups` on every rank."""
+
+    world_size: int
+    dp: int
+    virtual_stages: int
+    shared_stages: dict[str, list[int]]  # shared weight -> stages holding a copy
+    rank: int = 0
+    pipeline_group: object = None  # this replica's pipeline ranks
+    dp_group: object = None  # this pipeline rank's replicas
+    tied_groups: dict[str, object] = field(default_factory=dict)  # shared weight -> group of this replica's holders
+
+    @property
+    def pipeline_ranks(self) -> int:
+        return self.world_size // self.dp
+
+    @property
+    def num_stages(self) -> int:
+        return self.pipeline_ranks * self.virtual_stages
+
+    @property
+    def replica(self) -> int:
+        return self.rank % self.dp
+
+    @property
+    def pipeline_rank(self) -> int:
+        return self.rank // self.dp
+
+    def global_rank(self, pipeline_rank: int, replica: int) -> int:
+        return pipeline_rank * self.dp + replica
+
+    def stage_rank(self, stage: int) -> int:
+        return stage % self.pipeline_ranks
+
+    def stages_of(self, pipeline_rank: int) -> list[int]:
+        return list(range(pipeline_rank, self.num_stages, self.pipeline_ranks))
+
+    @property
+    def my_stages(self) -> list[int]:
+        return self.stages_of(self.pipeline_rank)
+
+    def holders(self, name: str, replica: int) -> list[int]:
+        """Global ranks of `replica` that hold a copy of shared weight `name`."""
+        return sorted({self.global_rank(self.stage_rank(s), replica) for s in self.shared_stages[name]})
+
+
+def make_groups(topo: Topology) -> None:
+    """Create every process group; all ranks call this with the same topology, in the same order."""
+    P, R = topo.pipeline_ranks, topo.dp
+    for r in range(R):
+        ranks = [topo.global_rank(p, r) for p in range(P)]
+        group = dist.new_group(ranks) if R > 1 else None  # None: the default (world) group
+        if r == topo.replica:
+            topo.pipeline_group = group
+    for p in range(P):
+        ranks = [topo.global_rank(p, r) for r in range(R)]
+        group = dist.new_group(ranks) if R > 1 else None
+        if p == topo.pipeline_rank:
+            topo.dp_group = group
+    for name in sorted(topo.shared_stages):
+        for r in range(R):
+            ranks = topo.holders(name, r)
+            if len(ranks) > 1:
+                group = dist.new_group(ranks)
+                if topo.rank in ranks:
+                    topo.tied_groups[name] = group
+
+
+def _shared_copies(modules: dict[int, torch.nn.Module], name: str) -> list[torch.nn.Parameter]:
+    return [dict(m.named_parameters())[name] for m in modules.values() if name in dict(m.named_parameters())]
+
+
+def broadcast_initial(topo: Topology, modules: dict[int, torch.nn.Module]) -> None:
+    """Every copy of a shared weight := the lowest stage's; every replica := replica 0."""
+    if topo.dp > 1:
+        for index in sorted(modules):
+            for p in modules[index].parameters():
+                dist.broadcast(p.data, src=topo.global_rank(topo.pipeline_rank, 0), group=topo.dp_group)
+    for name in sorted(topo.shared_stages):
+        copies = _shared_copies(modules, name)
+        if not copies:
+            continue
+        lowest = min(topo.shared_stages[name])
+        source = copies[0]
+        if name in topo.tied_groups:
+            dist.broadcast(source.data, src=topo.global_rank(topo.stage_rank(lowest), topo.replica),
+                           group=topo.tied_groups[name])
+        for copy in copies[1:]:
+            copy.data.copy_(source.data)
+
+
+def sync_gradients(topo: Topology, modules: dict[int, torch.nn.Module]) -> None:
+    """Sum each shared weight's gradient over its copies; average every gradient over replicas."""
+    for name in sorted(topo.shared_stages):
+        copies = _shared_copies(modules, name)
+        if not copies:
+            continue
+        total = torch.zeros_like(copies[0])
+        for p in copies:
+            if p.grad is not None:
+                total += p.grad
+        if name in topo.tied_groups:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=topo.tied_groups[name])
+        for p in copies:
+            p.grad = total.clone() if len(copies) > 1 else total
+    if topo.dp > 1:
+        grads = [p.grad for p in _params(modules)]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=topo.dp_group)
+        flat /= topo.dp
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def _params(modules):
+    out = []
+    for index in sorted(modules):
+        for p in modules[index].parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            out.append(p)
+    return out
+
+
+def global_grad_norm(topo: Topology, modules: dict[int, torch.nn.Module]) -> torch.Tensor:
+    """The 2-norm of the whole model's gradient, each shared weight counted once (after `sync_gradients`)."""
+    squares = torch.zeros((), dtype=torch.float64)
+    for index in sorted(modules):
+        for name, p in modules[index].named_parameters():
+            if name in topo.shared_stages and index != min(topo.shared_stages[name]):
+                continue  # counted on the lowest stage holding a copy
+            if p.grad is not None:
+                squares += p.grad.detach().double().pow(2).sum().cpu()
+    if topo.pipeline_ranks > 1:
+        squares = squares.to(_device_of(modules))
+        dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=topo.pipeline_group)
+    return squares.sqrt().float().cpu()
+
+
+def clip_global_norm(topo: Topology, modules: dict[int, torch.nn.Module], max_norm: float) -> float:
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)), as `clip_grad_norm_` does; return the norm."""
+    norm = global_grad_norm(topo, modules)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for module in modules.values():
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.device))
+    return norm.item()
+
+
+def _device_of(modules) -> torch.device:
+    for module in modules.values():
+        for p in module.parameters():
+            return p.device if p.device.type != "cpu" else torch.device("cpu")
+    return torch.device("cpu")
+
+
+__all__ = ["Topology", "make_groups", "broadcast_initial", "sync_gradients", "global_grad_norm", "clip_global_norm"]

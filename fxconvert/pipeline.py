@@ -1,0 +1,421 @@
+"""`fxconvert.pipeline`: the directory `fxconvert NAME --stages N` writes, and reading it back.
+
+Besides model.py, weights.safetensors and the reports, a conversion split into stages holds
+what a pipeline runtime needs to fine-tune the model and hand back a transformers checkpoint:
+
+- `stage_<i>.py`: one importable module per stage (`fxconvert.stages.stage_sources`), whose
+  `load()` reads only that stage's tensors from weights.safetensors;
+- `pipeline.json`: the stages, their parameters under their transformers names, the shared
+  weights and the values that cross each boundary (`fxconvert.stages.pipeline_manifest`);
+- `config.json` (and `generation_config.json` when the model has one): the transformers
+  config, so the trained weights can be saved as a checkpoint again;
+- the tokenizer files found beside the source checkpoint, copied byte for byte.
+
+`pipeline_files(stages, conversion)` gives all of these as {name: text or bytes} for
+`fxconvert.save.save(extra_files=...)`; `pipeline_output` splits and adds the report's
+stage table, for the command line and `Conversion.save(stages=...)` alike.
+`load_pipeline(directory)` reads pipeline.json back, checks it, and imports a stage file by
+index only: a manifest cannot name another file.
+"""
+
+import copy
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fxconvert.codegen import check_names, module_source
+from fxconvert.convert import Conversion
+from fxconvert.errors import UsageError
+from fxconvert.save import WEIGHTS_FILE
+from fxconvert.stages import SplitError, Stages, split_stages, stage_table
+
+CONFIG_FILE, GENERATION_CONFIG_FILE, PIPELINE_FILE = "config.json", "generation_config.json", "pipeline.json"
+# Files a tokenizer's save_pretrained writes (fast and slow T5, mT5, umT5 and the common formats).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+PIPELINE_FORMAT, PIPELINE_VERSION = "fxconvert-pipeline", 1
+
+
+class PipelineError(UsageError):
+    """A directory is not (or no longer) a readable pipeline conversion."""
+
+
+# -- stage files ----------------------------------------------------------------------------------
+
+_STAGE_DOC = """Stage {index} of {num_stages} of {model_class} in FTPipe's pre-partitioning form, written by fxconvert {version}.
+
+It runs the blocks in BLOCKS ({blocks}) and owns its parameters, with its
+own copy of each shared weight in SHARED_WEIGHTS. It takes the values in RECEIVED from
+the previous stage positionally, then the model inputs in INPUTS (positionally on the
+first stage, by keyword on later ones), and returns {returns}.
+
+    import stage_{index}  # this file
+    stage = stage_{index}.load()  # only this stage's tensors, from weights.safetensors beside this file
+    {usage}
+
+`build()` gives the module without weights (on the meta device). Copies of a shared weight
+stay equal only if their gradients are summed over the stages that hold them before each
+optimizer step. pipeline.json describes every stage. Needs torch, safetensors and
+fxconvert.runtime; not transformers.
+"""
+
+_SENT_FUNCTION = '''
+def _sent(values):
+    """The values sent to the next stage, contiguous: point-to-point communication sends contiguous buffers."""
+    for name, value in zip(SENT, values):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"this stage sends {name}, which is {type(value).__name__} for this input; "
+                            f"only tensors can cross a pipeline boundary")
+    return tuple(value.contiguous() for value in values)
+'''
+
+
+def stage_parameters(stages: Stages, index: int) -> dict[str, torch.Tensor]:
+    """Stage `index`'s state dict as its stage file names it (and as weights.safetensors keys it)."""
+    spec, gm = stages.specs[index], stages.stages[index]
+    state = {f"graph_module.{name}": t for name, t in gm.state_dict(keep_vars=True).items()}
+    state.update({name: getattr(stages, name) for name in spec.shared_weights})
+    return state
+
+
+def stage_sources(stages: Stages) -> dict[str, str]:
+    """`stage_<i>.py` -> its text: a module a user imports on its own, as model.py (see the docstrings)."""
+    import fxconvert
+
+    num_stages = len(stages.specs)
+    on_meta = any(t.device.type == "meta" for t in stages.state_dict().values())
+    (model_class,) = check_names("the model class name", [stages.model_class or "Model"])
+    (output,) = check_names("the output name", [stages.output_name or "output"])
+    sources = {}
+    for spec, gm in zip(stages.specs, stages.stages):
+        first, last = spec.index == 0, spec.index == num_stages - 1
+        received = check_names("the received value", spec.received)
+        inputs = check_names("the input name", spec.inputs)
+        arguments = received + inputs if first else received + [f"{n}={n}" for n in inputs]
+        doc = _STAGE_DOC.format(
+            index=spec.index, num_stages=num_stages, model_class=model_class, version=fxconvert.__version__,
+            blocks=", ".join(spec.blocks),
+            returns=f"the model's output, `{output}`" if last else "the values in SENT, as a tuple of contiguous tensors",
+            usage=f"{output if last else 'sent'} = stage({', '.join(arguments)})",
+        )
+        constants = {
+            "STAGE": spec.index,
+            "NUM_STAGES": num_stages,
+            "BLOCKS": list(spec.blocks),
+            "RECEIVED": list(received),
+            "INPUTS": list(inputs),
+            "SENT": list(spec.sent),
+            "OUTPUT_NAME": output,
+        }
+        parameters = {name: name for name in stage_parameters(stages, spec.index)}
+        filename = f"stage_{spec.index}.py"
+        sources[filename] = module_source(
+            gm, filename=filename, doc=doc, constants=constants, wrapper="Stage",
+            wrapper_doc="One pipeline stage: owns its parameters (and shared-weight copies), passes them with "
+                        "`self.training` to the graph.",
+            graph_doc="the received values, then the model inputs",
+            signature=received + inputs, shared={n: getattr(stages, n) for n in spec.shared_weights},
+            parameters=parameters, weights=WEIGHTS_FILE, on_meta=on_meta,
+            extra="" if last else _SENT_FUNCTION, wrap="" if last else "_sent",
+        )
+    return sources
+
+
+# -- pipeline.json --------------------------------------------------------------------------------
+
+def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
+    """pipeline.json as a dict: per stage its blocks, parameters (with their transformers names), shared
+    weights, and the values it receives and sends, with symbolic shapes (see `symbolic_boundaries`).
+
+    A parameter's `hf_name` is its transformers name; `tied_hf_names`, present only when the
+    eager model ties the same tensor under more names without the graph sharing it, lists
+    the others. Shared weights list all their tied names under `shared_weights`.
+    """
+    weights_keys = set(conversion.module.state_dict())
+    hf_names = _hf_names(conversion)
+    sent = symbolic_boundaries(stages, conversion)
+    rows = []
+    for spec in stages.specs:
+        parameters = []
+        for name, t in stage_parameters(stages, spec.index).items():
+            if name not in weights_keys:
+                raise SplitError(f"stage {spec.index} holds {name}, which weights.safetensors does not")
+            size = t.numel() * t.element_size()
+            hf_name, *tied = hf_names(name, t)
+            parameters.append({"name": name, "weights_key": name, "hf_name": hf_name,
+                               "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": size,
+                               **({"tied_hf_names": tied} if tied else {})})
+        rows.append({
+            "index": spec.index,
+            "file": f"stage_{spec.index}.py",
+            "blocks": list(spec.blocks),
+            "inputs": list(spec.inputs),
+            "received": sent[spec.index - 1] if spec.index else [],
+            "sent": sent[spec.index],
+            "shared_weights": list(spec.shared_weights),
+            "parameters": parameters,
+            "parameter_bytes": sum(p["bytes"] for p in parameters),
+        })
+    config = getattr(conversion.model, "config", None)
+    return {
+        "format": PIPELINE_FORMAT,
+        "version": PIPELINE_VERSION,
+        "model_class": conversion.model_class,
+        "model_type": getattr(config, "model_type", None),
+        "num_stages": len(stages.specs),
+        "input_names": list(conversion.input_names),
+        "output_name": conversion.output_name,
+        "weights": WEIGHTS_FILE,
+        "config": CONFIG_FILE,
+        "tokenizer_files": sorted(tokenizer_sources(conversion.source)),
+        "shared_weights": {
+            name: {"hf_names": list(conversion.shared_weights.get(name, [])),
+                   "stages": [spec.index for spec in stages.specs if name in spec.shared_weights]}
+            for name in conversion.module.shared_names
+        },
+        "stages": rows,
+    }
+
+
+def _hf_names(conversion: Conversion):
+    """name, tensor -> the transformers names of a stage tensor, the one mirroring its module path first.
+
+    A shared weight is named by its first tied name (all of them are in the manifest's
+    shared_weights). Every other tensor is found by identity among the eager model's
+    state dict, which the converted module shares. A tensor the eager model ties under
+    several names but the graph reads once (T5EncoderModel's embedding is also
+    `shared.weight`) is not lifted; its other names are listed too.
+    """
+    eager = {}
+    if conversion.model is not None:
+        for name, t in conversion.model.state_dict(keep_vars=True).items():
+            eager.setdefault(id(t), []).append(name)
+
+    def hf_names(name: str, t: torch.Tensor) -> list[str]:
+        if name in conversion.shared_weights:
+            return conversion.shared_weights[name][:1]
+        path = name.removeprefix("graph_module.")
+        if conversion.model is None:
+            return [path]
+        names = eager.get(id(t))
+        if not names:
+            raise SplitError(f"cannot name {name} in transformers terms: the eager model does not hold it")
+        return sorted(names, key=lambda n: n != path)
+
+    return hf_names
+
+
+# Two meta runs of the stages whose sizes all differ between the runs, each size by a different
+# pair of values: a dimension that changes follows the one size that changed the same way (a head
+# count equal to one run's batch size cannot pass for the batch); one that does not change is fixed.
+SIZE_PROBES = ({"batch": 2, "encoder_length": 7, "decoder_length": 5},
+               {"batch": 3, "encoder_length": 11, "decoder_length": 13})
+
+
+def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dict]]:
+    """Per stage, the values it sends ({name, dtype, shape}); sizes that follow the batch or a
+    sequence length are "batch", "encoder_length" or "decoder_length", the others ints."""
+    runs = [_sent_values(stages, conversion, sizes) for sizes in SIZE_PROBES]
+    out = []
+    for spec, first, second in zip(stages.specs, *runs):
+        values = []
+        for name, a, b in zip(spec.sent, first, second):
+            shape = []
+            for dim, (x, y) in enumerate(zip(a.shape, b.shape)):
+                if x == y:
+                    shape.append(x)
+                    continue
+                follows = [size for size in SIZE_PROBES[0] if (SIZE_PROBES[0][size], SIZE_PROBES[1][size]) == (x, y)]
+                if len(follows) != 1 or a.dim() != b.dim():
+                    raise SplitError(f"stage {spec.index} sends {name}, whose dimension {dim} ({x}, then {y}) follows "
+                                     f"neither the batch nor a sequence length; pipeline.json cannot describe it")
+                shape.append(follows[0])
+            values.append({"name": name, "dtype": str(a.dtype).removeprefix("torch."), "shape": shape})
+        out.append(values)
+    return out
+
+
+def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[list[torch.Tensor]]:
+    """The values each stage sends when the stages run on meta copies with inputs of `sizes`."""
+    from fxconvert.trace import INPUT_SPECS
+
+    config = getattr(conversion.model, "config", None)
+    dtype = next((p.dtype for p in stages.parameters() if p.is_floating_point()), torch.float32)
+    lengths = {"encoder": sizes["encoder_length"], "decoder": sizes["decoder_length"]}
+    inputs = {}
+    for name in stages.input_names:
+        kind, seq = INPUT_SPECS[name]
+        shape = (sizes["batch"], lengths[seq]) + ((config.d_model,) if kind == "embeds" else ())
+        inputs[name] = torch.empty(shape, dtype=dtype if kind == "embeds" else torch.long, device="meta")
+    memo = {}
+    for t in [*stages.parameters(), *stages.buffers()]:
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(twin, t.requires_grad) if isinstance(t, torch.nn.Parameter) else twin
+    out, values = [], ()
+    with torch.no_grad():
+        for spec, gm in zip(stages.specs, stages.stages):
+            meta = copy.deepcopy(gm, dict(memo))
+            args = (*values, *(inputs[n] for n in spec.inputs), *(memo[id(getattr(stages, w))]
+                                                                   for w in spec.shared_weights), False)
+            values = meta(*args) if spec.sent else ()
+            for name, value in zip(spec.sent, values):
+                if not isinstance(value, torch.Tensor):
+                    raise SplitError(f"stage {spec.index} sends {name}, which is {type(value).__name__}; only "
+                                     f"tensors can cross a pipeline boundary")
+            out.append(list(values))
+    return out
+
+
+# -- the output directory -------------------------------------------------------------------------
+
+def source_directory(source) -> Path | None:
+    """The directory the converted checkpoint was read from (a local directory or its Hub cache snapshot)."""
+    if source is None:
+        return None
+    if source.origin == "local directory":
+        return Path(source.location)
+    if source.origin in ("Hugging Face cache", "Hugging Face Hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "config.json")
+        return Path(cached).parent if isinstance(cached, str) else None
+    return None
+
+
+def tokenizer_sources(source) -> dict[str, Path]:
+    """Tokenizer file name -> its path beside the source checkpoint, for the files that exist there."""
+    directory = source_directory(source)
+    if directory is None:
+        return {}
+    return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+@dataclass
+class PipelineOutput:
+    """What --stages adds to a conversion's output: the split, its report section and the files."""
+
+    stages: object  # fxconvert.stages.Stages
+    section: object  # fxconvert.report.Section
+    files: dict[str, str | bytes]
+
+
+def pipeline_output(conversion, stages) -> PipelineOutput:
+    """Split `conversion` (`stages`: a number of stages, or `Stages` split from it) for `save(extra_files=...)`."""
+    from fxconvert.report import stages_section
+
+    if isinstance(stages, int):
+        stages = split_stages(conversion, stages)
+    return PipelineOutput(stages, stages_section(stage_table(stages)), pipeline_files(stages, conversion))
+
+
+def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
+    """Everything --stages adds to the output directory (see the module docstring)."""
+    model = conversion.model
+    if model is None or getattr(model, "config", None) is None:
+        raise UsageError("this conversion holds no transformers model, so config.json cannot be written; "
+                         "convert the model with fxconvert.convert")
+    files: dict[str, str | bytes] = dict(stage_sources(stages))
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
+    config["architectures"] = [conversion.model_class]
+    files[CONFIG_FILE] = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    generation = getattr(model, "generation_config", None) if model.can_generate() else None
+    if generation is not None:
+        files[GENERATION_CONFIG_FILE] = generation.to_json_string(use_diff=True)
+    for name, path in tokenizer_sources(conversion.source).items():
+        try:
+            files[name] = path.read_bytes()
+        except OSError as e:
+            raise PipelineError(f"cannot copy the tokenizer file {path}: {e.strerror or e}") from e
+    files[PIPELINE_FILE] = manifest_text(pipeline_manifest(stages, conversion))
+    return files
+
+
+def manifest_text(manifest: dict) -> str:
+    """pipeline.json's text: indented, with lists of plain values (shapes, names) on one line."""
+    text = json.dumps(manifest, indent=2)
+    # A newline never occurs inside a JSON string, so this joins only the layout of innermost lists.
+    text = re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
+    assert json.loads(text) == manifest
+    return text + "\n"
+
+
+# -- reading it back -----------------------------------------------------------------------------
+
+@dataclass
+class Pipeline:
+    """A conversion written with --stages, as pipeline.json describes it (see `pipeline_manifest`)."""
+
+    directory: Path
+    model_class: str
+    model_type: str | None
+    num_stages: int
+    input_names: list[str]
+    output_name: str
+    weights: str
+    config: str
+    tokenizer_files: list[str]
+    shared_weights: dict
+    stages: list[dict]
+
+    def stage_file(self, index: int) -> Path:
+        if not (isinstance(index, int) and 0 <= index < self.num_stages):
+            raise PipelineError(f"{self.directory} has stages 0..{self.num_stages - 1}; there is no stage {index!r}")
+        return self.directory / f"stage_{index}.py"
+
+    def import_stage(self, index: int):
+        """stage_<index>.py as a Python module (its build(), load() and constants)."""
+        path = self.stage_file(index)
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing; convert again with --stages {self.num_stages}")
+        spec = importlib.util.spec_from_file_location(f"fxconvert_stage_{index}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if (getattr(module, "STAGE", None), getattr(module, "NUM_STAGES", None)) != (index, self.num_stages):
+            raise PipelineError(f"{path} is not stage {index} of {self.num_stages}; convert again with "
+                                f"--stages {self.num_stages}")
+        return module
+
+    def load_stage(self, index: int, device="cpu") -> torch.nn.Module:
+        """Stage `index` with only its own tensors read from the weights file, in eval mode."""
+        module = self.import_stage(index)
+        return module.load(str(self.directory / self.weights), device=device)
+
+
+def load_pipeline(directory) -> Pipeline:
+    """Read and check `directory`/pipeline.json; one-line errors name the fix."""
+    directory = Path(directory)
+    path = directory / PIPELINE_FILE
+    if not path.is_file():
+        raise PipelineError(f"{directory}{os.sep} has no {PIPELINE_FILE}; convert with --stages N")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise PipelineError(f"cannot read {path}: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"malformed {path}: {e}; convert again with --stages N") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != PIPELINE_FORMAT:
+        raise PipelineError(f"{path} is not an fxconvert pipeline manifest; convert with --stages N")
+    if manifest.get("version") != PIPELINE_VERSION:
+        raise PipelineError(f"{path} has version {manifest.get('version')!r}, this fxconvert reads version "
+                            f"{PIPELINE_VERSION}; convert again with this fxconvert")
+    fields = {name: manifest.get(name) for name in Pipeline.__dataclass_fields__ if name != "directory"}
+    num_stages, stages = fields["num_stages"], fields["stages"]
+    if not (isinstance(num_stages, int) and num_stages >= 1 and isinstance(stages, list)
+            and [s.get("index") if isinstance(s, dict) else None for s in stages] == list(range(num_stages))):
+        raise PipelineError(f"{path} lists its stages inconsistently; convert again with --stages N")
+    for name in ("weights", "config"):
+        value = fields[name]
+        if not isinstance(value, str) or not value or os.path.basename(value) != value or value in (".", ".."):
+            raise PipelineError(f"{path}: '{name}' must be a file name in {directory}, got {value!r}")
+    return Pipeline(directory=directory, **fields)
+
+
+__all__ = ["Pipeline", "PipelineError", "PipelineOutput", "load_pipeline", "pipeline_output", "pipeline_files",
+           "stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters", "tokenizer_sources", "TOKENIZER_FILES"]

@@ -1,0 +1,169 @@
+"""Bad input to `python -m fxconvert.train`: one line, exit 2 or 1, and no run directory.
+
+Every check runs on every rank before any process group exists, so these run in this
+process with the launcher's environment set (WORLD_SIZE 2 means two pipeline ranks) and
+never reach a collective.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import checkpoints
+import train_runs as tr
+from fxconvert.train import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-cli")
+    tr.write_checkpoint(root / "ckpt")
+    tr.write_jsonl(root / "train.jsonl")
+    return root
+
+
+def _fails(capsys, monkeypatch, argv, *, world=2, code=2):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert main([str(a) for a in argv]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fxconvert.train: error: ")
+    return err
+
+
+def _argv(root, out, *extra, data=None, source=None):
+    return [source or root / "ckpt", "--data", data or root / "train.jsonl", "--out", out, "--steps", 2,
+            "--batch", 4, *extra]
+
+
+def test_a_malformed_line_names_file_and_line(setup, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "bad.jsonl"
+    lines = (setup / "train.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:-3]  # cut off the end of line 3
+    data.write_text("\n".join(lines) + "\n")
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", data=data))
+    assert "bad.jsonl:3" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_of_vocabulary_id_is_refused(setup, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "oov.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 2, tr.VOCAB], "labels": [1]}) + "\n")
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", data=data))
+    assert "oov.jsonl:1" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_tokenizer(setup, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup / "ckpt", ckpt)
+    (ckpt / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchTokenizer"}))
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"input": "hello", "target": "hallo"}) + "\n")
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", data=data, source=ckpt))
+    assert "tokenizer" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_text_without_a_tokenizer(setup, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"input": "hello", "target": "hallo"}) + "\n")
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", data=data))
+    assert "text.jsonl:1" in err and "tokenizer" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_conversion_without_stages(setup, tmp_path, capsys, monkeypatch):
+    conv = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(setup / "ckpt"), "--out", str(conv),
+                           "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", source=conv))
+    assert "--stages 2" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_fewer_microbatches_than_stages_for_1f1b(setup, tmp_path, capsys, monkeypatch):
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", "--schedule", "1f1b", "--microbatches", 1),
+                 world=2)
+    assert "--microbatches" in err and "1 < 2" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, world, needle", [
+    (["--dp", 3], 4, "--dp 3"),
+    (["--virtual-stages", 2], 2, "interleaved-1f1b"),
+    (["--schedule", "interleaved-1f1b"], 2, "--virtual-stages 2"),
+    (["--microbatches", 3], 2, "multiple of --microbatches"),
+    (["--lr", "nan"], 2, "--lr"),
+    (["--steps", 0], 2, "--steps"),
+])
+def test_bad_options(setup, tmp_path, capsys, monkeypatch, extra, world, needle):
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", *extra), world=world)
+    assert needle in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage_count_mismatch_names_the_fix(setup, tmp_path, capsys, monkeypatch):
+    """More stages than the model has blocks: the split refuses before anything is written."""
+    argv = _argv(setup, tmp_path / "run", "--schedule", "gpipe", "--microbatches", 4)
+    err = _fails(capsys, monkeypatch, argv, world=5)
+    assert "ask for at most 4" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_conversion_with_other_stages_names_the_fix(setup, tmp_path, capsys, monkeypatch):
+    conv = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(setup / "ckpt"), "--stages", "2", "--out", str(conv),
+                           "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", "--microbatches", 4, source=conv), world=4)
+    assert "has 2 stages, but 4 processes with --dp 1 and --virtual-stages 1 run 4" in err
+    assert "launch 2 processes, or reconvert with --stages 4" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_run_needs_resume(setup, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    err = _fails(capsys, monkeypatch, _argv(setup, out))
+    assert "--resume" in err
+    assert checkpoints.leftovers(out) == ["notes.txt"]
+
+
+def test_the_self_check_stays_behind_a_flag(capsys):
+    assert main(["--self-check", "--stages", "3", "--layers", "1", "--decoder-layers", "1"]) == 2
+    assert "at most 2" in capsys.readouterr().err
+
+
+def test_the_progress_line_on_a_terminal_and_the_metrics_file(tmp_path, monkeypatch):
+    """On a terminal: a rich progress line (step, loss, tokens/s, ETA); metrics.jsonl either way."""
+    import io
+
+    from fxconvert.train import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    reporter = Reporter(tmp_path, total_steps=4, start_step=0)
+    for step in (1, 2):
+        reporter.step({"step": step, "loss": 3.25 / step, "lr": 0.1, "tokens_per_s": 1234.0, "seconds": 0.5})
+    reporter.close()
+    text = screen.getvalue()
+    assert "step 2/4" in text and "loss 1.6250" in text and "1,234 tokens/s" in text and "ETA" in text
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+    # a resume from step 1 drops the lines the stopped run wrote after it
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    Reporter(tmp_path, total_steps=4, start_step=1).close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]

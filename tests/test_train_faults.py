@@ -1,0 +1,153 @@
+"""Launches of `fxconvert.train` beyond one clean torchrun: two machines, a killed rank, --resume.
+
+All runs train the same 2-stage conversion with AdamW (optimizer state matters for a resume)
+for STEPS steps, checkpointing every 2, and are compared with one uninterrupted run:
+- two torchrun invocations (`--nnodes 2`, c10d rendezvous on 127.0.0.1) give the same losses
+  and the same RUN/hf bit for bit;
+- a run whose rank 1 is SIGKILLed after a checkpoint fails on every rank with one line naming
+  rank 1, leaves only complete checkpoints, and `--resume` gives the uninterrupted run's
+  losses and RUN/hf bit for bit (float32 on CPU).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import checkpoints
+import train_runs as tr
+from fxconvert.checkpoint import COMPLETE, latest_checkpoint
+from fxconvert.train import main
+
+STEPS, TIMEOUT = 30, 20
+HANG_GUARD = TIMEOUT + 60  # torchrun gives its workers 30 s between SIGTERM and SIGKILL
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-faults")
+    tr.write_checkpoint(root / "ckpt")
+    tr.write_jsonl(root / "train.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(root / "ckpt"), "--stages", "2", "--out",
+                           str(root / "conv"), "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def _args(root, out, *extra):
+    return [root / "conv", "--data", root / "train.jsonl", "--out", out, "--steps", STEPS, "--batch", 4,
+            "--microbatches", 2, "--schedule", "1f1b", "--optimizer", "adamw", "--lr", 1e-2, "--save-every", 2,
+            "--timeout", TIMEOUT, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    out = setup / "uninterrupted"
+    proc = tr.torchrun(2, *_args(setup, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _same_result(out, reference):
+    assert [m["loss"] for m in tr.metrics(out)] == [m["loss"] for m in tr.metrics(reference)]
+    assert [m["step"] for m in tr.metrics(out)] == list(range(1, STEPS + 1))
+    a, b = tr.hf_files(out), tr.hf_files(reference)
+    assert set(a) == set(b)
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_two_machines_give_the_result_of_one(setup, reference):
+    out, port = setup / "two-nodes", tr.free_port()
+    procs = []
+    for node in (0, 1):
+        extra = ["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                 f"127.0.0.1:{port}", "--rdzv-id", "fxconvert-test", "--local-addr", "127.0.0.1"]
+        command = tr.torchrun_command(1, *_args(setup, out), extra=extra)
+        procs.append(subprocess.Popen(command, cwd=tr.REPO, env=tr.env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    _same_result(out, reference)
+
+
+def _workers(launcher_pid) -> dict[int, int]:
+    """RANK -> pid of torchrun's worker processes (read from their environment)."""
+    found = {}
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(pid)
+    return found
+
+
+def test_a_killed_rank_stops_the_run_and_resume_finishes_it(setup, reference, monkeypatch, capsys):
+    out = setup / "killed"
+    proc = subprocess.Popen(tr.torchrun_command(2, *_args(setup, out)), cwd=tr.REPO, env=tr.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "checkpoints" / "step_2" / COMPLETE).exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=HANG_GUARD)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("fxconvert.train: error: ")]
+    assert len(lines) == 1, err[-3000:]  # rank 0's line; rank 1 was killed and says nothing
+    assert lines[0].startswith("fxconvert.train: error: rank 0 (stage 0, replica 0): rank 1 (stage 1, replica 0) "
+                               "failed: stopped responding"), lines
+    steps = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert steps and all((p / COMPLETE).is_file() for p in steps)  # nothing that looks complete is half-written
+    last = latest_checkpoint(out)
+    assert int(last.name.removeprefix("step_")) < STEPS  # it was killed before the end
+    assert not (out / "hf").exists()
+
+    resumed = tr.torchrun(2, *_args(setup, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_result(out, reference)
+
+    # a checkpoint past --steps is refused before anything is touched
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = [str(a) for a in _args(setup, out, "--resume")]
+    argv[argv.index("--steps") + 1] = "4"
+    before = checkpoints.leftovers(out)
+    assert main(argv) == 2
+    assert f"step_{STEPS} is step {STEPS}, past --steps 4" in capsys.readouterr().err
+    assert checkpoints.leftovers(out) == before
+
+
+def test_a_rank_that_raises_is_named_with_its_message(setup, tmp_path):
+    """Stage 1's code raises: rank 1 prints its own line, rank 0 names rank 1 and its message."""
+    conv = tmp_path / "conv"
+    shutil.copytree(setup / "conv", conv)
+    text = (conv / "stage_1.py").read_text()
+    head = "class Stage(nn.Module):"
+    assert text.count(head) == 1
+    text = text.replace(head, "class Stage(nn.Module):\n    def __call__(self, *args, **kwargs):\n"
+                              "        if kwargs['attention_mask'].shape[1] > 3:\n"
+                              "            raise RuntimeError('stage 1 refuses inputs over 3 tokens')\n"
+                              "        return super().__call__(*args, **kwargs)\n")
+    (conv / "stage_1.py").write_text(text)
+    proc = tr.torchrun(2, conv, *_args(setup, tmp_path / "run")[1:], timeout=HANG_GUARD + 60)
+    assert proc.returncode != 0
+    lines = sorted(line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train: error: "))
+    assert lines == [
+        "fxconvert.train: error: rank 0 (stage 0, replica 0): rank 1 (stage 1, replica 0) failed: "
+        + lines[0].split(" failed: ", 1)[1],
+        "fxconvert.train: error: rank 1 (stage 1, replica 0): stage 1 refuses inputs over 3 tokens",
+    ], proc.stderr[-3000:]
+    assert lines[0].split(" failed: ", 1)[1].startswith("stage 1 refuses inputs over 3 tokens (here: ")
+    assert not (tmp_path / "run" / "hf").exists()
