@@ -595,6 +595,8 @@ def _value_row(node: torch.fx.Node) -> dict:
 
 def write_stage_sources(stages: Stages, directory) -> list[Path]:
     """Write the `stage_<i>.py` files into `directory`; return the paths."""
+    from fxconvert.pipeline import stage_sources
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -604,9 +606,17 @@ def write_stage_sources(stages: Stages, directory) -> list[Path]:
     return paths
 
 
-# The stage files and pipeline.json are written by fxconvert.pipeline (which imports this module
-# at its top, so this import comes last).
-from fxconvert.pipeline import pipeline_manifest, stage_sources  # noqa: E402
+def __getattr__(name):
+    """`pipeline_manifest` and `stage_sources`, re-exported from fxconvert.pipeline on first use.
+
+    fxconvert.pipeline imports this module at its top, so importing it here would fail
+    whenever fxconvert.pipeline is imported first (as `fxconvert.train` does).
+    """
+    if name in ("pipeline_manifest", "stage_sources"):
+        from fxconvert import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan",
            "stage_sources", "write_stage_sources", "pipeline_manifest"]
