@@ -149,27 +149,33 @@ def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
 
 def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, output: str | None = None,
             offline: bool = False, meta: bool = False, attn: str = "sdpa", seed: int = 0,
-            keep_traced_code: bool = False) -> Conversion:
+            allow_random: bool = False, keep_traced_code: bool = False) -> Conversion:
     """Trace `model` and turn it into FTPipe's pre-partitioning form.
 
     `model` is a module, or a name that `fxconvert.load.load` resolves (a checkpoint
     directory, a Hub id, a config .json file or a preset such as "t5-small"); `offline`,
-    `meta`, `attn` and `seed` (of random weights) apply to names only.
+    `meta`, `attn`, `seed` (of random weights) and `allow_random` apply to names only.
+    A name that resolves to no weights raises `ModelResolutionError` unless
+    `allow_random=True` (random weights, with a `RandomWeightsWarning`) or `meta=True`.
+    `input_names` is a list of names (a bare string is refused, not split into letters).
     `keep_traced_code` keeps the code as traced, before the passes, in
     `Conversion.traced_code` (for a diff; generating it costs a tenth of a conversion).
     """
+    if output is not None and not isinstance(output, str):
+        raise UsageError(f"output is a {type(output).__name__}; give one output name such as 'loss'")
     source, timings = None, {}
     if isinstance(model, (str, os.PathLike)):
         from fxconvert.load import load
 
         start = time.perf_counter()
-        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed)
+        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed, allow_random=allow_random)
         model, source = loaded.model, loaded.source
         timings["load"] = time.perf_counter() - start
     elif not isinstance(model, torch.nn.Module):
         raise UsageError(f"convert() takes a model (torch.nn.Module) or a name, got {type(model).__name__}")
-    elif (offline, meta, attn, seed) != (False, False, "sdpa", 0):
-        raise UsageError("offline, meta, attn and seed apply to a model given by name; this one is built already")
+    elif (offline, meta, attn, seed, allow_random) != (False, False, "sdpa", 0, False):
+        raise UsageError("offline, meta, attn, seed and allow_random apply to a model given by name; this one is "
+                         "built already")
     with gc_paused():
         conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
                                     keep_traced_code=keep_traced_code)
