@@ -29,7 +29,7 @@ from fxconvert.analysis import count_kinds, output_names, placeholder_names
 from fxconvert.errors import UsageError
 from fxconvert.graph_utils import gc_paused
 from fxconvert.passes import default_passes
-from fxconvert.trace import TraceResult, trace_with_stats
+from fxconvert.trace import TraceResult, input_name_list, trace_with_stats
 
 
 @dataclass
@@ -163,6 +163,8 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
     """
     if output is not None and not isinstance(output, str):
         raise UsageError(f"output is a {type(output).__name__}; give one output name such as 'loss'")
+    if input_names is not None:  # before a name is loaded: a bad list should not cost a load
+        input_names = input_name_list(input_names)
     source, timings = None, {}
     if isinstance(model, (str, os.PathLike)):
         from fxconvert.load import load

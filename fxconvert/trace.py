@@ -103,7 +103,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
             f"the model mixes parameter dtypes ({', '.join(dtypes)}); convert it in one dtype, "
             f"e.g. model.float() or model.to(torch.bfloat16)"
         )
-    input_names = _input_name_list(input_names) if input_names is not None else default_input_names(model)
+    input_names = input_name_list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
 
     tracer = T5Tracer(input_names)
@@ -170,7 +170,7 @@ def accepted_input_names(model) -> list[str]:
     return [n for n in INPUT_SPECS if n in params]
 
 
-def _input_name_list(input_names) -> list[str]:
+def input_name_list(input_names) -> list[str]:
     """`input_names` as a list, refusing a bare string (list("input_ids") would be its letters)."""
     if isinstance(input_names, (str, bytes)):
         raise InputNameError(f"input_names is the string {input_names!r}; give a list of names, "
@@ -653,4 +653,4 @@ def _leaf_replacements(model, tracer):
 
 
 __all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "supported_class",
-           "default_input_names", "accepted_input_names", "forward_parameters"]
+           "input_name_list", "default_input_names", "accepted_input_names", "forward_parameters"]
