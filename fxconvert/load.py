@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from fxconvert.errors import ModelResolutionError, UsageError
-from fxconvert.trace import SUPPORTED_ATTENTION, SUPPORTED_CLASSES
+from fxconvert.trace import SUPPORTED_ATTENTION, SUPPORTED_CLASSES, require_transformers
 
 # model_type in config.json -> prefix of the transformers classes.
 MODEL_TYPES = {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}
@@ -132,6 +132,7 @@ def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, 
     """
     if attn not in SUPPORTED_ATTENTION:
         raise UsageError(f"unknown attention '{attn}'; choose {' or '.join(SUPPORTED_ATTENTION)}")
+    require_transformers()
     name = os.fspath(name)
     path = Path(name).expanduser()
     build = _Build(meta=meta, attn=attn, seed=seed, allow_random=allow_random)

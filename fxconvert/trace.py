@@ -37,7 +37,7 @@ from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import runtime
-from fxconvert.errors import InputNameError, TraceError
+from fxconvert.errors import FxConvertError, InputNameError, TraceError
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
 SUPPORTED_CLASSES = (
@@ -88,8 +88,36 @@ class TraceResult:
     seconds: float
 
 
+@functools.cache
+def require_transformers() -> None:
+    """Refuse a transformers release outside the range fxconvert declares (and is tested on).
+
+    pip enforces the range on install, but not in an environment where transformers was
+    installed first and fxconvert without its dependencies; there an older release fails
+    deep inside a trace. The range is read from the installed package's metadata, so
+    pyproject.toml stays its one source.
+    """
+    import importlib.metadata
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    try:
+        requires = importlib.metadata.requires("fxconvert") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return
+    for line in requires:
+        req = Requirement(line)
+        if req.name == "transformers" and req.marker is None:
+            if not req.specifier.contains(transformers.__version__, prereleases=True):
+                raise FxConvertError(f"transformers {transformers.__version__} is installed, but fxconvert needs "
+                                 f"transformers{req.specifier}; install it with pip install "
+                                 f"'transformers{req.specifier}'")
+
+
 def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     start = time.perf_counter()
+    require_transformers()
     cls_name = supported_class(model).__name__
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in SUPPORTED_ATTENTION:
@@ -653,4 +681,4 @@ def _leaf_replacements(model, tracer):
 
 
 __all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "supported_class",
-           "input_name_list", "default_input_names", "accepted_input_names", "forward_parameters"]
+           "input_name_list", "require_transformers", "default_input_names", "accepted_input_names", "forward_parameters"]

@@ -284,3 +284,26 @@ def test_a_library_user_sees_the_warning_once(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stderr.count("RANDOM WEIGHTS") == 1, run.stderr
     assert f"RandomWeightsWarning: {tmp_path / 'ckpt'}: {tmp_path / 'ckpt'} has no weights" in run.stderr
+
+
+def test_a_transformers_outside_the_declared_range_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    """An environment where fxconvert was installed without its dependencies: an old transformers
+    fails with one line naming the range, not deep inside a trace."""
+    from fxconvert import cli
+    from fxconvert.errors import FxConvertError
+    from fxconvert.trace import require_transformers, trace
+
+    import helpers
+
+    model = helpers.build("T5Model")
+    monkeypatch.setattr("transformers.__version__", "4.57.0")  # below every range fxconvert declared
+    require_transformers.cache_clear()
+    try:
+        for call in (lambda: load("t5-small", offline=True, meta=True), lambda: trace(model)):
+            with pytest.raises(FxConvertError, match=r"^transformers 4.57.0 is installed, but fxconvert needs "
+                                                     r"transformers.*; install it with pip install 'transformers"):
+                call()
+        assert cli.main(["t5-small", "--meta", "--out", str(tmp_path / "out")]) == 1
+        assert capsys.readouterr().err.startswith("fxconvert: error: transformers 4.57.0 is installed")
+    finally:
+        require_transformers.cache_clear()
