@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "validation (automatic above 2B random-weight parameters)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the comparison with the eager model")
-    p.add_argument("--atol", type=float, default=1e-5, help="validation tolerance, absolute (default: 1e-5)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="load the model in this dtype, as transformers does (float16 keeps T5's wo in float32; "
+                        "default: the checkpoint's own)")
+    p.add_argument("--atol", type=float, help="validation tolerance, absolute term (default: 1e-5)")
+    p.add_argument("--rtol", type=float, help="validation tolerance, relative term (default by dtype: float32 "
+                                              "1.3e-6, float16 1e-3, bfloat16 1.6e-2)")
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs and random weights (default: 0)")
     p.add_argument("--format", choices=("rich", "plain", "markdown", "json"),
                    help="report format on stdout (default: rich)")
@@ -141,8 +146,9 @@ def run(args) -> int:
         raise UsageError(f"--config {args.config}: no such file")
     if args.stages is not None and args.stages < 1:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
-    if not args.atol > 0:
-        raise UsageError(f"--atol must be positive, got {args.atol}")
+    for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
+        if value is not None and not 0 <= value < float("inf"):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
     name = args.name if args.name is not None else args.config
     out = Path(args.out) if args.out else Path("fxconvert-out") / short_name(name)
     input_names = [n.strip() for n in args.inputs.split(",") if n.strip()] if args.inputs is not None else None
@@ -163,7 +169,7 @@ def run(args) -> int:
         with warnings.catch_warnings():  # the notes below say it, louder
             warnings.simplefilter("ignore", RandomWeightsWarning)
             loaded = load(name, offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed,
-                          allow_random=True)
+                          dtype=args.dtype, allow_random=True)
         source = loaded.source
         step.detail = f"{type(loaded.model).__name__}, {source.origin} {source.location}, weights: {source.weights}"
     for note in source.notes:
@@ -186,10 +192,10 @@ def run(args) -> int:
 
     from fxconvert.validate import ValidationResult, validate
 
-    validation = ValidationResult(args.atol, args.seed, skipped="not run (--no-validate)")
+    validation = ValidationResult(args.atol, args.seed, skipped="not run (--no-validate)", rtol=args.rtol)
     if args.validate:
         with progress.step("validate", "validating against the eager model", timings) as step:
-            validation = validate(conversion, atol=args.atol, seed=args.seed)
+            validation = validate(conversion, atol=args.atol, rtol=args.rtol, seed=args.seed)
             step.detail = (f"skipped: {validation.skipped}" if validation.skipped else
                            f"{len(validation.checks)} tensors, max diff {validation.max_diff:.2g}, "
                            + ("passed" if validation.passed else f"{len(validation.failures)} FAILED"))

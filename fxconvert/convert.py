@@ -66,6 +66,7 @@ class Conversion:
     model_class: str = ""
     model: torch.nn.Module | None = None
     source: "ModelSource | None" = None
+    dropped_inputs: list[str] = field(default_factory=list)  # traced inputs the kept output does not read
 
     @property
     def code(self) -> str:
@@ -149,12 +150,12 @@ def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
 
 def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, output: str | None = None,
             offline: bool = False, meta: bool = False, attn: str = "sdpa", seed: int = 0,
-            allow_random: bool = False, keep_traced_code: bool = False) -> Conversion:
+            dtype=None, allow_random: bool = False, keep_traced_code: bool = False) -> Conversion:
     """Trace `model` and turn it into FTPipe's pre-partitioning form.
 
     `model` is a module, or a name that `fxconvert.load.load` resolves (a checkpoint
     directory, a Hub id, a config .json file or a preset such as "t5-small"); `offline`,
-    `meta`, `attn`, `seed` (of random weights) and `allow_random` apply to names only.
+    `meta`, `attn`, `seed` (of random weights), `dtype` and `allow_random` apply to names only.
     A name that resolves to no weights raises `ModelResolutionError` unless
     `allow_random=True` (random weights, with a `RandomWeightsWarning`) or `meta=True`.
     `input_names` is a list of names (a bare string is refused, not split into letters).
@@ -170,14 +171,15 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
         from fxconvert.load import load
 
         start = time.perf_counter()
-        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed, allow_random=allow_random)
+        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed, dtype=dtype,
+                      allow_random=allow_random)
         model, source = loaded.model, loaded.source
         timings["load"] = time.perf_counter() - start
     elif not isinstance(model, torch.nn.Module):
         raise UsageError(f"convert() takes a model (torch.nn.Module) or a name, got {type(model).__name__}")
-    elif (offline, meta, attn, seed, allow_random) != (False, False, "sdpa", 0, False):
-        raise UsageError("offline, meta, attn, seed and allow_random apply to a model given by name; this one is "
-                         "built already")
+    elif (offline, meta, attn, seed, dtype, allow_random) != (False, False, "sdpa", 0, None, False):
+        raise UsageError("offline, meta, attn, seed, allow_random and dtype apply to a model given by name; this "
+                         "one is built already")
     with gc_paused():
         conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
                                     keep_traced_code=keep_traced_code)
@@ -216,4 +218,5 @@ def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str |
         model_class=gm.meta["model_class"],
         model=model,
         source=source,
+        dropped_inputs=list(gm.meta.get("dropped_inputs", ())),
     )

@@ -41,6 +41,7 @@ import math
 import os
 import re
 import socket
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ META_THRESHOLD = 2_000_000_000
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 HUB_PROBE_TIMEOUT = 2.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 logger = logging.getLogger(__name__)
 logging.getLogger("fxconvert").addHandler(logging.NullHandler())  # a library leaves output to the application
@@ -123,8 +125,14 @@ class LoadedModel:
 
 
 def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, attn: str = "sdpa",
-         seed: int = 0, allow_random: bool = False) -> LoadedModel:
+         seed: int = 0, dtype: "str | torch.dtype | None" = None, allow_random: bool = False) -> LoadedModel:
     """Resolve `name` to a T5-family model in eval mode (see the module docstring for the order).
+
+    `dtype` ("float32", "bfloat16", "float16" or the torch dtype) loads the model in that
+    dtype as transformers does: a checkpoint through `from_pretrained(dtype=...)`, a build
+    from a config cast after construction; either way fp16 keeps the modules the class lists
+    in `_keep_in_fp32_modules` (T5's `wo`) in fp32. By default a checkpoint keeps its own
+    dtype and a config its `dtype` entry.
 
     A name that resolves to no weights (a config file, a directory without its weights, a
     Hub id neither cached nor downloadable) raises `ModelResolutionError` unless
@@ -132,10 +140,11 @@ def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, 
     """
     if attn not in SUPPORTED_ATTENTION:
         raise UsageError(f"unknown attention '{attn}'; choose {' or '.join(SUPPORTED_ATTENTION)}")
+    dtype = resolve_dtype(dtype)
     require_transformers()
     name = os.fspath(name)
     path = Path(name).expanduser()
-    build = _Build(meta=meta, attn=attn, seed=seed, allow_random=allow_random)
+    build = _Build(meta=meta, attn=attn, seed=seed, dtype=dtype, allow_random=allow_random)
     if path.is_file() and path.suffix == ".json":
         config = read_config(path)
         source = ModelSource(name, "config file", str(path), "random", "cpu")
@@ -146,6 +155,15 @@ def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, 
         raise ModelResolutionError(f"'{name}' is a file, not a checkpoint directory; for an architecture use "
                                    f"--config FILE.json")
     return _from_hub_or_preset(name, build, offline=offline or offline_env())
+
+
+def resolve_dtype(dtype) -> "torch.dtype | None":
+    """The torch dtype for a `dtype` option (None stays None), or a UsageError listing the choices."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UsageError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
 
 
 def short_name(name: str | os.PathLike) -> str:
@@ -329,6 +347,7 @@ class _Build:
     meta: bool
     attn: str
     seed: int
+    dtype: "torch.dtype | None"
     allow_random: bool
 
 
@@ -345,7 +364,7 @@ def _from_directory(name, path: Path, build: _Build) -> LoadedModel:
         source.notes.append(why)
     if not has_weights or build.meta:
         return _from_config(config, source, build, why=why)
-    return _from_checkpoint(str(path), config, source, build.attn, local_files_only=True)
+    return _from_checkpoint(str(path), config, source, build, local_files_only=True)
 
 
 def _from_hub_or_preset(name, build: _Build, *, offline) -> LoadedModel:
@@ -356,7 +375,7 @@ def _from_hub_or_preset(name, build: _Build, *, offline) -> LoadedModel:
         if build.meta:
             return _from_config(config, source, build, why="")
         try:
-            return _from_checkpoint(name, config, source, build.attn, local_files_only=True)
+            return _from_checkpoint(name, config, source, build, local_files_only=True)
         except _WeightsUnavailable:
             loaded = _download(name, build) if not offline and hub_reachable() else None
             if loaded is not None:
@@ -409,23 +428,24 @@ def _download(name, build: _Build) -> LoadedModel | None:
     source = ModelSource(name, "Hugging Face Hub", name, "checkpoint", "cpu")
     if build.meta:
         return _from_config(config, source, build, why="")
-    return _from_checkpoint(name, config, source, build.attn, local_files_only=False)
+    return _from_checkpoint(name, config, source, build, local_files_only=False)
 
 
 class _WeightsUnavailable(Exception):
     pass
 
 
-def _from_checkpoint(location, config: dict, source: ModelSource, attn, *, local_files_only) -> LoadedModel:
+def _from_checkpoint(location, config: dict, source: ModelSource, build: _Build, *, local_files_only) -> LoadedModel:
     import transformers
 
     cls = getattr(transformers, model_class_name(config, source.location))
     config_obj = _config_object(config, source.location)
     try:
         with _held_warnings():
-            model, info = cls.from_pretrained(location, config=config_obj, attn_implementation=attn,
+            model, info = cls.from_pretrained(location, config=config_obj, attn_implementation=build.attn,
                                               output_loading_info=True, ignore_mismatched_sizes=True,
-                                              local_files_only=local_files_only)
+                                              local_files_only=local_files_only,
+                                              **({} if build.dtype is None else {"dtype": build.dtype}))
     except OSError as e:
         if local_files_only and source.origin == "Hugging Face cache":
             raise _WeightsUnavailable() from e
@@ -478,13 +498,15 @@ def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) 
 
     cls = getattr(transformers, model_class_name(config, source.location))
     config_obj = _config_object(config, source.location)
-    meta, attn = build.meta, build.attn
+    meta = build.meta
+    kwargs = {"attn_implementation": build.attn, **({} if build.dtype is None else {"dtype": build.dtype})}
     if not meta and not build.allow_random:
         raise ModelResolutionError(f"{why}: pass allow_random=True to build it with random weights, or meta=True "
                                    f"for the architecture alone")
     try:
         with _held_warnings(), torch.device("meta"):
-            model = cls._from_config(config_obj, attn_implementation=attn)
+            model = cls._from_config(config_obj, **kwargs)
+        _keep_in_fp32(model)
     except Exception as e:
         raise ModelResolutionError(f"cannot build {cls.__name__} from {source.location}: {_summary(e)}") from e
     n_params = sum(p.numel() for p in model.parameters())
@@ -502,7 +524,8 @@ def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) 
     if any(True for _ in model.buffers()):  # buffers hold values a random init cannot invent
         torch.manual_seed(build.seed)
         with _held_warnings():
-            model = cls._from_config(config_obj, attn_implementation=attn)
+            model = cls._from_config(config_obj, **kwargs)
+        _keep_in_fp32(model)
         _untie_head(model, config, init=True)
     else:
         model.to_empty(device="cpu")
@@ -520,7 +543,12 @@ def _warn_no_weights(source: ModelSource) -> None:
     """Say, through both channels a library has, that the model holds no checkpoint's weights."""
     message = f"{source.name}: {'; '.join(source.notes)}"
     logger.warning("%s", message)
-    warnings.warn(message, RandomWeightsWarning, stacklevel=2)
+    # attributed to the caller's line (load() or convert() in the user's code), not fxconvert's
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RandomWeightsWarning, stacklevel=level)
 
 
 @contextlib.contextmanager
@@ -536,6 +564,25 @@ def _held_warnings():
         yield
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _keep_in_fp32(model: torch.nn.Module) -> None:
+    """Cast the parameters that transformers keeps in fp32 when it loads a checkpoint in fp16
+    (`_keep_in_fp32_modules`; `_keep_in_fp32_modules_strict` in bf16 too), matched the way
+    `from_pretrained` matches them: each pattern searched in the parameter's name.
+    `_from_config` does not do this, `from_pretrained` does."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    patterns = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (
+        torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not patterns:
+        return
+    regex = re.compile("|".join(p.replace("*", ".*") for p in sorted(patterns)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if regex.search(name):
+                p.data = p.data.to(torch.float32)
 
 
 def _untie_head(model: torch.nn.Module, config: dict, *, init: bool = False) -> None:

@@ -74,8 +74,8 @@ def build_report(conversion, *, validation=None, extra=(), detail: bool = True) 
         sections.append(validation_section(validation, detail=detail))
         if validation.skipped is None and not validation.passed:
             status = "validation failed"
-            warnings.append(f"VALIDATION FAILED: {len(validation.failures)} tensor(s) differ by more than "
-                            f"atol {validation.atol:g}")
+            warnings.append(f"VALIDATION FAILED: {len(validation.failures)} tensor(s) are not finite or exceed "
+                            f"the tolerance ({validation.tolerance})")
     sections.append(timings_section(conversion.timings))
     sections.extend(extra)
     return Report(f"fxconvert: {conversion.model_class} ({_name(conversion)})", status, warnings, sections)
@@ -135,9 +135,13 @@ def io_section(conversion) -> Section:
     out_shape = _output_shape(val)
     tables = [Table(["input", "role", "dtype", "shape"], rows, "Inputs (placeholders, in order)"),
               Table(["output", "dtype", "shape"], [[conversion.output_name, out_dtype, out_shape]], "Output")]
+    dropped = list(getattr(conversion, "dropped_inputs", ()))
+    notes = [f"dropped inputs: {', '.join(dropped)} (the output {conversion.output_name} does not read them)"
+             ] if dropped else []
     return Section("io", "Inputs and output", {"inputs": data, "output": {"name": conversion.output_name,
-                                                                        "dtype": out_dtype, "shape": out_shape}},
-                   tables=tables)
+                                                                        "dtype": out_dtype, "shape": out_shape},
+                                               "dropped_inputs": dropped},
+                   tables=tables, notes=notes)
 
 
 def passes_section(conversion) -> Section:
@@ -202,14 +206,15 @@ def validation_section(result, *, detail: bool = True) -> Section:
         ])
     fields = {
         "status": "passed" if result.passed else "FAILED",
-        "tolerance": f"atol {result.atol:g}",
+        "tolerance": result.tolerance,
+        "rule": result.rule,
         "seed": str(result.seed),
         "checked": f"{len(result.checks)} tensors, max diff {_diff(result.max_diff)}",
     }
     tables = [Table(["run", "output max diff", "grad max diff (worst parameter)", "tensors", "result"], summary)]
     if result.failures:
         tables.append(Table(["run", "tensor", "max diff", "why"],
-                            [[c.run, c.tensor, _diff(c.max_diff), c.note or f"> atol {result.atol:g}"]
+                            [[c.run, c.tensor, _diff(c.max_diff), c.note or "exceeds the tolerance"]
                              for c in result.failures], "Failures"))
     if detail:
         names = list(dict.fromkeys(c.tensor for c in result.checks))

@@ -13,8 +13,10 @@ tracer handles each of those without touching transformers' source:
 - The root's signature is built from `input_names`; the model is called by keyword with
   `use_cache=False`, and its ModelOutput becomes a dict of its non-None tensors.
 - Within the modeling modules' namespaces, and only while tracing, the mask helpers are
-  replaced by calls of `fxconvert.runtime` leaf functions, and the SDPA attention
-  function by a traceable equivalent. Modules built on the fly (a loss) are traced through.
+  replaced by calls of `fxconvert.runtime` leaf functions, the SDPA attention function by
+  a traceable equivalent, and `isinstance` by one that answers for a traced value from the
+  tensor it stands for (so T5's fp32 `wo` guard works in fp16 models). Modules built on
+  the fly (a loss) are traced through.
 - Anything else that cannot be traced raises `TraceError` naming the module path and the
   source line.
 """
@@ -110,9 +112,9 @@ def require_transformers() -> None:
         req = Requirement(line)
         if req.name == "transformers" and req.marker is None:
             if not req.specifier.contains(transformers.__version__, prereleases=True):
-                raise FxConvertError(f"transformers {transformers.__version__} is installed, but fxconvert needs "
-                                 f"transformers{req.specifier}; install it with pip install "
-                                 f"'transformers{req.specifier}'")
+                raise FxConvertError(f"transformers {transformers.__version__} is installed, but fxconvert "
+                                     f"needs transformers{req.specifier}; install it with pip install "
+                                     f"'transformers{req.specifier}'")
 
 
 def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
@@ -124,12 +126,6 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
         raise TraceError(
             f"attention implementation '{impl}' is not supported; load the model with "
             f"attn_implementation='sdpa' or 'eager'"
-        )
-    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
-    if len(dtypes) > 1:  # e.g. fp16 weights with T5's `wo` kept in fp32: its dtype guard is not recordable
-        raise TraceError(
-            f"the model mixes parameter dtypes ({', '.join(dtypes)}); convert it in one dtype, "
-            f"e.g. model.float() or model.to(torch.bfloat16)"
         )
     input_names = input_name_list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
@@ -657,6 +653,28 @@ class _AttentionFunctions:
         )
 
 
+def traced_isinstance(obj, classinfo) -> bool:
+    """`isinstance` for model code while tracing: a traced value answers as the value it stands for.
+
+    transformers keeps T5's `wo` in fp32 when a model loads in fp16 (`_keep_in_fp32_modules`)
+    and its feed-forward casts to the weight's dtype behind a guard:
+    `isinstance(self.wo.weight, torch.Tensor) and hidden_states.dtype != self.wo.weight.dtype
+    and self.wo.weight.dtype != torch.int8`. While tracing, `self.wo.weight` is a proxy, which
+    the builtin says is no tensor, so the cast would be skipped and the fp32 Linear would get
+    fp16 input. The answer is a static fact: a parameter read answers from the parameter
+    itself, any other traced tensor from its meta value (the dtype comparisons that follow
+    are answered from meta values already, see `_TracedValue.dtype`). A proxy still counts as
+    a Proxy, so fx's own checks keep working.
+    """
+    if isinstance(obj, classinfo):
+        return True
+    if isinstance(obj, _TracedValue):
+        node = obj.node
+        value = obj.tracer._attributes.get(node.target) if node.op == "get_attr" else node.meta.get("val")
+        return isinstance(value, torch.Tensor) and isinstance(value, classinfo)
+    return False
+
+
 @contextlib.contextmanager
 def _leaf_replacements(model, tracer):
     masks = _MaskReplacements(tracer)
@@ -665,17 +683,29 @@ def _leaf_replacements(model, tracer):
         "create_bidirectional_mask": masks.create_bidirectional_mask,
         "ALL_ATTENTION_FUNCTIONS": _AttentionFunctions(),
     }
+    # Builtins are not in a module's namespace: they are added to the modeling modules' (not
+    # torch's, whose leaf modules run on meta tensors) and removed afterwards.
+    builtins = {"isinstance": traced_isinstance}
     namespaces = {id(sys.modules[type(m).__module__].__dict__): sys.modules[type(m).__module__].__dict__
                   for m in model.modules() if type(m).__module__ in sys.modules}
-    saved = []
+    saved, added = [], []
     try:
         for ns in namespaces.values():
             for name, replacement in replacements.items():
                 if name in ns:
                     saved.append((ns, name, ns[name]))
                     ns[name] = replacement
+            if not ns.get("__name__", "").startswith("torch"):
+                for name, replacement in builtins.items():
+                    if name in ns:
+                        saved.append((ns, name, ns[name]))
+                    else:
+                        added.append((ns, name))
+                    ns[name] = replacement
         yield
     finally:
+        for ns, name in added:
+            ns.pop(name, None)
         for ns, name, original in reversed(saved):
             ns[name] = original
 

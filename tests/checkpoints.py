@@ -42,3 +42,29 @@ def fake_hub_cache(cache, repo_id, checkpoint_dir, files=("config.json", "model.
 def leftovers(directory) -> list[str]:
     """Everything under `directory`, for checking that a failure wrote nothing."""
     return sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*"))
+
+
+WORDS = tuple(f"w{i}" for i in range(40))
+
+
+def write_tokenizer(directory, vocab=WORDS):
+    """An offline word-level tokenizer saved to `directory`; returns it as loaded back by AutoTokenizer.
+
+    Like T5's own tokenizer it has <pad>=0, </s>=1, <unk>=2 and appends </s> to every sequence
+    (T5's tokenizer does so with a TemplateProcessing post-processor, single=["$A", "</s>"]).
+    Words are split on whitespace; ids follow `vocab` from 3 on. No network is needed.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    ids = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in vocab:
+        ids.setdefault(word, len(ids))
+    core = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)

@@ -16,7 +16,8 @@ from fxconvert.trace import trace
 from helpers import CLASSES, VARIANTS, build, eager_outputs, random_inputs
 from passes.common import untie_lm_head
 
-PIPELINE = ["RemoveNoneChecksPass", "LiftTrainingFlagPass", "LiftSharedWeightsPass", "KeepSingleOutputPass"]
+PIPELINE = ["RemoveNoneChecksPass", "LiftTrainingFlagPass", "LiftSharedWeightsPass", "KeepSingleOutputPass",
+            "SparsifySharedLookupsPass"]
 DEFAULT_INPUTS = {
     "ForConditionalGeneration": ["input_ids", "attention_mask", "decoder_input_ids", "labels"],
     "EncoderModel": ["input_ids", "attention_mask"],
@@ -154,10 +155,12 @@ def test_pass_records_are_consistent(cls_name):
 def test_input_names_and_output_options():
     model = build("T5Model")
     c = convert(model, input_names=["input_ids", "decoder_input_ids"], output="encoder_last_hidden_state")
-    assert placeholders(c.graph_module) == ["input_ids", "decoder_input_ids", "shared_embed_weight", "training"]
+    # the encoder output does not read decoder_input_ids: it is no input of the graph
+    assert placeholders(c.graph_module) == ["input_ids", "shared_embed_weight", "training"]
+    assert c.input_names == ["input_ids"] and c.dropped_inputs == ["decoder_input_ids"]
     assert c.output_name == "encoder_last_hidden_state"
     x = random_inputs(["input_ids", "decoder_input_ids"], 2, 6, 3)
-    torch.testing.assert_close(c.module(**x), eager_outputs(model, x)["encoder_last_hidden_state"])
+    torch.testing.assert_close(c.module(input_ids=x["input_ids"]), eager_outputs(model, x)["encoder_last_hidden_state"])
     with pytest.raises(UsageError, match=r"'logits'.*last_hidden_state, encoder_last_hidden_state"):
         convert(model, output="logits")
 
@@ -276,7 +279,7 @@ def test_a_tuple_of_names_is_a_list_of_names():
 
 def test_options_of_a_name_are_refused_for_a_built_model():
     model = build("T5Model")
-    with pytest.raises(UsageError, match="allow_random apply to a model given by name"):
+    with pytest.raises(UsageError, match="allow_random and dtype apply to a model given by name"):
         convert(model, allow_random=True)
     with pytest.raises(UsageError, match="output is a int; give one output name"):
         convert(model, output=3)

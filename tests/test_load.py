@@ -254,6 +254,7 @@ def test_random_weights_with_the_opt_in_are_warned_and_logged(kind, tmp_path, mo
     assert loaded.source.random_weights
     (warning,) = [w for w in warned if w.category is RandomWeightsWarning]
     assert str(warning.message).startswith(f"{name}: ") and "RANDOM WEIGHTS" in str(warning.message)
+    assert warning.filename == __file__  # the caller's line, where the opt-in was written
     (record,) = [r for r in caplog.records if r.name.startswith("fxconvert")]
     assert record.levelno == logging.WARNING and record.getMessage() == str(warning.message)
 

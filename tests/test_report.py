@@ -3,6 +3,7 @@
 import copy
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_markdown_has_github_tables_and_a_diff_block(report):
     text = render(report, "markdown")
     assert text.startswith("# fxconvert: T5ForConditionalGeneration")
     assert "## Passes" in text and "| pass " in text and "|---" in text
-    assert "| LiftSharedWeightsPass | yes" in text
+    assert re.search(r"\| LiftSharedWeightsPass +\| yes", text)
     assert "-1 call_module Linear" in text
     assert "```diff\n--- traced" in text
     assert "Max abs diff per tensor" in text  # every checked tensor is in the file

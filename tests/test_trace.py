@@ -507,18 +507,41 @@ def test_random_t5_configs_match_eager(setup):
     assert_outputs_match(expected, actual)
 
 
-def test_mixed_parameter_dtypes_are_refused_with_the_fix():
-    """transformers keeps T5's `wo` in fp32 when a checkpoint loads in fp16; eager then casts
-    through an isinstance guard that a graph cannot record, so such a model is refused."""
-    model = build("T5ForConditionalGeneration")
-    model.half()
-    model.encoder.block[0].layer[1].DenseReluDense.wo.float()
-    with pytest.raises(TraceError, match=r"mixes parameter dtypes \(torch.float16, torch.float32\); convert it in one"):
-        trace(model)
-    model.float()  # in one dtype it traces and matches eager
-    inputs = random_inputs(["input_ids", "attention_mask", "decoder_input_ids", "labels"], 2, 6, 4)
+@pytest.mark.parametrize("cls_name,variant", [("T5ForConditionalGeneration", "original"),
+                                              ("MT5ForConditionalGeneration", "v1_1"), ("UMT5Model", "v1_1")])
+def test_fp16_with_wo_kept_in_fp32_traces_faithfully(cls_name, variant):
+    """transformers keeps T5's `wo` in fp32 when it loads a model in fp16; the feed-forward casts to
+    `wo`'s dtype behind `isinstance(self.wo.weight, torch.Tensor) and ...dtype != ...`. The tracer
+    answers that guard from the parameter, so the graph holds the cast and matches eager fp16."""
+    model = build(cls_name, variant).half()
+    for name, module in model.named_modules():
+        if name.endswith(".wo"):
+            module.float()
+    gm = trace(model)
+    assert _wo_inputs(gm) and all(_is_fp32_cast(n) for n in _wo_inputs(gm))
+    inputs = random_inputs(input_names_of(gm), 2, 6, 4)
     with torch.no_grad():
-        assert_outputs_match(eager_outputs(model, inputs), trace(model)(**inputs))
+        expected, actual = eager_outputs(model, inputs), gm(**inputs)
+    assert list(actual) == list(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        torch.testing.assert_close(actual[name], expected[name], msg=lambda m, name=name: f"{name}: {m}")
+    modeling = sys.modules[type(model).__module__]
+    assert "isinstance" not in vars(modeling)  # the tracing stand-in is gone again
+
+
+def test_one_dtype_records_no_cast():
+    """In one dtype the guard is False in eager, and the trace records no cast either."""
+    model, gm = traced("T5", "CG_labels", "original", "sdpa")
+    assert _wo_inputs(gm) and not any(_is_fp32_cast(n) for n in _wo_inputs(gm))
+
+
+def _wo_inputs(gm):
+    return [n.args[0] for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith(".wo")]
+
+
+def _is_fp32_cast(node):
+    return node.op == "call_method" and node.target == "to" and node.args[1:] == (torch.float32,)
 
 
 @pytest.mark.parametrize("family,case,variant", [("T5", "CG_labels", "original"), ("UMT5", "Model", "v1_1"),

@@ -12,10 +12,12 @@ from fxconvert.passes.keep_single_output_pass import KeepSingleOutputPass
 from fxconvert.passes.lift_shared_weights_pass import LiftSharedWeightsPass
 from fxconvert.passes.lift_training_flag_pass import LiftTrainingFlagPass
 from fxconvert.passes.remove_none_checks_pass import RemoveNoneChecksPass
+from fxconvert.passes.sparsify_shared_lookups_pass import SparsifySharedLookupsPass
 
 
 def default_passes(*, output: str | None = None) -> list[PassBase]:
-    return [RemoveNoneChecksPass(), LiftTrainingFlagPass(), LiftSharedWeightsPass(), KeepSingleOutputPass(output)]
+    return [RemoveNoneChecksPass(), LiftTrainingFlagPass(), LiftSharedWeightsPass(), KeepSingleOutputPass(output),
+            SparsifySharedLookupsPass()]
 
 
 __all__ = [
@@ -25,5 +27,6 @@ __all__ = [
     "LiftTrainingFlagPass",
     "LiftSharedWeightsPass",
     "KeepSingleOutputPass",
+    "SparsifySharedLookupsPass",
     "default_passes",
 ]

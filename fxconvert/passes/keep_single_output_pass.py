@@ -4,6 +4,12 @@ By default the kept output is `loss` when the graph computes one (labels among t
 inputs), otherwise `logits`, otherwise `last_hidden_state`; any output can be chosen by
 name. Everything that only fed the dropped outputs is removed. The kept name is recorded
 in `gm.meta["output_name"]`.
+
+That includes graph inputs: a model input (`gm.meta["input_names"]`) or lifted shared
+weight (`gm.meta["lifted_weights"]`) that the kept output does not read loses its
+placeholder, so a caller is not asked for `decoder_input_ids` and `labels` to compute
+`encoder_last_hidden_state`. The names dropped are appended to `gm.meta["dropped_inputs"]`
+and removed from the other two records. Other placeholders (the `training` flag) stay.
 """
 
 import torch.fx
@@ -43,6 +49,22 @@ class KeepSingleOutputPass(PassBase):
         out.args = (value[name],)
         graph_module.meta["output_name"] = name
         eliminate_dead_code(graph)
+        _drop_unused_inputs(graph_module)
         delete_unused_submodules(graph_module)
         graph_module.recompile()
         return PassResult(graph_module, True)
+
+
+def _drop_unused_inputs(gm: torch.fx.GraphModule) -> None:
+    inputs = list(gm.meta.get("input_names", ()))
+    lifted = dict(gm.meta.get("lifted_weights", {}))
+    dropped = []
+    for node in list(gm.graph.find_nodes(op="placeholder")):
+        if not node.users and (node.target in inputs or node.target in lifted):
+            dropped.append(node.target)
+            gm.graph.erase_node(node)
+    if not dropped:
+        return
+    gm.meta["input_names"] = tuple(n for n in inputs if n not in dropped)
+    gm.meta["lifted_weights"] = {n: w for n, w in lifted.items() if n not in dropped}
+    gm.meta["dropped_inputs"] = (*gm.meta.get("dropped_inputs", ()), *dropped)

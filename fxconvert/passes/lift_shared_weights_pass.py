@@ -16,13 +16,8 @@ sees one tensor flowing to every stage that uses it. This pass does the same on 
 
 Parameters used under one name, such as an untied LM head, stay ordinary parameters.
 
-Gradients: when a lifted weight also has a dense use (a tied LM head), its embedding
-lookups are emitted with `sparse=True`. Autograd then adds their row gradients into the
-head's dense gradient, instead of building a zero-filled full-size gradient per lookup
-and adding those (for t5-small, two 32128x512 fills and two adds per step: about a tenth
-of a training step). The weight's gradient stays dense and equal to eager's.
-`sparse_embedding_gradients` applies the same rule to any graph (pipeline stages use it:
-a stage whose only use of the weight is a lookup gets a dense lookup back).
+Lookups keep the embedding's own `sparse` flag (dense for T5). Whether they may give sparse
+row gradients depends on the final graph, so `SparsifySharedLookupsPass` decides that last.
 """
 
 import copy
@@ -36,6 +31,7 @@ from fxconvert.graph_utils import delete_unused_submodules
 from fxconvert.analysis import find_shared_parameters
 from fxconvert.errors import PassError, describe_node
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
+from fxconvert.passes.sparsify_shared_lookups_pass import sparse_embedding_gradients  # noqa: F401 (re-exported)
 
 
 def _placeholder_name(names, taken) -> str:
@@ -64,23 +60,6 @@ def _stateless_call(module, node, weight):
         f"a shared weight is used by {type(module).__name__}, which has no stateless form here, "
         f"at {describe_node(node)}; untie that weight before converting"
     )
-
-
-def sparse_embedding_gradients(graph: torch.fx.Graph, names) -> bool:
-    """Make `F.embedding` lookups of the placeholders `names` sparse exactly when that
-    placeholder also has a dense (non-lookup) use, so its gradient is dense either way.
-    Returns whether any lookup changed."""
-    changed = False
-    for node in graph.nodes:
-        if node.op != "placeholder" or node.target not in names:
-            continue
-        lookups = [u for u in node.users if u.op == "call_function" and u.target is F.embedding and u.args[1] is node]
-        dense_use = len(lookups) < len(node.users)
-        for lookup in lookups:
-            if lookup.kwargs.get("sparse", False) != dense_use:
-                lookup.update_kwarg("sparse", dense_use)
-                changed = True
-    return changed
 
 
 class LiftSharedWeightsPass(PassBase):
@@ -125,7 +104,6 @@ class LiftSharedWeightsPass(PassBase):
                     graph.erase_node(node)
             lifted[name] = param
         graph_module.meta["lifted_weights"] = lifted
-        sparse_embedding_gradients(graph, set(lifted))
         delete_unused_submodules(graph_module)
         for info, _ in shared:
             self._unregister(graph_module, info.names)

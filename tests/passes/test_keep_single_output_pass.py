@@ -9,7 +9,7 @@ from torch import nn
 from fxconvert.errors import UsageError
 from fxconvert.passes import KeepSingleOutputPass, LiftSharedWeightsPass, LiftTrainingFlagPass
 
-from .common import LABELS, NO_LABELS, as_eager, check, t5_inputs, traced_t5
+from .common import LABELS, NO_LABELS, as_eager, check, placeholders, t5_inputs, traced_t5
 
 
 class Heads(nn.Module):
@@ -75,7 +75,7 @@ def test_t5_default_output(cls_name, input_names, kept):
     assert isinstance(gm(**inputs), torch.Tensor)
 
 
-def test_t5_picking_the_encoder_output_drops_the_decoder():
+def test_t5_picking_the_encoder_output_drops_the_decoder_and_its_inputs():
     model, reference, gm = traced_t5(input_names=LABELS)
     for p in (LiftTrainingFlagPass(), LiftSharedWeightsPass()):
         gm = p(gm).graph_module
@@ -83,15 +83,49 @@ def test_t5_picking_the_encoder_output_drops_the_decoder():
     before = len(gm.graph.nodes)
     inputs = t5_inputs(LABELS)
     kept = "encoder_last_hidden_state"
-    gm = check(gm, KeepSingleOutputPass(kept), None, kwargs={**inputs, "shared_embed_weight": model.shared.weight},
-               eager=lambda shared_embed_weight, **kw: as_eager(reference)(**kw)[kept])
+    read = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    gm = check(gm, KeepSingleOutputPass(kept), None, kwargs={**read, "shared_embed_weight": model.shared.weight},
+               eager=lambda shared_embed_weight, **kw: as_eager(reference)(**kw, **{
+                   k: inputs[k] for k in ("decoder_input_ids", "labels")})[kept])
     assert len(gm.graph.nodes) < before
     decoder = ("decoder", "lm_head")
     assert not [n for n in gm.graph.nodes if n.meta.get("module_path", "").startswith(decoder)]
     assert not [n for n in gm.graph.nodes if n.op in ("call_module", "get_attr") and n.target.startswith(decoder)]
     assert not [name for name, _ in gm.named_modules() if name.startswith(decoder)]
-    unused = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.users]
-    assert unused == ["decoder_input_ids", "labels"]
+    # the inputs only the decoder read are gone from the graph and from its records
+    assert placeholders(gm) == ["input_ids", "attention_mask", "shared_embed_weight", "training"]
+    assert gm.meta["input_names"] == ("input_ids", "attention_mask")
+    assert gm.meta["dropped_inputs"] == ("decoder_input_ids", "labels")
+    assert list(gm.meta["lifted_weights"]) == ["shared_embed_weight"]
+
+
+def test_t5_an_unread_shared_weight_is_dropped_too():
+    """Encoder output from inputs_embeds: the decoder's lookup and the tied head were the shared
+    embedding's only uses, so the lifted weight is no input either (eager gives it no gradient)."""
+    names = ["inputs_embeds", "attention_mask", "decoder_input_ids"]
+    model, reference, gm = traced_t5(input_names=names)
+    gm = LiftSharedWeightsPass()(gm).graph_module
+    assert "shared_embed_weight" in placeholders(gm)
+    embeds = torch.randn(2, 6, model.config.d_model)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3))
+    gm = check(gm, KeepSingleOutputPass("encoder_last_hidden_state"), None,
+               kwargs={"inputs_embeds": embeds, "attention_mask": mask},
+               eager=lambda **kw: as_eager(reference)(**kw, decoder_input_ids=ids)["encoder_last_hidden_state"])
+    assert placeholders(gm) == ["inputs_embeds", "attention_mask"]
+    assert gm.meta["dropped_inputs"] == ("decoder_input_ids", "shared_embed_weight")
+    assert gm.meta["lifted_weights"] == {}
+
+
+def test_placeholders_outside_the_records_stay():
+    """A graph without input records (a plain symbolic trace) keeps its placeholders, used or not."""
+    class TwoInputs(nn.Module):
+        def forward(self, x, y):
+            return {"logits": x * 2, "other": y + 1}
+
+    gm = check(torch.fx.symbolic_trace(TwoInputs()), KeepSingleOutputPass(), -1,  # y + 1
+               eager=lambda x, y: x * 2, args=(torch.randn(3), torch.randn(3)))
+    assert placeholders(gm) == ["x", "y"]
 
 
 def test_t5_unknown_name_lists_the_available_ones():

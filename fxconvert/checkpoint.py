@@ -1,0 +1,305 @@
+"""`fxconvert.checkpoint`: training checkpoints that a killed run can never leave half-written.
+
+Layout of `run/checkpoints/step_<k>/`:
+
+- `stage_<i>.pt` per pipeline stage: {"model": state dict, "optimizer": state dict},
+  written by the rank that owns stage i in data-parallel replica 0 (replicas are equal);
+- `rank_<r>.pt` per global rank: that rank's random states (`rng_state()`), because
+  dropout masks are drawn per rank and resuming must draw the same ones;
+- `meta.json`: the step, the world size, the fxconvert version and what the caller
+  records (data position, stages, dp, schedule, model, train arguments);
+- `COMPLETE`: written last. Only a directory named `step_<k>` holding it counts.
+
+Why the protocol (`save_checkpoint`): every rank writes into `.step_<k>.tmp/`; after a
+barrier (every file is on disk), rank 0 writes meta.json and COMPLETE and renames the
+directory to `step_<k>`, which is atomic on a POSIX filesystem. A rank killed at any
+point leaves at most a `.step_<k>.tmp` that `latest_checkpoint` never looks at and that
+rank 0 removes at the next save (`remove_stale`). `run/` must be on a filesystem that
+every rank sees (one machine, or a shared filesystem across machines), as for
+`torch.distributed.checkpoint`.
+
+Files are read with `torch.load(weights_only=True)`: a checkpoint directory is user
+input, and a full unpickle would run whatever code a crafted file names.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fxconvert.errors import FxConvertError, UsageError
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+META = "meta.json"
+_STEP = re.compile(r"^step_(0|[1-9][0-9]*)$")
+_TMP = re.compile(r"^\.step_(0|[1-9][0-9]*)\.tmp(\.old)?$")  # a save in progress, or a step being replaced
+
+# meta.json fields that must equal the current run's for a resume, with the option that sets each
+RESUME_FIELDS = {
+    "model": "SOURCE",
+    "num_stages": "--stages of the conversion",
+    "virtual_stages": "--virtual-stages",
+    "dp": "--dp",
+    "world_size": "the number of processes",
+    "schedule": "--schedule",
+    "optimizer": "--optimizer",
+}
+
+
+class CheckpointError(FxConvertError):
+    """A checkpoint could not be written or read."""
+
+
+class ResumeMismatchError(CheckpointError, UsageError):
+    """The checkpoint was written by a run with other settings than this one."""
+
+
+def stage_file(index: int) -> str:
+    return f"stage_{index}.pt"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+# -- random states ---------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """This process's random states: torch CPU, the current CUDA device (when available), python `random`.
+
+    Dropout draws from the generator of the device it runs on, so a resumed run draws the
+    same masks only if these are restored (`set_rng_state`). Only the current CUDA device
+    is read: a rank drives one device, and reading every device's state would create a
+    CUDA context on each of them from every rank. python's state is stored as lists so
+    that `torch.load(weights_only=True)` reads it back.
+    """
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state()` captured (the CUDA state onto the current device, when both runs have one)."""
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -- saving ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: dict[int, dict], rng: dict,
+                    meta: dict, barrier: Callable[[], None]) -> Path:
+    """Write `run/checkpoints/step_<step>/` from every rank; returns its path (see the module docstring).
+
+    Every rank calls this with the states of the stages it writes (dp replica 0's owners;
+    `{}` elsewhere) and its own `rng`. `meta` must hold `num_stages`: rank 0 checks that
+    every stage file and every rank file is there before it marks the checkpoint complete.
+    `barrier()` is a collective over all ranks (`torch.distributed.barrier`, say); when a
+    rank dies, the others fail in it, and the checkpoint is not completed.
+    """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"a checkpoint step must be a non-negative integer, got {step!r}")
+    if "num_stages" not in meta:
+        raise CheckpointError("checkpoint meta has no 'num_stages'; pass the pipeline's stage count in meta")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint meta must be plain JSON data ({e}); convert paths and objects to "
+                              f"strings") from e
+    root = checkpoints_dir(run_dir)
+    tmp, final = root / f".step_{step}.tmp", root / f"step_{step}"
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale(run_dir)
+            tmp.mkdir()
+        barrier()  # the tmp directory exists and is empty
+        for index, state in states.items():
+            _write(tmp / stage_file(index), lambda f, state=state: torch.save(state, f))
+        _write(tmp / rank_file(rank), lambda f: torch.save(rng, f))
+        barrier()  # every rank's files are on disk
+        if rank == 0:
+            _complete(tmp, final, step=step, world_size=world_size, meta=meta)
+        barrier()  # no rank goes on (or exits) before the checkpoint is in place
+    except OSError as e:
+        _abandon(tmp, rank)
+        raise CheckpointError(f"cannot write checkpoint step {step} in {root}: {e.strerror or e}"
+                              f"{f' ({e.filename})' if e.filename else ''}; free space or fix permissions, "
+                              f"then resume") from e
+    except BaseException:
+        _abandon(tmp, rank)
+        raise
+    return final
+
+
+def _abandon(tmp: Path, rank: int) -> None:
+    """Rank 0 removes a save that failed; a tmp name held by something else than a directory stays."""
+    if rank == 0 and tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict) -> None:
+    import fxconvert
+
+    expected = [stage_file(i) for i in range(meta["num_stages"])] + [rank_file(r) for r in range(world_size)]
+    missing = [name for name in expected if not (tmp / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint step {step} is missing {', '.join(missing)} after every rank wrote; "
+                              f"check that every stage of dp replica 0 passes its states")
+    record = {**meta, "step": step, "world_size": world_size, "fxconvert_version": fxconvert.__version__}
+    _write(tmp / META, lambda f: f.write(json.dumps(record, indent=2, sort_keys=True).encode()))
+    _write(tmp / COMPLETE, lambda f: f.write(b"complete\n"))
+    _fsync_dir(tmp)
+    if final.is_dir() and not final.is_symlink():
+        # a newer run re-saving a step it reached before (resumed from an earlier one): replace it
+        old = final.parent / f".step_{step}.tmp.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _write(path: Path, write: Callable) -> None:
+    """Write through `write(file)` and fsync, so COMPLETE never lands on disk before the data."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale(run_dir) -> list[Path]:
+    """Remove the `.step_<k>.tmp` directories a killed save left in run/checkpoints; return them.
+
+    Only directories with exactly that name are touched (no symlink, nothing else), so a
+    file a user keeps there survives. Call it on rank 0 only, and only while no save is
+    in flight (at a save, or when resuming).
+    """
+    root = checkpoints_dir(run_dir)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        if _TMP.match(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            removed.append(path)
+    return sorted(removed)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The complete checkpoint with the highest step in run/checkpoints, or None.
+
+    A directory counts only if its name is exactly `step_<k>`, it is a real directory,
+    it holds COMPLETE and its meta.json parses and records step k. Anything else (a
+    half-written `.step_<k>.tmp`, a file or symlink called `step_5`, `step_abc`, a
+    meta.json someone truncated) is passed over, so a damaged newest checkpoint falls
+    back to the one before it.
+    """
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return None
+    best = None
+    for path in root.iterdir():
+        match = _STEP.match(path.name)
+        if not match or not path.is_dir() or path.is_symlink() or not (path / COMPLETE).is_file():
+            continue
+        step = int(match.group(1))
+        try:
+            meta = read_meta(path)
+        except CheckpointError:
+            continue
+        if meta.get("step") == step and (best is None or step > best[0]):
+            best = (step, path)
+    return None if best is None else best[1]
+
+
+def read_meta(path) -> dict:
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / META}: {e}; resume from another checkpoint") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META} does not hold a JSON object; resume from another checkpoint")
+    return meta
+
+
+def load_checkpoint(path, *, rank: int, stage_indices) -> tuple[dict[int, dict], dict, dict]:
+    """(states of `stage_indices`, this rank's random states, meta) of a complete checkpoint.
+
+    Tensors come back on the CPU; the caller moves them (`load_state_dict` copies into
+    the module's own device anyway).
+    """
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}); resume from latest_checkpoint()")
+    meta = read_meta(path)
+    states = {i: _load(path / stage_file(i)) for i in stage_indices}
+    for i, state in states.items():
+        if not (isinstance(state, dict) and isinstance(state.get("model"), dict) and "optimizer" in state):
+            raise CheckpointError(f"{path / stage_file(i)} holds no model and optimizer states; "
+                                  f"resume from another checkpoint")
+    rng = _load(path / rank_file(rank))
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+            and isinstance(rng.get("python"), list) and len(rng["python"]) == 3):
+        raise CheckpointError(f"{path / rank_file(rank)} holds no random states; resume from another checkpoint")
+    return states, rng, meta
+
+
+def _load(file: Path):
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {file.parent} has no {file.name}; it was written by a run with other "
+                              f"stages or ranks; resume with the same settings or start a new --out")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged or crafted file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {file}: {first}; resume from another checkpoint") from e
+
+
+def check_meta(meta: dict, current: dict, *, path) -> None:
+    """Refuse to resume from a checkpoint whose run differs in what a resume cannot change.
+
+    `current` holds this run's values of the `RESUME_FIELDS` it knows; each field both
+    record and that differs is named, with the option that sets it.
+    """
+    differ = [f"{key} differs (checkpoint {meta[key]!r}, this run {current[key]!r}; set by {option})"
+              for key, option in RESUME_FIELDS.items()
+              if key in current and key in meta and meta[key] != current[key]]
+    if differ:
+        raise ResumeMismatchError(f"cannot resume from {path}: {', '.join(differ)}; "
+                                  f"resume with the checkpoint's settings, or train into a new --out")
+
+
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "remove_stale", "rng_state", "set_rng_state",
+           "check_meta", "read_meta", "CheckpointError", "ResumeMismatchError", "RESUME_FIELDS"]

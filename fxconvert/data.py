@@ -1,0 +1,282 @@
+"""Training data for pipeline fine-tuning: JSONL lines -> examples -> padded batches -> microbatches.
+
+Each line of the file is one JSON object, in either of two forms:
+
+    {"input": "translate: hi", "target": "hallo"}     text, tokenized with the checkpoint's tokenizer
+    {"input_ids": [37, 5, 1], "labels": [8, 1]}        already tokenized
+
+The batching contract is pinned, so that two runs (or a pipeline run and an eager run) on the
+same file see exactly the same batches, and a resumed run continues where it stopped:
+
+- Global batch k of size B is positions k*B .. k*B+B-1 of an endless stream that repeats the
+  file epoch after epoch. Without shuffling each epoch is the file order; with shuffling epoch
+  e is `torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))`. A batch larger
+  than the file spans several epochs, so it may hold an example more than once.
+- With R data-parallel replicas, replica r at optimizer step s takes global batch s*R + r, so
+  the data position to save is the next global batch index.
+- A batch is padded on the right to its own longest input and longest labels: input_ids with
+  pad_token_id, attention_mask 1 on real tokens, labels with -100; decoder_input_ids are the
+  padded labels shifted right behind decoder_start_token_id, -100 replaced by pad_token_id
+  (what transformers' T5 does when given labels alone). Everything is int64. A runtime that
+  sizes its buffers once may pad to fixed lengths instead (`collate(..., pad_to=...)`).
+- Microbatches are `torch.tensor_split(tensor, M)` along dim 0: the first B % M microbatches
+  hold one row more. All microbatches of a batch share the batch's padded lengths.
+
+The whole file is read and checked before anything is returned: a bad line is a one-line
+DataError naming the file, the 1-based line number, the problem and the fix.
+"""
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fxconvert.errors import UsageError
+
+IGNORE_INDEX = -100  # the label value transformers' cross-entropy ignores
+TEXT_KEYS, ID_KEYS = ("input", "target"), ("input_ids", "labels")
+# Files that hold a vocabulary. AutoTokenizer on a directory with config.json alone builds a
+# T5 tokenizer of special tokens only, so without one of these there is no tokenizer.
+VOCAB_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.json", "vocab.txt")
+NO_TOKENIZER = "copy the checkpoint's tokenizer files beside it or give pre-tokenized input_ids/labels"
+FIX = 'each line must be {"input": str, "target": str} or {"input_ids": [int], "labels": [int]}'
+
+
+class DataError(UsageError):
+    """A data file or one of its lines is unusable; the message names the file and line."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _shown(text) -> str:
+    text = str(text)
+    return text if text.isprintable() else repr(text)
+
+
+def load_tokenizer(directory, *, required=True):
+    """The tokenizer saved in `directory`, loaded with AutoTokenizer's default settings.
+
+    With `required=False` a directory without tokenizer files gives None (pre-tokenized data
+    needs none); files that exist but do not load are always an error.
+    """
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in VOCAB_FILES):
+        if not required:
+            return None
+        raise DataError(f"{_shown(directory)} has no tokenizer (none of {', '.join(VOCAB_FILES)}); {NO_TOKENIZER}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:  # transformers raises many types here; one line is what the user needs
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"the tokenizer in {_shown(directory)} cannot be loaded ({type(e).__name__}: {_shown(first)}); "
+            "replace its tokenizer files with ones AutoTokenizer.from_pretrained can load"
+        ) from None
+
+
+def _no_duplicates(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return obj
+
+
+def _parse(raw: bytes, where: str) -> dict:
+    """One line -> its object, with the keys of exactly one format; DataError naming `where` (file:line)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 (byte {e.start + 1}); save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{where}: blank line; remove it ({FIX})")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {FIX}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply; {FIX}") from None
+    except ValueError as e:  # a repeated key, or an integer too long to convert
+        raise DataError(f"{where}: invalid JSON ({_shown(str(e).splitlines()[0][:120])}); {FIX}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; {FIX}")
+    if not obj:
+        raise DataError(f"{where}: an empty object; {FIX}")
+    unknown = sorted(set(obj) - {*TEXT_KEYS, *ID_KEYS})
+    if unknown:
+        raise DataError(f"{where}: unknown key {unknown[0]!r}; {FIX}")
+    if set(obj) & set(TEXT_KEYS) and set(obj) & set(ID_KEYS):
+        raise DataError(f"{where}: mixes text and token-id keys ({', '.join(sorted(obj))}); {FIX}")
+    keys = TEXT_KEYS if set(obj) & set(TEXT_KEYS) else ID_KEYS
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise DataError(f"{where}: missing key {missing[0]!r}; {FIX}")
+    return obj
+
+
+def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str) -> list[int]:
+    if not isinstance(ids, list):
+        raise DataError(f"{where}: {key!r} is a {type(ids).__name__}, not a list of ints; {FIX}")
+    if not ids:
+        raise DataError(f"{where}: {key!r} is empty; give every line at least one token or remove it")
+    allowed = f"[0, {vocab_size})" if vocab_size is not None else "[0, 2**63)"
+    for i, value in enumerate(ids):
+        if type(value) is not int:  # bool is an int subclass; floats and nested lists are wrong too
+            raise DataError(f"{where}: {key}[{i}] is a {type(value).__name__} ({json.dumps(value)[:40]}), not an int; {FIX}")
+        if key == "labels" and value == IGNORE_INDEX:
+            continue
+        if value < 0 or value >= (vocab_size if vocab_size is not None else 2**63):
+            extra = " or -100 (ignored)" if key == "labels" else ""
+            raise DataError(f"{where}: {key}[{i}] = {value} is outside {allowed}{extra}; {fix}")
+    if key == "labels" and all(v == IGNORE_INDEX for v in ids):
+        _nothing_to_learn(where)
+    return ids
+
+
+def _nothing_to_learn(where: str):
+    raise DataError(f"{where}: every label is -100, so the line teaches nothing; give it a real target or remove it")
+
+
+def _positive(value, what: str, minimum=1) -> int:
+    if type(value) is not int or value < minimum:
+        raise UsageError(f"{what} is {value!r}; give an integer >= {minimum}")
+    return value
+
+
+def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None) -> list[Example]:
+    """Every example of the JSONL file `path`, checked line by line before any is returned.
+
+    Text is tokenized as `tokenizer(input, truncation=True, max_length=max_source_length)` and
+    `tokenizer(text_target=target, truncation=True, max_length=max_target_length)`, with the
+    tokenizer's default settings (a None length means no truncation). Pre-tokenized ids are
+    cut to their first max length ids, exactly as given. A UTF-8 byte-order mark at the very
+    start of the file is accepted (editors on Windows write one); anywhere else it is invalid JSON.
+    """
+    for option, value in (("--max-source-length", max_source_length), ("--max-target-length", max_target_length)):
+        if value is not None:
+            _positive(value, option)
+    path = Path(path)
+    name = _shown(path)
+    if not path.exists():
+        raise DataError(f"{name} does not exist; pass --data a JSONL file")
+    if not path.is_file():
+        raise DataError(f"{name} is not a regular file; pass --data a JSONL file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{name} cannot be read ({e.strerror}); check its permissions") from None
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{name} is empty; {FIX}, one per line")
+    rows = []
+    for number, raw in enumerate(lines, 1):  # every line is checked, in file order, before tokenizing
+        where, obj = f"{name}:{number}", _parse(raw, f"{name}:{number}")
+        if "input" in obj and tokenizer is None:
+            raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; {NO_TOKENIZER}")
+        for key in ("input", "target") if "input" in obj else ():
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                problem = "is empty" if isinstance(obj[key], str) else f"is a {type(obj[key]).__name__}, not a string"
+                raise DataError(f"{where}: {key!r} {problem}; {FIX}")
+        for key in ("input_ids", "labels") if "input_ids" in obj else ():
+            _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer")
+        rows.append(obj)
+    texts = [number for number, obj in enumerate(rows, 1) if "input" in obj]
+    sources = _tokenize(tokenizer, [rows[n - 1]["input"] for n in texts], max_source_length, target=False)
+    targets = _tokenize(tokenizer, [rows[n - 1]["target"] for n in texts], max_target_length, target=True)
+    for number, input_ids, labels in zip(texts, sources, targets):
+        where, fix = f"{name}:{number} (tokenized)", "the tokenizer does not fit the model; use the checkpoint's own tokenizer"
+        rows[number - 1] = {key: _check_ids(ids, key, where, vocab_size, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
+    examples = []
+    for number, obj in enumerate(rows, 1):
+        labels = obj["labels"][:max_target_length]
+        if max_target_length is not None and all(v == IGNORE_INDEX for v in labels):
+            _nothing_to_learn(f"{name}:{number} (cut to --max-target-length {max_target_length})")
+        examples.append(Example(obj["input_ids"][:max_source_length], labels))
+    return examples
+
+
+def _tokenize(tokenizer, texts: list[str], max_length, *, target: bool, chunk=1024) -> list[list[int]]:
+    options = dict(truncation=True, max_length=max_length) if max_length is not None else {}
+    out = []
+    for start in range(0, len(texts), chunk):  # batched calls: the fast tokenizers work in parallel
+        part = texts[start:start + chunk]
+        encoded = tokenizer(text_target=part, **options) if target else tokenizer(part, **options)
+        out.extend(list(ids) for ids in encoded["input_ids"])
+    return out
+
+
+def batch_indices(num_examples, batch_size, k, *, shuffle=False, seed=0) -> list[int]:
+    """The example indices of global batch `k` (see the module docstring for the contract).
+
+    Replica r of R data-parallel replicas takes global batch `step * R + r` at each optimizer
+    step. Batch k depends only on (num_examples, batch_size, k, shuffle, seed), so resuming at
+    a saved batch index gives the same batches as an uninterrupted run.
+    """
+    n = _positive(num_examples, "the number of examples")
+    size = _positive(batch_size, "--batch")
+    k = _positive(k, "the batch index", minimum=0)
+    if type(seed) is not int:
+        raise UsageError(f"--seed is {seed!r}; give an integer")
+    positions = [divmod(p, n) for p in range(k * size, k * size + size)]  # (epoch, index in epoch)
+    if not shuffle:
+        return [i for _, i in positions]
+    return [_epoch_order(n, seed + epoch)[i] for epoch, i in positions]
+
+
+@functools.lru_cache(maxsize=4)  # consecutive batches mostly fall in the same epoch
+def _epoch_order(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _pad(rows: list[list[int]], value: int, length: int | None, option: str) -> torch.Tensor:
+    longest = max(len(r) for r in rows)
+    if length is not None and longest > length:
+        raise UsageError(f"an example has {longest} tokens, more than the {length} to pad to; truncate with {option} {length}")
+    out = torch.full((len(rows), length or longest), value, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return out
+
+
+def collate(examples, *, pad_token_id, decoder_start_token_id, pad_to=None) -> dict[str, torch.Tensor]:
+    """One padded int64 batch: input_ids, attention_mask, labels, decoder_input_ids.
+
+    `pad_to=(source_length, target_length)` pads every batch to the same fixed lengths instead
+    of its own longest, for runtimes that size their buffers once; the real tokens' losses are
+    the same either way.
+    """
+    if not examples:
+        raise UsageError("cannot collate an empty batch; give at least one example")
+    for name, value in (("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)):
+        if type(value) is not int:
+            raise UsageError(f"{name} is {value!r}, not a token id; set {name} in the model's config.json")
+    source_length, target_length = (_positive(v, "pad_to") for v in pad_to) if pad_to is not None else (None, None)
+    input_ids = _pad([e.input_ids for e in examples], pad_token_id, source_length, "--max-source-length")
+    attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, source_length, "--max-source-length")
+    labels = _pad([e.labels for e in examples], IGNORE_INDEX, target_length, "--max-target-length")
+    decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], dim=1)
+    decoder_input_ids.masked_fill_(decoder_input_ids == IGNORE_INDEX, pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "decoder_input_ids": decoder_input_ids}
+
+
+def microbatches(batch: dict, m) -> list[dict]:
+    """`m` microbatches of `batch`, each tensor split with `torch.tensor_split` along dim 0."""
+    m = _positive(m, "--microbatches")
+    rows = {len(v) for v in batch.values()}
+    if len(rows) != 1:
+        raise UsageError(f"the batch's tensors have different numbers of rows ({sorted(rows)}); collate them together")
+    (size,) = rows
+    if m > size:
+        raise UsageError(f"--microbatches {m} is more than the batch's {size} examples; use --microbatches <= --batch")
+    parts = {name: torch.tensor_split(tensor, m, dim=0) for name, tensor in batch.items()}
+    return [{name: parts[name][i] for name in batch} for i in range(m)]

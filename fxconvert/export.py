@@ -1,0 +1,256 @@
+"""`fxconvert.export`: write trained pipeline stages back as a Hugging Face checkpoint, `run/hf/`.
+
+Why sharded: a rank holds only its own stages' weights, and gathering the whole model on
+one rank to write a single `model.safetensors` would undo that (T5-3B's fp32 weights are
+11 GB). So each stage's owner writes `model-<i+1:05d>-of-<N:05d>.safetensors` with that
+stage's tensors under their transformers names, and rank 0 writes
+`model.safetensors.index.json` (which `from_pretrained` follows) from the shards'
+headers, never their data.
+
+Names come from pipeline.json: each stage parameter's `hf_name`, and for a shared weight
+(one tensor that transformers ties under several names, every stage holding a copy) its
+`hf_names`. A shared weight is written once, by the lowest stage holding it, under its
+first name. `from_pretrained` ties the other names to it, because the config copied
+from the conversion is the one that tied them in the model that was converted.
+
+Beside the weights, rank 0 copies config.json, generation_config.json (when the
+conversion has one) and the tokenizer files byte for byte from the conversion directory.
+
+Atomic like the checkpoints: everything goes into `.<name>.tmp` beside `run/hf`, which
+rank 0 renames into place after checking that every shard holds exactly the names it
+should, so a failed or killed export leaves no `run/hf` (or the previous one). `run/`
+must be on a filesystem every rank sees.
+"""
+
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fxconvert.errors import FxConvertError
+
+INDEX = "model.safetensors.index.json"
+PIPELINE = "pipeline.json"
+GENERATION_CONFIG = "generation_config.json"
+# Names a copied file may not have: they would stand beside, or instead of, the weights written here.
+_WEIGHTS_LIKE = re.compile(r"(\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)|\.index\.json)$", re.IGNORECASE)
+
+
+class ExportError(FxConvertError):
+    """The Hugging Face checkpoint could not be written."""
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+@dataclass
+class ExportPlan:
+    """What pipeline.json says about naming and files, as plain mappings.
+
+    `names[i]` maps stage i's state-dict names to transformers names; `shared` maps a
+    shared weight's state-dict name to (the stage that writes it, its transformers name);
+    `files` are copied from the conversion directory.
+    """
+
+    num_stages: int
+    names: dict[int, dict[str, str]]
+    shared: dict[str, tuple[int, str]]
+    files: list[str]
+
+    def expected(self, stage: int) -> dict[str, str]:
+        """Stage-state-dict name -> transformers name of what stage `stage` writes."""
+        out = {n: hf for n, hf in self.names[stage].items() if n not in self.shared}
+        out.update({n: hf for n, (owner, hf) in self.shared.items() if owner == stage})
+        return out
+
+
+def plan_from_manifest(manifest: dict, pipeline_dir) -> ExportPlan:
+    """Read the naming and the files to copy from pipeline.json's dict; one-line errors when it is malformed."""
+    directory = Path(pipeline_dir)
+    try:
+        num_stages = manifest["num_stages"]
+        rows = manifest["stages"]
+        names = {int(row["index"]): {p["name"]: p["hf_name"] for p in row["parameters"]} for row in rows}
+        shared = {}
+        for name, info in (manifest.get("shared_weights") or {}).items():
+            if info["stages"] and info["hf_names"]:
+                shared[name] = (min(info["stages"]), info["hf_names"][0])
+        files = [manifest.get("config") or "config.json"]
+        if (directory / GENERATION_CONFIG).is_file():
+            files.append(GENERATION_CONFIG)
+        files += [f for f in manifest.get("tokenizer_files") or [] if f not in files]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ExportError(f"{directory / PIPELINE} is malformed ({type(e).__name__}: {e}); "
+                          f"convert again with --stages N") from e
+    if not isinstance(num_stages, int) or sorted(names) != list(range(num_stages)):
+        raise ExportError(f"{directory / PIPELINE} lists stages {sorted(names)} for num_stages {num_stages!r}; "
+                          f"convert again with --stages N")
+    plan = ExportPlan(num_stages, names, shared, files)
+    _check_plan(plan, directory)
+    return plan
+
+
+def _check_plan(plan: ExportPlan, directory: Path) -> None:
+    seen = {}
+    for stage in range(plan.num_stages):
+        for name, hf in plan.expected(stage).items():
+            if not isinstance(hf, str) or not hf:
+                raise ExportError(f"stage {stage} parameter {name!r} has no transformers name in "
+                                  f"{directory / PIPELINE}; convert again with --stages N")
+            if hf in seen:
+                raise ExportError(f"{hf!r} is the transformers name of both {seen[hf]} and stage {stage}'s "
+                                  f"{name!r} in {directory / PIPELINE}; convert again with --stages N")
+            seen[hf] = f"stage {stage}'s {name!r}"
+    for name in plan.files:
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ExportError(f"{directory / PIPELINE} names the file {name!r} to copy; only plain file names "
+                              f"inside the conversion directory are copied; convert again with --stages N")
+        if _WEIGHTS_LIKE.search(name):
+            raise ExportError(f"{directory / PIPELINE} names {name!r} as a file to copy, which would stand beside "
+                              f"the exported weights; remove it from tokenizer_files")
+        if not (directory / name).is_file():
+            raise ExportError(f"{directory} has no {name}, which {PIPELINE} lists; convert again with --stages N")
+
+
+def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor]], rank: int,
+              barrier: Callable[[], None], manifest: dict | None = None) -> Path:
+    """Write `out_dir` (run/hf) as a sharded transformers checkpoint, from every rank; returns its path.
+
+    `states` maps each stage this rank writes (its stages in dp replica 0; `{}`
+    elsewhere) to that stage module's state dict. `manifest` is pipeline.json's dict
+    (read from `pipeline_dir` when None). `barrier()` is a collective over all ranks.
+    Every rank checks the plan and the destination first, so a bad manifest fails
+    everywhere before anything is written.
+    """
+    directory = Path(pipeline_dir)
+    if manifest is None:
+        manifest = _read_manifest(directory)
+    plan = plan_from_manifest(manifest, directory)
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp"
+    _check_destination(out)
+    for stage in states:
+        if stage not in plan.names:
+            raise ExportError(f"rank {rank} passes stage {stage}, but the pipeline has stages 0..{plan.num_stages - 1}")
+    try:
+        if rank == 0:
+            _remove(tmp)
+            tmp.mkdir(parents=True)
+        barrier()  # the tmp directory exists and is empty
+        for stage, state in sorted(states.items()):
+            _write_shard(tmp / shard_name(stage, plan.num_stages), stage, state, plan)
+        barrier()  # every shard is on disk
+        if rank == 0:
+            _finish(tmp, out, plan, directory)
+        barrier()  # no rank goes on before run/hf is in place
+    except OSError as e:
+        if rank == 0:
+            _remove(tmp)
+        raise ExportError(f"cannot write {out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
+                          f"free space or fix permissions, then export again") from e
+    except BaseException:
+        if rank == 0:
+            _remove(tmp)
+        raise
+    return out
+
+
+def _read_manifest(directory: Path) -> dict:
+    try:
+        manifest = json.loads((directory / PIPELINE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{directory} has no {PIPELINE}; convert with --stages N") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read {directory / PIPELINE}: {e}; convert again with --stages N") from e
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{directory / PIPELINE} does not hold a JSON object; convert again with --stages N")
+    return manifest
+
+
+def _check_destination(out: Path) -> None:
+    """Replace only an empty directory or a checkpoint this module wrote (it has the index)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"{out} exists and is not a directory; move it away and export again")
+    if out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file():
+        raise ExportError(f"{out} exists and was not written by fxconvert (no {INDEX}); move it away and export again")
+
+
+def _write_shard(path: Path, stage: int, state: dict, plan: ExportPlan) -> None:
+    from safetensors.torch import save_file
+
+    expected = plan.expected(stage)
+    unknown = [n for n in state if n not in plan.names[stage] and n not in plan.shared]
+    missing = [n for n in expected if n not in state]
+    if unknown or missing:
+        problem = f"has {unknown[0]!r}, which pipeline.json does not name" if unknown else \
+            f"lacks {missing[0]!r}, which pipeline.json names"
+        raise ExportError(f"stage {stage}'s state dict {problem}; export the stage modules the conversion built")
+    tensors = {hf: state[n].detach().to("cpu").contiguous() for n, hf in expected.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _fsync(path)
+
+
+def _finish(tmp: Path, out: Path, plan: ExportPlan, directory: Path) -> None:
+    weight_map, total = {}, 0
+    for stage in range(plan.num_stages):
+        shard = shard_name(stage, plan.num_stages)
+        if not (tmp / shard).is_file():
+            raise ExportError(f"no rank wrote {shard} (stage {stage}); pass every stage's state dict on the "
+                              f"ranks of dp replica 0")
+        header = _header(tmp / shard)
+        names = sorted(k for k in header if k != "__metadata__")
+        if names != sorted(plan.expected(stage).values()):
+            raise ExportError(f"{shard} holds other tensors than stage {stage} should; export again")
+        for name in names:
+            start, end = header[name]["data_offsets"]
+            weight_map[name] = shard
+            total += end - start
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    for name in plan.files:
+        shutil.copyfile(directory / name, tmp / name)
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+    if out.is_dir():
+        old = out.parent / f".{out.name}.old.tmp"
+        _remove(old)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        _remove(old)
+    else:
+        os.rename(tmp, out)
+    _fsync(out.parent)
+
+
+def _header(path: Path) -> dict:
+    """A safetensors file's JSON header (names, dtypes, shapes, offsets), read without its data."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
+
+
+def _remove(path: Path) -> None:
+    """Remove one of this module's own temporary names, whatever is there (never following a symlink)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["export_hf", "plan_from_manifest", "ExportPlan", "ExportError", "shard_name", "INDEX"]

@@ -1,0 +1,325 @@
+"""Checkpoints: bitwise resume, the multi-rank atomic protocol (real gloo processes), hostile directories."""
+
+import json
+import os
+import pickle
+import random
+
+import pytest
+import torch
+
+import helpers
+from fxconvert import convert, split_stages
+from fxconvert.checkpoint import (CheckpointError, ResumeMismatchError, check_meta, latest_checkpoint,
+                                  load_checkpoint, remove_stale, rng_state, save_checkpoint, set_rng_state)
+
+from checkpoint_ranks import META, run_ranks, toy_states
+
+NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
+
+
+def _no_barrier():
+    pass
+
+
+def save_single(run_dir, step, states, meta=None, rng=None):
+    return save_checkpoint(run_dir, step, rank=0, world_size=1, states=states, rng=rng or rng_state(),
+                           meta=dict(META, **(meta or {})), barrier=_no_barrier)
+
+
+# -- random states ---------------------------------------------------------------------------
+
+
+def test_rng_state_restores_torch_and_python_streams():
+    state = rng_state()
+    first = (torch.rand(4), random.random(), torch.nn.functional.dropout(torch.ones(8), 0.5))
+    set_rng_state(state)
+    again = (torch.rand(4), random.random(), torch.nn.functional.dropout(torch.ones(8), 0.5))
+    assert torch.equal(first[0], again[0]) and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def test_rng_state_survives_a_checkpoint(tmp_path):
+    state = rng_state()
+    expected = (torch.rand(4), random.random())
+    path = save_single(tmp_path, 0, toy_states(), rng=state)
+    torch.rand(100), random.random()  # move both streams on
+    _, rng, _ = load_checkpoint(path, rank=0, stage_indices=[])
+    set_rng_state(rng)
+    assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
+
+
+# -- bitwise resume of a converted, split model ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stages():
+    model = helpers.build("T5ForConditionalGeneration", "original")  # dropout 0.1: resume must restore RNG
+    return split_stages(convert(model, input_names=NAMES), 2)
+
+
+def _batch(seed):
+    return helpers.random_inputs(NAMES, 4, 7, 5, seed=seed)
+
+
+def _step(modules, optimizers, batch):
+    specs = [m.input_names for m in modules]
+    sent = modules[0](**{n: batch[n] for n in specs[0]})
+    loss = modules[1](*sent, **{n: batch[n] for n in specs[1][len(sent):]})
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    shared = [dict(m.named_parameters())["shared_embed_weight"] for m in modules]
+    total = sum(p.grad for p in shared)  # what the launcher's all-reduce over the holders does
+    for p in shared:
+        p.grad = total.clone()
+    for opt in optimizers:
+        opt.step()
+    return loss.detach()
+
+
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01),
+}
+
+
+def _fresh(stages, optimizer):
+    modules = [stages.stage_module(i).train() for i in range(2)]
+    return modules, [OPTIMIZERS[optimizer](m.parameters()) for m in modules]
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_resume_continues_bitwise(tmp_path, stages, optimizer):
+    torch.manual_seed(1)
+    modules, optimizers = _fresh(stages, optimizer)
+    for k in range(3):
+        _step(modules, optimizers, _batch(k))
+    states = {i: {"model": m.state_dict(), "optimizer": o.state_dict()} for i, (m, o) in
+              enumerate(zip(modules, optimizers))}
+    path = save_single(tmp_path, 3, states, rng=rng_state())
+    uninterrupted = [_step(modules, optimizers, _batch(k)) for k in (3, 4)]
+
+    torch.manual_seed(12345)  # a new process starts from another random state
+    random.seed(12345)
+    resumed_modules, resumed_optimizers = _fresh(stages, optimizer)
+    loaded, rng, meta = load_checkpoint(path, rank=0, stage_indices=[0, 1])
+    for i in range(2):
+        resumed_modules[i].load_state_dict(loaded[i]["model"])
+        resumed_optimizers[i].load_state_dict(loaded[i]["optimizer"])
+    set_rng_state(rng)
+    resumed = [_step(resumed_modules, resumed_optimizers, _batch(k)) for k in (3, 4)]
+
+    assert meta["step"] == 3 and meta["data_position"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed)), (uninterrupted, resumed)
+    for before, after in zip(modules, resumed_modules):
+        a, b = before.state_dict(), after.state_dict()
+        assert list(a) == list(b)
+        assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
+
+
+def test_resume_without_the_random_states_differs(stages):
+    """The control for the test above: dropout makes the RNG state part of what must be restored."""
+    torch.manual_seed(1)
+    rng = rng_state()
+    expected = _step(*_fresh(stages, "sgd"), _batch(0))
+    set_rng_state(rng)
+    assert torch.equal(_step(*_fresh(stages, "sgd"), _batch(0)), expected)
+    torch.manual_seed(2)
+    assert not torch.equal(_step(*_fresh(stages, "sgd"), _batch(0)), expected)
+
+
+# -- the layout and what counts as complete ---------------------------------------------------
+
+
+def test_save_writes_the_pinned_layout(tmp_path):
+    path = save_single(tmp_path, 7, toy_states(1.0), meta={"train_args": {"lr": 1e-4}})
+    assert path == tmp_path / "checkpoints" / "step_7"
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "meta.json", "rank_0.pt", "stage_0.pt", "stage_1.pt"]
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["step"] == 7 and meta["world_size"] == 1 and meta["train_args"] == {"lr": 1e-4}
+    assert meta["fxconvert_version"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_7"]
+    states, _, _ = load_checkpoint(path, rank=0, stage_indices=[1])
+    assert list(states) == [1] and torch.equal(states[1]["model"]["w"], torch.full((3,), 2.0))
+    assert latest_checkpoint(tmp_path) == path
+
+
+def test_save_refuses_a_checkpoint_missing_a_stage(tmp_path):
+    with pytest.raises(CheckpointError, match="missing stage_1.pt") as e:
+        save_single(tmp_path, 2, {0: toy_states()[0]})
+    assert "\n" not in str(e.value)
+    assert latest_checkpoint(tmp_path) is None
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    save_single(tmp_path, 4, toy_states(1.0))
+    path = save_single(tmp_path, 4, toy_states(5.0))
+    states, _, _ = load_checkpoint(path, rank=0, stage_indices=[0])
+    assert torch.equal(states[0]["model"]["w"], torch.full((3,), 5.0))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4"]
+
+
+@pytest.mark.parametrize("step", [-1, 1.5, "3", True])
+def test_save_refuses_a_bad_step(tmp_path, step):
+    with pytest.raises(CheckpointError, match="non-negative integer"):
+        save_single(tmp_path, step, toy_states())
+
+
+def test_latest_checkpoint_passes_over_hostile_and_incomplete_entries(tmp_path):
+    good = save_single(tmp_path, 3, toy_states())
+    save_single(tmp_path, 2, toy_states())
+    root = tmp_path / "checkpoints"
+    (root / "step_abc").mkdir()
+    (root / "step_abc" / "COMPLETE").write_text("")
+    (root / "step_5").write_text("a file, not a checkpoint")
+    (root / "step_007").mkdir()                      # not a name fxconvert writes
+    (root / "step_8").mkdir()                        # no COMPLETE: a save that died
+    for name, meta in [("step_9", "{not json"), ("step_10", json.dumps({"step": 4})), ("step_11", "[1, 2]"),
+                       ("step_12", "\udcff")]:
+        (root / name).mkdir()
+        (root / name / "COMPLETE").write_text("")
+        (root / name / "meta.json").write_bytes(meta.encode("utf-8", "surrogateescape"))
+    elsewhere = tmp_path / "elsewhere" / "step_99"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "COMPLETE").write_text("")
+    (elsewhere / "meta.json").write_text(json.dumps({"step": 99}))
+    (root / "step_99").symlink_to(elsewhere)
+    (root / ".step_50.tmp").mkdir()
+    (root / ".step_50.tmp" / "COMPLETE").write_text("")
+    (root / ".step_50.tmp" / "meta.json").write_text(json.dumps({"step": 50}))
+    assert latest_checkpoint(tmp_path) == good
+
+
+def test_latest_checkpoint_of_a_run_without_checkpoints(tmp_path):
+    assert latest_checkpoint(tmp_path / "nothing") is None
+    (tmp_path / "checkpoints").write_text("a file")
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_remove_stale_touches_only_its_own_temporary_directories(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    for name in (".step_4.tmp", ".step_5.tmp.old"):
+        (root / name).mkdir()
+        (root / name / "stage_0.pt").write_text("partial")
+    (root / ".step_6.tmp").write_text("a user's file")
+    (root / ".step_7.tmp").symlink_to(outside)
+    for name in (".step_x.tmp", "notes.tmp", "step_3.tmp", ".step_04.tmp"):
+        (root / name).mkdir()
+    removed = remove_stale(tmp_path)
+    assert [p.name for p in removed] == [".step_4.tmp", ".step_5.tmp.old"]
+    assert sorted(p.name for p in root.iterdir()) == [".step_04.tmp", ".step_6.tmp", ".step_7.tmp", ".step_x.tmp",
+                                                      "notes.tmp", "step_3.tmp"]
+    assert (outside / "keep.txt").read_text() == "keep"
+
+
+def test_save_removes_what_a_killed_save_left(tmp_path):
+    stale = tmp_path / "checkpoints" / ".step_2.tmp"
+    stale.mkdir(parents=True)
+    (stale / "rank_1.pt").write_text("partial")
+    save_single(tmp_path, 3, toy_states())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3"]
+
+
+# -- reading hostile or mismatched checkpoints ---------------------------------------------------
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_load_refuses_a_crafted_pickle(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = save_single(tmp_path, 1, toy_states())
+    with open(path / "stage_0.pt", "wb") as f:
+        pickle.dump(_Exploit(), f)
+    with pytest.raises(CheckpointError, match="cannot load .*stage_0.pt") as e:
+        load_checkpoint(path, rank=0, stage_indices=[0])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_load_errors_name_the_missing_piece(tmp_path):
+    path = save_single(tmp_path, 1, toy_states())
+    with pytest.raises(CheckpointError, match="has no stage_5.pt; .*resume with the same settings"):
+        load_checkpoint(path, rank=0, stage_indices=[5])
+    with pytest.raises(CheckpointError, match="has no rank_3.pt"):
+        load_checkpoint(path, rank=3, stage_indices=[0])
+    (path / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_checkpoint(path, rank=0, stage_indices=[0])
+
+
+def test_load_refuses_files_of_the_wrong_shape(tmp_path):
+    path = save_single(tmp_path, 1, toy_states())
+    torch.save({"x": 1}, path / "rank_0.pt")
+    with pytest.raises(CheckpointError, match="rank_0.pt holds no random states"):
+        load_checkpoint(path, rank=0, stage_indices=[])
+    torch.save([1, 2], path / "stage_1.pt")
+    with pytest.raises(CheckpointError, match="stage_1.pt holds no model and optimizer states"):
+        load_checkpoint(path, rank=0, stage_indices=[1])
+
+
+def test_check_meta_names_what_differs_and_the_fix(tmp_path):
+    path = save_single(tmp_path, 1, toy_states())
+    meta = json.loads((path / "meta.json").read_text())
+    check_meta(meta, {**META, "world_size": 1}, path=path)  # the same run resumes
+    with pytest.raises(ResumeMismatchError) as e:
+        check_meta(meta, {**META, "world_size": 1, "dp": 2, "schedule": "gpipe", "num_stages": 3,
+                          "model": "other"}, path=path)
+    message = str(e.value)
+    assert "\n" not in message
+    for part in ("dp differs (checkpoint 1, this run 2; set by --dp)", "schedule differs", "num_stages differs",
+                 "model differs", "resume with the checkpoint's settings, or train into a new --out"):
+        assert part in message, message
+    assert "virtual_stages" not in message and "optimizer" not in message
+
+
+# -- the multi-rank protocol with real processes ---------------------------------------------------
+
+
+def test_two_ranks_save_and_a_killed_rank_leaves_no_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert run_ranks(run, tmp_path / "init_1", 1) == [0, 0]
+    first = run / "checkpoints" / "step_1"
+    assert sorted(p.name for p in first.iterdir()) == ["COMPLETE", "meta.json", "rank_0.pt", "rank_1.pt",
+                                                       "stage_0.pt", "stage_1.pt"]
+    states, rng1, meta = load_checkpoint(first, rank=1, stage_indices=[0, 1])
+    assert torch.equal(states[1]["model"]["w"], torch.full((3,), 2.0)) and meta["world_size"] == 2
+    torch.manual_seed(11)
+    assert torch.equal(rng1["torch"], torch.get_rng_state())  # rank 1's own state, not rank 0's
+
+    # rank 1 writes its files, then dies before the barrier that lets rank 0 complete the save
+    codes = run_ranks(run, tmp_path / "init_2", 2, die_at_barrier=2)
+    assert codes[1] == 3 and codes[0] != 0
+    assert not (run / "checkpoints" / "step_2").exists()
+    assert latest_checkpoint(run) == first
+
+    # rank 1 dies before the first barrier, so rank 0 never gets past creating the directory
+    codes = run_ranks(run, tmp_path / "init_3", 3, die_at_barrier=1)
+    assert codes[1] == 3 and codes[0] != 0
+    assert not (run / "checkpoints" / "step_3").exists()
+    assert latest_checkpoint(run) == first
+    remove_stale(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
+
+
+def test_save_refuses_meta_that_is_not_json(tmp_path):
+    with pytest.raises(CheckpointError, match="plain JSON data"):
+        save_single(tmp_path, 1, toy_states(), meta={"data": tmp_path})
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_write_failure_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".step_1.tmp").write_text("not ours: a file")
+    with pytest.raises(CheckpointError, match="cannot write checkpoint step 1 .*File exists") as e:
+        save_single(tmp_path, 1, toy_states())
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "checkpoints" / ".step_1.tmp").read_text() == "not ours: a file"
+    assert latest_checkpoint(tmp_path) is None

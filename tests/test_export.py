@@ -1,0 +1,367 @@
+"""run/hf: trained stages back as a sharded transformers checkpoint that `from_pretrained` loads exactly.
+
+Ranks are threads here, each handed only its own stages' state dicts, with a
+`threading.Barrier` for the collective: the protocol is the one torch.distributed ranks
+run (tests/test_checkpoint.py runs such a protocol in real gloo processes).
+"""
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+import transformers
+
+import helpers
+from fxconvert import convert, split_stages
+from fxconvert.export import INDEX, ExportError, export_hf, shard_name
+
+NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
+TOKENIZER_FILES = {"spiece.model": bytes(range(256)) * 3, "tokenizer_config.json": b'{"model_max_length": 512}\n'}
+
+
+def fake_manifest(stages, conversion) -> dict:
+    """The pipeline.json fields export reads, as the conversion names things.
+
+    A stage's non-shared tensor `graph_module.<path>` is the eager model's `<path>`
+    (the traced GraphModule keeps the module paths); a shared weight carries all its tied
+    names. The tests do not trust this mapping: they compare the exported model's loss
+    with the stages' own.
+    """
+    rows = []
+    for spec in stages.specs:
+        module = stages.stage_module(spec.index)
+        rows.append({"index": spec.index, "parameters": [
+            {"name": n, "hf_name": conversion.shared_weights[n][0] if n in spec.shared_weights
+             else n.removeprefix("graph_module.")} for n in module.state_dict()]})
+    shared = {n: {"hf_names": list(hf), "stages": [s.index for s in stages.specs if n in s.shared_weights]}
+              for n, hf in conversion.shared_weights.items()}
+    return {"num_stages": len(stages.specs), "stages": rows, "shared_weights": shared, "config": "config.json",
+            "tokenizer_files": sorted(TOKENIZER_FILES)}
+
+
+def write_conversion_dir(directory, model, manifest) -> None:
+    """config.json and generation_config.json as save_pretrained writes them, tokenizer files, pipeline.json."""
+    directory.mkdir(parents=True)
+    model.save_pretrained(directory / "hf_source")
+    for name in ("config.json", "generation_config.json"):
+        shutil.move(directory / "hf_source" / name, directory / name)
+    shutil.rmtree(directory / "hf_source")
+    for name, data in TOKENIZER_FILES.items():
+        (directory / name).write_bytes(data)
+    (directory / "pipeline.json").write_text(json.dumps(manifest))
+
+
+def run_ranks(owners: list[list[int]], modules, out, conv, **kwargs):
+    """Export with one thread per rank; rank r passes only the state dicts of stages owners[r].
+
+    A rank that fails aborts the barrier, as a dead rank makes the others' collective fail.
+    Returns each rank's exception (or None).
+    """
+    barrier = threading.Barrier(len(owners))
+    errors = [None] * len(owners)
+
+    def rank(r):
+        try:
+            states = {i: modules[i].state_dict() for i in owners[r]}
+            export_hf(out, pipeline_dir=conv, states=states, rank=r, barrier=barrier.wait, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors[r] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(owners))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+@pytest.fixture(scope="module", params=["original", "v1_1"])
+def variant(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(variant):
+    return helpers.build("T5ForConditionalGeneration", variant)
+
+
+@pytest.fixture(scope="module")
+def conversion(model):
+    return convert(model, input_names=NAMES)
+
+
+def trained_stages(conversion, num_stages, seed=0):
+    """Stage modules whose weights moved away from the model's, as training moves them.
+
+    Every copy of a shared weight moves the same way, as the launcher's gradient sum keeps
+    them equal.
+    """
+    stages = split_stages(conversion, num_stages)
+    modules = [stages.stage_module(i).eval() for i in range(num_stages)]
+    g = torch.Generator().manual_seed(seed)
+    shared = {n: torch.randn(p.shape, generator=g) * 0.01 for n, p in stages.named_parameters()
+              if n in stages.shared_names}
+    with torch.no_grad():
+        for module in modules:
+            for name, p in module.named_parameters():
+                p.add_(shared[name] if name in shared else torch.randn(p.shape, generator=g) * 0.01)
+    return stages, modules
+
+
+def stage_loss(stages, modules, batch):
+    specs = [m.input_names for m in modules]
+    values = modules[0](**{n: batch[n] for n in specs[0]})
+    for module, names in zip(modules[1:], specs[1:]):
+        received = len(values)
+        values = module(*values, **{n: batch[n] for n in names[received:]})
+    return values
+
+
+@pytest.mark.parametrize("num_stages, owners", [(2, [[0], [1]]), (3, [[0], [1], [2]]), (3, [[0, 2], [1]]),
+                                                (2, [[0, 1]]), (2, [[0], [1], []])])
+def test_export_loads_exactly_in_transformers(tmp_path, variant, model, conversion, num_stages, owners):
+    stages, modules = trained_stages(conversion, num_stages)
+    manifest = fake_manifest(stages, conversion)
+    conv, out = tmp_path / "conv", tmp_path / "run" / "hf"
+    write_conversion_dir(conv, model, manifest)
+    assert run_ranks(owners, modules, out, conv) == [None] * len(owners)
+
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["hf"]
+    shards = [shard_name(i, num_stages) for i in range(num_stages)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "generation_config.json", INDEX, *shards, *TOKENIZER_FILES])
+    for name in ["config.json", "generation_config.json", *TOKENIZER_FILES]:
+        assert (out / name).read_bytes() == (conv / name).read_bytes(), name
+
+    loaded, info = transformers.T5ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    loaded.eval()
+
+    # exactly the trained tensors, each under the name the manifest gives it
+    expected = {}
+    for row, module in zip(manifest["stages"], modules):
+        state = module.state_dict()
+        for p in row["parameters"]:
+            expected.setdefault(p["hf_name"], state[p["name"]])
+    got = loaded.state_dict()
+    assert set(expected) <= set(got)
+    assert [n for n in expected if not torch.equal(got[n], expected[n])] == []
+    # the tied names are tied again, to the trained shared weight
+    shared = "shared_embed_weight"
+    for hf in conversion.shared_weights[shared]:
+        assert loaded.get_parameter(hf) is loaded.shared.weight, hf
+    assert torch.equal(loaded.shared.weight, modules[0].get_parameter(shared))
+    head_tied = "lm_head.weight" in conversion.shared_weights[shared]
+    assert head_tied == (variant == "original")
+    if not head_tied:
+        assert not torch.equal(loaded.lm_head.weight, loaded.shared.weight)
+    # independent of the naming: transformers computes the loss the trained stages compute
+    batch = helpers.random_inputs(NAMES, 2, 7, 5, seed=3)
+    with torch.no_grad():
+        ours = stage_loss(stages, modules, batch)
+        theirs = loaded(**batch, use_cache=False).loss
+        untrained = model(**batch, use_cache=False).loss
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert abs(untrained - ours) > 1e-4  # the comparison can tell trained from untrained weights
+
+    generated = loaded.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
+                                do_sample=False)
+    assert generated.shape[0] == 2 and generated.shape[1] >= 2
+
+    index = json.loads((out / INDEX).read_text())
+    assert set(index["weight_map"]) == set(got) - {hf for hf in conversion.shared_weights[shared][1:]}
+    assert index["metadata"]["total_size"] == sum(got[n].numel() * got[n].element_size() for n in index["weight_map"])
+
+
+@pytest.fixture(scope="module")
+def tied():
+    """The tied model and its conversion, for the failure cases (they do not depend on the variant)."""
+    model = helpers.build("T5ForConditionalGeneration", "original")
+    return model, convert(model, input_names=NAMES)
+
+
+@pytest.fixture
+def setup(tmp_path, tied):
+    model, conversion = tied
+    stages, modules = trained_stages(conversion, 2)
+    manifest = fake_manifest(stages, conversion)
+    conv = tmp_path / "conv"
+    write_conversion_dir(conv, model, manifest)
+    return modules, manifest, conv, tmp_path / "run" / "hf"
+
+
+class Holder:
+    """Stands for a stage module whose state dict a test edits."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
+def _one_line(errors):
+    error = next(e for e in errors if isinstance(e, ExportError))
+    assert "\n" not in str(error)
+    return str(error)
+
+
+def test_a_failing_rank_leaves_no_output(setup):
+    modules, _, conv, out = setup
+    state = modules[1].state_dict()
+    name = next(n for n in state if n.startswith("graph_module."))
+    broken = Holder({k: v for k, v in state.items() if k != name})
+    errors = run_ranks([[0], [1]], [modules[0], broken], out, conv)
+    assert f"lacks {name!r}" in _one_line(errors)
+    assert isinstance(errors[0], threading.BrokenBarrierError)
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+def test_an_unknown_tensor_is_refused(setup):
+    modules, _, conv, out = setup
+    fake = Holder(dict(modules[0].state_dict(), extra=torch.zeros(1)))
+    errors = run_ranks([[0, 1]], [fake, modules[1]], out, conv)
+    assert "has 'extra', which pipeline.json does not name" in _one_line(errors)
+    assert not out.exists()
+
+
+def test_a_stage_nobody_writes_is_caught(setup):
+    modules, _, conv, out = setup
+    errors = run_ranks([[0], []], modules, out, conv)
+    assert "no rank wrote model-00002-of-00002.safetensors (stage 1)" in _one_line(errors)
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+def test_export_replaces_its_own_previous_output(setup):
+    modules, _, conv, out = setup
+    assert run_ranks([[0, 1]], modules, out, conv) == [None]
+    (out / "stale.txt").write_text("from the previous export")
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(1.0)
+    assert run_ranks([[0, 1]], modules, out, conv) == [None]
+    assert not (out / "stale.txt").exists()
+    loaded = transformers.T5ForConditionalGeneration.from_pretrained(out)
+    assert torch.equal(loaded.shared.weight, modules[0].get_parameter("shared_embed_weight"))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hf"]
+
+
+def test_export_refuses_to_replace_what_it_did_not_write(setup):
+    modules, _, conv, out = setup
+    out.mkdir(parents=True)
+    (out / "mine.txt").write_text("a user's file")
+    errors = run_ranks([[0], [1]], modules, out, conv)
+    assert "was not written by fxconvert" in _one_line(errors)
+    assert all(isinstance(e, ExportError) for e in errors)  # every rank refuses before any barrier
+    assert (out / "mine.txt").read_text() == "a user's file"
+    (out / "mine.txt").unlink()
+    out.rmdir()
+    out.write_text("a file")
+    assert "is not a directory" in _one_line(run_ranks([[0, 1]], modules, out, conv))
+
+
+def test_a_stale_temporary_symlink_is_removed_not_followed(setup, tmp_path):
+    modules, _, conv, out = setup
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("keep")
+    out.parent.mkdir(parents=True)
+    (out.parent / ".hf.tmp").symlink_to(precious)
+    assert run_ranks([[0, 1]], modules, out, conv) == [None]
+    assert (precious / "keep.txt").read_text() == "keep" and sorted(os.listdir(precious)) == ["keep.txt"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../secret.json", "only plain file names"),
+    ("/etc/passwd", "only plain file names"),
+    ("..", "only plain file names"),
+    ("model.safetensors", "would stand beside the exported weights"),
+    ("pytorch_model.bin", "would stand beside the exported weights"),
+    ("model.safetensors.index.json", "would stand beside the exported weights"),
+    ("absent.json", "has no absent.json"),
+])
+def test_hostile_file_names_in_the_manifest(setup, tmp_path, name, message):
+    modules, manifest, conv, out = setup
+    (tmp_path / "secret.json").write_text("secret")
+    manifest = dict(manifest, tokenizer_files=[name])
+    errors = run_ranks([[0, 1]], modules, out, conv, manifest=manifest)
+    assert message in _one_line(errors)
+    assert not out.parent.exists()
+
+
+def test_duplicate_transformers_names_are_refused(setup):
+    modules, manifest, conv, out = setup
+    manifest = json.loads(json.dumps(manifest))
+    params = manifest["stages"][1]["parameters"]
+    params[-1]["hf_name"] = params[-2]["hf_name"]
+    errors = run_ranks([[0, 1]], modules, out, conv, manifest=manifest)
+    assert "is the transformers name of both" in _one_line(errors)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: (d / "pipeline.json").unlink(), "has no pipeline.json; convert with --stages N"),
+    (lambda d: (d / "pipeline.json").write_text("{oops"), "cannot read"),
+    (lambda d: (d / "pipeline.json").write_text("[]"), "does not hold a JSON object"),
+    (lambda d: (d / "pipeline.json").write_text('{"num_stages": 2}'), "is malformed (KeyError"),
+    (lambda d: (d / "pipeline.json").write_text('{"num_stages": 3, "stages": []}'), "lists stages [] for num_stages 3"),
+    (lambda d: (d / "config.json").unlink(), "has no config.json"),
+])
+def test_a_broken_conversion_directory(setup, edit, message):
+    modules, _, conv, out = setup
+    edit(conv)
+    errors = run_ranks([[0, 1]], modules, out, conv)
+    assert message in _one_line(errors)
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("variant_name", ["original", "v1_1"])
+def test_export_of_a_real_pipeline_conversion(tmp_path, capsys, variant_name):
+    """End to end with what `fxconvert CKPT --stages 2` writes: pipeline.json, stage files, config, tokenizer."""
+    pipeline = pytest.importorskip("fxconvert.pipeline", reason="this tree has no fxconvert.pipeline "
+                                   "(pipeline.json and stage files from --stages) yet")
+    from checkpoints import write_checkpoint
+    from fxconvert.cli import main
+
+    checkpoint, conv, out = tmp_path / "ck", tmp_path / "conv", tmp_path / "run" / "hf"
+    model = write_checkpoint(checkpoint, variant=variant_name)
+    (checkpoint / "spiece.model").write_bytes(TOKENIZER_FILES["spiece.model"])
+    assert main([str(checkpoint), "--stages", "2", "--out", str(conv)]) == 0
+    capsys.readouterr()
+    loaded_pipeline = pipeline.load_pipeline(conv)
+    modules = [loaded_pipeline.load_stage(i) for i in range(2)]
+    g = torch.Generator().manual_seed(0)
+    moved = {}
+    with torch.no_grad():
+        for module in modules:
+            for name, p in module.named_parameters():
+                if name not in loaded_pipeline.shared_weights or name not in moved:
+                    moved[name] = torch.randn(p.shape, generator=g) * 0.01
+                p.add_(moved[name])
+
+    assert run_ranks([[0], [1]], modules, out, conv) == [None, None]
+    loaded, info = transformers.T5ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    assert (out / "spiece.model").read_bytes() == TOKENIZER_FILES["spiece.model"]
+    assert (out / "config.json").read_bytes() == (conv / "config.json").read_bytes()
+    batch = helpers.random_inputs(NAMES, 2, 7, 5, seed=3)
+    with torch.no_grad():
+        values = modules[0](*[batch[n] for n in loaded_pipeline.stages[0]["inputs"]])
+        ours = modules[1](*values, **{n: batch[n] for n in loaded_pipeline.stages[1]["inputs"]})
+        theirs = loaded.eval()(**batch, use_cache=False).loss
+        untrained = model(**batch, use_cache=False).loss
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert abs(untrained - ours) > 1e-4
+
+
+def test_an_unwritable_destination_is_one_line(setup, tmp_path):
+    modules, _, conv, _ = setup
+    (tmp_path / "run").write_text("a file where the run directory should be")
+    errors = run_ranks([[0, 1]], modules, tmp_path / "run" / "hf", conv)
+    assert "cannot write" in _one_line(errors) and "fix permissions" in _one_line(errors)
+    assert (tmp_path / "run").read_text() == "a file where the run directory should be"
