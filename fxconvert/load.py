@@ -97,6 +97,14 @@ logger = logging.getLogger(__name__)
 logging.getLogger("fxconvert").addHandler(logging.NullHandler())  # a library leaves output to the application
 
 
+class RandomWeightsRefused(ModelResolutionError):
+    """A name resolved to no weights and random ones were not allowed; `why` says why, for another hint."""
+
+    def __init__(self, why: str, message: str):
+        super().__init__(message)
+        self.why = why
+
+
 class RandomWeightsWarning(UserWarning):
     """A model was built with random weights because its name resolved to no weights (`allow_random=True`)."""
 
@@ -501,8 +509,8 @@ def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) 
     meta = build.meta
     kwargs = {"attn_implementation": build.attn, **({} if build.dtype is None else {"dtype": build.dtype})}
     if not meta and not build.allow_random:
-        raise ModelResolutionError(f"{why}: pass allow_random=True to build it with random weights, or meta=True "
-                                   f"for the architecture alone")
+        raise RandomWeightsRefused(why, f"{why}: pass allow_random=True to build it with random weights, or "
+                                        f"meta=True for the architecture alone")
     try:
         with _held_warnings(), torch.device("meta"):
             model = cls._from_config(config_obj, **kwargs)
