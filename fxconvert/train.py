@@ -575,13 +575,23 @@ def train(run: Run) -> None:
                                "tokens_per_s": tokens / seconds, "seconds": seconds})
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
                 _save(run, step + 1, save_checkpoint, rng_state, dist.barrier)
+                _say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step + 1}'}")
     finally:
         if reporter is not None:
             reporter.close()
     if args.save_every and start < args.steps:
         _save(run, args.steps, save_checkpoint, rng_state, dist.barrier)
+        _say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{args.steps}'}")
     if not args.no_export:
         _export(run, dist.barrier)
+        _say(run, f"wrote {run.run_dir / 'hf'} (a transformers checkpoint: from_pretrained loads it) and "
+                  f"{run.run_dir / 'metrics.jsonl'}")
+
+
+def _say(run: Run, message: str) -> None:
+    """A status line, from global rank 0 only (every rank knows the same)."""
+    if run.topo.rank == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _save(run: Run, step: int, save_checkpoint, rng_state, barrier) -> None:
