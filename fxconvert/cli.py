@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 from fxconvert.errors import FxConvertError, UsageError, printable
 
@@ -226,12 +227,14 @@ def run(args) -> int:
     timings = {}
 
     with progress.step("load", f"loading {name}", timings) as step:
-        from fxconvert.load import load, quiet_transformers
+        from fxconvert.load import RandomWeightsWarning, load, quiet_transformers
 
         if not args.verbose:
             quiet_transformers()
-        loaded = load(name, offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed,
-                      dtype=args.dtype)
+        with warnings.catch_warnings():  # the notes below say it, louder
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            loaded = load(name, offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed,
+                          dtype=args.dtype, allow_random=True)
         source = loaded.source
         step.detail = f"{type(loaded.model).__name__}, {source.origin} {source.location}, weights: {source.weights}"
     for note in source.notes:

@@ -29,7 +29,7 @@ from fxconvert.analysis import count_kinds, output_names, placeholder_names
 from fxconvert.errors import UsageError
 from fxconvert.graph_utils import gc_paused
 from fxconvert.passes import default_passes
-from fxconvert.trace import TraceResult, trace_with_stats
+from fxconvert.trace import TraceResult, input_name_list, trace_with_stats
 
 
 @dataclass
@@ -160,28 +160,36 @@ def run_passes(gm: torch.fx.GraphModule, passes) -> list[PassRecord]:
 
 def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, output: str | None = None,
             offline: bool = False, meta: bool = False, attn: str = "sdpa", seed: int = 0,
-            dtype=None, keep_traced_code: bool = False) -> Conversion:
+            dtype=None, allow_random: bool = False, keep_traced_code: bool = False) -> Conversion:
     """Trace `model` and turn it into FTPipe's pre-partitioning form.
 
     `model` is a module, or a name that `fxconvert.load.load` resolves (a checkpoint
     directory, a Hub id, a config .json file or a preset such as "t5-small"); `offline`,
-    `meta`, `attn`, `seed` (of random weights) and `dtype` apply to names only.
+    `meta`, `attn`, `seed` (of random weights), `dtype` and `allow_random` apply to names only.
+    A name that resolves to no weights raises `ModelResolutionError` unless
+    `allow_random=True` (random weights, with a `RandomWeightsWarning`) or `meta=True`.
+    `input_names` is a list of names (a bare string is refused, not split into letters).
     `keep_traced_code` keeps the code as traced, before the passes, in
     `Conversion.traced_code` (for a diff; generating it costs a tenth of a conversion).
     """
+    if output is not None and not isinstance(output, str):
+        raise UsageError(f"output is a {type(output).__name__}; give one output name such as 'loss'")
+    if input_names is not None:  # before a name is loaded: a bad list should not cost a load
+        input_names = input_name_list(input_names)
     source, timings = None, {}
     if isinstance(model, (str, os.PathLike)):
         from fxconvert.load import load
 
         start = time.perf_counter()
-        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed, dtype=dtype)
+        loaded = load(model, offline=offline, meta=meta, attn=attn, seed=seed, dtype=dtype,
+                      allow_random=allow_random)
         model, source = loaded.model, loaded.source
         timings["load"] = time.perf_counter() - start
     elif not isinstance(model, torch.nn.Module):
         raise UsageError(f"convert() takes a model (torch.nn.Module) or a name, got {type(model).__name__}")
-    elif (offline, meta, attn, seed, dtype) != (False, False, "sdpa", 0, None):
-        raise UsageError("offline, meta, attn, seed and dtype apply to a model given by name; this one is built "
-                         "already")
+    elif (offline, meta, attn, seed, dtype, allow_random) != (False, False, "sdpa", 0, None, False):
+        raise UsageError("offline, meta, attn, seed, allow_random and dtype apply to a model given by name; this "
+                         "one is built already")
     with gc_paused():
         conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
                                     keep_traced_code=keep_traced_code)

@@ -10,7 +10,13 @@
    with random weights.
 
 A path to a `.json` file is read as a config (an architecture without weights). Without
-weights a model gets random weights, drawn fast and said so (`ModelSource.notes`): each
+weights a model gets random weights, but only when the caller opts in with
+`allow_random=True`: a name that silently became random weights (a Hub id with the Hub
+unreachable, a directory without its weights file) would convert into a model that
+computes nothing useful. Without the opt-in such a load raises `ModelResolutionError`
+naming it; with it, the fallback is said in `ModelSource.notes` and warned through
+`warnings.warn` (`RandomWeightsWarning`) and the `fxconvert` logger. `meta=True` asks
+for the architecture alone and needs no opt-in. Random weights are drawn fast: each
 Linear uniform with std `in_features**-0.5`, each embedding std 1, norms 1. The model is
 built on the meta device, moved with `to_empty` and filled in place: about 0.3 s for
 t5-small, where transformers' own initialisation takes about 4 s. This is not
@@ -20,22 +26,31 @@ Models built from a config that would not fit in memory (over `META_THRESHOLD`
 parameters), or any model with `meta=True`, are built on the meta device: they trace and
 convert, but carry no weights.
 
+A config's structural fields (sizes, layer counts, rates, token ids) are checked before
+anything is built (`check_config`): a zero head count or a negative layer count is one
+line naming the field, its value and the fix, not an arithmetic error deep inside
+transformers or a silently empty encoder.
+
 transformers is imported only when a model is built, so `import fxconvert.load` is cheap.
 """
 
+import contextlib
 import json
+import logging
 import math
 import os
 import re
 import socket
+import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fxconvert.errors import ModelResolutionError, UsageError
-from fxconvert.trace import SUPPORTED_ATTENTION, SUPPORTED_CLASSES
+from fxconvert.trace import SUPPORTED_ATTENTION, SUPPORTED_CLASSES, require_transformers
 
 # model_type in config.json -> prefix of the transformers classes.
 MODEL_TYPES = {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}
@@ -78,6 +93,21 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 HUB_PROBE_TIMEOUT = 2.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+logger = logging.getLogger(__name__)
+logging.getLogger("fxconvert").addHandler(logging.NullHandler())  # a library leaves output to the application
+
+
+class RandomWeightsRefused(ModelResolutionError):
+    """A name resolved to no weights and random ones were not allowed; `why` says why, for another hint."""
+
+    def __init__(self, why: str, message: str):
+        super().__init__(message)
+        self.why = why
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built with random weights because its name resolved to no weights (`allow_random=True`)."""
+
 
 @dataclass
 class ModelSource:
@@ -103,7 +133,7 @@ class LoadedModel:
 
 
 def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, attn: str = "sdpa",
-         seed: int = 0, dtype: "str | torch.dtype | None" = None) -> LoadedModel:
+         seed: int = 0, dtype: "str | torch.dtype | None" = None, allow_random: bool = False) -> LoadedModel:
     """Resolve `name` to a T5-family model in eval mode (see the module docstring for the order).
 
     `dtype` ("float32", "bfloat16", "float16" or the torch dtype) loads the model in that
@@ -111,23 +141,28 @@ def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, 
     from a config cast after construction; either way fp16 keeps the modules the class lists
     in `_keep_in_fp32_modules` (T5's `wo`) in fp32. By default a checkpoint keeps its own
     dtype and a config its `dtype` entry.
+
+    A name that resolves to no weights (a config file, a directory without its weights, a
+    Hub id neither cached nor downloadable) raises `ModelResolutionError` unless
+    `allow_random=True` (random weights, warned) or `meta=True` (no weights at all).
     """
     if attn not in SUPPORTED_ATTENTION:
         raise UsageError(f"unknown attention '{attn}'; choose {' or '.join(SUPPORTED_ATTENTION)}")
     dtype = resolve_dtype(dtype)
+    require_transformers()
     name = os.fspath(name)
     path = Path(name).expanduser()
+    build = _Build(meta=meta, attn=attn, seed=seed, dtype=dtype, allow_random=allow_random)
     if path.is_file() and path.suffix == ".json":
         config = read_config(path)
-        return _from_config(config, ModelSource(name, "config file", str(path), "random", "cpu"), meta, attn, seed,
-                            dtype)
+        source = ModelSource(name, "config file", str(path), "random", "cpu")
+        return _from_config(config, source, build, why=f"{name} is a config file, an architecture without weights")
     if path.is_dir():
-        return _from_directory(name, path, meta=meta, attn=attn, seed=seed, dtype=dtype)
+        return _from_directory(name, path, build)
     if path.exists():
         raise ModelResolutionError(f"'{name}' is a file, not a checkpoint directory; for an architecture use "
                                    f"--config FILE.json")
-    return _from_hub_or_preset(name, offline=offline or offline_env(), meta=meta, attn=attn, seed=seed,
-                               dtype=dtype)
+    return _from_hub_or_preset(name, build, offline=offline or offline_env())
 
 
 def resolve_dtype(dtype) -> "torch.dtype | None":
@@ -224,10 +259,107 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+# -- the config check ------------------------------------------------------------------------
+
+# Fields every T5-family model divides by, sizes a tensor with or counts layers with: each
+# must be a positive integer (0 heads divide by zero, -1 layers build an empty stack).
+POSITIVE_INT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
+# Dropout probabilities: torch accepts [0, 1]; 1 zeroes every activation in training.
+RATE_FIELDS = ("dropout_rate", "classifier_dropout")
+# Relative-position buckets: the encoder's bidirectional bucketing halves the count twice and
+# divides by the result, so fewer than 4 buckets divide by zero; a max distance not above
+# half the buckets gives negative bucket indices (both measured against transformers' T5).
+MIN_BUCKETS = 4
+# Layers are built one by one, even on the meta device: a hostile count would build for hours.
+# The largest published T5 stacks have 24 layers.
+MAX_LAYERS = 1024
+
+
+def check_config(config: dict, where: str) -> None:
+    """Refuse a config whose structural fields cannot build a working model, in one line naming the field.
+
+    Only fields present in the config are checked; absent ones take transformers' defaults.
+    """
+    cls_name = model_class_name(config, where)
+
+    def refuse(key, rule):
+        raise ModelResolutionError(f"invalid config in {where}: {key} is {_value(config[key])}; "
+                                   f"set it to {rule} in the config")
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for key in POSITIVE_INT_FIELDS:
+        if key in config and not (is_int(config[key]) and config[key] > 0):
+            refuse(key, "a positive integer")
+    if "num_layers" in config and config["num_layers"] > MAX_LAYERS:
+        refuse("num_layers", f"at most {MAX_LAYERS}")
+    # None means "as many as the encoder"; an encoder-only model builds no decoder
+    if config.get("num_decoder_layers") is not None and not cls_name.endswith("EncoderModel"):
+        if not (is_int(config["num_decoder_layers"]) and 0 < config["num_decoder_layers"] <= MAX_LAYERS):
+            refuse("num_decoder_layers", f"a positive integer up to {MAX_LAYERS} (or remove it to use num_layers)")
+    for key in RATE_FIELDS:
+        if config.get(key) is not None and not (is_number(config[key]) and 0 <= config[key] < 1):
+            refuse(key, "a number in [0, 1)")
+    if "layer_norm_epsilon" in config and not (is_number(config["layer_norm_epsilon"])
+                                               and config["layer_norm_epsilon"] > 0):
+        refuse("layer_norm_epsilon", "a small positive number such as 1e-6")
+    buckets = config.get("relative_attention_num_buckets")
+    if "relative_attention_num_buckets" in config and not (is_int(buckets) and buckets >= MIN_BUCKETS):
+        refuse("relative_attention_num_buckets", f"an integer of at least {MIN_BUCKETS} (T5 uses 32)")
+    if "relative_attention_max_distance" in config:
+        least = (buckets if is_int(buckets) else 32) // 2 + 1
+        distance = config["relative_attention_max_distance"]
+        if not (is_int(distance) and distance >= least):
+            refuse("relative_attention_max_distance", f"an integer of at least {least}, more than half the "
+                                                      f"relative_attention_num_buckets (T5 uses 128)")
+    vocab = config.get("vocab_size")
+    for key in ("pad_token_id", "decoder_start_token_id"):
+        value = config.get(key)
+        if value is not None and not (is_int(value) and 0 <= value and (not is_int(vocab) or value < vocab)):
+            refuse(key, f"a token id in [0, {vocab})" if is_int(vocab) else "a token id (a non-negative integer)")
+    if "feed_forward_proj" in config:
+        _check_feed_forward(config, where)
+
+
+def _check_feed_forward(config: dict, where: str) -> None:
+    from transformers.activations import ACT2FN
+
+    value = config["feed_forward_proj"]
+    parts = value.split("-") if isinstance(value, str) else []
+    act = parts[-1] if len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated") else None
+    if value == "gated-gelu":  # T5Config's name for gated gelu_new
+        act = "gelu_new"
+    if act not in ACT2FN:
+        raise ModelResolutionError(f"invalid config in {where}: feed_forward_proj is {_value(value)}; set it to "
+                                   f"'ACT' or 'gated-ACT' with ACT an activation such as relu or gelu_new "
+                                   f"(T5 uses 'relu', T5 v1.1 'gated-gelu')")
+
+
+def _value(value) -> str:
+    """A config value for a message: repr (quotes strings, escapes control characters), kept short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # -- the four sources -------------------------------------------------------------------------
 
 
-def _from_directory(name, path: Path, *, meta, attn, seed, dtype) -> LoadedModel:
+@dataclass(frozen=True)
+class _Build:
+    """How to build a model, as asked by the caller of `load`."""
+
+    meta: bool
+    attn: str
+    seed: int
+    dtype: "torch.dtype | None"
+    allow_random: bool
+
+
+def _from_directory(name, path: Path, build: _Build) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelResolutionError(f"directory '{name}' has no config.json; give a checkpoint directory "
@@ -235,35 +367,36 @@ def _from_directory(name, path: Path, *, meta, attn, seed, dtype) -> LoadedModel
     config = read_config(config_file)
     has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
     source = ModelSource(name, "local directory", str(path), "checkpoint" if has_weights else "random", "cpu")
-    if not has_weights and not meta:
-        source.notes.append(f"{path} has no weights ({' or '.join(WEIGHT_FILES[::2])})")
-    if not has_weights or meta:
-        return _from_config(config, source, meta, attn, seed, dtype)
-    return _from_checkpoint(str(path), config, source, attn, dtype, local_files_only=True)
+    why = f"{path} has no weights ({' or '.join(WEIGHT_FILES[::2])})"
+    if not has_weights and not build.meta:
+        source.notes.append(why)
+    if not has_weights or build.meta:
+        return _from_config(config, source, build, why=why)
+    return _from_checkpoint(str(path), config, source, build, local_files_only=True)
 
 
-def _from_hub_or_preset(name, *, offline, meta, attn, seed, dtype) -> LoadedModel:
+def _from_hub_or_preset(name, build: _Build, *, offline) -> LoadedModel:
     cached = _cached_config(name)
     if cached is not None:
         config = read_config(cached)
         source = ModelSource(name, "Hugging Face cache", name, "checkpoint", "cpu")
-        if meta:
-            return _from_config(config, source, meta, attn, seed, dtype)
+        if build.meta:
+            return _from_config(config, source, build, why="")
         try:
-            return _from_checkpoint(name, config, source, attn, dtype, local_files_only=True)
+            return _from_checkpoint(name, config, source, build, local_files_only=True)
         except _WeightsUnavailable:
-            loaded = (_download(name, meta=meta, attn=attn, seed=seed, dtype=dtype)
-                      if not offline and hub_reachable() else None)
+            loaded = _download(name, build) if not offline and hub_reachable() else None
             if loaded is not None:
                 return loaded
-            source.notes.append(f"the weights of '{name}' are not in the Hugging Face cache")
-            return _from_config(config, source, meta, attn, seed, dtype)
+            why = f"the weights of '{name}' are not in the Hugging Face cache"
+            source.notes.append(why)
+            return _from_config(config, source, build, why=why)
     if offline:
         why = "not in the Hugging Face cache (offline)"
     elif not hub_reachable():
         why = "not in the Hugging Face cache, the Hub is unreachable"
     else:
-        loaded = _download(name, meta=meta, attn=attn, seed=seed, dtype=dtype)
+        loaded = _download(name, build)
         if loaded is not None:
             return loaded
         why = "not in the Hugging Face cache nor on the Hub"
@@ -271,7 +404,7 @@ def _from_hub_or_preset(name, *, offline, meta, attn, seed, dtype) -> LoadedMode
     if key in PRESETS:
         source = ModelSource(name, "preset", key, "random", "cpu")
         source.notes.append(f"'{name}' is {why}: using the built-in {key} architecture")
-        return _from_config(preset_config(key), source, meta, attn, seed, dtype)
+        return _from_config(preset_config(key), source, build, why=f"'{name}' is {why}")
     raise ModelResolutionError(
         f"unknown model '{name}': not a local directory, {why}, and not a built-in preset "
         f"(presets: {', '.join(PRESETS)}; use --config FILE.json for another architecture)"
@@ -289,7 +422,7 @@ def _cached_config(name) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _download(name, *, meta, attn, seed, dtype) -> LoadedModel | None:
+def _download(name, build: _Build) -> LoadedModel | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
 
@@ -301,31 +434,32 @@ def _download(name, *, meta, attn, seed, dtype) -> LoadedModel | None:
         raise ModelResolutionError(f"cannot download '{name}' from the Hub: {_first_line(e)}") from e
     config = read_config(Path(config_file))
     source = ModelSource(name, "Hugging Face Hub", name, "checkpoint", "cpu")
-    if meta:
-        return _from_config(config, source, meta, attn, seed, dtype)
-    return _from_checkpoint(name, config, source, attn, dtype, local_files_only=False)
+    if build.meta:
+        return _from_config(config, source, build, why="")
+    return _from_checkpoint(name, config, source, build, local_files_only=False)
 
 
 class _WeightsUnavailable(Exception):
     pass
 
 
-def _from_checkpoint(location, config: dict, source: ModelSource, attn, dtype, *, local_files_only) -> LoadedModel:
+def _from_checkpoint(location, config: dict, source: ModelSource, build: _Build, *, local_files_only) -> LoadedModel:
     import transformers
 
     cls = getattr(transformers, model_class_name(config, source.location))
     config_obj = _config_object(config, source.location)
     try:
-        model, info = cls.from_pretrained(location, config=config_obj, attn_implementation=attn,
-                                          output_loading_info=True, ignore_mismatched_sizes=True,
-                                          local_files_only=local_files_only,
-                                          **({} if dtype is None else {"dtype": dtype}))
+        with _held_warnings():
+            model, info = cls.from_pretrained(location, config=config_obj, attn_implementation=build.attn,
+                                              output_loading_info=True, ignore_mismatched_sizes=True,
+                                              local_files_only=local_files_only,
+                                              **({} if build.dtype is None else {"dtype": build.dtype}))
     except OSError as e:
         if local_files_only and source.origin == "Hugging Face cache":
             raise _WeightsUnavailable() from e
-        raise ModelResolutionError(f"cannot load the weights of {source.location}: {_first_line(e)}") from e
+        raise ModelResolutionError(f"cannot load the weights of {source.location}: {_summary(e)}") from e
     except Exception as e:
-        raise ModelResolutionError(f"cannot load the weights of {source.location}: {_first_line(e)}") from e
+        raise ModelResolutionError(f"cannot load the weights of {source.location}: {_summary(e)}") from e
     _check_loading_info(info, source.location)
     return LoadedModel(model.eval(), source)
 
@@ -352,27 +486,37 @@ def _more(n: int, noun: str) -> str:
 def _config_object(config: dict, where: str):
     import transformers
 
-    cls_name = model_class_name(config, where)
+    check_config(config, where)
     config_cls = getattr(transformers, f"{MODEL_TYPES[config['model_type']]}Config")
     try:
-        return config_cls.from_dict(dict(config))
+        with _held_warnings():
+            return config_cls.from_dict(dict(config))
     except Exception as e:
-        raise ModelResolutionError(f"invalid config in {where} for {cls_name}: {_first_line(e)}") from e
+        raise ModelResolutionError(f"invalid config in {where}: {_summary(e)}; correct that field in the "
+                                   f"config") from e
 
 
-def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed: int, dtype=None) -> LoadedModel:
-    """Build from a config: on the meta device when asked or too large, else with fast random weights."""
+def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) -> LoadedModel:
+    """Build from a config: on the meta device when asked or too large, else with fast random weights.
+
+    `why` says why there are no weights; random weights need `allow_random`, checked
+    before anything is built.
+    """
     import transformers
 
     cls = getattr(transformers, model_class_name(config, source.location))
     config_obj = _config_object(config, source.location)
-    kwargs = {"attn_implementation": attn, **({} if dtype is None else {"dtype": dtype})}
+    meta = build.meta
+    kwargs = {"attn_implementation": build.attn, **({} if build.dtype is None else {"dtype": build.dtype})}
+    if not meta and not build.allow_random:
+        raise RandomWeightsRefused(why, f"{why}: pass allow_random=True to build it with random weights, or "
+                                        f"meta=True for the architecture alone")
     try:
-        with torch.device("meta"):
+        with _held_warnings(), torch.device("meta"):
             model = cls._from_config(config_obj, **kwargs)
         _keep_in_fp32(model)
     except Exception as e:
-        raise ModelResolutionError(f"cannot build {cls.__name__} from {source.location}: {_first_line(e)}") from e
+        raise ModelResolutionError(f"cannot build {cls.__name__} from {source.location}: {_summary(e)}") from e
     n_params = sum(p.numel() for p in model.parameters())
     if not meta and n_params > META_THRESHOLD:
         meta = True
@@ -382,21 +526,52 @@ def _from_config(config: dict, source: ModelSource, meta: bool, attn: str, seed:
         _untie_head(model, config)
         source.device, source.weights = "meta", "none (meta device)"
         source.notes.append("built on the meta device: no weights are written and validation is skipped")
+        if not build.meta:
+            _warn_no_weights(source)
         return LoadedModel(model.eval(), source)
     if any(True for _ in model.buffers()):  # buffers hold values a random init cannot invent
-        torch.manual_seed(seed)
-        model = cls._from_config(config_obj, **kwargs)
+        torch.manual_seed(build.seed)
+        with _held_warnings():
+            model = cls._from_config(config_obj, **kwargs)
         _keep_in_fp32(model)
         _untie_head(model, config, init=True)
     else:
         model.to_empty(device="cpu")
         model.tie_weights()
         _untie_head(model, config)
-        _random_init(model, seed)
+        _random_init(model, build.seed)
     source.weights = "random"
     source.notes.append("RANDOM WEIGHTS: the converted model computes nothing useful until real weights "
                         "are loaded")
+    _warn_no_weights(source)
     return LoadedModel(model.eval(), source)
+
+
+def _warn_no_weights(source: ModelSource) -> None:
+    """Say, through both channels a library has, that the model holds no checkpoint's weights."""
+    message = f"{source.name}: {'; '.join(source.notes)}"
+    logger.warning("%s", message)
+    # attributed to the caller's line (load() or convert() in the user's code), not fxconvert's
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RandomWeightsWarning, stacklevel=level)
+
+
+@contextlib.contextmanager
+def _held_warnings():
+    """Hold back the warnings raised while building a model.
+
+    When the build fails they are dropped: the error says what went wrong, and warnings
+    about the same bad value (e.g. "Initializing zero-element tensors") only bury it.
+    When it succeeds they are re-emitted, so a caller sees what transformers said.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _keep_in_fp32(model: torch.nn.Module) -> None:
@@ -452,3 +627,21 @@ def _random_init(model: torch.nn.Module, seed: int) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _summary(e: BaseException) -> str:
+    """A multi-line error as one line that keeps its reason.
+
+    huggingface_hub's config validation puts only the field on the first line
+    ("Validation error for field 'dropout_rate':") and the reason on the next; the
+    lines are joined and that form is read as "field 'F': reason".
+    """
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if not text:
+        return type(e).__name__
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    match = re.fullmatch(r"Validation error for field '([^']*)':\s*(?:\w+: )?(.*)", text)
+    if match:
+        field_name, reason = match.groups()
+        text = f"field '{field_name}': {reason or 'invalid value'}"
+    return text

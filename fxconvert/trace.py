@@ -39,7 +39,7 @@ from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import runtime
-from fxconvert.errors import InputNameError, TraceError
+from fxconvert.errors import FxConvertError, InputNameError, TraceError
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
 SUPPORTED_CLASSES = (
@@ -90,20 +90,44 @@ class TraceResult:
     seconds: float
 
 
+@functools.cache
+def require_transformers() -> None:
+    """Refuse a transformers release outside the range fxconvert declares (and is tested on).
+
+    pip enforces the range on install, but not in an environment where transformers was
+    installed first and fxconvert without its dependencies; there an older release fails
+    deep inside a trace. The range is read from the installed package's metadata, so
+    pyproject.toml stays its one source.
+    """
+    import importlib.metadata
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    try:
+        requires = importlib.metadata.requires("fxconvert") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return
+    for line in requires:
+        req = Requirement(line)
+        if req.name == "transformers" and req.marker is None:
+            if not req.specifier.contains(transformers.__version__, prereleases=True):
+                raise FxConvertError(f"transformers {transformers.__version__} is installed, but fxconvert "
+                                     f"needs transformers{req.specifier}; install it with pip install "
+                                     f"'transformers{req.specifier}'")
+
+
 def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     start = time.perf_counter()
-    cls_name = type(model).__name__
-    if cls_name not in SUPPORTED_CLASSES:
-        raise TraceError(
-            f"{cls_name} is not supported; fxconvert traces {', '.join(SUPPORTED_CLASSES)}"
-        )
+    require_transformers()
+    cls_name = supported_class(model).__name__
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in SUPPORTED_ATTENTION:
         raise TraceError(
             f"attention implementation '{impl}' is not supported; load the model with "
             f"attn_implementation='sdpa' or 'eager'"
         )
-    input_names = list(input_names) if input_names is not None else default_input_names(model)
+    input_names = input_name_list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
 
     tracer = T5Tracer(input_names)
@@ -129,8 +153,30 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     return TraceResult(gm, time.perf_counter() - start)
 
 
+def supported_class(model) -> type:
+    """The transformers class in SUPPORTED_CLASSES that `model` is, or is a subclass of.
+
+    The tracer knows the supported classes' forward (its mask helpers, attention, output
+    type), so a subclass is accepted only when it keeps that forward; one that overrides
+    it computes something the trace would not reproduce.
+    """
+    cls = type(model)
+    base = next((c for c in cls.__mro__ if c.__name__ in SUPPORTED_CLASSES
+                 and c.__module__.startswith("transformers.")), None)
+    if base is None:
+        raise TraceError(f"{cls.__name__!r} is not supported; fxconvert traces {', '.join(SUPPORTED_CLASSES)} "
+                         f"and their subclasses that keep forward")
+    if cls.forward is not base.forward:
+        owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+        raise TraceError(f"{cls.__name__!r} is a {base.__name__} whose forward is overridden (by "
+                         f"{owner.__name__!r}), which fxconvert cannot know it reproduces; keep "
+                         f"{base.__name__}.forward and put the change in a submodule, or convert the "
+                         f"{base.__name__} itself")
+    return base
+
+
 def default_input_names(model) -> list[str]:
-    name = type(model).__name__
+    name = supported_class(model).__name__
     if name.endswith("EncoderModel"):
         return ["input_ids", "attention_mask"]
     if name.endswith("ForConditionalGeneration"):
@@ -148,12 +194,27 @@ def accepted_input_names(model) -> list[str]:
     return [n for n in INPUT_SPECS if n in params]
 
 
+def input_name_list(input_names) -> list[str]:
+    """`input_names` as a list, refusing a bare string (list("input_ids") would be its letters)."""
+    if isinstance(input_names, (str, bytes)):
+        raise InputNameError(f"input_names is the string {input_names!r}; give a list of names, "
+                             f"e.g. [{input_names!r}]")
+    if not isinstance(input_names, (list, tuple)):  # a set or dict has no order to give the inputs
+        raise InputNameError(f"input_names is a {type(input_names).__name__}; give a list of names in the "
+                             f"order the module takes them")
+    odd = [n for n in input_names if not isinstance(n, str)]
+    if odd:
+        raise InputNameError(f"input names must be strings, got {odd[0]!r}; give a list of names such as "
+                             f"['input_ids', 'attention_mask']")
+    return list(input_names)
+
+
 def _check_input_names(model, input_names):
     accepted = accepted_input_names(model)
     unknown = [n for n in input_names if n not in accepted]
     if unknown:
         raise InputNameError(
-            f"unknown input name(s) {', '.join(unknown)} for {type(model).__name__}; "
+            f"unknown input name(s) {', '.join(unknown)} for {supported_class(model).__name__}; "
             f"choose from {', '.join(accepted)}"
         )
     if len(set(input_names)) != len(input_names):
@@ -649,5 +710,5 @@ def _leaf_replacements(model, tracer):
             ns[name] = original
 
 
-__all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "default_input_names",
-           "accepted_input_names", "forward_parameters"]
+__all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "supported_class",
+           "input_name_list", "require_transformers", "default_input_names", "accepted_input_names", "forward_parameters"]

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a rank waits for the others before failing (default 300)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub for SOURCE")
+    p.add_argument("--allow-random", action="store_true", help="when SOURCE resolves to no weights (a preset, a "
+                   "config), train from random weights instead of refusing")
     p.add_argument("--no-export", action="store_true", help="do not write RUN/hf at the end")
     p.add_argument("-v", "--verbose", action="store_true", help="print a failing rank's traceback before its line")
     return p
@@ -263,7 +265,14 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     from fxconvert.stages import split_stages
 
     transformers.utils.logging.disable_progress_bar()
-    conversion = convert(args.source, input_names=list(INPUT_NAMES), offline=args.offline, seed=args.seed)
+    from fxconvert.load import RandomWeightsRefused
+
+    try:
+        conversion = convert(args.source, input_names=list(INPUT_NAMES), offline=args.offline, seed=args.seed,
+                             allow_random=args.allow_random)
+    except RandomWeightsRefused as e:
+        raise UsageError(f"{e.why}: give a checkpoint directory, or pass --allow-random to train from random "
+                         f"weights") from e
     if conversion.source is not None and conversion.source.device == "meta":
         raise UsageError(f"{args.source} has no weights here (built on the meta device); convert a checkpoint")
     stages = split_stages(conversion, topo.num_stages)
@@ -566,13 +575,23 @@ def train(run: Run) -> None:
                                "tokens_per_s": tokens / seconds, "seconds": seconds})
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
                 _save(run, step + 1, save_checkpoint, rng_state, dist.barrier)
+                _say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step + 1}'}")
     finally:
         if reporter is not None:
             reporter.close()
     if args.save_every and start < args.steps:
         _save(run, args.steps, save_checkpoint, rng_state, dist.barrier)
+        _say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{args.steps}'}")
     if not args.no_export:
         _export(run, dist.barrier)
+        _say(run, f"wrote {run.run_dir / 'hf'} (a transformers checkpoint: from_pretrained loads it) and "
+                  f"{run.run_dir / 'metrics.jsonl'}")
+
+
+def _say(run: Run, message: str) -> None:
+    """A status line, from global rank 0 only (every rank knows the same)."""
+    if run.topo.rank == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _save(run: Run, step: int, save_checkpoint, rng_state, barrier) -> None:

@@ -3,12 +3,14 @@ shared weights, the pass records, and end-to-end agreement with the eager transf
 every gradient, an optimizer step) for every class and config variant, in eval and train mode."""
 
 import copy
+import warnings
 
 import pytest
 import torch
+import transformers
 
 from fxconvert import Conversion, ConvertedModule, convert
-from fxconvert.errors import UsageError
+from fxconvert.errors import InputNameError, ModelResolutionError, TraceError, UsageError
 from fxconvert.trace import trace
 
 from helpers import CLASSES, VARIANTS, build, eager_outputs, random_inputs
@@ -244,3 +246,139 @@ def test_optimizer_step_matches_eager(cls_name, variant):
     for n, p in c.module.named_parameters():
         torch.testing.assert_close(p, updated[names[n]], msg=lambda m, n=n: f"{n}: {m}")
     assert not torch.equal(updated["shared.weight"], initial["shared.weight"])
+
+
+# -- argument checks ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("names, message", [
+    ("input_ids", r"input_names is the string 'input_ids'; give a list of names, e.g. \['input_ids'\]"),
+    ({"input_ids", "attention_mask"}, r"input_names is a set; give a list of names in the order"),
+    (["input_ids", 7], r"input names must be strings, got 7; give a list of names"),
+])
+def test_input_names_must_be_a_list_of_names(names, message):
+    """A bare string used to be split into its letters ("i", "n", ...) and refused as unknown names."""
+    model = build("T5Model")
+    for call in (trace, convert):
+        with pytest.raises(InputNameError, match=message) as info:
+            call(model, input_names=names)
+        assert isinstance(info.value, UsageError) and "\n" not in str(info.value)
+
+
+def test_input_names_are_checked_before_a_name_is_loaded(tmp_path):
+    # a name that does not exist would raise ModelResolutionError if it were loaded first
+    with pytest.raises(InputNameError, match="input_names is the string"):
+        convert(str(tmp_path / "nothing-here"), input_names="input_ids")
+
+
+def test_a_tuple_of_names_is_a_list_of_names():
+    model = build("T5EncoderModel")
+    c = convert(model, input_names=("input_ids",))
+    x = random_inputs(["input_ids"], 2, 6, 3)
+    torch.testing.assert_close(c.module(**x), eager_outputs(model, x)["last_hidden_state"])
+
+
+def test_options_of_a_name_are_refused_for_a_built_model():
+    model = build("T5Model")
+    with pytest.raises(UsageError, match="allow_random and dtype apply to a model given by name"):
+        convert(model, allow_random=True)
+    with pytest.raises(UsageError, match="output is a int; give one output name"):
+        convert(model, output=3)
+
+
+def test_a_name_without_weights_needs_allow_random(tmp_path):
+    from checkpoints import write_checkpoint
+
+    model = write_checkpoint(tmp_path / "ckpt", "T5EncoderModel")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(ModelResolutionError, match="has no weights.*pass allow_random=True"):
+        convert(tmp_path / "ckpt")
+    from fxconvert.load import RandomWeightsWarning
+
+    with pytest.warns(RandomWeightsWarning, match="RANDOM WEIGHTS"):
+        c = convert(tmp_path / "ckpt", allow_random=True)
+    assert c.source.random_weights and type(c.model) is type(model)
+
+
+# -- subclasses of supported classes -----------------------------------------------------------------
+
+class TaggedT5(transformers.T5ForConditionalGeneration):
+    """A subclass that adds a method and keeps forward, as a user's wrapper class does."""
+
+    def describe(self):
+        return f"{self.config.num_layers} layers"
+
+
+class TaggedAgain(TaggedT5):
+    pass
+
+
+class ScaledT5(transformers.T5Model):
+    """A subclass whose forward computes something else: the trace of T5Model's forward would not be it."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.last_hidden_state = out.last_hidden_state * 2
+        return out
+
+
+class ScaledAgain(ScaledT5):
+    pass
+
+
+def as_subclass(cls, variant="original"):
+    """An instance of `cls` holding the weights of the tiny model of its supported base class."""
+    base = next(c for c in cls.__mro__ if c.__module__.startswith("transformers."))
+    model = cls(build(base.__name__, variant).config).eval()
+    model.load_state_dict(build(base.__name__, variant).state_dict())
+    return model
+
+
+@pytest.mark.parametrize("cls", [TaggedT5, TaggedAgain])
+def test_a_subclass_that_keeps_forward_converts_and_matches_eager(cls):
+    model = as_subclass(cls)
+    reference = copy.deepcopy(model)
+    c = convert(model)
+    assert c.model_class == "T5ForConditionalGeneration"  # the traced class: what model.py reproduces
+    assert c.input_names == default_inputs("T5ForConditionalGeneration")
+    names = eager_name_map(c, model)
+    for mode in ("eval", "train"):
+        c.module.train(mode == "train")
+        reference.train(mode == "train")
+        inputs = random_inputs(c.input_names, 2, 19, 4)
+        got, got_grads = output_and_grads(c.module, lambda: c.module(**inputs), seed=1)
+        want, want_grads = output_and_grads(reference, lambda: kept_output(c, eager_outputs(reference, inputs)),
+                                            seed=1)
+        torch.testing.assert_close(got, want, msg=lambda m: f"{mode}: {m}")
+        assert sorted(names[n] for n in got_grads) == sorted(want_grads)
+        for n, g in got_grads.items():
+            torch.testing.assert_close(g, want_grads[names[n]], msg=lambda m, n=n: f"{mode} {n}: {m}")
+
+
+@pytest.mark.parametrize("cls, owner", [(ScaledT5, "ScaledT5"), (ScaledAgain, "ScaledT5")])
+def test_a_subclass_that_overrides_forward_is_refused_saying_why(cls, owner):
+    model = as_subclass(cls)
+    for call in (trace, convert):
+        with pytest.raises(TraceError) as info:
+            call(model)
+        assert str(info.value) == (
+            f"'{cls.__name__}' is a T5Model whose forward is overridden (by '{owner}'), which fxconvert cannot know "
+            f"it reproduces; keep T5Model.forward and put the change in a submodule, or convert the T5Model itself")
+
+
+def test_a_class_named_like_a_supported_one_is_not_one():
+    impostor = type("T5Model", (torch.nn.Module,), {"forward": lambda self, input_ids: input_ids})()
+    with pytest.raises(TraceError, match=r"'T5Model' is not supported; fxconvert traces T5Model, .* and their "
+                                         r"subclasses that keep forward"):
+        trace(impostor)
+
+
+def test_a_hostile_subclass_name_reaches_no_generated_code(tmp_path):
+    """Class names are arbitrary strings; the conversion names the supported class it traced."""
+    cls = type('Evil"""\nraise SystemExit(3)\n"""', (transformers.T5EncoderModel,), {})
+    model = cls(build("T5EncoderModel").config).eval()
+    c = convert(model)
+    assert c.model_class == "T5EncoderModel"
+    c.save(tmp_path / "out")
+    for path in (tmp_path / "out").iterdir():
+        if path.suffix in (".py", ".md", ".json"):
+            assert "SystemExit" not in path.read_text(), path.name

@@ -1,16 +1,24 @@
 """Model resolution: directory, Hub cache, Hub, preset; config files; the meta device; the errors."""
 
 import json
+import logging
+import os
 import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import fxconvert.load as load_module
 from fxconvert.errors import ModelResolutionError
-from fxconvert.load import PRESETS, load
+from fxconvert.load import PRESETS, RandomWeightsWarning, load
 
 from checkpoints import checkpoint_tensors, edit_config, fake_hub_cache, write_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -38,7 +46,8 @@ def test_local_directory_loads_its_weights(tmp_path, no_network):
 def test_directory_without_weights_gets_random_weights_and_says_so(tmp_path, no_network):
     write_checkpoint(tmp_path / "ckpt", "MT5EncoderModel")
     (tmp_path / "ckpt" / "model.safetensors").unlink()
-    loaded = load(tmp_path / "ckpt")
+    with pytest.warns(RandomWeightsWarning, match="has no weights"):
+        loaded = load(tmp_path / "ckpt", allow_random=True)
     assert type(loaded.model).__name__ == "MT5EncoderModel"
     assert loaded.source.random_weights
     assert any("RANDOM WEIGHTS" in n for n in loaded.source.notes)
@@ -49,10 +58,11 @@ def test_config_file_is_an_architecture(tmp_path, no_network):
     write_checkpoint(tmp_path / "ckpt", "UMT5ForConditionalGeneration", variant="v1_1")
     config = tmp_path / "arch.json"
     config.write_text((tmp_path / "ckpt" / "config.json").read_text())
-    loaded = load(config, seed=3)
+    with pytest.warns(RandomWeightsWarning):
+        loaded = load(config, seed=3, allow_random=True)
+        again = load(config, seed=3, allow_random=True)  # the seed makes random weights reproducible
     assert type(loaded.model).__name__ == "UMT5ForConditionalGeneration"
     assert (loaded.source.origin, loaded.source.weights) == ("config file", "random")
-    again = load(config, seed=3)  # the seed makes random weights reproducible
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.parameters(), again.model.parameters()))
 
 
@@ -88,7 +98,8 @@ def test_presets_offline_are_published_architectures(name, cls, facts, params, n
 
 
 def test_untied_preset_converts_with_the_head_as_its_own_parameter(no_network):
-    loaded = load("google/flan-t5-small", offline=True)
+    with pytest.warns(RandomWeightsWarning):
+        loaded = load("google/flan-t5-small", offline=True, allow_random=True)
     model = loaded.model
     assert model.lm_head.weight is not model.shared.weight
     from fxconvert.convert import convert
@@ -100,7 +111,8 @@ def test_untied_preset_converts_with_the_head_as_its_own_parameter(no_network):
 
 
 def test_large_presets_go_to_the_meta_device_by_themselves(no_network):
-    loaded = load("t5-3b", offline=True)
+    with pytest.warns(RandomWeightsWarning, match="meta device"):
+        loaded = load("t5-3b", offline=True, allow_random=True)
     assert loaded.source.device == "meta" and loaded.source.weights == "none (meta device)"
     assert all(p.device.type == "meta" for p in loaded.model.parameters())
     assert any("meta device" in n for n in loaded.source.notes)
@@ -189,3 +201,110 @@ def test_presets_cover_the_public_family():
     expected |= {f"google/{f}-{s}" for f in ("t5-v1_1", "flan-t5", "mt5") for s in ("small", "base", "large", "xl",
                                                                                         "xxl")}
     assert set(PRESETS) == expected
+
+
+# -- random weights are an opt-in -------------------------------------------------------------
+
+
+def _no_weights(kind, tmp_path, monkeypatch):
+    """A name that resolves to an architecture without weights, by each way a name can."""
+    if kind == "preset, Hub unreachable":
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(load_module, "hub_reachable", lambda *a, **k: False)
+        return "google/flan-t5-small", "Hub is unreachable"
+    if kind == "preset, offline":
+        return "t5-small", r"not in the Hugging Face cache \(offline\)"
+    write_checkpoint(tmp_path / "ckpt", "T5EncoderModel")
+    if kind == "directory without weights":
+        (tmp_path / "ckpt" / "model.safetensors").unlink()
+        return tmp_path / "ckpt", "has no weights"
+    if kind == "config file":
+        (tmp_path / "arch.json").write_text((tmp_path / "ckpt" / "config.json").read_text())
+        return tmp_path / "arch.json", "is a config file, an architecture without weights"
+    import huggingface_hub.constants
+
+    fake_hub_cache(tmp_path / "cache", "someone/tiny-t5", tmp_path / "ckpt", files=("config.json",))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    return "someone/tiny-t5", "are not in the Hugging Face cache"
+
+
+NO_WEIGHTS = ["preset, Hub unreachable", "preset, offline", "directory without weights", "config file",
+              "cache entry without weights"]
+
+
+@pytest.mark.parametrize("kind", NO_WEIGHTS)
+def test_random_weights_are_refused_without_the_opt_in(kind, tmp_path, monkeypatch):
+    name, why = _no_weights(kind, tmp_path, monkeypatch)
+    from fxconvert.convert import convert
+
+    for call in (load, convert):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # refused, not warned and built
+            with pytest.raises(ModelResolutionError, match=why + r".*: pass allow_random=True to build it with "
+                                                                  r"random weights, or meta=True") as info:
+                call(name, offline=kind == "preset, offline")
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", NO_WEIGHTS)
+def test_random_weights_with_the_opt_in_are_warned_and_logged(kind, tmp_path, monkeypatch, caplog):
+    name, why = _no_weights(kind, tmp_path, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="fxconvert"), pytest.warns(RandomWeightsWarning) as warned:
+        loaded = load(name, offline=kind == "preset, offline", allow_random=True)
+    assert loaded.source.random_weights
+    (warning,) = [w for w in warned if w.category is RandomWeightsWarning]
+    assert str(warning.message).startswith(f"{name}: ") and "RANDOM WEIGHTS" in str(warning.message)
+    assert warning.filename == __file__  # the caller's line, where the opt-in was written
+    (record,) = [r for r in caplog.records if r.name.startswith("fxconvert")]
+    assert record.levelno == logging.WARNING and record.getMessage() == str(warning.message)
+
+
+def test_the_meta_device_needs_no_opt_in_and_warns_nothing(no_network):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load("google/flan-t5-small", offline=True, meta=True)
+    assert loaded.source.weights == "none (meta device)"
+
+
+def test_a_checkpoint_needs_no_opt_in_and_warns_nothing(tmp_path, no_network):
+    write_checkpoint(tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load(tmp_path / "ckpt").source.weights == "checkpoint"
+
+
+def test_a_library_user_sees_the_warning_once(tmp_path):
+    """As a script run by a user sees it: the warning on stderr once, not a second time through Python's
+    last-resort logging handler, and nothing else."""
+    write_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    script = f"from fxconvert.load import load\nload({str(tmp_path / 'ckpt')!r}, allow_random=True)\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("RANDOM WEIGHTS") == 1, run.stderr
+    assert f"RandomWeightsWarning: {tmp_path / 'ckpt'}: {tmp_path / 'ckpt'} has no weights" in run.stderr
+
+
+def test_a_transformers_outside_the_declared_range_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    """An environment where fxconvert was installed without its dependencies: an old transformers
+    fails with one line naming the range, not deep inside a trace."""
+    from fxconvert import cli
+    from fxconvert.errors import FxConvertError
+    from fxconvert.trace import require_transformers, trace
+
+    import helpers
+
+    model = helpers.build("T5Model")
+    monkeypatch.setattr("transformers.__version__", "4.57.0")  # below every range fxconvert declared
+    require_transformers.cache_clear()
+    try:
+        for call in (lambda: load("t5-small", offline=True, meta=True), lambda: trace(model)):
+            with pytest.raises(FxConvertError, match=r"^transformers 4.57.0 is installed, but fxconvert needs "
+                                                     r"transformers.*; install it with pip install 'transformers"):
+                call()
+        assert cli.main(["t5-small", "--meta", "--out", str(tmp_path / "out")]) == 1
+        assert capsys.readouterr().err.startswith("fxconvert: error: transformers 4.57.0 is installed")
+    finally:
+        require_transformers.cache_clear()

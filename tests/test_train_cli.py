@@ -167,3 +167,12 @@ def test_the_progress_line_on_a_terminal_and_the_metrics_file(tmp_path, monkeypa
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     Reporter(tmp_path, total_steps=4, start_step=1).close()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_source_without_weights_needs_allow_random(setup, tmp_path, capsys, monkeypatch):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(setup / "ckpt" / "config.json", bare / "config.json")  # an architecture, no weights
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", source=bare))
+    assert "--allow-random" in err and "allow_random=True" not in err
+    assert not (tmp_path / "run").exists()
