@@ -1,15 +1,43 @@
 """fxconvert: Hugging Face T5-family models as clean torch.fx graphs, ready for pipeline partitioning.
 
 The data path reads as the package: load -> trace -> passes -> convert -> codegen/save -> report.
-Importing fxconvert imports torch but not transformers, so generated code that needs
-`fxconvert.runtime` runs where transformers is not installed.
+The public names load on first use (PEP 562), so `import fxconvert` imports neither torch
+nor transformers: the command line starts at once and handles a Ctrl-C during its imports,
+and generated code that needs `fxconvert.runtime` runs where transformers is not installed.
 """
 
+import importlib
+import sys
+import types
+
 from fxconvert.errors import FxConvertError, PassError, TraceError
-from fxconvert.trace import trace  # noqa: E402  (the function shadows its module's name on purpose)
-from fxconvert.convert import Conversion, ConvertedModule, PassRecord, convert  # noqa: E402
-from fxconvert.stages import Stages, SplitError, split_stages  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["trace", "convert", "split_stages", "Conversion", "ConvertedModule", "PassRecord", "Stages",
-           "FxConvertError", "TraceError", "PassError", "SplitError"]
+
+# Each public name and the module that defines it.
+_PUBLIC = {"trace": "fxconvert.trace", "convert": "fxconvert.convert", "Conversion": "fxconvert.convert",
+           "ConvertedModule": "fxconvert.convert", "PassRecord": "fxconvert.convert",
+           "split_stages": "fxconvert.stages", "Stages": "fxconvert.stages", "SplitError": "fxconvert.stages"}
+__all__ = [*_PUBLIC, "FxConvertError", "TraceError", "PassError"]
+
+
+class _Package(types.ModuleType):
+    def __getattr__(self, name):
+        if name not in _PUBLIC:
+            raise AttributeError(f"module 'fxconvert' has no attribute '{name}'")
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name, value):
+        # Importing the submodule fxconvert.trace (or .convert) sets the package attribute of
+        # that name to the module; the function keeps the name, as an eager import left it.
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self):
+        return sorted({*super().__dir__(), *_PUBLIC})
+
+
+sys.modules[__name__].__class__ = _Package

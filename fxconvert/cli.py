@@ -6,8 +6,11 @@ passes (`fxconvert.convert`) -> validate (`fxconvert.validate`) -> write (`fxcon
 
 Exit codes: 0 done; 1 a failure (model not found or not supported, bad config or weights,
 trace, validation, write); 2 a usage error (bad option, unknown input or output name,
-existing --out without --force); 130 interrupted. Every failure is one line on stderr
-(with a traceback under -v), and nothing is left partially written.
+existing --out without --force, an --out fxconvert did not write); 130 interrupted (Ctrl-C
+or SIGTERM, alike). Every failure is one line on stderr (with a traceback under -v), and
+nothing is left partially written: the line after an interrupt says whether the output is
+complete or nothing was written. Everything printed has control characters escaped
+(`fxconvert.errors.printable`).
 
 Optional report sections hang off `OPTIONAL_SECTIONS`: a feature adds its option in
 `build_parser` and a `(enabled(args), build(conversion, args))` pair there.
@@ -16,11 +19,13 @@ Optional report sections hang off `OPTIONAL_SECTIONS`: a feature adds its option
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 
-from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.errors import FxConvertError, UsageError, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "fxconvert"
@@ -101,29 +106,79 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit code."""
-    args = None
+    args, started, signals = None, time.time(), []
     try:
-        args = build_parser().parse_args(argv)
-        with _offline_env(args.offline):
-            return run(args)
+        with _interrupts(signals):
+            args = build_parser().parse_args(argv)
+            with _offline_env(args.offline):
+                code = run(args)
+            if signals:  # a library caught the KeyboardInterrupt and carried on
+                raise KeyboardInterrupt
+            return code
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
     except KeyboardInterrupt:
-        _fail("interrupted (no partial output is left behind)", args)
-        return EXIT_INTERRUPTED
+        return _interrupted(args, started)
     except BrokenPipeError:  # stdout closed early (| head): stop quietly, as rich does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
-    except UsageError as e:
-        _fail(str(e), args)
-        return EXIT_USAGE
-    except FxConvertError as e:
-        _fail(str(e), args)
-        return EXIT_FAILURE
     except Exception as e:
+        if signals:  # a library caught the KeyboardInterrupt and raised another error
+            return _interrupted(args, started)
+        if isinstance(e, FxConvertError):
+            _fail(str(e), args)
+            return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
         hint = "" if args is not None and args.verbose else " (rerun with -v for the traceback)"
         _fail(f"unexpected {type(e).__name__}: {_first_line(e)}{hint}", args)
         return EXIT_FAILURE
+
+
+@contextlib.contextmanager
+def _interrupts(received: list):
+    """Ctrl-C and SIGTERM alike raise KeyboardInterrupt, and are recorded in `received`.
+
+    The record matters because some libraries catch a KeyboardInterrupt that lands in their
+    imports and raise another error, or carry on; the run must still end as interrupted.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # under nohup, or a background job: ignored stays ignored
+            signal.signal(s, interrupt)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _interrupted(args, started: float) -> int:
+    _fail(f"interrupted; {_on_disk(args, started)}", args)
+    return EXIT_INTERRUPTED
+
+
+def _on_disk(args, started: float) -> str:
+    """What an interrupted run leaves: its complete output (the commit is atomic), or nothing it wrote."""
+    save = sys.modules.get("fxconvert.save")  # not imported: nothing was written
+    if (save is not None and args is not None and (args.name or args.config)
+            and save.is_own_output(_out_dir(args), since=started)):
+        return f"the output in {_out_dir(args)} is complete"
+    return "nothing was written"
+
+
+def _out_dir(args):
+    from pathlib import Path
+
+    from fxconvert.load import short_name
+
+    return Path(args.out) if args.out else Path("fxconvert-out") / short_name(args.name or args.config)
 
 
 @contextlib.contextmanager
@@ -143,10 +198,6 @@ def _offline_env(offline: bool):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from fxconvert.load import short_name
-
     if (args.name is None) == (args.config is None):
         raise UsageError(f"give a model NAME or --config FILE.json{'' if args.name is None else ', not both'} "
                          f"(see {PROG} --help)")
@@ -160,15 +211,18 @@ def run(args) -> int:
     for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
         if value is not None and not 0 <= value < float("inf"):
             raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
+    if not 0 <= args.seed < 2**63:  # torch.manual_seed takes 64 bits, and validation seeds with seed + 1
+        raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     name = args.name if args.name is not None else args.config
-    out = Path(args.out) if args.out else Path("fxconvert-out") / short_name(name)
+    out = _out_dir(args)
     input_names = [n.strip() for n in args.inputs.split(",") if n.strip()] if args.inputs is not None else None
     if input_names == []:
         raise UsageError("--inputs is empty; give comma-separated input names")
 
     from fxconvert.save import check_destination
 
-    check_destination(out, force=args.force)  # before any work
+    source = [name] if os.path.exists(name) else []
+    check_destination(out, force=args.force, keep=source, force_name="--force")  # before any work
     progress = Progress(enabled=not args.quiet, verbose=args.verbose)
     timings = {}
 
@@ -191,6 +245,10 @@ def run(args) -> int:
 
         traced = trace_with_stats(loaded.model, input_names)
         step.detail = f"{len(traced.graph_module.graph.nodes)} nodes"
+    if args.stages is not None:  # the blocks are known now: refuse too many stages before the passes
+        from fxconvert.stages import stage_blocks
+
+        stage_blocks(traced.graph_module, args.stages, type(loaded.model).__name__)
     with progress.step("passes", "running passes", timings) as step:
         from fxconvert.convert import convert_traced
 
@@ -245,11 +303,14 @@ def run(args) -> int:
     with progress.step("write", f"writing {out}", timings) as step:
         from fxconvert.save import save
 
-        saved = save(conversion, out, force=args.force, make_report=make_report, extra_files=extra_files)
+        saved = save(conversion, out, force=args.force, make_report=make_report, extra_files=extra_files,
+                     force_name="--force")
         step.detail = f"{len(saved.files)} files"
+    for note in saved.notes:
+        progress.warn(note)
     _show(make_report(detail=args.verbose), args)
     if not args.quiet:
-        progress.console.print(f"Wrote {out}{os.sep} ({', '.join(saved.files)})", highlight=False)
+        progress.console.print(_markup(f"Wrote {out}{os.sep} ({', '.join(saved.files)})"), highlight=False)
     return EXIT_OK
 
 
@@ -301,7 +362,7 @@ class Progress:
     def step(self, name: str, description: str, timings: dict):
         step = _Step()
         start = time.perf_counter()
-        status = self.console.status(f"{description}...") if self.enabled else contextlib.nullcontext()
+        status = self.console.status(_markup(f"{description}...")) if self.enabled else contextlib.nullcontext()
         try:
             with status:
                 yield step
@@ -310,10 +371,17 @@ class Progress:
         if self.enabled:
             mark = "[green]✓[/]" if step.ok else "[bold red]✗[/]"
             detail = step.detail if self.verbose or len(step.detail) < 100 else step.detail[:97] + "..."
-            self.console.print(f"{mark} {name:<9}{_seconds(timings[name]):>9}  {detail}", highlight=False)
+            self.console.print(f"{mark} {name:<9}{_seconds(timings[name]):>9}  {_markup(detail)}", highlight=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+        self.console.print(f"[bold yellow]warning:[/] {_markup(message)}", highlight=False)
+
+
+def _markup(text: str) -> str:
+    """Text for rich markup: control characters escaped, brackets quoted (a path may hold `[/x]`)."""
+    from rich.markup import escape
+
+    return escape(printable(text))
 
 
 def _seconds(s: float) -> str:
@@ -324,8 +392,8 @@ def _fail(message: str, args) -> None:
     if args is not None and args.verbose:
         import traceback
 
-        traceback.print_exc()
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+        sys.stderr.write("".join(printable(line) + "\n" for line in traceback.format_exc().splitlines()))
+    print(f"{PROG}: error: {printable(message)}", file=sys.stderr)
 
 
 def _first_line(e: BaseException) -> str:

@@ -5,6 +5,21 @@ class FxConvertError(Exception):
     """Base class of every error fxconvert raises on purpose."""
 
 
+# C0 and C1 control characters and DEL, and the Unicode line separators and bidirectional
+# overrides: printed raw, they can move the cursor, colour text or fake a line.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                             *range(0x2066, 0x206A))})
+
+
+def printable(text) -> str:
+    """`text` with control characters escaped (ESC as `\\x1b`), for anything fxconvert prints.
+
+    Messages quote config values, names and paths, which a hostile checkpoint controls.
+    """
+    return str(text).translate(_ESCAPES)
+
+
 class TraceError(FxConvertError):
     """The model (or one construct in it) could not be traced."""
 

@@ -12,13 +12,14 @@ A feature adds a section by writing one builder and appending its result to
 `Report.sections` (see `build_report(..., extra=[...])`).
 """
 
+import dataclasses
 import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fxconvert.analysis import node_kind
-from fxconvert.errors import UsageError
+from fxconvert.errors import UsageError, printable
 from fxconvert.trace import _EXAMPLE_SIZES, INPUT_SPECS
 
 FORMATS = ("rich", "plain", "markdown", "json")
@@ -308,8 +309,9 @@ def _bytes(n) -> str:
 
 def render(report: Report, fmt: str) -> str:
     """The report as text: "markdown" (GitHub tables), "plain" or "json"."""
-    if fmt == "json":
+    if fmt == "json":  # json.dumps escapes control characters itself
         return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+    report = _printable(report)
     if fmt == "markdown":
         return _markdown(report)
     if fmt == "plain":
@@ -325,6 +327,7 @@ def print_rich(report: Report, console) -> None:
     from rich.table import Table as RichTable
     from rich.text import Text
 
+    report = _printable(report)
     console.rule(Text(report.title, style="bold"))
     if report.warnings:
         console.print(Panel("\n".join(report.warnings), title="warning", border_style="bold yellow",
@@ -352,6 +355,23 @@ def print_rich(report: Report, console) -> None:
             console.print(Syntax(section.code, section.language, theme="ansi_dark", background_color="default"))
         for note in section.notes:
             console.print(Text(note, style="dim"))
+
+
+def _printable(report: Report) -> Report:
+    """The report with control characters escaped in its display text (`fxconvert.errors.printable`).
+
+    Config values, names and paths reach it; the code block is generated code, whose user text
+    is in repr() literals already.
+    """
+    def text(value):
+        return printable(value) if isinstance(value, str) else [text(v) for v in value] if isinstance(
+            value, (list, tuple)) else value
+
+    return dataclasses.replace(report, title=printable(report.title), warnings=text(report.warnings), sections=[
+        dataclasses.replace(s, title=printable(s.title), fields={k: text(v) for k, v in s.fields.items()},
+                            tables=[Table(t.headers, [[text(c) for c in row] for row in t.rows], printable(t.title))
+                                    for t in s.tables], notes=text(s.notes))
+        for s in report.sections])
 
 
 def _rich_bars(bars, *, width: int):

@@ -11,16 +11,37 @@
   under its placeholder name, the rest under `graph_module.<eager name>`. A model on the
   meta device has no weights, so the file is not written.
 
-Everything is written into a temporary directory beside the destination and renamed into
-place at the end, so a failure or Ctrl-C leaves the destination as it was.
+Every output holds a marker file, `.fxconvert`: one JSON line naming the producer and the files
+written. It is how `force` knows a directory is fxconvert's to replace (any other non-empty
+directory is refused, as is the directory that holds the source checkpoint), and how a later
+run knows the hidden temporary directories of a killed run for its own.
+
+The write is a small state machine, so that a failure, Ctrl-C or SIGTERM leaves either the
+old destination or the complete new one, and the message can say which:
+1. write everything into `.<name>.XXXXXXXX.tmp` beside the destination (marker first);
+2. commit: rename it into place, never over a directory that appeared since the check
+   (renameat2 RENAME_NOREPLACE), or, with `force`, swap it with the old output in one step
+   (RENAME_EXCHANGE; two renames where the system has no renameat2);
+3. remove the old output.
+Signals wait while step 2 and 3 run. A run killed outright (SIGKILL, power loss) leaves a
+hidden directory that the next run to the same destination removes.
 """
 
+import contextlib
+import ctypes
+import errno
+import json
 import os
+import re
+import secrets
 import shutil
+import signal
+import socket
 import tempfile
 import textwrap
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +50,8 @@ from fxconvert.codegen import check_names, module_source
 from fxconvert.errors import FxConvertError, UsageError
 
 MODEL_FILE, WEIGHTS_FILE, REPORT_MD, REPORT_JSON = "model.py", "weights.safetensors", "report.md", "report.json"
+MARKER = ".fxconvert"
+_RUN = secrets.token_hex(8)  # names this process in the markers it writes
 
 
 class SaveError(FxConvertError):
@@ -40,16 +63,37 @@ class Saved:
     out_dir: Path
     files: list[str]
     report: object = None  # the fxconvert.report.Report written, if any
+    notes: list[str] = field(default_factory=list)  # what went wrong after the output was complete
 
 
-def check_destination(out_dir, *, force: bool = False) -> Path:
-    """Fail early, before any work, if `out_dir` cannot be (re)placed: refused without `force`, or unwritable."""
-    out = Path(out_dir)
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise UsageError(f"--out {out} exists and is not a directory; choose another path")
-        if not force and any(out.iterdir()):
-            raise UsageError(f"{out} already exists; pass --force to replace it, or choose another --out")
+def check_destination(out_dir, *, force: bool = False, keep=(), force_name: str = "force=True") -> Path:
+    """The directory to write (a symlink resolved to its target); fails early, before any work, if it may not be.
+
+    Refused: a non-empty directory unless `force` and fxconvert wrote it (see the module
+    docstring); a path in `keep` (the source) or a directory that contains one; an unwritable
+    parent. `force_name` is how the message names the option (`--force` on the command line).
+    """
+    try:
+        out = Path(out_dir).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise UsageError(f"cannot use {out_dir} as the output directory: {e}") from e
+    for path in keep:
+        source = Path(path).resolve()
+        if out == source or out in source.parents:
+            raise UsageError(f"the output directory {out} would replace the source {path}; choose an output "
+                             f"directory that does not contain it")
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} exists and is not a directory; choose another output directory")
+        if out.exists() and any(out.iterdir()):
+            foreign = _not_written_by_fxconvert(out)
+            if foreign:
+                raise UsageError(f"{out} is not empty and {foreign}; choose another output directory")
+            if not force:
+                raise UsageError(f"{out} already exists; pass {force_name} to replace it, or choose another "
+                                 f"output directory")
+    except OSError as e:
+        raise SaveError(f"cannot write to {out}: {e.strerror or e}") from e
     parent = _existing_parent(out.parent)
     if not parent.is_dir():
         raise SaveError(f"cannot write to {out}: {parent} is not a directory")
@@ -58,7 +102,8 @@ def check_destination(out_dir, *, force: bool = False) -> Path:
     return out
 
 
-def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_files=None) -> Saved:
+def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_files=None,
+         force_name: str = "force=True") -> Saved:
     """Write the conversion's files into `out_dir` atomically (see the module docstring).
 
     `make_report()`, called after model.py and the weights are written (so that the
@@ -66,26 +111,33 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
     returns the `fxconvert.report.Report` to write as report.md and report.json.
     `extra_files` maps more file names to their text (e.g. `stage_<i>.py`), or to bytes
     for files copied as they are (tokenizer files).
+    A KeyboardInterrupt leaves `out_dir` as it was, or, once the commit began, complete
+    (`is_own_output` tells which).
     """
-    out = check_destination(out_dir, force=force)
+    source = conversion.source
+    keep = [source.location] if source is not None and os.path.exists(source.location) else []
+    out = check_destination(out_dir, force=force, keep=keep, force_name=force_name)
+    found = "absent" if not out.exists() else "output" if any(out.iterdir()) else "empty"
+    _remove_stale(out)
     start = time.perf_counter()
-    source = model_source(conversion)
-    created, tmp, done = _missing_parents(out.parent), None, False
+    text = model_source(conversion)
+    weights = not _on_meta(conversion.module)
+    files = [MODEL_FILE, *(extra_files or {})] + [WEIGHTS_FILE] * weights + [REPORT_MD, REPORT_JSON] * bool(
+        make_report)
+    created, tmp = _missing_parents(out.parent), None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-        (tmp / MODEL_FILE).write_text(source, encoding="utf-8")
-        files = [MODEL_FILE]
+        _write_marker(tmp, files)  # first: a killed run's directory is recognisable from the start
+        (tmp / MODEL_FILE).write_text(text, encoding="utf-8")
         for name, content in (extra_files or {}).items():
             if isinstance(content, bytes):  # copied files (a tokenizer's), byte for byte
                 (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content, encoding="utf-8")
-            files.append(name)
-        if not _on_meta(conversion.module):
+        if weights:
             save_weights(conversion.module, tmp / WEIGHTS_FILE)
-            files.append(WEIGHTS_FILE)
         conversion.timings["write"] = time.perf_counter() - start
         report = None
         if make_report is not None:
@@ -94,19 +146,21 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
             report = make_report()
             (tmp / REPORT_MD).write_text(render(report, "markdown"), encoding="utf-8")
             (tmp / REPORT_JSON).write_text(render(report, "json"), encoding="utf-8")
-            files += [REPORT_MD, REPORT_JSON]
-        for name in files:
+        for name in [MARKER, *files]:
             os.chmod(tmp / name, 0o666 & ~_umask())
-        _replace(tmp, out)
-        done = True
+        with _signals_deferred():
+            old = _commit(tmp, out, found)
+            tmp = None
+            notes = [] if old is None else _remove_old(old)
     except OSError as e:
         raise SaveError(f"cannot write to {out}: {e.strerror or e}") from e
     finally:
-        if not done:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            _remove_empty(created)
-    return Saved(out, files, report)
+        if tmp is not None:
+            with _signals_deferred():
+                with contextlib.suppress(OSError):
+                    _rmtree(tmp)
+                _remove_empty(created)
+    return Saved(out, files, report, notes)
 
 
 def save_weights(module: torch.nn.Module, path) -> None:
@@ -119,21 +173,209 @@ def save_weights(module: torch.nn.Module, path) -> None:
     save_file(state, str(path), metadata={"format": "pt", "producer": f"fxconvert {fxconvert.__version__}"})
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`; an existing `out` is moved aside first and put back if that fails."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        old.rmdir()
-        os.rename(out, old)
+# -- the marker ----------------------------------------------------------------------------------
+
+
+def _write_marker(directory: Path, files: list[str]) -> None:
+    """`.fxconvert`: the producer, the files it writes, and the process writing them (for stale-run cleanup)."""
+    import fxconvert
+
+    record = {"producer": "fxconvert", "version": fxconvert.__version__, "files": files, "pid": os.getpid(),
+              "host": socket.gethostname(), "run": _RUN, "time": time.time()}
+    (directory / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+
+def is_own_output(out_dir, *, since: float = 0.0) -> bool:
+    """Whether `out_dir` holds an output this process began writing at `time.time()` >= `since`.
+
+    Such an output is complete, since only a finished one is put in place.
+    """
+    record = _read_marker(Path(out_dir))
+    return record is not None and record.get("run") == _RUN and record.get("time", 0) >= since
+
+
+def _read_marker(directory: Path) -> dict | None:
     try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
+        record = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and record.get("producer") == "fxconvert" and isinstance(record.get("files"), list)
+    return record if ok else None
+
+
+def _not_written_by_fxconvert(directory: Path) -> str:
+    """Why fxconvert may not delete `directory`, or "" if it wrote everything there.
+
+    Its own files are those the marker lists, plus the `__pycache__` of `import model`.
+    """
+    record = _read_marker(directory)
+    if record is None:
+        return f"was not written by fxconvert (it has no {MARKER} marker)"
+    ours = {MARKER, *record["files"]}
+    foreign = sorted(e.name for e in os.scandir(directory) if e.name not in ours and not _is_pycache(e))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"holds files fxconvert did not write ({shown})"
+    return ""
+
+
+def _is_pycache(entry: os.DirEntry) -> bool:
+    try:
+        return (entry.name == "__pycache__" and entry.is_dir(follow_symlinks=False)
+                and all(name.endswith(".pyc") for name in os.listdir(entry.path)))
+    except OSError:
+        return False
+
+
+# -- the write's steps ---------------------------------------------------------------------------
+
+
+def _commit(tmp: Path, out: Path, found: str) -> Path | None:
+    """Put `tmp` in place of `out`; returns the directory now holding the old output, if any, to remove.
+
+    `found` is what the check found at `out`: "absent", "empty", or an "output" of fxconvert's
+    to replace. Only that is replaced, and an output only while it is still fxconvert's; a
+    directory that appeared since (another run writing the same destination) is left alone.
+    """
+    if found == "output" and out.exists():
+        foreign = _not_written_by_fxconvert(out)
+        if foreign:
+            raise SaveError(f"{out} changed while this run was writing: it {foreign}; nothing was written, "
+                            f"choose another output directory")
+        if _renameat2(tmp, out, _RENAME_EXCHANGE):
+            return tmp  # the old output, under the temporary name
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old.rmdir()  # a fresh name (Windows renames onto no directory)
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
             os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            raise
+        return old
+    try:
+        if found == "empty" and out.exists():  # a plain rename replaces it only while it is still empty
+            os.rename(tmp, out)
+        elif not _renameat2(tmp, out, _RENAME_NOREPLACE):
+            if out.exists():
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+            os.rename(tmp, out)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        raise SaveError(f"{out} appeared while this run was writing it (another run writing there?); "
+                        f"nothing was written: choose another output directory, or rerun") from e
+    return None
+
+
+def _remove_old(old: Path) -> list[str]:
+    """Remove the replaced output; a failure is a note, since the new output is complete."""
+    try:
+        _rmtree(old)
+    except OSError as e:
+        return [f"the previous output could not be removed from {old}: {e.strerror or e}; remove it yourself"]
+    return []
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove `.<name>.*.tmp` and `.<name>.*.old` beside `out` left by a run that was killed.
+
+    Only directories with fxconvert's own names and marker, whose writer is no longer running
+    on this host, and that hold nothing fxconvert did not write.
+    """
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
+    try:
+        entries = [e for e in os.scandir(out.parent) if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        record = _read_marker(path)
+        if record is None or _not_written_by_fxconvert(path) or _writer_alive(record):
+            continue
+        with _signals_deferred(), contextlib.suppress(OSError):
+            _rmtree(path)
+
+
+def _writer_alive(record: dict) -> bool:
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return True  # cannot tell: keep it
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _rmtree(path: Path) -> None:
+    """Remove one of fxconvert's own directories, its marker last, so that if this process is killed
+    meanwhile the next run still knows the rest for fxconvert's. A read-only subdirectory (a
+    chmod-ed `__pycache__`) is made writable; nothing outside `path` is touched."""
+    for attempt in (1, 2):
+        try:
+            for name in sorted(os.listdir(path), key=lambda name: name == MARKER):
+                entry = path / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except PermissionError:
+            if attempt == 2:
+                raise
+            os.chmod(path, 0o700)
+            for parent, dirs, _ in os.walk(path):
+                for name in dirs:
+                    if not os.path.islink(os.path.join(parent, name)):
+                        os.chmod(os.path.join(parent, name), 0o700)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM wait until the block ends, so that a commit or a cleanup is never left half done.
+
+    A signal that arrived is then delivered. Only the main thread receives signals, so
+    elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT,
+                                                                                           signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    if caught:
+        signal.raise_signal(caught[0])  # now, to whatever handler was there
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2(2); False where the C library or the file system lacks it (the caller falls back)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not Linux, or an old C library
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
 
 
 def _umask() -> int:

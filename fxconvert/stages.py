@@ -157,19 +157,9 @@ def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "tim
                                 max_stage_bytes=max_stage_bytes)
     except UsageError as e:
         raise SplitError(str(e)) from None
+    blocks = stage_blocks(gm, num_stages, conversion.model_class)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     block_of = _block_of_nodes(gm, nodes)
-    blocks = sorted(set(block_of.values()), key=_block_key)
-    if not blocks:
-        raise SplitError(
-            f"{conversion.model_class or 'this graph'} has no block boundaries (no node's module path lies in "
-            f"'encoder.block.<i>' or 'decoder.block.<i>'); it cannot be split into stages"
-        )
-    if num_stages > len(blocks):
-        raise SplitError(
-            f"cannot split into {num_stages} stages: the graph has {len(blocks)} blocks "
-            f"({blocks[0]} ... {blocks[-1]}) and a stage holds at least one; ask for at most {len(blocks)}"
-        )
     unit = _attach_to_blocks(nodes, block_of, [_block_key(b) for b in blocks])
     costs = [0] * len(blocks)
     for node, param in _owned_parameters(gm, nodes):
@@ -268,6 +258,29 @@ def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs) -> "balancing.
         for u in range(unit[node], last):
             cut_bytes[u] += graph_cost.value_bytes(node)
     return balancing.UnitCosts(graph_cost, nodes_of, list(owned_costs), shared, shared_bytes, cut_bytes)
+
+
+def stage_blocks(gm: torch.fx.GraphModule, num_stages: int, model_class: str = "") -> list[str]:
+    """The graph's blocks in order, once `num_stages` is known to fit them (a stage holds at least one).
+
+    The traced graph has the same blocks as the converted one, so a command line can refuse
+    too many stages before the passes and validation run.
+    """
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+        raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    blocks = sorted(set(_block_of_nodes(gm, nodes).values()), key=_block_key)
+    if not blocks:
+        raise SplitError(
+            f"{model_class or 'this graph'} has no block boundaries (no node's module path lies in "
+            f"'encoder.block.<i>' or 'decoder.block.<i>'); it cannot be split into stages"
+        )
+    if num_stages > len(blocks):
+        raise SplitError(
+            f"cannot split into {num_stages} stages: the graph has {len(blocks)} blocks "
+            f"({blocks[0]} ... {blocks[-1]}) and a stage holds at least one; ask for at most {len(blocks)}"
+        )
+    return blocks
 
 
 # -- assignment ----------------------------------------------------------------------------
@@ -582,6 +595,8 @@ def _value_row(node: torch.fx.Node) -> dict:
 
 def write_stage_sources(stages: Stages, directory) -> list[Path]:
     """Write the `stage_<i>.py` files into `directory`; return the paths."""
+    from fxconvert.pipeline import stage_sources
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -591,9 +606,17 @@ def write_stage_sources(stages: Stages, directory) -> list[Path]:
     return paths
 
 
-# The stage files and pipeline.json are written by fxconvert.pipeline (which imports this module
-# at its top, so this import comes last).
-from fxconvert.pipeline import pipeline_manifest, stage_sources  # noqa: E402
+def __getattr__(name):
+    """`pipeline_manifest` and `stage_sources`, re-exported from fxconvert.pipeline on first use.
+
+    fxconvert.pipeline imports this module at its top, so importing it here would fail
+    whenever fxconvert.pipeline is imported first (as `fxconvert.train` does).
+    """
+    if name in ("pipeline_manifest", "stage_sources"):
+        from fxconvert import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan",
            "stage_sources", "write_stage_sources", "pipeline_manifest"]

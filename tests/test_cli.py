@@ -16,7 +16,7 @@ from fxconvert.load import PRESETS
 from checkpoints import edit_config, leftovers, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-FILES = ["model.py", "report.json", "report.md", "weights.safetensors"]
+FILES = [".fxconvert", "model.py", "report.json", "report.md", "weights.safetensors"]
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_config_file_random_weights_and_the_default_out(ckpt, tmp_path, capsys, 
 def test_meta_flag_skips_weights_and_validation(ckpt, tmp_path, capsys):
     code, out, err = run_cli(capsys, ckpt, "--meta", "--out", tmp_path / "out", "--format", "json")
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "out")) == ["model.py", "report.json", "report.md"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".fxconvert", "model.py", "report.json", "report.md"]
     report = json.loads(out)
     assert report["model"]["source"]["weights"] == "none (meta device)"
     assert "meta device" in report["validation"]["skipped"]
@@ -106,7 +106,7 @@ def test_meta_flag_skips_weights_and_validation(ckpt, tmp_path, capsys):
 def test_t5_11b_converts_on_the_meta_device(tmp_path, capsys):
     code, out, err = run_cli(capsys, "t5-11b", "--offline", "--out", tmp_path / "out", "--format", "json")
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "out")) == ["model.py", "report.json", "report.md"]  # no weights
+    assert sorted(os.listdir(tmp_path / "out")) == [".fxconvert", "model.py", "report.json", "report.md"]  # no weights
     report = json.loads(out)
     assert report["model"]["parameters"] == 11_307_321_344
     assert report["model"]["source"]["device"] == "meta"
@@ -123,7 +123,8 @@ def test_t5_11b_converts_on_the_meta_device(tmp_path, capsys):
     ("unknown input", 2, r"unknown input name\(s\) bogus for T5ForConditionalGeneration; choose from input_ids"),
     ("unknown output", 2, r"unknown output 'nope'; this model returns loss, logits, encoder_last_hidden_state"),
     ("unwritable out", 1, r"cannot write to .*not a directory"),
-    ("existing out", 2, r"already exists; pass --force"),
+    ("existing out", 2, r"already exists; pass --force to replace it"),
+    ("not fxconvert's out", 2, r"out is not empty and was not written by fxconvert .*; choose another output"),
     ("bad option", 2, r"unrecognized arguments: --bogus"),
     ("too many stages", 2, r"cannot split into 9 stages: the graph has 4 blocks .*ask for at most 4"),
     ("name and config", 2, r"give a model NAME or --config FILE.json, not both"),
@@ -148,6 +149,9 @@ def test_failures_are_one_line_with_an_exit_code_and_leave_nothing(case, expecte
         (tmp_path / "file").write_text("")
         args[2] = tmp_path / "file" / "out"
     elif case == "existing out":
+        assert main([str(ckpt), "--out", str(out), "--no-validate", "--offline", "-q"]) == 0
+        capsys.readouterr()
+    elif case == "not fxconvert's out":
         out.mkdir()
         (out / "mine.txt").write_text("keep")
     elif case == "bad option":

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import fxconvert.save as save_module
 from fxconvert import convert
 from fxconvert.errors import UsageError
-from fxconvert.save import MODEL_FILE, REPORT_JSON, REPORT_MD, WEIGHTS_FILE, SaveError, save
+from fxconvert.save import MARKER, MODEL_FILE, REPORT_JSON, REPORT_MD, WEIGHTS_FILE, SaveError, save
 
 import helpers
 from checkpoints import checkpoint_tensors, leftovers, write_checkpoint
@@ -119,17 +119,17 @@ def test_meta_conversion_by_name_writes_no_weights(tmp_path):
     assert any("no weights are written" in w for w in report["warnings"])
 
 
-def test_existing_directory_is_refused_without_force_and_replaced_with_it(tmp_path):
+def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path):
     conversion = convert(helpers.build())
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
-    with pytest.raises(UsageError, match="already exists; pass --force"):
+    conversion.save(out)
+    before = leftovers(tmp_path)
+    with pytest.raises(UsageError, match="already exists; pass force=True"):
         conversion.save(out)
-    assert leftovers(tmp_path) == ["out", "out/old.txt"]
+    assert leftovers(tmp_path) == before
     conversion.save(out, force=True)
-    assert sorted(os.listdir(out)) == sorted([MODEL_FILE, WEIGHTS_FILE, REPORT_MD, REPORT_JSON])
-    assert leftovers(tmp_path) == sorted(["out"] + [f"out/{f}" for f in os.listdir(out)])
+    assert sorted(os.listdir(out)) == sorted([MARKER, MODEL_FILE, WEIGHTS_FILE, REPORT_MD, REPORT_JSON])
+    assert leftovers(tmp_path) == before
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
