@@ -156,7 +156,7 @@ def test_a_path_that_is_not_utf8_becomes_an_ascii_literal(tmp_path):
 
     path = tmp_path / os.fsdecode(b"arch\xff\xfe\x80.json")
     path.write_text(json.dumps(helpers.tiny_config().to_dict()))
-    conversion = convert(path)
+    conversion = convert(path, allow_random=True)
     texts = {"model.py": model_source(conversion), **stage_sources(split_stages(conversion, 2))}
     for name, text in texts.items():
         text.encode("utf-8")  # the file can be written as UTF-8
