@@ -32,7 +32,7 @@ from fxconvert.codegen import check_names, module_source
 from fxconvert.convert import Conversion
 from fxconvert.errors import UsageError
 from fxconvert.save import WEIGHTS_FILE
-from fxconvert.stages import SplitError, Stages, split_stages, stage_table
+from fxconvert.stages import SplitError, Stages, split_stages, stage_plan, stage_table
 
 CONFIG_FILE, GENERATION_CONFIG_FILE, PIPELINE_FILE = "config.json", "generation_config.json", "pipeline.json"
 # Files a tokenizer's save_pretrained writes (fast and slow T5, mT5, umT5 and the common formats).
@@ -161,6 +161,8 @@ def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
             "shared_weights": list(spec.shared_weights),
             "parameters": parameters,
             "parameter_bytes": sum(p["bytes"] for p in parameters),
+            "flops": spec.flops,  # predicted forward + backward FLOPs at the plan's sizes (None: no prediction)
+            "peak_bytes": spec.peak_bytes,  # predicted peak memory under the plan's schedule
         })
     config = getattr(conversion.model, "config", None)
     return {
@@ -179,6 +181,7 @@ def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
                    "stages": [spec.index for spec in stages.specs if name in spec.shared_weights]}
             for name in conversion.module.shared_names
         },
+        "plan": stage_plan(stages),  # how the split was chosen and its predicted costs (None without predictions)
         "stages": rows,
     }
 

@@ -438,3 +438,18 @@ def test_tokenizer_files_come_from_the_hub_cache_snapshot(tmp_path, monkeypatch)
     assert manifest(tmp_path / "out")["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ckpt" / name).read_bytes()
+
+
+@pytest.mark.parametrize("n", NUM_STAGES)
+def test_manifest_carries_the_split_plan(converted, n):
+    """pipeline.json states how the split was chosen: the plan the same split predicts, per stage and in all."""
+    from fxconvert.stages import split_stages, stage_plan
+
+    _, _, ckpt, outputs, _, _ = converted
+    m = manifest(outputs[n])
+    stages = split_stages(convert(ckpt), n)  # the split Conversion.save(stages=n) made: deterministic
+    plan = stage_plan(stages)
+    assert m["plan"] == json.loads(json.dumps(plan))
+    assert [s["flops"] for s in m["stages"]] == plan["flops"] == [spec.flops for spec in stages.specs]
+    assert [s["peak_bytes"] for s in m["stages"]] == plan["peak_bytes"]
+    assert [s["blocks"] for s in m["stages"]] == [spec.blocks for spec in stages.specs]
