@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Benchmark fxconvert against baselines measured in the same run; one command for every figure.
 
-    PYTHONPATH=. python scripts/bench.py --quick --json bench.json     # < 3 min on 2 cores
+    PYTHONPATH=. python scripts/bench.py --quick --json bench.json     # about 6 min on 2 cores (3 of them training runs)
     PYTHONPATH=. python scripts/bench.py --json bench.json             # more repetitions
     PYTHONPATH=. python scripts/bench.py --quick --compile             # + torch.compile comparison
     PYTHONPATH=. python scripts/bench.py --tiny --json out.json        # smoke run (tests/test_bench.py)
     PYTHONPATH=. python scripts/bench.py --only runtime_eval --profile prof/   # a subset, with profiles
 
 Every target is a ratio fxconvert / baseline (lower is better), except the peak RSS of the
-t5-11b meta conversion, which is absolute (MB). Each figure is the median of several
+t5-11b meta conversion, which is absolute (MB), and the pipeline training throughput, a
+speed-up (tokens/s over tokens/s: higher is better). Each figure is the median of several
 repetitions after a warm-up; an fxconvert repetition and a baseline repetition alternate
 (AB BA AB ...), so drifting load on a shared machine hits both sides alike.
 
@@ -55,8 +56,9 @@ THREADS = 2
 INPUT_NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
 
 # Every measurement is registered once, in `REGISTRY` (after the functions that measure them):
-# key, target, unit, what it compares, the function. TARGETS, RUNTIME_KEYS and COMPILE_KEYS are
-# read from it. Ratios are fxconvert / baseline; lower is better.
+# key, target, unit, what it compares, the function, and the comparison (">=" for a speed-up).
+# TARGETS, COMPARISONS, RUNTIME_KEYS and COMPILE_KEYS are read from it. Ratios are fxconvert /
+# baseline; lower is better unless the comparison is ">=".
 
 # Repetition plans. In-process comparisons run `warmup` untimed rounds (one call of each side),
 # then enough timed rounds to fill `budget_s` (judged from the warm-up), at least `min_reps` and
@@ -1339,7 +1341,7 @@ def _log(msg):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer repetitions: under 3 minutes on 2 cores")
+    mode.add_argument("--quick", action="store_true", help="fewer repetitions: about 6 minutes on 2 cores")
     mode.add_argument("--tiny", action="store_true",
                       help="smoke test: tiny models, 1 repetition, no subprocess measurements (figures meaningless)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
