@@ -1219,6 +1219,21 @@ def _detail_notes(results) -> list[str]:
     r = results.get("t5_11b_meta_peak_rss_mb", {})
     if r.get("status") in ("pass", "fail"):
         notes.append(f"t5-11b meta CLI run: {r['details']['wall_s']:.1f} s wall")
+    r = results.get("pipeline_train_throughput_2x1", {})
+    if r.get("status") in ("pass", "fail"):
+        d = r["details"]
+        timed = {side: statistics.median(sec[d["warmup_steps"]:]) for side, sec in d["step_seconds"].items()}
+        notes.append(f"pipeline training, {d['batch']} x {d['source_length']}/{d['target_length']} tokens, "
+                     f"{d['microbatches']} microbatches: median step {_fmt(timed['single'], 's')} in one process, "
+                     f"{_fmt(timed['pipeline'], 's')} on 2 ranks ({d['timed_steps']} steps after {d['warmup_steps']} "
+                     f"warm-up); GPipe's ideal ratio {d['ideal']:.2f}")
+    r = results.get("pipeline_rank_peak_rss_ratio", {})
+    if r.get("status") in ("pass", "fail"):
+        d = r["details"]
+        notes.append(f"pipeline ranks' peak RSS ({d['params'] / 1e6:.1f}M-parameter T5): "
+                     + ", ".join(f"{mb:.0f} MB" for mb in d["rank_peak_rss_mb"])
+                     + f"; the larger stage holds {100 * d['parameter_share_of_larger_stage']:.0f}% of the parameters "
+                       "(the shared embedding included)")
     r = results.get("compile_fullgraph", {})
     if r.get("status") in ("pass", "fail") and "graph_breaks_eager" in r.get("details", {}):
         notes.append(f"torch.compile graph breaks: Conversion.module {r['details']['graph_breaks_converted']} "
