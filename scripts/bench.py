@@ -719,7 +719,7 @@ def _measure_balance(ctx) -> list[Result]:
 # The shapes of the two pipeline-training measurements: every example has exactly these lengths
 # (so no batch is padded and every step has the same shapes), and the model is built from T5Config.
 PIPELINE_THROUGHPUT = dict(batch=32, microbatches=8, source_length=64, target_length=32, stages=2,
-                           warmup_steps={"quick": 2, "full": 2}, timed_steps={"quick": 3, "full": 8})
+                           rounds=2, warmup_steps=1, timed_steps={"quick": 2, "full": 5})
 PIPELINE_RSS = dict(batch=8, microbatches=2, source_length=64, target_length=32, stages=2,
                     config=dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=5))
 
@@ -803,14 +803,16 @@ def measure_pipeline_throughput(ctx) -> Result:
     checkpoint, with the same 8 microbatches, schedule, optimizer and batches: it runs the same code
     (data, microbatching, loss, optimizer, metrics) on one core, so the ratio is what pipelining over
     2 cores buys. (GPipe's bubble bounds it at 2 x 8 / (8 + 1) = 1.78 against exactly this baseline.)
-    Each side's figure is the median tokens/s of `RUN/metrics.jsonl` over the steps after warm-up.
+    Each side's figure is the median tokens/s of `RUN/metrics.jsonl` over the steps after warm-up, of
+    two runs per side in the order single, pipeline, pipeline, single: load that drifts during the
+    measurement hits both sides alike.
     """
     key = "pipeline_train_throughput_2x1"
     why = cli_unavailable_reason()
     if why:
         return unavailable(key, why)
     sizes = PIPELINE_THROUGHPUT
-    warmup, timed = sizes["warmup_steps"][ctx.mode], sizes["timed_steps"][ctx.mode]
+    warmup, timed = sizes["warmup_steps"], sizes["timed_steps"][ctx.mode]
     timeout = ctx.plan_dict["child_timeout_s"] * 2
     with tempfile.TemporaryDirectory(prefix="fxbench-pipe-") as tmp:
         tmp = Path(tmp)
@@ -825,19 +827,23 @@ def measure_pipeline_throughput(ctx) -> Result:
             _convert_stages(ctx, tmp / "ckpt", tmp / f"conv{stages}", stages, *balance)
         common = dict(steps=warmup + timed, batch=sizes["batch"], microbatches=sizes["microbatches"],
                       source_length=sizes["source_length"], target_length=sizes["target_length"])
-        argv = {"pipeline": _torchrun(sizes["stages"], "-m", "fxconvert.train",
-                                      *_train_args(tmp / f"conv{sizes['stages']}", tmp / "train.jsonl",
-                                                   tmp / "run_pipeline", **common)),
-                "single": [sys.executable, "-m", "fxconvert.train",
-                           *_train_args(tmp / "conv1", tmp / "train.jsonl", tmp / "run_single", **common)]}
-        records, walls = {}, {}
-        for side in ("single", "pipeline"):
-            run = run_child(argv[side], cwd=tmp, timeout_s=timeout, env=_ONE_THREAD)
-            if run.failure():
-                return unavailable(key, f"the {side} run failed: {run.failure()}")
-            records[side] = [json.loads(line) for line in (tmp / f"run_{side}" / "metrics.jsonl").read_text().splitlines()]
-            walls[side] = run.wall_s
-    tokens_per_s = {side: [r["tokens_per_s"] for r in recs[warmup:]] for side, recs in records.items()}
+        def argv(side, out):
+            if side == "pipeline":
+                return _torchrun(sizes["stages"], "-m", "fxconvert.train",
+                                 *_train_args(tmp / f"conv{sizes['stages']}", tmp / "train.jsonl", out, **common))
+            return [sys.executable, "-m", "fxconvert.train", *_train_args(tmp / "conv1", tmp / "train.jsonl", out,
+                                                                         **common)]
+
+        records, walls = {"single": [], "pipeline": []}, {"single": [], "pipeline": []}
+        for i in range(sizes["rounds"]):
+            for side in ("single", "pipeline") if i % 2 == 0 else ("pipeline", "single"):
+                out = tmp / f"run_{side}_{i}"
+                run = run_child(argv(side, out), cwd=tmp, timeout_s=timeout, env=_ONE_THREAD)
+                if run.failure():
+                    return unavailable(key, f"the {side} run failed: {run.failure()}")
+                records[side].append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+                walls[side].append(run.wall_s)
+    tokens_per_s = {side: [r["tokens_per_s"] for recs in runs for r in recs[warmup:]] for side, runs in records.items()}
     fx = Figure(f"torchrun 2 ranks x 1 thread, {sizes['microbatches']} microbatches, gpipe", tokens_per_s["pipeline"],
                 unit="tokens/s")
     base = Figure("1 process x 1 thread (WORLD_SIZE=1, 1 stage), same launcher and batches",
@@ -845,10 +851,11 @@ def measure_pipeline_throughput(ctx) -> Result:
     details = {"model": "t5-small shape (T5Config defaults, dropout 0.1)", "params": n_params(build(config, meta=True)),
                "batch": sizes["batch"], "microbatches": sizes["microbatches"],
                "source_length": sizes["source_length"], "target_length": sizes["target_length"],
-               "schedule": "gpipe", "optimizer": "adamw", "warmup_steps": warmup, "timed_steps": timed,
-               "ideal": 2 * sizes["microbatches"] / (sizes["microbatches"] + 1),
-               "step_seconds": {side: [r["seconds"] for r in recs] for side, recs in records.items()},
-               "losses": {side: [r["loss"] for r in recs] for side, recs in records.items()},
+               "schedule": "gpipe", "optimizer": "adamw", "rounds": sizes["rounds"], "warmup_steps": warmup,
+               "timed_steps": timed, "ideal": 2 * sizes["microbatches"] / (sizes["microbatches"] + 1),
+               # per side, per run: every step, warm-up included
+               "step_seconds": {side: [[r["seconds"] for r in recs] for recs in runs] for side, runs in records.items()},
+               "losses": {side: [[r["loss"] for r in recs] for recs in runs] for side, runs in records.items()},
                "wall_s": walls}
     return Result(key, fx.median / base.median, fx, base, details=details)
 
@@ -1222,11 +1229,13 @@ def _detail_notes(results) -> list[str]:
     r = results.get("pipeline_train_throughput_2x1", {})
     if r.get("status") in ("pass", "fail"):
         d = r["details"]
-        timed = {side: statistics.median(sec[d["warmup_steps"]:]) for side, sec in d["step_seconds"].items()}
+        timed = {side: statistics.median(s for sec in runs for s in sec[d["warmup_steps"]:])
+                 for side, runs in d["step_seconds"].items()}
         notes.append(f"pipeline training, {d['batch']} x {d['source_length']}/{d['target_length']} tokens, "
                      f"{d['microbatches']} microbatches: median step {_fmt(timed['single'], 's')} in one process, "
-                     f"{_fmt(timed['pipeline'], 's')} on 2 ranks ({d['timed_steps']} steps after {d['warmup_steps']} "
-                     f"warm-up); GPipe's ideal ratio {d['ideal']:.2f}")
+                     f"{_fmt(timed['pipeline'], 's')} on 2 ranks ({d['rounds']} runs per side in the order AB BA, "
+                     f"{d['timed_steps']} steps each after {d['warmup_steps']} warm-up); GPipe's ideal ratio "
+                     f"{d['ideal']:.2f}")
     r = results.get("pipeline_rank_peak_rss_ratio", {})
     if r.get("status") in ("pass", "fail"):
         d = r["details"]
