@@ -388,6 +388,7 @@ class ChildRun:
     stdout: str
     stderr: str
     timed_out: bool = False
+    cpu_s: float = float("nan")  # user + system time of the command and the processes it waited for
 
     def failure(self) -> str | None:
         """None when the child succeeded, else one line saying how it failed."""
@@ -435,7 +436,8 @@ _, status, usage = os.wait4(proc.pid, 0)
 wall = time.perf_counter() - start
 timer.cancel()
 with open(report, "w") as f:
-    json.dump({"status": status, "wall_s": wall, "maxrss_kb": usage.ru_maxrss, "timed_out": killed.is_set()}, f)
+    json.dump({"status": status, "wall_s": wall, "maxrss_kb": usage.ru_maxrss, "timed_out": killed.is_set(),
+               "cpu_s": usage.ru_utime + usage.ru_stime}, f)
 """
 
 
@@ -462,7 +464,7 @@ def run_child(argv, *, cwd=None, timeout_s=600.0, env=None) -> ChildRun:
                             stderr + "\nthe benchmark's launcher process failed", timed_out=launcher.returncode == -9)
         report = json.loads(Path(report_path).read_text())
     return ChildRun(list(argv), os.waitstatus_to_exitcode(report["status"]), report["wall_s"],
-                    report["maxrss_kb"] / 1024.0, stdout, stderr, report["timed_out"])
+                    report["maxrss_kb"] / 1024.0, stdout, stderr, report["timed_out"], report["cpu_s"])
 
 
 def cli_unavailable_reason() -> str | None:
@@ -834,7 +836,7 @@ def measure_pipeline_throughput(ctx) -> Result:
             return [sys.executable, "-m", "fxconvert.train", *_train_args(tmp / "conv1", tmp / "train.jsonl", out,
                                                                          **common)]
 
-        records, walls = {"single": [], "pipeline": []}, {"single": [], "pipeline": []}
+        records, walls, cpus = ({"single": [], "pipeline": []} for _ in range(3))
         for i in range(sizes["rounds"]):
             for side in ("single", "pipeline") if i % 2 == 0 else ("pipeline", "single"):
                 out = tmp / f"run_{side}_{i}"
@@ -843,6 +845,7 @@ def measure_pipeline_throughput(ctx) -> Result:
                     return unavailable(key, f"the {side} run failed: {run.failure()}")
                 records[side].append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
                 walls[side].append(run.wall_s)
+                cpus[side].append(run.cpu_s)
     tokens_per_s = {side: [r["tokens_per_s"] for recs in runs for r in recs[warmup:]] for side, runs in records.items()}
     fx = Figure(f"torchrun 2 ranks x 1 thread, {sizes['microbatches']} microbatches, gpipe", tokens_per_s["pipeline"],
                 unit="tokens/s")
@@ -856,7 +859,10 @@ def measure_pipeline_throughput(ctx) -> Result:
                # per side, per run: every step, warm-up included
                "step_seconds": {side: [[r["seconds"] for r in recs] for recs in runs] for side, runs in records.items()},
                "losses": {side: [[r["loss"] for r in recs] for recs in runs] for side, runs in records.items()},
-               "wall_s": walls}
+               "wall_s": walls, "cpu_s": cpus,
+               # CPU seconds over wall seconds of a whole run (start-up included): the cores a side got. Two
+               # ranks on a machine that others keep busy get fewer than 2, and the ratio falls with them.
+               "cores_used": {side: [c / w for c, w in zip(cpus[side], walls[side])] for side in walls}}
     return Result(key, fx.median / base.median, fx, base, details=details)
 
 
@@ -1235,7 +1241,10 @@ def _detail_notes(results) -> list[str]:
                      f"{d['microbatches']} microbatches: median step {_fmt(timed['single'], 's')} in one process, "
                      f"{_fmt(timed['pipeline'], 's')} on 2 ranks ({d['rounds']} runs per side in the order AB BA, "
                      f"{d['timed_steps']} steps each after {d['warmup_steps']} warm-up); GPipe's ideal ratio "
-                     f"{d['ideal']:.2f}")
+                     f"{d['ideal']:.2f}"
+                     + ("; cores used (CPU time / wall time of a whole run): " + ", ".join(
+                         f"{side} " + " / ".join(f"{c:.2f}" for c in d["cores_used"][side]) for side in ("single", "pipeline"))
+                        if "cores_used" in d else ""))
     r = results.get("pipeline_rank_peak_rss_ratio", {})
     if r.get("status") in ("pass", "fail"):
         d = r["details"]
