@@ -49,6 +49,14 @@ RESUME_FIELDS = {
     "world_size": "the number of processes",
     "schedule": "--schedule",
     "optimizer": "--optimizer",
+    "batch": "--batch",
+    "microbatches": "--microbatches",
+    "shuffle": "--shuffle",
+    "seed": "--seed",
+    "dtype": "--dtype",
+    "data": "--data (its path and size)",
+    "max_source_length": "--max-source-length",
+    "max_target_length": "--max-target-length",
 }
 
 

@@ -135,7 +135,7 @@ def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor
     plan = plan_from_manifest(manifest, directory)
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp"
-    _check_destination(out)
+    check_destination(out)
     for stage in states:
         if stage not in plan.names:
             raise ExportError(f"rank {rank} passes stage {stage}, but the pipeline has stages 0..{plan.num_stages - 1}")
@@ -174,12 +174,28 @@ def _read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def _check_destination(out: Path) -> None:
-    """Replace only an empty directory or a checkpoint this module wrote (it has the index)."""
+MARKER = ".fxconvert-export"  # one JSON line: the files this module wrote into the directory
+
+
+def check_destination(out: Path) -> None:
+    """Replace only an empty directory or one this module wrote: its marker lists every file in it.
+
+    An index file alone proves nothing (every sharded `save_pretrained` writes one), so a
+    user's own checkpoint or notes in `out` are never replaced.
+    """
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ExportError(f"{out} exists and is not a directory; move it away and export again")
-    if out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file():
-        raise ExportError(f"{out} exists and was not written by fxconvert (no {INDEX}); move it away and export again")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise ExportError(f"{out} exists and was not written by fxconvert (no {MARKER}); move it away or "
+                          f"choose another --out") from None
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in written | {MARKER})
+    if foreign:
+        raise ExportError(f"{out} holds files fxconvert did not write ({', '.join(foreign[:3])}); move them away "
+                          f"or choose another --out")
 
 
 def _write_shard(path: Path, stage: int, state: dict, plan: ExportPlan) -> None:
@@ -216,6 +232,8 @@ def _finish(tmp: Path, out: Path, plan: ExportPlan, directory: Path) -> None:
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     for name in plan.files:
         shutil.copyfile(directory / name, tmp / name)
+    written = sorted(p.name for p in tmp.iterdir())
+    (tmp / MARKER).write_text(json.dumps({"producer": "fxconvert", "files": written}) + "\n", encoding="utf-8")
     for path in tmp.iterdir():
         _fsync(path)
     _fsync(tmp)

@@ -156,6 +156,8 @@ def check_options(args, launch: Launch) -> Topology:
     for option, value in (("--lr", args.lr), ("--timeout", args.timeout), ("--max-grad-norm", args.max_grad_norm)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{option} must be a positive number, got {value}")
+    if not 0 <= args.seed < 2**63 // 1000 - 1000:
+        raise UsageError(f"--seed must be an integer from 0 to {2**63 // 1000 - 1001}, got {args.seed}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a non-negative number, got {args.weight_decay}")
     if launch.world_size % args.dp:
@@ -235,6 +237,9 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device) -> Model
 
     pipeline = load_pipeline(path)
     _check_stage_count(path, pipeline.num_stages, topo)
+    if pipeline.output_name != "loss":
+        raise UsageError(f"{path} returns {pipeline.output_name!r}, not the loss; reconvert without --output "
+                         f"(training needs the model's loss, from labels)")
     unknown = sorted({n for s in pipeline.stages for n in s["inputs"]} - set(INPUT_NAMES))
     if unknown:
         raise UsageError(f"{path}'s stages read {', '.join(unknown)}, which the data does not give; reconvert "
@@ -286,7 +291,9 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     # What a conversion directory would hold besides stage files and weights (pipeline.json, config.json,
     # tokenizer files): RUN/hf's export reads them from a directory written at export time.
     files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
-    tokenizer_dir = path if path.is_dir() else None
+    from fxconvert.pipeline import source_directory
+
+    tokenizer_dir = source_directory(conversion.source)  # a local checkpoint or its Hub cache snapshot
     del conversion, stages
     gc.collect()  # the whole model was here; keep only this rank's stages
     return Model(parts, topo.num_stages, shared, config, export_files=files, tokenizer_dir=tokenizer_dir)
@@ -479,11 +486,29 @@ def _optimizer(args, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
+RUN_MARKER = ".fxconvert-run"  # written into RUN when a run starts; --resume continues only such a directory
+
+
+def resume_fields(args, topo: Topology) -> dict:
+    """What a checkpoint must share with the run that resumes it for the two to be one run (RESUME_FIELDS)."""
+    source = Path(args.source).expanduser()
+    data = Path(args.data).expanduser()
+    try:
+        stat = data.stat()
+        data_id = f"{data.resolve()} ({stat.st_size} bytes)"
+    except OSError:
+        data_id = str(data)
+    return {"model": str(source.resolve()) if source.exists() else str(args.source),
+            "num_stages": topo.num_stages, "virtual_stages": args.virtual_stages, "dp": args.dp,
+            "world_size": topo.world_size, "schedule": args.schedule, "optimizer": args.optimizer,
+            "batch": args.batch, "microbatches": args.microbatches, "shuffle": args.shuffle, "seed": args.seed,
+            "dtype": args.dtype, "data": data_id, "max_source_length": args.max_source_length,
+            "max_target_length": args.max_target_length}
+
+
 def _meta(run: Run, step: int) -> dict:
     args = run.args
-    return {"step": step, "data_position": step * args.dp, "model": str(args.source),
-            "num_stages": run.topo.num_stages, "virtual_stages": args.virtual_stages, "dp": args.dp,
-            "world_size": run.topo.world_size, "schedule": args.schedule, "optimizer": args.optimizer,
+    return {"step": step, "data_position": step * args.dp, **resume_fields(args, run.topo),
             "args": {k: v for k, v in vars(args).items()}}
 
 
@@ -496,24 +521,36 @@ def prepare(args, launch: Launch) -> Run:
         device = torch.device("cuda", launch.local_rank)
     run_dir = Path(args.out).expanduser()
     resume_from = None
+    source = Path(args.source).expanduser()
+    if source.exists() and (run_dir.resolve() == source.resolve() or source.resolve() in run_dir.resolve().parents):
+        raise UsageError(f"--out {args.out} is inside SOURCE {args.source}; choose an --out outside the conversion")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory; choose another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not args.resume:
             raise UsageError(f"--out {args.out} exists and is not empty; pass --resume to continue it, "
                              f"or choose another --out")
+        if not (run_dir / RUN_MARKER).is_file():
+            raise UsageError(f"--out {args.out} was not written by fxconvert.train (it has no {RUN_MARKER}); "
+                             f"choose another --out")
         from fxconvert.checkpoint import check_meta, latest_checkpoint, read_meta
 
         resume_from = latest_checkpoint(run_dir)
-        if resume_from is not None:
-            current = {"model": str(args.source), "num_stages": topo.num_stages, "virtual_stages": args.virtual_stages,
-                       "dp": args.dp, "world_size": topo.world_size, "schedule": args.schedule,
-                       "optimizer": args.optimizer}
-            meta = read_meta(resume_from)
-            check_meta(meta, current, path=resume_from)
-            if meta.get("step", 0) > args.steps:
-                raise UsageError(f"{resume_from} is step {meta['step']}, past --steps {args.steps}; "
-                                 f"raise --steps to train on")
+        if resume_from is None:
+            raise UsageError(f"--resume, but {args.out} has no complete checkpoint (they are written with "
+                             f"--save-every K); train into a new --out")
+        meta = read_meta(resume_from)
+        check_meta(meta, resume_fields(args, topo), path=resume_from)
+        if meta.get("step", 0) > args.steps:
+            raise UsageError(f"{resume_from} is step {meta['step']}, past --steps {args.steps}; "
+                             f"raise --steps to train on")
+    if not args.no_export:
+        from fxconvert.export import check_destination
+
+        try:
+            check_destination(run_dir / "hf")
+        except FxConvertError as e:
+            raise UsageError(str(e)) from None
     model = load_model(args, topo, device)
     topo.shared_stages = model.shared_stages
     data = load_data(args, model)
@@ -543,6 +580,10 @@ def train(run: Run) -> None:
         broadcast_initial(topo, modules)
     if topo.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        marker = run.run_dir / RUN_MARKER
+        if not marker.exists():
+            marker.write_text(json.dumps({"producer": "fxconvert.train", "source": str(args.source)}) + "\n",
+                              encoding="utf-8")
     dist.barrier()
     autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
     calls = {i: StageCall(part, autocast=autocast, device=run.device) for i, part in model.parts.items()}
@@ -621,8 +662,13 @@ def _export(run: Run, barrier) -> None:
 
 
 def _one_line(error: BaseException) -> str:
+    """One printable line: our own messages whole (a newline in a path is escaped, not a cut), others' first line."""
+    from fxconvert.errors import printable
+
     text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, FxConvertError):
+        return printable(text)
+    line = printable(text.splitlines()[0] if text else type(error).__name__)
     # gloo's messages: "[.../pair.cc:537] Read error [addr]: Connection reset by peer. This is typically ..."
     line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", line)
     return line.split(". This is typically")[0]
@@ -648,23 +694,37 @@ class _Terminated(Exception):
     pass
 
 
+EXIT_INTERRUPTED = 130
+
+
 class _Signals:
-    """SIGTERM (torchrun stopping the workers after another one failed) becomes an exception while
-    training; once this rank is reporting its own failure, it is ignored (torchrun waits 30 s)."""
+    """SIGTERM (torchrun stopping the workers after another one failed) and SIGINT (Ctrl-C) become an
+    exception while training; once this rank is reporting its own failure, they are ignored (torchrun
+    waits 30 s). `received` remembers the signal: torch may wrap the exception in one of its own."""
+
+    MESSAGES = {signal.SIGTERM: "stopped by the launcher (another rank failed, or the run was interrupted)",
+                signal.SIGINT: "interrupted"}
 
     def __init__(self):
         self.reporting = False
+        self.received = None
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         if not self.reporting:
-            raise _Terminated("stopped by the launcher (another rank failed, or the run was interrupted)")
+            self.received = signum
+            raise _Terminated(self.MESSAGES[signum])
+
+    @property
+    def message(self) -> str | None:
+        return self.MESSAGES[self.received] if self.received is not None else None
 
 
 def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str:
     """One line for this rank's first error, naming the rank that failed first when another one did."""
     signals.reporting = True
-    message = _one_line(error)
+    message = signals.message or _one_line(error)
     culprit = heartbeat.culprit() if heartbeat is not None else None  # torchrun allows 30 s after SIGTERM
     if culprit is not None and culprit[0] != run.launch.rank:
         rank, what = culprit
@@ -694,8 +754,8 @@ def main(argv=None) -> int:
         run = prepare(args, launch)
     except (FxConvertError, _Terminated) as e:
         if launch.local_rank == 0:
-            print(f"fxconvert.train: error: {_one_line(e)}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, UsageError) else 1
+            print(f"fxconvert.train: error: {signals.message or _one_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1
     import torch.distributed as dist
 
     from fxconvert.heartbeat import Heartbeat
@@ -718,7 +778,7 @@ def main(argv=None) -> int:
         # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
         # process ends here; its sockets close, which is what its peers notice.
         sys.stdout.flush()
-        os._exit(2 if isinstance(e, UsageError) else 1)
+        os._exit(EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1)
     if heartbeat is not None:
         heartbeat.stop(finished=True)
     dist.destroy_process_group()

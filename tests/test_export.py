@@ -16,7 +16,7 @@ import transformers
 
 import helpers
 from fxconvert import convert, split_stages
-from fxconvert.export import INDEX, ExportError, export_hf, shard_name
+from fxconvert.export import INDEX, MARKER, ExportError, export_hf, shard_name
 
 NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
 TOKENIZER_FILES = {"spiece.model": bytes(range(256)) * 3, "tokenizer_config.json": b'{"model_max_length": 512}\n'}
@@ -133,6 +133,8 @@ def test_export_loads_exactly_in_transformers(tmp_path, variant, model, conversi
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["hf"]
     shards = [shard_name(i, num_stages) for i in range(num_stages)]
     assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "generation_config.json", INDEX, *shards, *TOKENIZER_FILES, MARKER])
+    assert json.loads((out / MARKER).read_text())["files"] == sorted(
         ["config.json", "generation_config.json", INDEX, *shards, *TOKENIZER_FILES])
     for name in ["config.json", "generation_config.json", *TOKENIZER_FILES]:
         assert (out / name).read_bytes() == (conv / name).read_bytes(), name
@@ -239,13 +241,13 @@ def test_a_stage_nobody_writes_is_caught(setup):
 def test_export_replaces_its_own_previous_output(setup):
     modules, _, conv, out = setup
     assert run_ranks([[0, 1]], modules, out, conv) == [None]
-    (out / "stale.txt").write_text("from the previous export")
+    previous = json.loads((out / MARKER).read_text())["files"]
     with torch.no_grad():
         for module in modules:
             for p in module.parameters():
                 p.add_(1.0)
     assert run_ranks([[0, 1]], modules, out, conv) == [None]
-    assert not (out / "stale.txt").exists()
+    assert json.loads((out / MARKER).read_text())["files"] == previous  # the new export, in place of its own
     loaded = transformers.T5ForConditionalGeneration.from_pretrained(out)
     assert torch.equal(loaded.shared.weight, modules[0].get_parameter("shared_embed_weight"))
     assert sorted(p.name for p in out.parent.iterdir()) == ["hf"]
@@ -365,3 +367,21 @@ def test_an_unwritable_destination_is_one_line(setup, tmp_path):
     errors = run_ranks([[0, 1]], modules, tmp_path / "run" / "hf", conv)
     assert "cannot write" in _one_line(errors) and "fix permissions" in _one_line(errors)
     assert (tmp_path / "run").read_text() == "a file where the run directory should be"
+
+
+def test_a_users_sharded_checkpoint_is_never_replaced(setup, tmp_path):
+    """An index file proves nothing (every sharded save_pretrained writes one): only the marker does."""
+    modules, _, conv, out = setup
+    users = tmp_path / "users-hf"
+    helpers.build().save_pretrained(users, max_shard_size="20KB")
+    assert (users / "model.safetensors.index.json").is_file()
+    before = sorted(p.name for p in users.iterdir())
+    errors = run_ranks([[0], [1]], modules, users, conv)
+    assert "was not written by fxconvert" in _one_line(errors)
+    assert sorted(p.name for p in users.iterdir()) == before
+    # fxconvert's own export is replaced; with a foreign file added it is refused
+    run_ranks([[0, 1]], modules, out, conv)
+    run_ranks([[0, 1]], modules, out, conv)
+    (out / "notes.md").write_text("mine")
+    assert "holds files fxconvert did not write (notes.md)" in _one_line(run_ranks([[0, 1]], modules, out, conv))
+    assert (out / "notes.md").read_text() == "mine"

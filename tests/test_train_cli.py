@@ -176,3 +176,112 @@ def test_a_source_without_weights_needs_allow_random(setup, tmp_path, capsys, mo
     err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", source=bare))
     assert "--allow-random" in err and "allow_random=True" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_only_a_run_with_a_checkpoint(setup, tmp_path, capsys, monkeypatch):
+    """--resume never restarts over a finished run, nor writes into a directory fxconvert.train did not make."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 5, "mine": true}\n')
+    err = _fails(capsys, monkeypatch, _argv(setup, out, "--resume"))
+    assert "was not written by fxconvert.train" in err
+    (out / ".fxconvert-run").write_text("{}\n")
+    err = _fails(capsys, monkeypatch, _argv(setup, out, "--resume"))
+    assert "has no complete checkpoint" in err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 5, "mine": true}\n'
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(setup, tmp_path, capsys, monkeypatch):
+    """Everything that decides the batches and the steps must match, SOURCE by its resolved path."""
+    from fxconvert.checkpoint import ResumeMismatchError, check_meta
+    from fxconvert.train import Launch, build_parser, check_options, resume_fields
+
+    def fields(*extra, source=setup / "ckpt"):
+        args = build_parser().parse_args([str(a) for a in _argv(setup, tmp_path / "run", *extra, source=source)])
+        return resume_fields(args, check_options(args, Launch(0, 2, 0)))
+
+    monkeypatch.chdir(setup)
+    check_meta(fields(), fields(source="ckpt/"), path="step_1")  # the same directory, spelled otherwise
+    for extra, name in [(["--batch", 8], "batch"), (["--shuffle"], "shuffle"), (["--seed", 7], "seed"),
+                        (["--dtype", "bfloat16"], "dtype"), (["--max-source-length", 5], "max_source_length")]:
+        with pytest.raises(ResumeMismatchError, match=f"{name} differs"):
+            check_meta(fields(), fields(*extra), path="step_1")
+
+
+def test_a_conversion_without_the_loss_is_refused(setup, tmp_path, capsys, monkeypatch):
+    conv = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(setup / "ckpt"), "--stages", "2", "--out", str(conv),
+                           "--output", "logits", "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", source=conv))
+    assert "returns 'logits', not the loss" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [(["--seed", 2**63], "--seed"), (["--seed", -1], "--seed")])
+def test_seeds_outside_the_range_are_refused(setup, tmp_path, capsys, monkeypatch, extra, needle):
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", *extra))
+    assert needle in err and not (tmp_path / "run").exists()
+
+
+def test_out_inside_the_source_is_refused(setup, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup / "ckpt", ckpt)
+    for out in (ckpt, ckpt / "run"):
+        err = _fails(capsys, monkeypatch, _argv(setup, out, source=ckpt))
+        assert "inside SOURCE" in err
+    assert not (ckpt / "run").exists()
+
+
+def test_messages_escape_control_characters(setup, tmp_path, capsys, monkeypatch):
+    evil = tmp_path / "evil\nfxconvert.train: all good \x1b[31m"
+    evil.write_text("a file")
+    err = _fails(capsys, monkeypatch, _argv(setup, evil))
+    assert "\\x0a" in err and "\x1b" not in err and "exists and is not a directory" in err
+
+
+def test_text_data_uses_the_tokenizer_of_a_hub_cache_source(setup, tmp_path, monkeypatch):
+    """A Hub id found in the local cache: the tokenizer beside its snapshot tokenizes text lines."""
+    import huggingface_hub
+
+    from fxconvert.train import Launch, build_parser, prepare
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup / "ckpt", ckpt)
+    checkpoints.write_tokenizer(ckpt)
+    checkpoints.fake_hub_cache(tmp_path / "cache", "someone/tiny-t5", ckpt,
+                               files=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"input": "w1 w2 w3", "target": "w4"}) + "\n" * 1)
+    args = build_parser().parse_args(["someone/tiny-t5", "--data", str(data), "--out", str(tmp_path / "run"),
+                                      "--steps", "1", "--batch", "2", "--offline"])
+    run = prepare(args, Launch(0, 2, 0))
+    assert run.model.tokenizer_dir is not None
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_training_is_one_line_and_exit_130(setup, tmp_path):
+    """SIGINT during the steps: no traceback, exit 130, one line naming the rank."""
+    import signal
+    import time
+
+    env = tr.env()
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.Popen([sys.executable, "-m", "fxconvert.train", str(setup / "ckpt"), "--data",
+                             str(setup / "train.jsonl"), "--out", str(tmp_path / "run"), "--steps", "100000",
+                             "--batch", "4", "--microbatches", "1", "--schedule", "gpipe"],
+                            cwd=tr.REPO, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if line.startswith("step 2/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    errors = [line for line in rest.splitlines() if line.strip() and not line.startswith("step ")]
+    assert errors == ["fxconvert.train: error: rank 0 (stage 0, replica 0): interrupted"], rest
