@@ -174,7 +174,7 @@ def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict)
     record = {**meta, "step": step, "world_size": world_size, "fxconvert_version": fxconvert.__version__}
     _write(tmp / META, lambda f: f.write(json.dumps(record, indent=2, sort_keys=True).encode()))
     _write(tmp / COMPLETE, lambda f: f.write(b"complete\n"))
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.is_dir() and not final.is_symlink():
         # a newer run re-saving a step it reached before (resumed from an earlier one): replace it
         old = final.parent / f".step_{step}.tmp.old"
@@ -184,7 +184,7 @@ def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def _write(path: Path, write: Callable) -> None:
@@ -195,7 +195,8 @@ def _write(path: Path, write: Callable) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

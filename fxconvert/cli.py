@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 
-from fxconvert.errors import FxConvertError, UsageError, printable
+from fxconvert.errors import FxConvertError, UsageError, first_line, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "fxconvert"
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             _fail(str(e), args)
             return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILURE
         hint = "" if args is not None and args.verbose else " (rerun with -v for the traceback)"
-        _fail(f"unexpected {type(e).__name__}: {_first_line(e)}{hint}", args)
+        _fail(f"unexpected {type(e).__name__}: {first_line(e)}{hint}", args)
         return EXIT_FAILURE
 
 
@@ -394,8 +394,3 @@ def _fail(message: str, args) -> None:
 
         sys.stderr.write("".join(printable(line) + "\n" for line in traceback.format_exc().splitlines()))
     print(f"{PROG}: error: {printable(message)}", file=sys.stderr)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -12,6 +12,12 @@ _ESCAPES.update({c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x2028, 0x2029, *ran
                                              *range(0x2066, 0x206A))})
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def printable(text) -> str:
     """`text` with control characters escaped (ESC as `\\x1b`), for anything fxconvert prints.
 

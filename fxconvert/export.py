@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from fxconvert.checkpoint import fsync_path
 from fxconvert.errors import FxConvertError
 
 INDEX = "model.safetensors.index.json"
@@ -210,7 +211,7 @@ def _write_shard(path: Path, stage: int, state: dict, plan: ExportPlan) -> None:
         raise ExportError(f"stage {stage}'s state dict {problem}; export the stage modules the conversion built")
     tensors = {hf: state[n].detach().to("cpu").contiguous() for n, hf in expected.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync(path)
+    fsync_path(path)
 
 
 def _finish(tmp: Path, out: Path, plan: ExportPlan, directory: Path) -> None:
@@ -235,8 +236,8 @@ def _finish(tmp: Path, out: Path, plan: ExportPlan, directory: Path) -> None:
     written = sorted(p.name for p in tmp.iterdir())
     (tmp / MARKER).write_text(json.dumps({"producer": "fxconvert", "files": written}) + "\n", encoding="utf-8")
     for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
     if out.is_dir():
         old = out.parent / f".{out.name}.old.tmp"
         _remove(old)
@@ -245,7 +246,7 @@ def _finish(tmp: Path, out: Path, plan: ExportPlan, directory: Path) -> None:
         _remove(old)
     else:
         os.rename(tmp, out)
-    _fsync(out.parent)
+    fsync_path(out.parent)
 
 
 def _header(path: Path) -> dict:
@@ -261,14 +262,6 @@ def _remove(path: Path) -> None:
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["export_hf", "plan_from_manifest", "ExportPlan", "ExportError", "shard_name", "INDEX"]

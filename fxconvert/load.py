@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from fxconvert.errors import ModelResolutionError, UsageError
+from fxconvert.errors import ModelResolutionError, UsageError, first_line
 from fxconvert.trace import SUPPORTED_ATTENTION, SUPPORTED_CLASSES, require_transformers
 
 # model_type in config.json -> prefix of the transformers classes.
@@ -431,7 +431,7 @@ def _download(name, build: _Build) -> LoadedModel | None:
     except (RepositoryNotFoundError, EntryNotFoundError, HFValidationError):
         return None
     except Exception as e:  # network errors, gated repos: say what happened
-        raise ModelResolutionError(f"cannot download '{name}' from the Hub: {_first_line(e)}") from e
+        raise ModelResolutionError(f"cannot download '{name}' from the Hub: {first_line(e)}") from e
     config = read_config(Path(config_file))
     source = ModelSource(name, "Hugging Face Hub", name, "checkpoint", "cpu")
     if build.meta:
@@ -622,11 +622,6 @@ def _random_init(model: torch.nn.Module, seed: int) -> None:
             else:
                 std = module.in_features ** -0.5 if isinstance(module, torch.nn.Linear) else 1.0
                 p.uniform_(-math.sqrt(3) * std, math.sqrt(3) * std, generator=generator)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _summary(e: BaseException) -> str:

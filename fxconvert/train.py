@@ -663,12 +663,11 @@ def _export(run: Run, barrier) -> None:
 
 def _one_line(error: BaseException) -> str:
     """One printable line: our own messages whole (a newline in a path is escaped, not a cut), others' first line."""
-    from fxconvert.errors import printable
+    from fxconvert.errors import first_line, printable
 
-    text = str(error).strip()
     if isinstance(error, FxConvertError):
-        return printable(text)
-    line = printable(text.splitlines()[0] if text else type(error).__name__)
+        return printable(str(error).strip())
+    line = printable(first_line(error))
     # gloo's messages: "[.../pair.cc:537] Read error [addr]: Connection reset by peer. This is typically ..."
     line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", line)
     return line.split(". This is typically")[0]
