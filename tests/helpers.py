@@ -185,3 +185,17 @@ def assert_grads_match(expected: dict, actual: dict, model):
     assert set(actual) == everything, sorted(everything - set(actual))
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# The start of a script run in a fresh interpreter where importing transformers fails: generated
+# files (model.py, stage files) must run on torch, safetensors and fxconvert.runtime alone.
+NO_TRANSFORMERS = r"""
+import importlib.abc, importlib.util, json, sys
+
+class NoTransformers(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("transformers is blocked in this test")
+
+sys.meta_path.insert(0, NoTransformers())
+"""

@@ -23,15 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Run model.py in a fresh interpreter where importing transformers fails, on inputs and
 # references written by the test; print the largest difference per case as JSON.
-RUNNER = r"""
-import importlib.abc, importlib.util, json, sys
-
-class NoTransformers(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "transformers" or name.startswith("transformers."):
-            raise ImportError("transformers is blocked in this test")
-
-sys.meta_path.insert(0, NoTransformers())
+RUNNER = helpers.NO_TRANSFORMERS + r"""
 import torch
 
 out_dir, cases = sys.argv[1], torch.load(sys.argv[2])

@@ -37,15 +37,7 @@ EVAL_SIZES, TRAIN_SIZES = (3, 9, 6), (4, 10, 12)
 # In a fresh interpreter where importing transformers fails: import each stage file of each
 # directory, load it while recording the tensors it reads, chain the stages in eval mode
 # (loss, gradients, received shapes) and in train mode (loss), and save the results.
-RUNNER = r"""
-import importlib.abc, importlib.util, sys
-
-class NoTransformers(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "transformers" or name.startswith("transformers."):
-            raise ImportError("transformers is blocked in this test")
-
-sys.meta_path.insert(0, NoTransformers())
+RUNNER = helpers.NO_TRANSFORMERS + r"""
 import safetensors, safetensors.torch, torch
 
 reads = []
