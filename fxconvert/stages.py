@@ -351,27 +351,10 @@ def _owned_parameters(gm, nodes):
 
 def _balance(costs: list[int], parts: int) -> list[int]:
     """Group of each item: `parts` contiguous nonempty groups minimising the largest sum."""
-    n = len(costs)
     prefix = [0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[k][i]: the smallest possible largest sum when the first i items form k groups
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0
-    for k in range(1, parts + 1):
-        for i in range(k, n + 1):
-            for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value < best[k][i]:
-                    best[k][i], cut[k][i] = value, j
-    group, i = [0] * n, n
-    for k in range(parts, 0, -1):
-        j = cut[k][i]
-        group[j:i] = [k - 1] * (i - j)
-        i = j
-    return group
+    return balancing.best_groups(len(costs), parts, lambda j, i: prefix[i] - prefix[j])
 
 
 def _check_monotone(nodes, stage_of) -> None:
