@@ -1,0 +1,127 @@
+"""One record per model family: everything fxconvert knows about a family's transformers classes.
+
+Loading, tracing, validation, stages, the report and the training launcher read these
+records and nothing else about a family. Adding a family is one file here (a module-level
+`FAMILY = Family(...)`, listed in `_MODULES`) plus its tests.
+
+A record is plain data (and, where a family needs one, a small function): it imports
+neither transformers nor torch, so `import fxconvert.families` stays cheap.
+"""
+
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+
+# What an input holds, for building example and random inputs:
+#   ids        token ids in [0, vocab_size)
+#   mask       1 for real tokens, 0 for padding
+#   type_ids   segment ids in [0, type_vocab_size)
+#   embeds     float vectors of the family's hidden size
+# and which sequence it spans: "encoder" (the input sequence; the only one of a decoder-only
+# or encoder-only model) or "decoder" (the target sequence of an encoder-decoder model).
+KINDS = ("ids", "mask", "type_ids", "embeds")
+SEQUENCES = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # short name: "t5", "gpt2", ...
+    title: str  # for people: "T5 (T5, mT5, umT5)"
+    model_types: Mapping[str, tuple[str, str]]  # config.json model_type -> (config class, default model class)
+    classes: tuple[str, ...]  # the transformers classes fxconvert traces
+    inputs: Mapping[str, tuple[str, str]]  # input name -> (kind, sequence), in forward's order
+    default_inputs: tuple[tuple[str, tuple[str, ...]], ...]  # (class-name suffix, input names): first match
+    train_inputs: tuple[str, ...]  # what fxconvert.train feeds the first stage; the loss comes from labels
+    hidden_size: str  # config attribute: the width of inputs_embeds
+    blocks: tuple[str, ...]  # per stack, in run order: a regex matching a block's module path
+    presets: Mapping[str, dict] = field(default_factory=dict)  # name -> config.json dict (random weights)
+    aliases: Mapping[str, str] = field(default_factory=dict)  # other name -> preset name
+    config_fields: tuple[str, ...] = ()  # shown in the report's model section
+    check_config: Callable[[dict, str], None] | None = None  # family-specific structural checks
+    max_layers_fields: tuple[str, ...] = ()  # config fields that count layers (capped by load.MAX_LAYERS)
+    positive_int_fields: tuple[str, ...] = ()  # fields that must be positive integers
+    rate_fields: tuple[str, ...] = ()  # dropout probabilities in [0, 1)
+    token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
+    notes: str = ""  # one line on what differs, for the README and the report
+
+    def default_input_names(self, cls_name: str) -> list[str]:
+        for suffix, names in self.default_inputs:
+            if cls_name.endswith(suffix):
+                return list(names)
+        raise KeyError(cls_name)
+
+    def block_patterns(self) -> tuple[re.Pattern, ...]:
+        return _compiled(self.blocks)
+
+    def block_of(self, module_path: str) -> tuple[int, int, str] | None:
+        """(stack, index, block path) of the block that `module_path` lies in, or None."""
+        for stack, pattern in enumerate(self.block_patterns()):
+            match = pattern.match(module_path)
+            if match:
+                return stack, int(match.group("index")), match.group("block")
+        return None
+
+
+@cache
+def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern, ...]:
+    return tuple(re.compile(p) for p in patterns)
+
+
+def block_regex(prefix: str) -> str:
+    """A block pattern for module paths `<prefix>.<i>` (prefix a regex without groups)."""
+    return rf"^(?P<block>{prefix}\.(?P<index>\d+))(?:\.|$)"
+
+
+_MODULES = ("t5",)
+
+
+@cache
+def all_families() -> tuple[Family, ...]:
+    return tuple(importlib.import_module(f"fxconvert.families.{m}").FAMILY for m in _MODULES)
+
+
+def supported_classes() -> tuple[str, ...]:
+    return tuple(c for f in all_families() for c in f.classes)
+
+
+def model_types() -> dict[str, Family]:
+    return {t: f for f in all_families() for t in f.model_types}
+
+
+def family_of_class(cls_name: str) -> Family | None:
+    return next((f for f in all_families() if cls_name in f.classes), None)
+
+
+def family_of_model_type(model_type) -> Family | None:
+    return model_types().get(model_type)
+
+
+def presets() -> dict[str, tuple[Family, dict]]:
+    return {name: (f, config) for f in all_families() for name, config in f.presets.items()}
+
+
+def aliases() -> dict[str, str]:
+    return {a: p for f in all_families() for a, p in f.aliases.items()}
+
+
+def family_of_graph(gm) -> Family:
+    """The family of a traced graph, from the class it was traced from (`gm.meta["model_class"]`)."""
+    cls_name = gm.meta.get("model_class", "")
+    family = family_of_class(cls_name)
+    if family is None:
+        raise KeyError(f"graph traced from {cls_name!r}, which belongs to no family")
+    return family
+
+
+def input_specs(cls_name: str) -> Mapping[str, tuple[str, str]]:
+    family = family_of_class(cls_name)
+    if family is None:
+        raise KeyError(cls_name)
+    return family.inputs
+
+
+def describe_supported() -> str:
+    """One phrase naming every family and class, for 'not supported' messages."""
+    return "; ".join(f"{f.title}: {', '.join(f.classes)}" for f in all_families())
