@@ -23,6 +23,22 @@ def causal_mask(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None
     return _finish(mask, dtype)
 
 
+def sliding_window_causal_mask(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                               window: int, dtype: torch.dtype | None = None):
+    """`causal_mask` where each query also sees only the last `window` positions (itself included).
+
+    transformers' sliding window (Mistral, Qwen2 with use_sliding_window): a query at q
+    attends a key at kv when q - window < kv <= q.
+    """
+    length = inputs_embeds.shape[1]
+    positions = torch.arange(length, device=inputs_embeds.device)
+    offset = positions[:, None] - positions[None, :]  # q - kv
+    mask = ((offset >= 0) & (offset < window))[None, None, :, :]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :length].to(device=inputs_embeds.device, dtype=torch.bool)
+    return _finish(mask, dtype)
+
+
 def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype | None = None):
     """Bidirectional padding mask of shape (batch, 1, 1, kv), broadcast over queries.
 

@@ -38,33 +38,16 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
-from fxconvert import runtime
+from fxconvert import families, runtime
 from fxconvert.errors import FxConvertError, InputNameError, TraceError
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
-SUPPORTED_CLASSES = (
-    "T5Model",
-    "T5ForConditionalGeneration",
-    "T5EncoderModel",
-    "MT5Model",
-    "MT5ForConditionalGeneration",
-    "MT5EncoderModel",
-    "UMT5Model",
-    "UMT5ForConditionalGeneration",
-    "UMT5EncoderModel",
-)
+SUPPORTED_CLASSES = families.supported_classes()
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
-# Input name -> (dtype kind, which sequence it spans). Meta example tensors are built from it.
-INPUT_SPECS = {
-    "input_ids": ("ids", "encoder"),
-    "attention_mask": ("mask", "encoder"),
-    "decoder_input_ids": ("ids", "decoder"),
-    "decoder_attention_mask": ("mask", "decoder"),
-    "labels": ("ids", "decoder"),
-    "inputs_embeds": ("embeds", "encoder"),
-    "decoder_inputs_embeds": ("embeds", "decoder"),
-}
+# Input name -> (dtype kind, which sequence it spans), of every family (a name means the same
+# in each). Meta example tensors are built from the traced class's family record.
+INPUT_SPECS = {name: spec for f in families.all_families() for name, spec in f.inputs.items()}
 # The example sizes only feed meta tensors; the graph does not depend on them.
 _EXAMPLE_SIZES = {"batch": 2, "encoder": 7, "decoder": 5}
 
@@ -177,11 +160,7 @@ def supported_class(model) -> type:
 
 def default_input_names(model) -> list[str]:
     name = supported_class(model).__name__
-    if name.endswith("EncoderModel"):
-        return ["input_ids", "attention_mask"]
-    if name.endswith("ForConditionalGeneration"):
-        return ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
-    return ["input_ids", "attention_mask", "decoder_input_ids"]
+    return families.family_of_class(name).default_input_names(name)
 
 
 def forward_parameters(model):
@@ -191,7 +170,7 @@ def forward_parameters(model):
 
 def accepted_input_names(model) -> list[str]:
     params = forward_parameters(model)
-    return [n for n in INPUT_SPECS if n in params]
+    return [n for n in families.input_specs(supported_class(model).__name__) if n in params]
 
 
 def input_name_list(input_names) -> list[str]:
@@ -278,6 +257,10 @@ class _TracedAttribute(_TracedValue, Attribute):
 
 class T5Tracer(torch.fx.Tracer):
     """A torch.fx Tracer that propagates meta tensors and builds the root from `input_names`."""
+
+    # Buffers (e.g. rotary inverse frequencies) are read through `getattr` like parameters, so
+    # their get_attr nodes carry meta values (fx's default embeds them via create_arg, without).
+    proxy_buffer_attributes = True
 
     def __init__(self, input_names):
         super().__init__()
@@ -536,12 +519,13 @@ def _example_inputs(model, names):
     cfg = model.config
     b = _EXAMPLE_SIZES["batch"]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    family = families.family_of_class(supported_class(model).__name__)
     out = {}
     for name in names:
-        kind, seq = INPUT_SPECS[name]
+        kind, seq = family.inputs[name]
         length = _EXAMPLE_SIZES[seq]
         if kind == "embeds":
-            out[name] = torch.empty(b, length, cfg.d_model, dtype=dtype, device="meta")
+            out[name] = torch.empty(b, length, getattr(cfg, family.hidden_size), dtype=dtype, device="meta")
         else:
             out[name] = torch.empty(b, length, dtype=torch.long, device="meta")
     return out
@@ -616,15 +600,30 @@ class _MaskReplacements:
             "call_function", runtime.padding_mask, (attention_mask,), {"dtype": _mask_dtype(config, embeds)}
         )
 
+    def create_sliding_window_causal_mask(self, config, inputs_embeds, attention_mask=None, cache=None, **kwargs):
+        window = getattr(config, "sliding_window", None)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise TraceError(f"a sliding-window mask needs config.sliding_window, a positive integer, not "
+                             f"{window!r}; set it in the config (Mistral uses 4096)")
+        return self.tracer.create_proxy(
+            "call_function",
+            runtime.sliding_window_causal_mask,
+            (inputs_embeds, attention_mask),
+            {"window": window, "dtype": _mask_dtype(config, inputs_embeds)},
+        )
+
 
 def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                    position_bias=None, **kwargs):
-    """Traceable equivalent of transformers' `sdpa_attention_forward` for T5 attention.
+    """Traceable equivalent of transformers' `sdpa_attention_forward`.
 
     T5 always passes a position bias, so transformers folds the mask into one additive
     float mask and calls SDPA with `is_causal=False`; the recorded ops are the same.
+    Decoder-only models get their causal (or sliding-window) mask from a runtime leaf, so
+    SDPA runs with that mask and `is_causal=False`; grouped key/value heads are repeated.
     """
     mask = attention_mask
+    key, value = _repeat_kv(module, key, value)
     if position_bias is not None:
         if mask is not None:  # a leaf call: whether the mask is None at run time is decided at run time
             mask = position_bias.tracer.create_proxy(
@@ -632,12 +631,25 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             )
         else:
             mask = position_bias
-    elif is_causal or (is_causal is None and getattr(module, "is_causal", False)):
+    elif mask is None and (is_causal or (is_causal is None and getattr(module, "is_causal", False))):
         raise TraceError("SDPA attention without a position bias or mask is not supported; use attn 'eager'")
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _repeat_kv(module, key, value):
+    """Grouped-query attention: each key/value head serves `module.num_key_value_groups` query heads.
+
+    transformers' SDPA path repeats them (`repeat_kv`) whenever a mask is passed, as here
+    (`enable_gqa` only without a mask); the recorded ops are the same, free of sizes.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if not isinstance(groups, int) or groups == 1:
+        return key, value
+    return (key[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2),
+            value[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2))
 
 
 class _AttentionFunctions:
@@ -681,6 +693,7 @@ def _leaf_replacements(model, tracer):
     replacements = {
         "create_causal_mask": masks.create_causal_mask,
         "create_bidirectional_mask": masks.create_bidirectional_mask,
+        "create_sliding_window_causal_mask": masks.create_sliding_window_causal_mask,
         "ALL_ATTENTION_FUNCTIONS": _AttentionFunctions(),
     }
     # Builtins are not in a module's namespace: they are added to the modeling modules' (not

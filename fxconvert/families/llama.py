@@ -1,0 +1,112 @@
+"""Llama, Qwen2 and Mistral: decoder-only, rotary positions, grouped-query attention.
+
+One stack of blocks (`model.layers.N` under a ForCausalLM, `layers.N` in the bare Model).
+Every input spans the one (input) sequence; the causal-LM loss shifts the labels inside the
+model. Rotary cos/sin are computed in the graph from the `inv_freq` buffer; SDPA and eager
+attention get a causal mask from a runtime leaf (a sliding-window one where the config
+asks for it: Mistral's `sliding_window`, Qwen2's with `use_sliding_window=True` on the
+layers its `layer_types` mark). Llama and Mistral publish an untied LM head; small Qwen2
+models tie it to the token embedding (one `shared_embed_weight` after conversion).
+"""
+
+from fxconvert.families import Family, block_regex
+
+_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+
+# Published config.json values (the architecture fields; dtype and transformers_version left
+# out, so a random-weight build is fp32 like the T5 presets).
+_LLAMA_2_7B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=4096,
+    intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-05, rope_theta=10000.0,
+    initializer_range=0.02, pretraining_tp=1, rope_scaling=None, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2, use_cache=False,
+)
+_TINYLLAMA = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=2048,
+    intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+    hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-05, rope_theta=10000.0,
+    initializer_range=0.02, pretraining_tp=1, rope_scaling=None, attention_bias=False, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2, use_cache=False,
+)
+_QWEN2_0_5B = dict(
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=896,
+    intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+    hidden_act="silu", max_position_embeddings=131072, max_window_layers=24, rms_norm_eps=1e-06,
+    rope_theta=1000000.0, sliding_window=131072, use_sliding_window=False, attention_dropout=0.0,
+    initializer_range=0.02, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643, use_cache=False,
+)
+_MISTRAL_7B = dict(
+    architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=32000, hidden_size=4096,
+    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-05, rope_theta=10000.0,
+    sliding_window=4096, initializer_range=0.02, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    use_cache=False,
+)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config(config: dict, refuse) -> None:
+    """Head counts that split evenly, an even rotary width, a usable sliding window."""
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if _is_int(heads) and heads > 0 and kv_heads is not None:
+        if not (_is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
+            refuse("num_key_value_heads", f"a positive divisor of num_attention_heads ({heads})")
+    hidden, head_dim = config.get("hidden_size"), config.get("head_dim")
+    if head_dim is None and _is_int(hidden) and _is_int(heads) and heads > 0 and hidden % heads:
+        refuse("num_attention_heads", f"a divisor of hidden_size ({hidden}), or set head_dim")
+    if head_dim is not None and not (_is_int(head_dim) and head_dim > 0 and head_dim % 2 == 0):
+        refuse("head_dim", "a positive even integer (rotary embeddings rotate pairs of features)")
+    if head_dim is None and _is_int(hidden) and _is_int(heads) and heads > 0 and (hidden // heads) % 2:
+        refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / heads is "
+                                      f"odd; rotary embeddings rotate pairs of features)")
+    window = config.get("sliding_window")
+    uses_window = config.get("model_type") == "mistral" or config.get("use_sliding_window") is True
+    if window is not None and uses_window and not (_is_int(window) and window > 0):
+        refuse("sliding_window", "a positive integer, or null for full causal attention")
+    if config.get("rms_norm_eps") is not None:
+        eps = config["rms_norm_eps"]
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+            refuse("rms_norm_eps", "a small positive number such as 1e-6")
+
+
+FAMILY = Family(
+    name="llama",
+    title="Llama-style (Llama, Qwen2, Mistral)",
+    model_types={t: (f"{p}Config", f"{p}ForCausalLM") for t, p in _PREFIX.items()},
+    classes=tuple(f"{p}{s}" for p in _PREFIX.values() for s in ("Model", "ForCausalLM")),
+    inputs={
+        "input_ids": ("ids", "encoder"),
+        "attention_mask": ("mask", "encoder"),
+        "labels": ("ids", "encoder"),
+        "inputs_embeds": ("embeds", "encoder"),
+    },
+    default_inputs=(
+        ("ForCausalLM", ("input_ids", "attention_mask", "labels")),
+        ("Model", ("input_ids", "attention_mask")),
+    ),
+    train_inputs=("input_ids", "attention_mask", "labels"),
+    hidden_size="hidden_size",
+    blocks=(block_regex(r"(?:model\.)?layers"),),
+    presets={
+        "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": _TINYLLAMA,
+        "meta-llama/Llama-2-7b-hf": _LLAMA_2_7B,
+        "Qwen/Qwen2-0.5B": _QWEN2_0_5B,
+        "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,
+    },
+    aliases={"TinyLlama/TinyLlama_v1.1": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"},
+    config_fields=("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                   "num_hidden_layers", "vocab_size", "hidden_act", "rope_theta", "sliding_window",
+                   "use_sliding_window", "tie_word_embeddings"),
+    check_config=check_config,
+    max_layers_fields=("num_hidden_layers",),
+    positive_int_fields=("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                         "num_hidden_layers", "num_key_value_heads", "max_position_embeddings"),
+    rate_fields=("attention_dropout",),
+    token_id_fields=("pad_token_id",),
+    notes="decoder-only with rotary positions (computed in the graph) and grouped-query attention; Mistral "
+          "(and Qwen2 with use_sliding_window) masks a sliding window; small Qwen2 ties the LM head",
+)
