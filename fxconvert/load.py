@@ -529,22 +529,46 @@ def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) 
         if not build.meta:
             _warn_no_weights(source)
         return LoadedModel(model.eval(), source)
-    if any(True for _ in model.buffers()):  # buffers hold values a random init cannot invent
+    if not _fast_init(model, config, build.seed):  # buffers hold values a random init cannot invent
         torch.manual_seed(build.seed)
         with _held_warnings():
             model = cls._from_config(config_obj, **kwargs)
         _keep_in_fp32(model)
         _untie_head(model, config, init=True)
-    else:
-        model.to_empty(device="cpu")
-        model.tie_weights()
-        _untie_head(model, config)
-        _random_init(model, build.seed)
     source.weights = "random"
     source.notes.append("RANDOM WEIGHTS: the converted model computes nothing useful until real weights "
                         "are loaded")
     _warn_no_weights(source)
     return LoadedModel(model.eval(), source)
+
+
+def _fast_init(model: torch.nn.Module, config: dict, seed: int) -> bool:
+    """Give a meta-built model fast random weights on the CPU; False (model untouched) when it cannot.
+
+    Buffers are computed values (rotary inverse frequencies), not weights: a module that holds
+    float buffers and no parameters of its own gets them from the model's own `_init_weights`,
+    which recomputes them; if that leaves any unset (NaN-filled first), or a module holds
+    buffers next to parameters, the caller builds the model with transformers' initialisation.
+    """
+    owners = [m for m in model.modules() if any(b is not None for b in m._buffers.values())]
+    if any(any(p is not None for p in m._parameters.values()) or
+           any(b is not None and not b.is_floating_point() for b in m._buffers.values()) for m in owners):
+        return False
+    if owners and not hasattr(model, "_init_weights"):
+        return False
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for m in owners:
+            for b in m._buffers.values():
+                if b is not None:
+                    b.fill_(float("nan"))
+            model._init_weights(m)
+    if any(b is not None and b.isnan().any() for m in owners for b in m._buffers.values()):
+        return False
+    model.tie_weights()
+    _untie_head(model, config)
+    _random_init(model, seed)
+    return True
 
 
 def _warn_no_weights(source: ModelSource) -> None:
