@@ -130,10 +130,19 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     gm.meta["model_class"] = cls_name
     gm.meta["traced_training"] = model.training
     # Attention modules keep their configured dropout rate; an eval-mode trace records 0.0.
-    gm.meta["dropout_rates"] = {
-        path: float(m.dropout) for path, m in model.named_modules() if isinstance(getattr(m, "dropout", None), float)
-    }
+    gm.meta["dropout_rates"] = {path: rate for path, m in model.named_modules()
+                                if (rate := _attention_dropout_rate(m)) is not None}
     return TraceResult(gm, time.perf_counter() - start)
+
+
+def _attention_dropout_rate(module) -> float | None:
+    """The dropout rate an attention module passes when training: `dropout` (T5) or `attention_dropout`
+    (Llama-style), when it is a number (a `dropout` submodule is an nn.Dropout, which keeps its own p)."""
+    for attr in ("dropout", "attention_dropout"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (float, int)) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
 def supported_class(model) -> type:

@@ -1,0 +1,329 @@
+"""The Llama-style family (Llama, Qwen2, Mistral) against eager transformers.
+
+Tiny configs (hidden 32, 2 layers, vocab 97) cover: an untied head with grouped-query attention
+(Llama, 4 query heads on 2 kv heads), full multi-head attention with biases (Llama), a tied head
+(Qwen2, the `shared_embed_weight` placeholder), Qwen2 with sliding-window layers
+(use_sliding_window=True from layer 1), and Mistral's sliding window with one kv head. Windows
+are 4 tokens, so the 40-token sequences run far past them. Every numerical check compares
+outputs and every parameter gradient with the eager transformers model at 1e-5 in fp32; train
+mode runs attention dropout 0.1 under the same seed in both.
+"""
+
+import copy
+import functools
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxconvert import families
+from fxconvert.convert import convert
+from fxconvert.families import llama as llama_family
+from fxconvert.trace import trace
+
+from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, grads_of
+
+REPO = Path(__file__).resolve().parent.parent
+FAMILY = llama_family.FAMILY
+VOCAB = 97
+CONFIGS = {"Llama": transformers.LlamaConfig, "Qwen2": transformers.Qwen2Config, "Mistral": transformers.MistralConfig}
+
+# name -> (class prefix, overrides of the tiny config)
+VARIANTS = {
+    "llama_gqa": ("Llama", dict()),
+    "llama_mha_bias": ("Llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+    "qwen2_tied": ("Qwen2", dict(tie_word_embeddings=True)),
+    "qwen2_sliding": ("Qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "mistral_window": ("Mistral", dict(sliding_window=4, num_key_value_heads=1)),
+}
+SUFFIXES = ("Model", "ForCausalLM")
+
+
+def tiny_config(prefix, attn="sdpa", **overrides):
+    kwargs = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=128, attention_dropout=0.1,
+                  rope_theta=1000.0, use_cache=False, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    config = CONFIGS[prefix](**kwargs)
+    config._attn_implementation = attn
+    return config
+
+
+def build(variant, suffix="ForCausalLM", attn="sdpa", seed=0, **overrides):
+    prefix, variant_overrides = VARIANTS[variant]
+    config = tiny_config(prefix, attn, **{**variant_overrides, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, prefix + suffix)._from_config(config, attn_implementation=attn)
+    with torch.no_grad():  # transformers' init leaves norms at 1 and biases at 0: vary them
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def inputs_for(names, batch, length, seed=0, pad=True):
+    """Random inputs; the mask pads the tail of the first sequence, labels ignore one position."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if pad and length > 2:
+        mask[0, -2:] = 0
+    labels = torch.randint(0, VOCAB, (batch, length), generator=g)
+    if length > 1:
+        labels[-1, 0] = -100
+    pool = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {n: pool[n] for n in names}
+
+
+def eager(model, inputs):
+    out = model(**inputs, use_cache=False)
+    return {k: v for k, v in out.items() if v is not None and isinstance(v, torch.Tensor)}
+
+
+def names_of(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+MATRIX = [(v, s, a) for v in VARIANTS for s in SUFFIXES for a in ("sdpa", "eager")]
+IDS = ["-".join(row) for row in MATRIX]
+# (batch, length, padded): one token, the traced-example-free shapes, a sequence 10x the window
+SHAPES = [(1, 1, False), (1, 7, True), (3, 40, True), (2, 9, False)]
+
+
+@functools.lru_cache(maxsize=None)
+def traced(variant, suffix, attn):
+    model = build(variant, suffix, attn)
+    return model, trace(model)
+
+
+# -- trace: outputs and gradients ------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,suffix,attn", MATRIX, ids=IDS)
+def test_trace_matches_eager(variant, suffix, attn):
+    model, gm = traced(variant, suffix, attn)
+    assert names_of(gm) == FAMILY.default_input_names(type(model).__name__)
+    gm.graph.lint()
+    for i, (batch, length, pad) in enumerate(SHAPES):
+        inputs = inputs_for(names_of(gm), batch, length, seed=i, pad=pad)
+        with torch.no_grad():
+            assert_outputs_match(eager(model, inputs), gm(**inputs))
+    for batch, length in [(3, 11), (2, 40)]:
+        inputs = inputs_for(names_of(gm), batch, length, seed=length)
+        expected = grads_of(model, lambda: eager(model, inputs))
+        actual = grads_of(model, lambda: gm(**inputs))
+        assert_grads_match(expected, actual, model)
+    # the graph computes the rotary cos/sin from the buffer: no transformers function is called
+    assert not [n for n in gm.graph.nodes if n.op == "call_function"
+                and getattr(n.target, "__module__", "").startswith("transformers")]
+
+
+@pytest.mark.parametrize("variant,attn", [(v, a) for v in VARIANTS for a in ("sdpa", "eager")],
+                         ids=[f"{v}-{a}" for v in VARIANTS for a in ("sdpa", "eager")])
+def test_train_mode_matches_eager_under_the_same_seed(variant, attn):
+    model = build(variant, "ForCausalLM", attn).train()
+    gm = trace(model)
+    inputs = inputs_for(names_of(gm), 3, 11, seed=4)
+
+    def seeded(fn):
+        def run():
+            torch.manual_seed(1234)
+            return fn()
+        return run
+
+    with torch.no_grad():
+        expected = seeded(lambda: eager(model, inputs))()
+        actual = seeded(lambda: gm(**inputs))()
+        torch.manual_seed(99)
+        other = gm(**inputs)
+    assert_outputs_match(expected, actual)
+    assert not torch.equal(other["logits"], actual["logits"])  # attention dropout is really on
+    assert_grads_match(grads_of(model, seeded(lambda: eager(model, inputs))),
+                       grads_of(model, seeded(lambda: gm(**inputs))), model)
+
+
+def test_sliding_window_masks_what_transformers_masks():
+    """Past the window, Mistral differs from full causal attention (so the window is really applied)."""
+    model, gm = traced("mistral_window", "Model", "sdpa")
+    full = build("mistral_window", "Model", "sdpa", sliding_window=None)
+    inputs = inputs_for(["input_ids", "attention_mask"], 2, 12, seed=3)
+    with torch.no_grad():
+        windowed = gm(**inputs)["last_hidden_state"]
+        unwindowed = eager(full, inputs)["last_hidden_state"]
+    torch.testing.assert_close(windowed[:, :4], unwindowed[:, :4], rtol=0, atol=1e-5)  # inside the window
+    assert not torch.allclose(windowed[:, 4:], unwindowed[:, 4:], atol=1e-3)
+
+
+def test_meta_device_mistral_7b_traces_without_weights():
+    config = CONFIGS["Mistral"].from_dict(dict(FAMILY.presets["mistralai/Mistral-7B-v0.1"]))
+    with torch.device("meta"):
+        model = transformers.MistralForCausalLM(config).eval()
+    gm = trace(model)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert names_of(gm) == ["input_ids", "attention_mask", "labels"]
+    leaves = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__module__ == "fxconvert.runtime"]
+    assert {n.target.__name__ for n in leaves} == {"sliding_window_causal_mask"}
+    assert leaves[0].kwargs["window"] == 4096
+
+
+# -- a sweep of small configurations --------------------------------------------------------------
+
+@st.composite
+def small_configs(draw):
+    prefix = draw(st.sampled_from(sorted(CONFIGS)))
+    kv_heads = draw(st.sampled_from([1, 2]))
+    heads = kv_heads * draw(st.sampled_from([1, 2, 3]))
+    head_dim = draw(st.sampled_from([2, 4, 8]))
+    overrides = dict(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                     hidden_size=4 * heads * draw(st.integers(1, 2)), intermediate_size=draw(st.sampled_from([8, 24])),
+                     num_hidden_layers=draw(st.integers(1, 2)), tie_word_embeddings=draw(st.booleans()),
+                     hidden_act=draw(st.sampled_from(["silu", "gelu"])))
+    if prefix == "Mistral":
+        overrides["sliding_window"] = draw(st.sampled_from([None, 1, 3, 16]))
+    if prefix == "Qwen2" and draw(st.booleans()):
+        overrides.update(use_sliding_window=True, sliding_window=draw(st.integers(1, 5)), max_window_layers=0)
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 12)))
+    return prefix, overrides, draw(st.sampled_from(["sdpa", "eager"])), shape, draw(st.booleans())
+
+
+@settings(max_examples=10, deadline=None)
+@given(small_configs())
+def test_small_configs_match_eager(case):
+    prefix, overrides, attn, (batch, length), pad = case
+    config = tiny_config(prefix, attn, **overrides)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    gm = trace(model)
+    inputs = inputs_for(names_of(gm), batch, length, seed=length, pad=pad)
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
+
+
+# -- convert --------------------------------------------------------------------------------------
+
+def output_and_grads(module, run, seed):
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = run()
+    out.float().sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_convert_matches_eager(variant):
+    model = build(variant)
+    reference = copy.deepcopy(model)
+    c = convert(model, input_names=["input_ids", "attention_mask", "labels"])
+    tied = model.config.tie_word_embeddings
+    placeholders = [n.target for n in c.graph_module.graph.nodes if n.op == "placeholder"]
+    if tied:
+        assert c.shared_weights == {"shared_embed_weight": ["model.embed_tokens.weight", "lm_head.weight"]}
+        assert placeholders == ["input_ids", "attention_mask", "labels", "shared_embed_weight", "training"]
+    else:
+        assert c.shared_weights == {}
+        assert placeholders == ["input_ids", "attention_mask", "labels", "training"]
+        assert dict(c.module.named_parameters())["graph_module.lm_head.weight"] is model.lm_head.weight
+    assert c.output_name == "loss"
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = {n: ("model.embed_tokens.weight" if n == "shared_embed_weight" else by_id[id(p)])
+             for n, p in c.module.named_parameters()}
+    eval_losses = []
+    for mode in ("eval", "train"):
+        c.module.train(mode == "train")
+        reference.train(mode == "train")
+        for i, (batch, length, pad) in enumerate(SHAPES):
+            inputs = inputs_for(c.input_names, batch, length, seed=i, pad=pad)
+            got, got_grads = output_and_grads(c.module, lambda: c.module(**inputs), seed=i)
+            want, want_grads = output_and_grads(reference, lambda: eager(reference, inputs)["loss"], seed=i)
+            where = f"{mode} {batch}x{length}"
+            # one token leaves no label after the shift: the loss is NaN in both (mean over nothing)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5, equal_nan=True, msg=lambda m: f"{where}: {m}")
+            if mode == "eval":
+                eval_losses.append(got)
+            elif length > 1:  # an eval-mode trace still drops out in training (the flag and the rate are lifted)
+                assert not torch.equal(got, eval_losses[i]), where
+            assert sorted(names[n] for n in got_grads) == sorted(want_grads), where
+            for n, g in got_grads.items():
+                torch.testing.assert_close(g, want_grads[names[n]], atol=1e-5, rtol=1e-4, equal_nan=True,
+                                           msg=lambda m, n=n: f"{where} {n}: {m}")
+
+
+def test_convert_bare_model_keeps_the_hidden_state():
+    model = build("qwen2_tied", "Model")
+    c = convert(model)
+    assert c.input_names == ["input_ids", "attention_mask"] and c.output_name == "last_hidden_state"
+    assert c.shared_weights == {}  # a bare model holds the embedding once
+    inputs = inputs_for(c.input_names, 2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(c.module(**inputs), eager(model, inputs)["last_hidden_state"], rtol=0, atol=1e-5)
+
+
+# -- model.py without transformers ----------------------------------------------------------------
+
+RUNNER = r"""
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("model", sys.argv[1] + "/model.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+cases = torch.load(sys.argv[1] + "/../cases.pt")
+model = module.load()
+with torch.no_grad():
+    out = model(**cases["inputs"])
+assert "transformers" not in sys.modules
+print(abs(out - cases["expected"]).max().item())
+"""
+
+
+@pytest.mark.parametrize("variant", ["qwen2_tied", "mistral_window"])
+def test_written_model_runs_without_transformers(variant, tmp_path):
+    model = build(variant)
+    c = convert(model)
+    c.save(tmp_path / "out")
+    inputs = inputs_for(c.input_names, 2, 13)
+    with torch.no_grad():
+        torch.save({"inputs": inputs, "expected": eager(model, inputs)["loss"]}, tmp_path / "cases.pt")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", NO_TRANSFORMERS + RUNNER, str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+# -- the record -----------------------------------------------------------------------------------
+
+def test_record_is_registered():
+    assert families.family_of_class("MistralForCausalLM") is FAMILY
+    assert families.family_of_model_type("qwen2") is FAMILY
+    assert set(FAMILY.classes) == {p + s for p in CONFIGS for s in SUFFIXES}
+    for path, block in [("model.layers.3.mlp.up_proj", "model.layers.3"), ("layers.0", "layers.0"),
+                        ("layers.12.self_attn", "layers.12")]:
+        assert FAMILY.block_of(path) == (0, int(block.rsplit(".", 1)[1]), block)
+    for path in ("model.norm", "lm_head", "model.embed_tokens", "model.layers", "xlayers.1"):
+        assert FAMILY.block_of(path) is None
+
+
+# Published parameter counts of the presets (their model cards), to 1%.
+PRESET_PARAMS = {"TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 1.100e9, "meta-llama/Llama-2-7b-hf": 6.738e9,
+                 "Qwen/Qwen2-0.5B": 0.494e9, "mistralai/Mistral-7B-v0.1": 7.242e9}
+
+
+@pytest.mark.parametrize("name", list(PRESET_PARAMS))
+def test_preset_architectures(name):
+    config_dict = dict(FAMILY.presets[name])
+    prefix = llama_family._PREFIX[config_dict["model_type"]]
+    config = CONFIGS[prefix].from_dict(config_dict)
+    with torch.device("meta"):
+        model = getattr(transformers, config_dict["architectures"][0])(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - PRESET_PARAMS[name]) / PRESET_PARAMS[name] < 0.01, n
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == config_dict["tie_word_embeddings"]
