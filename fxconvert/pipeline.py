@@ -199,6 +199,10 @@ def _hf_names(conversion: Conversion):
     if conversion.model is not None:
         for name, t in conversion.model.state_dict(keep_vars=True).items():
             eager.setdefault(id(t), []).append(name)
+        # Non-persistent buffers (rotary frequencies) are computed by transformers, not stored: a
+        # stage holds them as tensors, named by their path (from_pretrained ignores them on load).
+        for name, t in conversion.model.named_buffers():
+            eager.setdefault(id(t), [name])
 
     def hf_names(name: str, t: torch.Tensor) -> list[str]:
         if name in conversion.shared_weights:

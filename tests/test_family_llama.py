@@ -327,3 +327,109 @@ def test_preset_architectures(name):
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - PRESET_PARAMS[name]) / PRESET_PARAMS[name] < 0.01, n
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == config_dict["tie_word_embeddings"]
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+def run_with_grads(module, inputs, seed=0):
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = module(**inputs)
+    out.float().sum().backward()
+    grads = {id(p): p.grad.detach().clone() for p in module.parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@functools.lru_cache(maxsize=None)
+def conversion(variant, suffix="ForCausalLM"):
+    return convert(build(variant, suffix, num_hidden_layers=4))
+
+
+STAGE_CASES = [("llama_gqa", "ForCausalLM", 2), ("qwen2_tied", "ForCausalLM", 3), ("mistral_window", "ForCausalLM", 4),
+               ("qwen2_tied", "Model", 2)]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("variant,suffix,num_stages", STAGE_CASES, ids=["-".join(map(str, c)) for c in STAGE_CASES])
+def test_stages_cut_at_the_layers_and_compose_to_the_converted_module(variant, suffix, num_stages, mode):
+    from fxconvert.stages import split_stages, stage_table
+
+    conv = conversion(variant, suffix)
+    stages = split_stages(conv, num_stages, balance="params")
+    prefix = "model.layers" if suffix == "ForCausalLM" else "layers"
+    blocks = [b for row in stage_table(stages) for b in row["blocks"]]
+    assert blocks == [f"{prefix}.{i}" for i in range(4)]
+    whole = conv.module
+    names = {id(p): n for n, p in whole.named_parameters()}
+    assert sorted(id(p) for p in stages.parameters()) == sorted(names)
+    for module in (whole, stages):
+        module.train(mode == "train")
+    try:
+        inputs = inputs_for(conv.input_names, 3, 11, seed=2)
+        expected, expected_grads = run_with_grads(whole, inputs)
+        actual, actual_grads = run_with_grads(stages, inputs)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+        assert set(actual_grads) == set(expected_grads)
+        for key, grad in expected_grads.items():
+            torch.testing.assert_close(actual_grads[key], grad, rtol=0, atol=1e-6, msg=lambda m, k=key: f"{names[k]}: {m}")
+    finally:
+        whole.eval()
+
+
+def test_tied_weight_reaches_the_first_and_last_stage():
+    from fxconvert.stages import split_stages, stage_table
+
+    rows = stage_table(split_stages(conversion("qwen2_tied"), 3, balance="params"))
+    assert rows[0]["receives_shared_weight"] and rows[-1]["receives_shared_weight"]
+    assert not rows[1]["receives_shared_weight"]
+    untied = stage_table(split_stages(conversion("llama_gqa"), 2, balance="params"))
+    assert not any(r["receives_shared_weight"] for r in untied)
+
+
+# -- load and the command line --------------------------------------------------------------------
+
+def test_presets_load_on_the_meta_device_and_the_large_ones_by_themselves():
+    from fxconvert.load import RandomWeightsWarning, load
+
+    for name in ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "TinyLlama/TinyLlama_v1.1", "Qwen/Qwen2-0.5B"):
+        loaded = load(name, meta=True, offline=True)
+        assert loaded.source.origin == "preset" and loaded.source.device == "meta"
+    for name, cls in (("meta-llama/Llama-2-7b-hf", "LlamaForCausalLM"), ("mistralai/Mistral-7B-v0.1", "MistralForCausalLM")):
+        with pytest.warns(RandomWeightsWarning, match="meta device"):
+            loaded = load(name, offline=True, allow_random=True)  # over META_THRESHOLD: no weights in memory
+        assert type(loaded.model).__name__ == cls and loaded.source.device == "meta"
+
+
+def test_random_weights_recompute_the_rotary_frequencies(tmp_path):
+    """A config file builds with fast random weights; the rotary buffer is transformers' own value."""
+    from fxconvert.load import RandomWeightsWarning, load
+
+    reference = build("qwen2_tied", rope_theta=500.0)
+    path = tmp_path / "arch.json"
+    path.write_text(reference.config.to_json_string())
+    with pytest.warns(RandomWeightsWarning, match="RANDOM WEIGHTS"):
+        loaded = load(path, allow_random=True)
+    model = loaded.model
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not any(p.isnan().any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2_tied", "mistral_window"])
+def test_cli_converts_a_checkpoint_splits_and_validates(variant, tmp_path, capsys):
+    from fxconvert.cli import main
+
+    model = build(variant)
+    model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["status"] == "ok" and report["validation"]["passed"] is True, report["validation"]
+    assert [b for r in report["stages"] for b in r["blocks"]] == ["model.layers.0", "model.layers.1"]
+    inputs = [i["name"] for i in report["io"]["inputs"]]
+    tied = model.config.tie_word_embeddings
+    assert inputs == ["input_ids", "attention_mask", "labels"] + (["shared_embed_weight"] if tied else []) + ["training"]
+    assert {"model.py", "weights.safetensors", "stage_0.py", "stage_1.py"} <= set(os.listdir(out))
