@@ -249,7 +249,8 @@ def _pad(rows: list[list[int]], value: int, length: int | None, option: str) -> 
 
 
 def collate(examples, *, pad_token_id, decoder_start_token_id, pad_to=None) -> dict[str, torch.Tensor]:
-    """One padded int64 batch: input_ids, attention_mask, labels, decoder_input_ids.
+    """One padded int64 batch: input_ids, attention_mask, labels, decoder_input_ids (not when
+    `decoder_start_token_id` is None: a decoder-only model shifts its labels itself).
 
     `pad_to=(source_length, target_length)` pads every batch to the same fixed lengths instead
     of its own longest, for runtimes that size their buffers once; the real tokens' losses are
@@ -258,12 +259,14 @@ def collate(examples, *, pad_token_id, decoder_start_token_id, pad_to=None) -> d
     if not examples:
         raise UsageError("cannot collate an empty batch; give at least one example")
     for name, value in (("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)):
-        if type(value) is not int:
+        if type(value) is not int and not (name == "decoder_start_token_id" and value is None):
             raise UsageError(f"{name} is {value!r}, not a token id; set {name} in the model's config.json")
     source_length, target_length = (_positive(v, "pad_to") for v in pad_to) if pad_to is not None else (None, None)
     input_ids = _pad([e.input_ids for e in examples], pad_token_id, source_length, "--max-source-length")
     attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, source_length, "--max-source-length")
     labels = _pad([e.labels for e in examples], IGNORE_INDEX, target_length, "--max-target-length")
+    if decoder_start_token_id is None:  # decoder-only: the model shifts the labels itself
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], dim=1)
     decoder_input_ids.masked_fill_(decoder_input_ids == IGNORE_INDEX, pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "decoder_input_ids": decoder_input_ids}

@@ -317,7 +317,7 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
 class Data:
     examples: list
     pad_token_id: int
-    decoder_start_token_id: int
+    decoder_start_token_id: int | None  # None: a decoder-only model, no decoder_input_ids
 
     def batch(self, args, index: int) -> dict[str, torch.Tensor]:
         from fxconvert.data import batch_indices, collate
@@ -343,8 +343,11 @@ def load_data(args, model: Model) -> Data:
     examples = read_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
                           max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"))
     pad = config.get("pad_token_id")
-    start = config.get("decoder_start_token_id")
-    for name, value in (("pad_token_id", pad), ("decoder_start_token_id", start)):
+    # A decoder-only model (its family trains without decoder_input_ids) needs no start token.
+    family = families.family_of_model_type(config.get("model_type"))
+    needs_start = family is None or "decoder_input_ids" in family.train_inputs
+    start = config.get("decoder_start_token_id") if needs_start else None
+    for name, value in (("pad_token_id", pad), ("decoder_start_token_id", start))[:2 if needs_start else 1]:
         if type(value) is not int:
             raise UsageError(f"the model's config has {name} = {value!r}; set it in config.json")
     return Data(examples, pad, start)
