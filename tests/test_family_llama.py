@@ -480,3 +480,24 @@ def test_pipeline_training_matches_eager_training(tmp_path):
     want = eager_model.state_dict()
     for name, t in trained.state_dict().items():
         torch.testing.assert_close(t, want[name], rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(num_key_value_heads=3), r"num_key_value_heads is 3; set it to a positive divisor of num_attention_heads \(4\)"),
+    (dict(num_attention_heads=5), r"num_attention_heads is 5; set it to a divisor of hidden_size \(32\)"),
+    (dict(head_dim=7), r"head_dim is 7; set it to a positive even integer"),
+    (dict(hidden_size=36, num_attention_heads=4, num_key_value_heads=4, head_dim=None), r"num_attention_heads is 4; .* is odd"),
+    (dict(sliding_window=0), r"sliding_window is 0; set it to a positive integer, or null"),
+    (dict(num_hidden_layers=0), r"num_hidden_layers is 0; set it to a positive integer"),
+    (dict(attention_dropout=1.5), r"attention_dropout is 1.5; set it to a number in \[0, 1\)"),
+])
+def test_config_check_names_the_field_and_the_fix(changes, message, tmp_path):
+    from fxconvert.errors import ModelResolutionError
+    from fxconvert.load import load
+
+    config = json.loads(build("mistral_window").config.to_json_string())
+    config.update(changes)
+    (tmp_path / "arch.json").write_text(json.dumps(config))
+    with pytest.raises(ModelResolutionError, match=message) as raised:
+        load(tmp_path / "arch.json", allow_random=True)
+    assert "\n" not in str(raised.value)

@@ -52,25 +52,22 @@ def _is_int(value) -> bool:
 def check_config(config: dict, refuse) -> None:
     """Head counts that split evenly, an even rotary width, a usable sliding window."""
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
-    if _is_int(heads) and heads > 0 and kv_heads is not None:
-        if not (_is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
-            refuse("num_key_value_heads", f"a positive divisor of num_attention_heads ({heads})")
     hidden, head_dim = config.get("hidden_size"), config.get("head_dim")
-    if head_dim is None and _is_int(hidden) and _is_int(heads) and heads > 0 and hidden % heads:
-        refuse("num_attention_heads", f"a divisor of hidden_size ({hidden}), or set head_dim")
+    if not (_is_int(heads) and heads > 0):
+        return  # refused as a positive integer field, or transformers' default
+    if kv_heads is not None and not (_is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
+        refuse("num_key_value_heads", f"a positive divisor of num_attention_heads ({heads})")
+    if _is_int(hidden) and hidden % heads:  # transformers refuses it even with head_dim set
+        refuse("num_attention_heads", f"a divisor of hidden_size ({hidden})")
     if head_dim is not None and not (_is_int(head_dim) and head_dim > 0 and head_dim % 2 == 0):
         refuse("head_dim", "a positive even integer (rotary embeddings rotate pairs of features)")
-    if head_dim is None and _is_int(hidden) and _is_int(heads) and heads > 0 and (hidden // heads) % 2:
-        refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / heads is "
-                                      f"odd; rotary embeddings rotate pairs of features)")
+    if head_dim is None and _is_int(hidden) and (hidden // heads) % 2:
+        refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / "
+                                      f"{heads} heads is odd; rotary embeddings rotate pairs of features)")
     window = config.get("sliding_window")
     uses_window = config.get("model_type") == "mistral" or config.get("use_sliding_window") is True
     if window is not None and uses_window and not (_is_int(window) and window > 0):
         refuse("sliding_window", "a positive integer, or null for full causal attention")
-    if config.get("rms_norm_eps") is not None:
-        eps = config["rms_norm_eps"]
-        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
-            refuse("rms_norm_eps", "a small positive number such as 1e-6")
 
 
 FAMILY = Family(
