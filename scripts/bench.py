@@ -54,6 +54,7 @@ import transformers  # noqa: E402
 SCHEMA_VERSION = 1
 THREADS = 2
 INPUT_NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
+LLAMA_INPUT_NAMES = ["input_ids", "attention_mask", "labels"]
 
 # Every measurement is registered once, in `REGISTRY` (after the functions that measure them):
 # key, target, unit, what it compares, the function, and the comparison (">=" for a speed-up).
@@ -217,13 +218,27 @@ def tiny_config(**overrides):
     return transformers.T5Config(**kwargs)
 
 
+def llama_config(tiny=False):
+    """A Llama-shaped model of about 100M parameters (TinyLlama's layout, narrower and shallower):
+    hidden 768, 12 heads on 4 kv heads, SwiGLU 2048, 8 layers, vocab 32000, untied head."""
+    kwargs = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4,
+                  num_hidden_layers=8, vocab_size=32000, max_position_embeddings=2048, use_cache=False,
+                  tie_word_embeddings=False)
+    if tiny:
+        kwargs.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=1000)
+    return transformers.LlamaConfig(**kwargs)
+
+
 def build(config, *, meta=False, seed=0):
     torch.manual_seed(seed)
+    cls = transformers.LlamaForCausalLM if isinstance(config, transformers.LlamaConfig) else \
+        transformers.T5ForConditionalGeneration
     if meta:
         with torch.device("meta"):
-            model = transformers.T5ForConditionalGeneration(config)
+            model = cls(config)
     else:
-        model = transformers.T5ForConditionalGeneration(config)
+        model = cls(config)
     return model.eval()
 
 
@@ -244,10 +259,10 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def convert(model):
+def convert(model, input_names=INPUT_NAMES):
     import fxconvert
 
-    conversion = fxconvert.convert(model, input_names=INPUT_NAMES)
+    conversion = fxconvert.convert(model, input_names=input_names)
     conversion.graph_module.code  # codegen is part of the cost (convert already recompiles)
     return conversion
 
@@ -256,13 +271,20 @@ def convert(model):
 
 
 def measure_convert_over_export(ctx) -> Result:
-    key = "convert_over_export"
-    model = ctx.main_model()
-    inputs = make_inputs(1, 32, model.config.vocab_size)
+    return _convert_over_export(ctx, "convert_over_export", ctx.main_model(), INPUT_NAMES, ctx.main_name)
+
+
+def measure_convert_over_export_llama(ctx) -> Result:
+    return _convert_over_export(ctx, "convert_over_export_llama", ctx.llama_model(), LLAMA_INPUT_NAMES,
+                                ctx.llama_name)
+
+
+def _convert_over_export(ctx, key, model, input_names, model_name) -> Result:
+    inputs = {k: v for k, v in make_inputs(1, 32, model.config.vocab_size).items() if k in input_names}
     phases = []
 
     def run_convert():
-        phases.append(convert(model).timings)
+        phases.append(convert(model, input_names).timings)
 
     def run_export():
         torch.export.export(model, (), kwargs={**inputs, "use_cache": False}, strict=False)
@@ -270,9 +292,10 @@ def measure_convert_over_export(ctx) -> Result:
     samples = interleaved({"fxconvert": run_convert, "export": run_export}, **ctx.plan(heavy=True))
     fx = Figure("fxconvert.convert (trace + passes + codegen)", samples["fxconvert"])
     base = Figure("torch.export.export(strict=False)", samples["export"])
-    details = {"model": ctx.main_name, "params": n_params(model), "export_inputs": "1x32",
+    details = {"model": model_name, "params": n_params(model), "export_inputs": "1x32",
                "fxconvert_phases_median_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]}}
-    return Result(key, fx.median / base.median, fx, base, details=details, profile=lambda prof: _profiled(prof, lambda: convert(model)))
+    return Result(key, fx.median / base.median, fx, base, details=details,
+                  profile=lambda prof: _profiled(prof, lambda: convert(model, input_names)))
 
 
 def measure_scaling(ctx) -> Result:
@@ -300,8 +323,8 @@ def measure_scaling(ctx) -> Result:
 # --- measurements: runtime ----------------------------------------------------------------------
 
 
-def compare_runtime(ctx, key, model, conversion, batch, seq, train) -> Result:
-    inputs = make_inputs(batch, seq, model.config.vocab_size)
+def compare_runtime(ctx, key, model, conversion, batch, seq, train, model_name=None) -> Result:
+    inputs = {k: v for k, v in make_inputs(batch, seq, model.config.vocab_size).items() if k in conversion.input_names}
     module = conversion.module
     model.train(train)
     module.train(train)
@@ -340,7 +363,8 @@ def compare_runtime(ctx, key, model, conversion, batch, seq, train) -> Result:
         module.eval()
     fx = Figure("Conversion.module" + (" fwd+bwd" if train else " forward"), samples["converted"])
     base = Figure("eager transformers" + (" fwd+bwd" if train else " forward"), samples["eager"])
-    details = {"model": ctx.main_name if key != "runtime_overhead_tiny" else "tiny", "params": n_params(model),
+    details = {"model": model_name or (ctx.main_name if key != "runtime_overhead_tiny" else "tiny"),
+               "params": n_params(model),
                "batch": batch, "seq": seq, "mode": "train" if train else "eval", "threads": torch.get_num_threads(),
                "loss_abs_diff": abs(loss_eager - loss_converted)}
 
@@ -374,6 +398,18 @@ def measure_runtime(ctx) -> list[Result]:
         if ctx.selected(key):
             results.append(ctx.guard(key, lambda: compare_runtime(ctx, key, model, conversion, batch, seq, train)))
     return results
+
+
+def measure_runtime_llama(ctx) -> list[Result]:
+    keys = [k for k in RUNTIME_LLAMA_KEYS if ctx.selected(k)]
+    if not keys:
+        return []
+    model = ctx.llama_model()
+    conversion = convert(model, LLAMA_INPUT_NAMES)
+    sizes = {"runtime_eval_1x32_llama": (1, 32, False), "runtime_eval_8x128_llama": (8, 128, False),
+             "runtime_train_1x32_llama": (1, 32, True), "runtime_train_8x128_llama": (8, 128, True)}
+    return [ctx.guard(key, lambda key=key: compare_runtime(ctx, key, model, conversion, *sizes[key],
+                                                           model_name=ctx.llama_name)) for key in keys]
 
 
 # --- measurements: subprocesses -----------------------------------------------------------------
@@ -977,6 +1013,16 @@ REGISTRY = [
        "from_pretrained and 1 AdamW step; T5 of 107M parameters (d_model 768, 5+5 layers, vocab 32128), "
        "stages balanced by parameters, batch 8 x 64/32 tokens",
        measure_pipeline_rss, subprocess=True),
+    # The Llama-style family: a ~100M-parameter decoder-only model.
+    _m("convert_over_export_llama", 0.10, "ratio",
+       "fxconvert.convert vs torch.export.export(strict=False), Llama of ~100M parameters (hidden 768, 8 layers, "
+       "12 heads on 4 kv heads)", measure_convert_over_export_llama),
+    _m("runtime_eval_1x32_llama", 0.95, "ratio", "eval forward, Llama ~100M, 1x32", measure_runtime_llama),
+    _m("runtime_eval_8x128_llama", 1.02, "ratio", "eval forward, Llama ~100M, 8x128", measure_runtime_llama),
+    _m("runtime_train_1x32_llama", 0.95, "ratio", "train forward + backward, Llama ~100M, 1x32",
+       measure_runtime_llama),
+    _m("runtime_train_8x128_llama", 1.02, "ratio", "train forward + backward, Llama ~100M, 8x128",
+       measure_runtime_llama),
     # Reported with --compile; no targets.
     *(_m(k, None, "", "", measure_compile) for k in ("compile_fullgraph", "compile_time_converted_s",
                                                        "compile_time_eager_s", "compile_time_ratio",
@@ -985,6 +1031,7 @@ REGISTRY = [
 TARGETS = {m.key: (m.target, m.unit, m.what) for m in REGISTRY if m.target is not None}
 COMPARISONS = {m.key: m.comparison for m in REGISTRY}
 RUNTIME_KEYS = [m.key for m in REGISTRY if m.measure is measure_runtime]
+RUNTIME_LLAMA_KEYS = [m.key for m in REGISTRY if m.measure is measure_runtime_llama]
 COMPILE_KEYS = tuple(m.key for m in REGISTRY if m.measure is measure_compile)
 
 
@@ -1003,6 +1050,8 @@ class Context:
         self.scaling_layers = (1, 8) if self.mode == "tiny" else (6, 48)
         self.import_rss_mb = None
         self._main = None
+        self._llama = None
+        self.llama_name = "tiny Llama" if self.mode == "tiny" else "Llama ~100M"
 
     def plan(self, heavy=False):
         p = self.plan_dict
@@ -1019,6 +1068,12 @@ class Context:
         if self._main is None:
             self._main = build(tiny_config() if self.mode == "tiny" else small_config())
         return self._main
+
+    def llama_model(self):
+        """The Llama of about 100M parameters (tiny under --tiny), random weights, eval mode; built once."""
+        if self._llama is None:
+            self._llama = build(llama_config(tiny=self.mode == "tiny"))
+        return self._llama
 
     def selected(self, key) -> bool:
         return not self.only or any(s in key for s in self.only)
