@@ -70,11 +70,14 @@ def build(variant, suffix="ForCausalLM", attn="sdpa", seed=0, **overrides):
 
 
 def inputs_for(names, batch, length, seed=0, pad=True):
-    """Random inputs; the mask pads the tail of the first sequence, labels ignore one position."""
+    """Random inputs; the mask pads the tail of the first sequence (pad="left": its head, as for
+    generation, so the padded queries attend nothing), labels ignore one position."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
-    if pad and length > 2:
+    if pad == "left" and length > 3:
+        mask[0, :3] = 0
+    elif pad and length > 2:
         mask[0, -2:] = 0
     labels = torch.randint(0, VOCAB, (batch, length), generator=g)
     if length > 1:
@@ -94,8 +97,8 @@ def names_of(gm):
 
 MATRIX = [(v, s, a) for v in VARIANTS for s in SUFFIXES for a in ("sdpa", "eager")]
 IDS = ["-".join(row) for row in MATRIX]
-# (batch, length, padded): one token, the traced-example-free shapes, a sequence 10x the window
-SHAPES = [(1, 1, False), (1, 7, True), (3, 40, True), (2, 9, False)]
+# (batch, length, padding): one token, a sequence 10x the window, no padding, left padding
+SHAPES = [(1, 1, False), (1, 7, True), (3, 40, True), (2, 9, False), (2, 9, "left")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,6 +150,22 @@ def test_train_mode_matches_eager_under_the_same_seed(variant, attn):
     assert not torch.equal(other["logits"], actual["logits"])  # attention dropout is really on
     assert_grads_match(grads_of(model, seeded(lambda: eager(model, inputs))),
                        grads_of(model, seeded(lambda: gm(**inputs))), model)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_inputs_embeds_instead_of_ids(attn):
+    model = build("mistral_window", "ForCausalLM", attn)
+    gm = trace(model, ["inputs_embeds", "attention_mask", "labels"])
+    ids = inputs_for(["input_ids", "attention_mask", "labels"], 2, 13, seed=6)
+    inputs = {"inputs_embeds": model.get_input_embeddings()(ids.pop("input_ids")).detach(), **ids}
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+    expected = grads_of(model, lambda: eager(model, inputs))
+    actual = grads_of(model, lambda: gm(**inputs))
+    # every parameter but the (unused) token embedding gets a gradient, in both
+    assert set(expected) == set(actual) == {n for n, _ in model.named_parameters()} - {"model.embed_tokens.weight"}
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_sliding_window_masks_what_transformers_masks():
