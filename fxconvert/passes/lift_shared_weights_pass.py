@@ -6,8 +6,8 @@ sees one tensor flowing to every stage that uses it. This pass does the same on 
 
 - parameters registered under several names are found by tensor identity
   (`fxconvert.analysis.find_shared_parameters`);
-- each becomes one placeholder (`shared_embed_weight` for a tied embedding, FTPipe's
-  name), inserted after the model inputs and before `training`;
+- each becomes one placeholder (`shared_embed_weight` for a weight an `nn.Embedding`
+  owns, FTPipe's name), inserted after the model inputs and before `training`;
 - `nn.Embedding` calls become `F.embedding(ids, w, ...)`, `nn.Linear` calls
   `F.linear(x, w, bias)`, and direct reads of the weight read the placeholder;
 - the parameter is unregistered from the graph module, so it is not held twice. The
@@ -34,8 +34,16 @@ from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert.passes.sparsify_shared_lookups_pass import sparse_embedding_gradients  # noqa: F401 (re-exported)
 
 
-def _placeholder_name(names, taken) -> str:
-    owner_is_embedding = any(n.endswith("embed_tokens.weight") or n.startswith("shared.") for n in names)
+def _placeholder_name(gm, names, taken) -> str:
+    """`shared_embed_weight` for a weight an embedding owns (FTPipe's name), else `shared_<first name>`."""
+    def embedding_weight(name):
+        owner, _, attr = name.rpartition(".")
+        try:
+            return attr == "weight" and isinstance(gm.get_submodule(owner), torch.nn.Embedding)
+        except AttributeError:
+            return False
+
+    owner_is_embedding = any(embedding_weight(n) for n in names)
     base = "shared_embed_weight" if owner_is_embedding else "shared_" + names[0].replace(".", "_")
     name, i = base, 1
     while name in taken:
@@ -62,6 +70,14 @@ def _stateless_call(module, node, weight):
     )
 
 
+def _shared_bias_call(graph, node, bias):
+    """`F.linear` for a call of an `nn.Linear` whose bias is the shared one (BERT's MLM decoder
+    bias is also `cls.predictions.bias`); its weight is read, or lifted by its own group."""
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{node.target}.weight")
+    return F.linear, (node.args[0], weight), {"bias": bias}
+
+
 class LiftSharedWeightsPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
@@ -73,7 +89,7 @@ class LiftSharedWeightsPass(PassBase):
         anchor = next((n for n in placeholders if n.target == TRAINING), None)
         lifted = dict(graph_module.meta.get("lifted_weights", {}))
         for info, param in shared:
-            name = _placeholder_name(info.names, taken)
+            name = _placeholder_name(graph_module, info.names, taken)
             taken.add(name)
             if anchor is not None:
                 with graph.inserting_before(anchor):
@@ -88,12 +104,15 @@ class LiftSharedWeightsPass(PassBase):
             for node in list(graph.nodes):
                 if node.op == "call_module" and node.target in owners:
                     module = graph_module.get_submodule(node.target)
-                    if module.weight is not param:
+                    if module.weight is param:
+                        fn, args, kwargs = _stateless_call(module, node, weight)
+                        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                            with graph.inserting_before(node):
+                                kwargs["bias"] = graph.get_attr(f"{node.target}.bias")
+                    elif isinstance(module, torch.nn.Linear) and module.bias is param:
+                        fn, args, kwargs = _shared_bias_call(graph, node, weight)
+                    else:
                         continue
-                    fn, args, kwargs = _stateless_call(module, node, weight)
-                    if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                        with graph.inserting_before(node):
-                            kwargs["bias"] = graph.get_attr(f"{node.target}.bias")
                     with graph.inserting_before(node):
                         new = graph.call_function(fn, args, kwargs)
                     new.meta = dict(node.meta)
