@@ -44,6 +44,7 @@ class Family:
     positive_int_fields: tuple[str, ...] = ()  # fields that must be positive integers
     rate_fields: tuple[str, ...] = ()  # dropout probabilities in [0, 1)
     token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
+    max_length: str = ""  # config attribute bounding every sequence's length (absolute positions); "" for none
     notes: str = ""  # one line on what differs, for the README and the report
 
     def default_input_names(self, cls_name: str) -> list[str]:
@@ -74,7 +75,7 @@ def block_regex(prefix: str) -> str:
     return rf"^(?P<block>{prefix}\.(?P<index>\d+))(?:\.|$)"
 
 
-_MODULES = ("t5",)
+_MODULES = ("t5", "bert")
 
 
 @cache
