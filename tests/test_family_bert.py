@@ -176,6 +176,21 @@ def test_trace_without_token_type_ids_reads_the_zeros_buffer(attn):
             assert_close(got[k], want[k], f"{batch}x{length} {k}")
 
 
+@pytest.mark.parametrize("attn", ATTN)
+def test_trace_with_inputs_embeds(attn):
+    model = build("BertModel", attn)
+    gm = trace(model, ["inputs_embeds", "attention_mask", "token_type_ids"])
+    for i, (batch, length, padded) in enumerate(SHAPES):
+        inputs = bert_inputs(["attention_mask", "token_type_ids"], batch, length, padded=padded, seed=i)
+        inputs = {"inputs_embeds": torch.randn(batch, length, 32, generator=torch.Generator().manual_seed(i)), **inputs}
+        names = {id(p): n for n, p in model.named_parameters()}
+        want, want_grads = output_and_grads(model, lambda: eager(model, inputs))
+        got, got_grads = output_and_grads(model, lambda: gm(**inputs))
+        for k in want:
+            assert_close(got[k], want[k], f"{batch}x{length} {k}")
+        assert_grads(got_grads, want_grads, names, f"{batch}x{length}")
+
+
 def test_trace_on_the_meta_device():
     with torch.device("meta"):
         model = transformers.BertForMaskedLM._from_config(bert_config(), attn_implementation="sdpa")
@@ -321,6 +336,30 @@ def test_stages_cut_at_layers_and_equal_the_converted_module(cls_name, num_stage
             got, got_grads = output_and_grads(stages, lambda: stages(**inputs), seed=i)
             assert_close(got, want, mode)
             assert_grads(got_grads, want_grads, names, mode)
+
+
+def test_stage_modules_as_the_pipeline_runs_them():
+    """Each stage on its own with its own copies of the shared weights (what a pipeline rank holds): summed
+    over the copies, the shared gradients are the converted module's; the loss and every other gradient match."""
+    c = convert(build("BertForMaskedLM", num_hidden_layers=3))
+    stages = split_stages(c, 3)
+    modules = [stages.stage_module(i).train() for i in range(3)]
+    assert [sorted(spec.shared_weights) for spec in stages.specs] == [
+        ["shared_embed_weight"], [], ["shared_cls_predictions_bias", "shared_embed_weight"]]
+    c.module.train()
+    inputs = bert_inputs(c.input_names, 3, 11)
+    expected, expected_grads = output_and_grads(c.module, lambda: c.module(**inputs))
+    torch.manual_seed(0)
+    values = ()
+    for spec, module in zip(stages.specs, modules):
+        values = module(*values, **{n: inputs[n] for n in spec.inputs})
+    assert_close(values, expected)
+    values.backward()
+    for name, param in c.module.named_parameters():
+        copies = [dict(m.named_parameters())[name] for m in modules if name in dict(m.named_parameters())]
+        assert len(copies) == (2 if name == "shared_embed_weight" else 1), name
+        grad = sum(twin.grad for twin in copies)
+        torch.testing.assert_close(grad, expected_grads[id(param)], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 # -- the command line and the written files --------------------------------------------------------
