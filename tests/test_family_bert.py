@@ -23,7 +23,7 @@ from fxconvert.analysis import find_shared_parameters
 from fxconvert.cli import main
 from fxconvert.convert import convert
 from fxconvert.families import family_of_class
-from fxconvert.stages import split_stages
+from fxconvert.stages import SplitError, split_stages
 from fxconvert.trace import trace
 
 import helpers
@@ -338,6 +338,17 @@ def test_stages_cut_at_layers_and_equal_the_converted_module(cls_name, num_stage
             assert_grads(got_grads, want_grads, names, mode)
 
 
+def test_split_sizes_respect_max_position_embeddings():
+    """The split is judged at 512 tokens by default: a model with fewer positions is judged at its own limit,
+    and a longer length is refused in one line."""
+    c = convert(build("BertForMaskedLM", max_position_embeddings=64))
+    stages = split_stages(c, 2)
+    assert stages.plan.sizes.encoder_length == 64
+    with pytest.raises(SplitError, match=r"^encoder_length 100 is longer than the model's max_position_embeddings "
+                                         r"\(64\); give a length of at most 64$"):
+        split_stages(c, 2, encoder_length=100)
+
+
 def test_stage_modules_as_the_pipeline_runs_them():
     """Each stage on its own with its own copies of the shared weights (what a pipeline rank holds): summed
     over the copies, the shared gradients are the converted module's; the loss and every other gradient match."""
@@ -409,6 +420,25 @@ def test_cli_converts_a_checkpoint_and_the_files_run_without_transformers(tmp_pa
         expected = [eager(model, inputs)["loss"].item() for inputs in cases]
     assert result["loss"] == pytest.approx(expected, abs=1e-5)
     assert result["stages"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(hidden_size=30), r"hidden_size.*a multiple of num_attention_heads \(4\)"),
+    (dict(is_decoder=True), r"is_decoder.*bidirectional encoder"),
+    (dict(num_attention_heads=0), r"num_attention_heads"),
+    (dict(type_vocab_size=0), r"type_vocab_size"),
+    (dict(attention_probs_dropout_prob=1.5), r"attention_probs_dropout_prob"),
+    (dict(hidden_act="nope"), r"hidden_act.*'gelu'"),
+])
+def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
+    from fxconvert.errors import ModelResolutionError
+    from fxconvert.load import load
+
+    config = {**bert_config().to_dict(), "architectures": ["BertForMaskedLM"], **changes}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelResolutionError, match=message) as info:
+        load(tmp_path / "config.json", meta=True)
+    assert "\n" not in str(info.value)
 
 
 # -- presets ---------------------------------------------------------------------------------------
