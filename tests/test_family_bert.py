@@ -132,6 +132,8 @@ def test_record():
     assert family.block_of("encoder.layer.11") == (0, 11, "encoder.layer.11")
     assert family.block_of("bert.embeddings.word_embeddings") is None
     assert family.block_of("cls.predictions.decoder") is None
+    assert family.max_length == "max_position_embeddings"
+    assert family.objective is None  # fxconvert.train has no masked-LM data format (see the pipeline test below)
 
 
 # -- trace: class x attention x train/eval x shapes ------------------------------------------------
