@@ -443,6 +443,17 @@ def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cli_validates_half_precision_and_eager_attention(tmp_path, capsys, dtype):
+    build("BertForMaskedLM").save_pretrained(tmp_path / "ckpt")
+    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--dtype", dtype,
+                 "--attn", "eager"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["validation"]["passed"] is True and report["model"]["attention"] == "eager"
+
+
 # -- presets ---------------------------------------------------------------------------------------
 
 PUBLISHED = {  # (vocab_size, hidden_size, intermediate_size, num_attention_heads, num_hidden_layers)
