@@ -519,7 +519,8 @@ def test_pipeline_training_equals_single_process_training(tmp_path):
         assert set(copies) == set(final)
         for name, values in copies.items():
             for value in values:
-                torch.testing.assert_close(value, final[name], rtol=0, atol=1e-5, msg=lambda m: f"{schedule} {name}: {m}")
+                torch.testing.assert_close(value, final[name], rtol=0, atol=1e-5,
+                                           msg=lambda m: f"{schedule} {name}: {m}")
             assert all(torch.equal(v, values[0]) for v in values), name  # the copies of a shared weight agree
         assert [n for n, v in copies.items() if len(v) > 1] == ["shared_embed_weight"]
     assert max((final[n] - initial[n]).abs().max().item() for n in final) > 1e-2  # the weights did move
