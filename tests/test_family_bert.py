@@ -259,6 +259,22 @@ def test_convert_matches_eager(cls_name, attn):
                                            msg=lambda m, k=k: f"{where} {by_id[k]}: {m}")
 
 
+def test_pooler_output_can_be_the_kept_output():
+    model = build("BertModel")
+    c = convert(model, output="pooler_output")
+    assert c.output_name == "pooler_output"
+    names = {id(p): n for n, p in model.named_parameters()}
+    for mode in ("eval", "train"):
+        c.module.train(mode == "train")
+        model.train(mode == "train")
+        inputs = bert_inputs(c.input_names, 3, 11)
+        got, got_grads = output_and_grads(c.module, lambda: c.module(**inputs))
+        want, want_grads = output_and_grads(model, lambda: eager(model, inputs)["pooler_output"])
+        assert_close(got, want, mode)
+        assert_grads(got_grads, want_grads, names, mode)
+        assert id(model.pooler.dense.weight) in got_grads
+
+
 def test_tied_weight_and_bias_are_shared_placeholders():
     model = build("BertForMaskedLM")
     c = convert(model)
