@@ -126,19 +126,25 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     gm.meta["model_class"] = cls_name
     gm.meta["traced_training"] = model.training
     # Attention modules keep their configured dropout rate; an eval-mode trace records 0.0.
-    gm.meta["dropout_rates"] = {path: rate for path, m in model.named_modules()
-                                if (rate := _attention_dropout_rate(m)) is not None}
+    gm.meta["dropout_rates"] = {
+        path: rate for path, m in model.named_modules() if (rate := attention_dropout_rate(m)) is not None
+    }
     return TraceResult(gm, time.perf_counter() - start)
 
 
-def _attention_dropout_rate(module) -> float | None:
-    """The dropout rate an attention module passes when training: `dropout` (T5) or `attention_dropout`
-    (Llama-style), when it is a number (a `dropout` submodule is an nn.Dropout, which keeps its own p)."""
-    for attr in ("dropout", "attention_dropout"):
-        value = getattr(module, attr, None)
-        if isinstance(value, (float, int)) and not isinstance(value, bool):
-            return float(value)
-    return None
+def attention_dropout_rate(module) -> float | None:
+    """The dropout rate a module passes to its attention function when training, or None.
+
+    T5 holds it as a float `dropout`; BERT as an `nn.Dropout` whose `p` it passes (0.0 in
+    eval mode, so an eval-mode trace records 0.0 and the rate must come from here); the
+    Llama-style attentions as a float `attention_dropout`.
+    """
+    rate = getattr(module, "dropout", None)
+    if isinstance(rate, torch.nn.Dropout) and not isinstance(module, torch.nn.Dropout):
+        rate = rate.p
+    if rate is None and isinstance(getattr(module, "attention_dropout", None), (float, int)):
+        rate = float(module.attention_dropout)
+    return float(rate) if isinstance(rate, float) else None
 
 
 def supported_class(model) -> type:
@@ -268,8 +274,8 @@ class _TracedAttribute(_TracedValue, Attribute):
 class T5Tracer(torch.fx.Tracer):
     """A torch.fx Tracer that propagates meta tensors and builds the root from `input_names`."""
 
-    # Buffers (e.g. rotary inverse frequencies) are read through `getattr` like parameters, so
-    # their get_attr nodes carry meta values (fx's default embeds them via create_arg, without).
+    # A buffer read in a forward (BERT's `position_ids`) is a get_attr node, so slicing it by
+    # a traced length stays in the graph; the graph module registers it as a persistent buffer.
     proxy_buffer_attributes = True
 
     def __init__(self, input_names):

@@ -104,6 +104,7 @@ FAMILY = Family(
                          "num_hidden_layers", "num_key_value_heads", "max_position_embeddings"),
     rate_fields=("attention_dropout",),
     token_id_fields=("pad_token_id",),
+    objective="causal",
     notes="decoder-only with rotary positions (computed in the graph) and grouped-query attention; Mistral "
           "(and Qwen2 with use_sliding_window) masks a sliding window; small Qwen2 ties the LM head",
 )
