@@ -355,6 +355,10 @@ def test_preset_architectures(name):
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - PRESET_PARAMS[name]) / PRESET_PARAMS[name] < 0.01, n
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == config_dict["tie_word_embeddings"]
+    gm = trace(model.eval())  # every preset traces on the meta device, without weights
+    assert names_of(gm) == ["input_ids", "attention_mask", "labels"]
+    assert sum(n.op == "call_module" and n.target.endswith("self_attn.o_proj") for n in gm.graph.nodes) == \
+        config_dict["num_hidden_layers"]
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -544,3 +548,17 @@ def test_config_check_names_the_field_and_the_fix(changes, message, tmp_path):
     with pytest.raises(ModelResolutionError, match=message) as raised:
         load(tmp_path / "arch.json", allow_random=True)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("dtype,attn", [("bfloat16", "sdpa"), ("float16", "eager")])
+def test_cli_validates_half_precision(dtype, attn, tmp_path, capsys):
+    """Rotary cos/sin are computed in float32 and cast, as transformers does; validation at the dtype's tolerance."""
+    from fxconvert.cli import main
+
+    build("mistral_window").save_pretrained(tmp_path / "ckpt")
+    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--dtype", dtype,
+                 "--attn", attn])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["status"] == "ok" and report["validation"]["passed"] is True
