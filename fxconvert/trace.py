@@ -623,6 +623,8 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 
     T5 always passes a position bias, so transformers folds the mask into one additive
     float mask and calls SDPA with `is_causal=False`; the recorded ops are the same.
+    Without a position bias (GPT-2) the mask from the runtime mask leaf (causal and padding
+    combined) is passed as is, as transformers does with a materialised mask.
     """
     mask = attention_mask
     if position_bias is not None:
@@ -632,7 +634,7 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             )
         else:
             mask = position_bias
-    elif is_causal or (is_causal is None and getattr(module, "is_causal", False)):
+    elif mask is None and (is_causal or (is_causal is None and getattr(module, "is_causal", False))):
         raise TraceError("SDPA attention without a position bias or mask is not supported; use attn 'eager'")
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False

@@ -34,8 +34,21 @@ from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert.passes.sparsify_shared_lookups_pass import sparse_embedding_gradients  # noqa: F401 (re-exported)
 
 
-def _placeholder_name(names, taken) -> str:
-    owner_is_embedding = any(n.endswith("embed_tokens.weight") or n.startswith("shared.") for n in names)
+def _owned_by_embedding(graph_module, names) -> bool:
+    """Whether any name of a shared parameter is the `weight` of an `nn.Embedding` in the graph module."""
+    for name in names:
+        owner_path, _, attr = name.rpartition(".")
+        try:
+            owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+        except AttributeError:
+            continue  # a module the graph does not call
+        if attr == "weight" and isinstance(owner, torch.nn.Embedding):
+            return True
+    return False
+
+
+def _placeholder_name(names, taken, graph_module) -> str:
+    owner_is_embedding = _owned_by_embedding(graph_module, names)
     base = "shared_embed_weight" if owner_is_embedding else "shared_" + names[0].replace(".", "_")
     name, i = base, 1
     while name in taken:
@@ -73,7 +86,7 @@ class LiftSharedWeightsPass(PassBase):
         anchor = next((n for n in placeholders if n.target == TRAINING), None)
         lifted = dict(graph_module.meta.get("lifted_weights", {}))
         for info, param in shared:
-            name = _placeholder_name(info.names, taken)
+            name = _placeholder_name(info.names, taken, graph_module)
             taken.add(name)
             if anchor is not None:
                 with graph.inserting_before(anchor):
