@@ -150,7 +150,15 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     gm.meta["dropout_rates"] = {
         path: float(m.dropout) for path, m in model.named_modules() if isinstance(getattr(m, "dropout", None), float)
     }
+    gm.meta["dropout_rates"].update(_attention_dropout_modules(model))
     return TraceResult(gm, time.perf_counter() - start)
+
+
+def _attention_dropout_modules(model) -> dict[str, float]:
+    """Rates of attention modules that keep theirs in a dropout module, `attn_dropout` (GPT-2):
+    transformers passes `attn_dropout.p` to the attention function in training, 0.0 in eval."""
+    return {path: float(m.attn_dropout.p) for path, m in model.named_modules()
+            if isinstance(getattr(m, "attn_dropout", None), torch.nn.Dropout)}
 
 
 def supported_class(model) -> type:
