@@ -6,8 +6,8 @@ sees one tensor flowing to every stage that uses it. This pass does the same on 
 
 - parameters registered under several names are found by tensor identity
   (`fxconvert.analysis.find_shared_parameters`);
-- each becomes one placeholder (`shared_embed_weight` for a tied embedding, FTPipe's
-  name), inserted after the model inputs and before `training`;
+- each becomes one placeholder (`shared_embed_weight` for a weight an `nn.Embedding`
+  owns, FTPipe's name), inserted after the model inputs and before `training`;
 - `nn.Embedding` calls become `F.embedding(ids, w, ...)`, `nn.Linear` calls
   `F.linear(x, w, bias)`, and direct reads of the weight read the placeholder;
 - the parameter is unregistered from the graph module, so it is not held twice. The
@@ -34,21 +34,16 @@ from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert.passes.sparsify_shared_lookups_pass import sparse_embedding_gradients  # noqa: F401 (re-exported)
 
 
-def _owned_by_embedding(graph_module, names) -> bool:
-    """Whether any name of a shared parameter is the `weight` of an `nn.Embedding` in the graph module."""
-    for name in names:
-        owner_path, _, attr = name.rpartition(".")
+def _placeholder_name(gm, names, taken) -> str:
+    """`shared_embed_weight` for a weight an embedding owns (FTPipe's name), else `shared_<first name>`."""
+    def embedding_weight(name):
+        owner, _, attr = name.rpartition(".")
         try:
-            owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+            return attr == "weight" and isinstance(gm.get_submodule(owner), torch.nn.Embedding)
         except AttributeError:
-            continue  # a module the graph does not call
-        if attr == "weight" and isinstance(owner, torch.nn.Embedding):
-            return True
-    return False
+            return False
 
-
-def _placeholder_name(names, taken, graph_module) -> str:
-    owner_is_embedding = _owned_by_embedding(graph_module, names)
+    owner_is_embedding = any(embedding_weight(n) for n in names)
     base = "shared_embed_weight" if owner_is_embedding else "shared_" + names[0].replace(".", "_")
     name, i = base, 1
     while name in taken:
@@ -86,7 +81,7 @@ class LiftSharedWeightsPass(PassBase):
         anchor = next((n for n in placeholders if n.target == TRAINING), None)
         lifted = dict(graph_module.meta.get("lifted_weights", {}))
         for info, param in shared:
-            name = _placeholder_name(info.names, taken, graph_module)
+            name = _placeholder_name(graph_module, info.names, taken)
             taken.add(name)
             if anchor is not None:
                 with graph.inserting_before(anchor):
