@@ -262,22 +262,11 @@ RUNNER = NO_TRANSFORMERS + r"""
 import importlib.util, os
 import torch
 
-directory = sys.argv[1]
-cases = torch.load(sys.argv[2])
-modules = {}
-for name in sorted(os.listdir(directory)):
-    if name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(directory, name))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        modules[name] = module
-loss = modules["model.py"].load()(**cases["inputs"])
-values = ()
-for i in range(len(modules) - 1):
-    stage_module = modules[f"stage_{i}.py"]
-    inputs = {k: cases["inputs"][k] for k in stage_module.INPUTS}
-    values = stage_module.load()(*values, **inputs)
-print(json.dumps({"loss": loss.item(), "stage_loss": values.item(), "stages": len(modules) - 1}))
+spec = importlib.util.spec_from_file_location("model", os.path.join(sys.argv[1], "model.py"))
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+inputs = torch.load(sys.argv[2])
+print(json.dumps({"loss": module.load()(**inputs).item(), "inputs": list(module.INPUT_NAMES)}))
 """
 
 
@@ -285,28 +274,27 @@ def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(tmp_pa
     model = build("GPT2LMHeadModel")
     model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
+    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads(stdout)
     assert report["status"] == "ok" and report["validation"]["passed"] is True
+    assert report["model"]["source"]["origin"] == "local directory"
     assert [i["name"] for i in report["io"]["inputs"]] == ["input_ids", "attention_mask", "labels",
                                                           "shared_embed_weight", "training"]
-    assert [b for row in report["stages"] for b in row["blocks"]] == ["transformer.h.0", "transformer.h.1"]
     inputs = gpt2_inputs(["input_ids", "attention_mask", "labels"], 2, 9, seed=1)
     with torch.no_grad():
         expected = eager(model, inputs)["loss"].item()
-    torch.save({"inputs": inputs}, tmp_path / "cases.pt")
+    torch.save(inputs, tmp_path / "inputs.pt")
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(runner), str(out), str(tmp_path / "cases.pt")], capture_output=True,
+    result = subprocess.run([sys.executable, str(runner), str(out), str(tmp_path / "inputs.pt")], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     ran = json.loads(result.stdout.strip().splitlines()[-1])
-    assert ran["stages"] == 2
-    assert math.isclose(ran["loss"], expected, abs_tol=1e-5) and math.isclose(ran["stage_loss"], expected,
-                                                                               abs_tol=1e-5)
+    assert ran["inputs"] == ["input_ids", "attention_mask", "labels"]
+    assert math.isclose(ran["loss"], expected, abs_tol=1e-5)
 
 
 # -- presets -------------------------------------------------------------------------------------
