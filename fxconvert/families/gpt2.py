@@ -73,6 +73,7 @@ FAMILY = Family(
     positive_int_fields=("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"),
     rate_fields=("attn_pdrop", "embd_pdrop", "resid_pdrop"),
     token_id_fields=("pad_token_id",),
+    objective="causal",
     notes="decoder-only: learned absolute positions (wpe), Conv1D projections (weight (in, out)), causal mask; "
           "the LM head is tied to wte and the loss shifts labels inside the model",
 )
