@@ -256,17 +256,62 @@ def test_stages_cut_at_the_blocks_and_compose(case, prefix):
             stages.eval()
 
 
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_stage_modules_as_the_pipeline_runs_them(num_stages):
+    """Each stage on its own sends tensors only: the output shape GPT-2 computes before the first block and
+    uses after the last is rebuilt by the last stage from input_ids' size, not sent. Summed over the
+    copies, the shared weight's gradient is the converted module's; every other gradient matches as is."""
+    conv = converted("LM")[1] if num_stages == 2 else convert(build("GPT2LMHeadModel", n_layer=3))
+    stages = split_stages(conv, num_stages)
+    modules = [stages.stage_module(i).train() for i in range(num_stages)]
+    conv.module.train()
+    try:
+        inputs = gpt2_inputs(conv.input_names, 3, 13, seed=3)
+        conv.module.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        expected = conv.module(**inputs)
+        expected.backward()
+        expected_grads = {n: p.grad.clone() for n, p in conv.module.named_parameters()}
+        conv.module.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        values = ()
+        for spec, module in zip(stages.specs, modules):
+            values = module(*values, **{n: inputs[n] for n in spec.inputs})
+            if spec.sent:
+                assert all(isinstance(v, torch.Tensor) for v in values), spec.sent
+        assert "input_ids" in stages.specs[-1].inputs  # for the output shape
+        torch.testing.assert_close(values, expected, rtol=0, atol=1e-6)
+        values.backward()
+    finally:
+        conv.module.eval()
+    for name in expected_grads:
+        copies = [dict(m.named_parameters())[name] for m in modules if name in dict(m.named_parameters())]
+        # a shared weight has a copy in each stage that uses it, every other parameter lives in one stage
+        assert len(copies) == (2 if name in conv.shared_weights else 1), name
+        torch.testing.assert_close(sum(c.grad for c in copies), expected_grads[name], rtol=1e-5, atol=1e-6)
+
+
 # -- the command line and the generated files ----------------------------------------------------
 
 RUNNER = NO_TRANSFORMERS + r"""
 import importlib.util, os
 import torch
 
-spec = importlib.util.spec_from_file_location("model", os.path.join(sys.argv[1], "model.py"))
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+def module(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(sys.argv[1], name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 inputs = torch.load(sys.argv[2])
-print(json.dumps({"loss": module.load()(**inputs).item(), "inputs": list(module.INPUT_NAMES)}))
+model = module("model")
+values = ()
+for i in range(2):  # each stage file on its own: the values received, then the model inputs it reads
+    stage = module(f"stage_{i}")
+    values = stage.load()(*values, **{k: inputs[k] for k in stage.INPUTS})
+print(json.dumps({"loss": model.load()(**inputs).item(), "stage_loss": values.item(),
+                  "inputs": list(model.INPUT_NAMES)}))
 """
 
 
@@ -274,7 +319,7 @@ def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(tmp_pa
     model = build("GPT2LMHeadModel")
     model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json"])
+    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads(stdout)
@@ -282,6 +327,7 @@ def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(tmp_pa
     assert report["model"]["source"]["origin"] == "local directory"
     assert [i["name"] for i in report["io"]["inputs"]] == ["input_ids", "attention_mask", "labels",
                                                           "shared_embed_weight", "training"]
+    assert [b for row in report["stages"] for b in row["blocks"]] == ["transformer.h.0", "transformer.h.1"]
     inputs = gpt2_inputs(["input_ids", "attention_mask", "labels"], 2, 9, seed=1)
     with torch.no_grad():
         expected = eager(model, inputs)["loss"].item()
@@ -294,7 +340,8 @@ def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(tmp_pa
     assert result.returncode == 0, result.stderr
     ran = json.loads(result.stdout.strip().splitlines()[-1])
     assert ran["inputs"] == ["input_ids", "attention_mask", "labels"]
-    assert math.isclose(ran["loss"], expected, abs_tol=1e-5)
+    assert math.isclose(ran["loss"], expected, abs_tol=1e-5) and math.isclose(ran["stage_loss"], expected,
+                                                                               abs_tol=1e-5)
 
 
 # -- presets -------------------------------------------------------------------------------------
