@@ -63,7 +63,8 @@ def gpt2_inputs(names, batch, length, seed=0, pad="right"):
     if length > 2:
         labels[-1, 1] = -100
     pool = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "token_type_ids": torch.randint(0, VOCAB, (batch, length), generator=g)}
+            "token_type_ids": torch.randint(0, VOCAB, (batch, length), generator=g),
+            "inputs_embeds": torch.randn(batch, length, 32, generator=g)}
     return {n: pool[n] for n in names}
 
 
@@ -79,6 +80,7 @@ CASES = {
     "LM_no_labels": ("GPT2LMHeadModel", ["input_ids", "attention_mask"]),
     "LM_ids_labels": ("GPT2LMHeadModel", ["input_ids", "labels"]),  # no mask: causal only
     "LM_token_types": ("GPT2LMHeadModel", ["input_ids", "attention_mask", "token_type_ids", "labels"]),
+    "LM_embeds": ("GPT2LMHeadModel", ["inputs_embeds", "attention_mask", "labels"]),  # n_embd-wide vectors
 }
 MATRIX = [(case, attn) for case in CASES for attn in ATTNS]
 IDS = [f"{c}-{a}" for c, a in MATRIX]
