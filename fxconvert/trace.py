@@ -127,17 +127,25 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     gm.meta["traced_training"] = model.training
     # Attention modules keep their configured dropout rate; an eval-mode trace records 0.0.
     gm.meta["dropout_rates"] = {
-        path: float(m.dropout) for path, m in model.named_modules() if isinstance(getattr(m, "dropout", None), float)
+        path: rate for path, m in model.named_modules() if (rate := attention_dropout_rate(m)) is not None
     }
-    gm.meta["dropout_rates"].update(_attention_dropout_modules(model))
     return TraceResult(gm, time.perf_counter() - start)
 
 
-def _attention_dropout_modules(model) -> dict[str, float]:
-    """Rates of attention modules that keep theirs in a dropout module, `attn_dropout` (GPT-2):
-    transformers passes `attn_dropout.p` to the attention function in training, 0.0 in eval."""
-    return {path: float(m.attn_dropout.p) for path, m in model.named_modules()
-            if isinstance(getattr(m, "attn_dropout", None), torch.nn.Dropout)}
+def attention_dropout_rate(module) -> float | None:
+    """The dropout rate a module passes to its attention function when training, or None.
+
+    T5 holds it as a float `dropout`; BERT as an `nn.Dropout` whose `p` it passes, GPT-2 as
+    one named `attn_dropout` (0.0 in eval mode, so an eval-mode trace records 0.0 and the
+    rate must come from here).
+    """
+    for name in ("dropout", "attn_dropout"):
+        rate = getattr(module, name, None)
+        if isinstance(rate, torch.nn.Dropout) and not isinstance(module, torch.nn.Dropout):
+            rate = rate.p
+        if isinstance(rate, float):
+            return float(rate)
+    return None
 
 
 def supported_class(model) -> type:
@@ -266,6 +274,10 @@ class _TracedAttribute(_TracedValue, Attribute):
 
 class T5Tracer(torch.fx.Tracer):
     """A torch.fx Tracer that propagates meta tensors and builds the root from `input_names`."""
+
+    # A buffer read in a forward (BERT's `position_ids`) is a get_attr node, so slicing it by
+    # a traced length stays in the graph; the graph module registers it as a persistent buffer.
+    proxy_buffer_attributes = True
 
     def __init__(self, input_names):
         super().__init__()
