@@ -1,5 +1,7 @@
 """The GPT-2 family (GPT2Model, GPT2LMHeadModel): trace, convert, stages, the CLI and the presets.
 
+(Pipeline training of GPT-2 against eager transformers is tests/test_train_families.py.)
+
 Every numerical check compares with the eager transformers model in fp32: outputs at 1e-5 and
 every parameter gradient. Train mode runs with dropout on (0.1, GPT-2's published rates) and
 compares under the same seed: the traced graph draws its dropout masks in eager's order.
@@ -409,63 +411,25 @@ def test_config_check_names_the_field(tmp_path, key, value, rule):
     assert f"{key} is {value!r}" in message and rule in message and "\n" not in message
 
 
-# -- pipeline training -------------------------------------------------------------------------------
+# -- the config check ------------------------------------------------------------------------------
 
-def _causal_batch(rows, batch_size, k, pad):
-    """Batch k by the data contract for a decoder-only model: input + target as one sequence, padded on the
-    right (pad, mask 0), labels -100 on the input's positions and the padding."""
-    picked = [rows[i % len(rows)] for i in range(k * batch_size, k * batch_size + batch_size)]
-    width = max(len(r["input_ids"]) + len(r["labels"]) for r in picked)
-    input_ids = torch.full((len(picked), width), pad)
-    mask = torch.zeros((len(picked), width), dtype=torch.long)
-    labels = torch.full((len(picked), width), -100)
-    for i, r in enumerate(picked):
-        n, m = len(r["input_ids"]), len(r["labels"])
-        input_ids[i, :n + m] = torch.tensor(r["input_ids"] + r["labels"])
-        mask[i, :n + m] = 1
-        labels[i, n:n + m] = torch.tensor(r["labels"])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+@pytest.mark.parametrize("key,value,rule", [
+    ("n_embd", 30, "a multiple of n_head"),
+    ("n_head", 0, "a positive integer"),
+    ("n_layer", -1, "a positive integer"),
+    ("n_inner", 0, "a positive integer (or null"),
+    ("activation_function", "swishy", "an activation such as gelu_new"),
+    ("attn_pdrop", 1.0, "a number in [0, 1)"),
+    ("n_positions", 0, "a positive integer"),
+])
+def test_config_check_names_the_field(tmp_path, key, value, rule):
+    from fxconvert.errors import ModelResolutionError
 
-
-def test_pipeline_training_equals_eager_transformers(tmp_path):
-    """`torchrun -m fxconvert.train` on 2 stages (1f1b, stage files from `fxconvert CKPT --stages 2`) gives eager
-    GPT2LMHeadModel's loss at every step and its weights, within 1e-5 (SGD, dropout 0)."""
-    import train_runs as tr
-
-    steps, batch, microbatches, lr = 3, 4, 2, 0.5
-    model = build("GPT2LMHeadModel", attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    model.save_pretrained(tmp_path / "ckpt")
-    # a causal LM reads its labels as tokens: no -100 among them (what it should not learn goes in input_ids)
-    rows = [{"input_ids": r["input_ids"], "labels": [t if t >= 0 else 1 for t in r["labels"]]}
-            for r in tr.write_jsonl(tmp_path / "train.jsonl")]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    conv = subprocess.run([sys.executable, "-m", "fxconvert", str(tmp_path / "ckpt"), "--stages", "2", "--out",
-                           str(tmp_path / "conv"), "--no-validate", "-q"], cwd=REPO, env=tr.env(), capture_output=True,
-                          text=True)
-    assert conv.returncode == 0, conv.stderr
-    proc = tr.torchrun(2, tmp_path / "conv", "--data", tmp_path / "train.jsonl", "--out", tmp_path / "run",
-                       "--steps", steps, "--batch", batch, "--microbatches", microbatches, "--optimizer", "sgd",
-                       "--lr", lr, "--schedule", "1f1b")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    eager_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt").train()
-    optimizer = torch.optim.SGD(eager_model.parameters(), lr=lr)
-    losses = []
-    for step in range(steps):
-        optimizer.zero_grad()
-        chunks = {k: torch.tensor_split(v, microbatches)
-                  for k, v in _causal_batch(rows, batch, step, model.config.eos_token_id).items()}
-        total = 0.0
-        for i in range(microbatches):
-            loss = eager_model(**{k: v[i] for k, v in chunks.items()}, use_cache=False).loss
-            (loss / microbatches).backward()
-            total += loss.item() / microbatches
-        optimizer.step()
-        losses.append(total)
-    got = [m["loss"] for m in tr.metrics(tmp_path / "run")]
-    assert max(abs(a - b) for a, b in zip(got, losses, strict=True)) <= 1e-5, (got, losses)
-    trained = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "hf").state_dict()
-    expected = eager_model.state_dict()
-    assert trained.keys() == expected.keys()
-    assert max((trained[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5
-    assert max((expected[k] - model.state_dict()[k]).abs().max().item() for k in expected) > 1e-2  # they moved
+    config = tiny_config().to_dict()
+    config.update({key: value, "architectures": ["GPT2LMHeadModel"]})
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelResolutionError) as error:
+        load(path, meta=True)
+    message = str(error.value)
+    assert f"{key} is {value!r}" in message and rule in message and "\n" not in message
