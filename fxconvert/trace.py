@@ -135,16 +135,17 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
 def attention_dropout_rate(module) -> float | None:
     """The dropout rate a module passes to its attention function when training, or None.
 
-    T5 holds it as a float `dropout`; BERT as an `nn.Dropout` whose `p` it passes (0.0 in
-    eval mode, so an eval-mode trace records 0.0 and the rate must come from here); the
-    Llama-style attentions as a float `attention_dropout`.
+    T5 holds it as a float `dropout`; BERT as an `nn.Dropout` whose `p` it passes, GPT-2 as
+    one named `attn_dropout` (0.0 in eval mode, so an eval-mode trace records 0.0 and the
+    rate must come from here); the Llama-style attentions as a float `attention_dropout`.
     """
-    rate = getattr(module, "dropout", None)
-    if isinstance(rate, torch.nn.Dropout) and not isinstance(module, torch.nn.Dropout):
-        rate = rate.p
-    if rate is None and isinstance(getattr(module, "attention_dropout", None), (float, int)):
-        rate = float(module.attention_dropout)
-    return float(rate) if isinstance(rate, float) else None
+    for name in ("dropout", "attn_dropout", "attention_dropout"):
+        rate = getattr(module, name, None)
+        if isinstance(rate, torch.nn.Dropout) and not isinstance(module, torch.nn.Dropout):
+            rate = rate.p
+        if isinstance(rate, float):
+            return float(rate)
+    return None
 
 
 def supported_class(model) -> type:
@@ -626,8 +627,9 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 
     T5 always passes a position bias, so transformers folds the mask into one additive
     float mask and calls SDPA with `is_causal=False`; the recorded ops are the same.
-    Decoder-only models get their causal (or sliding-window) mask from a runtime leaf, so
-    SDPA runs with that mask and `is_causal=False`; grouped key/value heads are repeated.
+    Without a position bias (GPT-2, Llama-style) the mask from the runtime mask leaf (causal,
+    or sliding-window, and padding combined) is passed as is, as transformers does with a
+    materialised mask; grouped key/value heads (Llama-style GQA) are repeated first.
     """
     mask = attention_mask
     key, value = _repeat_kv(module, key, value)

@@ -54,7 +54,8 @@ import transformers  # noqa: E402
 SCHEMA_VERSION = 1
 THREADS = 2
 INPUT_NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
-LLAMA_INPUT_NAMES = ["input_ids", "attention_mask", "labels"]
+GPT2_INPUT_NAMES = ["input_ids", "attention_mask", "labels"]  # the labels are the input ids, shifted inside
+LLAMA_INPUT_NAMES = GPT2_INPUT_NAMES
 
 # Every measurement is registered once, in `REGISTRY` (after the functions that measure them):
 # key, target, unit, what it compares, the function, and the comparison (">=" for a speed-up).
@@ -218,7 +219,52 @@ def tiny_config(**overrides):
     return transformers.T5Config(**kwargs)
 
 
-def llama_config(tiny=False):
+def build(config, *, meta=False, seed=0):
+    torch.manual_seed(seed)
+    if meta:
+        with torch.device("meta"):
+            model = transformers.T5ForConditionalGeneration(config)
+    else:
+        model = transformers.T5ForConditionalGeneration(config)
+    return model.eval()
+
+
+def make_inputs(batch, seq, vocab, seed=0, names=INPUT_NAMES):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if seq > 4:
+        mask[0, -2:] = 0  # pad the tail of the first sequence
+    inputs = {
+        "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+        "attention_mask": mask,
+        "decoder_input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+        "labels": torch.randint(0, vocab, (batch, seq), generator=g),
+    }
+    return {n: inputs[n] for n in names}
+
+
+def input_names(model) -> list[str]:
+    if isinstance(model, transformers.LlamaForCausalLM):
+        return LLAMA_INPUT_NAMES
+    return GPT2_INPUT_NAMES if isinstance(model, transformers.GPT2LMHeadModel) else INPUT_NAMES
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gpt2_config(tiny: bool):
+    """GPT-2's published small architecture (GPT2Config's defaults; tiny under --tiny), dropout 0.1."""
+    sizes = dict(n_embd=64, n_head=4, n_layer=2, vocab_size=1000, n_positions=256) if tiny else {}
+    return transformers.GPT2Config(use_cache=False, **sizes)
+
+
+def build_gpt2(config, seed=0):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def llama_config(tiny: bool):
     """A Llama-shaped model of about 100M parameters (TinyLlama's layout, narrower and shallower):
     hidden 768, 12 heads on 4 kv heads, SwiGLU 2048, 8 layers, vocab 32000, untied head."""
     kwargs = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4,
@@ -230,39 +276,15 @@ def llama_config(tiny=False):
     return transformers.LlamaConfig(**kwargs)
 
 
-def build(config, *, meta=False, seed=0):
+def build_llama(config, seed=0):
     torch.manual_seed(seed)
-    cls = transformers.LlamaForCausalLM if isinstance(config, transformers.LlamaConfig) else \
-        transformers.T5ForConditionalGeneration
-    if meta:
-        with torch.device("meta"):
-            model = cls(config)
-    else:
-        model = cls(config)
-    return model.eval()
+    return transformers.LlamaForCausalLM(config).eval()
 
 
-def make_inputs(batch, seq, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if seq > 4:
-        mask[0, -2:] = 0  # pad the tail of the first sequence
-    return {
-        "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
-        "attention_mask": mask,
-        "decoder_input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
-        "labels": torch.randint(0, vocab, (batch, seq), generator=g),
-    }
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def convert(model, input_names=INPUT_NAMES):
+def convert(model):
     import fxconvert
 
-    conversion = fxconvert.convert(model, input_names=input_names)
+    conversion = fxconvert.convert(model, input_names=input_names(model))
     conversion.graph_module.code  # codegen is part of the cost (convert already recompiles)
     return conversion
 
@@ -270,21 +292,13 @@ def convert(model, input_names=INPUT_NAMES):
 # --- measurements: in-process conversion --------------------------------------------------------
 
 
-def measure_convert_over_export(ctx) -> Result:
-    return _convert_over_export(ctx, "convert_over_export", ctx.main_model(), INPUT_NAMES, ctx.main_name)
-
-
-def measure_convert_over_export_llama(ctx) -> Result:
-    return _convert_over_export(ctx, "convert_over_export_llama", ctx.llama_model(), LLAMA_INPUT_NAMES,
-                                ctx.llama_name)
-
-
-def _convert_over_export(ctx, key, model, input_names, model_name) -> Result:
-    inputs = {k: v for k, v in make_inputs(1, 32, model.config.vocab_size).items() if k in input_names}
+def measure_convert_over_export(ctx, key="convert_over_export", model=None) -> Result:
+    model = ctx.main_model() if model is None else model
+    inputs = make_inputs(1, 32, model.config.vocab_size, names=input_names(model))
     phases = []
 
     def run_convert():
-        phases.append(convert(model, input_names).timings)
+        phases.append(convert(model).timings)
 
     def run_export():
         torch.export.export(model, (), kwargs={**inputs, "use_cache": False}, strict=False)
@@ -292,10 +306,9 @@ def _convert_over_export(ctx, key, model, input_names, model_name) -> Result:
     samples = interleaved({"fxconvert": run_convert, "export": run_export}, **ctx.plan(heavy=True))
     fx = Figure("fxconvert.convert (trace + passes + codegen)", samples["fxconvert"])
     base = Figure("torch.export.export(strict=False)", samples["export"])
-    details = {"model": model_name, "params": n_params(model), "export_inputs": "1x32",
+    details = {"model": ctx.name_of(model), "params": n_params(model), "export_inputs": "1x32",
                "fxconvert_phases_median_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]}}
-    return Result(key, fx.median / base.median, fx, base, details=details,
-                  profile=lambda prof: _profiled(prof, lambda: convert(model, input_names)))
+    return Result(key, fx.median / base.median, fx, base, details=details, profile=lambda prof: _profiled(prof, lambda: convert(model)))
 
 
 def measure_scaling(ctx) -> Result:
@@ -323,8 +336,8 @@ def measure_scaling(ctx) -> Result:
 # --- measurements: runtime ----------------------------------------------------------------------
 
 
-def compare_runtime(ctx, key, model, conversion, batch, seq, train, model_name=None) -> Result:
-    inputs = {k: v for k, v in make_inputs(batch, seq, model.config.vocab_size).items() if k in conversion.input_names}
+def compare_runtime(ctx, key, model, conversion, batch, seq, train) -> Result:
+    inputs = make_inputs(batch, seq, model.config.vocab_size, names=input_names(model))
     module = conversion.module
     model.train(train)
     module.train(train)
@@ -363,7 +376,7 @@ def compare_runtime(ctx, key, model, conversion, batch, seq, train, model_name=N
         module.eval()
     fx = Figure("Conversion.module" + (" fwd+bwd" if train else " forward"), samples["converted"])
     base = Figure("eager transformers" + (" fwd+bwd" if train else " forward"), samples["eager"])
-    details = {"model": model_name or (ctx.main_name if key != "runtime_overhead_tiny" else "tiny"),
+    details = {"model": ctx.name_of(model) if not key.startswith("runtime_overhead_tiny") else "tiny",
                "params": n_params(model),
                "batch": batch, "seq": seq, "mode": "train" if train else "eval", "threads": torch.get_num_threads(),
                "loss_abs_diff": abs(loss_eager - loss_converted)}
@@ -383,6 +396,10 @@ def compare_runtime(ctx, key, model, conversion, batch, seq, train, model_name=N
     return Result(key, fx.median / base.median, fx, base, details=details, profile=profile)
 
 
+RUNTIME_SHAPES = [("eval_1x32", 1, 32, False), ("eval_8x128", 8, 128, False), ("train_1x32", 1, 32, True),
+                  ("train_8x128", 8, 128, True)]
+
+
 def measure_runtime(ctx) -> list[Result]:
     results = []
     if ctx.selected("runtime_overhead_tiny"):
@@ -393,23 +410,48 @@ def measure_runtime(ctx) -> list[Result]:
         return results
     model = ctx.main_model()
     conversion = convert(model)
-    for key, batch, seq, train in [("runtime_eval_1x32", 1, 32, False), ("runtime_eval_8x128", 8, 128, False),
-                                   ("runtime_train_1x32", 1, 32, True), ("runtime_train_8x128", 8, 128, True)]:
+    for name, batch, seq, train in RUNTIME_SHAPES:
+        key = f"runtime_{name}"
         if ctx.selected(key):
             results.append(ctx.guard(key, lambda: compare_runtime(ctx, key, model, conversion, batch, seq, train)))
     return results
 
 
+def measure_convert_over_export_gpt2(ctx) -> Result:
+    return measure_convert_over_export(ctx, "convert_over_export_gpt2", ctx.gpt2_model())
+
+
+def measure_runtime_gpt2(ctx) -> list[Result]:
+    """The runtime comparisons of `measure_runtime` on GPT-2 (keys suffixed `_gpt2`)."""
+    results = []
+    if ctx.selected("runtime_overhead_tiny_gpt2"):
+        tiny = build_gpt2(gpt2_config(tiny=True))
+        results.append(ctx.guard("runtime_overhead_tiny_gpt2", lambda: compare_runtime(
+            ctx, "runtime_overhead_tiny_gpt2", tiny, convert(tiny), 1, 8, False)))
+    keys = [(f"runtime_{name}_gpt2", batch, seq, train) for name, batch, seq, train in RUNTIME_SHAPES]
+    if not any(ctx.selected(key) for key, *_ in keys):
+        return results
+    model = ctx.gpt2_model()
+    conversion = convert(model)
+    for key, batch, seq, train in keys:
+        if ctx.selected(key):
+            results.append(ctx.guard(key, lambda: compare_runtime(ctx, key, model, conversion, batch, seq, train)))
+    return results
+
+
+def measure_convert_over_export_llama(ctx) -> Result:
+    return measure_convert_over_export(ctx, "convert_over_export_llama", ctx.llama_model())
+
+
 def measure_runtime_llama(ctx) -> list[Result]:
-    keys = [k for k in RUNTIME_LLAMA_KEYS if ctx.selected(k)]
-    if not keys:
+    """The runtime comparisons of `measure_runtime` on the ~100M Llama (keys suffixed `_llama`)."""
+    keys = [(f"runtime_{name}_llama", batch, seq, train) for name, batch, seq, train in RUNTIME_SHAPES]
+    if not any(ctx.selected(key) for key, *_ in keys):
         return []
     model = ctx.llama_model()
-    conversion = convert(model, LLAMA_INPUT_NAMES)
-    sizes = {"runtime_eval_1x32_llama": (1, 32, False), "runtime_eval_8x128_llama": (8, 128, False),
-             "runtime_train_1x32_llama": (1, 32, True), "runtime_train_8x128_llama": (8, 128, True)}
-    return [ctx.guard(key, lambda key=key: compare_runtime(ctx, key, model, conversion, *sizes[key],
-                                                           model_name=ctx.llama_name)) for key in keys]
+    conversion = convert(model)
+    return [ctx.guard(key, lambda key=key, batch=batch, seq=seq, train=train: compare_runtime(
+        ctx, key, model, conversion, batch, seq, train)) for key, batch, seq, train in keys if ctx.selected(key)]
 
 
 # --- measurements: subprocesses -----------------------------------------------------------------
@@ -990,6 +1032,15 @@ REGISTRY = [
     _m("runtime_eval_8x128", 1.02, "ratio", "eval forward, t5-small shape, 8x128", measure_runtime),
     _m("runtime_train_1x32", 0.95, "ratio", "train forward + backward, t5-small shape, 1x32", measure_runtime),
     _m("runtime_train_8x128", 1.02, "ratio", "train forward + backward, t5-small shape, 8x128", measure_runtime),
+    _m("convert_over_export_gpt2", 0.10, "ratio", "fxconvert.convert vs torch.export.export(strict=False), gpt2 shape",
+       measure_convert_over_export_gpt2),
+    _m("runtime_overhead_tiny_gpt2", 0.60, "ratio", "eval forward, tiny GPT-2 (n_embd 64, 2 layers), 1x8",
+       measure_runtime_gpt2),
+    _m("runtime_eval_1x32_gpt2", 0.95, "ratio", "eval forward, gpt2 shape, 1x32", measure_runtime_gpt2),
+    _m("runtime_eval_8x128_gpt2", 1.02, "ratio", "eval forward, gpt2 shape, 8x128", measure_runtime_gpt2),
+    _m("runtime_train_1x32_gpt2", 0.95, "ratio", "train forward + backward, gpt2 shape, 1x32", measure_runtime_gpt2),
+    _m("runtime_train_8x128_gpt2", 1.02, "ratio", "train forward + backward, gpt2 shape, 8x128",
+       measure_runtime_gpt2),
     _m("balance_bottleneck_time_over_params", 0.65, "ratio",
        "bottleneck stage fwd+bwd time, balance='time' vs 'params'; t5-small shape, 4 stages, encoder 256 / "
        "decoder 32 tokens, batch 4", measure_balance),
@@ -1013,10 +1064,10 @@ REGISTRY = [
        "from_pretrained and 1 AdamW step; T5 of 107M parameters (d_model 768, 5+5 layers, vocab 32128), "
        "stages balanced by parameters, batch 8 x 64/32 tokens",
        measure_pipeline_rss, subprocess=True),
-    # The Llama-style family: a ~100M-parameter decoder-only model.
+    # The Llama-style family: a decoder-only model of about 100M parameters.
     _m("convert_over_export_llama", 0.10, "ratio",
        "fxconvert.convert vs torch.export.export(strict=False), Llama of ~100M parameters (hidden 768, 8 layers, "
-       "12 heads on 4 kv heads)", measure_convert_over_export_llama),
+       "12 heads on 4 kv heads, vocab 32000)", measure_convert_over_export_llama),
     _m("runtime_eval_1x32_llama", 0.95, "ratio", "eval forward, Llama ~100M, 1x32", measure_runtime_llama),
     _m("runtime_eval_8x128_llama", 1.02, "ratio", "eval forward, Llama ~100M, 8x128", measure_runtime_llama),
     _m("runtime_train_1x32_llama", 0.95, "ratio", "train forward + backward, Llama ~100M, 1x32",
@@ -1031,7 +1082,6 @@ REGISTRY = [
 TARGETS = {m.key: (m.target, m.unit, m.what) for m in REGISTRY if m.target is not None}
 COMPARISONS = {m.key: m.comparison for m in REGISTRY}
 RUNTIME_KEYS = [m.key for m in REGISTRY if m.measure is measure_runtime]
-RUNTIME_LLAMA_KEYS = [m.key for m in REGISTRY if m.measure is measure_runtime_llama]
 COMPILE_KEYS = tuple(m.key for m in REGISTRY if m.measure is measure_compile)
 
 
@@ -1050,8 +1100,8 @@ class Context:
         self.scaling_layers = (1, 8) if self.mode == "tiny" else (6, 48)
         self.import_rss_mb = None
         self._main = None
+        self._gpt2 = None
         self._llama = None
-        self.llama_name = "tiny Llama" if self.mode == "tiny" else "Llama ~100M"
 
     def plan(self, heavy=False):
         p = self.plan_dict
@@ -1069,11 +1119,24 @@ class Context:
             self._main = build(tiny_config() if self.mode == "tiny" else small_config())
         return self._main
 
+    def gpt2_model(self):
+        """gpt2's shape (tiny under --tiny), random weights, eval mode; built once."""
+        if self._gpt2 is None:
+            self._gpt2 = build_gpt2(gpt2_config(tiny=self.mode == "tiny"))
+        return self._gpt2
+
     def llama_model(self):
-        """The Llama of about 100M parameters (tiny under --tiny), random weights, eval mode; built once."""
+        """The ~100M-parameter Llama (tiny under --tiny), random weights, eval mode; built once."""
         if self._llama is None:
-            self._llama = build(llama_config(tiny=self.mode == "tiny"))
+            self._llama = build_llama(llama_config(tiny=self.mode == "tiny"))
         return self._llama
+
+    def name_of(self, model) -> str:
+        if isinstance(model, transformers.LlamaForCausalLM):
+            return "tiny Llama" if self.mode == "tiny" else "Llama ~100M"
+        if isinstance(model, transformers.GPT2LMHeadModel):
+            return "tiny GPT-2" if self.mode == "tiny" else "gpt2"
+        return self.main_name
 
     def selected(self, key) -> bool:
         return not self.only or any(s in key for s in self.only)

@@ -79,7 +79,7 @@ def block_regex(prefix: str) -> str:
     return rf"^(?P<block>{prefix}\.(?P<index>\d+))(?:\.|$)"
 
 
-_MODULES = ("t5", "bert", "llama")
+_MODULES = ("t5", "bert", "gpt2", "llama")
 
 
 @cache
