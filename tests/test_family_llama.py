@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from fxconvert import families
 from fxconvert.convert import convert
+from fxconvert.errors import TraceError
 from fxconvert.families import llama as llama_family
 from fxconvert.trace import trace
 
@@ -166,6 +167,31 @@ def test_inputs_embeds_instead_of_ids(attn):
     assert set(expected) == set(actual) == {n for n, _ in model.named_parameters()} - {"model.embed_tokens.weight"}
     for name, grad in expected.items():
         torch.testing.assert_close(actual[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+ROPE_SCALING = {
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16),
+    "linear": dict(rope_type="linear", factor=2.0),
+    "yarn": dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=16),
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPE_SCALING))
+def test_scaled_rope_matches_eager(rope):
+    """Rope scalings computed once at construction (Llama 3's among them) are in the inv_freq buffer."""
+    model = build("llama_gqa", rope_scaling=dict(ROPE_SCALING[rope], rope_theta=1000.0))
+    gm = trace(model)
+    inputs = inputs_for(names_of(gm), 2, 40, seed=8)
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+
+
+def test_dynamic_rope_is_refused_naming_the_source_line():
+    model = build("llama_gqa", rope_scaling=dict(rope_type="dynamic", factor=2.0, rope_theta=1000.0))
+    with pytest.raises(TraceError, match=r"cannot trace module 'model.rotary_emb' at .*modeling_rope_utils.py:\d+: "
+                                         r".*decides Python control flow"):
+        trace(model)
 
 
 def test_sliding_window_masks_what_transformers_masks():
@@ -537,6 +563,8 @@ def test_pipeline_training_matches_eager_training(tmp_path):
     (dict(sliding_window=0), r"sliding_window is 0; set it to a positive integer, or null"),
     (dict(num_hidden_layers=0), r"num_hidden_layers is 0; set it to a positive integer"),
     (dict(attention_dropout=1.5), r"attention_dropout is 1.5; set it to a number in \[0, 1\)"),
+    (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)),
+     r"rope_scaling is .*; set it to a rope_type computed once, such as 'linear'.*dynamic/longrope rope recomputes"),
 ])
 def test_config_check_names_the_field_and_the_fix(changes, message, tmp_path):
     from fxconvert.errors import ModelResolutionError

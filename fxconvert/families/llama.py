@@ -45,6 +45,11 @@ _MISTRAL_7B = dict(
 )
 
 
+# Rope types whose frequencies transformers recomputes from the sequence length at run time
+# (`dynamic_rope_update`): Python control flow on a size, which a traced graph cannot hold.
+DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -64,6 +69,12 @@ def check_config(config: dict, refuse) -> None:
     if head_dim is None and _is_int(hidden) and (hidden // heads) % 2:
         refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / "
                                       f"{heads} heads is odd; rotary embeddings rotate pairs of features)")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in DYNAMIC_ROPE:
+            refuse(key, "a rope_type computed once, such as 'linear', 'yarn' or 'llama3' (or no scaling): "
+                        f"{'/'.join(DYNAMIC_ROPE)} rope recomputes its frequencies from each input's length, "
+                        f"which a graph cannot record")
     window = config.get("sliding_window")
     uses_window = config.get("model_type") == "mistral" or config.get("use_sliding_window") is True
     if window is not None and uses_window and not (_is_int(window) and window > 0):
