@@ -55,20 +55,19 @@ def _is_int(value) -> bool:
 
 
 def check_config(config: dict, refuse) -> None:
-    """Head counts that split evenly, an even rotary width, a usable sliding window."""
+    """Head counts that split evenly, an even rotary width, rope computed once, a usable sliding window."""
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     hidden, head_dim = config.get("hidden_size"), config.get("head_dim")
-    if not (_is_int(heads) and heads > 0):
-        return  # refused as a positive integer field, or transformers' default
-    if kv_heads is not None and not (_is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
-        refuse("num_key_value_heads", f"a positive divisor of num_attention_heads ({heads})")
-    if _is_int(hidden) and hidden % heads:  # transformers refuses it even with head_dim set
-        refuse("num_attention_heads", f"a divisor of hidden_size ({hidden})")
+    if _is_int(heads) and heads > 0:  # otherwise refused as a positive integer field, or transformers' default
+        if kv_heads is not None and not (_is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
+            refuse("num_key_value_heads", f"a positive divisor of num_attention_heads ({heads})")
+        if _is_int(hidden) and hidden % heads:  # transformers refuses it even with head_dim set
+            refuse("num_attention_heads", f"a divisor of hidden_size ({hidden})")
+        if head_dim is None and _is_int(hidden) and (hidden // heads) % 2:
+            refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / "
+                                          f"{heads} heads is odd; rotary embeddings rotate pairs of features)")
     if head_dim is not None and not (_is_int(head_dim) and head_dim > 0 and head_dim % 2 == 0):
         refuse("head_dim", "a positive even integer (rotary embeddings rotate pairs of features)")
-    if head_dim is None and _is_int(hidden) and (hidden // heads) % 2:
-        refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / "
-                                      f"{heads} heads is odd; rotary embeddings rotate pairs of features)")
     for key in ("rope_scaling", "rope_parameters"):
         rope = config.get(key)
         if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in DYNAMIC_ROPE:
