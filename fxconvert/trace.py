@@ -335,7 +335,18 @@ class T5Tracer(torch.fx.Tracer):
             return a
         if kind is tuple or kind is list:
             return kind(self.create_arg(x) for x in a)
+        if isinstance(a, torch.Tensor):
+            return self._attribute_arg(a) or super().create_arg(a)
         return super().create_arg(a)
+
+    def _attribute_arg(self, tensor):
+        """A get_attr node, with its meta value, for a parameter or buffer passed to an op as it is
+        (BART's `self.final_logits_bias.to(...)`: fx reads buffers as plain tensors and would
+        record the get_attr without the metadata the next node is computed from)."""
+        name = getattr(self, "_attribute_names", {}).get(id(tensor))
+        if name is None:
+            return None
+        return self.create_proxy("get_attr", name, (), {}).node
 
     def proxy(self, node):
         return _TracedProxy(node, self)
@@ -429,12 +440,27 @@ class T5Tracer(torch.fx.Tracer):
         if isinstance(attr_val, torch.nn.Parameter) or (
             self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
         ):
-            name = self._attribute_names.get(id(attr_val))
+            name = self._reader_name(attr, attr_val)
             if name is not None:
                 if name not in parameter_proxy_cache:
                     parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
                 return parameter_proxy_cache[name]
         return attr_val
+
+    def _reader_name(self, attr, tensor):
+        """The name a parameter read is recorded under: the reading module's own name for it.
+
+        A tied weight read inside traced-through modules (BART's scaled token embeddings,
+        `self.weight` in the encoder's and the decoder's `embed_tokens`) keeps one name per
+        reader, as leaf calls of those modules would, so the graph module registers it
+        under each and the sharing stays visible (`analysis.find_shared_parameters`).
+        Otherwise, and for a read of another module's tensor, its first registered name.
+        """
+        if self._path_stack:
+            name = f"{self._path_stack[-1]}.{attr}"
+            if self._attributes.get(name) is tensor:
+                return name
+        return self._attribute_names.get(id(tensor))
 
     # -- control flow and iteration ------------------------------------------------------
     def to_bool(self, obj):
@@ -623,6 +649,9 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 
     T5 always passes a position bias, so transformers folds the mask into one additive
     float mask and calls SDPA with `is_causal=False`; the recorded ops are the same.
+    Without a position bias (BART) the mask goes to SDPA as it is: a causal attention's
+    mask is a `runtime.causal_mask` call, never None, so `is_causal` stays False as in
+    transformers whenever a mask is given.
     """
     mask = attention_mask
     if position_bias is not None:
@@ -632,7 +661,7 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             )
         else:
             mask = position_bias
-    elif is_causal or (is_causal is None and getattr(module, "is_causal", False)):
+    elif mask is None and (is_causal or (is_causal is None and getattr(module, "is_causal", False))):
         raise TraceError("SDPA attention without a position bias or mask is not supported; use attn 'eager'")
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False
@@ -675,6 +704,17 @@ def traced_isinstance(obj, classinfo) -> bool:
     return False
 
 
+def traced_is_compiling() -> bool:
+    """`is_torchdynamo_compiling` for model code while tracing: a trace is a compilation.
+
+    Model code uses it to skip Python-level work a compiler cannot follow. BART's decoder
+    builds an all-ones mask from traced sizes when none is given (`torch.ones(b, n)`, a
+    factory call fx cannot record) unless compiling; without it the causal mask alone is
+    the same mask.
+    """
+    return True
+
+
 @contextlib.contextmanager
 def _leaf_replacements(model, tracer):
     masks = _MaskReplacements(tracer)
@@ -682,6 +722,7 @@ def _leaf_replacements(model, tracer):
         "create_causal_mask": masks.create_causal_mask,
         "create_bidirectional_mask": masks.create_bidirectional_mask,
         "ALL_ATTENTION_FUNCTIONS": _AttentionFunctions(),
+        "is_torchdynamo_compiling": traced_is_compiling,
     }
     # Builtins are not in a module's namespace: they are added to the modeling modules' (not
     # torch's, whose leaf modules run on meta tensors) and removed afterwards.

@@ -74,7 +74,7 @@ def block_regex(prefix: str) -> str:
     return rf"^(?P<block>{prefix}\.(?P<index>\d+))(?:\.|$)"
 
 
-_MODULES = ("t5",)
+_MODULES = ("t5", "bart")
 
 
 @cache

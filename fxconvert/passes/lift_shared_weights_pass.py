@@ -34,9 +34,25 @@ from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert.passes.sparsify_shared_lookups_pass import sparse_embedding_gradients  # noqa: F401 (re-exported)
 
 
-def _placeholder_name(names, taken) -> str:
-    owner_is_embedding = any(n.endswith("embed_tokens.weight") or n.startswith("shared.") for n in names)
-    base = "shared_embed_weight" if owner_is_embedding else "shared_" + names[0].replace(".", "_")
+def _feeds_embedding(graph_module, names) -> bool:
+    """Whether the graph uses the weight registered as `names` as an embedding table: a call of
+    an `nn.Embedding` that owns it, or an `F.embedding` lookup of it (from a traced-through
+    `nn.Embedding` subclass such as BART's scaled token embedding)."""
+    owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in names}
+    attrs = set(names)
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" and node.target in owners:
+            if isinstance(graph_module.get_submodule(node.target), torch.nn.Embedding):
+                return True
+        elif node.op == "get_attr" and node.target in attrs:
+            if any(u.op == "call_function" and u.target is F.embedding and u.args[1:2] == (node,)
+                   for u in node.users):
+                return True
+    return False
+
+
+def _placeholder_name(names, taken, embedding: bool) -> str:
+    base = "shared_embed_weight" if embedding else "shared_" + names[0].replace(".", "_")
     name, i = base, 1
     while name in taken:
         i += 1
@@ -73,7 +89,7 @@ class LiftSharedWeightsPass(PassBase):
         anchor = next((n for n in placeholders if n.target == TRAINING), None)
         lifted = dict(graph_module.meta.get("lifted_weights", {}))
         for info, param in shared:
-            name = _placeholder_name(info.names, taken)
+            name = _placeholder_name(info.names, taken, _feeds_embedding(graph_module, info.names))
             taken.add(name)
             if anchor is not None:
                 with graph.inserting_before(anchor):
