@@ -1,4 +1,4 @@
-"""fxconvert: Hugging Face T5-family models as clean torch.fx graphs, ready for pipeline partitioning.
+"""fxconvert: Hugging Face models (T5, BART, GPT-2, BERT, Llama-style) as clean torch.fx graphs, ready for pipeline partitioning.
 
 The data path reads as the package: load -> trace -> passes -> convert -> codegen/save -> report.
 The public names load on first use (PEP 562), so `import fxconvert` imports neither torch

@@ -30,7 +30,8 @@ import torch
 
 from fxconvert.cost import GraphCost, Sizes
 from fxconvert.errors import UsageError
-from fxconvert.trace import INPUT_SPECS
+from fxconvert import families
+from fxconvert.inputs import build_inputs
 
 BALANCES = ("time", "params", "profile")
 SCHEDULES = ("1f1b", "gpipe")
@@ -215,21 +216,14 @@ def predict(units: UnitCosts, group: list[int], *, balance, schedule, microbatch
 # -- measuring -------------------------------------------------------------------------------------
 
 
-def real_inputs(input_names, sizes: Sizes, *, vocab_size: int, d_model: int | None = None, dtype=torch.float32,
-                seed: int = 0) -> dict:
-    """Random model inputs at `sizes` (token ids below `vocab_size`, unpadded masks), for timing runs."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in input_names:
-        kind, which = INPUT_SPECS[name]
-        shape = (sizes.batch, sizes.length(which))
-        if kind == "ids":
-            out[name] = torch.randint(0, vocab_size, shape, generator=g)
-        elif kind == "mask":
-            out[name] = torch.ones(shape, dtype=torch.long)
-        else:
-            out[name] = torch.randn(*shape, d_model, generator=g, dtype=dtype)
-    return out
+def real_inputs(input_names, sizes: Sizes, *, specs, vocab_size: int, hidden: int | None = None,
+                dtype=torch.float32, seed: int = 0, type_vocab: int = 2) -> dict:
+    """Random model inputs at `sizes` (token ids below `vocab_size`, unpadded masks), for timing runs;
+    `specs` are the family's input specs (`fxconvert.families.input_specs`)."""
+    return build_inputs(specs, input_names, batch=sizes.batch,
+                        lengths={"encoder": sizes.encoder_length, "decoder": sizes.decoder_length},
+                        hidden=hidden, vocab=vocab_size, type_vocab=type_vocab, dtype=dtype,
+                        generator=torch.Generator().manual_seed(seed))
 
 
 def measure_stage_seconds(stages, inputs: dict, *, repeats: int = 3, warmup: int = 1) -> list[float]:
@@ -296,8 +290,11 @@ def profile_units(conversion, num_units: int, sizes: Sizes, *, repeats: int = 3)
     shared = [getattr(conversion.module, n) for n in conversion.module.shared_names]
     vocab = shared[0].shape[0] if shared else _vocab(conversion)
     first_float = next((p for p in conversion.module.parameters() if p.is_floating_point()), None)
-    inputs = real_inputs(conversion.input_names, sizes, vocab_size=vocab,
-                         d_model=None if first_float is None else _d_model(conversion),
+    family = families.family_of_class(conversion.model_class)
+    config = getattr(conversion.model, "config", None)
+    inputs = real_inputs(conversion.input_names, sizes, specs=family.inputs, vocab_size=vocab,
+                         hidden=getattr(config, family.hidden_size, None),
+                         type_vocab=getattr(config, "type_vocab_size", 2) or 2,
                          dtype=first_float.dtype if first_float is not None else torch.float32)
     return measure_stage_seconds(per_unit, inputs, repeats=repeats)
 
@@ -305,11 +302,6 @@ def profile_units(conversion, num_units: int, sizes: Sizes, *, repeats: int = 3)
 def _vocab(conversion) -> int:
     config = getattr(conversion.model, "config", None)
     return getattr(config, "vocab_size", 2) if config is not None else 2
-
-
-def _d_model(conversion):
-    config = getattr(conversion.model, "config", None)
-    return getattr(config, "d_model", None)
 
 
 __all__ = ["BALANCES", "SCHEDULES", "Plan", "StagePrediction", "UnitCosts", "best_groups", "predict",

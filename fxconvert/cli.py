@@ -48,17 +48,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {PROG} --help)")
 
 
+def _preset_list() -> str:
+    from fxconvert import families
+
+    return "; ".join(f"{f.name}: {', '.join(f.presets)}" for f in families.all_families() if f.presets)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
-        description="Convert a T5-family model (checkpoint directory, Hugging Face Hub id, config file or "
-                    "built-in preset) into a torch.fx GraphModule in FTPipe's pre-partitioning form, validate "
-                    "it against the original, and report what changed.",
+        description="Convert a model of a supported family (T5, BART, GPT-2, BERT, Llama-style) from a "
+                    "checkpoint directory, Hugging Face Hub id, config file or built-in preset into a torch.fx "
+                    "GraphModule in FTPipe's pre-partitioning form, validate it against the original, and report "
+                    "what changed.",
         epilog="NAME is tried as: a local directory with config.json; a Hub id in the local Hugging Face "
                "cache; a Hub id downloaded from the Hub (when reachable, and not --offline or "
-               "HF_HUB_OFFLINE=1); a built-in preset (t5-small/base/large/3b/11b, google/t5-v1_1-*, "
-               "google/flan-t5-*, google/mt5-*) with random weights. Exit codes: 0 ok, 1 failure, "
-               "2 usage error.",
+               "HF_HUB_OFFLINE=1); a built-in preset with random weights (" + _preset_list() + "). "
+               "Exit codes: 0 ok, 1 failure, 2 usage error.",
     )
     p.add_argument("name", nargs="?", metavar="NAME", help="checkpoint directory, Hub id or preset name")
     p.add_argument("--config", metavar="FILE.json", help="convert the architecture in this config file "
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("rich", "plain", "markdown", "json"),
                    help="report format on stdout (default: rich)")
     p.add_argument("--stages", type=int, metavar="N", help="also split the converted graph into N pipeline "
-                   "stages at T5 block boundaries: a report table, importable stage_<i>.py files, pipeline.json, "
+                   "stages at the family's block boundaries: a report table, importable stage_<i>.py files, pipeline.json, "
                    "config.json and the source's tokenizer files")
     p.add_argument("--balance", choices=("time", "params", "profile"), default="time",
                    help="what --stages evens out: predicted time at --seq-lengths (default), parameter bytes, "
@@ -248,7 +254,7 @@ def run(args) -> int:
     if args.stages is not None:  # the blocks are known now: refuse too many stages before the passes
         from fxconvert.stages import stage_blocks
 
-        stage_blocks(traced.graph_module, args.stages, type(loaded.model).__name__)
+        stage_blocks(traced.graph_module, args.stages, traced.graph_module.meta["model_class"])
     with progress.step("passes", "running passes", timings) as step:
         from fxconvert.convert import convert_traced
 

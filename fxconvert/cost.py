@@ -35,7 +35,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from fxconvert.errors import UsageError, describe_node
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
-from fxconvert.trace import INPUT_SPECS
+from fxconvert import families
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ def analyze(conversion, *, sizes: Sizes = Sizes(), roofline: Roofline = Roofline
             weights.append(torch.empty(weight.shape, dtype=weight.dtype, device="meta").requires_grad_())
             args.append(weights[-1])
         else:
-            args.append(_input_at(p, sizes))
+            args.append(_input_at(p, sizes, families.input_specs(conversion.model_class)))
     return run_costs(gm, args, sizes=sizes, roofline=roofline, weights=weights)
 
 
@@ -301,13 +301,13 @@ def run_costs(gm: torch.fx.GraphModule, args, *, sizes: Sizes | None = None, roo
     return GraphCost(sizes, roofline, interpreter.costs, interpreter.values)
 
 
-def _input_at(placeholder: torch.fx.Node, sizes: Sizes) -> torch.Tensor:
-    """A model input at `sizes`: batch first, then the encoder or decoder length (`trace.INPUT_SPECS`)."""
+def _input_at(placeholder: torch.fx.Node, sizes: Sizes, specs) -> torch.Tensor:
+    """A model input at `sizes`: batch first, then the encoder or decoder length (the family's input specs)."""
     val = placeholder.meta.get("val")
-    if placeholder.target not in INPUT_SPECS or not isinstance(val, torch.Tensor):
+    if placeholder.target not in specs or not isinstance(val, torch.Tensor):
         raise UsageError(f"cannot size the input '{placeholder.target}' for a cost analysis; "
-                         f"known inputs are {', '.join(INPUT_SPECS)}")
-    kind, which = INPUT_SPECS[placeholder.target]
+                         f"known inputs are {', '.join(specs)}")
+    kind, which = specs[placeholder.target]
     # A meta attention mask reads as padded (`runtime.padding_mask`): the dearer case is priced.
     return torch.empty((sizes.batch, sizes.length(which), *val.shape[2:]), dtype=val.dtype, device="meta")
 

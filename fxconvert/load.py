@@ -1,4 +1,4 @@
-"""Turn a name into a T5-family model: a checkpoint directory, a Hub id, a config file or a preset.
+"""Turn a name into a model of a supported family: a checkpoint directory, a Hub id, a config file or a preset.
 
 `load(name)` tries, in order:
 
@@ -6,8 +6,8 @@
 2. a Hub id whose files are in the local Hugging Face cache;
 3. a Hub id downloaded from the Hub, when it is reachable (probed with a 2 s connect,
    not transformers' retry loop) and neither `offline=True` nor `HF_HUB_OFFLINE` is set;
-4. a built-in preset of the public T5 family (`PRESETS`): the published architecture,
-   with random weights.
+4. a built-in preset (`PRESETS`, from the family records in `fxconvert.families`): a
+   published architecture, with random weights.
 
 A path to a `.json` file is read as a config (an architecture without weights). Without
 weights a model gets random weights, but only when the caller opts in with
@@ -50,41 +50,12 @@ from pathlib import Path
 import torch
 
 from fxconvert.errors import ModelResolutionError, UsageError, first_line
-from fxconvert.trace import SUPPORTED_ATTENTION, SUPPORTED_CLASSES, require_transformers
+from fxconvert import families
+from fxconvert.trace import SUPPORTED_ATTENTION, require_transformers
 
-# model_type in config.json -> prefix of the transformers classes.
-MODEL_TYPES = {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}
-
-# Published hyperparameters of the public T5 family. Each family fixes the vocabulary,
-# feed-forward and tying; each size: (d_model, d_ff, d_kv, num_heads, num_layers).
-FAMILIES = {
-    "t5": dict(model_type="t5", vocab_size=32128, feed_forward_proj="relu", tie_word_embeddings=True),
-    "t5-v1_1": dict(model_type="t5", vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-    "mt5": dict(model_type="mt5", vocab_size=250112, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-}
-PRESETS = {
-    "t5-small": ("t5", 512, 2048, 64, 8, 6),
-    "t5-base": ("t5", 768, 3072, 64, 12, 12),
-    "t5-large": ("t5", 1024, 4096, 64, 16, 24),
-    "t5-3b": ("t5", 1024, 16384, 128, 32, 24),
-    "t5-11b": ("t5", 1024, 65536, 128, 128, 24),
-    "google/t5-v1_1-small": ("t5-v1_1", 512, 1024, 64, 6, 8),
-    "google/t5-v1_1-base": ("t5-v1_1", 768, 2048, 64, 12, 12),
-    "google/t5-v1_1-large": ("t5-v1_1", 1024, 2816, 64, 16, 24),
-    "google/t5-v1_1-xl": ("t5-v1_1", 2048, 5120, 64, 32, 24),
-    "google/t5-v1_1-xxl": ("t5-v1_1", 4096, 10240, 64, 64, 24),
-    "google/flan-t5-small": ("t5-v1_1", 512, 1024, 64, 6, 8),
-    "google/flan-t5-base": ("t5-v1_1", 768, 2048, 64, 12, 12),
-    "google/flan-t5-large": ("t5-v1_1", 1024, 2816, 64, 16, 24),
-    "google/flan-t5-xl": ("t5-v1_1", 2048, 5120, 64, 32, 24),
-    "google/flan-t5-xxl": ("t5-v1_1", 4096, 10240, 64, 64, 24),
-    "google/mt5-small": ("mt5", 512, 1024, 64, 6, 8),
-    "google/mt5-base": ("mt5", 768, 2048, 64, 12, 12),
-    "google/mt5-large": ("mt5", 1024, 2816, 64, 16, 24),
-    "google/mt5-xl": ("mt5", 2048, 5120, 64, 32, 24),
-    "google/mt5-xxl": ("mt5", 4096, 10240, 64, 64, 24),
-}
-ALIASES = {f"google-t5/{n}": n for n in PRESETS if n.startswith("t5-")}
+# Preset name -> config.json dict, and other names of presets, from the family records.
+PRESETS = {name: config for name, (_, config) in families.presets().items()}
+ALIASES = families.aliases()
 
 # Random-weight models above this many parameters are built on the meta device.
 META_THRESHOLD = 2_000_000_000
@@ -134,7 +105,7 @@ class LoadedModel:
 
 def load(name: str | os.PathLike, *, offline: bool = False, meta: bool = False, attn: str = "sdpa",
          seed: int = 0, dtype: "str | torch.dtype | None" = None, allow_random: bool = False) -> LoadedModel:
-    """Resolve `name` to a T5-family model in eval mode (see the module docstring for the order).
+    """Resolve `name` to a model of a supported family in eval mode (see the module docstring for the order).
 
     `dtype` ("float32", "bfloat16", "float16" or the torch dtype) loads the model in that
     dtype as transformers does: a checkpoint through `from_pretrained(dtype=...)`, a build
@@ -202,31 +173,27 @@ def model_class_name(config: dict, where: str) -> str:
     """The transformers class to build for a config dict, or a ModelResolutionError saying what is supported."""
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
-    if model_type not in MODEL_TYPES:
-        what = f"model_type '{model_type}'" if model_type else "a config without model_type"
+    family = families.family_of_model_type(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        what = f"model_type {model_type!r}" if model_type else "a config without model_type"
         if architectures:
-            what += f" ({', '.join(architectures)})"
+            what += f" ({', '.join(map(str, architectures))})"
         raise ModelResolutionError(
-            f"{where} describes {what}, which is not supported; fxconvert converts T5-family models "
-            f"(model_type {', '.join(MODEL_TYPES)}): {', '.join(SUPPORTED_CLASSES)}"
+            f"{where} describes {what}, which is not supported; fxconvert converts "
+            f"{families.describe_supported()}"
         )
     if not architectures:
-        return f"{MODEL_TYPES[model_type]}ForConditionalGeneration"
+        return family.model_types[model_type][1]
     cls_name = architectures[0]
-    if cls_name not in SUPPORTED_CLASSES:
+    if cls_name not in family.classes:
         raise ModelResolutionError(
-            f"{where} describes {cls_name}, which is not supported; fxconvert converts {', '.join(SUPPORTED_CLASSES)}"
+            f"{where} describes {cls_name}, which is not supported; fxconvert converts {', '.join(family.classes)}"
         )
     return cls_name
 
 
 def preset_config(name: str) -> dict:
-    family, d_model, d_ff, d_kv, num_heads, num_layers = PRESETS[ALIASES.get(name, name)]
-    config = dict(FAMILIES[family], d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=num_heads,
-                  num_layers=num_layers, num_decoder_layers=num_layers)
-    config.update(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False)
-    config["architectures"] = [f"{MODEL_TYPES[config['model_type']]}ForConditionalGeneration"]
-    return config
+    return dict(PRESETS[ALIASES.get(name, name)])
 
 
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
@@ -261,17 +228,8 @@ def quiet_transformers() -> None:
 
 # -- the config check ------------------------------------------------------------------------
 
-# Fields every T5-family model divides by, sizes a tensor with or counts layers with: each
-# must be a positive integer (0 heads divide by zero, -1 layers build an empty stack).
-POSITIVE_INT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
-# Dropout probabilities: torch accepts [0, 1]; 1 zeroes every activation in training.
-RATE_FIELDS = ("dropout_rate", "classifier_dropout")
-# Relative-position buckets: the encoder's bidirectional bucketing halves the count twice and
-# divides by the result, so fewer than 4 buckets divide by zero; a max distance not above
-# half the buckets gives negative bucket indices (both measured against transformers' T5).
-MIN_BUCKETS = 4
 # Layers are built one by one, even on the meta device: a hostile count would build for hours.
-# The largest published T5 stacks have 24 layers.
+# The largest published stacks of the supported families have fewer than 100 layers.
 MAX_LAYERS = 1024
 
 
@@ -279,12 +237,15 @@ def check_config(config: dict, where: str) -> None:
     """Refuse a config whose structural fields cannot build a working model, in one line naming the field.
 
     Only fields present in the config are checked; absent ones take transformers' defaults.
+    Which fields are sizes, layer counts, rates and token ids is the family record's to say
+    (`Family.positive_int_fields` ...); `Family.check_config` adds the family's own rules.
     """
     cls_name = model_class_name(config, where)
+    family = families.family_of_class(cls_name)
 
-    def refuse(key, rule):
+    def refuse(key, rule, tail=" in the config"):
         raise ModelResolutionError(f"invalid config in {where}: {key} is {_value(config[key])}; "
-                                   f"set it to {rule} in the config")
+                                   f"set it to {rule}{tail}")
 
     def is_int(value):
         return isinstance(value, int) and not isinstance(value, bool)
@@ -292,51 +253,32 @@ def check_config(config: dict, where: str) -> None:
     def is_number(value):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    for key in POSITIVE_INT_FIELDS:
+    for key in family.positive_int_fields:
         if key in config and not (is_int(config[key]) and config[key] > 0):
             refuse(key, "a positive integer")
-    if "num_layers" in config and config["num_layers"] > MAX_LAYERS:
-        refuse("num_layers", f"at most {MAX_LAYERS}")
-    # None means "as many as the encoder"; an encoder-only model builds no decoder
-    if config.get("num_decoder_layers") is not None and not cls_name.endswith("EncoderModel"):
-        if not (is_int(config["num_decoder_layers"]) and 0 < config["num_decoder_layers"] <= MAX_LAYERS):
-            refuse("num_decoder_layers", f"a positive integer up to {MAX_LAYERS} (or remove it to use num_layers)")
-    for key in RATE_FIELDS:
+    for key in family.max_layers_fields:
+        value = config.get(key)
+        if value is None or (key.startswith("num_decoder") and cls_name.endswith("EncoderModel")):
+            continue  # None means "as many as the encoder"; an encoder-only model builds no decoder
+        if key in family.positive_int_fields:  # checked positive above
+            if value > MAX_LAYERS:
+                refuse(key, f"at most {MAX_LAYERS}")
+        elif not (is_int(value) and 0 < value <= MAX_LAYERS):
+            refuse(key, f"a positive integer up to {MAX_LAYERS}" + (
+                " (or remove it to use num_layers)" if key == "num_decoder_layers" else ""))
+    for key in family.rate_fields:
         if config.get(key) is not None and not (is_number(config[key]) and 0 <= config[key] < 1):
             refuse(key, "a number in [0, 1)")
-    if "layer_norm_epsilon" in config and not (is_number(config["layer_norm_epsilon"])
-                                               and config["layer_norm_epsilon"] > 0):
-        refuse("layer_norm_epsilon", "a small positive number such as 1e-6")
-    buckets = config.get("relative_attention_num_buckets")
-    if "relative_attention_num_buckets" in config and not (is_int(buckets) and buckets >= MIN_BUCKETS):
-        refuse("relative_attention_num_buckets", f"an integer of at least {MIN_BUCKETS} (T5 uses 32)")
-    if "relative_attention_max_distance" in config:
-        least = (buckets if is_int(buckets) else 32) // 2 + 1
-        distance = config["relative_attention_max_distance"]
-        if not (is_int(distance) and distance >= least):
-            refuse("relative_attention_max_distance", f"an integer of at least {least}, more than half the "
-                                                      f"relative_attention_num_buckets (T5 uses 128)")
+    for key in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps"):
+        if key in config and not (is_number(config[key]) and config[key] > 0):
+            refuse(key, "a small positive number such as 1e-6")
     vocab = config.get("vocab_size")
-    for key in ("pad_token_id", "decoder_start_token_id"):
+    for key in family.token_id_fields:
         value = config.get(key)
         if value is not None and not (is_int(value) and 0 <= value and (not is_int(vocab) or value < vocab)):
             refuse(key, f"a token id in [0, {vocab})" if is_int(vocab) else "a token id (a non-negative integer)")
-    if "feed_forward_proj" in config:
-        _check_feed_forward(config, where)
-
-
-def _check_feed_forward(config: dict, where: str) -> None:
-    from transformers.activations import ACT2FN
-
-    value = config["feed_forward_proj"]
-    parts = value.split("-") if isinstance(value, str) else []
-    act = parts[-1] if len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated") else None
-    if value == "gated-gelu":  # T5Config's name for gated gelu_new
-        act = "gelu_new"
-    if act not in ACT2FN:
-        raise ModelResolutionError(f"invalid config in {where}: feed_forward_proj is {_value(value)}; set it to "
-                                   f"'ACT' or 'gated-ACT' with ACT an activation such as relu or gelu_new "
-                                   f"(T5 uses 'relu', T5 v1.1 'gated-gelu')")
+    if family.check_config is not None:
+        family.check_config(config, refuse)
 
 
 def _value(value) -> str:
@@ -487,7 +429,8 @@ def _config_object(config: dict, where: str):
     import transformers
 
     check_config(config, where)
-    config_cls = getattr(transformers, f"{MODEL_TYPES[config['model_type']]}Config")
+    config_cls = getattr(transformers, families.family_of_model_type(config["model_type"]).model_types[
+        config["model_type"]][0])
     try:
         with _held_warnings():
             return config_cls.from_dict(dict(config))

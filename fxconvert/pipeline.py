@@ -246,16 +246,15 @@ def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dic
 
 def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[list[torch.Tensor]]:
     """The values each stage sends when the stages run on meta copies with inputs of `sizes`."""
-    from fxconvert.trace import INPUT_SPECS
+    from fxconvert import families
+    from fxconvert.inputs import build_inputs
 
     config = getattr(conversion.model, "config", None)
+    family = families.family_of_class(conversion.model_class)
     dtype = next((p.dtype for p in stages.parameters() if p.is_floating_point()), torch.float32)
     lengths = {"encoder": sizes["encoder_length"], "decoder": sizes["decoder_length"]}
-    inputs = {}
-    for name in stages.input_names:
-        kind, seq = INPUT_SPECS[name]
-        shape = (sizes["batch"], lengths[seq]) + ((config.d_model,) if kind == "embeds" else ())
-        inputs[name] = torch.empty(shape, dtype=dtype if kind == "embeds" else torch.long, device="meta")
+    inputs = build_inputs(family.inputs, stages.input_names, batch=sizes["batch"], lengths=lengths,
+                          hidden=getattr(config, family.hidden_size, None), dtype=dtype, meta=True)
     memo = {}
     for t in [*stages.parameters(), *stages.buffers()]:
         twin = torch.empty_like(t, device="meta")

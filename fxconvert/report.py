@@ -20,7 +20,8 @@ from typing import Any
 
 from fxconvert.analysis import node_kind
 from fxconvert.errors import UsageError, printable
-from fxconvert.trace import _EXAMPLE_SIZES, INPUT_SPECS
+from fxconvert import families
+from fxconvert.trace import _EXAMPLE_SIZES
 
 FORMATS = ("rich", "plain", "markdown", "json")
 PHASES = ("load", "trace", "passes", "validate", "write")
@@ -89,7 +90,8 @@ def model_section(conversion) -> Section:
     n_params = sum(p.numel() for p in params.values())
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params.values()})
     config = getattr(model, "config", None)
-    summary = _config_summary(config) if config is not None else {}
+    family = families.family_of_class(conversion.model_class)
+    summary = _config_summary(config, family) if config is not None else {}
     source = conversion.source
     origin = f"{source.origin} {source.location}" if source is not None else "a model object"
     data = {
@@ -122,7 +124,7 @@ def io_section(conversion) -> Section:
             continue
         name = node.target
         if name in conversion.input_names:
-            role, shape, dtype = "model input", _input_shape(name), _dtype(node)
+            role, shape, dtype = "model input", _input_shape(name, conversion.model_class), _dtype(node)
         elif name in shared:
             role, shape, dtype = "shared weight", str(tuple(node.meta["val"].shape)), _dtype(node)
         else:
@@ -478,9 +480,10 @@ def _dtype(node) -> str:
     return str(val.dtype).removeprefix("torch.") if hasattr(val, "dtype") else ""
 
 
-def _input_shape(name: str) -> str:
-    kind, seq = INPUT_SPECS[name]
-    dims = ["batch", f"{seq}_length"] + (["d_model"] if kind == "embeds" else [])
+def _input_shape(name: str, model_class: str) -> str:
+    family = families.family_of_class(model_class)
+    kind, seq = family.inputs[name]
+    dims = ["batch", f"{seq}_length"] + ([family.hidden_size] if kind == "embeds" else [])
     return f"({', '.join(dims)})"
 
 
@@ -496,9 +499,8 @@ def _output_shape(val) -> str:
     return f"({', '.join(dims)})"
 
 
-def _config_summary(config) -> dict:
-    keys = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size",
-            "feed_forward_proj", "tie_word_embeddings", "scale_decoder_outputs")
+def _config_summary(config, family) -> dict:
+    keys = family.config_fields if family is not None else ()
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
 
 

@@ -1,4 +1,4 @@
-"""`fxconvert.stages`: cut the pre-partitioning graph into pipeline stages at T5 block boundaries.
+"""`fxconvert.stages`: cut the pre-partitioning graph into pipeline stages at the family's block boundaries.
 
 `split_stages(conversion, num_stages)` returns `Stages`, an nn.Module that runs the stage
 GraphModules in order and equals `conversion.module`: same output, same gradients, and
@@ -7,8 +7,10 @@ converted graph in the same order (dropout draws from the random stream in that 
 
 How nodes are assigned to stages:
 
-- a node whose `meta["module_path"]` lies in a block (`encoder.block.<i>`, then
-  `decoder.block.<i>`) belongs to that block; blocks must appear in that order;
+- a node whose `meta["module_path"]` lies in a block belongs to that block. The family
+  record says what a block is (`Family.blocks`: T5's `encoder.block.<i>` then
+  `decoder.block.<i>`, GPT-2's `transformer.h.<i>`, ...), or the caller passes its own rule
+  (`block_rule`, as torch's `split_module` takes a callback); blocks must appear in order;
 - any other node (embeddings, masks, final norms, LM head, loss) joins a neighbouring
   block in node order: a node computed from block outputs joins the block before it
   (its producer), a node computed only from graph inputs the block after it (its
@@ -38,6 +40,7 @@ import copy
 import inspect
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,7 @@ import torch
 import torch.fx
 
 from fxconvert import balance as balancing
+from fxconvert import families
 from fxconvert.cost import Sizes, analyze
 from fxconvert.convert import Conversion, ConvertedModule
 from fxconvert.errors import UsageError, describe_node
@@ -52,8 +56,8 @@ from fxconvert.graph_utils import is_impure
 from fxconvert.passes.lift_shared_weights_pass import sparse_embedding_gradients
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 
-_BLOCK = re.compile(r"^(encoder|decoder)\.block\.(\d+)(?:\.|$)")
-_STACK_ORDER = {"encoder": 0, "decoder": 1}
+# A module path -> (stack, index, block path) of the block it lies in, or None (`Family.block_of`).
+BlockRule = Callable[[str], "tuple[int, int, str] | None"]
 
 
 class SplitError(UsageError):
@@ -138,9 +142,11 @@ class StageModule(ConvertedModule):
 
 def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "time", batch: int | None = None,
                  encoder_length: int | None = None, decoder_length: int | None = None, schedule: str = "1f1b",
-                 microbatches: int | None = None, max_stage_bytes: int | None = None) -> Stages:
+                 microbatches: int | None = None, max_stage_bytes: int | None = None,
+                 block_rule: BlockRule | None = None) -> Stages:
     """Cut `conversion.graph_module` into `num_stages` stages at block boundaries.
 
+    `block_rule` maps a module path to its block (default: the family's, `Family.block_of`).
     `balance` ("time", "profile" or "params", see `fxconvert.balance`) says what the split
     evens out; `batch` (sequences per microbatch), `encoder_length` and `decoder_length`
     (defaults 8, 512, 128) are the sizes it is judged at. `schedule` ("1f1b" or "gpipe")
@@ -157,10 +163,10 @@ def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "tim
                                 max_stage_bytes=max_stage_bytes)
     except UsageError as e:
         raise SplitError(str(e)) from None
-    blocks = stage_blocks(gm, num_stages, conversion.model_class)
+    blocks = stage_blocks(gm, num_stages, conversion.model_class, block_rule)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    block_of = _block_of_nodes(gm, nodes)
-    unit = _attach_to_blocks(nodes, block_of, [_block_key(b) for b in blocks])
+    block_of = _block_of_nodes(nodes, block_rule or default_block_rule(conversion.model_class))
+    unit = _attach_to_blocks(nodes, block_of, blocks)
     costs = [0] * len(blocks)
     for node, param in _owned_parameters(gm, nodes):
         costs[unit[node]] += param.numel() * param.element_size()
@@ -260,7 +266,14 @@ def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs) -> "balancing.
     return balancing.UnitCosts(graph_cost, nodes_of, list(owned_costs), shared, shared_bytes, cut_bytes)
 
 
-def stage_blocks(gm: torch.fx.GraphModule, num_stages: int, model_class: str = "") -> list[str]:
+def default_block_rule(model_class: str) -> BlockRule:
+    """The block rule of the family that `model_class` belongs to (one that finds no blocks for no family)."""
+    family = families.family_of_class(model_class)
+    return family.block_of if family is not None else (lambda path: None)
+
+
+def stage_blocks(gm: torch.fx.GraphModule, num_stages: int, model_class: str = "",
+                 block_rule: BlockRule | None = None) -> list[str]:
     """The graph's blocks in order, once `num_stages` is known to fit them (a stage holds at least one).
 
     The traced graph has the same blocks as the converted one, so a command line can refuse
@@ -269,11 +282,16 @@ def stage_blocks(gm: torch.fx.GraphModule, num_stages: int, model_class: str = "
     if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
         raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    blocks = sorted(set(_block_of_nodes(gm, nodes).values()), key=_block_key)
+    rule = block_rule or default_block_rule(model_class)
+    keys = {block: key for block, key in _block_of_nodes(nodes, rule).values()}
+    blocks = sorted(keys, key=keys.__getitem__)
     if not blocks:
+        family = families.family_of_class(model_class)
+        where = (" or ".join(f"'{p}'" for p in family.blocks) if family is not None and block_rule is None
+                 else "a block of the block rule")
         raise SplitError(
-            f"{model_class or 'this graph'} has no block boundaries (no node's module path lies in "
-            f"'encoder.block.<i>' or 'decoder.block.<i>'); it cannot be split into stages"
+            f"{model_class or 'this graph'} has no block boundaries (no node's module path matches "
+            f"{where}); it cannot be split into stages"
         )
     if num_stages > len(blocks):
         raise SplitError(
@@ -286,27 +304,24 @@ def stage_blocks(gm: torch.fx.GraphModule, num_stages: int, model_class: str = "
 # -- assignment ----------------------------------------------------------------------------
 
 
-def _block_key(block: str) -> tuple[int, int]:
-    stack, _, index = block.split(".")
-    return _STACK_ORDER[stack], int(index)
-
-
-def _block_of_nodes(gm, nodes) -> dict[torch.fx.Node, str]:
+def _block_of_nodes(nodes, rule: BlockRule) -> dict[torch.fx.Node, tuple[str, tuple[int, int]]]:
+    """node -> (block path, (stack, index)) for every node that lies in a block."""
     out = {}
     for node in nodes:
-        match = _BLOCK.match(node.meta.get("module_path") or "")
-        if match:
-            out[node] = f"{match.group(1)}.block.{match.group(2)}"
+        found = rule(node.meta.get("module_path") or "")
+        if found:
+            stack, index, block = found
+            out[node] = (block, (stack, index))
     return out
 
 
-def _attach_to_blocks(nodes, block_of, keys) -> dict[torch.fx.Node, int]:
+def _attach_to_blocks(nodes, block_of, blocks) -> dict[torch.fx.Node, int]:
     """Unit (block index) of every node; non-block nodes join a neighbour in node order.
 
     Between two consecutive block nodes, the nodes computed from block outputs up to the
     last such node join the block before; the rest join the block after.
     """
-    index_of = {key: i for i, key in enumerate(keys)}
+    index_of = {block: i for i, block in enumerate(blocks)}
     derived = set()
     for node in nodes:
         if node in block_of or any(a in derived for a in node.all_input_nodes):
@@ -316,7 +331,7 @@ def _attach_to_blocks(nodes, block_of, keys) -> dict[torch.fx.Node, int]:
         if node is not None and node not in block_of:
             pending.append(node)
             continue
-        current = None if node is None else index_of[_block_key(block_of[node])]
+        current = None if node is None else index_of[block_of[node][0]]
         if previous is not None and current is not None and current < previous:
             raise SplitError(
                 f"block nodes are out of order: {describe_node(node)} comes after a node of a later block; "

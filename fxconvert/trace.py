@@ -1,6 +1,6 @@
-"""Trace transformers 5 T5-family models into torch.fx GraphModules.
+"""Trace transformers 5 models of the supported families (`fxconvert.families`) into torch.fx GraphModules.
 
-`torch.fx.symbolic_trace` cannot trace T5 under transformers 5: forwards take `**kwargs`
+`torch.fx.symbolic_trace` cannot trace them under transformers 5: forwards take `**kwargs`
 behind decorators, layer norms branch on `weight.dtype`, attention unpacks shapes into
 new shapes, and masks come from helpers that inspect config and cache objects. This
 tracer handles each of those without touching transformers' source:
@@ -38,34 +38,13 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
-from fxconvert import runtime
+from fxconvert import families, runtime
 from fxconvert.errors import FxConvertError, InputNameError, TraceError
+from fxconvert.inputs import build_inputs, config_sizes
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
-SUPPORTED_CLASSES = (
-    "T5Model",
-    "T5ForConditionalGeneration",
-    "T5EncoderModel",
-    "MT5Model",
-    "MT5ForConditionalGeneration",
-    "MT5EncoderModel",
-    "UMT5Model",
-    "UMT5ForConditionalGeneration",
-    "UMT5EncoderModel",
-)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
-# Input name -> (dtype kind, which sequence it spans). Meta example tensors are built from it.
-INPUT_SPECS = {
-    "input_ids": ("ids", "encoder"),
-    "attention_mask": ("mask", "encoder"),
-    "decoder_input_ids": ("ids", "decoder"),
-    "decoder_attention_mask": ("mask", "decoder"),
-    "labels": ("ids", "decoder"),
-    "inputs_embeds": ("embeds", "encoder"),
-    "decoder_inputs_embeds": ("embeds", "decoder"),
-}
-# The example sizes only feed meta tensors; the graph does not depend on them.
 _EXAMPLE_SIZES = {"batch": 2, "encoder": 7, "decoder": 5}
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,7 +54,7 @@ _SKIP_CODE: dict = {}  # code object -> whether its frames are tracer plumbing
 
 
 def trace(model: torch.nn.Module, input_names=None) -> torch.fx.GraphModule:
-    """Trace a T5-family model into a GraphModule whose forward takes exactly `input_names`.
+    """Trace a model of a supported family into a GraphModule whose forward takes exactly `input_names`.
 
     The GraphModule returns a dict of the model's non-None output tensors keyed by their
     ModelOutput field names (e.g. `loss`, `logits`, `encoder_last_hidden_state`). It
@@ -154,17 +133,18 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
 
 
 def supported_class(model) -> type:
-    """The transformers class in SUPPORTED_CLASSES that `model` is, or is a subclass of.
+    """The transformers class of a family record that `model` is, or is a subclass of.
 
     The tracer knows the supported classes' forward (its mask helpers, attention, output
     type), so a subclass is accepted only when it keeps that forward; one that overrides
     it computes something the trace would not reproduce.
     """
     cls = type(model)
-    base = next((c for c in cls.__mro__ if c.__name__ in SUPPORTED_CLASSES
+    supported = families.supported_classes()
+    base = next((c for c in cls.__mro__ if c.__name__ in supported
                  and c.__module__.startswith("transformers.")), None)
     if base is None:
-        raise TraceError(f"{cls.__name__!r} is not supported; fxconvert traces {', '.join(SUPPORTED_CLASSES)} "
+        raise TraceError(f"{cls.__name__!r} is not supported; fxconvert traces {families.describe_supported()} "
                          f"and their subclasses that keep forward")
     if cls.forward is not base.forward:
         owner = next(c for c in cls.__mro__ if "forward" in vars(c))
@@ -175,13 +155,13 @@ def supported_class(model) -> type:
     return base
 
 
+def family_of(model) -> families.Family:
+    """The family record of a supported model (see `supported_class`)."""
+    return families.family_of_class(supported_class(model).__name__)
+
+
 def default_input_names(model) -> list[str]:
-    name = supported_class(model).__name__
-    if name.endswith("EncoderModel"):
-        return ["input_ids", "attention_mask"]
-    if name.endswith("ForConditionalGeneration"):
-        return ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
-    return ["input_ids", "attention_mask", "decoder_input_ids"]
+    return family_of(model).default_input_names(supported_class(model).__name__)
 
 
 def forward_parameters(model):
@@ -191,7 +171,7 @@ def forward_parameters(model):
 
 def accepted_input_names(model) -> list[str]:
     params = forward_parameters(model)
-    return [n for n in INPUT_SPECS if n in params]
+    return [n for n in family_of(model).inputs if n in params]
 
 
 def input_name_list(input_names) -> list[str]:
@@ -559,18 +539,10 @@ def _to_meta(value):
 
 
 def _example_inputs(model, names):
-    cfg = model.config
-    b = _EXAMPLE_SIZES["batch"]
+    family = family_of(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    out = {}
-    for name in names:
-        kind, seq = INPUT_SPECS[name]
-        length = _EXAMPLE_SIZES[seq]
-        if kind == "embeds":
-            out[name] = torch.empty(b, length, cfg.d_model, dtype=dtype, device="meta")
-        else:
-            out[name] = torch.empty(b, length, dtype=torch.long, device="meta")
-    return out
+    return build_inputs(family.inputs, names, batch=_EXAMPLE_SIZES["batch"], lengths=_EXAMPLE_SIZES,
+                        dtype=dtype, meta=True, **config_sizes(model.config, family))
 
 
 def _user_source(tb=None) -> str:
@@ -751,5 +723,5 @@ def _leaf_replacements(model, tracer):
             ns[name] = original
 
 
-__all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "SUPPORTED_CLASSES", "supported_class",
+__all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "supported_class", "family_of",
            "input_name_list", "require_transformers", "default_input_names", "accepted_input_names", "forward_parameters"]

@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from fxconvert import families
 from fxconvert.errors import FxConvertError, UsageError
 from fxconvert.grad_sync import Topology
 
@@ -71,7 +72,7 @@ PROG = "python -m fxconvert.train"
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
+INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids", "labels")  # what the data gives (T5, BART)
 SHAPE_CACHE = 8  # pipeline stages (with their buffers) kept per rank, one per batch shape
 
 
@@ -240,10 +241,7 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device) -> Model
     if pipeline.output_name != "loss":
         raise UsageError(f"{path} returns {pipeline.output_name!r}, not the loss; reconvert without --output "
                          f"(training needs the model's loss, from labels)")
-    unknown = sorted({n for s in pipeline.stages for n in s["inputs"]} - set(INPUT_NAMES))
-    if unknown:
-        raise UsageError(f"{path}'s stages read {', '.join(unknown)}, which the data does not give; reconvert "
-                         f"with the inputs {', '.join(INPUT_NAMES)}")
+    _check_inputs(path, pipeline.model_class, {n for s in pipeline.stages for n in s["inputs"]})
     parts = {}
     for i in topo.my_stages:
         module = pipeline.load_stage(i, device=str(device))
@@ -251,6 +249,16 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device) -> Model
     shared = {name: list(info["stages"]) for name, info in pipeline.shared_weights.items()}
     return Model(parts, pipeline.num_stages, shared, _read_config(path / pipeline.config), pipeline_dir=path,
                  tokenizer_dir=path)
+
+
+def _check_inputs(where, model_class: str, inputs: set) -> None:
+    """Refuse stages that read an input the data does not give (the family's `train_inputs`)."""
+    family = families.family_of_class(model_class)
+    given = family.train_inputs if family is not None else INPUT_NAMES
+    unknown = sorted(inputs - set(given))
+    if unknown:
+        raise UsageError(f"{where}'s stages read {', '.join(unknown)}, which the data does not give; reconvert "
+                         f"with the inputs {', '.join(given)}")
 
 
 def _check_stage_count(where, count: int, topo: Topology) -> None:
@@ -273,11 +281,14 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     from fxconvert.load import RandomWeightsRefused
 
     try:
-        conversion = convert(args.source, input_names=list(INPUT_NAMES), offline=args.offline, seed=args.seed,
-                             allow_random=args.allow_random)
+        conversion = convert(args.source, offline=args.offline, seed=args.seed, allow_random=args.allow_random)
     except RandomWeightsRefused as e:
         raise UsageError(f"{e.why}: give a checkpoint directory, or pass --allow-random to train from random "
                          f"weights") from e
+    if conversion.output_name != "loss":
+        raise UsageError(f"{args.source} is a {conversion.model_class}, which computes no loss; train a class "
+                         f"with a language-model head")
+    _check_inputs(args.source, conversion.model_class, set(conversion.input_names))
     if conversion.source is not None and conversion.source.device == "meta":
         raise UsageError(f"{args.source} has no weights here (built on the meta device); convert a checkpoint")
     stages = split_stages(conversion, topo.num_stages)

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fxconvert.errors import ValidationError
-from fxconvert.trace import INPUT_SPECS, forward_parameters
+from fxconvert.inputs import build_inputs, config_sizes
+from fxconvert.trace import family_of, forward_parameters
 
 # (batch, encoder length, decoder length): two shapes, so that a size frozen into the graph shows.
 SHAPES = ((2, 7, 5), (3, 4, 9))
@@ -165,7 +166,7 @@ def validate(conversion, *, atol: float | None = None, rtol: float | None = None
     try:
         with torch.random.fork_rng():  # the runs' seeding leaves the caller's random state as it was
             for batch, enc, dec in shapes:
-                inputs = _random_inputs(all_names, model.config, batch, enc, dec, seed, embeds_dtype)
+                inputs = _random_inputs(all_names, model, batch, enc, dec, seed, embeds_dtype)
                 module_inputs = {n: inputs[n] for n in names}
                 for mode in MODES:
                     run = f"{mode} {batch}x{enc}/{dec}"
@@ -259,27 +260,9 @@ def _count(t, bad) -> str:
     return f"{' and '.join(kinds)} at {int(bad.sum())} of {t.numel()} elements"
 
 
-def _random_inputs(names, config, batch, enc, dec, seed, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random inputs for `names`: token ids, masks that pad the first sequence, labels with an ignored one.
-
-    None of them makes eager compute a NaN: a mask keeps each row's first token, and only the
-    last label of the last row is ignored, when that row has another (all-ignored labels
-    make the loss 0/0)."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = {"encoder": enc, "decoder": dec}
-    out = {}
-    for name in names:
-        kind, seq = INPUT_SPECS[name]
-        length = lengths[seq]
-        if kind == "ids":
-            ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
-            if name == "labels" and length > 1:
-                ids[-1, -1] = -100
-            out[name] = ids
-        elif kind == "mask":
-            mask = torch.ones(batch, length, dtype=torch.long)
-            mask[0, max(1, length - 2):] = 0
-            out[name] = mask
-        else:
-            out[name] = torch.randn(batch, length, config.d_model, generator=generator, dtype=dtype)
-    return out
+def _random_inputs(names, model, batch, enc, dec, seed, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random padded inputs for `names` (`fxconvert.inputs.build_inputs`): none makes eager compute a NaN."""
+    family = family_of(model)
+    return build_inputs(family.inputs, names, batch=batch, lengths={"encoder": enc, "decoder": dec}, dtype=dtype,
+                        generator=torch.Generator().manual_seed(seed), padded=True,
+                        **config_sizes(model.config, family))

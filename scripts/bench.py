@@ -674,13 +674,15 @@ def measure_balance(ctx) -> list[Result]:
 
 def _measure_balance(ctx) -> list[Result]:
     from fxconvert.balance import measure_stage_seconds, real_inputs
+    from fxconvert.families import input_specs
     from fxconvert.stages import split_stages
 
     model = ctx.main_model()
     conversion = convert(model)
     sizes = BALANCE_SIZES["tiny" if ctx.mode == "tiny" else "small"]
     splits = {b: split_stages(conversion, BALANCE_STAGES, balance=b, **sizes) for b in ("time", "params")}
-    inputs = real_inputs(conversion.input_names, splits["time"].plan.sizes, vocab_size=model.config.vocab_size)
+    inputs = real_inputs(conversion.input_names, splits["time"].plan.sizes, vocab_size=model.config.vocab_size,
+                         specs=input_specs(conversion.model_class))
     plan = ctx.plan()
     rounds = {b: [] for b in splits}  # per round: each stage's seconds
     for _ in range(max(plan["warmup"], 1)):  # untimed

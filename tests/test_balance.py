@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from fxconvert.families import input_specs
 from fxconvert.balance import best_groups, in_flight, measure_stage_seconds, real_inputs
 from fxconvert.convert import convert
 from fxconvert.stages import SplitError, split_stages
@@ -153,9 +154,9 @@ def cut_bytes(conv):
 
     gm = conv.graph_module
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    block_of = st._block_of_nodes(gm, nodes)
-    blocks = sorted(set(block_of.values()), key=st._block_key)
-    unit = st._attach_to_blocks(nodes, block_of, [st._block_key(b) for b in blocks])
+    block_of = st._block_of_nodes(nodes, st.default_block_rule(conv.model_class))
+    blocks = st.stage_blocks(gm, 1, conv.model_class)
+    unit = st._attach_to_blocks(nodes, block_of, blocks)
     costs = [0] * len(blocks)
     units = st._unit_costs(conv, analyze(conv, sizes=Sizes(**SIZES)), nodes, unit, costs)
     return units.cut_bytes
@@ -223,7 +224,7 @@ def test_bad_options_are_usage_errors(bad, match):
 def test_measured_stage_times_leave_the_callers_state_alone():
     conv = conversion()
     stages = split_stages(conv, 2, **SIZES)
-    inputs = real_inputs(conv.input_names, stages.plan.sizes, vocab_size=97)
+    inputs = real_inputs(conv.input_names, stages.plan.sizes, vocab_size=97, specs=input_specs(conv.model_class))
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)

@@ -211,7 +211,7 @@ def test_validation_inputs_never_make_eager_compute_a_nan():
     model = helpers.build()
     names = ["input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels"]
     for batch, enc, dec in [(1, 1, 1), (1, 2, 1), (2, 1, 2), (1, 3, 2), *SHAPES]:
-        inputs = _random_inputs(names, model.config, batch, enc, dec, seed=0)
+        inputs = _random_inputs(names, model, batch, enc, dec, seed=0)
         assert (inputs["labels"] != -100).any(dim=1).all()
         assert inputs["attention_mask"].any(dim=1).all() and inputs["decoder_attention_mask"].any(dim=1).all()
         with torch.no_grad():

@@ -55,7 +55,7 @@ MIN_BUCKETS = 4
 
 
 def check_config(config: dict, refuse) -> None:
-    """T5's own structural fields; `refuse(key, rule)` raises the one-line error."""
+    """T5's own structural fields; `refuse(key, rule, tail=...)` raises the one-line error."""
     buckets = config.get("relative_attention_num_buckets")
     is_int = isinstance(buckets, int) and not isinstance(buckets, bool)
     if "relative_attention_num_buckets" in config and not (is_int and buckets >= MIN_BUCKETS):
@@ -76,7 +76,7 @@ def check_config(config: dict, refuse) -> None:
             act = "gelu_new"
         if act not in ACT2FN:
             refuse("feed_forward_proj", "'ACT' or 'gated-ACT' with ACT an activation such as relu or gelu_new "
-                                        "(T5 uses 'relu', T5 v1.1 'gated-gelu')")
+                                        "(T5 uses 'relu', T5 v1.1 'gated-gelu')", tail="")
 
 
 FAMILY = Family(

@@ -6,8 +6,8 @@ sees one tensor flowing to every stage that uses it. This pass does the same on 
 
 - parameters registered under several names are found by tensor identity
   (`fxconvert.analysis.find_shared_parameters`);
-- each becomes one placeholder (`shared_embed_weight` for a tied embedding, FTPipe's
-  name), inserted after the model inputs and before `training`;
+- each becomes one placeholder (`shared_embed_weight` for a weight an `nn.Embedding`
+  owns, FTPipe's name), inserted after the model inputs and before `training`;
 - `nn.Embedding` calls become `F.embedding(ids, w, ...)`, `nn.Linear` calls
   `F.linear(x, w, bias)`, and direct reads of the weight read the placeholder;
 - the parameter is unregistered from the graph module, so it is not held twice. The
@@ -34,25 +34,29 @@ from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert.passes.sparsify_shared_lookups_pass import sparse_embedding_gradients  # noqa: F401 (re-exported)
 
 
-def _feeds_embedding(graph_module, names) -> bool:
-    """Whether the graph uses the weight registered as `names` as an embedding table: a call of
-    an `nn.Embedding` that owns it, or an `F.embedding` lookup of it (from a traced-through
-    `nn.Embedding` subclass such as BART's scaled token embedding)."""
-    owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in names}
+def _read_by_lookups(gm, names) -> bool:
+    """Whether `F.embedding` lookups read the weight registered as `names` directly: an
+    `nn.Embedding` subclass that the tracer went through (BART's scaled token embedding)
+    leaves no embedding module in the graph module, only the lookup of its weight."""
     attrs = set(names)
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module" and node.target in owners:
-            if isinstance(graph_module.get_submodule(node.target), torch.nn.Embedding):
-                return True
-        elif node.op == "get_attr" and node.target in attrs:
-            if any(u.op == "call_function" and u.target is F.embedding and u.args[1:2] == (node,)
-                   for u in node.users):
-                return True
-    return False
+    return any(node.op == "get_attr" and node.target in attrs
+               and any(u.op == "call_function" and u.target is F.embedding and u.args[1:2] == (node,)
+                       for u in node.users)
+               for node in gm.graph.nodes)
 
 
-def _placeholder_name(names, taken, embedding: bool) -> str:
-    base = "shared_embed_weight" if embedding else "shared_" + names[0].replace(".", "_")
+def _placeholder_name(gm, names, taken) -> str:
+    """`shared_embed_weight` for a weight an embedding owns or that embedding lookups read (FTPipe's
+    name), else `shared_<first name>`."""
+    def embedding_weight(name):
+        owner, _, attr = name.rpartition(".")
+        try:
+            return attr == "weight" and isinstance(gm.get_submodule(owner), torch.nn.Embedding)
+        except AttributeError:
+            return False
+
+    owner_is_embedding = any(embedding_weight(n) for n in names) or _read_by_lookups(gm, names)
+    base = "shared_embed_weight" if owner_is_embedding else "shared_" + names[0].replace(".", "_")
     name, i = base, 1
     while name in taken:
         i += 1
@@ -89,7 +93,7 @@ class LiftSharedWeightsPass(PassBase):
         anchor = next((n for n in placeholders if n.target == TRAINING), None)
         lifted = dict(graph_module.meta.get("lifted_weights", {}))
         for info, param in shared:
-            name = _placeholder_name(info.names, taken, _feeds_embedding(graph_module, info.names))
+            name = _placeholder_name(graph_module, info.names, taken)
             taken.add(name)
             if anchor is not None:
                 with graph.inserting_before(anchor):

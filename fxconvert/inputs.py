@@ -1,0 +1,53 @@
+"""Model inputs built from a family's input specs: one builder for tracing, validation, costs and timing.
+
+Each input has a kind and a sequence (`fxconvert.families.KINDS`, `SEQUENCES`). The
+builder makes meta tensors (tracing, cost analysis, probing stage shapes) or random real
+ones (validation, timing). Random inputs can be padded: the masks pad the tail of the
+first row, keeping each row's first token, and the last label of the last row is ignored
+(-100) when that row has another, so no input makes eager compute 0/0.
+"""
+
+import torch
+
+
+def build_inputs(specs, names, *, batch: int, lengths: dict, hidden: int | None = None, vocab: int = 2,
+                 type_vocab: int = 2, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
+                 padded: bool = False, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Inputs `names` (each in `specs`) of `batch` rows, the sequence lengths in `lengths` ("encoder", "decoder").
+
+    `meta=True` gives meta tensors; otherwise values are drawn from `generator`.
+    """
+    out = {}
+    for name in names:
+        kind, seq = specs[name]
+        shape = (batch, lengths[seq])
+        if kind == "embeds":
+            if hidden is None:
+                raise ValueError(f"the input {name!r} needs the model's hidden size")
+            shape += (hidden,)
+        float_input = kind == "embeds"
+        if meta:
+            out[name] = torch.empty(shape, dtype=dtype if float_input else torch.long, device="meta")
+        elif kind == "embeds":
+            out[name] = torch.randn(shape, generator=generator, dtype=dtype)
+        elif kind == "mask":
+            mask = torch.ones(shape, dtype=torch.long)
+            if padded:
+                mask[0, max(1, shape[1] - 2):] = 0
+            out[name] = mask
+        else:
+            high = type_vocab if kind == "type_ids" else vocab
+            ids = torch.randint(0, high, shape, generator=generator)
+            if padded and name == "labels" and shape[1] > 1:
+                ids[-1, -1] = -100
+            out[name] = ids
+    return out
+
+
+def config_sizes(config, family) -> dict:
+    """The keyword arguments of `build_inputs` that come from a model's config."""
+    return {"hidden": getattr(config, family.hidden_size, None), "vocab": getattr(config, "vocab_size", 2),
+            "type_vocab": getattr(config, "type_vocab_size", 2) or 2}
+
+
+__all__ = ["build_inputs", "config_sizes"]
