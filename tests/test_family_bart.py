@@ -356,3 +356,23 @@ def test_preset_loads_with_random_weights_and_warns():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     meta = load("facebook/bart-large", offline=True, meta=True).model
     assert round(sum(p.numel() for p in meta.parameters()) / 1e6, 1) == 406.3
+
+
+# -- pipeline training ---------------------------------------------------------------------------------
+
+def test_pipeline_training_equals_single_process_training():
+    """Two stage processes (gloo), 1F1B, two SGD steps: losses and weights equal training the unsplit
+    converted module in one process, whose first loss is eager transformers' loss."""
+    from fxconvert import pipeline_check
+
+    cfg = pipeline_check.RunConfig(family="BART", stages=2, schedules=("1f1b",), steps=2, microbatches=2, batch=4)
+    results = pipeline_check.run(cfg)
+    assert [r.schedule for r in results] == ["1f1b"]
+    for r in results:
+        assert r.ok, r
+        assert r.shared_copies == {"shared_embed_weight": [0, 1]}  # encoder lookup | decoder lookup + head
+    model = pipeline_check.build_model(cfg)
+    batch = pipeline_check.batches(cfg)[0]  # the first step's loss: the mean of its microbatches' losses
+    chunks = [{k: torch.tensor_split(v, cfg.microbatches)[i] for k, v in batch.items()} for i in range(cfg.microbatches)]
+    eager = sum(model(**chunk, use_cache=False).loss.item() for chunk in chunks) / cfg.microbatches
+    assert abs(results[0].reference_losses[0] - eager) <= 1e-5
