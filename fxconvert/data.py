@@ -19,6 +19,9 @@ same file see exactly the same batches, and a resumed run continues where it sto
   padded labels shifted right behind decoder_start_token_id, -100 replaced by pad_token_id
   (what transformers' T5 does when given labels alone). Everything is int64. A runtime that
   sizes its buffers once may pad to fixed lengths instead (`collate(..., pad_to=...)`).
+- For a decoder-only model (`collate_causal`) input and target make one sequence: input_ids
+  are input + target, labels -100 on the input's positions, padded on the right; the model
+  shifts the labels itself.
 - Microbatches are `torch.tensor_split(tensor, M)` along dim 0: the first B % M microbatches
   hold one row more. All microbatches of a batch share the batch's padded lengths.
 
@@ -122,7 +125,7 @@ def _parse(raw: bytes, where: str) -> dict:
     return obj
 
 
-def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str) -> list[int]:
+def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, causal: bool = False) -> list[int]:
     if not isinstance(ids, list):
         raise DataError(f"{where}: {key!r} is a {type(ids).__name__}, not a list of ints; {FIX}")
     if not ids:
@@ -132,6 +135,9 @@ def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str) -> list[int]:
         if type(value) is not int:  # bool is an int subclass; floats and nested lists are wrong too
             raise DataError(f"{where}: {key}[{i}] is a {type(value).__name__} ({json.dumps(value)[:40]}), not an int; {FIX}")
         if key == "labels" and value == IGNORE_INDEX:
+            if causal:
+                raise DataError(f"{where}: labels[{i}] is -100, but a causal LM reads its labels as tokens; put "
+                                f"the tokens it should not learn in input_ids (they are never learned)")
             continue
         if value < 0 or value >= (vocab_size if vocab_size is not None else 2**63):
             extra = " or -100 (ignored)" if key == "labels" else ""
@@ -151,7 +157,8 @@ def _positive(value, what: str, minimum=1) -> int:
     return value
 
 
-def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None) -> list[Example]:
+def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None,
+               causal: bool = False) -> list[Example]:
     """Every example of the JSONL file `path`, checked line by line before any is returned.
 
     Text is tokenized as `tokenizer(input, truncation=True, max_length=max_source_length)` and
@@ -159,6 +166,7 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     tokenizer's default settings (a None length means no truncation). Pre-tokenized ids are
     cut to their first max length ids, exactly as given. A UTF-8 byte-order mark at the very
     start of the file is accepted (editors on Windows write one); anywhere else it is invalid JSON.
+    With `causal=True` (a decoder-only model) the labels are tokens the model reads, so -100 is refused.
     """
     for option, value in (("--max-source-length", max_source_length), ("--max-target-length", max_target_length)):
         if value is not None:
@@ -188,7 +196,7 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
                 problem = "is empty" if isinstance(obj[key], str) else f"is a {type(obj[key]).__name__}, not a string"
                 raise DataError(f"{where}: {key!r} {problem}; {FIX}")
         for key in ("input_ids", "labels") if "input_ids" in obj else ():
-            _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer")
+            _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer", causal=causal)
         rows.append(obj)
     texts = [number for number, obj in enumerate(rows, 1) if "input" in obj]
     sources = _tokenize(tokenizer, [rows[n - 1]["input"] for n in texts], max_source_length, target=False)
@@ -248,15 +256,18 @@ def _pad(rows: list[list[int]], value: int, length: int | None, option: str) -> 
     return out
 
 
-def collate(examples, *, pad_token_id, decoder_start_token_id, pad_to=None) -> dict[str, torch.Tensor]:
+def collate(examples, *, pad_token_id, decoder_start_token_id=None, pad_to=None, causal=False) -> dict[str, torch.Tensor]:
     """One padded int64 batch: input_ids, attention_mask, labels, decoder_input_ids.
 
     `pad_to=(source_length, target_length)` pads every batch to the same fixed lengths instead
     of its own longest, for runtimes that size their buffers once; the real tokens' losses are
-    the same either way.
+    the same either way. With `causal=True` (a decoder-only model) see `collate_causal`.
     """
     if not examples:
         raise UsageError("cannot collate an empty batch; give at least one example")
+    if causal:
+        return collate_causal(examples, pad_token_id=pad_token_id,
+                              pad_to=None if pad_to is None else sum(pad_to))
     for name, value in (("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)):
         if type(value) is not int:
             raise UsageError(f"{name} is {value!r}, not a token id; set {name} in the model's config.json")
@@ -267,6 +278,28 @@ def collate(examples, *, pad_token_id, decoder_start_token_id, pad_to=None) -> d
     decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], dim=1)
     decoder_input_ids.masked_fill_(decoder_input_ids == IGNORE_INDEX, pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "decoder_input_ids": decoder_input_ids}
+
+
+def collate_causal(examples, *, pad_token_id, pad_to=None) -> dict[str, torch.Tensor]:
+    """One padded int64 batch for a decoder-only model: input_ids, attention_mask, labels.
+
+    Each example is one sequence, its input followed by its target; labels are the same
+    tokens with the input's positions -100, so only the target is learned (the model shifts
+    labels itself, as transformers' causal LMs do). Rows are padded on the right to the
+    longest (or to `pad_to`) with `pad_token_id`, mask 0 and label -100.
+    """
+    if not examples:
+        raise UsageError("cannot collate an empty batch; give at least one example")
+    if type(pad_token_id) is not int:
+        raise UsageError(f"pad_token_id is {pad_token_id!r}, not a token id; set pad_token_id (or eos_token_id) "
+                         f"in the model's config.json")
+    length = _positive(pad_to, "pad_to") if pad_to is not None else None
+    sequences = [e.input_ids + e.labels for e in examples]
+    input_ids = _pad(sequences, pad_token_id, length, "--max-source-length and --max-target-length")
+    attention_mask = _pad([[1] * len(s) for s in sequences], 0, length, "--max-source-length")
+    labels = _pad([[IGNORE_INDEX] * len(e.input_ids) + e.labels for e in examples], IGNORE_INDEX, length,
+                  "--max-target-length")
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def microbatches(batch: dict, m) -> list[dict]:

@@ -298,7 +298,7 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
         parts[i] = StagePart(i, module, list(stages.specs[i].inputs))
     shared = {name: [s.index for s in stages.specs if name in s.shared_weights] for name in conversion.shared_weights}
     config = conversion.model.config.to_dict()
-    config["architectures"] = [type(conversion.model).__name__]
+    config["architectures"] = [conversion.model_class]
     # What a conversion directory would hold besides stage files and weights (pipeline.json, config.json,
     # tokenizer files): RUN/hf's export reads them from a directory written at export time.
     files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
@@ -317,14 +317,15 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
 class Data:
     examples: list
     pad_token_id: int
-    decoder_start_token_id: int
+    decoder_start_token_id: int | None
+    causal: bool = False  # a decoder-only model: input + target as one sequence (`data.collate_causal`)
 
     def batch(self, args, index: int) -> dict[str, torch.Tensor]:
         from fxconvert.data import batch_indices, collate
 
         rows = batch_indices(len(self.examples), args.batch, index, shuffle=args.shuffle, seed=args.seed)
         return collate([self.examples[i] for i in rows], pad_token_id=self.pad_token_id,
-                       decoder_start_token_id=self.decoder_start_token_id)
+                       decoder_start_token_id=self.decoder_start_token_id, causal=self.causal)
 
     def tokens(self, args, index: int) -> int:
         """Real input tokens plus target tokens of global batch `index` (for tokens/s)."""
@@ -339,15 +340,25 @@ def load_data(args, model: Model) -> Data:
     from fxconvert.data import load_tokenizer, read_jsonl
 
     config = model.config
+    family = families.family_of_class((config.get("architectures") or [""])[0])
+    objective = family.objective if family is not None else "seq2seq"
+    if objective not in ("seq2seq", "causal"):
+        raise UsageError(f"fxconvert.train has no data format for {family.title} models yet; train a seq2seq "
+                         f"(T5, BART) or causal LM (GPT-2, Llama-style) model")
+    causal = objective == "causal"
     tokenizer = load_tokenizer(model.tokenizer_dir, required=False) if model.tokenizer_dir is not None else None
     examples = read_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
-                          max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"))
+                          max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"),
+                          causal=causal)
     pad = config.get("pad_token_id")
-    start = config.get("decoder_start_token_id")
+    if causal and type(pad) is not int:  # GPT-2 and Llama define none: padding is masked and never learned
+        pad = config.get("eos_token_id")
+        pad = pad[0] if isinstance(pad, list) and pad else pad
+    start = config.get("decoder_start_token_id") if not causal else None
     for name, value in (("pad_token_id", pad), ("decoder_start_token_id", start)):
-        if type(value) is not int:
+        if type(value) is not int and not (causal and name == "decoder_start_token_id"):
             raise UsageError(f"the model's config has {name} = {value!r}; set it in config.json")
-    return Data(examples, pad, start)
+    return Data(examples, pad, start, causal)
 
 
 # -- pipeline stages --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from transformers import AutoTokenizer, T5Tokenizer
 
 import checkpoints
@@ -373,3 +374,56 @@ def test_bad_microbatch_counts_are_one_line(m, problem):
     batch = collate([EXAMPLES[0]] * 8, pad_token_id=0, decoder_start_token_id=0)
     with pytest.raises(UsageError, match=problem.replace("(", r"\(")):
         microbatches(batch, m)
+
+
+# --- causal-LM batches (decoder-only models) ------------------------------------------------------
+
+CAUSAL = [Example([5, 6, 7], [8, 9]), Example([10], [11, 12, 13, 14]), Example([15, 16], [17])]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_causal_batches_are_input_then_target_with_only_the_target_learned():
+    batch = collate(CAUSAL, pad_token_id=3, causal=True)
+    assert list(batch) == ["input_ids", "attention_mask", "labels"]
+    for i, e in enumerate(CAUSAL):
+        n = len(e.input_ids) + len(e.labels)
+        assert batch["input_ids"][i].tolist() == e.input_ids + e.labels + [3] * (5 - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (5 - n)
+        assert batch["labels"][i].tolist() == [-100] * len(e.input_ids) + e.labels + [-100] * (5 - n)
+
+
+def test_a_causal_batch_learns_each_target_token_from_what_precedes_it(gpt2):
+    # against eager GPT-2: the batch loss is the mean over target tokens of -log p(token | prefix),
+    # each computed from that example alone, without padding
+    batch = collate(CAUSAL, pad_token_id=3, causal=True)
+    with torch.no_grad():
+        loss = gpt2(**batch).loss
+        terms = []
+        for e in CAUSAL:
+            ids = torch.tensor([e.input_ids + e.labels])
+            logp = gpt2(input_ids=ids).logits.log_softmax(-1)[0]
+            start = len(e.input_ids)
+            terms += [-logp[start + j - 1, token] for j, token in enumerate(e.labels)]
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_fixed_lengths_and_refusals():
+    fixed = collate(CAUSAL, pad_token_id=3, causal=True, pad_to=(4, 4))
+    assert fixed["input_ids"].shape == (3, 8)
+    with pytest.raises(UsageError, match="not a token id; set pad_token_id"):
+        collate(CAUSAL, pad_token_id=None, causal=True)
+
+
+def test_ignored_labels_are_refused_for_a_causal_model(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input_ids": [1, 2], "labels": [3, -100]}\n')
+    assert read_jsonl(path)[0].labels == [3, -100]  # a seq2seq model ignores it
+    with pytest.raises(DataError, match=r"d.jsonl:1: labels\[1\] is -100, but a causal LM reads its labels as tokens"):
+        read_jsonl(path, causal=True)

@@ -45,6 +45,10 @@ class Family:
     rate_fields: tuple[str, ...] = ()  # dropout probabilities in [0, 1)
     token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
     notes: str = ""  # one line on what differs, for the README and the report
+    # What fxconvert.train feeds: "seq2seq" (input -> target, decoder inputs are the labels
+    # shifted right), "causal" (input + target as one sequence, loss on the target, the model
+    # shifts), or None (no training data format for this family).
+    objective: str | None = "seq2seq"
 
     def default_input_names(self, cls_name: str) -> list[str]:
         for suffix, names in self.default_inputs:
