@@ -106,6 +106,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
             f"attention implementation '{impl}' is not supported; load the model with "
             f"attn_implementation='sdpa' or 'eager'"
         )
+    _check_family_limits(model, cls_name)
     input_names = input_name_list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
 
@@ -130,6 +131,17 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
         path: float(m.dropout) for path, m in model.named_modules() if isinstance(getattr(m, "dropout", None), float)
     }
     return TraceResult(gm, time.perf_counter() - start)
+
+
+def _check_family_limits(model, cls_name: str) -> None:
+    """Refuse what the family record says a graph cannot record for this model (`Family.check_trace`)."""
+    check = family_of(model).check_trace
+    if check is None:
+        return
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    why = check(model.config, model.training, str(dtype).removeprefix("torch."))
+    if why:
+        raise TraceError(f"cannot trace {cls_name}: {why}")
 
 
 def supported_class(model) -> type:

@@ -48,6 +48,22 @@ def check_config(config: dict, refuse) -> None:
             refuse("activation_function", "an activation such as 'gelu' or 'relu' (BART uses 'gelu')")
 
 
+def check_trace(config, training: bool, dtype: str) -> str | None:
+    """What BART's forward decides in Python from values a graph does not hold."""
+    # In either mode: a graph traced in eval mode runs in training too (LiftTrainingFlagPass), where
+    # eager BART would drop layers.
+    for key in ("encoder_layerdrop", "decoder_layerdrop"):
+        rate = getattr(config, key, 0.0) or 0.0
+        if rate > 0:
+            return (f"{key} is {rate!r}: in training LayerDrop skips layers by a random draw made in Python, "
+                    f"which a graph cannot record; set {key}=0 in the config (the published BART checkpoints "
+                    f"use 0)")
+    if dtype == "float16":
+        return ("in float16 each encoder layer clamps its output only when it holds inf or nan, a Python "
+                "decision on values that a graph cannot record; convert in float32 or bfloat16")
+    return None
+
+
 FAMILY = Family(
     name="bart",
     title="BART",
@@ -75,6 +91,7 @@ FAMILY = Family(
                    "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "vocab_size",
                    "max_position_embeddings", "activation_function", "scale_embedding", "tie_word_embeddings"),
     check_config=check_config,
+    check_trace=check_trace,
     max_layers_fields=("encoder_layers", "decoder_layers"),
     positive_int_fields=("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
                          "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings"),
