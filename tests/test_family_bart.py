@@ -444,3 +444,24 @@ def test_torchrun_training_of_a_converted_checkpoint_equals_eager_transformers(t
     assert set(trained) == set(expected)
     assert max((trained[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5
     assert trained["model.shared.weight"].data_ptr() == trained["lm_head.weight"].data_ptr()  # still tied
+
+
+# -- config checks ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("encoder_attention_heads", 5, "a divisor of d_model"),
+    ("decoder_attention_heads", 0, "a positive integer"),
+    ("encoder_layers", 0, "a positive integer"),
+    ("decoder_layers", 100000, "at most"),
+    ("max_position_embeddings", -1, "a positive integer"),
+    ("activation_function", "nope", "an activation such as 'gelu'"),
+    ("attention_dropout", 1.0, r"a number in \[0, 1\)"),
+    ("decoder_start_token_id", VOCAB, rf"a token id in \[0, {VOCAB}\)"),
+])
+def test_a_bad_config_field_is_refused_in_one_line(key, value, rule):
+    from fxconvert.load import ModelResolutionError, check_config
+
+    config = dict(tiny_config().to_dict(), architectures=["BartForConditionalGeneration"], **{key: value})
+    check_config(dict(config, **{key: tiny_config().to_dict()[key]}), "config.json")  # the tiny config passes
+    with pytest.raises(ModelResolutionError, match=rf"^invalid config in config.json: {key} is .*set it to {rule}"):
+        check_config(config, "config.json")
