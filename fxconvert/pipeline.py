@@ -199,6 +199,12 @@ def _hf_names(conversion: Conversion):
     if conversion.model is not None:
         for name, t in conversion.model.state_dict(keep_vars=True).items():
             eager.setdefault(id(t), []).append(name)
+        # A buffer the state dict leaves out (BERT's non-persistent position_ids) is a graph
+        # tensor all the same; transformers takes it back from a checkpoint and ignores it.
+        for name, t in conversion.model.named_buffers(remove_duplicate=False):
+            names = eager.setdefault(id(t), [])
+            if name not in names:
+                names.append(name)
 
     def hf_names(name: str, t: torch.Tensor) -> list[str]:
         if name in conversion.shared_weights:

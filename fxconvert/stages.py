@@ -173,7 +173,7 @@ def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "tim
     units = None
     if balance != "params" or max_stage_bytes is not None or any(v is not None for v in
                                                                    (batch, encoder_length, decoder_length)):
-        sizes = _sizes(batch, encoder_length, decoder_length)
+        sizes = _sizes(batch, encoder_length, decoder_length, max_length=_max_length(conversion))
         microbatches = microbatches or max(4, num_stages)
         units = _unit_costs(conversion, analyze(conversion, sizes=sizes), nodes, unit, costs)
     if balance == "params" and max_stage_bytes is None:
@@ -194,14 +194,29 @@ def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "tim
     return stages
 
 
-def _sizes(batch, encoder_length, decoder_length) -> Sizes:
+def _sizes(batch, encoder_length, decoder_length, max_length: tuple[str, int] | None = None) -> Sizes:
     defaults = Sizes()
+    if max_length is not None:  # absolute positions: the default lengths are capped, longer ones refused
+        field_name, limit = max_length
+        defaults = Sizes(defaults.batch, min(defaults.encoder_length, limit), min(defaults.decoder_length, limit))
+        for name, value in (("encoder_length", encoder_length), ("decoder_length", decoder_length)):
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise SplitError(f"{name} {value} is longer than the model's {field_name} ({limit}); "
+                                 f"give a length of at most {limit}")
     try:
         return Sizes(defaults.batch if batch is None else batch,
                      defaults.encoder_length if encoder_length is None else encoder_length,
                      defaults.decoder_length if decoder_length is None else decoder_length)
     except UsageError as e:
         raise SplitError(str(e)) from None
+
+
+def _max_length(conversion) -> tuple[str, int] | None:
+    """(config field, value) bounding sequence lengths for families with absolute positions (`Family.max_length`)."""
+    family = families.family_of_class(conversion.model_class)
+    config = getattr(conversion.model, "config", None)
+    limit = getattr(config, family.max_length, None) if family is not None and family.max_length else None
+    return (family.max_length, limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, microbatches, max_stage_bytes):

@@ -128,9 +128,21 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     gm.meta["traced_training"] = model.training
     # Attention modules keep their configured dropout rate; an eval-mode trace records 0.0.
     gm.meta["dropout_rates"] = {
-        path: float(m.dropout) for path, m in model.named_modules() if isinstance(getattr(m, "dropout", None), float)
+        path: rate for path, m in model.named_modules() if (rate := attention_dropout_rate(m)) is not None
     }
     return TraceResult(gm, time.perf_counter() - start)
+
+
+def attention_dropout_rate(module) -> float | None:
+    """The dropout rate a module passes to its attention function when training, or None.
+
+    T5 holds it as a float `dropout`; BERT as an `nn.Dropout` whose `p` it passes (0.0 in
+    eval mode, so an eval-mode trace records 0.0 and the rate must come from here).
+    """
+    rate = getattr(module, "dropout", None)
+    if isinstance(rate, torch.nn.Dropout) and not isinstance(module, torch.nn.Dropout):
+        rate = rate.p
+    return float(rate) if isinstance(rate, float) else None
 
 
 def _check_family_limits(model, cls_name: str) -> None:
@@ -270,6 +282,10 @@ class _TracedAttribute(_TracedValue, Attribute):
 
 class T5Tracer(torch.fx.Tracer):
     """A torch.fx Tracer that propagates meta tensors and builds the root from `input_names`."""
+
+    # A buffer read in a forward (BERT's `position_ids`) is a get_attr node, so slicing it by
+    # a traced length stays in the graph; the graph module registers it as a persistent buffer.
+    proxy_buffer_attributes = True
 
     def __init__(self, input_names):
         super().__init__()

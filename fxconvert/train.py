@@ -1,4 +1,4 @@
-"""`python -m fxconvert.train`: fine-tune a converted T5 with pipeline parallelism, launched by torchrun.
+"""`python -m fxconvert.train`: fine-tune a converted model (T5, BART, GPT-2, Llama-style) with pipeline parallelism, launched by torchrun.
 
     torchrun --nproc-per-node 4 -m fxconvert.train conv/ --data train.jsonl --out run/ \\
         --steps 1000 --batch 32 --microbatches 8 --schedule 1f1b --lr 1e-4 --optimizer adamw

@@ -335,13 +335,13 @@ def _tiny_bert():
     config = transformers.BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
     )
-    return transformers.BertModel(config).eval()
+    return transformers.BertForSequenceClassification(config).eval()  # BertModel and BertForMaskedLM are supported
 
 
 @pytest.mark.parametrize(
     "make",
     [_tiny_bert, lambda: transformers.T5ForSequenceClassification(build("T5Model").config).eval()],
-    ids=["BertModel", "T5ForSequenceClassification"],
+    ids=["BertForSequenceClassification", "T5ForSequenceClassification"],
 )
 def test_unsupported_class_raises_listing_supported_classes(make):
     model = make()

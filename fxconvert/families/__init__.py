@@ -44,6 +44,7 @@ class Family:
     positive_int_fields: tuple[str, ...] = ()  # fields that must be positive integers
     rate_fields: tuple[str, ...] = ()  # dropout probabilities in [0, 1)
     token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
+    max_length: str = ""  # config attribute bounding every sequence's length (absolute positions); "" for none
     notes: str = ""  # one line on what differs, for the README and the report
     # What fxconvert.train feeds: "seq2seq" (input -> target, decoder inputs are the labels
     # shifted right), "causal" (input + target as one sequence, loss on the target, the model
@@ -81,7 +82,7 @@ def block_regex(prefix: str) -> str:
     return rf"^(?P<block>{prefix}\.(?P<index>\d+))(?:\.|$)"
 
 
-_MODULES = ("t5", "bart")
+_MODULES = ("t5", "bert", "bart")
 
 
 @cache

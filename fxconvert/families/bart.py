@@ -98,6 +98,7 @@ FAMILY = Family(
     rate_fields=("dropout", "attention_dropout", "activation_dropout", "classifier_dropout", "encoder_layerdrop",
                  "decoder_layerdrop"),
     token_id_fields=("pad_token_id", "decoder_start_token_id"),
-    notes="learned positions (offset 2) and a scaled shared embedding tied to the LM head; logits add "
+    max_length="max_position_embeddings",  # learned positions: each sequence at most this long
+    notes="learned positions (offset 2, at most max_position_embeddings tokens) and a scaled shared embedding tied to the LM head; logits add "
           "final_logits_bias",
 )

@@ -82,6 +82,14 @@ def _stateless_call(module, node, weight):
     )
 
 
+def _shared_bias_call(graph, node, bias):
+    """`F.linear` for a call of an `nn.Linear` whose bias is the shared one (BERT's MLM decoder
+    bias is also `cls.predictions.bias`); its weight is read, or lifted by its own group."""
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{node.target}.weight")
+    return F.linear, (node.args[0], weight), {"bias": bias}
+
+
 class LiftSharedWeightsPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
@@ -108,12 +116,15 @@ class LiftSharedWeightsPass(PassBase):
             for node in list(graph.nodes):
                 if node.op == "call_module" and node.target in owners:
                     module = graph_module.get_submodule(node.target)
-                    if module.weight is not param:
+                    if module.weight is param:
+                        fn, args, kwargs = _stateless_call(module, node, weight)
+                        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                            with graph.inserting_before(node):
+                                kwargs["bias"] = graph.get_attr(f"{node.target}.bias")
+                    elif isinstance(module, torch.nn.Linear) and module.bias is param:
+                        fn, args, kwargs = _shared_bias_call(graph, node, weight)
+                    else:
                         continue
-                    fn, args, kwargs = _stateless_call(module, node, weight)
-                    if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                        with graph.inserting_before(node):
-                            kwargs["bias"] = graph.get_attr(f"{node.target}.bias")
                     with graph.inserting_before(node):
                         new = graph.call_function(fn, args, kwargs)
                     new.meta = dict(node.meta)

@@ -1,0 +1,84 @@
+"""BERT: encoder-only, absolute positions, segment (token type) embeddings, a tied MLM head.
+
+`BertForMaskedLM`'s decoder weight is the word embedding and its bias is registered twice
+(`cls.predictions.bias` and `cls.predictions.decoder.bias`); both become shared weights
+(`shared_embed_weight`, `shared_cls_predictions_bias`). With `tie_word_embeddings=False`
+neither is tied. Positions come from the `position_ids` buffer sliced to the length, and a
+missing `token_type_ids` from a buffer of zeros: both buffers are graph tensors, written
+with the weights. Sequences are at most `max_position_embeddings` long.
+"""
+
+from fxconvert.families import Family, block_regex
+
+# Published config.json values (bert-base-uncased, bert-large-uncased, bert-base-cased).
+_COMMON = dict(
+    model_type="bert", architectures=["BertForMaskedLM"], hidden_act="gelu", hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1, initializer_range=0.02, layer_norm_eps=1e-12, max_position_embeddings=512,
+    type_vocab_size=2, pad_token_id=0, position_embedding_type="absolute", use_cache=True,
+)
+# name: (vocab_size, hidden_size, intermediate_size, num_attention_heads, num_hidden_layers)
+_SIZES = {
+    "bert-base-uncased": (30522, 768, 3072, 12, 12),
+    "bert-large-uncased": (30522, 1024, 4096, 16, 24),
+    "bert-base-cased": (28996, 768, 3072, 12, 12),
+}
+
+
+def _preset(vocab_size, hidden_size, intermediate_size, num_attention_heads, num_hidden_layers) -> dict:
+    return dict(_COMMON, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_attention_heads=num_attention_heads, num_hidden_layers=num_hidden_layers)
+
+
+def check_config(config: dict, refuse) -> None:
+    """BERT's own structural fields; `refuse(key, rule)` raises the one-line error."""
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads))
+    if ints and hidden % heads:
+        refuse("hidden_size", f"a multiple of num_attention_heads ({heads}); BERT splits the hidden size "
+                              f"evenly between heads (bert-base uses 768 and 12)")
+    if config.get("is_decoder"):
+        refuse("is_decoder", "false: fxconvert converts BERT as a bidirectional encoder")
+    if config.get("add_cross_attention"):
+        refuse("add_cross_attention", "false: fxconvert converts BERT as an encoder without cross-attention")
+    if "hidden_act" in config:
+        from transformers.activations import ACT2FN
+
+        if not (isinstance(config["hidden_act"], str) and config["hidden_act"] in ACT2FN):
+            refuse("hidden_act", "an activation name such as 'gelu' (BERT uses 'gelu')")
+
+
+FAMILY = Family(
+    name="bert",
+    title="BERT",
+    model_types={"bert": ("BertConfig", "BertForMaskedLM")},
+    classes=("BertModel", "BertForMaskedLM"),
+    inputs={
+        "input_ids": ("ids", "encoder"),
+        "attention_mask": ("mask", "encoder"),
+        "token_type_ids": ("type_ids", "encoder"),
+        "labels": ("ids", "encoder"),
+        "inputs_embeds": ("embeds", "encoder"),
+    },
+    default_inputs=(
+        ("ForMaskedLM", ("input_ids", "attention_mask", "token_type_ids", "labels")),
+        ("Model", ("input_ids", "attention_mask", "token_type_ids")),
+    ),
+    train_inputs=("input_ids", "attention_mask", "token_type_ids", "labels"),
+    hidden_size="hidden_size",
+    # BertForMaskedLM: bert.encoder.layer.N; BertModel (no prefix): encoder.layer.N
+    blocks=(block_regex(r"(?:bert\.)?encoder\.layer"),),
+    presets={name: _preset(*size) for name, size in _SIZES.items()},
+    aliases={f"google-bert/{n}": n for n in _SIZES},
+    config_fields=("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                   "type_vocab_size", "max_position_embeddings", "hidden_act", "tie_word_embeddings"),
+    check_config=check_config,
+    max_layers_fields=("num_hidden_layers",),
+    positive_int_fields=("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                         "num_hidden_layers", "max_position_embeddings", "type_vocab_size"),
+    rate_fields=("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"),
+    token_id_fields=("pad_token_id",),
+    max_length="max_position_embeddings",
+    objective=None,  # masked-LM training data (masking tokens) is not a fxconvert.train format yet
+    notes="encoder-only with absolute positions (at most max_position_embeddings tokens) and token_type_ids; "
+          "the MLM head's weight and bias are tied to the word embedding and cls.predictions.bias",
+)

@@ -1,0 +1,542 @@
+"""The BERT family (BertModel, BertForMaskedLM): trace, convert, stages, command line and presets.
+
+Every numerical check compares with the eager transformers model at 1e-5 in fp32: outputs and
+every parameter's gradient. Train mode keeps BERT's dropout (0.1 everywhere) and runs the
+graph and eager under the same seed, so both draw the same masks (the graph records eager's
+ops in eager's order). Shapes: batch 1 x length 1, a padded batch, a long sequence (40) and
+an unpadded batch; sdpa and eager attention.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxconvert.analysis import find_shared_parameters
+from fxconvert.cli import main
+from fxconvert.convert import convert
+from fxconvert.families import family_of_class
+from fxconvert.stages import SplitError, split_stages
+from fxconvert.trace import trace
+
+import helpers
+
+VOCAB = 97
+CLASSES = ("BertModel", "BertForMaskedLM")
+ATTN = ("sdpa", "eager")
+# (batch, length, padded): length 1, a padded batch, a long sequence, nothing padded
+SHAPES = [(1, 1, False), (2, 7, True), (3, 40, True), (2, 20, False)]
+NAMES = {
+    "BertModel": ["input_ids", "attention_mask", "token_type_ids"],
+    "BertForMaskedLM": ["input_ids", "attention_mask", "token_type_ids", "labels"],
+}
+
+
+def bert_config(attn="sdpa", **overrides):
+    kwargs = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=512, type_vocab_size=2, pad_token_id=0, hidden_dropout_prob=0.1,
+                  attention_probs_dropout_prob=0.1)
+    kwargs.update(overrides)
+    config = transformers.BertConfig(**kwargs)
+    config._attn_implementation = attn
+    return config
+
+
+def build(cls_name="BertForMaskedLM", attn="sdpa", seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)._from_config(bert_config(attn, **overrides), attn_implementation=attn)
+    with torch.no_grad():  # transformers initialises the MLM bias to zeros; make it matter
+        for p in model.parameters():
+            if p.dim() == 1 and not p.any():
+                p.normal_()
+    return model.eval()
+
+
+def bert_inputs(names, batch, length, *, padded=True, seed=0, type_vocab=2, vocab=VOCAB):
+    """Random inputs: the mask pads the tail of the first row, labels ignore (-100) some positions."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if padded and length > 2:
+        mask[0, -2:] = 0
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    if length > 1:
+        labels[-1, -1] = -100
+        labels[0, 0] = -100
+    pool = {
+        "input_ids": torch.randint(0, vocab, (batch, length), generator=g),
+        "attention_mask": mask,
+        "token_type_ids": torch.randint(0, type_vocab, (batch, length), generator=g),
+        "labels": labels,
+    }
+    return {n: pool[n] for n in names}
+
+
+def eager(model, inputs):
+    return {k: v for k, v in model(**inputs).items() if v is not None}
+
+
+def seeded(fn, seed):
+    torch.manual_seed(seed)
+    return fn()
+
+
+def output_and_grads(module, run, seed=0):
+    """Outputs (a dict, or one tensor) under `seed` and the gradients of their sum, by parameter identity."""
+    module.zero_grad(set_to_none=True)
+    out = seeded(run, seed)
+    total = sum(v.float().sum() for v in out.values()) if isinstance(out, dict) else out.float().sum()
+    total.backward()
+    grads = {id(p): p.grad.detach().clone() for p in module.parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    detached = {k: v.detach() for k, v in out.items()} if isinstance(out, dict) else out.detach()
+    return detached, grads
+
+
+def assert_close(actual, expected, where=""):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5, msg=lambda m: f"{where}: {m}")
+
+
+def assert_grads(actual: dict, expected: dict, names: dict, where=""):
+    assert set(actual) == set(expected), sorted(names.get(k, "?") for k in set(actual) ^ set(expected))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, k=key: f"{where} {names.get(k)}: {m}")
+
+
+def used_parameters(model) -> set:
+    """Every parameter but the MLM bias registration that forward never reads when the head is untied."""
+    return {id(p) for n, p in model.named_parameters() if n != "cls.predictions.bias" or _bias_tied(model)}
+
+
+def _bias_tied(model):
+    return model.cls.predictions.bias is model.cls.predictions.decoder.bias
+
+
+# -- the record ---------------------------------------------------------------------------------------
+
+def test_record():
+    family = family_of_class("BertForMaskedLM")
+    assert family is family_of_class("BertModel") and family.name == "bert"
+    assert family.default_input_names("BertModel") == NAMES["BertModel"]
+    assert family.default_input_names("BertForMaskedLM") == NAMES["BertForMaskedLM"]
+    assert {n: family.inputs[n][1] for n in family.inputs} == dict.fromkeys(family.inputs, "encoder")
+    assert family.inputs["token_type_ids"] == ("type_ids", "encoder")
+    assert family.block_of("bert.encoder.layer.3.attention.self") == (0, 3, "bert.encoder.layer.3")
+    assert family.block_of("encoder.layer.11") == (0, 11, "encoder.layer.11")
+    assert family.block_of("bert.embeddings.word_embeddings") is None
+    assert family.block_of("cls.predictions.decoder") is None
+    assert family.max_length == "max_position_embeddings"
+    assert family.objective is None  # fxconvert.train has no masked-LM data format (see the pipeline test below)
+
+
+# -- trace: class x attention x train/eval x shapes ------------------------------------------------
+
+TRACE_MATRIX = [(c, a, m) for c in CLASSES for a in ATTN for m in ("eval", "train")]
+
+
+@pytest.mark.parametrize("cls_name,attn,mode", TRACE_MATRIX, ids=["-".join(r) for r in TRACE_MATRIX])
+def test_trace_matches_eager(cls_name, attn, mode):
+    model = build(cls_name, attn).train(mode == "train")
+    gm = trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == NAMES[cls_name]
+    gm.graph.lint()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for i, (batch, length, padded) in enumerate(SHAPES):
+        where = f"{mode} {batch}x{length}{' padded' if padded else ''}"
+        inputs = bert_inputs(NAMES[cls_name], batch, length, padded=padded, seed=i)
+        want, want_grads = output_and_grads(model, lambda: eager(model, inputs), seed=i)
+        got, got_grads = output_and_grads(model, lambda: gm(**inputs), seed=i)  # gm holds the model's parameters
+        assert list(got) == list(want), where
+        for k in want:
+            assert_close(got[k], want[k], f"{where} {k}")
+        assert set(want_grads) == used_parameters(model), where  # eager reaches every parameter
+        assert_grads(got_grads, want_grads, names, where)
+        if mode == "train" and length > 1:  # dropout really drops
+            with torch.no_grad():
+                assert not torch.equal(seeded(lambda: gm(**inputs), 99)[next(iter(want))], want[next(iter(want))])
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_trace_without_token_type_ids_reads_the_zeros_buffer(attn):
+    """Without token_type_ids BERT gathers its buffer of zeros at the positions: the graph does too."""
+    model = build("BertForMaskedLM", attn)
+    names = ["input_ids", "attention_mask", "labels"]
+    gm = trace(model, names)
+    assert "bert.embeddings.token_type_ids" in dict(gm.named_buffers())
+    for batch, length, padded in SHAPES:
+        inputs = bert_inputs(names, batch, length, padded=padded)
+        with torch.no_grad():
+            want, got = eager(model, inputs), gm(**inputs)
+        for k in want:
+            assert_close(got[k], want[k], f"{batch}x{length} {k}")
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_trace_with_inputs_embeds(attn):
+    model = build("BertModel", attn)
+    gm = trace(model, ["inputs_embeds", "attention_mask", "token_type_ids"])
+    for i, (batch, length, padded) in enumerate(SHAPES):
+        inputs = bert_inputs(["attention_mask", "token_type_ids"], batch, length, padded=padded, seed=i)
+        inputs = {"inputs_embeds": torch.randn(batch, length, 32, generator=torch.Generator().manual_seed(i)), **inputs}
+        names = {id(p): n for n, p in model.named_parameters()}
+        want, want_grads = output_and_grads(model, lambda: eager(model, inputs))
+        got, got_grads = output_and_grads(model, lambda: gm(**inputs))
+        for k in want:
+            assert_close(got[k], want[k], f"{batch}x{length} {k}")
+        assert_grads(got_grads, want_grads, names, f"{batch}x{length}")
+
+
+def test_trace_on_the_meta_device():
+    with torch.device("meta"):
+        model = transformers.BertForMaskedLM._from_config(bert_config(), attn_implementation="sdpa")
+    gm = trace(model.eval())
+    reference = trace(build("BertForMaskedLM"))
+    assert gm.code == reference.code
+    assert all(t.device.type == "meta" for t in gm.parameters())
+
+
+# -- a sweep of small configurations ---------------------------------------------------------------
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    layers=st.integers(1, 3), heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([4, 8]),
+    ff=st.sampled_from([8, 48]), type_vocab=st.integers(1, 3), act=st.sampled_from(["gelu", "relu", "gelu_new"]),
+    tie=st.booleans(), attn=st.sampled_from(ATTN), cls_name=st.sampled_from(CLASSES),
+    batch=st.integers(1, 3), length=st.integers(1, 12), padded=st.booleans(),
+)
+def test_sweep_of_small_configs(layers, heads, head_dim, ff, type_vocab, act, tie, attn, cls_name, batch, length,
+                                padded):
+    model = build(cls_name, attn, num_hidden_layers=layers, num_attention_heads=heads, hidden_size=heads * head_dim,
+                  intermediate_size=ff, type_vocab_size=type_vocab, hidden_act=act, tie_word_embeddings=tie,
+                  max_position_embeddings=16)
+    c = convert(model, input_names=NAMES[cls_name])
+    inputs = bert_inputs(NAMES[cls_name], batch, length, padded=padded, type_vocab=type_vocab)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        c.module.train(mode == "train")
+        want, want_grads = output_and_grads(model, lambda: eager(model, inputs)[c.output_name])
+        got, got_grads = output_and_grads(c.module, lambda: c.module(**inputs))
+        assert_close(got, want, mode)
+        assert_grads(got_grads, want_grads, names, mode)
+
+
+# -- convert ---------------------------------------------------------------------------------------
+
+CONVERT_MATRIX = [(c, a) for c in CLASSES for a in ATTN]
+
+
+@pytest.mark.parametrize("cls_name,attn", CONVERT_MATRIX, ids=["-".join(r) for r in CONVERT_MATRIX])
+def test_convert_matches_eager(cls_name, attn):
+    model = build(cls_name, attn)
+    reference = copy.deepcopy(model)
+    c = convert(model, input_names=NAMES[cls_name])
+    expected_output = "loss" if cls_name == "BertForMaskedLM" else "last_hidden_state"
+    assert c.output_name == expected_output
+    # the converted module holds the model's own parameters: compare gradients by name
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    ref_params = dict(reference.named_parameters())
+    for mode in ("eval", "train"):
+        c.module.train(mode == "train")
+        reference.train(mode == "train")
+        for i, (batch, length, padded) in enumerate(SHAPES):
+            where = f"{mode} {batch}x{length}"
+            inputs = bert_inputs(c.input_names, batch, length, padded=padded, seed=i)
+            got, got_grads = output_and_grads(c.module, lambda: c.module(**inputs), seed=i)
+            want, want_grads = output_and_grads(reference, lambda: eager(reference, inputs)[expected_output], seed=i)
+            assert_close(got, want, where)
+            want_by_name = {n: want_grads[id(p)] for n, p in ref_params.items() if id(p) in want_grads}
+            assert {by_id[k] for k in got_grads} == set(want_by_name), where
+            for k, g in got_grads.items():
+                torch.testing.assert_close(g, want_by_name[by_id[k]], rtol=1e-4, atol=1e-5,
+                                           msg=lambda m, k=k: f"{where} {by_id[k]}: {m}")
+
+
+def test_pooler_output_can_be_the_kept_output():
+    model = build("BertModel")
+    c = convert(model, output="pooler_output")
+    assert c.output_name == "pooler_output"
+    names = {id(p): n for n, p in model.named_parameters()}
+    for mode in ("eval", "train"):
+        c.module.train(mode == "train")
+        model.train(mode == "train")
+        inputs = bert_inputs(c.input_names, 3, 11)
+        got, got_grads = output_and_grads(c.module, lambda: c.module(**inputs))
+        want, want_grads = output_and_grads(model, lambda: eager(model, inputs)["pooler_output"])
+        assert_close(got, want, mode)
+        assert_grads(got_grads, want_grads, names, mode)
+        assert id(model.pooler.dense.weight) in got_grads
+
+
+def test_tied_weight_and_bias_are_shared_placeholders():
+    model = build("BertForMaskedLM")
+    c = convert(model)
+    placeholders = [n.target for n in c.graph_module.graph.nodes if n.op == "placeholder"]
+    assert placeholders == [*NAMES["BertForMaskedLM"], "shared_embed_weight", "shared_cls_predictions_bias",
+                            "training"]
+    assert c.shared_weights == {
+        "shared_embed_weight": ["bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"],
+        "shared_cls_predictions_bias": ["cls.predictions.bias", "cls.predictions.decoder.bias"],
+    }
+    assert c.module.shared_embed_weight is model.bert.embeddings.word_embeddings.weight
+    assert c.module.shared_cls_predictions_bias is model.cls.predictions.bias
+    # the lookup and the head read the one placeholder; the lookup is sparse, the head's use is dense
+    weight = next(n for n in c.graph_module.graph.nodes if n.target == "shared_embed_weight")
+    kinds = sorted(u.target.__name__ for u in weight.users)
+    assert kinds == ["embedding", "linear"]
+    # every parameter of the converted module is held once
+    assert len(list(c.module.parameters())) == len(list(model.parameters()))
+
+
+def test_untied_head_stays_a_parameter():
+    model = build("BertForMaskedLM", tie_word_embeddings=False)
+    assert find_shared_parameters(model) == []
+    c = convert(model)
+    assert c.shared_weights == {}
+    held = {id(p) for p in c.module.parameters()}
+    assert id(model.cls.predictions.decoder.weight) in held and id(model.cls.predictions.decoder.bias) in held
+    inputs = bert_inputs(c.input_names, 2, 9)
+    with torch.no_grad():
+        assert_close(c.module(**inputs), eager(model, inputs)["loss"])
+
+
+def test_head_weight_untied_by_hand_keeps_the_shared_bias():
+    """A head whose weight was untied but whose bias is still `cls.predictions.bias`: only the bias is lifted."""
+    model = build("BertForMaskedLM")
+    decoder = model.cls.predictions.decoder
+    decoder.weight = torch.nn.Parameter(decoder.weight.detach().clone() + 0.5)
+    reference = copy.deepcopy(model)
+    c = convert(model)
+    assert list(c.shared_weights) == ["shared_cls_predictions_bias"]
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    ref_params = dict(reference.named_parameters())
+    for mode in ("eval", "train"):
+        c.module.train(mode == "train")
+        reference.train(mode == "train")
+        inputs = bert_inputs(c.input_names, 2, 9)
+        got, got_grads = output_and_grads(c.module, lambda: c.module(**inputs))
+        want, want_grads = output_and_grads(reference, lambda: eager(reference, inputs)["loss"])
+        assert_close(got, want, mode)
+        want_by_name = {n: want_grads[id(p)] for n, p in ref_params.items() if id(p) in want_grads}
+        assert {by_id[k] for k in got_grads} == set(want_by_name)
+        for k, g in got_grads.items():
+            torch.testing.assert_close(g, want_by_name[by_id[k]], rtol=1e-4, atol=1e-5)
+
+
+# -- stages ----------------------------------------------------------------------------------------
+
+STAGE_CASES = [("BertForMaskedLM", 2), ("BertForMaskedLM", 3), ("BertModel", 2)]
+
+
+@pytest.mark.parametrize("cls_name,num_stages", STAGE_CASES, ids=[f"{c}-{n}" for c, n in STAGE_CASES])
+def test_stages_cut_at_layers_and_equal_the_converted_module(cls_name, num_stages):
+    model = build(cls_name, num_hidden_layers=3)
+    c = convert(model, input_names=NAMES[cls_name])
+    stages = split_stages(c, num_stages)
+    prefix = "bert." if cls_name == "BertForMaskedLM" else ""
+    blocks = [b for spec in stages.specs for b in spec.blocks]
+    assert blocks == [f"{prefix}encoder.layer.{i}" for i in range(3)]
+    names = {id(p): n for n, p in c.module.named_parameters()}
+    assert sorted(id(p) for p in stages.parameters()) == sorted(names)
+    for mode in ("eval", "train"):
+        for module in (c.module, stages):
+            module.train(mode == "train")
+        for i, (batch, length, padded) in enumerate(SHAPES[1:3]):
+            inputs = bert_inputs(c.input_names, batch, length, padded=padded, seed=i)
+            want, want_grads = output_and_grads(c.module, lambda: c.module(**inputs), seed=i)
+            got, got_grads = output_and_grads(stages, lambda: stages(**inputs), seed=i)
+            assert_close(got, want, mode)
+            assert_grads(got_grads, want_grads, names, mode)
+
+
+def test_split_sizes_respect_max_position_embeddings():
+    """The split is judged at 512 tokens by default: a model with fewer positions is judged at its own limit,
+    and a longer length is refused in one line."""
+    c = convert(build("BertForMaskedLM", max_position_embeddings=64))
+    stages = split_stages(c, 2)
+    assert stages.plan.sizes.encoder_length == 64
+    with pytest.raises(SplitError, match=r"^encoder_length 100 is longer than the model's max_position_embeddings "
+                                         r"\(64\); give a length of at most 64$"):
+        split_stages(c, 2, encoder_length=100)
+
+
+def test_stage_modules_as_the_pipeline_runs_them():
+    """Each stage on its own with its own copies of the shared weights (what a pipeline rank holds): summed
+    over the copies, the shared gradients are the converted module's; the loss and every other gradient match."""
+    c = convert(build("BertForMaskedLM", num_hidden_layers=3))
+    stages = split_stages(c, 3)
+    modules = [stages.stage_module(i).train() for i in range(3)]
+    assert [sorted(spec.shared_weights) for spec in stages.specs] == [
+        ["shared_embed_weight"], [], ["shared_cls_predictions_bias", "shared_embed_weight"]]
+    c.module.train()
+    inputs = bert_inputs(c.input_names, 3, 11)
+    expected, expected_grads = output_and_grads(c.module, lambda: c.module(**inputs))
+    torch.manual_seed(0)
+    values = ()
+    for spec, module in zip(stages.specs, modules):
+        values = module(*values, **{n: inputs[n] for n in spec.inputs})
+    assert_close(values, expected)
+    values.backward()
+    for name, param in c.module.named_parameters():
+        copies = [dict(m.named_parameters())[name] for m in modules if name in dict(m.named_parameters())]
+        assert len(copies) == (2 if name == "shared_embed_weight" else 1), name
+        grad = sum(twin.grad for twin in copies)
+        torch.testing.assert_close(grad, expected_grads[id(param)], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# -- the command line and the written files --------------------------------------------------------
+
+RUNNER = helpers.NO_TRANSFORMERS + r"""
+import importlib.util, os, torch
+directory, cases = sys.argv[1], torch.load(sys.argv[2])
+def load(name):
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(directory, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+model = load("model.py").load()
+out = {"loss": [model(**inputs).item() for inputs in cases]}
+stage_files = sorted(n for n in os.listdir(directory) if n.startswith("stage_"))
+losses = []
+for inputs in cases:
+    values = ()
+    for i, name in enumerate(stage_files):
+        module = load(name)
+        stage = module.load()
+        values = (stage(*values, *(inputs[k] for k in module.INPUTS)) if i == 0 else
+                  stage(*values, **{k: inputs[k] for k in module.INPUTS}))
+    losses.append(values.item())
+out["stages"] = losses
+print(json.dumps(out))
+"""
+
+
+def test_cli_converts_a_checkpoint_and_the_files_run_without_transformers(tmp_path, capsys):
+    model = build("BertForMaskedLM")
+    model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    assert [i["name"] for i in report["io"]["inputs"]] == [*NAMES["BertForMaskedLM"], "shared_embed_weight",
+                                                          "shared_cls_predictions_bias", "training"]
+    cases = [bert_inputs(NAMES["BertForMaskedLM"], b, n, seed=n) for b, n in ((2, 7), (1, 1), (3, 30))]
+    torch.save(cases, tmp_path / "cases.pt")
+    run = subprocess.run([sys.executable, "-c", RUNNER, str(out), str(tmp_path / "cases.pt")],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout)
+    with torch.no_grad():
+        expected = [eager(model, inputs)["loss"].item() for inputs in cases]
+    assert result["loss"] == pytest.approx(expected, abs=1e-5)
+    assert result["stages"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(hidden_size=30), r"hidden_size.*a multiple of num_attention_heads \(4\)"),
+    (dict(is_decoder=True), r"is_decoder.*bidirectional encoder"),
+    (dict(num_attention_heads=0), r"num_attention_heads"),
+    (dict(type_vocab_size=0), r"type_vocab_size"),
+    (dict(attention_probs_dropout_prob=1.5), r"attention_probs_dropout_prob"),
+    (dict(hidden_act="nope"), r"hidden_act.*'gelu'"),
+])
+def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
+    from fxconvert.errors import ModelResolutionError
+    from fxconvert.load import load
+
+    config = {**bert_config().to_dict(), "architectures": ["BertForMaskedLM"], **changes}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelResolutionError, match=message) as info:
+        load(tmp_path / "config.json", meta=True)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cli_validates_half_precision_and_eager_attention(tmp_path, capsys, dtype):
+    build("BertForMaskedLM").save_pretrained(tmp_path / "ckpt")
+    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--dtype", dtype,
+                 "--attn", "eager"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["validation"]["passed"] is True and report["model"]["attention"] == "eager"
+
+
+# -- presets ---------------------------------------------------------------------------------------
+
+PUBLISHED = {  # (vocab_size, hidden_size, intermediate_size, num_attention_heads, num_hidden_layers)
+    "bert-base-uncased": (30522, 768, 3072, 12, 12),
+    "bert-large-uncased": (30522, 1024, 4096, 16, 24),
+    "bert-base-cased": (28996, 768, 3072, 12, 12),
+}
+
+
+def _sizes(config):
+    return (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_attention_heads,
+            config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("name", [*PUBLISHED, *(f"google-bert/{n}" for n in PUBLISHED)])
+def test_presets_describe_the_published_architectures(name):
+    from fxconvert.load import load
+
+    loaded = load(name, meta=True)
+    assert type(loaded.model).__name__ == "BertForMaskedLM"
+    assert _sizes(loaded.model.config) == PUBLISHED[name.removeprefix("google-bert/")]
+    assert loaded.model.config.max_position_embeddings == 512 and loaded.model.config.type_vocab_size == 2
+
+
+def test_preset_loads_with_random_weights_and_warns():
+    from fxconvert.load import RandomWeightsWarning, load
+
+    with pytest.warns(RandomWeightsWarning, match="RANDOM WEIGHTS"):
+        loaded = load("bert-base-uncased", allow_random=True)
+    model = loaded.model
+    assert loaded.source.random_weights and loaded.source.origin == "preset"
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert torch.equal(model.bert.embeddings.position_ids[0, :5], torch.arange(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = convert(model)
+    assert "shared_embed_weight" in c.shared_weights
+
+
+# -- pipeline training on torch.distributed.pipelining ----------------------------------------------
+
+def test_pipeline_training_equals_single_process_training(tmp_path):
+    """2 gloo processes, GPipe and 1F1B, 2 SGD steps: the losses and every weight (each copy of the shared
+    embedding included) equal single-process training of the converted module, whose first loss is eager's."""
+    import bert_pipeline
+
+    results = bert_pipeline.run(tmp_path)
+    losses, initial, final = bert_pipeline.reference()
+    model = bert_pipeline.build_model()
+    batch = bert_pipeline.batches()[0]
+    chunks = {k: torch.tensor_split(v, bert_pipeline.MICROBATCHES) for k, v in batch.items()}
+    with torch.no_grad():
+        eager_losses = [model(**{k: v[i] for k, v in chunks.items()}).loss for i in range(bert_pipeline.MICROBATCHES)]
+    assert abs(losses[0] - torch.stack(eager_losses).mean().item()) <= 1e-5
+    for schedule, ranks in results.items():
+        assert ranks[0]["losses"] == [] and ranks[1]["losses"] == pytest.approx(losses, abs=1e-5), schedule
+        assert [r["shared"] for r in ranks] == [["shared_embed_weight"],
+                                                ["shared_embed_weight", "shared_cls_predictions_bias"]]
+        copies = {}
+        for rank in ranks:
+            for name, value in rank["weights"].items():
+                copies.setdefault(name, []).append(value)
+        assert set(copies) == set(final)
+        for name, values in copies.items():
+            for value in values:
+                torch.testing.assert_close(value, final[name], rtol=0, atol=1e-5,
+                                           msg=lambda m: f"{schedule} {name}: {m}")
+            assert all(torch.equal(v, values[0]) for v in values), name  # the copies of a shared weight agree
+        assert [n for n, v in copies.items() if len(v) > 1] == ["shared_embed_weight"]
+    assert max((final[n] - initial[n]).abs().max().item() for n in final) > 1e-2  # the weights did move

@@ -1,0 +1,117 @@
+"""`torchrun -m fxconvert.train` on GPT-2 (a causal LM) and BART (seq2seq) against eager transformers.
+
+The same contract as tests/test_train_eager.py for T5, with each family's batching written
+here from the contract, not from fxconvert's code:
+
+- seq2seq (BART): inputs padded with pad_token_id, labels with -100; BART builds its decoder
+  inputs from the labels itself;
+- causal (GPT-2): each line is one sequence, input_ids followed by labels; labels are -100 on
+  the input's positions; padded on the right (GPT-2 has no pad token: eos_token_id pads,
+  masked and never learned); GPT-2 shifts the labels itself.
+
+Each run trains a tiny checkpoint written by save_pretrained (dropout 0), 2 stages with 1f1b,
+SGD, 3 steps, 2 microbatches, and must give the eager model's loss at every step and, in
+RUN/hf, its weights within 1e-5. The tied embedding (GPT-2's wte / lm_head, BART's shared
+embedding, encoder and decoder embed_tokens and lm_head) is held by both stages, so this also
+checks the tied-gradient all-reduce.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import train_runs as tr
+
+STEPS, BATCH, MICRO, LR, TOL = 3, 4, 2, 0.5, 1e-5
+VOCAB = 97
+
+CONFIGS = {
+    "gpt2": (transformers.GPT2LMHeadModel, lambda: transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=1, eos_token_id=1), True),
+    "bart": (transformers.BartForConditionalGeneration, lambda: transformers.BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_eos_token_id=None), False),
+}
+
+
+def write_rows(path, n=16, seed=3) -> list[dict]:
+    """Pre-tokenized lines of varied lengths, no ignored labels (a causal LM refuses them)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        src, tgt = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        rows.append({"input_ids": torch.randint(3, VOCAB, (src,), generator=g).tolist(),
+                     "labels": torch.randint(3, VOCAB, (tgt,), generator=g).tolist()})
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def eager_batch(rows, k, *, causal, pad):
+    picked = [rows[i % len(rows)] for i in range(k * BATCH, k * BATCH + BATCH)]
+    if not causal:
+        return tr.eager_batch(rows, BATCH, k, pad_token_id=pad)
+    seqs = [r["input_ids"] + r["labels"] for r in picked]
+    width = max(map(len, seqs))
+    out = {"input_ids": torch.full((BATCH, width), pad), "attention_mask": torch.zeros((BATCH, width), dtype=torch.long),
+           "labels": torch.full((BATCH, width), -100)}
+    for i, (r, s) in enumerate(zip(picked, seqs)):
+        out["input_ids"][i, :len(s)] = torch.tensor(s)
+        out["attention_mask"][i, :len(s)] = 1
+        out["labels"][i, len(r["input_ids"]):len(s)] = torch.tensor(r["labels"])
+    return out
+
+
+def train_eager(cls, checkpoint, rows, *, causal, pad):
+    model = cls.from_pretrained(checkpoint).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        total = 0.0
+        chunks = {k: torch.tensor_split(v, MICRO) for k, v in eager_batch(rows, step, causal=causal, pad=pad).items()}
+        for i in range(MICRO):
+            loss = model(**{k: v[i] for k, v in chunks.items()}, use_cache=False).loss
+            (loss / MICRO).backward()
+            total += loss.item() / MICRO
+        optimizer.step()
+        losses.append(total)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def weights(cls, directory):
+    return {k: v.detach().clone() for k, v in cls.from_pretrained(directory).state_dict().items()}
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_pipeline_training_equals_eager_transformers(tmp_path, family):
+    cls, config, causal = CONFIGS[family]
+    torch.manual_seed(0)
+    model = cls(config())
+    model.save_pretrained(tmp_path / "ckpt")
+    rows = write_rows(tmp_path / "train.jsonl")
+    conv = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(tmp_path / "ckpt"), "--stages", "2", "--out",
+                           str(conv), "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((conv / "pipeline.json").read_text())
+    assert "shared_embed_weight" in manifest["shared_weights"]
+    assert sorted(manifest["shared_weights"]["shared_embed_weight"]["stages"]) == [0, 1]  # held by both stages
+    out = tmp_path / "run"
+    proc = tr.torchrun(2, conv, "--data", tmp_path / "train.jsonl", "--out", out, "--steps", STEPS, "--batch", BATCH,
+                       "--microbatches", MICRO, "--optimizer", "sgd", "--lr", LR, "--schedule", "1f1b")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    losses, expected = train_eager(cls, tmp_path / "ckpt", rows, causal=causal, pad=pad)
+    got = [m["loss"] for m in tr.metrics(out)]
+    assert max(abs(a - b) for a, b in zip(got, losses, strict=True)) <= TOL, (got, losses)
+    trained = weights(cls, out / "hf")
+    assert tr.max_weight_diff(trained, expected) <= TOL
+    assert tr.max_weight_diff(weights(cls, tmp_path / "ckpt"), expected) > 1e-2  # the weights did move
