@@ -343,18 +343,7 @@ class T5Tracer(torch.fx.Tracer):
             return a
         if kind is tuple or kind is list:
             return kind(self.create_arg(x) for x in a)
-        if isinstance(a, torch.Tensor):
-            return self._attribute_arg(a) or super().create_arg(a)
         return super().create_arg(a)
-
-    def _attribute_arg(self, tensor):
-        """A get_attr node, with its meta value, for a parameter or buffer passed to an op as it is
-        (BART's `self.final_logits_bias.to(...)`: fx reads buffers as plain tensors and would
-        record the get_attr without the metadata the next node is computed from)."""
-        name = getattr(self, "_attribute_names", {}).get(id(tensor))
-        if name is None:
-            return None
-        return self.create_proxy("get_attr", name, (), {}).node
 
     def proxy(self, node):
         return _TracedProxy(node, self)

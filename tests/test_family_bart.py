@@ -140,8 +140,7 @@ def test_trace_matches_eager(case, attn, mode):
 def test_trace_on_the_meta_device_is_the_same_graph():
     for cls_name in ("BartModel", "BartForConditionalGeneration"):
         with torch.device("meta"):
-            meta_model = transformers.BartModel if cls_name == "BartModel" else transformers.BartForConditionalGeneration
-            meta_model = meta_model._from_config(tiny_config(), attn_implementation="sdpa").eval()
+            meta_model = getattr(transformers, cls_name)._from_config(tiny_config(), attn_implementation="sdpa").eval()
         gm = trace(meta_model)
         assert all(p.device.type == "meta" for p in gm.parameters())
         assert gm.code == trace(build(cls_name)).code
@@ -375,7 +374,9 @@ def test_pipeline_training_equals_single_process_training():
         assert r.shared_copies == {"shared_embed_weight": [0, 1]}  # encoder lookup | decoder lookup + head
     model = pipeline_check.build_model(cfg)
     batch = pipeline_check.batches(cfg)[0]  # the first step's loss: the mean of its microbatches' losses
-    chunks = [{k: torch.tensor_split(v, cfg.microbatches)[i] for k, v in batch.items()} for i in range(cfg.microbatches)]
+    chunks = [{k: v[i] for k, v in batch.items()}
+              for batch in [{k: torch.tensor_split(v, cfg.microbatches) for k, v in batch.items()}]
+              for i in range(cfg.microbatches)]
     eager = sum(model(**chunk, use_cache=False).loss.item() for chunk in chunks) / cfg.microbatches
     assert abs(results[0].reference_losses[0] - eager) <= 1e-5
 

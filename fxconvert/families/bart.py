@@ -99,6 +99,6 @@ FAMILY = Family(
                  "decoder_layerdrop"),
     token_id_fields=("pad_token_id", "decoder_start_token_id"),
     max_length="max_position_embeddings",  # learned positions: each sequence at most this long
-    notes="learned positions (offset 2, at most max_position_embeddings tokens) and a scaled shared embedding tied to the LM head; logits add "
-          "final_logits_bias",
+    notes="learned positions (offset 2, at most max_position_embeddings tokens); one scaled shared embedding "
+          "tied to the LM head; logits add final_logits_bias",
 )
