@@ -451,11 +451,13 @@ class T5Tracer(torch.fx.Tracer):
         `self.weight` in the encoder's and the decoder's `embed_tokens`) keeps one name per
         reader, as leaf calls of those modules would, so the graph module registers it
         under each and the sharing stays visible (`analysis.find_shared_parameters`).
-        Otherwise, and for a read of another module's tensor, its first registered name.
+        Otherwise (a read of another module's tensor, or by a leaf module, such as its
+        `extra_repr` when the tracer keys its metadata), its first registered name.
         """
         if self._path_stack:
-            name = f"{self._path_stack[-1]}.{attr}"
-            if self._attributes.get(name) is tensor:
+            path = self._path_stack[-1]
+            name = f"{path}.{attr}"
+            if self._attributes.get(name) is tensor and not self.is_leaf_module(self._modules[path], path):
                 return name
         return self._attribute_names.get(id(tensor))
 
