@@ -563,8 +563,23 @@ def _random_init(model: torch.nn.Module, seed: int) -> None:
             if p.dim() < 2:
                 p.fill_(1.0 if name == "weight" else 0.0)  # norm scales 1, biases 0
             else:
-                std = module.in_features ** -0.5 if isinstance(module, torch.nn.Linear) else 1.0
+                fan_in = _fan_in(module, p)
+                std = fan_in ** -0.5 if fan_in else 1.0
                 p.uniform_(-math.sqrt(3) * std, math.sqrt(3) * std, generator=generator)
+
+
+def _fan_in(module: torch.nn.Module, p: torch.Tensor) -> int | None:
+    """The input width of a projection's weight `p` (None for an embedding table or anything else).
+
+    `nn.Linear` stores its weight (out, in); transformers' `Conv1D` (GPT-2) stores it (in, out)
+    and computes `x @ weight`.
+    """
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if conv1d is not None and isinstance(module, conv1d) and p is module.weight:
+        return p.shape[0]
+    return None
 
 
 def _summary(e: BaseException) -> str:

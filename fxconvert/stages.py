@@ -26,7 +26,10 @@ the encoder output, the position bias that block 0 computes and later blocks reu
 causal mask) is returned by every stage from its producer to its last reader, so each
 stage needs only its predecessor's outputs. A value computed from model inputs alone,
 deterministically and without parameters (a padding mask, which is None for an unpadded
-batch), is recomputed by the stage that reads it instead: it never crosses.
+batch), is recomputed by the stage that reads it instead: it never crosses. Neither does a
+size (an int or a tuple of ints, such as the output shape GPT-2 computes before its first
+block and uses after its last): only tensors can be sent, so the stage that reads it
+rebuilds it from constants and its model inputs' sizes (`_rebuilt_sizes`).
 
 Every stage GraphModule keeps the converted graph's calling convention: its inputs are
 the values received from the previous stage, then the model inputs it reads, then the
@@ -435,10 +438,15 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
     def stage(n):
         return num_stages - 1 if n.op == "output" else stage_of[n]
 
+    crossing = [n for n in nodes if n.op not in ("placeholder", "output") and n not in recomputable
+                and any(stage(u) != stage(n) for u in n.users)]
+    rebuilt = _rebuilt_sizes(conversion, crossing, model_inputs)
+
     # sent[s]: values produced in stages <= s and read in a stage > s, in node order;
     # recomputed[s]: values of earlier stages that stage s recomputes (with what they are computed from)
     sent = [set() for _ in range(num_stages)]
     recomputed = [set() for _ in range(num_stages)]
+    rebuilds = [set() for _ in range(num_stages)]  # sizes a stage rebuilds (see _rebuilt_sizes)
     for node in nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -447,6 +455,8 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
                 continue
             if node in recomputable:
                 recomputed[stage(user)] |= _ancestors(node, recomputable)
+            elif node in rebuilt:
+                rebuilds[stage(user)].add(node)
             else:
                 for s in range(stage(node), stage(user)):
                     sent[s].add(node)
@@ -456,6 +466,7 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
     for s in range(num_stages):
         body = sorted(recomputed[s], key=order.get) + [n for n in nodes if stage_of.get(n) == s]
         reads = {a for n in body + ([output] if s == num_stages - 1 else []) for a in n.all_input_nodes}
+        reads |= {item[0] for n in rebuilds[s] for item in rebuilt[n][1] if isinstance(item, tuple)}
         received = sent[s - 1] if s else []
         inputs = [p for p in placeholders if p in reads and p in model_inputs]
         shared = [p for p in placeholders if p in reads and p.target in shared_names]
@@ -464,6 +475,8 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
             env[node] = graph.placeholder(node.name if node in received else node.target,
                                           type_expr=node.type, default_value=_default(node))
             env[node].meta = dict(node.meta)
+        for node in sorted(rebuilds[s], key=order.get):
+            env[node] = _rebuild_size(graph, rebuilt[node], env)
         for node in body:
             env[node] = graph.node_copy(node, lambda a: env[a])
         if s == num_stages - 1:
@@ -491,6 +504,86 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
                     output_name=conversion.output_name)
     stages.train(conversion.module.training)
     return stages
+
+
+# Two input sizes at which every size differs, each by a different pair of values (as
+# `fxconvert.pipeline.SIZE_PROBES`): an item that changes between them follows one size.
+_SIZE_PROBES = ({"batch": 2, "encoder": 7, "decoder": 5}, {"batch": 3, "encoder": 11, "decoder": 13})
+_SIZE_TYPES = (int, tuple, list, torch.Size)
+
+
+def _rebuilt_sizes(conversion: Conversion, crossing, model_inputs) -> dict:
+    """Sizes among `crossing` (ints, tuples of ints) that a later stage can rebuild, rather than receive.
+
+    GPT-2 computes its output shape, `(-1,) + input_ids.size()[1:] + (hidden.size(-1),)`, before
+    the first block and uses it after the last. A size is no tensor and cannot be sent; it is
+    evaluated at two input sizes (meta tensors), and each item that stays the same is a constant
+    and each that changes is the size of a model input's dimension that changes the same way,
+    which the stage that needs it reads. Returns node -> (kind, items), kind the value's type and
+    each item an int or (model input placeholder, dim); a size that cannot be rebuilt is left out
+    (it is sent, and refused as no tensor).
+    """
+    candidates = [n for n in crossing if isinstance(n.meta.get("val"), _SIZE_TYPES)
+                  and not isinstance(n.meta.get("val"), bool)]
+    if not candidates:
+        return {}
+    runs = [_meta_values(conversion, sizes, {n.name for n in candidates} | {p.name for p in model_inputs})
+            for sizes in _SIZE_PROBES]
+    inputs = sorted(model_inputs, key=lambda p: list(conversion.graph_module.graph.nodes).index(p))
+    out = {}
+    for node in candidates:
+        first, second = (run.get(node.name) for run in runs)
+        scalar = isinstance(first, int)
+        a, b = ((first,), (second,)) if scalar else (first, second)
+        if not (isinstance(a, _SIZE_TYPES) and isinstance(b, _SIZE_TYPES) and len(a) == len(b)
+                and all(type(x) is int and type(y) is int for x, y in zip(a, b))):
+            continue
+        items = []
+        for x, y in zip(a, b):
+            if x == y:
+                items.append(x)
+                continue
+            source = next(((p, d) for p in inputs for d, (u, v) in enumerate(zip(runs[0][p.name].shape,
+                                                                                  runs[1][p.name].shape))
+                           if (u, v) == (x, y)), None)
+            if source is None:
+                break
+            items.append(source)
+        else:
+            out[node] = ("int" if scalar else "tuple", items)
+    return out
+
+
+def _meta_values(conversion: Conversion, sizes: dict, names: set) -> dict:
+    """The values of the nodes `names` when the converted graph runs on meta inputs of `sizes`."""
+    from fxconvert.inputs import build_inputs, config_sizes
+
+    gm = conversion.graph_module
+    family = families.family_of_class(conversion.model_class)
+    config = getattr(conversion.model, "config", None)
+    hidden = config_sizes(config, family)["hidden"] if config is not None else None
+    dtype = next((p.dtype for p in conversion.module.parameters() if p.is_floating_point()), torch.float32)
+    inputs = build_inputs(family.inputs, conversion.input_names, batch=sizes["batch"],
+                          lengths={k: v for k, v in sizes.items() if k != "batch"}, hidden=hidden, dtype=dtype,
+                          meta=True)
+    memo = {}
+    for t in [*gm.parameters(), *gm.buffers()]:
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(twin, t.requires_grad) if isinstance(t, torch.nn.Parameter) else twin
+    meta_gm = copy.deepcopy(gm, memo)
+    shared = [torch.empty_like(getattr(conversion.module, n), device="meta") for n in conversion.module.shared_names]
+    interpreter = torch.fx.Interpreter(meta_gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interpreter.run(*(inputs[n] for n in conversion.input_names), *shared, False)
+    return {n.name: v for n, v in interpreter.env.items() if n.name in names}
+
+
+def _rebuild_size(graph: torch.fx.Graph, rebuilt, env):
+    """The size `rebuilt` (see `_rebuilt_sizes`) in a stage graph, from its constants and model inputs' sizes."""
+    kind, items = rebuilt
+    values = [graph.call_method("size", (env[item[0]], item[1])) if isinstance(item, tuple) else item
+              for item in items]
+    return values[0] if kind == "int" else tuple(values)
 
 
 def _ancestors(node, within: set) -> set:

@@ -136,13 +136,17 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
 def attention_dropout_rate(module) -> float | None:
     """The dropout rate a module passes to its attention function when training, or None.
 
-    T5 holds it as a float `dropout`; BERT as an `nn.Dropout` whose `p` it passes (0.0 in
-    eval mode, so an eval-mode trace records 0.0 and the rate must come from here).
+    T5 holds it as a float `dropout`; BERT as an `nn.Dropout` whose `p` it passes, GPT-2 as
+    one named `attn_dropout` (0.0 in eval mode, so an eval-mode trace records 0.0 and the
+    rate must come from here).
     """
-    rate = getattr(module, "dropout", None)
-    if isinstance(rate, torch.nn.Dropout) and not isinstance(module, torch.nn.Dropout):
-        rate = rate.p
-    return float(rate) if isinstance(rate, float) else None
+    for name in ("dropout", "attn_dropout"):
+        rate = getattr(module, name, None)
+        if isinstance(rate, torch.nn.Dropout) and not isinstance(module, torch.nn.Dropout):
+            rate = rate.p
+        if isinstance(rate, float):
+            return float(rate)
+    return None
 
 
 def _check_family_limits(model, cls_name: str) -> None:
@@ -640,9 +644,9 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 
     T5 always passes a position bias, so transformers folds the mask into one additive
     float mask and calls SDPA with `is_causal=False`; the recorded ops are the same.
-    Without a position bias (BART) the mask goes to SDPA as it is: a causal attention's
-    mask is a `runtime.causal_mask` call, never None, so `is_causal` stays False as in
-    transformers whenever a mask is given.
+    Without a position bias (GPT-2, BART) the mask from the runtime mask leaf (causal and
+    padding combined, or padding alone) is passed as is, as transformers does with a
+    materialised mask: a causal attention's mask is never None, so `is_causal` stays False.
     """
     mask = attention_mask
     if position_bias is not None:

@@ -54,6 +54,7 @@ import transformers  # noqa: E402
 SCHEMA_VERSION = 1
 THREADS = 2
 INPUT_NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
+GPT2_INPUT_NAMES = ["input_ids", "attention_mask", "labels"]  # the labels are the input ids, shifted inside
 
 # Every measurement is registered once, in `REGISTRY` (after the functions that measure them):
 # key, target, unit, what it compares, the function, and the comparison (">=" for a speed-up).
@@ -227,27 +228,43 @@ def build(config, *, meta=False, seed=0):
     return model.eval()
 
 
-def make_inputs(batch, seq, vocab, seed=0):
+def make_inputs(batch, seq, vocab, seed=0, names=INPUT_NAMES):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, seq, dtype=torch.long)
     if seq > 4:
         mask[0, -2:] = 0  # pad the tail of the first sequence
-    return {
+    inputs = {
         "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
         "attention_mask": mask,
         "decoder_input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
         "labels": torch.randint(0, vocab, (batch, seq), generator=g),
     }
+    return {n: inputs[n] for n in names}
+
+
+def input_names(model) -> list[str]:
+    return GPT2_INPUT_NAMES if isinstance(model, transformers.GPT2LMHeadModel) else INPUT_NAMES
 
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def gpt2_config(tiny: bool):
+    """GPT-2's published small architecture (GPT2Config's defaults; tiny under --tiny), dropout 0.1."""
+    sizes = dict(n_embd=64, n_head=4, n_layer=2, vocab_size=1000, n_positions=256) if tiny else {}
+    return transformers.GPT2Config(use_cache=False, **sizes)
+
+
+def build_gpt2(config, seed=0):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 def convert(model):
     import fxconvert
 
-    conversion = fxconvert.convert(model, input_names=INPUT_NAMES)
+    conversion = fxconvert.convert(model, input_names=input_names(model))
     conversion.graph_module.code  # codegen is part of the cost (convert already recompiles)
     return conversion
 
@@ -255,10 +272,9 @@ def convert(model):
 # --- measurements: in-process conversion --------------------------------------------------------
 
 
-def measure_convert_over_export(ctx) -> Result:
-    key = "convert_over_export"
-    model = ctx.main_model()
-    inputs = make_inputs(1, 32, model.config.vocab_size)
+def measure_convert_over_export(ctx, key="convert_over_export", model=None) -> Result:
+    model = ctx.main_model() if model is None else model
+    inputs = make_inputs(1, 32, model.config.vocab_size, names=input_names(model))
     phases = []
 
     def run_convert():
@@ -270,7 +286,7 @@ def measure_convert_over_export(ctx) -> Result:
     samples = interleaved({"fxconvert": run_convert, "export": run_export}, **ctx.plan(heavy=True))
     fx = Figure("fxconvert.convert (trace + passes + codegen)", samples["fxconvert"])
     base = Figure("torch.export.export(strict=False)", samples["export"])
-    details = {"model": ctx.main_name, "params": n_params(model), "export_inputs": "1x32",
+    details = {"model": ctx.name_of(model), "params": n_params(model), "export_inputs": "1x32",
                "fxconvert_phases_median_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]}}
     return Result(key, fx.median / base.median, fx, base, details=details, profile=lambda prof: _profiled(prof, lambda: convert(model)))
 
@@ -301,7 +317,7 @@ def measure_scaling(ctx) -> Result:
 
 
 def compare_runtime(ctx, key, model, conversion, batch, seq, train) -> Result:
-    inputs = make_inputs(batch, seq, model.config.vocab_size)
+    inputs = make_inputs(batch, seq, model.config.vocab_size, names=input_names(model))
     module = conversion.module
     model.train(train)
     module.train(train)
@@ -340,7 +356,8 @@ def compare_runtime(ctx, key, model, conversion, batch, seq, train) -> Result:
         module.eval()
     fx = Figure("Conversion.module" + (" fwd+bwd" if train else " forward"), samples["converted"])
     base = Figure("eager transformers" + (" fwd+bwd" if train else " forward"), samples["eager"])
-    details = {"model": ctx.main_name if key != "runtime_overhead_tiny" else "tiny", "params": n_params(model),
+    details = {"model": ctx.name_of(model) if not key.startswith("runtime_overhead_tiny") else "tiny",
+               "params": n_params(model),
                "batch": batch, "seq": seq, "mode": "train" if train else "eval", "threads": torch.get_num_threads(),
                "loss_abs_diff": abs(loss_eager - loss_converted)}
 
@@ -359,6 +376,10 @@ def compare_runtime(ctx, key, model, conversion, batch, seq, train) -> Result:
     return Result(key, fx.median / base.median, fx, base, details=details, profile=profile)
 
 
+RUNTIME_SHAPES = [("eval_1x32", 1, 32, False), ("eval_8x128", 8, 128, False), ("train_1x32", 1, 32, True),
+                  ("train_8x128", 8, 128, True)]
+
+
 def measure_runtime(ctx) -> list[Result]:
     results = []
     if ctx.selected("runtime_overhead_tiny"):
@@ -369,8 +390,30 @@ def measure_runtime(ctx) -> list[Result]:
         return results
     model = ctx.main_model()
     conversion = convert(model)
-    for key, batch, seq, train in [("runtime_eval_1x32", 1, 32, False), ("runtime_eval_8x128", 8, 128, False),
-                                   ("runtime_train_1x32", 1, 32, True), ("runtime_train_8x128", 8, 128, True)]:
+    for name, batch, seq, train in RUNTIME_SHAPES:
+        key = f"runtime_{name}"
+        if ctx.selected(key):
+            results.append(ctx.guard(key, lambda: compare_runtime(ctx, key, model, conversion, batch, seq, train)))
+    return results
+
+
+def measure_convert_over_export_gpt2(ctx) -> Result:
+    return measure_convert_over_export(ctx, "convert_over_export_gpt2", ctx.gpt2_model())
+
+
+def measure_runtime_gpt2(ctx) -> list[Result]:
+    """The runtime comparisons of `measure_runtime` on GPT-2 (keys suffixed `_gpt2`)."""
+    results = []
+    if ctx.selected("runtime_overhead_tiny_gpt2"):
+        tiny = build_gpt2(gpt2_config(tiny=True))
+        results.append(ctx.guard("runtime_overhead_tiny_gpt2", lambda: compare_runtime(
+            ctx, "runtime_overhead_tiny_gpt2", tiny, convert(tiny), 1, 8, False)))
+    keys = [(f"runtime_{name}_gpt2", batch, seq, train) for name, batch, seq, train in RUNTIME_SHAPES]
+    if not any(ctx.selected(key) for key, *_ in keys):
+        return results
+    model = ctx.gpt2_model()
+    conversion = convert(model)
+    for key, batch, seq, train in keys:
         if ctx.selected(key):
             results.append(ctx.guard(key, lambda: compare_runtime(ctx, key, model, conversion, batch, seq, train)))
     return results
@@ -954,6 +997,15 @@ REGISTRY = [
     _m("runtime_eval_8x128", 1.02, "ratio", "eval forward, t5-small shape, 8x128", measure_runtime),
     _m("runtime_train_1x32", 0.95, "ratio", "train forward + backward, t5-small shape, 1x32", measure_runtime),
     _m("runtime_train_8x128", 1.02, "ratio", "train forward + backward, t5-small shape, 8x128", measure_runtime),
+    _m("convert_over_export_gpt2", 0.10, "ratio", "fxconvert.convert vs torch.export.export(strict=False), gpt2 shape",
+       measure_convert_over_export_gpt2),
+    _m("runtime_overhead_tiny_gpt2", 0.60, "ratio", "eval forward, tiny GPT-2 (n_embd 64, 2 layers), 1x8",
+       measure_runtime_gpt2),
+    _m("runtime_eval_1x32_gpt2", 0.95, "ratio", "eval forward, gpt2 shape, 1x32", measure_runtime_gpt2),
+    _m("runtime_eval_8x128_gpt2", 1.02, "ratio", "eval forward, gpt2 shape, 8x128", measure_runtime_gpt2),
+    _m("runtime_train_1x32_gpt2", 0.95, "ratio", "train forward + backward, gpt2 shape, 1x32", measure_runtime_gpt2),
+    _m("runtime_train_8x128_gpt2", 1.02, "ratio", "train forward + backward, gpt2 shape, 8x128",
+       measure_runtime_gpt2),
     _m("balance_bottleneck_time_over_params", 0.65, "ratio",
        "bottleneck stage fwd+bwd time, balance='time' vs 'params'; t5-small shape, 4 stages, encoder 256 / "
        "decoder 32 tokens, batch 4", measure_balance),
@@ -1003,6 +1055,7 @@ class Context:
         self.scaling_layers = (1, 8) if self.mode == "tiny" else (6, 48)
         self.import_rss_mb = None
         self._main = None
+        self._gpt2 = None
 
     def plan(self, heavy=False):
         p = self.plan_dict
@@ -1019,6 +1072,17 @@ class Context:
         if self._main is None:
             self._main = build(tiny_config() if self.mode == "tiny" else small_config())
         return self._main
+
+    def gpt2_model(self):
+        """gpt2's shape (tiny under --tiny), random weights, eval mode; built once."""
+        if self._gpt2 is None:
+            self._gpt2 = build_gpt2(gpt2_config(tiny=self.mode == "tiny"))
+        return self._gpt2
+
+    def name_of(self, model) -> str:
+        if isinstance(model, transformers.GPT2LMHeadModel):
+            return "tiny GPT-2" if self.mode == "tiny" else "gpt2"
+        return self.main_name
 
     def selected(self, key) -> bool:
         return not self.only or any(s in key for s in self.only)

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 
 TARGET_KEYS = ["convert_over_export", "scaling_48_over_6", "runtime_overhead_tiny", "runtime_eval_1x32",
-               "runtime_eval_8x128", "runtime_train_1x32", "runtime_train_8x128", "balance_bottleneck_time_over_params",
+               "runtime_eval_8x128", "runtime_train_1x32", "runtime_train_8x128", "convert_over_export_gpt2",
+               "runtime_overhead_tiny_gpt2", "runtime_eval_1x32_gpt2", "runtime_eval_8x128_gpt2",
+               "runtime_train_1x32_gpt2", "runtime_train_8x128_gpt2", "balance_bottleneck_time_over_params",
                "balance_imbalance_time", "balance_prediction_error", "cli_over_import", "t5_11b_meta_peak_rss_mb",
                "pipeline_train_throughput_2x1", "pipeline_rank_peak_rss_ratio"]
 SUBPROCESS_KEYS = ["cli_over_import", "t5_11b_meta_peak_rss_mb", "pipeline_train_throughput_2x1",
@@ -87,7 +89,7 @@ def test_tiny_run_json_shape(bench, tiny_run):
         assert entry["value"] == report[key]
         for side in ("fxconvert", "baseline"):
             assert is_number(entry[side]["median"]) and entry[side]["n"] >= 1 and entry[side]["label"]
-    for key in IN_PROCESS_KEYS[2:]:  # the runtime comparisons check the two losses agree
+    for key in [k for k in IN_PROCESS_KEYS if k.startswith("runtime_")]:  # the two losses agree
         assert report["results"][key]["details"]["loss_abs_diff"] < 1e-3
     for key in BALANCE_KEYS:  # two splits of one model, measured stage by stage
         entry = report["results"][key]

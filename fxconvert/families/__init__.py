@@ -82,7 +82,7 @@ def block_regex(prefix: str) -> str:
     return rf"^(?P<block>{prefix}\.(?P<index>\d+))(?:\.|$)"
 
 
-_MODULES = ("t5", "bert", "bart")
+_MODULES = ("t5", "bert", "gpt2", "bart")
 
 
 @cache

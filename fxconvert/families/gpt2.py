@@ -1,0 +1,79 @@
+"""GPT-2: decoder-only, learned absolute positions, Conv1D projections, LM head tied to `wte`.
+
+The one sequence is the input: `input_ids`, `attention_mask` and `labels` all span it, and
+the LM loss shifts the labels inside the model (labels = input_ids). Positions come from an
+arange over the sequence (`wpe`), attention is causal (the runtime causal mask, padding
+folded in). transformers' `Conv1D` stores its weight (in, out) and computes `x @ W + b`.
+"""
+
+from fxconvert.families import Family, block_regex
+
+# Published config.json values (openai-community/<name>); each size: (n_embd, n_head, n_layer).
+_SIZES = {
+    "gpt2": (768, 12, 12),
+    "gpt2-medium": (1024, 16, 24),
+    "gpt2-large": (1280, 20, 36),
+    "gpt2-xl": (1600, 25, 48),
+}
+
+
+def _preset(n_embd, n_head, n_layer) -> dict:
+    return dict(
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
+        vocab_size=50257, n_positions=1024, n_ctx=1024, n_embd=n_embd, n_head=n_head, n_layer=n_layer,
+        attn_pdrop=0.1, embd_pdrop=0.1, resid_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02,
+        bos_token_id=50256, eos_token_id=50256, use_cache=False,
+    )
+
+
+def check_config(config: dict, refuse) -> None:
+    """GPT-2's own structural fields; `refuse(key, rule)` raises the one-line error."""
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if config.get("n_inner") is not None and not (is_int(config["n_inner"]) and config["n_inner"] > 0):
+        refuse("n_inner", "a positive integer (or null for 4 * n_embd)")
+    embd, head = config.get("n_embd", 768), config.get("n_head", 12)
+    if is_int(embd) and is_int(head) and embd > 0 and head > 0 and embd % head:
+        refuse("n_embd", f"a multiple of n_head ({head})")
+    if "activation_function" in config:
+        from transformers.activations import ACT2FN
+
+        if not (isinstance(config["activation_function"], str) and config["activation_function"] in ACT2FN):
+            refuse("activation_function", "an activation such as gelu_new, gelu or relu (GPT-2 uses 'gelu_new')")
+
+
+FAMILY = Family(
+    name="gpt2",
+    title="GPT-2",
+    model_types={"gpt2": ("GPT2Config", "GPT2LMHeadModel")},
+    classes=("GPT2Model", "GPT2LMHeadModel"),
+    inputs={
+        "input_ids": ("ids", "encoder"),
+        "attention_mask": ("mask", "encoder"),
+        "token_type_ids": ("ids", "encoder"),  # GPT-2 looks them up in wte: token ids
+        "inputs_embeds": ("embeds", "encoder"),
+        "labels": ("ids", "encoder"),
+    },
+    default_inputs=(
+        ("LMHeadModel", ("input_ids", "attention_mask", "labels")),
+        ("Model", ("input_ids", "attention_mask")),
+    ),
+    train_inputs=("input_ids", "attention_mask", "labels"),
+    hidden_size="n_embd",
+    # GPT2LMHeadModel holds the blocks under transformer.h, the bare GPT2Model under h
+    blocks=(block_regex(r"(?:transformer\.)?h"),),
+    presets={name: _preset(*size) for name, size in _SIZES.items()},
+    aliases={f"openai-community/{n}": n for n in _SIZES},
+    config_fields=("n_embd", "n_head", "n_layer", "n_inner", "n_positions", "vocab_size", "activation_function",
+                   "tie_word_embeddings"),
+    check_config=check_config,
+    max_layers_fields=("n_layer",),
+    positive_int_fields=("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"),
+    rate_fields=("attn_pdrop", "embd_pdrop", "resid_pdrop"),
+    token_id_fields=("pad_token_id",),
+    objective="causal",
+    notes="decoder-only: learned absolute positions (wpe), Conv1D projections (weight (in, out)), causal mask; "
+          "the LM head is tied to wte and the loss shifts labels inside the model",
+)
