@@ -10,6 +10,7 @@ lost `BartScaledWordEmbedding`'s scale would fail every comparison.
 """
 
 import json
+import operator
 import subprocess
 import sys
 from pathlib import Path
@@ -226,7 +227,7 @@ def test_the_tied_embedding_is_one_placeholder_feeding_lookups_and_head(case):
     assert len(lookups) == 2 and all(u.kwargs["padding_idx"] == PAD for u in lookups)
     # each lookup is scaled by sqrt(d_model) (BartScaledWordEmbedding), not dropped with the module
     for lookup in lookups:
-        assert any(u.target in (torch.mul, __import__("operator").mul) and 32 ** 0.5 in u.args for u in lookup.users)
+        assert any(u.target in (torch.mul, operator.mul) and 32 ** 0.5 in u.args for u in lookup.users)
     heads = [u for u in weight.users if u.target is F.linear]
     tied_head = CONVERSIONS[case][0].endswith("ForConditionalGeneration") and not CONVERSIONS[case][2]
     assert len(heads) == (1 if tied_head else 0)
@@ -363,7 +364,8 @@ def test_preset_loads_with_random_weights_and_warns():
 @pytest.mark.slow
 def test_pipeline_training_equals_single_process_training():
     """Two stage processes (gloo), 1F1B, two SGD steps: losses and weights equal training the unsplit
-    converted module in one process, whose first loss is eager transformers' loss."""
+    converted module in one process, whose first loss is eager transformers' loss. (`torchrun -m
+    fxconvert.train` on a BART checkpoint against eager training: tests/test_train_families.py.)"""
     from fxconvert import pipeline_check
 
     cfg = pipeline_check.RunConfig(family="BART", stages=2, schedules=("1f1b",), steps=2, microbatches=2, batch=4)
@@ -400,51 +402,6 @@ def test_float16_is_refused_and_bfloat16_matches_eager():
     expected, actual = eager_outputs(model, inputs), gm(**inputs)
     for name in expected:  # the same ops in the same order: equal in bfloat16 too
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)
-
-
-# -- fxconvert.train under torchrun against eager BART ----------------------------------------------
-
-@pytest.mark.slow
-def test_torchrun_training_of_a_converted_checkpoint_equals_eager_transformers(tmp_path):
-    """A tiny BART (dropout 0) written by save_pretrained, converted with --stages 2, trained 3 SGD steps by
-    `torchrun -m fxconvert.train` (2 processes, 1F1B, 2 microbatches): every loss and the weights written to
-    RUN/hf equal eager BartForConditionalGeneration trained in one process (which shifts the labels itself)."""
-    import train_runs as tr
-
-    steps, batch, microbatches, lr = 3, 4, 2, 0.5
-    build(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0).save_pretrained(tmp_path / "ckpt")
-    rows = tr.write_jsonl(tmp_path / "train.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(tmp_path / "ckpt"), "--stages", "2", "--out",
-                           str(tmp_path / "conv"), "--no-validate", "-q"], cwd=REPO, env=tr.env(), capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr
-    run_dir = tmp_path / "run"
-    proc = tr.torchrun(2, tmp_path / "conv", "--data", tmp_path / "train.jsonl", "--out", run_dir, "--steps", steps,
-                       "--batch", batch, "--microbatches", microbatches, "--optimizer", "sgd", "--lr", lr,
-                       "--schedule", "1f1b")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    model = transformers.BartForConditionalGeneration.from_pretrained(tmp_path / "ckpt").train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = []
-    for step in range(steps):
-        optimizer.zero_grad()
-        b = tr.eager_batch(rows, batch, step, pad_token_id=PAD)
-        chunks = {k: torch.tensor_split(v, microbatches) for k, v in b.items()}
-        total = 0.0
-        for i in range(microbatches):
-            loss = model(**{k: v[i] for k, v in chunks.items()}, use_cache=False).loss
-            (loss / microbatches).backward()
-            total += loss.item() / microbatches
-        optimizer.step()
-        losses.append(total)
-    got = [m["loss"] for m in tr.metrics(run_dir)]
-    assert max(abs(a - b) for a, b in zip(got, losses, strict=True)) <= 1e-5, (got, losses)
-    trained = transformers.BartForConditionalGeneration.from_pretrained(run_dir / "hf").state_dict()
-    expected = model.state_dict()
-    assert set(trained) == set(expected)
-    assert max((trained[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5
-    assert trained["model.shared.weight"].data_ptr() == trained["lm_head.weight"].data_ptr()  # still tied
 
 
 # -- config checks ------------------------------------------------------------------------------------
