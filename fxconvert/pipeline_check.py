@@ -103,6 +103,8 @@ class ScheduleResult:
 def build_model(cfg: RunConfig) -> torch.nn.Module:
     import transformers
 
+    if cfg.family == "BART":
+        return _build_bart(cfg)
     config_class = {"T5": transformers.T5Config, "MT5": transformers.MT5Config, "UMT5": transformers.UMT5Config}
     config = config_class[cfg.family](
         d_model=cfg.d_model, d_ff=2 * cfg.d_model, d_kv=cfg.d_model // cfg.heads, num_heads=cfg.heads,
@@ -113,6 +115,20 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model_class = getattr(transformers, f"{cfg.family}ForConditionalGeneration")
     return model_class._from_config(config, attn_implementation="sdpa").train()
+
+
+def _build_bart(cfg: RunConfig) -> torch.nn.Module:
+    """A tiny BartForConditionalGeneration: tied scaled embedding and head, learned positions."""
+    import transformers
+
+    config = transformers.BartConfig(
+        d_model=cfg.d_model, encoder_ffn_dim=2 * cfg.d_model, decoder_ffn_dim=2 * cfg.d_model,
+        encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads, encoder_layers=cfg.layers,
+        decoder_layers=cfg.decoder_layers, vocab_size=cfg.vocab, max_position_embeddings=64, scale_embedding=True,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, use_cache=False,
+    )
+    torch.manual_seed(cfg.seed)
+    return transformers.BartForConditionalGeneration._from_config(config, attn_implementation="sdpa").train()
 
 
 def batches(cfg: RunConfig) -> list[dict[str, torch.Tensor]]:
@@ -325,7 +341,7 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--microbatches", type=int, default=d.microbatches)
     p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--family", choices=("T5", "MT5", "UMT5"), default=d.family)
+    p.add_argument("--family", choices=("T5", "MT5", "UMT5", "BART"), default=d.family)
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--layers", type=int, default=d.layers, help="encoder layers")
     p.add_argument("--decoder-layers", type=int, default=d.decoder_layers)

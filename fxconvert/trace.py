@@ -106,6 +106,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
             f"attention implementation '{impl}' is not supported; load the model with "
             f"attn_implementation='sdpa' or 'eager'"
         )
+    _check_family_limits(model, cls_name)
     input_names = input_name_list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
 
@@ -146,6 +147,17 @@ def attention_dropout_rate(module) -> float | None:
         if isinstance(rate, float):
             return float(rate)
     return None
+
+
+def _check_family_limits(model, cls_name: str) -> None:
+    """Refuse what the family record says a graph cannot record for this model (`Family.check_trace`)."""
+    check = family_of(model).check_trace
+    if check is None:
+        return
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    why = check(model.config, model.training, str(dtype).removeprefix("torch."))
+    if why:
+        raise TraceError(f"cannot trace {cls_name}: {why}")
 
 
 def supported_class(model) -> type:
@@ -429,12 +441,29 @@ class T5Tracer(torch.fx.Tracer):
         if isinstance(attr_val, torch.nn.Parameter) or (
             self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
         ):
-            name = self._attribute_names.get(id(attr_val))
+            name = self._reader_name(attr, attr_val)
             if name is not None:
                 if name not in parameter_proxy_cache:
                     parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
                 return parameter_proxy_cache[name]
         return attr_val
+
+    def _reader_name(self, attr, tensor):
+        """The name a parameter read is recorded under: the reading module's own name for it.
+
+        A tied weight read inside traced-through modules (BART's scaled token embeddings,
+        `self.weight` in the encoder's and the decoder's `embed_tokens`) keeps one name per
+        reader, as leaf calls of those modules would, so the graph module registers it
+        under each and the sharing stays visible (`analysis.find_shared_parameters`).
+        Otherwise (a read of another module's tensor, or by a leaf module, such as its
+        `extra_repr` when the tracer keys its metadata), its first registered name.
+        """
+        if self._path_stack:
+            path = self._path_stack[-1]
+            name = f"{path}.{attr}"
+            if self._attributes.get(name) is tensor and not self.is_leaf_module(self._modules[path], path):
+                return name
+        return self._attribute_names.get(id(tensor))
 
     # -- control flow and iteration ------------------------------------------------------
     def to_bool(self, obj):
@@ -627,9 +656,10 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 
     T5 always passes a position bias, so transformers folds the mask into one additive
     float mask and calls SDPA with `is_causal=False`; the recorded ops are the same.
-    Without a position bias (GPT-2, Llama-style) the mask from the runtime mask leaf (causal,
-    or sliding-window, and padding combined) is passed as is, as transformers does with a
-    materialised mask; grouped key/value heads (Llama-style GQA) are repeated first.
+    Without a position bias (GPT-2, BART, Llama-style) the mask from the runtime mask leaf
+    (causal or sliding-window, and padding combined, or padding alone) is passed as is, as
+    transformers does with a materialised mask: a causal attention's mask is never None, so
+    `is_causal` stays False. Grouped key/value heads (Llama-style GQA) are repeated first.
     """
     mask = attention_mask
     key, value = _repeat_kv(module, key, value)
@@ -696,6 +726,17 @@ def traced_isinstance(obj, classinfo) -> bool:
     return False
 
 
+def traced_is_compiling() -> bool:
+    """`is_torchdynamo_compiling` for model code while tracing: a trace is a compilation.
+
+    Model code uses it to skip Python-level work a compiler cannot follow. BART's decoder
+    builds an all-ones mask from traced sizes when none is given (`torch.ones(b, n)`, a
+    factory call fx cannot record) unless compiling; without it the causal mask alone is
+    the same mask.
+    """
+    return True
+
+
 @contextlib.contextmanager
 def _leaf_replacements(model, tracer):
     masks = _MaskReplacements(tracer)
@@ -704,6 +745,7 @@ def _leaf_replacements(model, tracer):
         "create_bidirectional_mask": masks.create_bidirectional_mask,
         "create_sliding_window_causal_mask": masks.create_sliding_window_causal_mask,
         "ALL_ATTENTION_FUNCTIONS": _AttentionFunctions(),
+        "is_torchdynamo_compiling": traced_is_compiling,
     }
     # Builtins are not in a module's namespace: they are added to the modeling modules' (not
     # torch's, whose leaf modules run on meta tensors) and removed afterwards.

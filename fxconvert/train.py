@@ -742,6 +742,26 @@ class _Signals:
         return self.MESSAGES[self.received] if self.received is not None else None
 
 
+def _first_to_say(launch: "Launch", signals: _Signals, grace: float = 2.0) -> bool:
+    """Whether this rank prints the problem it found before training: one line per machine.
+
+    Every rank runs the same checks, so local rank 0 speaks for the machine. Another rank
+    that found a problem (one local rank 0 may not reach, e.g. in data only it reads, or
+    simply sooner) waits `grace` seconds: when local rank 0 fails too, the launcher stops
+    this rank in that time and it stays quiet; otherwise it says what it found. A rank
+    the launcher stopped says so only as local rank 0.
+    """
+    if launch.local_rank == 0:
+        return True
+    if signals.received is not None:
+        return False
+    try:
+        time.sleep(grace)
+    except _Terminated:
+        return False
+    return True
+
+
 def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str:
     """One line for this rank's first error, naming the rank that failed first when another one did."""
     signals.reporting = True
@@ -774,7 +794,7 @@ def main(argv=None) -> int:
     try:
         run = prepare(args, launch)
     except (FxConvertError, _Terminated) as e:
-        if launch.local_rank == 0:
+        if _first_to_say(launch, signals):
             print(f"fxconvert.train: error: {signals.message or _one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1
     import torch.distributed as dist

@@ -115,3 +115,17 @@ def test_pipeline_training_equals_eager_transformers(tmp_path, family):
     trained = weights(cls, out / "hf")
     assert tr.max_weight_diff(trained, expected) <= TOL
     assert tr.max_weight_diff(weights(cls, tmp_path / "ckpt"), expected) > 1e-2  # the weights did move
+
+
+def test_ignored_labels_in_causal_data_are_one_line_whichever_rank_reads_them(tmp_path):
+    """Every rank checks the data before training; the line reaches the user once, whichever rank is first."""
+    cls, config, _ = CONFIGS["gpt2"]
+    cls(config()).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "d.jsonl").write_text('{"input_ids": [5, 6], "labels": [7]}\n{"input_ids": [5], "labels": [7, -100]}\n')
+    proc = tr.torchrun(2, tmp_path / "ckpt", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "run", "--steps", 1,
+                       "--batch", 2)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train:")]
+    assert proc.returncode != 0
+    assert lines == [f"fxconvert.train: error: {tmp_path / 'd.jsonl'}:2: labels[1] is -100, but a causal LM reads its "
+                     f"labels as tokens; put the tokens it should not learn in input_ids (they are never learned)"]
+    assert not (tmp_path / "run").exists()

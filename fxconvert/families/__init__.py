@@ -50,6 +50,9 @@ class Family:
     # shifted right), "causal" (input + target as one sequence, loss on the target, the model
     # shifts), or None (no training data format for this family).
     objective: str | None = "seq2seq"
+    # (config, training, dtype name such as "float16") -> why the model cannot be traced as it is
+    # (a one-line reason naming the fix), or None. For what a graph cannot record in some settings.
+    check_trace: Callable[[object, bool, str], str | None] | None = None
 
     def default_input_names(self, cls_name: str) -> list[str]:
         for suffix, names in self.default_inputs:
@@ -79,7 +82,7 @@ def block_regex(prefix: str) -> str:
     return rf"^(?P<block>{prefix}\.(?P<index>\d+))(?:\.|$)"
 
 
-_MODULES = ("t5", "bert", "gpt2", "llama")
+_MODULES = ("t5", "bert", "gpt2", "bart", "llama")
 
 
 @cache

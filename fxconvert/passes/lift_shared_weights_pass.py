@@ -34,8 +34,20 @@ from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert.passes.sparsify_shared_lookups_pass import sparse_embedding_gradients  # noqa: F401 (re-exported)
 
 
+def _read_by_lookups(gm, names) -> bool:
+    """Whether `F.embedding` lookups read the weight registered as `names` directly: an
+    `nn.Embedding` subclass that the tracer went through (BART's scaled token embedding)
+    leaves no embedding module in the graph module, only the lookup of its weight."""
+    attrs = set(names)
+    return any(node.op == "get_attr" and node.target in attrs
+               and any(u.op == "call_function" and u.target is F.embedding and u.args[1:2] == (node,)
+                       for u in node.users)
+               for node in gm.graph.nodes)
+
+
 def _placeholder_name(gm, names, taken) -> str:
-    """`shared_embed_weight` for a weight an embedding owns (FTPipe's name), else `shared_<first name>`."""
+    """`shared_embed_weight` for a weight an embedding owns or that embedding lookups read (FTPipe's
+    name), else `shared_<first name>`."""
     def embedding_weight(name):
         owner, _, attr = name.rpartition(".")
         try:
@@ -43,7 +55,7 @@ def _placeholder_name(gm, names, taken) -> str:
         except AttributeError:
             return False
 
-    owner_is_embedding = any(embedding_weight(n) for n in names)
+    owner_is_embedding = any(embedding_weight(n) for n in names) or _read_by_lookups(gm, names)
     base = "shared_embed_weight" if owner_is_embedding else "shared_" + names[0].replace(".", "_")
     name, i = base, 1
     while name in taken:
