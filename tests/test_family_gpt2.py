@@ -176,6 +176,37 @@ def test_small_configs_match_eager(heads, head_dim, layers, inner, act, inverse_
                            model)
 
 
+def test_reorder_and_upcast_attn_is_refused_with_eager_attention_and_matches_with_sdpa():
+    """transformers runs reorder_and_upcast_attn only in eager attention, where it preallocates the scores
+    with torch.empty over the input's sizes: refused in one line naming the fix. SDPA ignores the option
+    (in transformers too) and matches eager."""
+    from fxconvert.errors import TraceError
+
+    with pytest.raises(TraceError) as info:
+        trace(build("GPT2LMHeadModel", "eager", reorder_and_upcast_attn=True))
+    assert str(info.value) == (
+        "cannot trace GPT2LMHeadModel: reorder_and_upcast_attn=True with eager attention allocates the attention "
+        "scores from the input's sizes in Python, which a graph cannot record; convert with sdpa attention (which "
+        "transformers runs without the reordering) or set reorder_and_upcast_attn=false in the config")
+    model = build("GPT2LMHeadModel", "sdpa", reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True)
+    gm = trace(model)
+    inputs = gpt2_inputs(input_names_of(gm), 2, 17, seed=4, pad="left")
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_unscaled_attention_matches_eager(attn):
+    """scale_attn_weights=False: GPT-2 attends without the 1/sqrt(head_dim) factor."""
+    model = build("GPT2LMHeadModel", attn, scale_attn_weights=False)
+    gm = trace(model)
+    inputs = gpt2_inputs(input_names_of(gm), 2, 17, seed=5)
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
+
+
 # -- convert -----------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -258,6 +289,18 @@ def test_stages_cut_at_the_blocks_and_compose(case, prefix):
         finally:
             whole.eval()
             stages.eval()
+
+
+def test_split_sizes_respect_n_positions():
+    """Positions are looked up in wpe (n_positions rows): the split is judged at most at n_positions tokens,
+    and a longer length is refused in one line, as for the other families with learned positions."""
+    from fxconvert.stages import SplitError
+
+    _, conv = converted("LM")
+    assert split_stages(conv, 2).plan.sizes.encoder_length == POSITIONS
+    with pytest.raises(SplitError, match=rf"^encoder_length 100 is longer than the model's n_positions "
+                                         rf"\({POSITIONS}\); give a length of at most {POSITIONS}$"):
+        split_stages(conv, 2, encoder_length=100)
 
 
 @pytest.mark.parametrize("num_stages", [2, 3])

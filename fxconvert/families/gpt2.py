@@ -44,6 +44,16 @@ def check_config(config: dict, refuse) -> None:
             refuse("activation_function", "an activation such as gelu_new, gelu or relu (GPT-2 uses 'gelu_new')")
 
 
+def check_trace(config, training: bool, dtype: str) -> str | None:
+    """What GPT-2's forward builds in a way a graph cannot record."""
+    if getattr(config, "reorder_and_upcast_attn", False) and getattr(config, "_attn_implementation", None) == "eager":
+        # its eager path preallocates the scores with torch.empty over sizes read from the inputs
+        return ("reorder_and_upcast_attn=True with eager attention allocates the attention scores from the "
+                "input's sizes in Python, which a graph cannot record; convert with sdpa attention (which "
+                "transformers runs without the reordering) or set reorder_and_upcast_attn=false in the config")
+    return None
+
+
 FAMILY = Family(
     name="gpt2",
     title="GPT-2",
@@ -69,10 +79,12 @@ FAMILY = Family(
     config_fields=("n_embd", "n_head", "n_layer", "n_inner", "n_positions", "vocab_size", "activation_function",
                    "tie_word_embeddings"),
     check_config=check_config,
+    check_trace=check_trace,
     max_layers_fields=("n_layer",),
     positive_int_fields=("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"),
     rate_fields=("attn_pdrop", "embd_pdrop", "resid_pdrop"),
     token_id_fields=("pad_token_id",),
+    max_length="n_positions",  # learned positions (wpe): each sequence at most this long
     objective="causal",
     notes="decoder-only: learned absolute positions (wpe), Conv1D projections (weight (in, out)), causal mask; "
           "the LM head is tied to wte and the loss shifts labels inside the model",
