@@ -350,6 +350,7 @@ def load_data(args, model: Model) -> Data:
     examples = read_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
                           max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"),
                           causal=causal)
+    _check_lengths(examples, args, family, config, causal)
     pad = config.get("pad_token_id")
     if causal and type(pad) is not int:  # GPT-2 and Llama define none: padding is masked and never learned
         pad = config.get("eos_token_id")
@@ -359,6 +360,24 @@ def load_data(args, model: Model) -> Data:
         if type(value) is not int and not (causal and name == "decoder_start_token_id"):
             raise UsageError(f"the model's config has {name} = {value!r}; set it in config.json")
     return Data(examples, pad, start, causal)
+
+
+def _check_lengths(examples, args, family, config: dict, causal: bool) -> None:
+    """Refuse examples longer than a learned position table (`Family.max_length`): eager would fail mid-run."""
+    field = family.max_length if family is not None else ""
+    limit = config.get(field) if field else None
+    if type(limit) is not int or not examples:
+        return
+
+    def length(e):  # a causal example is one sequence, input then target; a seq2seq one is two
+        return len(e.input_ids) + len(e.labels) if causal else max(len(e.input_ids), len(e.labels))
+
+    longest = max(range(len(examples)), key=lambda i: length(examples[i]))
+    if length(examples[longest]) > limit:
+        cut = "that add up to" if causal else "of"
+        raise UsageError(f"{args.data}: example {longest + 1} is {length(examples[longest])} tokens long, more "
+                         f"than the model's {field} ({limit}); pass --max-source-length and --max-target-length "
+                         f"{cut} at most {limit}")
 
 
 # -- pipeline stages --------------------------------------------------------------------------------
