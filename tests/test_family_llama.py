@@ -187,11 +187,19 @@ def test_scaled_rope_matches_eager(rope):
         assert_outputs_match(eager(model, inputs), gm(**inputs))
 
 
-def test_dynamic_rope_is_refused_naming_the_source_line():
-    model = build("llama_gqa", rope_scaling=dict(rope_type="dynamic", factor=2.0, rope_theta=1000.0))
-    with pytest.raises(TraceError, match=r"cannot trace module 'model.rotary_emb' at .*modeling_rope_utils.py:\d+: "
-                                         r".*decides Python control flow"):
+@pytest.mark.parametrize("rope_type", llama_family.DYNAMIC_ROPE)
+def test_dynamic_rope_is_refused_naming_the_fix(rope_type):
+    """Built in Python (no config.json for the config check to read): the trace refuses it in one line."""
+    rope = dict(rope_type=rope_type, factor=2.0, rope_theta=1000.0)
+    if rope_type == "longrope":
+        rope.update(short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=64)
+    model = build("llama_gqa", rope_scaling=rope)
+    with pytest.raises(TraceError) as info:
         trace(model)
+    assert str(info.value) == (
+        f"cannot trace LlamaForCausalLM: rope_type {rope_type!r} recomputes the rotary frequencies from each "
+        f"input's length, which a graph cannot record; use a rope_type computed once, such as 'linear', 'yarn' "
+        f"or 'llama3' (or no scaling)")
 
 
 def test_sliding_window_masks_what_transformers_masks():
@@ -560,7 +568,19 @@ def test_pipeline_training_matches_eager_training(tmp_path):
     (dict(num_attention_heads=5), r"num_attention_heads is 5; set it to a divisor of hidden_size \(32\)"),
     (dict(head_dim=7), r"head_dim is 7; set it to a positive even integer"),
     (dict(hidden_size=36, num_attention_heads=4, num_key_value_heads=4, head_dim=None), r"num_attention_heads is 4; .* is odd"),
-    (dict(sliding_window=0), r"sliding_window is 0; set it to a positive integer, or null"),
+    (dict(sliding_window=0), r"sliding_window is 0; set it to a positive integer up to 2147483647, or null"),
+    (dict(sliding_window=10**30), r"sliding_window is 10{30}; set it to a positive integer up to 2147483647, or "
+                                  r"null for full causal attention in the config$"),
+    (dict(rope_theta=0), r"rope_theta is 0; set it to a positive number, the rotary base \(Llama 2 uses 10000.0\) "
+                         r"in the config$"),
+    (dict(rope_theta=-1.0), r"rope_theta is -1.0; set it to a positive number"),
+    (dict(rope_theta="x"), r"rope_theta is 'x'; set it to a positive number"),
+    (dict(rope_theta=float("inf")), r"rope_theta is inf; set it to a positive number"),
+    (dict(rope_parameters=dict(rope_type="default", rope_theta=-3.0)),
+     r"rope_parameters is \{'rope_type': 'default', 'rope_theta': -3.0\}; set it to a dict whose rope_theta is a "
+     r"positive number \(its rope_theta is -3.0\) in the config$"),
+    (dict(rope_scaling=dict(rope_type="linear", factor=0)),
+     r"rope_scaling is .*; set it to a dict whose factor is a positive number \(its factor is 0\)"),
     (dict(num_hidden_layers=0), r"num_hidden_layers is 0; set it to a positive integer"),
     (dict(attention_dropout=1.5), r"attention_dropout is 1.5; set it to a number in \[0, 1\)"),
     (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)),
@@ -576,6 +596,38 @@ def test_config_check_names_the_field_and_the_fix(changes, message, tmp_path):
     with pytest.raises(ModelResolutionError, match=message) as raised:
         load(tmp_path / "arch.json", allow_random=True)
     assert "\n" not in str(raised.value)
+
+
+def test_sliding_layers_without_a_window_are_refused_as_transformers_cannot_run_them(tmp_path):
+    """Qwen2 drops its window unless use_sliding_window is true: layers marked 'sliding_attention' then
+    have none, and eager transformers fails on them. The config check names layer_types and the fix."""
+    from fxconvert.errors import ModelResolutionError
+    from fxconvert.load import load
+
+    layer_types = ["sliding_attention", "full_attention"]
+    model = build("qwen2_tied", layer_types=layer_types, sliding_window=4)
+    with pytest.raises(ValueError, match="sliding_window"):
+        eager(model, inputs_for(["input_ids"], 1, 9))
+    config = json.loads(model.config.to_json_string())
+    config.update(use_sliding_window=False, sliding_window=4, layer_types=layer_types)
+    (tmp_path / "arch.json").write_text(json.dumps(config))
+    with pytest.raises(ModelResolutionError) as raised:
+        load(tmp_path / "arch.json", allow_random=True)
+    assert str(raised.value) == (
+        f"invalid config in {tmp_path / 'arch.json'}: layer_types is ['sliding_attention', 'full_attention']; set it "
+        f"to 'full_attention' for every layer, or set use_sliding_window to true and sliding_window to the window "
+        f"of the 'sliding_attention' layers")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_explicit_layer_types_match_eager(attn):
+    """layer_types given in the config (a sliding layer before a full one, the reverse of max_window_layers')."""
+    model = build("qwen2_sliding", attn=attn, layer_types=["sliding_attention", "full_attention"])
+    gm = trace(model)
+    inputs = inputs_for(names_of(gm), 2, 40, seed=9)
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
 
 
 @pytest.mark.parametrize("dtype,attn", [("bfloat16", "sdpa"), ("float16", "eager")])

@@ -9,6 +9,8 @@ layers its `layer_types` mark). Llama and Mistral publish an untied LM head; sma
 models tie it to the token embedding (one `shared_embed_weight` after conversion).
 """
 
+import math
+
 from fxconvert.families import Family, block_regex
 
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
@@ -50,8 +52,16 @@ _MISTRAL_7B = dict(
 DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
+# The window is compared with token positions as an int64: far longer than any sequence.
+MAX_WINDOW = 2**31 - 1
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def check_config(config: dict, refuse) -> None:
@@ -68,16 +78,42 @@ def check_config(config: dict, refuse) -> None:
                                           f"{heads} heads is odd; rotary embeddings rotate pairs of features)")
     if head_dim is not None and not (_is_int(head_dim) and head_dim > 0 and head_dim % 2 == 0):
         refuse("head_dim", "a positive even integer (rotary embeddings rotate pairs of features)")
+    if "rope_theta" in config and not _is_positive_number(config["rope_theta"]):
+        refuse("rope_theta", "a positive number, the rotary base (Llama 2 uses 10000.0)")
     for key in ("rope_scaling", "rope_parameters"):
         rope = config.get(key)
-        if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in DYNAMIC_ROPE:
+        if not isinstance(rope, dict):
+            continue
+        if (rope.get("rope_type") or rope.get("type")) in DYNAMIC_ROPE:
             refuse(key, "a rope_type computed once, such as 'linear', 'yarn' or 'llama3' (or no scaling): "
                         f"{'/'.join(DYNAMIC_ROPE)} rope recomputes its frequencies from each input's length, "
                         f"which a graph cannot record")
+        for name in ("rope_theta", "factor"):  # a base or factor <= 0 gives NaN or inf rotary frequencies
+            if name in rope and not _is_positive_number(rope[name]):
+                refuse(key, f"a dict whose {name} is a positive number (its {name} is {rope[name]!r})")
     window = config.get("sliding_window")
     uses_window = config.get("model_type") == "mistral" or config.get("use_sliding_window") is True
-    if window is not None and uses_window and not (_is_int(window) and window > 0):
-        refuse("sliding_window", "a positive integer, or null for full causal attention")
+    if window is not None and uses_window and not (_is_int(window) and 0 < window <= MAX_WINDOW):
+        refuse("sliding_window", f"a positive integer up to {MAX_WINDOW}, or null for full causal attention")
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and "sliding_attention" in layer_types and (
+            window is None if config.get("model_type") == "mistral" else config.get("use_sliding_window") is not True):
+        # transformers' own forward fails on such a layer: it has no window to mask
+        refuse("layer_types", "'full_attention' for every layer, or set use_sliding_window to true and "
+                              "sliding_window to the window of the 'sliding_attention' layers", tail="")
+
+
+def check_trace(config, training: bool, dtype: str) -> str | None:
+    """A model built in Python (not from a config.json, which check_config reads) with dynamic rope."""
+    rope = getattr(config, "rope_parameters", None)
+    ropes = [rope] if isinstance(rope, dict) and "rope_type" in rope else \
+        [r for r in rope.values() if isinstance(r, dict)] if isinstance(rope, dict) else []
+    kind = next((r.get("rope_type") for r in ropes if r.get("rope_type") in DYNAMIC_ROPE), None)
+    if kind is not None:
+        return (f"rope_type {kind!r} recomputes the rotary frequencies from each input's length, which a graph "
+                f"cannot record; use a rope_type computed once, such as 'linear', 'yarn' or 'llama3' (or no "
+                f"scaling)")
+    return None
 
 
 FAMILY = Family(
@@ -109,6 +145,7 @@ FAMILY = Family(
                    "num_hidden_layers", "vocab_size", "hidden_act", "rope_theta", "sliding_window",
                    "use_sliding_window", "tie_word_embeddings"),
     check_config=check_config,
+    check_trace=check_trace,
     max_layers_fields=("num_hidden_layers",),
     positive_int_fields=("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                          "num_hidden_layers", "num_key_value_heads", "max_position_embeddings"),
