@@ -22,6 +22,8 @@ same file see exactly the same batches, and a resumed run continues where it sto
 - For a decoder-only model (`collate_causal`) input and target make one sequence: input_ids
   are input + target, labels -100 on the input's positions, padded on the right; the model
   shifts the labels itself.
+- For a masked LM (`collate_masked`) lines are pre-tokenized with labels aligned to input_ids
+  (-100 where nothing is predicted); both are padded on the right and token_type_ids are 0.
 - Microbatches are `torch.tensor_split(tensor, M)` along dim 0: the first B % M microbatches
   hold one row more. All microbatches of a batch share the batch's padded lengths.
 
@@ -39,6 +41,7 @@ import torch
 from fxconvert.errors import UsageError
 
 IGNORE_INDEX = -100  # the label value transformers' cross-entropy ignores
+OBJECTIVES = ("seq2seq", "causal", "masked")  # what a family trains with (`Family.objective`)
 TEXT_KEYS, ID_KEYS = ("input", "target"), ("input_ids", "labels")
 # Files that hold a vocabulary. AutoTokenizer on a directory with config.json alone builds a
 # T5 tokenizer of special tokens only, so without one of these there is no tokenizer.
@@ -125,7 +128,7 @@ def _parse(raw: bytes, where: str) -> dict:
     return obj
 
 
-def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, causal: bool = False) -> list[int]:
+def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, objective: str = "seq2seq") -> list[int]:
     if not isinstance(ids, list):
         raise DataError(f"{where}: {key!r} is a {type(ids).__name__}, not a list of ints; {FIX}")
     if not ids:
@@ -135,7 +138,7 @@ def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, causal: bool 
         if type(value) is not int:  # bool is an int subclass; floats and nested lists are wrong too
             raise DataError(f"{where}: {key}[{i}] is a {type(value).__name__} ({json.dumps(value)[:40]}), not an int; {FIX}")
         if key == "labels" and value == IGNORE_INDEX:
-            if causal:
+            if objective == "causal":
                 raise DataError(f"{where}: labels[{i}] is -100, but a causal LM reads its labels as tokens; put "
                                 f"the tokens it should not learn in input_ids (they are never learned)")
             continue
@@ -145,6 +148,15 @@ def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, causal: bool 
     if key == "labels" and all(v == IGNORE_INDEX for v in ids):
         _nothing_to_learn(where)
     return ids
+
+
+def _check_masked(obj: dict, where: str) -> None:
+    if "input" in obj:
+        raise DataError(f"{where}: a masked LM's lines must be pre-tokenized; give {{\"input_ids\": [int], "
+                        f"\"labels\": [int]}} with labels aligned to input_ids (-100 where nothing is predicted)")
+    if len(obj["labels"]) != len(obj["input_ids"]):
+        raise DataError(f"{where}: {len(obj['labels'])} labels for {len(obj['input_ids'])} input_ids; a masked LM's "
+                        f"labels are aligned with its input_ids (-100 where nothing is predicted)")
 
 
 def _nothing_to_learn(where: str):
@@ -158,7 +170,7 @@ def _positive(value, what: str, minimum=1) -> int:
 
 
 def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None,
-               causal: bool = False) -> list[Example]:
+               objective: str = "seq2seq") -> list[Example]:
     """Every example of the JSONL file `path`, checked line by line before any is returned.
 
     Text is tokenized as `tokenizer(input, truncation=True, max_length=max_source_length)` and
@@ -166,8 +178,13 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     tokenizer's default settings (a None length means no truncation). Pre-tokenized ids are
     cut to their first max length ids, exactly as given. A UTF-8 byte-order mark at the very
     start of the file is accepted (editors on Windows write one); anywhere else it is invalid JSON.
-    With `causal=True` (a decoder-only model) the labels are tokens the model reads, so -100 is refused.
+    `objective` is the model family's (`Family.objective`): for "causal" (a decoder-only model) the
+    labels are tokens the model reads, so -100 is refused; for "masked" (a masked LM) a line is
+    pre-tokenized, its labels aligned with its input_ids (same length, -100 where nothing is
+    predicted), and both are cut to max_source_length.
     """
+    if objective not in OBJECTIVES:
+        raise UsageError(f"unknown data objective {objective!r}; choose {', '.join(OBJECTIVES)}")
     for option, value in (("--max-source-length", max_source_length), ("--max-target-length", max_target_length)):
         if value is not None:
             _positive(value, option)
@@ -196,7 +213,10 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
                 problem = "is empty" if isinstance(obj[key], str) else f"is a {type(obj[key]).__name__}, not a string"
                 raise DataError(f"{where}: {key!r} {problem}; {FIX}")
         for key in ("input_ids", "labels") if "input_ids" in obj else ():
-            _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer", causal=causal)
+            _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer",
+                       objective=objective)
+        if objective == "masked":
+            _check_masked(obj, where)
         rows.append(obj)
     texts = [number for number, obj in enumerate(rows, 1) if "input" in obj]
     sources = _tokenize(tokenizer, [rows[n - 1]["input"] for n in texts], max_source_length, target=False)
@@ -206,9 +226,11 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
         rows[number - 1] = {key: _check_ids(ids, key, where, vocab_size, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
     examples = []
     for number, obj in enumerate(rows, 1):
-        labels = obj["labels"][:max_target_length]
-        if max_target_length is not None and all(v == IGNORE_INDEX for v in labels):
-            _nothing_to_learn(f"{name}:{number} (cut to --max-target-length {max_target_length})")
+        cut, option = (max_source_length, "--max-source-length") if objective == "masked" else (
+            max_target_length, "--max-target-length")
+        labels = obj["labels"][:cut]
+        if cut is not None and all(v == IGNORE_INDEX for v in labels):
+            _nothing_to_learn(f"{name}:{number} (cut to {option} {cut})")
         examples.append(Example(obj["input_ids"][:max_source_length], labels))
     return examples
 
@@ -256,18 +278,21 @@ def _pad(rows: list[list[int]], value: int, length: int | None, option: str) -> 
     return out
 
 
-def collate(examples, *, pad_token_id, decoder_start_token_id=None, pad_to=None, causal=False) -> dict[str, torch.Tensor]:
+def collate(examples, *, pad_token_id, decoder_start_token_id=None, pad_to=None,
+            objective: str = "seq2seq") -> dict[str, torch.Tensor]:
     """One padded int64 batch: input_ids, attention_mask, labels, decoder_input_ids.
 
     `pad_to=(source_length, target_length)` pads every batch to the same fixed lengths instead
     of its own longest, for runtimes that size their buffers once; the real tokens' losses are
-    the same either way. With `causal=True` (a decoder-only model) see `collate_causal`.
+    the same either way. For the "causal" and "masked" objectives see `collate_causal` and
+    `collate_masked`.
     """
     if not examples:
         raise UsageError("cannot collate an empty batch; give at least one example")
-    if causal:
-        return collate_causal(examples, pad_token_id=pad_token_id,
-                              pad_to=None if pad_to is None else sum(pad_to))
+    if objective == "causal":
+        return collate_causal(examples, pad_token_id=pad_token_id, pad_to=None if pad_to is None else sum(pad_to))
+    if objective == "masked":
+        return collate_masked(examples, pad_token_id=pad_token_id, pad_to=None if pad_to is None else pad_to[0])
     for name, value in (("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)):
         if type(value) is not int:
             raise UsageError(f"{name} is {value!r}, not a token id; set {name} in the model's config.json")
@@ -300,6 +325,25 @@ def collate_causal(examples, *, pad_token_id, pad_to=None) -> dict[str, torch.Te
     labels = _pad([[IGNORE_INDEX] * len(e.input_ids) + e.labels for e in examples], IGNORE_INDEX, length,
                   "--max-target-length")
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_masked(examples, *, pad_token_id, pad_to=None) -> dict[str, torch.Tensor]:
+    """One padded int64 batch for a masked LM: input_ids, attention_mask, token_type_ids, labels.
+
+    Labels are aligned with input_ids (`read_jsonl` checks it); rows are padded on the right
+    with `pad_token_id`, mask 0 and label -100; every token is segment 0.
+    """
+    if not examples:
+        raise UsageError("cannot collate an empty batch; give at least one example")
+    if type(pad_token_id) is not int:
+        raise UsageError(f"pad_token_id is {pad_token_id!r}, not a token id; set pad_token_id in the model's "
+                         f"config.json")
+    length = _positive(pad_to, "pad_to") if pad_to is not None else None
+    input_ids = _pad([e.input_ids for e in examples], pad_token_id, length, "--max-source-length")
+    attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, length, "--max-source-length")
+    labels = _pad([e.labels for e in examples], IGNORE_INDEX, length, "--max-source-length")
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids),
+            "labels": labels}
 
 
 def microbatches(batch: dict, m) -> list[dict]:

@@ -318,14 +318,14 @@ class Data:
     examples: list
     pad_token_id: int
     decoder_start_token_id: int | None
-    causal: bool = False  # a decoder-only model: input + target as one sequence (`data.collate_causal`)
+    objective: str = "seq2seq"  # the family's (`Family.objective`): how lines become batches (`fxconvert.data`)
 
     def batch(self, args, index: int) -> dict[str, torch.Tensor]:
         from fxconvert.data import batch_indices, collate
 
         rows = batch_indices(len(self.examples), args.batch, index, shuffle=args.shuffle, seed=args.seed)
         return collate([self.examples[i] for i in rows], pad_token_id=self.pad_token_id,
-                       decoder_start_token_id=self.decoder_start_token_id, causal=self.causal)
+                       decoder_start_token_id=self.decoder_start_token_id, objective=self.objective)
 
     def tokens(self, args, index: int) -> int:
         """Real input tokens plus target tokens of global batch `index` (for tokens/s)."""
@@ -342,27 +342,27 @@ def load_data(args, model: Model) -> Data:
     config = model.config
     family = families.family_of_class((config.get("architectures") or [""])[0])
     objective = family.objective if family is not None else "seq2seq"
-    if objective not in ("seq2seq", "causal"):
-        raise UsageError(f"fxconvert.train has no data format for {family.title} models yet; train a seq2seq "
-                         f"(T5, BART) or causal LM (GPT-2, Llama-style) model")
+    if objective is None:
+        raise UsageError(f"fxconvert.train has no data format for {family.title} models; train a seq2seq "
+                         f"(T5, BART), causal LM (GPT-2, Llama-style) or masked LM (BERT) model")
     causal = objective == "causal"
     tokenizer = load_tokenizer(model.tokenizer_dir, required=False) if model.tokenizer_dir is not None else None
     examples = read_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
                           max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"),
-                          causal=causal)
-    _check_lengths(examples, args, family, config, causal)
+                          objective=objective)
+    _check_lengths(examples, args, family, config, objective)
     pad = config.get("pad_token_id")
     if causal and type(pad) is not int:  # GPT-2 and Llama define none: padding is masked and never learned
         pad = config.get("eos_token_id")
         pad = pad[0] if isinstance(pad, list) and pad else pad
-    start = config.get("decoder_start_token_id") if not causal else None
+    start = config.get("decoder_start_token_id") if objective == "seq2seq" else None
     for name, value in (("pad_token_id", pad), ("decoder_start_token_id", start)):
-        if type(value) is not int and not (causal and name == "decoder_start_token_id"):
+        if type(value) is not int and not (objective != "seq2seq" and name == "decoder_start_token_id"):
             raise UsageError(f"the model's config has {name} = {value!r}; set it in config.json")
-    return Data(examples, pad, start, causal)
+    return Data(examples, pad, start, objective)
 
 
-def _check_lengths(examples, args, family, config: dict, causal: bool) -> None:
+def _check_lengths(examples, args, family, config: dict, objective: str) -> None:
     """Refuse examples longer than a learned position table (`Family.max_length`): eager would fail mid-run."""
     field = family.max_length if family is not None else ""
     limit = config.get(field) if field else None
@@ -370,14 +370,14 @@ def _check_lengths(examples, args, family, config: dict, causal: bool) -> None:
         return
 
     def length(e):  # a causal example is one sequence, input then target; a seq2seq one is two
-        return len(e.input_ids) + len(e.labels) if causal else max(len(e.input_ids), len(e.labels))
+        return len(e.input_ids) + len(e.labels) if objective == "causal" else max(len(e.input_ids), len(e.labels))
 
     longest = max(range(len(examples)), key=lambda i: length(examples[i]))
     if length(examples[longest]) > limit:
-        cut = "that add up to" if causal else "of"
+        cut = {"causal": "--max-source-length and --max-target-length that add up to",
+               "masked": "--max-source-length of"}.get(objective, "--max-source-length and --max-target-length of")
         raise UsageError(f"{args.data}: example {longest + 1} is {length(examples[longest])} tokens long, more "
-                         f"than the model's {field} ({limit}); pass --max-source-length and --max-target-length "
-                         f"{cut} at most {limit}")
+                         f"than the model's {field} ({limit}); pass {cut} at most {limit}")
 
 
 # -- pipeline stages --------------------------------------------------------------------------------

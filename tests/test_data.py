@@ -390,7 +390,7 @@ def gpt2():
 
 
 def test_causal_batches_are_input_then_target_with_only_the_target_learned():
-    batch = collate(CAUSAL, pad_token_id=3, causal=True)
+    batch = collate(CAUSAL, pad_token_id=3, objective="causal")
     assert list(batch) == ["input_ids", "attention_mask", "labels"]
     for i, e in enumerate(CAUSAL):
         n = len(e.input_ids) + len(e.labels)
@@ -402,7 +402,7 @@ def test_causal_batches_are_input_then_target_with_only_the_target_learned():
 def test_a_causal_batch_learns_each_target_token_from_what_precedes_it(gpt2):
     # against eager GPT-2: the batch loss is the mean over target tokens of -log p(token | prefix),
     # each computed from that example alone, without padding
-    batch = collate(CAUSAL, pad_token_id=3, causal=True)
+    batch = collate(CAUSAL, pad_token_id=3, objective="causal")
     with torch.no_grad():
         loss = gpt2(**batch).loss
         terms = []
@@ -415,10 +415,10 @@ def test_a_causal_batch_learns_each_target_token_from_what_precedes_it(gpt2):
 
 
 def test_causal_fixed_lengths_and_refusals():
-    fixed = collate(CAUSAL, pad_token_id=3, causal=True, pad_to=(4, 4))
+    fixed = collate(CAUSAL, pad_token_id=3, objective="causal", pad_to=(4, 4))
     assert fixed["input_ids"].shape == (3, 8)
     with pytest.raises(UsageError, match="not a token id; set pad_token_id"):
-        collate(CAUSAL, pad_token_id=None, causal=True)
+        collate(CAUSAL, pad_token_id=None, objective="causal")
 
 
 def test_ignored_labels_are_refused_for_a_causal_model(tmp_path):
@@ -426,4 +426,54 @@ def test_ignored_labels_are_refused_for_a_causal_model(tmp_path):
     path.write_text('{"input_ids": [1, 2], "labels": [3, -100]}\n')
     assert read_jsonl(path)[0].labels == [3, -100]  # a seq2seq model ignores it
     with pytest.raises(DataError, match=r"d.jsonl:1: labels\[1\] is -100, but a causal LM reads its labels as tokens"):
-        read_jsonl(path, causal=True)
+        read_jsonl(path, objective="causal")
+
+
+# --- masked-LM batches (BERT) ------------------------------------------------------------------------
+
+MASKED = [Example([5, 6, 7], [-100, 9, -100]), Example([10, 11, 12, 13, 14], [20, -100, -100, -100, 21]),
+          Example([15], [16])]
+
+
+def test_masked_batches_keep_labels_aligned_with_the_input():
+    batch = collate(MASKED, pad_token_id=3, objective="masked")
+    assert list(batch) == ["input_ids", "attention_mask", "token_type_ids", "labels"]
+    for i, e in enumerate(MASKED):
+        n = len(e.input_ids)
+        assert batch["input_ids"][i].tolist() == e.input_ids + [3] * (5 - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (5 - n)
+        assert batch["labels"][i].tolist() == e.labels + [-100] * (5 - n)
+    assert not batch["token_type_ids"].any()
+
+
+def test_a_padded_masked_batch_gives_the_losses_of_its_examples_alone():
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=97, max_position_embeddings=32, pad_token_id=3)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        batch = collate(MASKED, pad_token_id=3, objective="masked")
+        together = model(**batch).loss * (batch["labels"] != -100).sum()
+        alone = sum(model(**collate([e], pad_token_id=3, objective="masked")).loss * sum(v != -100 for v in e.labels)
+                    for e in MASKED)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"input_ids": [1, 2, 3], "labels": [4, 5]}', "2 labels for 3 input_ids; a masked LM's labels are aligned"),
+    ('{"input": "a [MASK] b", "target": "a c b"}', "a masked LM's lines must be pre-tokenized"),
+])
+def test_masked_lines_that_do_not_align_are_refused(tmp_path, tokenizer_dir, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(DataError, match=rf"d.jsonl:1: {message}"):
+        read_jsonl(path, tokenizer=load_tokenizer(tokenizer_dir), objective="masked")
+
+
+def test_masked_lines_are_cut_to_the_source_length(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input_ids": [1, 2, 3, 4], "labels": [-100, 5, -100, 6]}\n{"input_ids": [1, 2], "labels": [-100, 7]}\n')
+    examples = read_jsonl(path, max_source_length=2, objective="masked")
+    assert [(e.input_ids, e.labels) for e in examples] == [([1, 2], [-100, 5]), ([1, 2], [-100, 7])]
+    with pytest.raises(DataError, match=r"d.jsonl:1 \(cut to --max-source-length 1\): every label is -100"):
+        read_jsonl(path, max_source_length=1, objective="masked")

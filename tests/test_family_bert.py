@@ -133,7 +133,7 @@ def test_record():
     assert family.block_of("bert.embeddings.word_embeddings") is None
     assert family.block_of("cls.predictions.decoder") is None
     assert family.max_length == "max_position_embeddings"
-    assert family.objective is None  # fxconvert.train has no masked-LM data format (see the pipeline test below)
+    assert family.objective == "masked"  # fxconvert.train: pre-tokenized lines, labels aligned (test_train_families)
 
 
 # -- trace: class x attention x train/eval x shapes ------------------------------------------------
@@ -508,35 +508,4 @@ def test_preset_loads_with_random_weights_and_warns():
         c = convert(model)
     assert "shared_embed_weight" in c.shared_weights
 
-
-# -- pipeline training on torch.distributed.pipelining ----------------------------------------------
-
-def test_pipeline_training_equals_single_process_training(tmp_path):
-    """2 gloo processes, GPipe and 1F1B, 2 SGD steps: the losses and every weight (each copy of the shared
-    embedding included) equal single-process training of the converted module, whose first loss is eager's."""
-    import bert_pipeline
-
-    results = bert_pipeline.run(tmp_path)
-    losses, initial, final = bert_pipeline.reference()
-    model = bert_pipeline.build_model()
-    batch = bert_pipeline.batches()[0]
-    chunks = {k: torch.tensor_split(v, bert_pipeline.MICROBATCHES) for k, v in batch.items()}
-    with torch.no_grad():
-        eager_losses = [model(**{k: v[i] for k, v in chunks.items()}).loss for i in range(bert_pipeline.MICROBATCHES)]
-    assert abs(losses[0] - torch.stack(eager_losses).mean().item()) <= 1e-5
-    for schedule, ranks in results.items():
-        assert ranks[0]["losses"] == [] and ranks[1]["losses"] == pytest.approx(losses, abs=1e-5), schedule
-        assert [r["shared"] for r in ranks] == [["shared_embed_weight"],
-                                                ["shared_embed_weight", "shared_cls_predictions_bias"]]
-        copies = {}
-        for rank in ranks:
-            for name, value in rank["weights"].items():
-                copies.setdefault(name, []).append(value)
-        assert set(copies) == set(final)
-        for name, values in copies.items():
-            for value in values:
-                torch.testing.assert_close(value, final[name], rtol=0, atol=1e-5,
-                                           msg=lambda m: f"{schedule} {name}: {m}")
-            assert all(torch.equal(v, values[0]) for v in values), name  # the copies of a shared weight agree
-        assert [n for n, v in copies.items() if len(v) > 1] == ["shared_embed_weight"]
-    assert max((final[n] - initial[n]).abs().max().item() for n in final) > 1e-2  # the weights did move
+# Pipeline training through fxconvert.train (masked-LM data): tests/test_train_families.py.

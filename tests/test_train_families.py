@@ -1,4 +1,4 @@
-"""`torchrun -m fxconvert.train` on GPT-2 (a causal LM) and BART (seq2seq) against eager transformers.
+"""`torchrun -m fxconvert.train` on GPT-2 (a causal LM), BART (seq2seq) and BERT (a masked LM) against eager transformers.
 
 The same contract as tests/test_train_eager.py for T5, with each family's batching written
 here from the contract, not from fxconvert's code:
@@ -7,13 +7,15 @@ here from the contract, not from fxconvert's code:
   inputs from the labels itself;
 - causal (GPT-2): each line is one sequence, input_ids followed by labels; labels are -100 on
   the input's positions; padded on the right (GPT-2 has no pad token: eos_token_id pads,
-  masked and never learned); GPT-2 shifts the labels itself.
+  masked and never learned); GPT-2 shifts the labels itself;
+- masked (BERT): input_ids and aligned labels (-100 where nothing is predicted) padded on the
+  right with pad_token_id and -100; token_type_ids all 0.
 
 Each run trains a tiny checkpoint written by save_pretrained (dropout 0), 2 stages with 1f1b,
 SGD, 3 steps, 2 microbatches, and must give the eager model's loss at every step and, in
 RUN/hf, its weights within 1e-5. The tied embedding (GPT-2's wte / lm_head, BART's shared
-embedding, encoder and decoder embed_tokens and lm_head) is held by both stages, so this also
-checks the tied-gradient all-reduce.
+embedding, encoder and decoder embed_tokens and lm_head, BERT's word embedding and MLM decoder)
+is held by both stages, so this also checks the tied-gradient all-reduce.
 """
 
 import json
@@ -33,31 +35,46 @@ VOCAB = 97
 CONFIGS = {
     "gpt2": (transformers.GPT2LMHeadModel, lambda: transformers.GPT2Config(
         n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=1, eos_token_id=1), True),
+        attn_pdrop=0.0, bos_token_id=1, eos_token_id=1), "causal"),
     "bart": (transformers.BartForConditionalGeneration, lambda: transformers.BartConfig(
         d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64, dropout=0.0,
         attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        decoder_start_token_id=2, forced_eos_token_id=None), False),
+        decoder_start_token_id=2, forced_eos_token_id=None), "seq2seq"),
+    "bert": (transformers.BertForMaskedLM, lambda: transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0),
+     "masked"),
 }
 
 
-def write_rows(path, n=16, seed=3) -> list[dict]:
-    """Pre-tokenized lines of varied lengths, no ignored labels (a causal LM refuses them)."""
+def write_rows(path, objective, n=16, seed=3) -> list[dict]:
+    """Pre-tokenized lines of varied lengths: no ignored labels (a causal LM refuses them), except for a
+    masked LM, whose labels are aligned with its input and -100 where nothing is predicted."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
         src, tgt = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
-        rows.append({"input_ids": torch.randint(3, VOCAB, (src,), generator=g).tolist(),
-                     "labels": torch.randint(3, VOCAB, (tgt,), generator=g).tolist()})
+        row = {"input_ids": torch.randint(3, VOCAB, (src,), generator=g).tolist(),
+               "labels": torch.randint(3, VOCAB, (tgt,), generator=g).tolist()}
+        if objective == "masked":
+            keep = torch.rand(src, generator=g) < 0.4
+            keep[int(torch.randint(0, src, (1,), generator=g))] = True  # at least one predicted token
+            row["labels"] = [t if k else -100 for t, k in zip(torch.randint(3, VOCAB, (src,), generator=g).tolist(),
+                                                              keep.tolist())]
+        rows.append(row)
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
-def eager_batch(rows, k, *, causal, pad):
+def eager_batch(rows, k, *, objective, pad):
     picked = [rows[i % len(rows)] for i in range(k * BATCH, k * BATCH + BATCH)]
-    if not causal:
+    if objective == "seq2seq":
         return tr.eager_batch(rows, BATCH, k, pad_token_id=pad)
+    if objective == "masked":
+        batch = tr.eager_batch(rows, BATCH, k, pad_token_id=pad)  # labels have the inputs' lengths
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        return batch
     seqs = [r["input_ids"] + r["labels"] for r in picked]
     width = max(map(len, seqs))
     out = {"input_ids": torch.full((BATCH, width), pad), "attention_mask": torch.zeros((BATCH, width), dtype=torch.long),
@@ -69,16 +86,17 @@ def eager_batch(rows, k, *, causal, pad):
     return out
 
 
-def train_eager(cls, checkpoint, rows, *, causal, pad):
+def train_eager(cls, checkpoint, rows, *, objective, pad):
     model = cls.from_pretrained(checkpoint).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
         optimizer.zero_grad()
         total = 0.0
-        chunks = {k: torch.tensor_split(v, MICRO) for k, v in eager_batch(rows, step, causal=causal, pad=pad).items()}
+        chunks = {k: torch.tensor_split(v, MICRO) for k, v in eager_batch(rows, step, objective=objective, pad=pad).items()}
         for i in range(MICRO):
-            loss = model(**{k: v[i] for k, v in chunks.items()}, use_cache=False).loss
+            extra = {} if objective == "masked" else {"use_cache": False}
+            loss = model(**{k: v[i] for k, v in chunks.items()}, **extra).loss
             (loss / MICRO).backward()
             total += loss.item() / MICRO
         optimizer.step()
@@ -92,11 +110,11 @@ def weights(cls, directory):
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_pipeline_training_equals_eager_transformers(tmp_path, family):
-    cls, config, causal = CONFIGS[family]
+    cls, config, objective = CONFIGS[family]
     torch.manual_seed(0)
     model = cls(config())
     model.save_pretrained(tmp_path / "ckpt")
-    rows = write_rows(tmp_path / "train.jsonl")
+    rows = write_rows(tmp_path / "train.jsonl", objective)
     conv = tmp_path / "conv"
     proc = subprocess.run([sys.executable, "-m", "fxconvert", str(tmp_path / "ckpt"), "--stages", "2", "--out",
                            str(conv), "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
@@ -109,7 +127,7 @@ def test_pipeline_training_equals_eager_transformers(tmp_path, family):
                        "--microbatches", MICRO, "--optimizer", "sgd", "--lr", LR, "--schedule", "1f1b")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-    losses, expected = train_eager(cls, tmp_path / "ckpt", rows, causal=causal, pad=pad)
+    losses, expected = train_eager(cls, tmp_path / "ckpt", rows, objective=objective, pad=pad)
     got = [m["loss"] for m in tr.metrics(out)]
     assert max(abs(a - b) for a, b in zip(got, losses, strict=True)) <= TOL, (got, losses)
     trained = weights(cls, out / "hf")
@@ -131,20 +149,23 @@ def test_ignored_labels_in_causal_data_are_one_line_whichever_rank_reads_them(tm
     assert not (tmp_path / "run").exists()
 
 
-# (family, input length, label length): one token past the learned position table
-TOO_LONG = [("gpt2", 40, 25), ("bart", 65, 3), ("bart", 3, 65)]
+# (family, input length, label length): one token past the learned position table (64 rows)
+TOO_LONG = [("gpt2", 40, 25), ("bart", 65, 3), ("bart", 3, 65), ("bert", 65, 65)]
+CUT = {"causal": "--max-source-length and --max-target-length that add up to",
+       "seq2seq": "--max-source-length and --max-target-length of", "masked": "--max-source-length of"}
 
 
 @pytest.mark.parametrize("family,source,target", TOO_LONG, ids=[f"{f}-{s}-{t}" for f, s, t in TOO_LONG])
 def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_path, family, source, target):
-    """GPT-2 (n_positions) and BART (max_position_embeddings) look positions up in a 64-row table:
+    """GPT-2 (n_positions), BART and BERT (max_position_embeddings) look positions up in a 64-row table:
     eager transformers fails on a longer sequence, so the data check names the example and the fix."""
     from types import SimpleNamespace
 
     from fxconvert import train
     from fxconvert.errors import UsageError
 
-    cls, config, causal = CONFIGS[family]
+    cls, config, objective = CONFIGS[family]
+    causal = objective == "causal"
     data = tmp_path / "d.jsonl"
     fits = {"input_ids": [5] * 3, "labels": [7] * 3}
     long = {"input_ids": [5] * source, "labels": [7] * target}
@@ -156,11 +177,9 @@ def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_pat
         train.load_data(args, model)
     field, total = ("n_positions", source + target) if causal else ("max_position_embeddings", max(source, target))
     assert str(info.value) == (f"{data}: example 2 is {total} tokens long, more than the model's {field} (64); pass "
-                               f"--max-source-length and --max-target-length {'that add up to' if causal else 'of'} "
-                               f"at most 64")
-    # at the limit it loads, and eager transformers runs it
-    long = {"input_ids": [5] * (source - 1), "labels": [7] * target} if source > target else \
-        {"input_ids": [5] * source, "labels": [7] * (target - 1)}
+                               f"{CUT[objective]} at most 64")
+    # one token shorter it loads, and eager transformers runs it; one token longer eager fails
+    long = {"input_ids": [5] * (source - (source >= target)), "labels": [7] * (target - (target >= source))}
     data.write_text(json.dumps(long) + "\n")
     assert len(train.load_data(args, model).examples) == 1
     torch.manual_seed(0)
@@ -169,5 +188,5 @@ def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_pat
              dict(input_ids=torch.tensor([long["input_ids"]]), labels=torch.tensor([long["labels"]])))
     with torch.no_grad():
         assert torch.isfinite(eager(**batch).logits).all()
-        with pytest.raises(IndexError):  # one more token: eager transformers cannot run it
+        with pytest.raises((IndexError, RuntimeError)):  # an index past the table (BERT: past its position_ids)
             eager(**{k: torch.cat([v, v[:, :1]], dim=1) for k, v in batch.items()})
