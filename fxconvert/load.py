@@ -231,6 +231,7 @@ def quiet_transformers() -> None:
 # Layers are built one by one, even on the meta device: a hostile count would build for hours.
 # The largest published stacks of the supported families have fewer than 100 layers.
 MAX_LAYERS = 1024
+MAX_SIZE = families.MAX_SIZE
 
 
 def check_config(config: dict, where: str) -> None:
@@ -256,6 +257,8 @@ def check_config(config: dict, where: str) -> None:
     for key in family.positive_int_fields:
         if key in config and not (is_int(config[key]) and config[key] > 0):
             refuse(key, "a positive integer")
+        if key in config and key not in family.max_layers_fields and config[key] > MAX_SIZE:
+            refuse(key, f"a positive integer up to {MAX_SIZE}")
     for key in family.max_layers_fields:
         value = config.get(key)
         if value is None or (key.startswith("num_decoder") and cls_name.endswith("EncoderModel")):
@@ -460,11 +463,12 @@ def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) 
         _keep_in_fp32(model)
     except Exception as e:
         raise ModelResolutionError(f"cannot build {cls.__name__} from {source.location}: {_summary(e)}") from e
-    n_params = sum(p.numel() for p in model.parameters())
+    # buffers count too: BERT's position_ids and token_type_ids span max_position_embeddings in int64
+    n_params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     if not meta and n_params > META_THRESHOLD:
         meta = True
-        source.notes.append(f"{n_params / 1e9:.1f}B parameters are too many to build in memory: built on the "
-                            f"meta device (pass a checkpoint directory to convert real weights)")
+        source.notes.append(f"{n_params / 1e9:.1f}B parameters and buffer values are too many to build in memory: "
+                            f"built on the meta device (pass a checkpoint directory to convert real weights)")
     if meta:
         _untie_head(model, config)
         source.device, source.weights = "meta", "none (meta device)"
@@ -617,6 +621,7 @@ def _summary(e: BaseException) -> str:
     if not text:
         return type(e).__name__
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    text = re.sub(r"\s*Exception raised from .*", "", text)  # torch's C++ frames: no reason, only noise
     match = re.fullmatch(r"Validation error for field '([^']*)':\s*(?:\w+: )?(.*)", text)
     if match:
         field_name, reason = match.groups()

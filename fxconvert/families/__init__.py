@@ -22,6 +22,9 @@ from functools import cache
 # and which sequence it spans: "encoder" (the input sequence; the only one of a decoder-only
 # or encoder-only model) or "decoder" (the target sequence of an encoder-decoder model).
 KINDS = ("ids", "mask", "type_ids", "embeds")
+# The largest size field (width, vocabulary, position table) a config may give: past int64 a tensor
+# cannot even be built on the meta device, and no supported family publishes one near 2**31.
+MAX_SIZE = 2**31 - 1
 SEQUENCES = ("encoder", "decoder")
 
 

@@ -6,7 +6,7 @@ arange over the sequence (`wpe`), attention is causal (the runtime causal mask, 
 folded in). transformers' `Conv1D` stores its weight (in, out) and computes `x @ W + b`.
 """
 
-from fxconvert.families import Family, block_regex
+from fxconvert.families import MAX_SIZE, Family, block_regex
 
 # Published config.json values (openai-community/<name>); each size: (n_embd, n_head, n_layer).
 _SIZES = {
@@ -32,8 +32,8 @@ def check_config(config: dict, refuse) -> None:
     def is_int(value):
         return isinstance(value, int) and not isinstance(value, bool)
 
-    if config.get("n_inner") is not None and not (is_int(config["n_inner"]) and config["n_inner"] > 0):
-        refuse("n_inner", "a positive integer (or null for 4 * n_embd)")
+    if config.get("n_inner") is not None and not (is_int(config["n_inner"]) and 0 < config["n_inner"] <= MAX_SIZE):
+        refuse("n_inner", f"a positive integer up to {MAX_SIZE} (or null for 4 * n_embd)")
     embd, head = config.get("n_embd", 768), config.get("n_head", 12)
     if is_int(embd) and is_int(head) and embd > 0 and head > 0 and embd % head:
         refuse("n_embd", f"a multiple of n_head ({head})")

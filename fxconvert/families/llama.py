@@ -11,7 +11,7 @@ models tie it to the token embedding (one `shared_embed_weight` after conversion
 
 import math
 
-from fxconvert.families import Family, block_regex
+from fxconvert.families import MAX_SIZE, Family, block_regex
 
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 
@@ -53,7 +53,7 @@ DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
 # The window is compared with token positions as an int64: far longer than any sequence.
-MAX_WINDOW = 2**31 - 1
+MAX_WINDOW = MAX_SIZE
 
 
 def _is_int(value) -> bool:
@@ -76,8 +76,8 @@ def check_config(config: dict, refuse) -> None:
         if head_dim is None and _is_int(hidden) and (hidden // heads) % 2:
             refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / "
                                           f"{heads} heads is odd; rotary embeddings rotate pairs of features)")
-    if head_dim is not None and not (_is_int(head_dim) and head_dim > 0 and head_dim % 2 == 0):
-        refuse("head_dim", "a positive even integer (rotary embeddings rotate pairs of features)")
+    if head_dim is not None and not (_is_int(head_dim) and 0 < head_dim <= MAX_SIZE and head_dim % 2 == 0):
+        refuse("head_dim", f"a positive even integer up to {MAX_SIZE} (rotary embeddings rotate pairs of features)")
     if "rope_theta" in config and not _is_positive_number(config["rope_theta"]):
         refuse("rope_theta", "a positive number, the rotary base (Llama 2 uses 10000.0)")
     for key in ("rope_scaling", "rope_parameters"):
