@@ -22,7 +22,6 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxconvert.cli import main
 from fxconvert.convert import convert
 from fxconvert.errors import TraceError
 from fxconvert.families import family_of_class, presets
@@ -30,7 +29,7 @@ from fxconvert.stages import split_stages
 from fxconvert.trace import trace
 
 import helpers
-from helpers import assert_outputs_match, eager_outputs, output_sum
+from helpers import assert_grads_match, assert_outputs_match, eager_outputs, output_sum
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 97
@@ -79,15 +78,6 @@ def run(fn, model, inputs, mode, seed=0):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-
-
-def assert_grads_match(expected, actual, model):
-    everything = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert set(expected) == everything, sorted(everything - set(expected))
-    assert set(actual) == everything, sorted(everything - set(actual))
-    for name in expected:
-        torch.testing.assert_close(actual[name].to_dense(), expected[name].to_dense(), atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 # -- trace: class x case x attention x mode x shape ------------------------------------------------
@@ -299,12 +289,7 @@ print(json.dumps({"diffs": diffs, "transformers_loaded": any(k.startswith("trans
 @pytest.mark.parametrize("cls_name", ["BartForConditionalGeneration", "BartModel"])
 def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(cls_name, tmp_path, capsys):
     model = build(cls_name)
-    model.save_pretrained(tmp_path / "ckpt")
-    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--stages", "2"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(out)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    report = helpers.cli_convert(model, tmp_path, capsys, "--stages", 2)
     prefix = "model." if cls_name.endswith("ForConditionalGeneration") else ""
     assert [b for r in report["stages"] for b in r["blocks"]] == [f"{prefix}encoder.layers.{i}" for i in range(2)] + [
         f"{prefix}decoder.layers.{i}" for i in range(2)]

@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxconvert.analysis import find_shared_parameters
-from fxconvert.cli import main
 from fxconvert.convert import convert
 from fxconvert.families import family_of_class
 from fxconvert.stages import SplitError, split_stages
@@ -420,13 +419,8 @@ print(json.dumps(out))
 
 def test_cli_converts_a_checkpoint_and_the_files_run_without_transformers(tmp_path, capsys):
     model = build("BertForMaskedLM")
-    model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    report = helpers.cli_convert(model, tmp_path, capsys, "--stages", 2)
     assert [i["name"] for i in report["io"]["inputs"]] == [*NAMES["BertForMaskedLM"], "shared_embed_weight",
                                                           "shared_cls_predictions_bias", "training"]
     cases = [bert_inputs(NAMES["BertForMaskedLM"], b, n, seed=n) for b, n in ((2, 7), (1, 1), (3, 30))]
@@ -461,13 +455,8 @@ def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cli_validates_half_precision_and_eager_attention(tmp_path, capsys, dtype):
-    build("BertForMaskedLM").save_pretrained(tmp_path / "ckpt")
-    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--dtype", dtype,
-                 "--attn", "eager"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["validation"]["passed"] is True and report["model"]["attention"] == "eager"
+    report = helpers.cli_convert(build("BertForMaskedLM"), tmp_path, capsys, "--dtype", dtype, "--attn", "eager")
+    assert report["model"]["attention"] == "eager"
 
 
 # -- presets ---------------------------------------------------------------------------------------

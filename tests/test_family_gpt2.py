@@ -21,14 +21,13 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxconvert.cli import main
 from fxconvert.convert import convert
 from fxconvert.families import family_of_class
 from fxconvert.load import RandomWeightsWarning, load
 from fxconvert.stages import split_stages
 from fxconvert.trace import trace
 
-from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, grads_of, input_names_of
+from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, cli_convert, grads_of, input_names_of
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 97
@@ -364,13 +363,8 @@ print(json.dumps({"loss": model.load()(**inputs).item(), "stage_loss": values.it
 
 def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(tmp_path, capsys):
     model = build("GPT2LMHeadModel")
-    model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    report = cli_convert(model, tmp_path, capsys, "--stages", 2)
     assert report["model"]["source"]["origin"] == "local directory"
     assert [i["name"] for i in report["io"]["inputs"]] == ["input_ids", "attention_mask", "labels",
                                                           "shared_embed_weight", "training"]

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from fxconvert.errors import TraceError
 from fxconvert.families import llama as llama_family
 from fxconvert.trace import trace
 
-from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, grads_of
+from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, cli_convert, grads_of
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILY = llama_family.FAMILY
@@ -484,16 +483,9 @@ def test_random_weights_recompute_the_rotary_frequencies(tmp_path):
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "qwen2_tied", "mistral_window"])
 def test_cli_converts_a_checkpoint_splits_and_validates(variant, tmp_path, capsys):
-    from fxconvert.cli import main
-
     model = build(variant)
-    model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True, report["validation"]
+    report = cli_convert(model, tmp_path, capsys, "--stages", 2)
     assert [b for r in report["stages"] for b in r["blocks"]] == ["model.layers.0", "model.layers.1"]
     inputs = [i["name"] for i in report["io"]["inputs"]]
     tied = model.config.tie_word_embeddings
@@ -633,12 +625,4 @@ def test_explicit_layer_types_match_eager(attn):
 @pytest.mark.parametrize("dtype,attn", [("bfloat16", "sdpa"), ("float16", "eager")])
 def test_cli_validates_half_precision(dtype, attn, tmp_path, capsys):
     """Rotary cos/sin are computed in float32 and cast, as transformers does; validation at the dtype's tolerance."""
-    from fxconvert.cli import main
-
-    build("mistral_window").save_pretrained(tmp_path / "ckpt")
-    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--dtype", dtype,
-                 "--attn", attn])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    cli_convert(build("mistral_window"), tmp_path, capsys, "--dtype", dtype, "--attn", attn)
