@@ -430,7 +430,7 @@ def test_preset_random_weights_warn_and_are_scaled_by_fan_in():
     ("n_embd", 30, "a multiple of n_head"),
     ("n_head", 0, "a positive integer"),
     ("n_layer", -1, "a positive integer"),
-    ("n_inner", 0, "a positive integer (or null"),
+    ("n_inner", 0, "a positive integer up to 2147483647 (or null"),
     ("activation_function", "swishy", "an activation such as gelu_new"),
     ("attn_pdrop", 1.0, "a number in [0, 1)"),
     ("n_positions", 0, "a positive integer"),
