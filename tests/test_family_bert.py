@@ -441,6 +441,11 @@ def test_cli_converts_a_checkpoint_and_the_files_run_without_transformers(tmp_pa
     (dict(type_vocab_size=0), r"type_vocab_size"),
     (dict(attention_probs_dropout_prob=1.5), r"attention_probs_dropout_prob"),
     (dict(hidden_act="nope"), r"hidden_act.*'gelu'"),
+    (dict(position_embedding_type="relative_key"), r"^invalid config in .*: position_embedding_type is 'relative_key'; "
+                                                   r"set it to 'absolute': transformers 5's BERT has only absolute "
+                                                   r"positions and would ignore this one \(use a checkpoint trained "
+                                                   r"with absolute positions\) in the config$"),
+    (dict(position_embedding_type="relative_key_query"), r"position_embedding_type is 'relative_key_query'"),
 ])
 def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
     from fxconvert.errors import ModelResolutionError
@@ -451,6 +456,27 @@ def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
     with pytest.raises(ModelResolutionError, match=message) as info:
         load(tmp_path / "config.json", meta=True)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_relative_position_types_are_ignored_by_transformers_so_refused(attn, tmp_path):
+    """Why relative_key is refused: eager transformers 5 computes absolute positions whatever the field says
+    (same outputs and gradients as 'absolute', and no distance embedding), so the trace would match eager
+    and still not be the model that was trained. 'absolute' itself loads."""
+    from fxconvert.load import load
+
+    relative, absolute = build(attn=attn, position_embedding_type="relative_key"), build(attn=attn)
+    assert not any("distance_embedding" in n for n, _ in relative.named_parameters())
+    inputs = bert_inputs(NAMES["BertForMaskedLM"], 2, 9)
+    want, want_grads = output_and_grads(absolute, lambda: eager(absolute, inputs))
+    got, got_grads = output_and_grads(relative, lambda: eager(relative, inputs))
+    for k in want:
+        assert_close(got[k], want[k], k)
+    assert [g for g in got_grads.values()] and all(torch.equal(a, b) for a, b in zip(got_grads.values(),
+                                                                                     want_grads.values()))
+    config = {**bert_config().to_dict(), "architectures": ["BertForMaskedLM"], "position_embedding_type": "absolute"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert type(load(tmp_path / "config.json", meta=True).model).__name__ == "BertForMaskedLM"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -36,6 +36,11 @@ def check_config(config: dict, refuse) -> None:
     if ints and hidden % heads:
         refuse("hidden_size", f"a multiple of num_attention_heads ({heads}); BERT splits the hidden size "
                               f"evenly between heads (bert-base uses 768 and 12)")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        # transformers 5 dropped relative_key(_query): its BERT ignores the field and a checkpoint's
+        # distance embeddings, computing absolute positions silently
+        refuse("position_embedding_type", "'absolute': transformers 5's BERT has only absolute positions and "
+                                          "would ignore this one (use a checkpoint trained with absolute positions)")
     if config.get("is_decoder"):
         refuse("is_decoder", "false: fxconvert converts BERT as a bidirectional encoder")
     if config.get("add_cross_attention"):
