@@ -408,3 +408,28 @@ def test_a_bad_config_field_is_refused_in_one_line(key, value, rule):
     check_config(dict(config, **{key: tiny_config().to_dict()[key]}), "config.json")  # the tiny config passes
     with pytest.raises(ModelResolutionError, match=rf"^invalid config in config.json: {key} is .*set it to {rule}"):
         check_config(config, "config.json")
+
+
+@pytest.mark.parametrize("key", ["normalize_before", "add_final_layer_norm", "normalize_embedding",
+                                 "static_position_embeddings", "add_bias_logits"])
+def test_fields_transformers_ignores_are_refused_unless_at_the_value_it_computes(key):
+    """Published BART configs still carry these fields, at the values transformers 5 always computes with
+    (those pass); another value would be silently ignored by eager transformers too, so it is refused."""
+    from fxconvert.families.bart import IGNORED_FIELDS
+    from fxconvert.load import ModelResolutionError, check_config
+
+    published = dict(presets()["facebook/bart-base"][1], **IGNORED_FIELDS)
+    check_config(published, "config.json")
+    flipped = not IGNORED_FIELDS[key]
+    with pytest.raises(ModelResolutionError) as info:
+        check_config(dict(published, **{key: flipped}), "config.json")
+    expected = str(IGNORED_FIELDS[key]).lower()
+    assert str(info.value) == (f"invalid config in config.json: {key} is {flipped}; set it to {expected} in the "
+                               f"config: transformers 5's BART ignores {key} and computes as if it were {expected}, "
+                               f"so a model trained otherwise (mBART-style, say) would convert wrongly")
+    # eager transformers computes the same with either value: the field is ignored
+    model, other = build(), build(**{key: flipped})
+    inputs = inputs_for(family_of_class("BartForConditionalGeneration").default_input_names(
+        "BartForConditionalGeneration"), (2, 6, 4))
+    with torch.no_grad():
+        assert_outputs_match(eager_outputs(model, inputs), eager_outputs(other, inputs), atol=0)

@@ -33,8 +33,19 @@ def _preset(d_model, ffn_dim, heads, layers) -> dict:
                 decoder_layers=layers, num_hidden_layers=layers)
 
 
+# Fields of early BART configs (still in the published config.json files, with these values)
+# that transformers 5's BART never reads: it always computes as these values say.
+IGNORED_FIELDS = {"normalize_before": False, "add_final_layer_norm": False, "normalize_embedding": True,
+                  "static_position_embeddings": False, "add_bias_logits": False}
+
+
 def check_config(config: dict, refuse) -> None:
     """BART's own structural fields; `refuse(key, rule)` raises the one-line error."""
+    for key, value in IGNORED_FIELDS.items():
+        if key in config and config[key] is not value:
+            refuse(key, f"{str(value).lower()} in the config: transformers 5's BART ignores {key} and computes as "
+                        f"if it were {str(value).lower()}, so a model trained otherwise (mBART-style, say) would "
+                        f"convert wrongly", tail="")
     d_model = config.get("d_model", 1024)
     for key in ("encoder_attention_heads", "decoder_attention_heads"):
         heads = config.get(key)
