@@ -190,3 +190,26 @@ def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_pat
         assert torch.isfinite(eager(**batch).logits).all()
         with pytest.raises((IndexError, RuntimeError)):  # an index past the table (BERT: past its position_ids)
             eager(**{k: torch.cat([v, v[:, :1]], dim=1) for k, v in batch.items()})
+
+
+@pytest.mark.parametrize("eos", [VOCAB, -1, [VOCAB + 3, 1]], ids=["vocab", "negative", "list"])
+def test_a_padding_token_outside_the_vocabulary_is_one_line_before_training(tmp_path, eos):
+    """GPT-2 defines no pad token: eos_token_id pads. Out of the vocabulary, the embedding lookup of every
+    padded batch would fail mid-run (as it does in eager transformers); the data check refuses it first."""
+    from types import SimpleNamespace
+
+    from fxconvert import train
+    from fxconvert.errors import UsageError
+
+    cls, config, _ = CONFIGS["gpt2"]
+    config = {**config().to_dict(), "architectures": [cls.__name__], "eos_token_id": eos, "pad_token_id": None}
+    (tmp_path / "d.jsonl").write_text('{"input_ids": [5, 6], "labels": [7]}\n')
+    model = train.Model(parts={}, num_stages=1, shared_stages={}, config=config)
+    args = SimpleNamespace(data=tmp_path / "d.jsonl", max_source_length=None, max_target_length=None)
+    with pytest.raises(UsageError) as info:
+        train.load_data(args, model)
+    first = eos[0] if isinstance(eos, list) else eos
+    assert str(info.value) == (f"the model's config has eos_token_id = {first}, outside its vocabulary (vocab_size "
+                               f"{VOCAB}); set pad_token_id in config.json to a token id below {VOCAB}")
+    with torch.no_grad(), pytest.raises(IndexError):
+        cls(CONFIGS["gpt2"][1]())(input_ids=torch.tensor([[5, 6, first]]))
