@@ -575,6 +575,8 @@ def test_pipeline_training_matches_eager_training(tmp_path):
      r"rope_scaling is .*; set it to a dict whose factor is a positive number \(its factor is 0\)"),
     (dict(num_hidden_layers=0), r"num_hidden_layers is 0; set it to a positive integer"),
     (dict(attention_dropout=1.5), r"attention_dropout is 1.5; set it to a number in \[0, 1\)"),
+    (dict(hidden_act="swishy"), r"hidden_act is 'swishy'; set it to an activation such as 'silu' \(Llama, Qwen2 and "
+                                r"Mistral use 'silu'\) in the config$"),
     (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)),
      r"rope_scaling is .*; set it to a rope_type computed once, such as 'linear'.*dynamic/longrope rope recomputes"),
 ])

@@ -80,6 +80,20 @@ def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern, ...]:
     return tuple(re.compile(p) for p in patterns)
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON true is a Python int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_activation(config: dict, key: str, refuse, rule: str) -> None:
+    """Refuse `config[key]` unless it names one of transformers' activations (`ACT2FN`)."""
+    if key in config:
+        from transformers.activations import ACT2FN
+
+        if not (isinstance(config[key], str) and config[key] in ACT2FN):
+            refuse(key, rule)
+
+
 def block_regex(prefix: str) -> str:
     """A block pattern for module paths `<prefix>.<i>` (prefix a regex without groups)."""
     return rf"^(?P<block>{prefix}\.(?P<index>\d+))(?:\.|$)"

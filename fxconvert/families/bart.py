@@ -9,7 +9,7 @@ multiplication. Positions are learned (`BartLearnedPositionalEmbedding`, ids off
 labels but no decoder inputs it shifts the labels right itself.
 """
 
-from fxconvert.families import Family, block_regex
+from fxconvert.families import Family, block_regex, check_activation, is_int
 
 # Published config.json values (facebook/bart-base, facebook/bart-large). Both publish
 # `architectures: ["BartModel"]`; the presets build the LM-head class, which holds the same
@@ -49,14 +49,9 @@ def check_config(config: dict, refuse) -> None:
     d_model = config.get("d_model", 1024)
     for key in ("encoder_attention_heads", "decoder_attention_heads"):
         heads = config.get(key)
-        if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and isinstance(d_model, int) \
-                and d_model % heads:
+        if is_int(heads) and heads > 0 and is_int(d_model) and d_model % heads:
             refuse(key, f"a divisor of d_model ({d_model})")
-    if "activation_function" in config:
-        from transformers.activations import ACT2FN
-
-        if not isinstance(config["activation_function"], str) or config["activation_function"] not in ACT2FN:
-            refuse("activation_function", "an activation such as 'gelu' or 'relu' (BART uses 'gelu')")
+    check_activation(config, "activation_function", refuse, "an activation such as 'gelu' or 'relu' (BART uses 'gelu')")
 
 
 def check_trace(config, training: bool, dtype: str) -> str | None:

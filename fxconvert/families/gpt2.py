@@ -6,7 +6,7 @@ arange over the sequence (`wpe`), attention is causal (the runtime causal mask, 
 folded in). transformers' `Conv1D` stores its weight (in, out) and computes `x @ W + b`.
 """
 
-from fxconvert.families import MAX_SIZE, Family, block_regex
+from fxconvert.families import MAX_SIZE, Family, block_regex, check_activation, is_int
 
 # Published config.json values (openai-community/<name>); each size: (n_embd, n_head, n_layer).
 _SIZES = {
@@ -28,20 +28,13 @@ def _preset(n_embd, n_head, n_layer) -> dict:
 
 def check_config(config: dict, refuse) -> None:
     """GPT-2's own structural fields; `refuse(key, rule)` raises the one-line error."""
-
-    def is_int(value):
-        return isinstance(value, int) and not isinstance(value, bool)
-
     if config.get("n_inner") is not None and not (is_int(config["n_inner"]) and 0 < config["n_inner"] <= MAX_SIZE):
         refuse("n_inner", f"a positive integer up to {MAX_SIZE} (or null for 4 * n_embd)")
     embd, head = config.get("n_embd", 768), config.get("n_head", 12)
     if is_int(embd) and is_int(head) and embd > 0 and head > 0 and embd % head:
         refuse("n_embd", f"a multiple of n_head ({head})")
-    if "activation_function" in config:
-        from transformers.activations import ACT2FN
-
-        if not (isinstance(config["activation_function"], str) and config["activation_function"] in ACT2FN):
-            refuse("activation_function", "an activation such as gelu_new, gelu or relu (GPT-2 uses 'gelu_new')")
+    check_activation(config, "activation_function", refuse,
+                     "an activation such as gelu_new, gelu or relu (GPT-2 uses 'gelu_new')")
 
 
 def check_trace(config, training: bool, dtype: str) -> str | None:

@@ -11,7 +11,7 @@ models tie it to the token embedding (one `shared_embed_weight` after conversion
 
 import math
 
-from fxconvert.families import MAX_SIZE, Family, block_regex
+from fxconvert.families import MAX_SIZE, Family, block_regex, check_activation, is_int
 
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 
@@ -56,10 +56,6 @@ DYNAMIC_ROPE = ("dynamic", "longrope")
 MAX_WINDOW = MAX_SIZE
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
@@ -68,15 +64,15 @@ def check_config(config: dict, refuse) -> None:
     """Head counts that split evenly, an even rotary width, rope computed once, a usable sliding window."""
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     hidden, head_dim = config.get("hidden_size"), config.get("head_dim")
-    if _is_int(heads) and heads > 0:  # otherwise refused as a positive integer field, or transformers' default
-        if kv_heads is not None and not (_is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
+    if is_int(heads) and heads > 0:  # otherwise refused as a positive integer field, or transformers' default
+        if kv_heads is not None and not (is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
             refuse("num_key_value_heads", f"a positive divisor of num_attention_heads ({heads})")
-        if _is_int(hidden) and hidden % heads:  # transformers refuses it even with head_dim set
+        if is_int(hidden) and hidden % heads:  # transformers refuses it even with head_dim set
             refuse("num_attention_heads", f"a divisor of hidden_size ({hidden})")
-        if head_dim is None and _is_int(hidden) and (hidden // heads) % 2:
+        if head_dim is None and is_int(hidden) and (hidden // heads) % 2:
             refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / "
                                           f"{heads} heads is odd; rotary embeddings rotate pairs of features)")
-    if head_dim is not None and not (_is_int(head_dim) and 0 < head_dim <= MAX_SIZE and head_dim % 2 == 0):
+    if head_dim is not None and not (is_int(head_dim) and 0 < head_dim <= MAX_SIZE and head_dim % 2 == 0):
         refuse("head_dim", f"a positive even integer up to {MAX_SIZE} (rotary embeddings rotate pairs of features)")
     if "rope_theta" in config and not _is_positive_number(config["rope_theta"]):
         refuse("rope_theta", "a positive number, the rotary base (Llama 2 uses 10000.0)")
@@ -91,9 +87,11 @@ def check_config(config: dict, refuse) -> None:
         for name in ("rope_theta", "factor"):  # a base or factor <= 0 gives NaN or inf rotary frequencies
             if name in rope and not _is_positive_number(rope[name]):
                 refuse(key, f"a dict whose {name} is a positive number (its {name} is {rope[name]!r})")
+    check_activation(config, "hidden_act", refuse, "an activation such as 'silu' (Llama, Qwen2 and Mistral use "
+                                                   "'silu')")
     window = config.get("sliding_window")
     uses_window = config.get("model_type") == "mistral" or config.get("use_sliding_window") is True
-    if window is not None and uses_window and not (_is_int(window) and 0 < window <= MAX_WINDOW):
+    if window is not None and uses_window and not (is_int(window) and 0 < window <= MAX_WINDOW):
         refuse("sliding_window", f"a positive integer up to {MAX_WINDOW}, or null for full causal attention")
     layer_types = config.get("layer_types")
     if isinstance(layer_types, list) and "sliding_attention" in layer_types and (
