@@ -22,10 +22,20 @@ from functools import cache
 # and which sequence it spans: "encoder" (the input sequence; the only one of a decoder-only
 # or encoder-only model) or "decoder" (the target sequence of an encoder-decoder model).
 KINDS = ("ids", "mask", "type_ids", "embeds")
+SEQUENCES = ("encoder", "decoder")
+# The inputs of an encoder-decoder model (T5, BART), in forward's order.
+ENCODER_DECODER_INPUTS = {
+    "input_ids": ("ids", "encoder"),
+    "attention_mask": ("mask", "encoder"),
+    "decoder_input_ids": ("ids", "decoder"),
+    "decoder_attention_mask": ("mask", "decoder"),
+    "labels": ("ids", "decoder"),
+    "inputs_embeds": ("embeds", "encoder"),
+    "decoder_inputs_embeds": ("embeds", "decoder"),
+}
 # The largest size field (width, vocabulary, position table) a config may give: past int64 a tensor
 # cannot even be built on the meta device, and no supported family publishes one near 2**31.
 MAX_SIZE = 2**31 - 1
-SEQUENCES = ("encoder", "decoder")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ multiplication. Positions are learned (`BartLearnedPositionalEmbedding`, ids off
 labels but no decoder inputs it shifts the labels right itself.
 """
 
-from fxconvert.families import Family, block_regex, check_activation, is_int
+from fxconvert.families import ENCODER_DECODER_INPUTS, Family, block_regex, check_activation, is_int
 
 # Published config.json values (facebook/bart-base, facebook/bart-large). Both publish
 # `architectures: ["BartModel"]`; the presets build the LM-head class, which holds the same
@@ -75,15 +75,7 @@ FAMILY = Family(
     title="BART",
     model_types={"bart": ("BartConfig", "BartForConditionalGeneration")},
     classes=("BartModel", "BartForConditionalGeneration"),
-    inputs={
-        "input_ids": ("ids", "encoder"),
-        "attention_mask": ("mask", "encoder"),
-        "decoder_input_ids": ("ids", "decoder"),
-        "decoder_attention_mask": ("mask", "decoder"),
-        "labels": ("ids", "decoder"),
-        "inputs_embeds": ("embeds", "encoder"),
-        "decoder_inputs_embeds": ("embeds", "decoder"),
-    },
+    inputs=ENCODER_DECODER_INPUTS,
     default_inputs=(
         ("ForConditionalGeneration", ("input_ids", "attention_mask", "decoder_input_ids", "labels")),
         ("Model", ("input_ids", "attention_mask", "decoder_input_ids")),
