@@ -571,6 +571,9 @@ def test_pipeline_training_matches_eager_training(tmp_path):
     (dict(rope_parameters=dict(rope_type="default", rope_theta=-3.0)),
      r"rope_parameters is \{'rope_type': 'default', 'rope_theta': -3.0\}; set it to a dict whose rope_theta is a "
      r"positive number \(its rope_theta is -3.0\) in the config$"),
+    (dict(rope_scaling=dict(rope_type="nonexistent", factor=2.0)),
+     r"rope_scaling is .*; set it to a dict whose rope_type is one of 'default', 'linear', 'yarn', 'llama3'.* \(its "
+     r"rope_type is 'nonexistent'\) in the config$"),
     (dict(rope_scaling=dict(rope_type="linear", factor=0)),
      r"rope_scaling is .*; set it to a dict whose factor is a positive number \(its factor is 0\)"),
     (dict(num_hidden_layers=0), r"num_hidden_layers is 0; set it to a positive integer"),

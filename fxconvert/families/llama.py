@@ -80,10 +80,18 @@ def check_config(config: dict, refuse) -> None:
         rope = config.get(key)
         if not isinstance(rope, dict):
             continue
-        if (rope.get("rope_type") or rope.get("type")) in DYNAMIC_ROPE:
+        kind = rope.get("rope_type") or rope.get("type")
+        if kind in DYNAMIC_ROPE:
             refuse(key, "a rope_type computed once, such as 'linear', 'yarn' or 'llama3' (or no scaling): "
                         f"{'/'.join(DYNAMIC_ROPE)} rope recomputes its frequencies from each input's length, "
                         f"which a graph cannot record")
+        if kind is not None:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            known = ["default", *(k for k in ROPE_INIT_FUNCTIONS if k not in DYNAMIC_ROPE)]
+            if kind not in known:
+                refuse(key, f"a dict whose rope_type is one of {', '.join(map(repr, known))} (its rope_type is "
+                            f"{kind!r})")
         for name in ("rope_theta", "factor"):  # a base or factor <= 0 gives NaN or inf rotary frequencies
             if name in rope and not _is_positive_number(rope[name]):
                 refuse(key, f"a dict whose {name} is a positive number (its {name} is {rope[name]!r})")
