@@ -434,6 +434,7 @@ def test_preset_random_weights_warn_and_are_scaled_by_fan_in():
     ("activation_function", "swishy", "an activation such as gelu_new"),
     ("attn_pdrop", 1.0, "a number in [0, 1)"),
     ("n_positions", 0, "a positive integer"),
+    ("add_cross_attention", True, "false: fxconvert converts GPT-2 as a decoder-only model"),
 ])
 def test_config_check_names_the_field(tmp_path, key, value, rule):
     from fxconvert.errors import ModelResolutionError

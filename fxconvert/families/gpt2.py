@@ -33,6 +33,9 @@ def check_config(config: dict, refuse) -> None:
     embd, head = config.get("n_embd", 768), config.get("n_head", 12)
     if is_int(embd) and is_int(head) and embd > 0 and head > 0 and embd % head:
         refuse("n_embd", f"a multiple of n_head ({head})")
+    if config.get("add_cross_attention"):  # its cross-attention weights would be held but never used
+        refuse("add_cross_attention", "false: fxconvert converts GPT-2 as a decoder-only model (no "
+                                      "encoder_hidden_states input)")
     check_activation(config, "activation_function", refuse,
                      "an activation such as gelu_new, gelu or relu (GPT-2 uses 'gelu_new')")
 
