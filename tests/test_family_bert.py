@@ -169,12 +169,15 @@ def test_trace_without_token_type_ids_reads_the_zeros_buffer(attn):
     names = ["input_ids", "attention_mask", "labels"]
     gm = trace(model, names)
     assert "bert.embeddings.token_type_ids" in dict(gm.named_buffers())
+    params = {id(p): n for n, p in model.named_parameters()}
     for batch, length, padded in SHAPES:
         inputs = bert_inputs(names, batch, length, padded=padded)
-        with torch.no_grad():
-            want, got = eager(model, inputs), gm(**inputs)
+        want, want_grads = output_and_grads(model, lambda: eager(model, inputs))
+        got, got_grads = output_and_grads(model, lambda: gm(**inputs))
         for k in want:
             assert_close(got[k], want[k], f"{batch}x{length} {k}")
+        assert set(want_grads) == used_parameters(model)  # the zeros' row of token_type_embeddings too
+        assert_grads(got_grads, want_grads, params, f"{batch}x{length}")
 
 
 @pytest.mark.parametrize("attn", ATTN)

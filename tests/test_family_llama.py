@@ -184,6 +184,7 @@ def test_scaled_rope_matches_eager(rope):
     inputs = inputs_for(names_of(gm), 2, 40, seed=8)
     with torch.no_grad():
         assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
 
 
 @pytest.mark.parametrize("rope_type", llama_family.DYNAMIC_ROPE)
