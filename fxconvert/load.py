@@ -243,9 +243,10 @@ def check_config(config: dict, where: str) -> None:
     """
     cls_name = model_class_name(config, where)
     family = families.family_of_class(cls_name)
+    config, written_as = _resolve_aliases(config, family, where)
 
     def refuse(key, rule, tail=" in the config"):
-        raise ModelResolutionError(f"invalid config in {where}: {key} is {_value(config[key])}; "
+        raise ModelResolutionError(f"invalid config in {where}: {written_as.get(key, key)} is {_value(config[key])}; "
                                    f"set it to {rule}{tail}")
 
     def is_int(value):
@@ -282,6 +283,30 @@ def check_config(config: dict, where: str) -> None:
             refuse(key, f"a token id in [0, {vocab})" if is_int(vocab) else "a token id (a non-negative integer)")
     if family.check_config is not None:
         family.check_config(config, refuse)
+
+
+def _resolve_aliases(config: dict, family, where: str) -> tuple[dict, dict]:
+    """The config as transformers reads it, and the name each field was written under.
+
+    A config class's `attribute_map` makes other names set its fields (GPT-2's
+    `num_hidden_layers` is `n_layer`, BART's `hidden_size` is `d_model`), and the other name
+    wins: the checks must see its value, or a hostile alias would bypass them.
+    """
+    import transformers
+
+    config_cls = getattr(transformers, family.model_types[config["model_type"]][0], None)
+    resolved, written_as = dict(config), {}
+    for alias, field_name in (getattr(config_cls, "attribute_map", None) or {}).items():
+        if alias not in config:
+            continue
+        if field_name in config and config[field_name] != config[alias]:
+            raise ModelResolutionError(
+                f"invalid config in {where}: {alias} is {_value(config[alias])} but {field_name} is "
+                f"{_value(config[field_name])}, and transformers reads {alias} as {field_name}; remove {alias} or "
+                f"give both the same value in the config")
+        resolved[field_name] = config[alias]
+        written_as[field_name] = alias
+    return resolved, written_as
 
 
 def _value(value) -> str:

@@ -225,3 +225,42 @@ def test_torch_frames_are_cut_from_a_build_error():
                          'recent call first):\nframe #0: c10::Error::Error(c10::SourceLocation) + 0x9d')
     assert _summary(error) == ("empty(): argument 'size' failed to unpack the object at pos 1 with error \"Overflow "
                                "when unpacking long long")
+
+
+# Names a config class maps onto its fields (`attribute_map`): transformers reads the other name into
+# the field, so the checks see its value and name it as written. The field itself is left out of the
+# config, except where both are given and differ.
+ALIASED = [
+    ("gpt2", dict(num_hidden_layers=10**9), "num_hidden_layers is 1000000000; set it to at most 1024 in the config"),
+    ("gpt2", dict(max_position_embeddings=HUGE), f"max_position_embeddings is {HUGE}; {UP_TO}"),
+    ("gpt2", dict(num_attention_heads=0), "num_attention_heads is 0; set it to a positive integer in the config"),
+    ("bart", dict(hidden_size=-1), "hidden_size is -1; set it to a positive integer in the config"),
+    ("bart", dict(num_hidden_layers=10**9, encoder_layers=2),
+     "num_hidden_layers is 1000000000 but encoder_layers is 2, and transformers reads num_hidden_layers as "
+     "encoder_layers; remove num_hidden_layers or give both the same value in the config"),
+]
+
+
+@pytest.mark.parametrize("family, change, message", ALIASED,
+                         ids=[f"{f}-" + ",".join(f"{k}={v!r}"[:24] for k, v in c.items()) for f, c, _ in ALIASED])
+def test_other_names_of_a_field_are_checked_as_that_field(family, change, message, tmp_path):
+    import transformers
+
+    config_cls = getattr(transformers, {"gpt2": "GPT2Config", "bart": "BartConfig"}[family])
+    aliases = {k: config_cls.attribute_map[k] for k in change if k in config_cls.attribute_map}
+    config = {k: v for k, v in TINY[family].items() if k not in aliases.values()}
+    config.update(change)
+    for key, field in aliases.items():  # transformers itself lets the other name win
+        assert getattr(config_cls.from_dict(dict(config)), field) == change[key]
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelResolutionError) as info:
+        load(path, allow_random=True)
+    assert str(info.value) == f"invalid config in {path}: {message}"
+
+
+def test_an_other_name_equal_to_its_field_is_accepted(tmp_path):
+    """Published BART configs carry num_hidden_layers equal to encoder_layers."""
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps({**TINY["bart"], "num_hidden_layers": TINY["bart"]["encoder_layers"]}))
+    assert load(path, meta=True).model.config.encoder_layers == 2
