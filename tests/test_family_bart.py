@@ -204,6 +204,32 @@ def test_converted_module_matches_eager(case, mode):
         assert_grads_match(expected_grads, actual_grads, model)
 
 
+# (dropout, attention_dropout, activation_dropout): bart-large-cnn publishes 0.1, 0.0, 0.0
+DROPOUT_MIXES = [(0.1, 0.0, 0.0), (0.1, 0.1, 0.0), (0.1, 0.0, 0.1), (0.0, 0.1, 0.0)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("rates", DROPOUT_MIXES, ids=["-".join(map(str, r)) for r in DROPOUT_MIXES])
+def test_a_zero_dropout_rate_stays_zero_in_training(rates, attn):
+    """Converted in eval mode, trained in train mode: each dropout keeps its own configured rate. A layer's
+    activation dropout of 0.0 must not take the layer's hidden-state rate (`dropout`)."""
+    dropout, attention_dropout, activation_dropout = rates
+    model = build(attn=attn, dropout=dropout, attention_dropout=attention_dropout,
+                  activation_dropout=activation_dropout)
+    conv = convert(model)
+    for mode in ("train", "eval"):
+        for shape in SHAPES[1:3]:
+            inputs = inputs_for(conv.input_names, shape)
+            expected, expected_grads = run(lambda i: _eager_output(model, conv, i), model, inputs, mode)
+            conv.module.train(mode == "train")
+            try:
+                actual, actual_grads = run(lambda i: {conv.output_name: conv.module(**i)}, model, inputs, mode)
+            finally:
+                conv.module.eval()
+            assert_outputs_match(expected, actual)
+            assert_grads_match(expected_grads, actual_grads, model)
+
+
 @pytest.mark.parametrize("case", list(CONVERSIONS))
 def test_the_tied_embedding_is_one_placeholder_feeding_lookups_and_head(case):
     model, conv = conversion(case)
