@@ -232,6 +232,9 @@ def quiet_transformers() -> None:
 # The largest published stacks of the supported families have fewer than 100 layers.
 MAX_LAYERS = 1024
 MAX_SIZE = families.MAX_SIZE
+# The shortest learned position table (`Family.max_length`) accepted: the trace's example inputs,
+# validation and the pipeline's stage probes run sequences of up to 13 tokens.
+MIN_POSITIONS = 16
 
 
 def check_config(config: dict, where: str) -> None:
@@ -260,6 +263,10 @@ def check_config(config: dict, where: str) -> None:
             refuse(key, "a positive integer")
         if key in config and key not in family.max_layers_fields and config[key] > MAX_SIZE:
             refuse(key, f"a positive integer up to {MAX_SIZE}")
+    limit = config.get(family.max_length) if family.max_length else None
+    if is_int(limit) and 0 < limit < MIN_POSITIONS:
+        refuse(family.max_length, f"at least {MIN_POSITIONS}: fxconvert traces, validates and probes the stages "
+                                  f"with sequences of up to 13 tokens, which a shorter position table cannot hold")
     for key in family.max_layers_fields:
         value = config.get(key)
         if value is None or (key.startswith("num_decoder") and cls_name.endswith("EncoderModel")):

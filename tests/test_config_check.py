@@ -169,6 +169,15 @@ FAMILY_BAD = [
     ("bert", dict(max_position_embeddings=0), "max_position_embeddings is 0; set it to a positive integer in the "
                                               "config"),
     ("bert", dict(type_vocab_size=HUGE), f"type_vocab_size is {HUGE}; {UP_TO}"),
+    ("bert", dict(max_position_embeddings=8), "max_position_embeddings is 8; set it to at least 16: fxconvert "
+                                              "traces, validates and probes the stages with sequences of up to 13 "
+                                              "tokens, which a shorter position table cannot hold in the config"),
+    ("gpt2", dict(n_positions=4), "n_positions is 4; set it to at least 16: fxconvert traces, validates and probes "
+                                  "the stages with sequences of up to 13 tokens, which a shorter position table "
+                                  "cannot hold in the config"),
+    ("bart", dict(max_position_embeddings=2), "max_position_embeddings is 2; set it to at least 16: fxconvert "
+                                              "traces, validates and probes the stages with sequences of up to 13 "
+                                              "tokens, which a shorter position table cannot hold in the config"),
     ("bert", dict(type_vocab_size=-2), "type_vocab_size is -2; set it to a positive integer in the config"),
     ("bart", dict(max_position_embeddings=HUGE), f"max_position_embeddings is {HUGE}; {UP_TO}"),
     ("bart", dict(encoder_ffn_dim=HUGE), f"encoder_ffn_dim is {HUGE}; {UP_TO}"),
@@ -264,3 +273,19 @@ def test_an_other_name_equal_to_its_field_is_accepted(tmp_path):
     path = tmp_path / "arch.json"
     path.write_text(json.dumps({**TINY["bart"], "num_hidden_layers": TINY["bart"]["encoder_layers"]}))
     assert load(path, meta=True).model.config.encoder_layers == 2
+
+
+@pytest.mark.parametrize("family, field", [("gpt2", "n_positions"), ("bert", "max_position_embeddings"),
+                                           ("bart", "max_position_embeddings")])
+def test_the_shortest_accepted_position_table_converts_and_validates(family, field, tmp_path, capsys):
+    """At 16 positions the trace, validation (against eager) and the 2-stage probes all fit."""
+    from helpers import cli_convert
+
+    import transformers
+
+    config = {**TINY[family], field: 16}
+    config_obj = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    torch.manual_seed(0)
+    model = getattr(transformers, config["architectures"][0])(config_obj)
+    report = cli_convert(model, tmp_path, capsys, "--stages", 2)
+    assert report["model"]["config"][field] == 16
