@@ -73,15 +73,20 @@ def bad_checkpoint(tiny_dir, tmp_path, change, weights=True):
     return ckpt
 
 
+def refusal(path) -> str:
+    """The error that loading `path` (random weights allowed) raises; a refusal leaks no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ModelResolutionError) as info:
+            load(path, allow_random=True)
+    return str(info.value)
+
+
 @pytest.mark.parametrize("weights", [True, False], ids=["weights", "random"])
 @pytest.mark.parametrize("change, message", BAD, ids=IDS)
 def test_bad_fields_are_named_with_their_value_and_fix(change, message, weights, tiny_dir, tmp_path):
     ckpt = bad_checkpoint(tiny_dir, tmp_path, change, weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a refusal leaks no warning
-        with pytest.raises(ModelResolutionError) as info:
-            load(ckpt, allow_random=True)
-    assert str(info.value) == f"invalid config in {ckpt}: {message}"
+    assert refusal(ckpt) == f"invalid config in {ckpt}: {message}"
 
 
 def test_control_characters_in_a_value_are_escaped(tiny_dir, tmp_path):
@@ -201,11 +206,7 @@ FAMILY_BAD = [
 def test_other_families_bad_fields_are_one_line_before_anything_is_built(family, change, message, tmp_path):
     path = tmp_path / "arch.json"
     path.write_text(json.dumps({**TINY[family], **change}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a refusal leaks no warning
-        with pytest.raises(ModelResolutionError) as info:
-            load(path, allow_random=True)
-    assert str(info.value) == f"invalid config in {path}: {message}"
+    assert refusal(path) == f"invalid config in {path}: {message}"
 
 
 def test_buffers_count_towards_building_on_the_meta_device(tmp_path, monkeypatch):
@@ -263,9 +264,7 @@ def test_other_names_of_a_field_are_checked_as_that_field(family, change, messag
         assert getattr(config_cls.from_dict(dict(config)), field) == change[key]
     path = tmp_path / "arch.json"
     path.write_text(json.dumps(config))
-    with pytest.raises(ModelResolutionError) as info:
-        load(path, allow_random=True)
-    assert str(info.value) == f"invalid config in {path}: {message}"
+    assert refusal(path) == f"invalid config in {path}: {message}"
 
 
 def test_an_other_name_equal_to_its_field_is_accepted(tmp_path):
