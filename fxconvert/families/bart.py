@@ -54,6 +54,19 @@ def check_config(config: dict, refuse) -> None:
     check_activation(config, "activation_function", refuse, "an activation such as 'gelu' or 'relu' (BART uses 'gelu')")
 
 
+def _draws_layerdrop_at_zero() -> bool:
+    """Whether this transformers' BART draws `torch.rand([])` per layer in training whatever the rate.
+
+    Releases before 5.23 do (`if self.training:`); 5.23 draws only when LayerDrop is above 0.
+    The draw happens in Python at trace time, so the graph lacks it and every dropout mask
+    after it comes from another point of the random stream than eager's.
+    """
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) < Version("5.23")
+
+
 def check_trace(config, training: bool, dtype: str) -> str | None:
     """What BART's forward decides in Python from values a graph does not hold."""
     # In either mode: a graph traced in eval mode runs in training too (LiftTrainingFlagPass), where
@@ -64,6 +77,12 @@ def check_trace(config, training: bool, dtype: str) -> str | None:
             return (f"{key} is {rate!r}: in training LayerDrop skips layers by a random draw made in Python, "
                     f"which a graph cannot record; set {key}=0 in the config (the published BART checkpoints "
                     f"use 0)")
+    if _draws_layerdrop_at_zero():
+        import transformers
+
+        return (f"transformers {transformers.__version__} draws a LayerDrop random number in every BART layer "
+                f"in training even when LayerDrop is 0, which a graph cannot reproduce (its dropout would not "
+                f"match); install transformers>=5.23 (pip install 'transformers>=5.23,<6')")
     if dtype == "float16":
         return ("in float16 each encoder layer clamps its output only when it holds inf or nan, a Python "
                 "decision on values that a graph cannot record; convert in float32 or bfloat16")
