@@ -607,14 +607,15 @@ def test_sliding_layers_without_a_window_are_refused_as_transformers_cannot_run_
     with pytest.raises(ValueError, match="sliding_window"):
         eager(model, inputs_for(["input_ids"], 1, 9))
     config = json.loads(model.config.to_json_string())
-    config.update(use_sliding_window=False, sliding_window=4, layer_types=layer_types)
-    (tmp_path / "arch.json").write_text(json.dumps(config))
-    with pytest.raises(ModelResolutionError) as raised:
-        load(tmp_path / "arch.json", allow_random=True)
-    assert str(raised.value) == (
-        f"invalid config in {tmp_path / 'arch.json'}: layer_types is ['sliding_attention', 'full_attention']; set it "
-        f"to 'full_attention' for every layer, or set use_sliding_window to true and sliding_window to the window "
-        f"of the 'sliding_attention' layers")
+    for use, window in ((False, 4), (True, None)):
+        config.update(use_sliding_window=use, sliding_window=window, layer_types=layer_types)
+        (tmp_path / "arch.json").write_text(json.dumps(config))
+        with pytest.raises(ModelResolutionError) as raised:
+            load(tmp_path / "arch.json", allow_random=True)
+        assert str(raised.value) == (
+            f"invalid config in {tmp_path / 'arch.json'}: layer_types is ['sliding_attention', 'full_attention']; "
+            f"set it to 'full_attention' for every layer, or set use_sliding_window to true and sliding_window to "
+            f"the window of the 'sliding_attention' layers")
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -632,3 +633,13 @@ def test_explicit_layer_types_match_eager(attn):
 def test_cli_validates_half_precision(dtype, attn, tmp_path, capsys):
     """Rotary cos/sin are computed in float32 and cast, as transformers does; validation at the dtype's tolerance."""
     cli_convert(build("mistral_window"), tmp_path, capsys, "--dtype", dtype, "--attn", attn)
+
+
+def test_mistral_ignores_layer_types_so_they_are_not_refused(tmp_path):
+    """MistralConfig reads no layer_types (transformers only warns): the window alone decides."""
+    from fxconvert.load import load
+
+    config = json.loads(build("mistral_window", sliding_window=None).config.to_json_string())
+    config.update(layer_types=["sliding_attention", "full_attention"], sliding_window=None)
+    (tmp_path / "arch.json").write_text(json.dumps(config))
+    assert load(tmp_path / "arch.json", meta=True).model.config.sliding_window is None

@@ -102,9 +102,10 @@ def check_config(config: dict, refuse) -> None:
     if window is not None and uses_window and not (is_int(window) and 0 < window <= MAX_WINDOW):
         refuse("sliding_window", f"a positive integer up to {MAX_WINDOW}, or null for full causal attention")
     layer_types = config.get("layer_types")
-    if isinstance(layer_types, list) and "sliding_attention" in layer_types and (
-            window is None if config.get("model_type") == "mistral" else config.get("use_sliding_window") is not True):
-        # transformers' own forward fails on such a layer: it has no window to mask
+    if config.get("model_type") == "qwen2" and isinstance(layer_types, list) and "sliding_attention" in layer_types \
+            and (config.get("use_sliding_window") is not True or ("sliding_window" in config and window is None)):
+        # Qwen2 drops its window without use_sliding_window, and its forward then fails on such a layer
+        # (Llama and Mistral read no layer_types)
         refuse("layer_types", "'full_attention' for every layer, or set use_sliding_window to true and "
                               "sliding_window to the window of the 'sliding_attention' layers", tail="")
 
