@@ -231,6 +231,10 @@ def quiet_transformers() -> None:
 # Layers are built one by one, even on the meta device: a hostile count would build for hours.
 # The largest published stacks of the supported families have fewer than 100 layers.
 MAX_LAYERS = 1024
+MAX_SIZE = families.MAX_SIZE
+# The shortest learned position table (`Family.max_length`) accepted: the trace's example inputs,
+# validation and the pipeline's stage probes run sequences of up to 13 tokens.
+MIN_POSITIONS = 16
 
 
 def check_config(config: dict, where: str) -> None:
@@ -242,9 +246,10 @@ def check_config(config: dict, where: str) -> None:
     """
     cls_name = model_class_name(config, where)
     family = families.family_of_class(cls_name)
+    config, written_as = _resolve_aliases(config, family, where)
 
     def refuse(key, rule, tail=" in the config"):
-        raise ModelResolutionError(f"invalid config in {where}: {key} is {_value(config[key])}; "
+        raise ModelResolutionError(f"invalid config in {where}: {written_as.get(key, key)} is {_value(config[key])}; "
                                    f"set it to {rule}{tail}")
 
     def is_int(value):
@@ -256,6 +261,12 @@ def check_config(config: dict, where: str) -> None:
     for key in family.positive_int_fields:
         if key in config and not (is_int(config[key]) and config[key] > 0):
             refuse(key, "a positive integer")
+        if key in config and key not in family.max_layers_fields and config[key] > MAX_SIZE:
+            refuse(key, f"a positive integer up to {MAX_SIZE}")
+    limit = config.get(family.max_length) if family.max_length else None
+    if is_int(limit) and 0 < limit < MIN_POSITIONS:
+        refuse(family.max_length, f"at least {MIN_POSITIONS}: fxconvert traces, validates and probes the stages "
+                                  f"with sequences of up to 13 tokens, which a shorter position table cannot hold")
     for key in family.max_layers_fields:
         value = config.get(key)
         if value is None or (key.startswith("num_decoder") and cls_name.endswith("EncoderModel")):
@@ -279,6 +290,30 @@ def check_config(config: dict, where: str) -> None:
             refuse(key, f"a token id in [0, {vocab})" if is_int(vocab) else "a token id (a non-negative integer)")
     if family.check_config is not None:
         family.check_config(config, refuse)
+
+
+def _resolve_aliases(config: dict, family, where: str) -> tuple[dict, dict]:
+    """The config as transformers reads it, and the name each field was written under.
+
+    A config class's `attribute_map` makes other names set its fields (GPT-2's
+    `num_hidden_layers` is `n_layer`, BART's `hidden_size` is `d_model`), and the other name
+    wins: the checks must see its value, or a hostile alias would bypass them.
+    """
+    import transformers
+
+    config_cls = getattr(transformers, family.model_types[config["model_type"]][0], None)
+    resolved, written_as = dict(config), {}
+    for alias, field_name in (getattr(config_cls, "attribute_map", None) or {}).items():
+        if alias not in config:
+            continue
+        if field_name in config and config[field_name] != config[alias]:
+            raise ModelResolutionError(
+                f"invalid config in {where}: {alias} is {_value(config[alias])} but {field_name} is "
+                f"{_value(config[field_name])}, and transformers reads {alias} as {field_name}; remove {alias} or "
+                f"give both the same value in the config")
+        resolved[field_name] = config[alias]
+        written_as[field_name] = alias
+    return resolved, written_as
 
 
 def _value(value) -> str:
@@ -460,11 +495,12 @@ def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) 
         _keep_in_fp32(model)
     except Exception as e:
         raise ModelResolutionError(f"cannot build {cls.__name__} from {source.location}: {_summary(e)}") from e
-    n_params = sum(p.numel() for p in model.parameters())
+    # buffers count too: BERT's position_ids and token_type_ids span max_position_embeddings in int64
+    n_params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     if not meta and n_params > META_THRESHOLD:
         meta = True
-        source.notes.append(f"{n_params / 1e9:.1f}B parameters are too many to build in memory: built on the "
-                            f"meta device (pass a checkpoint directory to convert real weights)")
+        source.notes.append(f"{n_params / 1e9:.1f}B parameters and buffer values are too many to build in memory: "
+                            f"built on the meta device (pass a checkpoint directory to convert real weights)")
     if meta:
         _untie_head(model, config)
         source.device, source.weights = "meta", "none (meta device)"
@@ -617,6 +653,7 @@ def _summary(e: BaseException) -> str:
     if not text:
         return type(e).__name__
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    text = re.sub(r"\s*Exception raised from .*", "", text)  # torch's C++ frames: no reason, only noise
     match = re.fullmatch(r"Validation error for field '([^']*)':\s*(?:\w+: )?(.*)", text)
     if match:
         field_name, reason = match.groups()

@@ -139,7 +139,12 @@ def attention_dropout_rate(module) -> float | None:
     T5 holds it as a float `dropout`; BERT as an `nn.Dropout` whose `p` it passes, GPT-2 as
     one named `attn_dropout` (0.0 in eval mode, so an eval-mode trace records 0.0 and the
     rate must come from here); the Llama-style attentions as a float `attention_dropout`.
+    Only attention modules (every supported family names their classes `...Attention`):
+    a BART layer's float `dropout` is its hidden-state rate, and the pass would otherwise give
+    it to the layer's activation dropout, whose rate 0.0 is the configured one, not an eval trace's.
     """
+    if "Attention" not in type(module).__name__:
+        return None
     for name in ("dropout", "attn_dropout", "attention_dropout"):
         rate = getattr(module, name, None)
         if isinstance(rate, torch.nn.Dropout) and not isinstance(module, torch.nn.Dropout):

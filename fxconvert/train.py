@@ -350,15 +350,40 @@ def load_data(args, model: Model) -> Data:
     examples = read_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
                           max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"),
                           objective=objective)
-    pad = config.get("pad_token_id")
+    _check_lengths(examples, args, family, config, objective)
+    pad, pad_name = config.get("pad_token_id"), "pad_token_id"
     if causal and type(pad) is not int:  # GPT-2 and Llama define none: padding is masked and never learned
-        pad = config.get("eos_token_id")
+        pad, pad_name = config.get("eos_token_id"), "eos_token_id"
         pad = pad[0] if isinstance(pad, list) and pad else pad
     start = config.get("decoder_start_token_id") if objective == "seq2seq" else None
-    for name, value in (("pad_token_id", pad), ("decoder_start_token_id", start)):
+    vocab = config.get("vocab_size")
+    for name, value in ((pad_name, pad), ("decoder_start_token_id", start)):
         if type(value) is not int and not (objective != "seq2seq" and name == "decoder_start_token_id"):
+            name = "pad_token_id" if name == "eos_token_id" else name
             raise UsageError(f"the model's config has {name} = {value!r}; set it in config.json")
+        if type(value) is int and type(vocab) is int and not 0 <= value < vocab:  # the embedding would fail mid-run
+            raise UsageError(f"the model's config has {name} = {value}, outside its vocabulary (vocab_size {vocab}); "
+                             f"set {'pad_token_id' if name == 'eos_token_id' else name} in config.json to a token id "
+                             f"below {vocab}")
     return Data(examples, pad, start, objective)
+
+
+def _check_lengths(examples, args, family, config: dict, objective: str) -> None:
+    """Refuse examples longer than a learned position table (`Family.max_length`): eager would fail mid-run."""
+    field = family.max_length if family is not None else ""
+    limit = config.get(field) if field else None
+    if type(limit) is not int or not examples:
+        return
+
+    def length(e):  # a causal example is one sequence, input then target; a seq2seq one is two
+        return len(e.input_ids) + len(e.labels) if objective == "causal" else max(len(e.input_ids), len(e.labels))
+
+    longest = max(range(len(examples)), key=lambda i: length(examples[i]))
+    if length(examples[longest]) > limit:
+        cut = {"causal": "--max-source-length and --max-target-length that add up to",
+               "masked": "--max-source-length of"}.get(objective, "--max-source-length and --max-target-length of")
+        raise UsageError(f"{args.data}: example {longest + 1} is {length(examples[longest])} tokens long, more "
+                         f"than the model's {field} ({limit}); pass {cut} at most {limit}")
 
 
 # -- pipeline stages --------------------------------------------------------------------------------

@@ -73,15 +73,20 @@ def bad_checkpoint(tiny_dir, tmp_path, change, weights=True):
     return ckpt
 
 
+def refusal(path) -> str:
+    """The error that loading `path` (random weights allowed) raises; a refusal leaks no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ModelResolutionError) as info:
+            load(path, allow_random=True)
+    return str(info.value)
+
+
 @pytest.mark.parametrize("weights", [True, False], ids=["weights", "random"])
 @pytest.mark.parametrize("change, message", BAD, ids=IDS)
 def test_bad_fields_are_named_with_their_value_and_fix(change, message, weights, tiny_dir, tmp_path):
     ckpt = bad_checkpoint(tiny_dir, tmp_path, change, weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a refusal leaks no warning
-        with pytest.raises(ModelResolutionError) as info:
-            load(ckpt, allow_random=True)
-    assert str(info.value) == f"invalid config in {ckpt}: {message}"
+    assert refusal(ckpt) == f"invalid config in {ckpt}: {message}"
 
 
 def test_control_characters_in_a_value_are_escaped(tiny_dir, tmp_path):
@@ -136,3 +141,150 @@ def test_the_program_leaks_no_warning(tiny_dir, tmp_path):
     assert run.stderr.splitlines() == [f"fxconvert: error: invalid config in {tmp_path / 'arch.json'}: num_heads is "
                                        f"0; set it to a positive integer in the config"]
     assert leftovers(tmp_path) == ["arch.json"]
+
+
+# -- the other families: sizes, positions, windows and rope bases from a hostile config.json --------
+
+TINY = {
+    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=32, n_head=4, n_layer=2, n_positions=64,
+                 vocab_size=97, bos_token_id=0, eos_token_id=0),
+    "bert": dict(model_type="bert", architectures=["BertForMaskedLM"], hidden_size=32, num_attention_heads=4,
+                 num_hidden_layers=2, intermediate_size=64, max_position_embeddings=64, vocab_size=97, pad_token_id=0),
+    "bart": dict(model_type="bart", architectures=["BartForConditionalGeneration"], vocab_size=97, d_model=32,
+                 encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                 eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2),
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=32, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=97,
+                  max_position_embeddings=128),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=32, intermediate_size=64,
+                    num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=97,
+                    max_position_embeddings=128, sliding_window=4),
+}
+HUGE = 10**30  # past int64: torch cannot build it even on the meta device
+UP_TO = "set it to a positive integer up to 2147483647 in the config"
+FAMILY_BAD = [
+    ("gpt2", dict(n_positions=HUGE), f"n_positions is {HUGE}; {UP_TO}"),
+    ("gpt2", dict(n_positions=-1), "n_positions is -1; set it to a positive integer in the config"),
+    ("gpt2", dict(vocab_size=2**31), f"vocab_size is {2**31}; {UP_TO}"),
+    ("gpt2", dict(n_inner=HUGE), f"n_inner is {HUGE}; set it to a positive integer up to 2147483647 (or null for "
+                                 f"4 * n_embd) in the config"),
+    ("gpt2", dict(n_layer=HUGE), f"n_layer is {HUGE}; set it to at most 1024 in the config"),
+    ("bert", dict(max_position_embeddings=HUGE), f"max_position_embeddings is {HUGE}; {UP_TO}"),
+    ("bert", dict(max_position_embeddings=0), "max_position_embeddings is 0; set it to a positive integer in the "
+                                              "config"),
+    ("bert", dict(type_vocab_size=HUGE), f"type_vocab_size is {HUGE}; {UP_TO}"),
+    ("bert", dict(max_position_embeddings=8), "max_position_embeddings is 8; set it to at least 16: fxconvert "
+                                              "traces, validates and probes the stages with sequences of up to 13 "
+                                              "tokens, which a shorter position table cannot hold in the config"),
+    ("gpt2", dict(n_positions=4), "n_positions is 4; set it to at least 16: fxconvert traces, validates and probes "
+                                  "the stages with sequences of up to 13 tokens, which a shorter position table "
+                                  "cannot hold in the config"),
+    ("bart", dict(max_position_embeddings=2), "max_position_embeddings is 2; set it to at least 16: fxconvert "
+                                              "traces, validates and probes the stages with sequences of up to 13 "
+                                              "tokens, which a shorter position table cannot hold in the config"),
+    ("bert", dict(type_vocab_size=-2), "type_vocab_size is -2; set it to a positive integer in the config"),
+    ("bart", dict(max_position_embeddings=HUGE), f"max_position_embeddings is {HUGE}; {UP_TO}"),
+    ("bart", dict(encoder_ffn_dim=HUGE), f"encoder_ffn_dim is {HUGE}; {UP_TO}"),
+    ("llama", dict(intermediate_size=HUGE), f"intermediate_size is {HUGE}; {UP_TO}"),
+    ("llama", dict(num_key_value_heads=10**9), "num_key_value_heads is 1000000000; set it to a positive divisor of "
+                                               "num_attention_heads (4) in the config"),
+    ("llama", dict(num_key_value_heads=-2), "num_key_value_heads is -2; set it to a positive integer in the config"),
+    ("llama", dict(head_dim=HUGE), f"head_dim is {HUGE}; set it to a positive even integer up to 2147483647 (rotary "
+                                   f"embeddings rotate pairs of features) in the config"),
+    ("llama", dict(rope_theta=0), "rope_theta is 0; set it to a positive number, the rotary base (Llama 2 uses "
+                                  "10000.0) in the config"),
+    ("mistral", dict(sliding_window=-4), "sliding_window is -4; set it to a positive integer up to 2147483647, or "
+                                         "null for full causal attention in the config"),
+    ("mistral", dict(sliding_window=HUGE), f"sliding_window is {HUGE}; set it to a positive integer up to "
+                                           f"2147483647, or null for full causal attention in the config"),
+]
+
+
+@pytest.mark.parametrize("family, change, message", FAMILY_BAD,
+                         ids=[f"{f}-" + ",".join(f"{k}={v!r}"[:24] for k, v in c.items()) for f, c, _ in FAMILY_BAD])
+def test_other_families_bad_fields_are_one_line_before_anything_is_built(family, change, message, tmp_path):
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps({**TINY[family], **change}))
+    assert refusal(path) == f"invalid config in {path}: {message}"
+
+
+def test_buffers_count_towards_building_on_the_meta_device(tmp_path, monkeypatch):
+    """BERT holds position_ids and token_type_ids (int64) over max_position_embeddings: with 1.5e9 positions
+    and a width of 1 the parameters (1.5e9) are below the 2e9 meta threshold, the buffers add 3e9 values
+    (24 GB). Scaled down 10**4 here (threshold 2e5), so that a regression cannot exhaust the memory."""
+    import fxconvert.load as load_module
+
+    monkeypatch.setattr(load_module, "META_THRESHOLD", 200_000)
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps({**TINY["bert"], "hidden_size": 1, "num_attention_heads": 1, "vocab_size": 2,
+                                "max_position_embeddings": 150_000}))
+    with pytest.warns(RandomWeightsWarning, match="0.0B parameters and buffer values are too many to build in "
+                                                  "memory"):
+        loaded = load(path, allow_random=True)
+    assert loaded.source.device == "meta"
+    assert sum(p.numel() for p in loaded.model.parameters()) < 200_000 < sum(
+        b.numel() for b in loaded.model.buffers())
+
+
+def test_torch_frames_are_cut_from_a_build_error():
+    from fxconvert.load import _summary
+
+    error = RuntimeError('empty(): argument \'size\' failed to unpack the object at pos 1 with error "Overflow when '
+                         'unpacking long long\nException raised from THPUtils_unpackLong at python_numbers.h:79 (most '
+                         'recent call first):\nframe #0: c10::Error::Error(c10::SourceLocation) + 0x9d')
+    assert _summary(error) == ("empty(): argument 'size' failed to unpack the object at pos 1 with error \"Overflow "
+                               "when unpacking long long")
+
+
+# Names a config class maps onto its fields (`attribute_map`): transformers reads the other name into
+# the field, so the checks see its value and name it as written. The field itself is left out of the
+# config, except where both are given and differ.
+ALIASED = [
+    ("gpt2", dict(num_hidden_layers=10**9), "num_hidden_layers is 1000000000; set it to at most 1024 in the config"),
+    ("gpt2", dict(max_position_embeddings=HUGE), f"max_position_embeddings is {HUGE}; {UP_TO}"),
+    ("gpt2", dict(num_attention_heads=0), "num_attention_heads is 0; set it to a positive integer in the config"),
+    ("bart", dict(hidden_size=-1), "hidden_size is -1; set it to a positive integer in the config"),
+    ("bart", dict(num_hidden_layers=10**9, encoder_layers=2),
+     "num_hidden_layers is 1000000000 but encoder_layers is 2, and transformers reads num_hidden_layers as "
+     "encoder_layers; remove num_hidden_layers or give both the same value in the config"),
+]
+
+
+@pytest.mark.parametrize("family, change, message", ALIASED,
+                         ids=[f"{f}-" + ",".join(f"{k}={v!r}"[:24] for k, v in c.items()) for f, c, _ in ALIASED])
+def test_other_names_of_a_field_are_checked_as_that_field(family, change, message, tmp_path):
+    import transformers
+
+    config_cls = getattr(transformers, {"gpt2": "GPT2Config", "bart": "BartConfig"}[family])
+    aliases = {k: config_cls.attribute_map[k] for k in change if k in config_cls.attribute_map}
+    config = {k: v for k, v in TINY[family].items() if k not in aliases.values()}
+    config.update(change)
+    for key, field in aliases.items():  # transformers itself lets the other name win
+        assert getattr(config_cls.from_dict(dict(config)), field) == change[key]
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(config))
+    assert refusal(path) == f"invalid config in {path}: {message}"
+
+
+def test_an_other_name_equal_to_its_field_is_accepted(tmp_path):
+    """Published BART configs carry num_hidden_layers equal to encoder_layers."""
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps({**TINY["bart"], "num_hidden_layers": TINY["bart"]["encoder_layers"]}))
+    assert load(path, meta=True).model.config.encoder_layers == 2
+
+
+@pytest.mark.parametrize("family, field", [("gpt2", "n_positions"), ("bert", "max_position_embeddings"),
+                                           ("bart", "max_position_embeddings")])
+def test_the_shortest_accepted_position_table_converts_and_validates(family, field, tmp_path, capsys):
+    """At 16 positions the trace, validation (against eager) and the 2-stage probes all fit."""
+    from helpers import cli_convert
+
+    import transformers
+
+    config = {**TINY[family], field: 16}
+    config_obj = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    torch.manual_seed(0)
+    model = getattr(transformers, config["architectures"][0])(config_obj)
+    report = cli_convert(model, tmp_path, capsys, "--stages", 2)
+    assert report["model"]["config"][field] == 16

@@ -22,7 +22,6 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxconvert.cli import main
 from fxconvert.convert import convert
 from fxconvert.errors import TraceError
 from fxconvert.families import family_of_class, presets
@@ -31,7 +30,7 @@ from fxconvert.trace import trace
 
 import helpers
 from fxconvert.families.bart import _draws_layerdrop_at_zero
-from helpers import assert_outputs_match, eager_outputs, output_sum
+from helpers import assert_grads_match, assert_outputs_match, eager_outputs, output_sum
 
 OLD_TRANSFORMERS = _draws_layerdrop_at_zero()
 # On transformers before 5.23 fxconvert refuses BART (see the refusal test), so the rest has nothing to run.
@@ -85,15 +84,6 @@ def run(fn, model, inputs, mode, seed=0):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-
-
-def assert_grads_match(expected, actual, model):
-    everything = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert set(expected) == everything, sorted(everything - set(expected))
-    assert set(actual) == everything, sorted(everything - set(actual))
-    for name in expected:
-        torch.testing.assert_close(actual[name].to_dense(), expected[name].to_dense(), atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 # -- trace: class x case x attention x mode x shape ------------------------------------------------
@@ -220,6 +210,32 @@ def test_converted_module_matches_eager(case, mode):
         assert_grads_match(expected_grads, actual_grads, model)
 
 
+# (dropout, attention_dropout, activation_dropout): bart-large-cnn publishes 0.1, 0.0, 0.0
+DROPOUT_MIXES = [(0.1, 0.0, 0.0), (0.1, 0.1, 0.0), (0.1, 0.0, 0.1), (0.0, 0.1, 0.0)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("rates", DROPOUT_MIXES, ids=["-".join(map(str, r)) for r in DROPOUT_MIXES])
+def test_a_zero_dropout_rate_stays_zero_in_training(rates, attn):
+    """Converted in eval mode, trained in train mode: each dropout keeps its own configured rate. A layer's
+    activation dropout of 0.0 must not take the layer's hidden-state rate (`dropout`)."""
+    dropout, attention_dropout, activation_dropout = rates
+    model = build(attn=attn, dropout=dropout, attention_dropout=attention_dropout,
+                  activation_dropout=activation_dropout)
+    conv = convert(model)
+    for mode in ("train", "eval"):
+        for shape in SHAPES[1:3]:
+            inputs = inputs_for(conv.input_names, shape)
+            expected, expected_grads = run(lambda i: _eager_output(model, conv, i), model, inputs, mode)
+            conv.module.train(mode == "train")
+            try:
+                actual, actual_grads = run(lambda i: {conv.output_name: conv.module(**i)}, model, inputs, mode)
+            finally:
+                conv.module.eval()
+            assert_outputs_match(expected, actual)
+            assert_grads_match(expected_grads, actual_grads, model)
+
+
 @pytest.mark.parametrize("case", list(CONVERSIONS))
 def test_the_tied_embedding_is_one_placeholder_feeding_lookups_and_head(case):
     model, conv = conversion(case)
@@ -305,12 +321,7 @@ print(json.dumps({"diffs": diffs, "transformers_loaded": any(k.startswith("trans
 @pytest.mark.parametrize("cls_name", ["BartForConditionalGeneration", "BartModel"])
 def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(cls_name, tmp_path, capsys):
     model = build(cls_name)
-    model.save_pretrained(tmp_path / "ckpt")
-    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--stages", "2"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(out)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    report = helpers.cli_convert(model, tmp_path, capsys, "--stages", 2)
     prefix = "model." if cls_name.endswith("ForConditionalGeneration") else ""
     assert [b for r in report["stages"] for b in r["blocks"]] == [f"{prefix}encoder.layers.{i}" for i in range(2)] + [
         f"{prefix}decoder.layers.{i}" for i in range(2)]
@@ -429,6 +440,31 @@ def test_a_bad_config_field_is_refused_in_one_line(key, value, rule):
     check_config(dict(config, **{key: tiny_config().to_dict()[key]}), "config.json")  # the tiny config passes
     with pytest.raises(ModelResolutionError, match=rf"^invalid config in config.json: {key} is .*set it to {rule}"):
         check_config(config, "config.json")
+
+
+@pytest.mark.parametrize("key", ["normalize_before", "add_final_layer_norm", "normalize_embedding",
+                                 "static_position_embeddings", "add_bias_logits"])
+def test_fields_transformers_ignores_are_refused_unless_at_the_value_it_computes(key):
+    """Published BART configs still carry these fields, at the values transformers 5 always computes with
+    (those pass); another value would be silently ignored by eager transformers too, so it is refused."""
+    from fxconvert.families.bart import IGNORED_FIELDS
+    from fxconvert.load import ModelResolutionError, check_config
+
+    published = dict(presets()["facebook/bart-base"][1], **IGNORED_FIELDS)
+    check_config(published, "config.json")
+    flipped = not IGNORED_FIELDS[key]
+    with pytest.raises(ModelResolutionError) as info:
+        check_config(dict(published, **{key: flipped}), "config.json")
+    expected = str(IGNORED_FIELDS[key]).lower()
+    assert str(info.value) == (f"invalid config in config.json: {key} is {flipped}; set it to {expected} in the "
+                               f"config: transformers 5's BART ignores {key} and computes as if it were {expected}, "
+                               f"so a model trained otherwise (mBART-style, say) would convert wrongly")
+    # eager transformers computes the same with either value: the field is ignored
+    model, other = build(), build(**{key: flipped})
+    inputs = inputs_for(family_of_class("BartForConditionalGeneration").default_input_names(
+        "BartForConditionalGeneration"), (2, 6, 4))
+    with torch.no_grad():
+        assert_outputs_match(eager_outputs(model, inputs), eager_outputs(other, inputs), atol=0)
 
 
 @pytest.mark.skipif(not OLD_TRANSFORMERS, reason="transformers >= 5.23 draws LayerDrop only above 0: BART is supported")

@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxconvert.analysis import find_shared_parameters
-from fxconvert.cli import main
 from fxconvert.convert import convert
 from fxconvert.families import family_of_class
 from fxconvert.stages import SplitError, split_stages
@@ -170,12 +169,15 @@ def test_trace_without_token_type_ids_reads_the_zeros_buffer(attn):
     names = ["input_ids", "attention_mask", "labels"]
     gm = trace(model, names)
     assert "bert.embeddings.token_type_ids" in dict(gm.named_buffers())
+    params = {id(p): n for n, p in model.named_parameters()}
     for batch, length, padded in SHAPES:
         inputs = bert_inputs(names, batch, length, padded=padded)
-        with torch.no_grad():
-            want, got = eager(model, inputs), gm(**inputs)
+        want, want_grads = output_and_grads(model, lambda: eager(model, inputs))
+        got, got_grads = output_and_grads(model, lambda: gm(**inputs))
         for k in want:
             assert_close(got[k], want[k], f"{batch}x{length} {k}")
+        assert set(want_grads) == used_parameters(model)  # the zeros' row of token_type_embeddings too
+        assert_grads(got_grads, want_grads, params, f"{batch}x{length}")
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -420,13 +422,8 @@ print(json.dumps(out))
 
 def test_cli_converts_a_checkpoint_and_the_files_run_without_transformers(tmp_path, capsys):
     model = build("BertForMaskedLM")
-    model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    report = helpers.cli_convert(model, tmp_path, capsys, "--stages", 2)
     assert [i["name"] for i in report["io"]["inputs"]] == [*NAMES["BertForMaskedLM"], "shared_embed_weight",
                                                           "shared_cls_predictions_bias", "training"]
     cases = [bert_inputs(NAMES["BertForMaskedLM"], b, n, seed=n) for b, n in ((2, 7), (1, 1), (3, 30))]
@@ -447,6 +444,11 @@ def test_cli_converts_a_checkpoint_and_the_files_run_without_transformers(tmp_pa
     (dict(type_vocab_size=0), r"type_vocab_size"),
     (dict(attention_probs_dropout_prob=1.5), r"attention_probs_dropout_prob"),
     (dict(hidden_act="nope"), r"hidden_act.*'gelu'"),
+    (dict(position_embedding_type="relative_key"), r"^invalid config in .*: position_embedding_type is 'relative_key'; "
+                                                   r"set it to 'absolute': transformers 5's BERT has only absolute "
+                                                   r"positions and would ignore this one \(use a checkpoint trained "
+                                                   r"with absolute positions\) in the config$"),
+    (dict(position_embedding_type="relative_key_query"), r"position_embedding_type is 'relative_key_query'"),
 ])
 def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
     from fxconvert.errors import ModelResolutionError
@@ -459,15 +461,31 @@ def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("attn", ATTN)
+def test_relative_position_types_are_ignored_by_transformers_so_refused(attn, tmp_path):
+    """Why relative_key is refused: eager transformers 5 computes absolute positions whatever the field says
+    (same outputs and gradients as 'absolute', and no distance embedding), so the trace would match eager
+    and still not be the model that was trained. 'absolute' itself loads."""
+    from fxconvert.load import load
+
+    relative, absolute = build(attn=attn, position_embedding_type="relative_key"), build(attn=attn)
+    assert not any("distance_embedding" in n for n, _ in relative.named_parameters())
+    inputs = bert_inputs(NAMES["BertForMaskedLM"], 2, 9)
+    want, want_grads = output_and_grads(absolute, lambda: eager(absolute, inputs))
+    got, got_grads = output_and_grads(relative, lambda: eager(relative, inputs))
+    for k in want:
+        assert_close(got[k], want[k], k)
+    assert [g for g in got_grads.values()] and all(torch.equal(a, b) for a, b in zip(got_grads.values(),
+                                                                                     want_grads.values()))
+    config = {**bert_config().to_dict(), "architectures": ["BertForMaskedLM"], "position_embedding_type": "absolute"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert type(load(tmp_path / "config.json", meta=True).model).__name__ == "BertForMaskedLM"
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cli_validates_half_precision_and_eager_attention(tmp_path, capsys, dtype):
-    build("BertForMaskedLM").save_pretrained(tmp_path / "ckpt")
-    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--dtype", dtype,
-                 "--attn", "eager"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["validation"]["passed"] is True and report["model"]["attention"] == "eager"
+    report = helpers.cli_convert(build("BertForMaskedLM"), tmp_path, capsys, "--dtype", dtype, "--attn", "eager")
+    assert report["model"]["attention"] == "eager"
 
 
 # -- presets ---------------------------------------------------------------------------------------

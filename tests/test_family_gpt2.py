@@ -21,14 +21,13 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxconvert.cli import main
 from fxconvert.convert import convert
 from fxconvert.families import family_of_class
 from fxconvert.load import RandomWeightsWarning, load
 from fxconvert.stages import split_stages
 from fxconvert.trace import trace
 
-from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, grads_of, input_names_of
+from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, cli_convert, grads_of, input_names_of
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 97
@@ -176,6 +175,37 @@ def test_small_configs_match_eager(heads, head_dim, layers, inner, act, inverse_
                            model)
 
 
+def test_reorder_and_upcast_attn_is_refused_with_eager_attention_and_matches_with_sdpa():
+    """transformers runs reorder_and_upcast_attn only in eager attention, where it preallocates the scores
+    with torch.empty over the input's sizes: refused in one line naming the fix. SDPA ignores the option
+    (in transformers too) and matches eager."""
+    from fxconvert.errors import TraceError
+
+    with pytest.raises(TraceError) as info:
+        trace(build("GPT2LMHeadModel", "eager", reorder_and_upcast_attn=True))
+    assert str(info.value) == (
+        "cannot trace GPT2LMHeadModel: reorder_and_upcast_attn=True with eager attention allocates the attention "
+        "scores from the input's sizes in Python, which a graph cannot record; convert with sdpa attention (which "
+        "transformers runs without the reordering) or set reorder_and_upcast_attn=false in the config")
+    model = build("GPT2LMHeadModel", "sdpa", reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True)
+    gm = trace(model)
+    inputs = gpt2_inputs(input_names_of(gm), 2, 17, seed=4, pad="left")
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_unscaled_attention_matches_eager(attn):
+    """scale_attn_weights=False: GPT-2 attends without the 1/sqrt(head_dim) factor."""
+    model = build("GPT2LMHeadModel", attn, scale_attn_weights=False)
+    gm = trace(model)
+    inputs = gpt2_inputs(input_names_of(gm), 2, 17, seed=5)
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
+
+
 # -- convert -----------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -260,6 +290,18 @@ def test_stages_cut_at_the_blocks_and_compose(case, prefix):
             stages.eval()
 
 
+def test_split_sizes_respect_n_positions():
+    """Positions are looked up in wpe (n_positions rows): the split is judged at most at n_positions tokens,
+    and a longer length is refused in one line, as for the other families with learned positions."""
+    from fxconvert.stages import SplitError
+
+    _, conv = converted("LM")
+    assert split_stages(conv, 2).plan.sizes.encoder_length == POSITIONS
+    with pytest.raises(SplitError, match=rf"^encoder_length 100 is longer than the model's n_positions "
+                                         rf"\({POSITIONS}\); give a length of at most {POSITIONS}$"):
+        split_stages(conv, 2, encoder_length=100)
+
+
 @pytest.mark.parametrize("num_stages", [2, 3])
 def test_stage_modules_as_the_pipeline_runs_them(num_stages):
     """Each stage on its own sends tensors only: the output shape GPT-2 computes before the first block and
@@ -321,13 +363,8 @@ print(json.dumps({"loss": model.load()(**inputs).item(), "stage_loss": values.it
 
 def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(tmp_path, capsys):
     model = build("GPT2LMHeadModel")
-    model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    report = cli_convert(model, tmp_path, capsys, "--stages", 2)
     assert report["model"]["source"]["origin"] == "local directory"
     assert [i["name"] for i in report["io"]["inputs"]] == ["input_ids", "attention_mask", "labels",
                                                           "shared_embed_weight", "training"]
@@ -393,10 +430,11 @@ def test_preset_random_weights_warn_and_are_scaled_by_fan_in():
     ("n_embd", 30, "a multiple of n_head"),
     ("n_head", 0, "a positive integer"),
     ("n_layer", -1, "a positive integer"),
-    ("n_inner", 0, "a positive integer (or null"),
+    ("n_inner", 0, "a positive integer up to 2147483647 (or null"),
     ("activation_function", "swishy", "an activation such as gelu_new"),
     ("attn_pdrop", 1.0, "a number in [0, 1)"),
     ("n_positions", 0, "a positive integer"),
+    ("add_cross_attention", True, "false: fxconvert converts GPT-2 as a decoder-only model"),
 ])
 def test_config_check_names_the_field(tmp_path, key, value, rule):
     from fxconvert.errors import ModelResolutionError

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from fxconvert.errors import TraceError
 from fxconvert.families import llama as llama_family
 from fxconvert.trace import trace
 
-from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, grads_of
+from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, cli_convert, grads_of
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILY = llama_family.FAMILY
@@ -185,13 +184,22 @@ def test_scaled_rope_matches_eager(rope):
     inputs = inputs_for(names_of(gm), 2, 40, seed=8)
     with torch.no_grad():
         assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
 
 
-def test_dynamic_rope_is_refused_naming_the_source_line():
-    model = build("llama_gqa", rope_scaling=dict(rope_type="dynamic", factor=2.0, rope_theta=1000.0))
-    with pytest.raises(TraceError, match=r"cannot trace module 'model.rotary_emb' at .*modeling_rope_utils.py:\d+: "
-                                         r".*decides Python control flow"):
+@pytest.mark.parametrize("rope_type", llama_family.DYNAMIC_ROPE)
+def test_dynamic_rope_is_refused_naming_the_fix(rope_type):
+    """Built in Python (no config.json for the config check to read): the trace refuses it in one line."""
+    rope = dict(rope_type=rope_type, factor=2.0, rope_theta=1000.0)
+    if rope_type == "longrope":
+        rope.update(short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=64)
+    model = build("llama_gqa", rope_scaling=rope)
+    with pytest.raises(TraceError) as info:
         trace(model)
+    assert str(info.value) == (
+        f"cannot trace LlamaForCausalLM: rope_type {rope_type!r} recomputes the rotary frequencies from each "
+        f"input's length, which a graph cannot record; use a rope_type computed once, such as 'linear', 'yarn' "
+        f"or 'llama3' (or no scaling)")
 
 
 def test_sliding_window_masks_what_transformers_masks():
@@ -476,16 +484,9 @@ def test_random_weights_recompute_the_rotary_frequencies(tmp_path):
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "qwen2_tied", "mistral_window"])
 def test_cli_converts_a_checkpoint_splits_and_validates(variant, tmp_path, capsys):
-    from fxconvert.cli import main
-
     model = build(variant)
-    model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
-    code = main([str(tmp_path / "ckpt"), "--out", str(out), "--format", "json", "--stages", "2"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True, report["validation"]
+    report = cli_convert(model, tmp_path, capsys, "--stages", 2)
     assert [b for r in report["stages"] for b in r["blocks"]] == ["model.layers.0", "model.layers.1"]
     inputs = [i["name"] for i in report["io"]["inputs"]]
     tied = model.config.tie_word_embeddings
@@ -560,9 +561,26 @@ def test_pipeline_training_matches_eager_training(tmp_path):
     (dict(num_attention_heads=5), r"num_attention_heads is 5; set it to a divisor of hidden_size \(32\)"),
     (dict(head_dim=7), r"head_dim is 7; set it to a positive even integer"),
     (dict(hidden_size=36, num_attention_heads=4, num_key_value_heads=4, head_dim=None), r"num_attention_heads is 4; .* is odd"),
-    (dict(sliding_window=0), r"sliding_window is 0; set it to a positive integer, or null"),
+    (dict(sliding_window=0), r"sliding_window is 0; set it to a positive integer up to 2147483647, or null"),
+    (dict(sliding_window=10**30), r"sliding_window is 10{30}; set it to a positive integer up to 2147483647, or "
+                                  r"null for full causal attention in the config$"),
+    (dict(rope_theta=0), r"rope_theta is 0; set it to a positive number, the rotary base \(Llama 2 uses 10000.0\) "
+                         r"in the config$"),
+    (dict(rope_theta=-1.0), r"rope_theta is -1.0; set it to a positive number"),
+    (dict(rope_theta="x"), r"rope_theta is 'x'; set it to a positive number"),
+    (dict(rope_theta=float("inf")), r"rope_theta is inf; set it to a positive number"),
+    (dict(rope_parameters=dict(rope_type="default", rope_theta=-3.0)),
+     r"rope_parameters is \{'rope_type': 'default', 'rope_theta': -3.0\}; set it to a dict whose rope_theta is a "
+     r"positive number \(its rope_theta is -3.0\) in the config$"),
+    (dict(rope_scaling=dict(rope_type="nonexistent", factor=2.0)),
+     r"rope_scaling is .*; set it to a dict whose rope_type is one of 'default', 'linear', 'yarn', 'llama3'.* \(its "
+     r"rope_type is 'nonexistent'\) in the config$"),
+    (dict(rope_scaling=dict(rope_type="linear", factor=0)),
+     r"rope_scaling is .*; set it to a dict whose factor is a positive number \(its factor is 0\)"),
     (dict(num_hidden_layers=0), r"num_hidden_layers is 0; set it to a positive integer"),
     (dict(attention_dropout=1.5), r"attention_dropout is 1.5; set it to a number in \[0, 1\)"),
+    (dict(hidden_act="swishy"), r"hidden_act is 'swishy'; set it to an activation such as 'silu' \(Llama, Qwen2 and "
+                                r"Mistral use 'silu'\) in the config$"),
     (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)),
      r"rope_scaling is .*; set it to a rope_type computed once, such as 'linear'.*dynamic/longrope rope recomputes"),
 ])
@@ -578,15 +596,50 @@ def test_config_check_names_the_field_and_the_fix(changes, message, tmp_path):
     assert "\n" not in str(raised.value)
 
 
+def test_sliding_layers_without_a_window_are_refused_as_transformers_cannot_run_them(tmp_path):
+    """Qwen2 drops its window unless use_sliding_window is true: layers marked 'sliding_attention' then
+    have none, and eager transformers fails on them. The config check names layer_types and the fix."""
+    from fxconvert.errors import ModelResolutionError
+    from fxconvert.load import load
+
+    layer_types = ["sliding_attention", "full_attention"]
+    model = build("qwen2_tied", layer_types=layer_types, sliding_window=4)
+    with pytest.raises(ValueError, match="sliding_window"):
+        eager(model, inputs_for(["input_ids"], 1, 9))
+    config = json.loads(model.config.to_json_string())
+    for use, window in ((False, 4), (True, None)):
+        config.update(use_sliding_window=use, sliding_window=window, layer_types=layer_types)
+        (tmp_path / "arch.json").write_text(json.dumps(config))
+        with pytest.raises(ModelResolutionError) as raised:
+            load(tmp_path / "arch.json", allow_random=True)
+        assert str(raised.value) == (
+            f"invalid config in {tmp_path / 'arch.json'}: layer_types is ['sliding_attention', 'full_attention']; "
+            f"set it to 'full_attention' for every layer, or set use_sliding_window to true and sliding_window to "
+            f"the window of the 'sliding_attention' layers")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_explicit_layer_types_match_eager(attn):
+    """layer_types given in the config (a sliding layer before a full one, the reverse of max_window_layers')."""
+    model = build("qwen2_sliding", attn=attn, layer_types=["sliding_attention", "full_attention"])
+    gm = trace(model)
+    inputs = inputs_for(names_of(gm), 2, 40, seed=9)
+    with torch.no_grad():
+        assert_outputs_match(eager(model, inputs), gm(**inputs))
+    assert_grads_match(grads_of(model, lambda: eager(model, inputs)), grads_of(model, lambda: gm(**inputs)), model)
+
+
 @pytest.mark.parametrize("dtype,attn", [("bfloat16", "sdpa"), ("float16", "eager")])
 def test_cli_validates_half_precision(dtype, attn, tmp_path, capsys):
     """Rotary cos/sin are computed in float32 and cast, as transformers does; validation at the dtype's tolerance."""
-    from fxconvert.cli import main
+    cli_convert(build("mistral_window"), tmp_path, capsys, "--dtype", dtype, "--attn", attn)
 
-    build("mistral_window").save_pretrained(tmp_path / "ckpt")
-    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--dtype", dtype,
-                 "--attn", attn])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["status"] == "ok" and report["validation"]["passed"] is True
+
+def test_mistral_ignores_layer_types_so_they_are_not_refused(tmp_path):
+    """MistralConfig reads no layer_types (transformers only warns): the window alone decides."""
+    from fxconvert.load import load
+
+    config = json.loads(build("mistral_window", sliding_window=None).config.to_json_string())
+    config.update(layer_types=["sliding_attention", "full_attention"], sliding_window=None)
+    (tmp_path / "arch.json").write_text(json.dumps(config))
+    assert load(tmp_path / "arch.json", meta=True).model.config.sliding_window is None

@@ -154,3 +154,69 @@ def test_ignored_labels_in_causal_data_are_one_line_whichever_rank_reads_them(tm
     assert lines == [f"fxconvert.train: error: {tmp_path / 'd.jsonl'}:2: labels[1] is -100, but a causal LM reads its "
                      f"labels as tokens; put the tokens it should not learn in input_ids (they are never learned)"]
     assert not (tmp_path / "run").exists()
+
+
+# (family, input length, label length): one token past the learned position table (64 rows)
+TOO_LONG = [("gpt2", 40, 25), ("bart", 65, 3), ("bart", 3, 65), ("bert", 65, 65)]
+CUT = {"causal": "--max-source-length and --max-target-length that add up to",
+       "seq2seq": "--max-source-length and --max-target-length of", "masked": "--max-source-length of"}
+
+
+@pytest.mark.parametrize("family,source,target", TOO_LONG, ids=[f"{f}-{s}-{t}" for f, s, t in TOO_LONG])
+def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_path, family, source, target):
+    """GPT-2 (n_positions), BART and BERT (max_position_embeddings) look positions up in a 64-row table:
+    eager transformers fails on a longer sequence, so the data check names the example and the fix."""
+    from types import SimpleNamespace
+
+    from fxconvert import train
+    from fxconvert.errors import UsageError
+
+    cls, config, objective = CONFIGS[family]
+    causal = objective == "causal"
+    data = tmp_path / "d.jsonl"
+    fits = {"input_ids": [5] * 3, "labels": [7] * 3}
+    long = {"input_ids": [5] * source, "labels": [7] * target}
+    data.write_text(json.dumps(fits) + "\n" + json.dumps(long) + "\n")
+    config = {**config().to_dict(), "architectures": [cls.__name__]}
+    model = train.Model(parts={}, num_stages=1, shared_stages={}, config=config)
+    args = SimpleNamespace(data=data, max_source_length=None, max_target_length=None)
+    with pytest.raises(UsageError) as info:
+        train.load_data(args, model)
+    field, total = ("n_positions", source + target) if causal else ("max_position_embeddings", max(source, target))
+    assert str(info.value) == (f"{data}: example 2 is {total} tokens long, more than the model's {field} (64); pass "
+                               f"{CUT[objective]} at most 64")
+    # one token shorter it loads, and eager transformers runs it; one token longer eager fails
+    long = {"input_ids": [5] * (source - (source >= target)), "labels": [7] * (target - (target >= source))}
+    data.write_text(json.dumps(long) + "\n")
+    assert len(train.load_data(args, model).examples) == 1
+    torch.manual_seed(0)
+    eager = cls(transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})).eval()
+    batch = (dict(input_ids=torch.tensor([long["input_ids"] + long["labels"]])) if causal else
+             dict(input_ids=torch.tensor([long["input_ids"]]), labels=torch.tensor([long["labels"]])))
+    with torch.no_grad():
+        assert torch.isfinite(eager(**batch).logits).all()
+        with pytest.raises((IndexError, RuntimeError)):  # an index past the table (BERT: past its position_ids)
+            eager(**{k: torch.cat([v, v[:, :1]], dim=1) for k, v in batch.items()})
+
+
+@pytest.mark.parametrize("eos", [VOCAB, -1, [VOCAB + 3, 1]], ids=["vocab", "negative", "list"])
+def test_a_padding_token_outside_the_vocabulary_is_one_line_before_training(tmp_path, eos):
+    """GPT-2 defines no pad token: eos_token_id pads. Out of the vocabulary, the embedding lookup of every
+    padded batch would fail mid-run (as it does in eager transformers); the data check refuses it first."""
+    from types import SimpleNamespace
+
+    from fxconvert import train
+    from fxconvert.errors import UsageError
+
+    cls, config, _ = CONFIGS["gpt2"]
+    config = {**config().to_dict(), "architectures": [cls.__name__], "eos_token_id": eos, "pad_token_id": None}
+    (tmp_path / "d.jsonl").write_text('{"input_ids": [5, 6], "labels": [7]}\n')
+    model = train.Model(parts={}, num_stages=1, shared_stages={}, config=config)
+    args = SimpleNamespace(data=tmp_path / "d.jsonl", max_source_length=None, max_target_length=None)
+    with pytest.raises(UsageError) as info:
+        train.load_data(args, model)
+    first = eos[0] if isinstance(eos, list) else eos
+    assert str(info.value) == (f"the model's config has eos_token_id = {first}, outside its vocabulary (vocab_size "
+                               f"{VOCAB}); set pad_token_id in config.json to a token id below {VOCAB}")
+    with torch.no_grad(), pytest.raises(IndexError):
+        cls(CONFIGS["gpt2"][1]())(input_ids=torch.tensor([[5, 6, first]]))

@@ -23,6 +23,19 @@ from functools import cache
 # or encoder-only model) or "decoder" (the target sequence of an encoder-decoder model).
 KINDS = ("ids", "mask", "type_ids", "embeds")
 SEQUENCES = ("encoder", "decoder")
+# The inputs of an encoder-decoder model (T5, BART), in forward's order.
+ENCODER_DECODER_INPUTS = {
+    "input_ids": ("ids", "encoder"),
+    "attention_mask": ("mask", "encoder"),
+    "decoder_input_ids": ("ids", "decoder"),
+    "decoder_attention_mask": ("mask", "decoder"),
+    "labels": ("ids", "decoder"),
+    "inputs_embeds": ("embeds", "encoder"),
+    "decoder_inputs_embeds": ("embeds", "decoder"),
+}
+# The largest size field (width, vocabulary, position table) a config may give: past int64 a tensor
+# cannot even be built on the meta device, and no supported family publishes one near 2**31.
+MAX_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,20 @@ class Family:
 @cache
 def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern, ...]:
     return tuple(re.compile(p) for p in patterns)
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON true is a Python int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_activation(config: dict, key: str, refuse, rule: str) -> None:
+    """Refuse `config[key]` unless it names one of transformers' activations (`ACT2FN`)."""
+    if key in config:
+        from transformers.activations import ACT2FN
+
+        if not (isinstance(config[key], str) and config[key] in ACT2FN):
+            refuse(key, rule)
 
 
 def block_regex(prefix: str) -> str:

@@ -9,7 +9,7 @@ multiplication. Positions are learned (`BartLearnedPositionalEmbedding`, ids off
 labels but no decoder inputs it shifts the labels right itself.
 """
 
-from fxconvert.families import Family, block_regex
+from fxconvert.families import ENCODER_DECODER_INPUTS, Family, block_regex, check_activation, is_int
 
 # Published config.json values (facebook/bart-base, facebook/bart-large). Both publish
 # `architectures: ["BartModel"]`; the presets build the LM-head class, which holds the same
@@ -33,19 +33,25 @@ def _preset(d_model, ffn_dim, heads, layers) -> dict:
                 decoder_layers=layers, num_hidden_layers=layers)
 
 
+# Fields of early BART configs (still in the published config.json files, with these values)
+# that transformers 5's BART never reads: it always computes as these values say.
+IGNORED_FIELDS = {"normalize_before": False, "add_final_layer_norm": False, "normalize_embedding": True,
+                  "static_position_embeddings": False, "add_bias_logits": False}
+
+
 def check_config(config: dict, refuse) -> None:
     """BART's own structural fields; `refuse(key, rule)` raises the one-line error."""
+    for key, value in IGNORED_FIELDS.items():
+        if key in config and config[key] is not value:
+            refuse(key, f"{str(value).lower()} in the config: transformers 5's BART ignores {key} and computes as "
+                        f"if it were {str(value).lower()}, so a model trained otherwise (mBART-style, say) would "
+                        f"convert wrongly", tail="")
     d_model = config.get("d_model", 1024)
     for key in ("encoder_attention_heads", "decoder_attention_heads"):
         heads = config.get(key)
-        if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and isinstance(d_model, int) \
-                and d_model % heads:
+        if is_int(heads) and heads > 0 and is_int(d_model) and d_model % heads:
             refuse(key, f"a divisor of d_model ({d_model})")
-    if "activation_function" in config:
-        from transformers.activations import ACT2FN
-
-        if not isinstance(config["activation_function"], str) or config["activation_function"] not in ACT2FN:
-            refuse("activation_function", "an activation such as 'gelu' or 'relu' (BART uses 'gelu')")
+    check_activation(config, "activation_function", refuse, "an activation such as 'gelu' or 'relu' (BART uses 'gelu')")
 
 
 def _draws_layerdrop_at_zero() -> bool:
@@ -88,15 +94,7 @@ FAMILY = Family(
     title="BART",
     model_types={"bart": ("BartConfig", "BartForConditionalGeneration")},
     classes=("BartModel", "BartForConditionalGeneration"),
-    inputs={
-        "input_ids": ("ids", "encoder"),
-        "attention_mask": ("mask", "encoder"),
-        "decoder_input_ids": ("ids", "decoder"),
-        "decoder_attention_mask": ("mask", "decoder"),
-        "labels": ("ids", "decoder"),
-        "inputs_embeds": ("embeds", "encoder"),
-        "decoder_inputs_embeds": ("embeds", "decoder"),
-    },
+    inputs=ENCODER_DECODER_INPUTS,
     default_inputs=(
         ("ForConditionalGeneration", ("input_ids", "attention_mask", "decoder_input_ids", "labels")),
         ("Model", ("input_ids", "attention_mask", "decoder_input_ids")),

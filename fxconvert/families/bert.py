@@ -8,7 +8,7 @@ missing `token_type_ids` from a buffer of zeros: both buffers are graph tensors,
 with the weights. Sequences are at most `max_position_embeddings` long.
 """
 
-from fxconvert.families import Family, block_regex
+from fxconvert.families import Family, block_regex, check_activation, is_int
 
 # Published config.json values (bert-base-uncased, bert-large-uncased, bert-base-cased).
 _COMMON = dict(
@@ -32,19 +32,20 @@ def _preset(vocab_size, hidden_size, intermediate_size, num_attention_heads, num
 def check_config(config: dict, refuse) -> None:
     """BERT's own structural fields; `refuse(key, rule)` raises the one-line error."""
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-    ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads))
+    ints = all(is_int(v) and v > 0 for v in (hidden, heads))
     if ints and hidden % heads:
         refuse("hidden_size", f"a multiple of num_attention_heads ({heads}); BERT splits the hidden size "
                               f"evenly between heads (bert-base uses 768 and 12)")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        # transformers 5 dropped relative_key(_query): its BERT ignores the field and a checkpoint's
+        # distance embeddings, computing absolute positions silently
+        refuse("position_embedding_type", "'absolute': transformers 5's BERT has only absolute positions and "
+                                          "would ignore this one (use a checkpoint trained with absolute positions)")
     if config.get("is_decoder"):
         refuse("is_decoder", "false: fxconvert converts BERT as a bidirectional encoder")
     if config.get("add_cross_attention"):
         refuse("add_cross_attention", "false: fxconvert converts BERT as an encoder without cross-attention")
-    if "hidden_act" in config:
-        from transformers.activations import ACT2FN
-
-        if not (isinstance(config["hidden_act"], str) and config["hidden_act"] in ACT2FN):
-            refuse("hidden_act", "an activation name such as 'gelu' (BERT uses 'gelu')")
+    check_activation(config, "hidden_act", refuse, "an activation name such as 'gelu' (BERT uses 'gelu')")
 
 
 FAMILY = Family(

@@ -6,7 +6,7 @@ arange over the sequence (`wpe`), attention is causal (the runtime causal mask, 
 folded in). transformers' `Conv1D` stores its weight (in, out) and computes `x @ W + b`.
 """
 
-from fxconvert.families import Family, block_regex
+from fxconvert.families import MAX_SIZE, Family, block_regex, check_activation, is_int
 
 # Published config.json values (openai-community/<name>); each size: (n_embd, n_head, n_layer).
 _SIZES = {
@@ -28,20 +28,26 @@ def _preset(n_embd, n_head, n_layer) -> dict:
 
 def check_config(config: dict, refuse) -> None:
     """GPT-2's own structural fields; `refuse(key, rule)` raises the one-line error."""
-
-    def is_int(value):
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if config.get("n_inner") is not None and not (is_int(config["n_inner"]) and config["n_inner"] > 0):
-        refuse("n_inner", "a positive integer (or null for 4 * n_embd)")
+    if config.get("n_inner") is not None and not (is_int(config["n_inner"]) and 0 < config["n_inner"] <= MAX_SIZE):
+        refuse("n_inner", f"a positive integer up to {MAX_SIZE} (or null for 4 * n_embd)")
     embd, head = config.get("n_embd", 768), config.get("n_head", 12)
     if is_int(embd) and is_int(head) and embd > 0 and head > 0 and embd % head:
         refuse("n_embd", f"a multiple of n_head ({head})")
-    if "activation_function" in config:
-        from transformers.activations import ACT2FN
+    if config.get("add_cross_attention"):  # its cross-attention weights would be held but never used
+        refuse("add_cross_attention", "false: fxconvert converts GPT-2 as a decoder-only model (no "
+                                      "encoder_hidden_states input)")
+    check_activation(config, "activation_function", refuse,
+                     "an activation such as gelu_new, gelu or relu (GPT-2 uses 'gelu_new')")
 
-        if not (isinstance(config["activation_function"], str) and config["activation_function"] in ACT2FN):
-            refuse("activation_function", "an activation such as gelu_new, gelu or relu (GPT-2 uses 'gelu_new')")
+
+def check_trace(config, training: bool, dtype: str) -> str | None:
+    """What GPT-2's forward builds in a way a graph cannot record."""
+    if getattr(config, "reorder_and_upcast_attn", False) and getattr(config, "_attn_implementation", None) == "eager":
+        # its eager path preallocates the scores with torch.empty over sizes read from the inputs
+        return ("reorder_and_upcast_attn=True with eager attention allocates the attention scores from the "
+                "input's sizes in Python, which a graph cannot record; convert with sdpa attention (which "
+                "transformers runs without the reordering) or set reorder_and_upcast_attn=false in the config")
+    return None
 
 
 FAMILY = Family(
@@ -69,10 +75,12 @@ FAMILY = Family(
     config_fields=("n_embd", "n_head", "n_layer", "n_inner", "n_positions", "vocab_size", "activation_function",
                    "tie_word_embeddings"),
     check_config=check_config,
+    check_trace=check_trace,
     max_layers_fields=("n_layer",),
     positive_int_fields=("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"),
     rate_fields=("attn_pdrop", "embd_pdrop", "resid_pdrop"),
     token_id_fields=("pad_token_id",),
+    max_length="n_positions",  # learned positions (wpe): each sequence at most this long
     objective="causal",
     notes="decoder-only: learned absolute positions (wpe), Conv1D projections (weight (in, out)), causal mask; "
           "the LM head is tied to wte and the loss shifts labels inside the model",

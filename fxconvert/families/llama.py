@@ -9,7 +9,9 @@ layers its `layer_types` mark). Llama and Mistral publish an untied LM head; sma
 models tie it to the token embedding (one `shared_embed_weight` after conversion).
 """
 
-from fxconvert.families import Family, block_regex
+import math
+
+from fxconvert.families import MAX_SIZE, Family, block_regex, check_activation, is_int
 
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 
@@ -50,34 +52,75 @@ _MISTRAL_7B = dict(
 DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# The window is compared with token positions as an int64: far longer than any sequence.
+MAX_WINDOW = MAX_SIZE
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def check_config(config: dict, refuse) -> None:
     """Head counts that split evenly, an even rotary width, rope computed once, a usable sliding window."""
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     hidden, head_dim = config.get("hidden_size"), config.get("head_dim")
-    if _is_int(heads) and heads > 0:  # otherwise refused as a positive integer field, or transformers' default
-        if kv_heads is not None and not (_is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
+    if is_int(heads) and heads > 0:  # otherwise refused as a positive integer field, or transformers' default
+        if kv_heads is not None and not (is_int(kv_heads) and 0 < kv_heads <= heads and heads % kv_heads == 0):
             refuse("num_key_value_heads", f"a positive divisor of num_attention_heads ({heads})")
-        if _is_int(hidden) and hidden % heads:  # transformers refuses it even with head_dim set
+        if is_int(hidden) and hidden % heads:  # transformers refuses it even with head_dim set
             refuse("num_attention_heads", f"a divisor of hidden_size ({hidden})")
-        if head_dim is None and _is_int(hidden) and (hidden // heads) % 2:
+        if head_dim is None and is_int(hidden) and (hidden // heads) % 2:
             refuse("num_attention_heads", f"a count that leaves an even head width (hidden_size {hidden} / "
                                           f"{heads} heads is odd; rotary embeddings rotate pairs of features)")
-    if head_dim is not None and not (_is_int(head_dim) and head_dim > 0 and head_dim % 2 == 0):
-        refuse("head_dim", "a positive even integer (rotary embeddings rotate pairs of features)")
+    if head_dim is not None and not (is_int(head_dim) and 0 < head_dim <= MAX_SIZE and head_dim % 2 == 0):
+        refuse("head_dim", f"a positive even integer up to {MAX_SIZE} (rotary embeddings rotate pairs of features)")
+    if "rope_theta" in config and not _is_positive_number(config["rope_theta"]):
+        refuse("rope_theta", "a positive number, the rotary base (Llama 2 uses 10000.0)")
     for key in ("rope_scaling", "rope_parameters"):
         rope = config.get(key)
-        if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in DYNAMIC_ROPE:
+        if not isinstance(rope, dict):
+            continue
+        kind = rope.get("rope_type") or rope.get("type")
+        if kind in DYNAMIC_ROPE:
             refuse(key, "a rope_type computed once, such as 'linear', 'yarn' or 'llama3' (or no scaling): "
                         f"{'/'.join(DYNAMIC_ROPE)} rope recomputes its frequencies from each input's length, "
                         f"which a graph cannot record")
+        if kind is not None:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            known = ["default", *(k for k in ROPE_INIT_FUNCTIONS if k not in DYNAMIC_ROPE)]
+            if kind not in known:
+                refuse(key, f"a dict whose rope_type is one of {', '.join(map(repr, known))} (its rope_type is "
+                            f"{kind!r})")
+        for name in ("rope_theta", "factor"):  # a base or factor <= 0 gives NaN or inf rotary frequencies
+            if name in rope and not _is_positive_number(rope[name]):
+                refuse(key, f"a dict whose {name} is a positive number (its {name} is {rope[name]!r})")
+    check_activation(config, "hidden_act", refuse, "an activation such as 'silu' (Llama, Qwen2 and Mistral use "
+                                                   "'silu')")
     window = config.get("sliding_window")
     uses_window = config.get("model_type") == "mistral" or config.get("use_sliding_window") is True
-    if window is not None and uses_window and not (_is_int(window) and window > 0):
-        refuse("sliding_window", "a positive integer, or null for full causal attention")
+    if window is not None and uses_window and not (is_int(window) and 0 < window <= MAX_WINDOW):
+        refuse("sliding_window", f"a positive integer up to {MAX_WINDOW}, or null for full causal attention")
+    layer_types = config.get("layer_types")
+    if config.get("model_type") == "qwen2" and isinstance(layer_types, list) and "sliding_attention" in layer_types \
+            and (config.get("use_sliding_window") is not True or ("sliding_window" in config and window is None)):
+        # Qwen2 drops its window without use_sliding_window, and its forward then fails on such a layer
+        # (Llama and Mistral read no layer_types)
+        refuse("layer_types", "'full_attention' for every layer, or set use_sliding_window to true and "
+                              "sliding_window to the window of the 'sliding_attention' layers", tail="")
+
+
+def check_trace(config, training: bool, dtype: str) -> str | None:
+    """A model built in Python (not from a config.json, which check_config reads) with dynamic rope."""
+    rope = getattr(config, "rope_parameters", None)
+    ropes = [rope] if isinstance(rope, dict) and "rope_type" in rope else \
+        [r for r in rope.values() if isinstance(r, dict)] if isinstance(rope, dict) else []
+    kind = next((r.get("rope_type") for r in ropes if r.get("rope_type") in DYNAMIC_ROPE), None)
+    if kind is not None:
+        return (f"rope_type {kind!r} recomputes the rotary frequencies from each input's length, which a graph "
+                f"cannot record; use a rope_type computed once, such as 'linear', 'yarn' or 'llama3' (or no "
+                f"scaling)")
+    return None
 
 
 FAMILY = Family(
@@ -109,6 +152,7 @@ FAMILY = Family(
                    "num_hidden_layers", "vocab_size", "hidden_act", "rope_theta", "sliding_window",
                    "use_sliding_window", "tie_word_embeddings"),
     check_config=check_config,
+    check_trace=check_trace,
     max_layers_fields=("num_hidden_layers",),
     positive_int_fields=("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                          "num_hidden_layers", "num_key_value_heads", "max_position_embeddings"),

@@ -6,7 +6,7 @@ when a checkpoint holds a distinct head; a random-weight build mirrors the publi
 checkpoints). SDPA attention always receives the position bias as a float mask.
 """
 
-from fxconvert.families import Family, block_regex
+from fxconvert.families import ENCODER_DECODER_INPUTS, Family, block_regex
 
 # Published hyperparameters. Each line fixes the vocabulary, feed-forward and tying; each
 # size: (d_model, d_ff, d_kv, num_heads, num_layers).
@@ -84,15 +84,7 @@ FAMILY = Family(
     title="T5 (T5, mT5, umT5)",
     model_types={t: (f"{p}Config", f"{p}ForConditionalGeneration") for t, p in _PREFIX.items()},
     classes=tuple(f"{p}{s}" for p in _PREFIX.values() for s in ("Model", "ForConditionalGeneration", "EncoderModel")),
-    inputs={
-        "input_ids": ("ids", "encoder"),
-        "attention_mask": ("mask", "encoder"),
-        "decoder_input_ids": ("ids", "decoder"),
-        "decoder_attention_mask": ("mask", "decoder"),
-        "labels": ("ids", "decoder"),
-        "inputs_embeds": ("embeds", "encoder"),
-        "decoder_inputs_embeds": ("embeds", "decoder"),
-    },
+    inputs=ENCODER_DECODER_INPUTS,
     default_inputs=(
         ("EncoderModel", ("input_ids", "attention_mask")),
         ("ForConditionalGeneration", ("input_ids", "attention_mask", "decoder_input_ids", "labels")),
