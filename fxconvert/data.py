@@ -305,6 +305,15 @@ def collate(examples, *, pad_token_id, decoder_start_token_id=None, pad_to=None,
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "decoder_input_ids": decoder_input_ids}
 
 
+def _single_length(examples, pad_token_id, pad_to, field: str) -> int | None:
+    """The checks of a one-sequence batch (causal or masked LM); its fixed length, if any."""
+    if not examples:
+        raise UsageError("cannot collate an empty batch; give at least one example")
+    if type(pad_token_id) is not int:
+        raise UsageError(f"pad_token_id is {pad_token_id!r}, not a token id; set {field} in the model's config.json")
+    return _positive(pad_to, "pad_to") if pad_to is not None else None
+
+
 def collate_causal(examples, *, pad_token_id, pad_to=None) -> dict[str, torch.Tensor]:
     """One padded int64 batch for a decoder-only model: input_ids, attention_mask, labels.
 
@@ -313,12 +322,7 @@ def collate_causal(examples, *, pad_token_id, pad_to=None) -> dict[str, torch.Te
     labels itself, as transformers' causal LMs do). Rows are padded on the right to the
     longest (or to `pad_to`) with `pad_token_id`, mask 0 and label -100.
     """
-    if not examples:
-        raise UsageError("cannot collate an empty batch; give at least one example")
-    if type(pad_token_id) is not int:
-        raise UsageError(f"pad_token_id is {pad_token_id!r}, not a token id; set pad_token_id (or eos_token_id) "
-                         f"in the model's config.json")
-    length = _positive(pad_to, "pad_to") if pad_to is not None else None
+    length = _single_length(examples, pad_token_id, pad_to, "pad_token_id (or eos_token_id)")
     sequences = [e.input_ids + e.labels for e in examples]
     input_ids = _pad(sequences, pad_token_id, length, "--max-source-length and --max-target-length")
     attention_mask = _pad([[1] * len(s) for s in sequences], 0, length, "--max-source-length")
@@ -333,12 +337,7 @@ def collate_masked(examples, *, pad_token_id, pad_to=None) -> dict[str, torch.Te
     Labels are aligned with input_ids (`read_jsonl` checks it); rows are padded on the right
     with `pad_token_id`, mask 0 and label -100; every token is segment 0.
     """
-    if not examples:
-        raise UsageError("cannot collate an empty batch; give at least one example")
-    if type(pad_token_id) is not int:
-        raise UsageError(f"pad_token_id is {pad_token_id!r}, not a token id; set pad_token_id in the model's "
-                         f"config.json")
-    length = _positive(pad_to, "pad_to") if pad_to is not None else None
+    length = _single_length(examples, pad_token_id, pad_to, "pad_token_id")
     input_ids = _pad([e.input_ids for e in examples], pad_token_id, length, "--max-source-length")
     attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, length, "--max-source-length")
     labels = _pad([e.labels for e in examples], IGNORE_INDEX, length, "--max-source-length")
