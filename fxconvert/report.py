@@ -96,6 +96,7 @@ def model_section(conversion) -> Section:
     origin = f"{source.origin} {source.location}" if source is not None else "a model object"
     data = {
         "class": conversion.model_class,
+        "family": family.name if family is not None else None,
         "source": asdict(source) if source is not None else None,
         "parameters": n_params,
         "dtype": ", ".join(dtypes),
@@ -104,6 +105,7 @@ def model_section(conversion) -> Section:
     }
     fields = {
         "class": conversion.model_class,
+        "family": f"{family.title}: {family.notes}" if family is not None else "",
         "source": origin,
         "weights": source.weights if source is not None else "from the model object",
         "device": source.device if source is not None else str(next(iter(params.values())).device),

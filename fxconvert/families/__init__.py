@@ -52,16 +52,18 @@ class Family:
     presets: Mapping[str, dict] = field(default_factory=dict)  # name -> config.json dict (random weights)
     aliases: Mapping[str, str] = field(default_factory=dict)  # other name -> preset name
     config_fields: tuple[str, ...] = ()  # shown in the report's model section
-    check_config: Callable[[dict, str], None] | None = None  # family-specific structural checks
+    # family-specific structural checks: (config.json dict, refuse) -> None; refuse(key, rule) raises
+    check_config: Callable[[dict, Callable], None] | None = None
     max_layers_fields: tuple[str, ...] = ()  # config fields that count layers (capped by load.MAX_LAYERS)
     positive_int_fields: tuple[str, ...] = ()  # fields that must be positive integers
     rate_fields: tuple[str, ...] = ()  # dropout probabilities in [0, 1)
     token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
     max_length: str = ""  # config attribute bounding every sequence's length (absolute positions); "" for none
-    notes: str = ""  # one line on what differs, for the README and the report
-    # What fxconvert.train feeds: "seq2seq" (input -> target, decoder inputs are the labels
-    # shifted right), "causal" (input + target as one sequence, loss on the target, the model
-    # shifts), or None (no training data format for this family).
+    notes: str = ""  # one line on what differs, shown in the report's model section
+    # What fxconvert.train feeds (`fxconvert.data.OBJECTIVES`): "seq2seq" (input -> target,
+    # decoder inputs are the labels shifted right), "causal" (input + target as one sequence,
+    # loss on the target, the model shifts), "masked" (pre-tokenized, labels aligned with the
+    # input), or None (no training data format for this family).
     objective: str | None = "seq2seq"
     # (config, training, dtype name such as "float16") -> why the model cannot be traced as it is
     # (a one-line reason naming the fix), or None. For what a graph cannot record in some settings.
@@ -139,15 +141,6 @@ def presets() -> dict[str, tuple[Family, dict]]:
 
 def aliases() -> dict[str, str]:
     return {a: p for f in all_families() for a, p in f.aliases.items()}
-
-
-def family_of_graph(gm) -> Family:
-    """The family of a traced graph, from the class it was traced from (`gm.meta["model_class"]`)."""
-    cls_name = gm.meta.get("model_class", "")
-    family = family_of_class(cls_name)
-    if family is None:
-        raise KeyError(f"graph traced from {cls_name!r}, which belongs to no family")
-    return family
 
 
 def input_specs(cls_name: str) -> Mapping[str, tuple[str, str]]:

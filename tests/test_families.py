@@ -1,0 +1,58 @@
+"""Every family record is consistent with itself, with the other records and with transformers.
+
+The records are plain data that every module trusts; a typo in one (an input kind no builder
+knows, a class transformers does not have, a preset of another family's type) would surface
+far from its cause, so each fact is checked here against transformers or the other records.
+"""
+
+import inspect
+import re
+
+import pytest
+import transformers
+
+from fxconvert import families
+from fxconvert.data import OBJECTIVES
+
+FAMILIES = families.all_families()
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_a_record_names_what_transformers_has(family):
+    for model_type, (config_cls, model_cls) in family.model_types.items():
+        config = getattr(transformers, config_cls)()
+        assert config.model_type == model_type
+        assert model_cls in family.classes
+        assert hasattr(config, family.hidden_size), family.hidden_size
+        if family.max_length:
+            assert hasattr(config, family.max_length), family.max_length
+    for cls_name in family.classes:
+        forward = inspect.signature(inspect.unwrap(getattr(transformers, cls_name).forward)).parameters
+        names = family.default_input_names(cls_name)  # every class has default inputs
+        assert set(names) <= set(forward), (cls_name, set(names) - set(forward))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_a_record_uses_only_known_kinds_sequences_and_objectives(family):
+    assert all(kind in families.KINDS and seq in families.SEQUENCES for kind, seq in family.inputs.values())
+    assert set(family.train_inputs) <= set(family.inputs) and "labels" in family.train_inputs
+    assert all(set(names) <= set(family.inputs) for _, names in family.default_inputs)
+    assert family.objective is None or family.objective in OBJECTIVES
+    for pattern in family.blocks:
+        assert {"block", "index"} <= set(re.compile(pattern).groupindex), pattern
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_presets_belong_to_their_family(family):
+    for name, config in family.presets.items():
+        assert config["model_type"] in family.model_types, name
+        assert config["architectures"][0] in family.classes, name
+    assert set(family.aliases.values()) <= set(family.presets)
+
+
+def test_no_class_model_type_or_preset_name_belongs_to_two_families():
+    for attribute in ("classes", "model_types", "presets"):
+        names = [n for f in FAMILIES for n in getattr(f, attribute)]
+        assert len(names) == len(set(names)), attribute
+    every_name = [n for f in FAMILIES for n in (*f.presets, *f.aliases)]
+    assert len(every_name) == len(set(every_name))
