@@ -9,6 +9,11 @@ first row, keeping each row's first token, and the last label of the last row is
 
 import torch
 
+# Two sets of sizes at which every size differs, each by a different pair of values: running a
+# graph on meta inputs at both tells which dimensions follow the batch or a sequence length (a
+# head count equal to one run's batch size cannot pass for the batch) and which are fixed.
+SIZE_PROBES = ({"batch": 2, "encoder": 7, "decoder": 5}, {"batch": 3, "encoder": 11, "decoder": 13})
+
 
 def build_inputs(specs, names, *, batch: int, lengths: dict, hidden: int | None = None, vocab: int = 2,
                  type_vocab: int = 2, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
@@ -44,10 +49,20 @@ def build_inputs(specs, names, *, batch: int, lengths: dict, hidden: int | None 
     return out
 
 
+def meta_twins(tensors) -> dict:
+    """id(tensor) -> a meta tensor like it (a Parameter stays a Parameter): a `copy.deepcopy` memo
+    that copies a module onto the meta device without copying its data."""
+    memo = {}
+    for t in tensors:
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(twin, t.requires_grad) if isinstance(t, torch.nn.Parameter) else twin
+    return memo
+
+
 def config_sizes(config, family) -> dict:
     """The keyword arguments of `build_inputs` that come from a model's config."""
     return {"hidden": getattr(config, family.hidden_size, None), "vocab": getattr(config, "vocab_size", 2),
             "type_vocab": getattr(config, "type_vocab_size", 2) or 2}
 
 
-__all__ = ["build_inputs", "config_sizes"]
+__all__ = ["build_inputs", "config_sizes", "meta_twins", "SIZE_PROBES"]

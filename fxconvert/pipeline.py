@@ -31,6 +31,7 @@ import torch
 from fxconvert.codegen import check_names, module_source
 from fxconvert.convert import Conversion
 from fxconvert.errors import UsageError
+from fxconvert.inputs import SIZE_PROBES as _SIZE_PROBES
 from fxconvert.save import WEIGHTS_FILE
 from fxconvert.stages import SplitError, Stages, split_stages, stage_plan, stage_table
 
@@ -220,11 +221,10 @@ def _hf_names(conversion: Conversion):
     return hf_names
 
 
-# Two meta runs of the stages whose sizes all differ between the runs, each size by a different
-# pair of values: a dimension that changes follows the one size that changed the same way (a head
-# count equal to one run's batch size cannot pass for the batch); one that does not change is fixed.
-SIZE_PROBES = ({"batch": 2, "encoder_length": 7, "decoder_length": 5},
-               {"batch": 3, "encoder_length": 11, "decoder_length": 13})
+# Two meta runs of the stages at `inputs.SIZE_PROBES`: a dimension that changes follows the one
+# size that changed the same way; one that does not change is fixed.
+SIZE_PROBES = tuple({"batch": p["batch"], "encoder_length": p["encoder"], "decoder_length": p["decoder"]}
+                    for p in _SIZE_PROBES)
 
 
 def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dict]]:
@@ -253,7 +253,7 @@ def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dic
 def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[list[torch.Tensor]]:
     """The values each stage sends when the stages run on meta copies with inputs of `sizes`."""
     from fxconvert import families
-    from fxconvert.inputs import build_inputs
+    from fxconvert.inputs import build_inputs, meta_twins
 
     config = getattr(conversion.model, "config", None)
     family = families.family_of_class(conversion.model_class)
@@ -261,10 +261,7 @@ def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[li
     lengths = {"encoder": sizes["encoder_length"], "decoder": sizes["decoder_length"]}
     inputs = build_inputs(family.inputs, stages.input_names, batch=sizes["batch"], lengths=lengths,
                           hidden=getattr(config, family.hidden_size, None), dtype=dtype, meta=True)
-    memo = {}
-    for t in [*stages.parameters(), *stages.buffers()]:
-        twin = torch.empty_like(t, device="meta")
-        memo[id(t)] = torch.nn.Parameter(twin, t.requires_grad) if isinstance(t, torch.nn.Parameter) else twin
+    memo = meta_twins([*stages.parameters(), *stages.buffers()])
     out, values = [], ()
     with torch.no_grad():
         for spec, gm in zip(stages.specs, stages.stages):

@@ -52,6 +52,7 @@ import torch.fx
 
 from fxconvert import balance as balancing
 from fxconvert import families
+from fxconvert.inputs import SIZE_PROBES
 from fxconvert.cost import Sizes, analyze
 from fxconvert.convert import Conversion, ConvertedModule
 from fxconvert.errors import UsageError, describe_node
@@ -506,9 +507,6 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
     return stages
 
 
-# Two input sizes at which every size differs, each by a different pair of values (as
-# `fxconvert.pipeline.SIZE_PROBES`): an item that changes between them follows one size.
-_SIZE_PROBES = ({"batch": 2, "encoder": 7, "decoder": 5}, {"batch": 3, "encoder": 11, "decoder": 13})
 _SIZE_TYPES = (int, tuple, list, torch.Size)
 
 
@@ -528,7 +526,7 @@ def _rebuilt_sizes(conversion: Conversion, crossing, model_inputs) -> dict:
     if not candidates:
         return {}
     runs = [_meta_values(conversion, sizes, {n.name for n in candidates} | {p.name for p in model_inputs})
-            for sizes in _SIZE_PROBES]
+            for sizes in SIZE_PROBES]
     inputs = sorted(model_inputs, key=lambda p: list(conversion.graph_module.graph.nodes).index(p))
     out = {}
     for node in candidates:
@@ -556,7 +554,7 @@ def _rebuilt_sizes(conversion: Conversion, crossing, model_inputs) -> dict:
 
 def _meta_values(conversion: Conversion, sizes: dict, names: set) -> dict:
     """The values of the nodes `names` when the converted graph runs on meta inputs of `sizes`."""
-    from fxconvert.inputs import build_inputs, config_sizes
+    from fxconvert.inputs import build_inputs, config_sizes, meta_twins
 
     gm = conversion.graph_module
     family = families.family_of_class(conversion.model_class)
@@ -566,11 +564,7 @@ def _meta_values(conversion: Conversion, sizes: dict, names: set) -> dict:
     inputs = build_inputs(family.inputs, conversion.input_names, batch=sizes["batch"],
                           lengths={k: v for k, v in sizes.items() if k != "batch"}, hidden=hidden, dtype=dtype,
                           meta=True)
-    memo = {}
-    for t in [*gm.parameters(), *gm.buffers()]:
-        twin = torch.empty_like(t, device="meta")
-        memo[id(t)] = torch.nn.Parameter(twin, t.requires_grad) if isinstance(t, torch.nn.Parameter) else twin
-    meta_gm = copy.deepcopy(gm, memo)
+    meta_gm = copy.deepcopy(gm, meta_twins([*gm.parameters(), *gm.buffers()]))
     shared = [torch.empty_like(getattr(conversion.module, n), device="meta") for n in conversion.module.shared_names]
     interpreter = torch.fx.Interpreter(meta_gm, garbage_collect_values=False)
     with torch.no_grad():

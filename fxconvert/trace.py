@@ -40,12 +40,12 @@ from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import families, runtime
 from fxconvert.errors import FxConvertError, InputNameError, TraceError
-from fxconvert.inputs import build_inputs, config_sizes
+from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
-_EXAMPLE_SIZES = {"batch": 2, "encoder": 7, "decoder": 5}
+_EXAMPLE_SIZES = SIZE_PROBES[0]  # only feed meta tensors; the graph does not depend on them
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
