@@ -522,7 +522,8 @@ def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) 
 
 
 def _fast_init(model: torch.nn.Module, config: dict, seed: int) -> bool:
-    """Give a meta-built model fast random weights on the CPU; False (model untouched) when it cannot.
+    """Give a meta-built model fast random weights on the CPU; False when it cannot (the caller then
+    builds the model anew with transformers' initialisation).
 
     Buffers are computed values (rotary inverse frequencies), not weights: a module that holds
     float buffers and no parameters of its own gets them from the model's own `_init_weights`,
