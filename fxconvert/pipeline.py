@@ -9,7 +9,9 @@ what a pipeline runtime needs to fine-tune the model and hand back a transformer
   weights and the values that cross each boundary (`fxconvert.stages.pipeline_manifest`);
 - `config.json` (and `generation_config.json` when the model has one): the transformers
   config, so the trained weights can be saved as a checkpoint again;
-- the tokenizer files found beside the source checkpoint, copied byte for byte.
+- the tokenizer files found beside the source checkpoint, copied byte for byte: only regular
+  files inside it (a symlink into the Hugging Face cache's blobs/ included); any other is
+  skipped with a warning (`tokenizer_sources`).
 
 `pipeline_files(stages, conversion)` gives all of these as {name: text or bytes} for
 `fxconvert.save.save(extra_files=...)`; `pipeline_output` splits and adds the report's
@@ -294,11 +296,40 @@ def source_directory(source) -> Path | None:
 
 
 def tokenizer_sources(source) -> dict[str, Path]:
-    """Tokenizer file name -> its path beside the source checkpoint, for the files that exist there."""
+    """Tokenizer file name -> its path beside the source checkpoint, for the files that may be copied.
+
+    Only regular files inside the checkpoint are (`fxconvert.files`): a `merges.txt` that is a
+    symlink to a file outside it (say /etc/passwd), a FIFO or a directory is skipped, and
+    `skipped_tokenizer_files` says why. The converted model does not need them; skipping,
+    not refusing, keeps the conversion of a model whose tokenizer is of no use here.
+    """
+    return _tokenizer_files(source)[0]
+
+
+def skipped_tokenizer_files(source) -> list[str]:
+    """One warning per tokenizer file beside the source checkpoint that is not copied, and why."""
+    return _tokenizer_files(source)[1]
+
+
+def _tokenizer_files(source) -> tuple[dict[str, Path], list[str]]:
+    from fxconvert.errors import printable
+    from fxconvert.files import roots_of, why_not_copyable
+
     directory = source_directory(source)
     if directory is None:
-        return {}
-    return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+        return {}, []
+    roots, found, skipped = roots_of(directory), {}, []
+    for name in TOKENIZER_FILES:
+        path = directory / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        why = why_not_copyable(path, roots)
+        if why is None:
+            found[name] = path
+        else:
+            skipped.append(f"tokenizer file {printable(path)} not copied: {why} (only regular files inside the "
+                           f"checkpoint are copied; put the file itself there to include it)")
+    return found, skipped
 
 
 @dataclass
@@ -308,6 +339,7 @@ class PipelineOutput:
     stages: object  # fxconvert.stages.Stages
     section: object  # fxconvert.report.Section
     files: dict[str, str | bytes]
+    notes: list[str]  # tokenizer files beside the checkpoint that were not copied, and why
 
 
 def pipeline_output(conversion, stages) -> PipelineOutput:
@@ -316,7 +348,10 @@ def pipeline_output(conversion, stages) -> PipelineOutput:
 
     if isinstance(stages, int):
         stages = split_stages(conversion, stages)
-    return PipelineOutput(stages, stages_section(stage_table(stages)), pipeline_files(stages, conversion))
+    notes = skipped_tokenizer_files(conversion.source)
+    if conversion.source is not None:  # the reports' warnings list the source's notes
+        conversion.source.notes.extend(n for n in notes if n not in conversion.source.notes)
+    return PipelineOutput(stages, stages_section(stage_table(stages)), pipeline_files(stages, conversion), notes)
 
 
 def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
@@ -325,6 +360,9 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
     if model is None or getattr(model, "config", None) is None:
         raise UsageError("this conversion holds no transformers model, so config.json cannot be written; "
                          "convert the model with fxconvert.convert")
+    from fxconvert.errors import printable
+    from fxconvert.files import read_copyable, roots_of
+
     files: dict[str, str | bytes] = dict(stage_sources(stages))
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
@@ -333,11 +371,13 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
     generation = getattr(model, "generation_config", None) if model.can_generate() else None
     if generation is not None:
         files[GENERATION_CONFIG_FILE] = generation.to_json_string(use_diff=True)
+    roots = roots_of(source_directory(conversion.source) or ".")
     for name, path in tokenizer_sources(conversion.source).items():
         try:
-            files[name] = path.read_bytes()
-        except OSError as e:
-            raise PipelineError(f"cannot copy the tokenizer file {path}: {e.strerror or e}") from e
+            files[name] = read_copyable(path, roots)
+        except (OSError, ValueError) as e:  # changed since it was looked at
+            raise PipelineError(f"cannot copy the tokenizer file {printable(path)}: "
+                                f"{e.strerror if isinstance(e, OSError) else e}; convert again") from e
     files[PIPELINE_FILE] = manifest_text(pipeline_manifest(stages, conversion))
     return files
 
@@ -423,4 +463,5 @@ def load_pipeline(directory) -> Pipeline:
 
 
 __all__ = ["Pipeline", "PipelineError", "PipelineOutput", "load_pipeline", "pipeline_output", "pipeline_files",
-           "stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters", "tokenizer_sources", "TOKENIZER_FILES"]
+           "stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters", "tokenizer_sources",
+           "skipped_tokenizer_files", "TOKENIZER_FILES"]

@@ -302,7 +302,11 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     # What a conversion directory would hold besides stage files and weights (pipeline.json, config.json,
     # tokenizer files): RUN/hf's export reads them from a directory written at export time.
     files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
-    from fxconvert.pipeline import source_directory
+    from fxconvert.errors import printable
+    from fxconvert.pipeline import skipped_tokenizer_files, source_directory
+
+    for note in skipped_tokenizer_files(conversion.source) if topo.rank == 0 else ():
+        print(f"fxconvert.train: warning: {printable(note)}", file=sys.stderr, flush=True)
 
     tokenizer_dir = source_directory(conversion.source)  # a local checkpoint or its Hub cache snapshot
     del conversion, stages
