@@ -16,8 +16,10 @@ what a pipeline runtime needs to fine-tune the model and hand back a transformer
 `pipeline_files(stages, conversion)` gives all of these as {name: text or bytes} for
 `fxconvert.save.save(extra_files=...)`; `pipeline_output` splits and adds the report's
 stage table, for the command line and `Conversion.save(stages=...)` alike.
-`load_pipeline(directory)` reads pipeline.json back, checks it, and imports a stage file by
-index only: a manifest cannot name another file.
+`load_pipeline(directory)` reads pipeline.json back and checks all of it, including what an
+export will copy and name (`fxconvert.export.plan_from_manifest`), so a trainer refuses a
+tampered manifest before it trains; a stage file is imported by index only: a manifest
+cannot name another file.
 """
 
 import copy
@@ -459,7 +461,48 @@ def load_pipeline(directory) -> Pipeline:
         value = fields[name]
         if not isinstance(value, str) or not value or os.path.basename(value) != value or value in (".", ".."):
             raise PipelineError(f"{path}: '{name}' must be a file name in {directory}, got {value!r}")
+    _check_fields(path, fields)
+    from fxconvert.export import ExportError, plan_from_manifest
+
+    try:  # what the export at the end of training will copy and name: refused now, not after the training
+        plan_from_manifest(manifest, directory)
+    except ExportError as e:
+        raise PipelineError(str(e)) from None
     return Pipeline(directory=directory, **fields)
+
+
+def _check_fields(path: Path, fields: dict) -> None:
+    """The types of the fields a reader (the trainer) uses, so that a tampered manifest is one line, not a
+    TypeError at some later use."""
+    def names(value):
+        return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+    problems = []
+    if not (isinstance(fields["model_class"], str) and fields["model_class"]):
+        problems.append("'model_class' must be a class name")
+    if not (fields["model_type"] is None or isinstance(fields["model_type"], str)):
+        problems.append("'model_type' must be a string")
+    if not (isinstance(fields["output_name"], str) and fields["output_name"]):
+        problems.append("'output_name' must be a name")
+    if not names(fields["input_names"]):
+        problems.append("'input_names' must be a list of names")
+    if not names(fields["tokenizer_files"] or []):
+        problems.append("'tokenizer_files' must be a list of file names")
+    for stage in fields["stages"]:
+        if not names(stage.get("inputs")):
+            problems.append(f"stage {stage['index']}'s 'inputs' must be a list of names")
+    shared = fields["shared_weights"]
+    num_stages = fields["num_stages"]
+    if not isinstance(shared, dict):
+        problems.append("'shared_weights' must be an object")
+    else:
+        for name, info in shared.items():
+            stages = info.get("stages") if isinstance(info, dict) else None
+            if not (isinstance(stages, list) and all(type(i) is int and 0 <= i < num_stages for i in stages)
+                    and names(info.get("hf_names"))):
+                problems.append(f"shared weight {name!r} must list its stages (0..{num_stages - 1}) and hf_names")
+    if problems:
+        raise PipelineError(f"{path}: {problems[0]}; convert again with --stages N")
 
 
 __all__ = ["Pipeline", "PipelineError", "PipelineOutput", "load_pipeline", "pipeline_output", "pipeline_files",

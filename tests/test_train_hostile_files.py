@@ -1,0 +1,137 @@
+"""Hostile files that `python -m fxconvert.train` reads: one line and the right exit, never a traceback.
+
+A source checkpoint, a conversion directory, a data file and a run directory all come
+from the user (or from whoever sent them a checkpoint). Checks that fail before training
+run in this process with the launcher's environment set (they never reach a collective);
+the ones that need a run train a one-stage model in a world of one, as `python -m
+fxconvert.train` without torchrun does.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import checkpoints
+import fxconvert.train
+import train_runs as tr
+from fxconvert.train import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny T5 with a tokenizer beside it, its conversions into 1 and 2 stages, and pre-tokenized data."""
+    from fxconvert.cli import main as convert_main
+
+    root = tmp_path_factory.mktemp("train-files")
+    tr.write_checkpoint(root / "ckpt")
+    checkpoints.write_tokenizer(root / "ckpt")
+    tr.write_jsonl(root / "train.jsonl", n=8)
+    for n in (1, 2):
+        assert convert_main([str(root / "ckpt"), "--stages", str(n), "--out", str(root / f"conv{n}"), "-q",
+                             "--no-validate"]) == 0
+    return root
+
+
+def _fails(capsys, monkeypatch, argv, *, world=1, code=2) -> str:
+    """Run the trainer's entry here; it must stop before training with exactly one stderr line."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    # Reaching the training fails the test here (a failure inside training would end this process).
+    monkeypatch.setattr(fxconvert.train, "train", _reached_training)
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("fxconvert.train: error: ")
+    return err
+
+
+def _reached_training(run):
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # so that the next test's run starts afresh
+    pytest.fail("the run reached training")
+
+
+def _argv(source, out, *extra, data):
+    return [source, "--data", data, "--out", out, "--steps", 1, "--batch", 2, "--microbatches", 1,
+            "--schedule", "gpipe", *extra]
+
+
+def _train(*argv, timeout=600) -> subprocess.CompletedProcess:
+    """`python -m fxconvert.train` in a world of one (no launcher)."""
+    env = tr.env()
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return subprocess.run([sys.executable, "-m", "fxconvert.train", *map(str, argv)], cwd=tr.REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+# -- files copied into run/hf ----------------------------------------------------------------------
+
+def test_a_symlinked_tokenizer_file_of_the_source_never_reaches_run_hf(setup, tmp_path):
+    """Training a checkpoint directory (converted by every rank): merges.txt -> a secret is skipped, warned."""
+    ckpt = _copy(setup / "ckpt", tmp_path / "ckpt")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:a secret\n")
+    (ckpt / "merges.txt").symlink_to(secret)
+    out = tmp_path / "run"
+    proc = _train(*_argv(ckpt, out, data=setup / "train.jsonl"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "merges.txt" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("fxconvert.train: warning: "), proc.stderr
+    assert "a symlink to a file outside it" in warnings[0]
+    assert not (out / "hf" / "merges.txt").exists()
+    assert (out / "hf" / "tokenizer.json").is_file()
+    assert all(b"a secret" not in p.read_bytes() for p in (out / "hf").iterdir())
+
+
+@pytest.mark.parametrize("make", ["outside", "fifo"])
+def test_a_conversion_whose_tokenizer_file_leads_out_is_refused_before_training(setup, tmp_path, capsys,
+                                                                                monkeypatch, make):
+    conv = _copy(setup / "conv1", tmp_path / "conv")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:a secret\n")
+    (conv / "tokenizer_config.json").unlink()
+    if make == "outside":
+        (conv / "tokenizer_config.json").symlink_to(secret)
+    else:
+        os.mkfifo(conv / "tokenizer_config.json")
+    err = _fails(capsys, monkeypatch, _argv(conv, tmp_path / "run", data=setup / "train.jsonl"))
+    assert "tokenizer_config.json" in err and "only regular files inside the conversion directory" in err
+    assert not (tmp_path / "run").exists()
+
+
+# -- pipeline.json is checked whole before training ---------------------------------------------------
+
+def _tamper(conv, edit):
+    manifest = json.loads((conv / "pipeline.json").read_text())
+    edit(manifest)
+    (conv / "pipeline.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.update(tokenizer_files=["../../../../etc/passwd"]), "only plain file names"),
+    (lambda m: m.update(tokenizer_files=["model.safetensors"]), "would stand beside the exported weights"),
+    (lambda m: m["stages"][0]["parameters"][0].update(hf_name=""), "has no transformers name"),
+    (lambda m: m["stages"][0].update(inputs=5), "stage 0's 'inputs' must be a list of names"),
+    (lambda m: m.update(model_class=["T5ForConditionalGeneration"]), "'model_class' must be a class name"),
+    (lambda m: m.update(shared_weights={"shared_embed_weight": {"stages": [7], "hf_names": ["shared.weight"]}}),
+     "must list its stages"),
+])
+def test_a_tampered_manifest_is_refused_before_training(setup, tmp_path, capsys, monkeypatch, edit, needle):
+    """A bad export entry used to be found only by the export, after all the training."""
+    conv = _copy(setup / "conv1", tmp_path / "conv")
+    _tamper(conv, edit)
+    err = _fails(capsys, monkeypatch, _argv(conv, tmp_path / "run", data=setup / "train.jsonl"))
+    assert needle in err and "pipeline.json" in err
+    assert not (tmp_path / "run").exists()
