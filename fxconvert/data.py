@@ -212,6 +212,12 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
             if not isinstance(obj[key], str) or not obj[key].strip():
                 problem = "is empty" if isinstance(obj[key], str) else f"is a {type(obj[key]).__name__}, not a string"
                 raise DataError(f"{where}: {key!r} {problem}; {FIX}")
+            try:  # JSON can escape half a surrogate pair ("\\ud800"), which no tokenizer takes
+                obj[key].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: {key!r} is not valid Unicode text (a lone surrogate "
+                                f"\\u{ord(obj[key][e.start]):04x} at character {e.start + 1}); write the "
+                                f"character itself, or a complete surrogate pair") from None
         for key in ("input_ids", "labels") if "input_ids" in obj else ():
             _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer",
                        objective=objective)

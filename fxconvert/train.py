@@ -482,11 +482,34 @@ class Reporter:
             self.progress.start()
 
     def _keep_steps_up_to(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (the killed run may have written them)."""
+        """On resume, drop lines of steps after the checkpoint (the killed run may have written them).
+
+        A line that is not a metrics record is dropped as well: the last one is expected (a run
+        killed while writing leaves part of a line); one before it is said in a warning naming
+        the file and line. The file is a log, not state, so it never stops a resume.
+        """
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        from fxconvert.errors import printable
+
+        lines = self.path.read_bytes().split(b"\n")
+        last = max((n for n, raw in enumerate(lines, 1) if raw.strip()), default=0)
+        kept = []
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+                record = json.loads(text)
+            except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                record = None
+            if not (isinstance(record, dict) and type(record.get("step")) is int):
+                if number != last:
+                    print(f"fxconvert.train: warning: {printable(self.path)}:{number} is not a metrics record; "
+                          f"dropped it", file=sys.stderr, flush=True)
+                continue
+            if record["step"] <= step:
+                kept.append(text)
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def step(self, record: dict) -> None:

@@ -33,6 +33,9 @@ def setup(tmp_path_factory):
     for n in (1, 2):
         assert convert_main([str(root / "ckpt"), "--stages", str(n), "--out", str(root / f"conv{n}"), "-q",
                              "--no-validate"]) == 0
+    checkpoints.write_checkpoint(root / "wide", d_model=48)  # another model: its files do not fit conv1's
+    assert convert_main([str(root / "wide"), "--stages", "1", "--out", str(root / "wide-conv1"), "-q",
+                         "--no-validate"]) == 0
     return root
 
 
@@ -58,8 +61,8 @@ def _reached_training(run):
     pytest.fail("the run reached training")
 
 
-def _argv(source, out, *extra, data):
-    return [source, "--data", data, "--out", out, "--steps", 1, "--batch", 2, "--microbatches", 1,
+def _argv(source, out, *extra, data, steps=1):
+    return [source, "--data", data, "--out", out, "--steps", steps, "--batch", 2, "--microbatches", 1,
             "--schedule", "gpipe", *extra]
 
 
@@ -135,3 +138,88 @@ def test_a_tampered_manifest_is_refused_before_training(setup, tmp_path, capsys,
     err = _fails(capsys, monkeypatch, _argv(conv, tmp_path / "run", data=setup / "train.jsonl"))
     assert needle in err and "pipeline.json" in err
     assert not (tmp_path / "run").exists()
+
+
+# -- broken stage files, weights files and data: one line, no traceback ---------------------------------
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("damage, needles", [
+    (lambda c, s: _truncate(c / "weights.safetensors", 100), ["cannot load", "weights.safetensors", "stage_0.py"]),
+    (lambda c, s: _truncate(c / "weights.safetensors", 0), ["cannot load", "weights.safetensors"]),
+    (lambda c, s: (c / "weights.safetensors").unlink(), ["weights.safetensors is missing"]),
+    (lambda c, s: shutil.copy(s / "wide-conv1" / "weights.safetensors", c), ["were not written together",
+                                                                             "[97, 48] in weights.safetensors"]),
+    (lambda c, s: shutil.copy(s / "wide-conv1" / "stage_0.py", c), ["were not written together",
+                                                                    "[97, 48] in stage_0.py"]),
+    (lambda c, s: _truncate(c / "stage_0.py", 3000), ["cannot import", "stage_0.py", "SyntaxError"]),
+    (lambda c, s: (c / "stage_0.py").write_text("garbage garbage\n"), ["cannot import", "SyntaxError"]),
+    (lambda c, s: (c / "stage_0.py").write_text("STAGE = undefined_name\n"), ["cannot import", "NameError"]),
+    (lambda c, s: (c / "stage_0.py").write_text("import sys\nsys.exit(3)\n"), ["cannot import",
+                                                                                 "it called sys.exit(3)"]),
+    (lambda c, s: (c / "stage_0.py").write_text("STAGE, NUM_STAGES = 0, 1\n"), ["stage_0.py has no load()"]),
+])
+def test_a_broken_stage_or_weights_file_is_one_line(setup, tmp_path, capsys, monkeypatch, damage, needles):
+    conv = _copy(setup / "conv1", tmp_path / "conv")
+    damage(conv, setup)
+    err = _fails(capsys, monkeypatch, _argv(conv, tmp_path / "run", data=setup / "train.jsonl"))
+    assert all(needle in err for needle in needles), err
+    assert "convert again with --stages 1" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_swapped_stage_files_name_what_differs(setup, tmp_path, capsys, monkeypatch):
+    conv = _copy(setup / "conv2", tmp_path / "conv")
+    (conv / "stage_0.py").rename(tmp_path / "stage_0.py")
+    (conv / "stage_1.py").rename(conv / "stage_0.py")
+    shutil.move(tmp_path / "stage_0.py", conv / "stage_1.py")
+    argv = _argv(conv, tmp_path / "run", data=setup / "train.jsonl")
+    argv[argv.index("--microbatches") + 1] = 2
+    err = _fails(capsys, monkeypatch, argv, world=2)
+    assert "stage_0.py is not stage 0 of 2 (it says STAGE 1 of NUM_STAGES 2); convert again with --stages 2" in err
+
+
+def test_a_lone_surrogate_in_a_text_line_names_file_and_line(setup, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "text.jsonl"
+    lines = [{"input": "w1 w2", "target": "w3"}, {"input": "w1 \ud800 w2", "target": "w3"}]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))  # json writes it as the escape "\\ud800"
+    assert "\\ud800" in data.read_text()
+    err = _fails(capsys, monkeypatch, _argv(setup / "conv1", tmp_path / "run", data=data))
+    assert "text.jsonl:2: 'input' is not valid Unicode text (a lone surrogate \\ud800 at character 4)" in err
+    assert not (tmp_path / "run").exists()
+
+
+# -- a damaged metrics.jsonl does not stop a resume ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stopped_run(setup, tmp_path_factory):
+    """A run of one step with a checkpoint at step 1, as a resume finds it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    proc = _train(*_argv(setup / "conv1", out, "--save-every", 1, "--no-export", data=setup / "train.jsonl"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in tr.metrics(out)] == [1] and (out / "checkpoints" / "step_1").is_dir()
+    return out
+
+
+@pytest.mark.parametrize("damage, warned", [
+    (lambda text: text + '{"step": 2, "loss": 1.2', None),  # killed while writing step 2's line
+    (lambda text: text + '{"step": 2, "loss": 1.2}\n\x00\x00\x00', None),  # a later line, then a torn block
+    (lambda text: '{"step": 0, "lo\n' + text + "[1, 2]\n", 1),  # damage before the last line: said, dropped
+])
+def test_a_damaged_metrics_file_is_repaired_on_resume(setup, stopped_run, tmp_path, damage, warned):
+    out = _copy(stopped_run, tmp_path / "run")
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(damage(metrics.read_text()))
+    proc = _train(*_argv(setup / "conv1", out, "--save-every", 1, "--no-export", "--resume", data=setup / "train.jsonl",
+                         steps=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [m["step"] for m in tr.metrics(out)] == [1, 2]
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    if warned is None:
+        assert warnings == [], proc.stderr
+    else:
+        assert warnings == [f"fxconvert.train: warning: {metrics}:{warned} is not a metrics record; dropped it"]
