@@ -54,7 +54,8 @@ RESUME_FIELDS = {
     "shuffle": "--shuffle",
     "seed": "--seed",
     "dtype": "--dtype",
-    "data": "--data (its path and size)",
+    "data": "--data (its path)",
+    "data_sha256": "--data (its content)",
     "max_source_length": "--max-source-length",
     "max_target_length": "--max-target-length",
 }
@@ -303,6 +304,9 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
     record and that differs is named, with the option that sets it.
     """
     differ = [f"{key} differs (checkpoint {meta[key]!r}, this run {current[key]!r}; set by {option})"
+              if key != "data_sha256" else
+              f"the content of --data {current.get('data', '')} differs from the file the checkpoint trained on "
+              f"(sha256 {str(meta[key])[:16]}..., now {str(current[key])[:16]}...)"
               for key, option in RESUME_FIELDS.items()
               if key in current and key in meta and meta[key] != current[key]]
     if differ:

@@ -323,6 +323,7 @@ class Data:
     pad_token_id: int
     decoder_start_token_id: int | None
     objective: str = "seq2seq"  # the family's (`Family.objective`): how lines become batches (`fxconvert.data`)
+    sha256: str | None = None  # of the bytes the examples were read from: the data's identity on resume
 
     def batch(self, args, index: int) -> dict[str, torch.Tensor]:
         from fxconvert.data import batch_indices, collate
@@ -341,7 +342,7 @@ class Data:
 
 
 def load_data(args, model: Model) -> Data:
-    from fxconvert.data import load_tokenizer, read_jsonl
+    from fxconvert.data import load_jsonl, load_tokenizer
 
     config = model.config
     family = families.family_of_class((config.get("architectures") or [""])[0])
@@ -351,9 +352,10 @@ def load_data(args, model: Model) -> Data:
                          f"(T5, BART), causal LM (GPT-2, Llama-style) or masked LM (BERT) model")
     causal = objective == "causal"
     tokenizer = load_tokenizer(model.tokenizer_dir, required=False) if model.tokenizer_dir is not None else None
-    examples = read_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
-                          max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"),
-                          objective=objective)
+    read = load_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
+                      max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"),
+                      objective=objective)
+    examples = read.examples
     _check_lengths(examples, args, family, config, objective)
     pad, pad_name = config.get("pad_token_id"), "pad_token_id"
     if causal and type(pad) is not int:  # GPT-2 and Llama define none: padding is masked and never learned
@@ -369,7 +371,7 @@ def load_data(args, model: Model) -> Data:
             raise UsageError(f"the model's config has {name} = {value}, outside its vocabulary (vocab_size {vocab}); "
                              f"set {'pad_token_id' if name == 'eos_token_id' else name} in config.json to a token id "
                              f"below {vocab}")
-    return Data(examples, pad, start, objective)
+    return Data(examples, pad, start, objective, sha256=read.sha256)
 
 
 def _check_lengths(examples, args, family, config: dict, objective: str) -> None:
@@ -563,16 +565,18 @@ def _optimizer(args, params) -> torch.optim.Optimizer:
 RUN_MARKER = ".fxconvert-run"  # written into RUN when a run starts; --resume continues only such a directory
 
 
-def resume_fields(args, topo: Topology) -> dict:
-    """What a checkpoint must share with the run that resumes it for the two to be one run (RESUME_FIELDS)."""
+def resume_fields(args, topo: Topology, data: "Data | None" = None) -> dict:
+    """What a checkpoint must share with the run that resumes it for the two to be one run (RESUME_FIELDS).
+
+    The data file is named by its resolved path and, once `data` is read, identified by the
+    sha256 of the bytes its examples came from (read once, when they were checked), so an
+    edit of the same size is noticed and a file changed during the run changes no record.
+    """
     source = Path(args.source).expanduser()
-    data = Path(args.data).expanduser()
-    try:
-        stat = data.stat()
-        data_id = f"{data.resolve()} ({stat.st_size} bytes)"
-    except OSError:
-        data_id = str(data)
-    return {"model": str(source.resolve()) if source.exists() else str(args.source),
+    data_path = Path(args.data).expanduser()
+    data_id = str(data_path.resolve()) if data_path.exists() else str(data_path)
+    content = {"data_sha256": data.sha256} if data is not None and data.sha256 is not None else {}
+    return {**content, "model": str(source.resolve()) if source.exists() else str(args.source),
             "num_stages": topo.num_stages, "virtual_stages": args.virtual_stages, "dp": args.dp,
             "world_size": topo.world_size, "schedule": args.schedule, "optimizer": args.optimizer,
             "batch": args.batch, "microbatches": args.microbatches, "shuffle": args.shuffle, "seed": args.seed,
@@ -582,7 +586,7 @@ def resume_fields(args, topo: Topology) -> dict:
 
 def _meta(run: Run, step: int) -> dict:
     args = run.args
-    return {"step": step, "data_position": step * args.dp, **resume_fields(args, run.topo),
+    return {"step": step, "data_position": step * args.dp, **resume_fields(args, run.topo, run.data),
             "args": {k: v for k, v in vars(args).items()}}
 
 
@@ -628,6 +632,8 @@ def prepare(args, launch: Launch) -> Run:
     model = load_model(args, topo, device)
     topo.shared_stages = model.shared_stages
     data = load_data(args, model)
+    if resume_from is not None:  # the data's content, now that it is read
+        check_meta(meta, resume_fields(args, topo, data), path=resume_from)
     return Run(args, launch, topo, device, model, data, run_dir, resume_from)
 
 

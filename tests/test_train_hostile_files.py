@@ -223,3 +223,56 @@ def test_a_damaged_metrics_file_is_repaired_on_resume(setup, stopped_run, tmp_pa
         assert warnings == [], proc.stderr
     else:
         assert warnings == [f"fxconvert.train: warning: {metrics}:{warned} is not a metrics record; dropped it"]
+
+
+# -- the data of a run is identified by its content ----------------------------------------------------
+
+def test_a_same_size_edit_of_the_data_is_refused_on_resume(setup, tmp_path, capsys, monkeypatch):
+    data, out = tmp_path / "train.jsonl", tmp_path / "run"
+    shutil.copy(setup / "train.jsonl", data)
+    proc = _train(*_argv(setup / "conv1", out, "--save-every", 1, "--no-export", data=data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = data.read_text().splitlines(keepends=True)
+    before = data.stat().st_size
+    data.write_text("".join([lines[1], lines[0], *lines[2:]]))  # the same bytes in another order
+    assert data.stat().st_size == before
+    err = _fails(capsys, monkeypatch, _argv(setup / "conv1", out, "--save-every", 1, "--no-export", "--resume",
+                                            data=data, steps=2))
+    assert f"the content of --data {data} differs from the file the checkpoint trained on" in err
+    assert [m["step"] for m in tr.metrics(out)] == [1]
+
+
+def test_data_changed_during_the_run_changes_no_checkpoint_record(setup, tmp_path):
+    """The checkpoints record the data the run read, not what the file holds when they are written."""
+    import hashlib
+    import signal
+    import time
+
+    data, out = tmp_path / "train.jsonl", tmp_path / "run"
+    shutil.copy(setup / "train.jsonl", data)
+    original = data.read_bytes()
+    env = tr.env()
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    argv = _argv(setup / "conv1", out, "--save-every", 1, "--no-export", data=data, steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "fxconvert.train", *map(str, argv)], cwd=tr.REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps = lambda: {int(p.name[5:]) for p in (out / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()}
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints").is_dir() or not steps():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run saved no checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)  # nothing is saved while the file changes
+        saved = max(steps())
+        data.write_bytes(b"")  # truncated while the run trains
+        proc.send_signal(signal.SIGCONT)
+        while max(steps()) <= saved + 1:  # a save under way when stopped may have read its record before
+            assert proc.poll() is None and time.monotonic() < deadline, "the run saved no later checkpoint"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    later = json.loads((out / "checkpoints" / f"step_{max(steps())}" / "meta.json").read_text())
+    assert later["data_sha256"] == hashlib.sha256(original).hexdigest()
+    assert later["data"] == str(data.resolve())
