@@ -590,6 +590,17 @@ def _meta(run: Run, step: int) -> dict:
             "args": {k: v for k, v in vars(args).items()}}
 
 
+def _warn_once(launch: Launch):
+    """A warning printed once per machine (local rank 0), before any process group exists."""
+    from fxconvert.errors import printable
+
+    def warn(message: str) -> None:
+        if launch.local_rank == 0:
+            print(f"fxconvert.train: warning: {printable(message)}", file=sys.stderr, flush=True)
+
+    return warn
+
+
 def prepare(args, launch: Launch) -> Run:
     """Everything that can be checked before a process group or a file exists, on every rank alike."""
     topo = check_options(args, launch)
@@ -604,6 +615,9 @@ def prepare(args, launch: Launch) -> Run:
         raise UsageError(f"--out {args.out} is inside SOURCE {args.source}; choose an --out outside the conversion")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory; choose another --out")
+    from fxconvert.checkpoint import check_checkpoints_dir
+
+    check_checkpoints_dir(run_dir)  # a symlinked run/checkpoints: saving would write and clean up through it
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not args.resume:
             raise UsageError(f"--out {args.out} exists and is not empty; pass --resume to continue it, "
@@ -613,7 +627,7 @@ def prepare(args, launch: Launch) -> Run:
                              f"choose another --out")
         from fxconvert.checkpoint import check_meta, latest_checkpoint, read_meta
 
-        resume_from = latest_checkpoint(run_dir)
+        resume_from = latest_checkpoint(run_dir, warn=_warn_once(launch))
         if resume_from is None:
             raise UsageError(f"--resume, but {args.out} has no complete checkpoint (they are written with "
                              f"--save-every K); train into a new --out")

@@ -276,3 +276,32 @@ def test_data_changed_during_the_run_changes_no_checkpoint_record(setup, tmp_pat
     later = json.loads((out / "checkpoints" / f"step_{max(steps())}" / "meta.json").read_text())
     assert later["data_sha256"] == hashlib.sha256(original).hexdigest()
     assert later["data"] == str(data.resolve())
+
+
+# -- damaged checkpoints and a symlinked checkpoints/ ----------------------------------------------------
+
+def test_a_checkpoint_with_a_deleted_shard_falls_back_to_the_one_before(setup, tmp_path):
+    out = tmp_path / "run"
+    proc = _train(*_argv(setup / "conv1", out, "--save-every", 1, "--no-export", data=setup / "train.jsonl", steps=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "checkpoints" / "step_2" / "stage_0.pt").unlink()
+    proc = _train(*_argv(setup / "conv1", out, "--save-every", 1, "--no-export", "--resume",
+                         data=setup / "train.jsonl", steps=3))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"fxconvert.train: warning: checkpoint {out / 'checkpoints' / 'step_2'} is damaged "
+                        f"({out / 'checkpoints' / 'step_2'} lacks stage_0.pt); passing over it to an earlier one"]
+    assert [m["step"] for m in tr.metrics(out)] == [1, 2, 3]  # resumed at step 1, not refused
+
+
+def test_a_symlinked_checkpoints_directory_is_refused(setup, stopped_run, tmp_path, capsys, monkeypatch):
+    out = _copy(stopped_run, tmp_path / "run")
+    users = tmp_path / "users"
+    (out / "checkpoints").rename(users)
+    (users / ".step_7.tmp").mkdir()
+    (users / ".step_7.tmp" / "thesis.tex").write_text("mine")
+    (out / "checkpoints").symlink_to(users)
+    err = _fails(capsys, monkeypatch, _argv(setup / "conv1", out, "--save-every", 1, "--no-export", "--resume",
+                                            data=setup / "train.jsonl", steps=2))
+    assert "checkpoints is a symlink" in err
+    assert (users / ".step_7.tmp" / "thesis.tex").read_text() == "mine"
