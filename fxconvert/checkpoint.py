@@ -14,7 +14,9 @@ Why the protocol (`save_checkpoint`): every rank writes into `.step_<k>.tmp/`; a
 barrier (every file is on disk), rank 0 writes meta.json and COMPLETE and renames the
 directory to `step_<k>`, which is atomic on a POSIX filesystem. A rank killed at any
 point leaves at most a `.step_<k>.tmp` that `latest_checkpoint` never looks at and that
-rank 0 removes at the next save (`remove_stale`). `run/` must be on a filesystem that
+rank 0 removes at the next save (`remove_stale`: only directories holding the `OWN` marker
+written when this module created them, and never through a symlinked run/checkpoints,
+which a save refuses). `run/` must be on a filesystem that
 every rank sees (one machine, or a shared filesystem across machines), as for
 `torch.distributed.checkpoint`.
 
@@ -39,6 +41,9 @@ COMPLETE = "COMPLETE"
 META = "meta.json"
 _STEP = re.compile(r"^step_(0|[1-9][0-9]*)$")
 _TMP = re.compile(r"^\.step_(0|[1-9][0-9]*)\.tmp(\.old)?$")  # a save in progress, or a step being replaced
+# Written into each temporary directory this module creates (and removed once it is a checkpoint):
+# cleanup removes only directories holding it, never a user's that happens to have such a name.
+OWN = ".fxconvert-checkpoint"
 
 # meta.json fields that must equal the current run's for a resume, with the option that sets each
 RESUME_FIELDS = {
@@ -54,7 +59,8 @@ RESUME_FIELDS = {
     "shuffle": "--shuffle",
     "seed": "--seed",
     "dtype": "--dtype",
-    "data": "--data (its path and size)",
+    "data": "--data (its path)",
+    "data_sha256": "--data (its content)",
     "max_source_length": "--max-source-length",
     "max_target_length": "--max-target-length",
 }
@@ -66,6 +72,21 @@ class CheckpointError(FxConvertError):
 
 class ResumeMismatchError(CheckpointError, UsageError):
     """The checkpoint was written by a run with other settings than this one."""
+
+
+class CheckpointDirError(CheckpointError, UsageError):
+    """run/checkpoints is not a directory fxconvert may write into (a symlink, a file)."""
+
+
+def check_checkpoints_dir(run_dir) -> None:
+    """Refuse a run/checkpoints that is a symlink or not a directory: saving, and the cleanup that comes
+    with it, would write and delete wherever it points. Every rank calls it, before any collective."""
+    root = checkpoints_dir(run_dir)
+    if root.is_symlink():
+        raise CheckpointDirError(f"{root} is a symlink; fxconvert writes (and cleans up) checkpoints only in a "
+                                 f"real directory: replace it with one, or train into a new --out")
+    if root.exists() and not root.is_dir():
+        raise CheckpointDirError(f"{root} exists and is not a directory; move it away, or train into a new --out")
 
 
 def stage_file(index: int) -> str:
@@ -132,12 +153,17 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
         raise CheckpointError(f"checkpoint meta must be plain JSON data ({e}); convert paths and objects to "
                               f"strings") from e
     root = checkpoints_dir(run_dir)
+    check_checkpoints_dir(run_dir)
     tmp, final = root / f".step_{step}.tmp", root / f"step_{step}"
     try:
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             remove_stale(run_dir)
+            if tmp.exists() or tmp.is_symlink():
+                raise CheckpointError(f"{tmp} is in the way and fxconvert did not write it; move it away, "
+                                      f"then resume")
             tmp.mkdir()
+            (tmp / OWN).write_text("fxconvert\n")
         barrier()  # the tmp directory exists and is empty
         for index, state in states.items():
             _write(tmp / stage_file(index), lambda f, state=state: torch.save(state, f))
@@ -158,9 +184,14 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
 
 
 def _abandon(tmp: Path, rank: int) -> None:
-    """Rank 0 removes a save that failed; a tmp name held by something else than a directory stays."""
-    if rank == 0 and tmp.is_dir() and not tmp.is_symlink():
+    """Rank 0 removes a save that failed; a tmp name held by anything this module did not create stays."""
+    if rank == 0 and _ours(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ours(path: Path) -> bool:
+    """A real directory holding this module's marker (no symlink is followed, neither it nor the marker)."""
+    return path.is_dir() and not path.is_symlink() and (path / OWN).is_file() and not (path / OWN).is_symlink()
 
 
 def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict) -> None:
@@ -178,12 +209,17 @@ def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict)
     if final.is_dir() and not final.is_symlink():
         # a newer run re-saving a step it reached before (resumed from an earlier one): replace it
         old = final.parent / f".step_{step}.tmp.old"
-        shutil.rmtree(old, ignore_errors=True)
+        if old.exists() or old.is_symlink():
+            if not _ours(old):
+                raise CheckpointError(f"{old} is in the way and fxconvert did not write it; move it away, then resume")
+            shutil.rmtree(old)
+        (final / OWN).write_text("fxconvert\n")  # a kill before it is removed leaves a directory cleanup takes
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
+    (final / OWN).unlink()  # a checkpoint holds exactly the layout above
     fsync_path(final.parent)
 
 
@@ -207,16 +243,17 @@ def fsync_path(path: Path) -> None:
 def remove_stale(run_dir) -> list[Path]:
     """Remove the `.step_<k>.tmp` directories a killed save left in run/checkpoints; return them.
 
-    Only directories with exactly that name are touched (no symlink, nothing else), so a
-    file a user keeps there survives. Call it on rank 0 only, and only while no save is
-    in flight (at a save, or when resuming).
+    Only directories with exactly that name that this module created (they hold its `OWN`
+    marker) are touched: no symlink, nothing else, so a file or directory a user keeps
+    there survives, and a run/checkpoints that is a symlink is never looked into. Call it
+    on rank 0 only, and only while no save is in flight (at a save, or when resuming).
     """
     root = checkpoints_dir(run_dir)
     removed = []
-    if not root.is_dir():
+    if root.is_symlink() or not root.is_dir():
         return removed
     for path in root.iterdir():
-        if _TMP.match(path.name) and path.is_dir() and not path.is_symlink():
+        if _TMP.match(path.name) and _ours(path):
             shutil.rmtree(path)
             removed.append(path)
     return sorted(removed)
@@ -225,31 +262,53 @@ def remove_stale(run_dir) -> list[Path]:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def latest_checkpoint(run_dir) -> Path | None:
+def latest_checkpoint(run_dir, *, warn: Callable[[str], None] | None = None) -> Path | None:
     """The complete checkpoint with the highest step in run/checkpoints, or None.
 
     A directory counts only if its name is exactly `step_<k>`, it is a real directory,
-    it holds COMPLETE and its meta.json parses and records step k. Anything else (a
+    it holds COMPLETE, its meta.json parses and records step k, and every file its meta
+    says it has is there (a stage file per stage, a rank file per rank). Anything else (a
     half-written `.step_<k>.tmp`, a file or symlink called `step_5`, `step_abc`, a
-    meta.json someone truncated) is passed over, so a damaged newest checkpoint falls
-    back to the one before it.
+    meta.json someone truncated, a shard someone deleted) is passed over, so a damaged
+    newest checkpoint falls back to the one before it; `warn(message)` hears of each
+    directory marked COMPLETE that is passed over for being damaged.
     """
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return None
-    best = None
+    candidates = []
     for path in root.iterdir():
         match = _STEP.match(path.name)
-        if not match or not path.is_dir() or path.is_symlink() or not (path / COMPLETE).is_file():
-            continue
-        step = int(match.group(1))
+        if match and path.is_dir() and not path.is_symlink() and (path / COMPLETE).is_file():
+            candidates.append((int(match.group(1)), path))
+    for step, path in sorted(candidates, reverse=True):
         try:
             meta = read_meta(path)
-        except CheckpointError:
-            continue
-        if meta.get("step") == step and (best is None or step > best[0]):
-            best = (step, path)
-    return None if best is None else best[1]
+        except CheckpointError as e:
+            why = str(e).split("; ")[0]
+        else:
+            missing = _missing(path, meta) if meta.get("step") == step else None
+            if not missing and meta.get("step") == step:
+                return path
+            why = f"{path / META} records step {meta.get('step')!r}" if missing is None else \
+                f"{path} lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}"
+        if warn is not None:
+            warn(f"checkpoint {path} is damaged ({why}); passing over it to an earlier one")
+    return None
+
+
+def _missing(path: Path, meta: dict) -> list[str]:
+    """The files meta.json says the checkpoint has that are not there (meta.json itself when it says nothing)."""
+    stages, ranks = meta.get("num_stages"), meta.get("world_size")
+    if not all(type(n) is int and n >= 1 for n in (stages, ranks)):
+        return [f"{META} with num_stages and world_size"]
+    present = set(os.listdir(path))
+    if stages + ranks > len(present):  # cannot all be there (and a crafted count is not iterated)
+        expected = [stage_file(i) for i in range(min(stages, len(present) + 1))] + \
+                   [rank_file(r) for r in range(min(ranks, len(present) + 1))]
+    else:
+        expected = [stage_file(i) for i in range(stages)] + [rank_file(r) for r in range(ranks)]
+    return [name for name in expected if name not in present or not (path / name).is_file()]
 
 
 def read_meta(path) -> dict:
@@ -273,20 +332,24 @@ def load_checkpoint(path, *, rank: int, stage_indices) -> tuple[dict[int, dict],
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}); resume from latest_checkpoint()")
     meta = read_meta(path)
-    states = {i: _load(path / stage_file(i)) for i in stage_indices}
+    states = {i: _load(path / stage_file(i), i, meta.get("num_stages")) for i in stage_indices}
     for i, state in states.items():
         if not (isinstance(state, dict) and isinstance(state.get("model"), dict) and "optimizer" in state):
             raise CheckpointError(f"{path / stage_file(i)} holds no model and optimizer states; "
                                   f"resume from another checkpoint")
-    rng = _load(path / rank_file(rank))
+    rng = _load(path / rank_file(rank), rank, meta.get("world_size"))
     if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
             and isinstance(rng.get("python"), list) and len(rng["python"]) == 3):
         raise CheckpointError(f"{path / rank_file(rank)} holds no random states; resume from another checkpoint")
     return states, rng, meta
 
 
-def _load(file: Path):
+def _load(file: Path, index: int, count):
+    """One file of a checkpoint: stage or rank `index` of the `count` its meta.json records."""
     if not file.is_file():
+        if type(count) is int and 0 <= index < count:  # the checkpoint's own layout has it: it was lost
+            raise CheckpointError(f"checkpoint {file.parent} is damaged: {file.name} is missing; delete "
+                                  f"{file.parent} to resume from the checkpoint before it")
         raise CheckpointError(f"checkpoint {file.parent} has no {file.name}; it was written by a run with other "
                               f"stages or ranks; resume with the same settings or start a new --out")
     try:
@@ -303,6 +366,9 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
     record and that differs is named, with the option that sets it.
     """
     differ = [f"{key} differs (checkpoint {meta[key]!r}, this run {current[key]!r}; set by {option})"
+              if key != "data_sha256" else
+              f"the content of --data {current.get('data', '')} differs from the file the checkpoint trained on "
+              f"(sha256 {str(meta[key])[:16]}..., now {str(current[key])[:16]}...)"
               for key, option in RESUME_FIELDS.items()
               if key in current and key in meta and meta[key] != current[key]]
     if differ:
@@ -311,4 +377,5 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
 
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "remove_stale", "rng_state", "set_rng_state",
-           "check_meta", "read_meta", "CheckpointError", "ResumeMismatchError", "RESUME_FIELDS"]
+           "check_meta", "read_meta", "check_checkpoints_dir", "CheckpointError", "CheckpointDirError",
+           "ResumeMismatchError", "RESUME_FIELDS"]

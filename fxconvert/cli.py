@@ -298,6 +298,8 @@ def run(args) -> int:
             extra_files = output.files
             step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
         conversion.timings["split"] = timings["split"]
+        for note in output.notes:
+            progress.warn(note)
 
     def make_report(detail=True):
         return build_report(conversion, validation=validation, extra=extra, detail=detail)

@@ -32,6 +32,7 @@ DataError naming the file, the 1-based line number, the problem and the fix.
 """
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,9 +170,27 @@ def _positive(value, what: str, minimum=1) -> int:
     return value
 
 
-def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None,
-               objective: str = "seq2seq") -> list[Example]:
-    """Every example of the JSONL file `path`, checked line by line before any is returned.
+@dataclass
+class DataFile:
+    """The examples of a data file and the sha256 of the very bytes they were read from.
+
+    The digest identifies the data of a run: a checkpoint records it and a resume compares it,
+    so a file edited in place (even to the same size) is noticed, and a file changed while the
+    run trains does not change what the run's checkpoints record.
+    """
+
+    examples: list[Example]
+    sha256: str
+
+
+def read_jsonl(path, **options) -> list[Example]:
+    """Every example of the JSONL file `path` (`load_jsonl`'s examples)."""
+    return load_jsonl(path, **options).examples
+
+
+def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None,
+               objective: str = "seq2seq") -> DataFile:
+    """Every example of the JSONL file `path`, checked line by line before any is returned, and its sha256.
 
     Text is tokenized as `tokenizer(input, truncation=True, max_length=max_source_length)` and
     `tokenizer(text_target=target, truncation=True, max_length=max_target_length)`, with the
@@ -212,6 +231,12 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
             if not isinstance(obj[key], str) or not obj[key].strip():
                 problem = "is empty" if isinstance(obj[key], str) else f"is a {type(obj[key]).__name__}, not a string"
                 raise DataError(f"{where}: {key!r} {problem}; {FIX}")
+            try:  # JSON can escape half a surrogate pair ("\\ud800"), which no tokenizer takes
+                obj[key].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: {key!r} is not valid Unicode text (a lone surrogate "
+                                f"\\u{ord(obj[key][e.start]):04x} at character {e.start + 1}); write the "
+                                f"character itself, or a complete surrogate pair") from None
         for key in ("input_ids", "labels") if "input_ids" in obj else ():
             _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer",
                        objective=objective)
@@ -232,7 +257,7 @@ def read_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
         if cut is not None and all(v == IGNORE_INDEX for v in labels):
             _nothing_to_learn(f"{name}:{number} (cut to {option} {cut})")
         examples.append(Example(obj["input_ids"][:max_source_length], labels))
-    return examples
+    return DataFile(examples, hashlib.sha256(data).hexdigest())
 
 
 def _tokenize(tokenizer, texts: list[str], max_length, *, target: bool, chunk=1024) -> list[list[int]]:

@@ -14,7 +14,9 @@ first name. `from_pretrained` ties the other names to it, because the config cop
 from the conversion is the one that tied them in the model that was converted.
 
 Beside the weights, rank 0 copies config.json, generation_config.json (when the
-conversion has one) and the tokenizer files byte for byte from the conversion directory.
+conversion has one) and the tokenizer files byte for byte from the conversion directory:
+only regular files inside it (`fxconvert.files`); a symlink out of it, a FIFO or a
+directory under such a name is refused in one line, when the plan is checked.
 
 Atomic like the checkpoints: everything goes into `.<name>.tmp` beside `run/hf`, which
 rank 0 renames into place after checking that every shard holds exactly the names it
@@ -35,6 +37,7 @@ import torch
 
 from fxconvert.checkpoint import fsync_path
 from fxconvert.errors import FxConvertError
+from fxconvert.files import read_copyable, why_not_copyable
 
 INDEX = "model.safetensors.index.json"
 PIPELINE = "pipeline.json"
@@ -116,8 +119,13 @@ def _check_plan(plan: ExportPlan, directory: Path) -> None:
         if _WEIGHTS_LIKE.search(name):
             raise ExportError(f"{directory / PIPELINE} names {name!r} as a file to copy, which would stand beside "
                               f"the exported weights; remove it from tokenizer_files")
-        if not (directory / name).is_file():
+        path = directory / name
+        if not (path.exists() or path.is_symlink()):
             raise ExportError(f"{directory} has no {name}, which {PIPELINE} lists; convert again with --stages N")
+        why = why_not_copyable(path, [directory.resolve()])
+        if why is not None:
+            raise ExportError(f"{path}, which {PIPELINE} lists to copy, is {why}; only regular files inside the "
+                              f"conversion directory are copied: put the file itself there or convert again")
 
 
 def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor]], rank: int,
@@ -231,8 +239,13 @@ def _finish(tmp: Path, out: Path, plan: ExportPlan, directory: Path) -> None:
             total += end - start
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    for name in plan.files:
-        shutil.copyfile(directory / name, tmp / name)
+    for name in plan.files:  # checked again as read: a file swapped for a symlink since the plan is refused
+        try:
+            data = read_copyable(directory / name, [directory.resolve()])
+        except ValueError as e:
+            raise ExportError(f"{directory / name} is {e}; only regular files inside the conversion directory are "
+                              f"copied: put the file itself there or convert again") from None
+        (tmp / name).write_bytes(data)
     written = sorted(p.name for p in tmp.iterdir())
     (tmp / MARKER).write_text(json.dumps({"producer": "fxconvert", "files": written}) + "\n", encoding="utf-8")
     for path in tmp.iterdir():

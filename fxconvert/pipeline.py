@@ -9,13 +9,17 @@ what a pipeline runtime needs to fine-tune the model and hand back a transformer
   weights and the values that cross each boundary (`fxconvert.stages.pipeline_manifest`);
 - `config.json` (and `generation_config.json` when the model has one): the transformers
   config, so the trained weights can be saved as a checkpoint again;
-- the tokenizer files found beside the source checkpoint, copied byte for byte.
+- the tokenizer files found beside the source checkpoint, copied byte for byte: only regular
+  files inside it (a symlink into the Hugging Face cache's blobs/ included); any other is
+  skipped with a warning (`tokenizer_sources`).
 
 `pipeline_files(stages, conversion)` gives all of these as {name: text or bytes} for
 `fxconvert.save.save(extra_files=...)`; `pipeline_output` splits and adds the report's
 stage table, for the command line and `Conversion.save(stages=...)` alike.
-`load_pipeline(directory)` reads pipeline.json back, checks it, and imports a stage file by
-index only: a manifest cannot name another file.
+`load_pipeline(directory)` reads pipeline.json back and checks all of it, including what an
+export will copy and name (`fxconvert.export.plan_from_manifest`), so a trainer refuses a
+tampered manifest before it trains; a stage file is imported by index only: a manifest
+cannot name another file.
 """
 
 import copy
@@ -294,11 +298,40 @@ def source_directory(source) -> Path | None:
 
 
 def tokenizer_sources(source) -> dict[str, Path]:
-    """Tokenizer file name -> its path beside the source checkpoint, for the files that exist there."""
+    """Tokenizer file name -> its path beside the source checkpoint, for the files that may be copied.
+
+    Only regular files inside the checkpoint are (`fxconvert.files`): a `merges.txt` that is a
+    symlink to a file outside it (say /etc/passwd), a FIFO or a directory is skipped, and
+    `skipped_tokenizer_files` says why. The converted model does not need them; skipping,
+    not refusing, keeps the conversion of a model whose tokenizer is of no use here.
+    """
+    return _tokenizer_files(source)[0]
+
+
+def skipped_tokenizer_files(source) -> list[str]:
+    """One warning per tokenizer file beside the source checkpoint that is not copied, and why."""
+    return _tokenizer_files(source)[1]
+
+
+def _tokenizer_files(source) -> tuple[dict[str, Path], list[str]]:
+    from fxconvert.errors import printable
+    from fxconvert.files import roots_of, why_not_copyable
+
     directory = source_directory(source)
     if directory is None:
-        return {}
-    return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+        return {}, []
+    roots, found, skipped = roots_of(directory), {}, []
+    for name in TOKENIZER_FILES:
+        path = directory / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        why = why_not_copyable(path, roots)
+        if why is None:
+            found[name] = path
+        else:
+            skipped.append(f"tokenizer file {printable(path)} not copied: {why} (only regular files inside the "
+                           f"checkpoint are copied; put the file itself there to include it)")
+    return found, skipped
 
 
 @dataclass
@@ -308,6 +341,7 @@ class PipelineOutput:
     stages: object  # fxconvert.stages.Stages
     section: object  # fxconvert.report.Section
     files: dict[str, str | bytes]
+    notes: list[str]  # tokenizer files beside the checkpoint that were not copied, and why
 
 
 def pipeline_output(conversion, stages) -> PipelineOutput:
@@ -316,7 +350,10 @@ def pipeline_output(conversion, stages) -> PipelineOutput:
 
     if isinstance(stages, int):
         stages = split_stages(conversion, stages)
-    return PipelineOutput(stages, stages_section(stage_table(stages)), pipeline_files(stages, conversion))
+    notes = skipped_tokenizer_files(conversion.source)
+    if conversion.source is not None:  # the reports' warnings list the source's notes
+        conversion.source.notes.extend(n for n in notes if n not in conversion.source.notes)
+    return PipelineOutput(stages, stages_section(stage_table(stages)), pipeline_files(stages, conversion), notes)
 
 
 def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
@@ -325,6 +362,9 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
     if model is None or getattr(model, "config", None) is None:
         raise UsageError("this conversion holds no transformers model, so config.json cannot be written; "
                          "convert the model with fxconvert.convert")
+    from fxconvert.errors import printable
+    from fxconvert.files import read_copyable, roots_of
+
     files: dict[str, str | bytes] = dict(stage_sources(stages))
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
@@ -333,11 +373,13 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
     generation = getattr(model, "generation_config", None) if model.can_generate() else None
     if generation is not None:
         files[GENERATION_CONFIG_FILE] = generation.to_json_string(use_diff=True)
+    roots = roots_of(source_directory(conversion.source) or ".")
     for name, path in tokenizer_sources(conversion.source).items():
         try:
-            files[name] = path.read_bytes()
-        except OSError as e:
-            raise PipelineError(f"cannot copy the tokenizer file {path}: {e.strerror or e}") from e
+            files[name] = read_copyable(path, roots)
+        except (OSError, ValueError) as e:  # changed since it was looked at
+            raise PipelineError(f"cannot copy the tokenizer file {printable(path)}: "
+                                f"{e.strerror if isinstance(e, OSError) else e}; convert again") from e
     files[PIPELINE_FILE] = manifest_text(pipeline_manifest(stages, conversion))
     return files
 
@@ -375,22 +417,81 @@ class Pipeline:
         return self.directory / f"stage_{index}.py"
 
     def import_stage(self, index: int):
-        """stage_<index>.py as a Python module (its build(), load() and constants)."""
+        """stage_<index>.py as a Python module (its build(), load() and constants).
+
+        Whatever a truncated, garbled or foreign stage file raises while it runs (a
+        SyntaxError, a NameError, even SystemExit) is one PipelineError naming the file;
+        only Ctrl-C goes through.
+        """
         path = self.stage_file(index)
         if not path.is_file():
             raise PipelineError(f"{path} is missing; convert again with --stages {self.num_stages}")
         spec = importlib.util.spec_from_file_location(f"fxconvert_stage_{index}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if (getattr(module, "STAGE", None), getattr(module, "NUM_STAGES", None)) != (index, self.num_stages):
-            raise PipelineError(f"{path} is not stage {index} of {self.num_stages}; convert again with "
-                                f"--stages {self.num_stages}")
+        try:
+            spec.loader.exec_module(module)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a broken file may raise anything, SystemExit included
+            raise PipelineError(f"cannot import {path} ({_described(e)}); it is damaged or not a stage file: "
+                                f"convert again with --stages {self.num_stages}") from e
+        found = (getattr(module, "STAGE", None), getattr(module, "NUM_STAGES", None))
+        if found != (index, self.num_stages):
+            raise PipelineError(f"{path} is not stage {index} of {self.num_stages} (it says STAGE {found[0]!r} of "
+                                f"NUM_STAGES {found[1]!r}); convert again with --stages {self.num_stages}")
+        if not callable(getattr(module, "load", None)):
+            raise PipelineError(f"{path} has no load(); convert again with --stages {self.num_stages}")
         return module
 
     def load_stage(self, index: int, device="cpu") -> torch.nn.Module:
-        """Stage `index` with only its own tensors read from the weights file, in eval mode."""
+        """Stage `index` with only its own tensors read from the weights file, in eval mode.
+
+        A weights file that is missing, truncated, empty, not safetensors, or written with
+        other stage files (a name or a shape differs) is one PipelineError naming both files
+        and what does not fit.
+        """
         module = self.import_stage(index)
-        return module.load(str(self.directory / self.weights), device=device)
+        path, weights = self.stage_file(index), self.directory / self.weights
+        try:
+            return module.load(str(weights), device=device)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - safetensors, torch and the file itself raise many kinds
+            if isinstance(e, FileNotFoundError) and not weights.exists():
+                problem = str(e) if "meta device" in str(e) else f"{weights} is missing"
+            elif isinstance(e, (KeyError, RuntimeError)) and _mismatch(e, weights.name, path.name):
+                problem = f"{weights} and {path.name} were not written together " \
+                          f"({_mismatch(e, weights.name, path.name)})"
+            else:
+                problem = f"cannot load {weights} with {path.name} ({_described(e)})"
+            raise PipelineError(f"stage {index}: {problem}; convert again with --stages {self.num_stages}") from e
+
+
+def _described(error: BaseException) -> str:
+    """`Type: first line` of an error, control characters escaped (a message may quote the file)."""
+    from fxconvert.errors import first_line, printable
+
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r})"
+    return printable(f"{type(error).__name__}: {first_line(error)}")
+
+
+def _mismatch(error: BaseException, weights: str, stage: str) -> str | None:
+    """What a stage file and a weights file disagree on: load()'s missing tensor, or load_state_dict's
+    first complaint (its message is a header line, then one tab-indented line per problem)."""
+    from fxconvert.errors import printable
+
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    if isinstance(error, KeyError) and "has no tensor" in text:
+        return printable(text.split("; ")[0])
+    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    if not text.startswith("Error(s) in loading state_dict") or not lines:
+        return None
+    first = re.sub(r"^size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+                   r"the shape in current model is torch\.Size\((\[.*?\])\)\.?$",
+                   lambda m: f"{m[1]} is {m[2]} in {weights} but {m[3]} in {stage}", lines[0])
+    more = len(lines) - 1
+    return printable(first.rstrip(".") + (f", and {more} more" if more else ""))
 
 
 def load_pipeline(directory) -> Pipeline:
@@ -419,8 +520,50 @@ def load_pipeline(directory) -> Pipeline:
         value = fields[name]
         if not isinstance(value, str) or not value or os.path.basename(value) != value or value in (".", ".."):
             raise PipelineError(f"{path}: '{name}' must be a file name in {directory}, got {value!r}")
+    _check_fields(path, fields)
+    from fxconvert.export import ExportError, plan_from_manifest
+
+    try:  # what the export at the end of training will copy and name: refused now, not after the training
+        plan_from_manifest(manifest, directory)
+    except ExportError as e:
+        raise PipelineError(str(e)) from None
     return Pipeline(directory=directory, **fields)
 
 
+def _check_fields(path: Path, fields: dict) -> None:
+    """The types of the fields a reader (the trainer) uses, so that a tampered manifest is one line, not a
+    TypeError at some later use."""
+    def names(value):
+        return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+    problems = []
+    if not (isinstance(fields["model_class"], str) and fields["model_class"]):
+        problems.append("'model_class' must be a class name")
+    if not (fields["model_type"] is None or isinstance(fields["model_type"], str)):
+        problems.append("'model_type' must be a string")
+    if not (isinstance(fields["output_name"], str) and fields["output_name"]):
+        problems.append("'output_name' must be a name")
+    if not names(fields["input_names"]):
+        problems.append("'input_names' must be a list of names")
+    if not names(fields["tokenizer_files"] or []):
+        problems.append("'tokenizer_files' must be a list of file names")
+    for stage in fields["stages"]:
+        if not names(stage.get("inputs")):
+            problems.append(f"stage {stage['index']}'s 'inputs' must be a list of names")
+    shared = fields["shared_weights"]
+    num_stages = fields["num_stages"]
+    if not isinstance(shared, dict):
+        problems.append("'shared_weights' must be an object")
+    else:
+        for name, info in shared.items():
+            stages = info.get("stages") if isinstance(info, dict) else None
+            if not (isinstance(stages, list) and all(type(i) is int and 0 <= i < num_stages for i in stages)
+                    and names(info.get("hf_names"))):
+                problems.append(f"shared weight {name!r} must list its stages (0..{num_stages - 1}) and hf_names")
+    if problems:
+        raise PipelineError(f"{path}: {problems[0]}; convert again with --stages N")
+
+
 __all__ = ["Pipeline", "PipelineError", "PipelineOutput", "load_pipeline", "pipeline_output", "pipeline_files",
-           "stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters", "tokenizer_sources", "TOKENIZER_FILES"]
+           "stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters", "tokenizer_sources",
+           "skipped_tokenizer_files", "TOKENIZER_FILES"]

@@ -302,7 +302,11 @@ def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     # What a conversion directory would hold besides stage files and weights (pipeline.json, config.json,
     # tokenizer files): RUN/hf's export reads them from a directory written at export time.
     files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
-    from fxconvert.pipeline import source_directory
+    from fxconvert.errors import printable
+    from fxconvert.pipeline import skipped_tokenizer_files, source_directory
+
+    for note in skipped_tokenizer_files(conversion.source) if topo.rank == 0 else ():
+        print(f"fxconvert.train: warning: {printable(note)}", file=sys.stderr, flush=True)
 
     tokenizer_dir = source_directory(conversion.source)  # a local checkpoint or its Hub cache snapshot
     del conversion, stages
@@ -319,6 +323,7 @@ class Data:
     pad_token_id: int
     decoder_start_token_id: int | None
     objective: str = "seq2seq"  # the family's (`Family.objective`): how lines become batches (`fxconvert.data`)
+    sha256: str | None = None  # of the bytes the examples were read from: the data's identity on resume
 
     def batch(self, args, index: int) -> dict[str, torch.Tensor]:
         from fxconvert.data import batch_indices, collate
@@ -337,7 +342,7 @@ class Data:
 
 
 def load_data(args, model: Model) -> Data:
-    from fxconvert.data import load_tokenizer, read_jsonl
+    from fxconvert.data import load_jsonl, load_tokenizer
 
     config = model.config
     family = families.family_of_class((config.get("architectures") or [""])[0])
@@ -347,9 +352,10 @@ def load_data(args, model: Model) -> Data:
                          f"(T5, BART), causal LM (GPT-2, Llama-style) or masked LM (BERT) model")
     causal = objective == "causal"
     tokenizer = load_tokenizer(model.tokenizer_dir, required=False) if model.tokenizer_dir is not None else None
-    examples = read_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
-                          max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"),
-                          objective=objective)
+    read = load_jsonl(args.data, tokenizer=tokenizer, max_source_length=args.max_source_length,
+                      max_target_length=args.max_target_length, vocab_size=config.get("vocab_size"),
+                      objective=objective)
+    examples = read.examples
     _check_lengths(examples, args, family, config, objective)
     pad, pad_name = config.get("pad_token_id"), "pad_token_id"
     if causal and type(pad) is not int:  # GPT-2 and Llama define none: padding is masked and never learned
@@ -365,7 +371,7 @@ def load_data(args, model: Model) -> Data:
             raise UsageError(f"the model's config has {name} = {value}, outside its vocabulary (vocab_size {vocab}); "
                              f"set {'pad_token_id' if name == 'eos_token_id' else name} in config.json to a token id "
                              f"below {vocab}")
-    return Data(examples, pad, start, objective)
+    return Data(examples, pad, start, objective, sha256=read.sha256)
 
 
 def _check_lengths(examples, args, family, config: dict, objective: str) -> None:
@@ -478,11 +484,34 @@ class Reporter:
             self.progress.start()
 
     def _keep_steps_up_to(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (the killed run may have written them)."""
+        """On resume, drop lines of steps after the checkpoint (the killed run may have written them).
+
+        A line that is not a metrics record is dropped as well: the last one is expected (a run
+        killed while writing leaves part of a line); one before it is said in a warning naming
+        the file and line. The file is a log, not state, so it never stops a resume.
+        """
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        from fxconvert.errors import printable
+
+        lines = self.path.read_bytes().split(b"\n")
+        last = max((n for n, raw in enumerate(lines, 1) if raw.strip()), default=0)
+        kept = []
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+                record = json.loads(text)
+            except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                record = None
+            if not (isinstance(record, dict) and type(record.get("step")) is int):
+                if number != last:
+                    print(f"fxconvert.train: warning: {printable(self.path)}:{number} is not a metrics record; "
+                          f"dropped it", file=sys.stderr, flush=True)
+                continue
+            if record["step"] <= step:
+                kept.append(text)
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def step(self, record: dict) -> None:
@@ -536,16 +565,18 @@ def _optimizer(args, params) -> torch.optim.Optimizer:
 RUN_MARKER = ".fxconvert-run"  # written into RUN when a run starts; --resume continues only such a directory
 
 
-def resume_fields(args, topo: Topology) -> dict:
-    """What a checkpoint must share with the run that resumes it for the two to be one run (RESUME_FIELDS)."""
+def resume_fields(args, topo: Topology, data: "Data | None" = None) -> dict:
+    """What a checkpoint must share with the run that resumes it for the two to be one run (RESUME_FIELDS).
+
+    The data file is named by its resolved path and, once `data` is read, identified by the
+    sha256 of the bytes its examples came from (read once, when they were checked), so an
+    edit of the same size is noticed and a file changed during the run changes no record.
+    """
     source = Path(args.source).expanduser()
-    data = Path(args.data).expanduser()
-    try:
-        stat = data.stat()
-        data_id = f"{data.resolve()} ({stat.st_size} bytes)"
-    except OSError:
-        data_id = str(data)
-    return {"model": str(source.resolve()) if source.exists() else str(args.source),
+    data_path = Path(args.data).expanduser()
+    data_id = str(data_path.resolve()) if data_path.exists() else str(data_path)
+    content = {"data_sha256": data.sha256} if data is not None and data.sha256 is not None else {}
+    return {**content, "model": str(source.resolve()) if source.exists() else str(args.source),
             "num_stages": topo.num_stages, "virtual_stages": args.virtual_stages, "dp": args.dp,
             "world_size": topo.world_size, "schedule": args.schedule, "optimizer": args.optimizer,
             "batch": args.batch, "microbatches": args.microbatches, "shuffle": args.shuffle, "seed": args.seed,
@@ -555,8 +586,19 @@ def resume_fields(args, topo: Topology) -> dict:
 
 def _meta(run: Run, step: int) -> dict:
     args = run.args
-    return {"step": step, "data_position": step * args.dp, **resume_fields(args, run.topo),
+    return {"step": step, "data_position": step * args.dp, **resume_fields(args, run.topo, run.data),
             "args": {k: v for k, v in vars(args).items()}}
+
+
+def _warn_once(launch: Launch):
+    """A warning printed once per machine (local rank 0), before any process group exists."""
+    from fxconvert.errors import printable
+
+    def warn(message: str) -> None:
+        if launch.local_rank == 0:
+            print(f"fxconvert.train: warning: {printable(message)}", file=sys.stderr, flush=True)
+
+    return warn
 
 
 def prepare(args, launch: Launch) -> Run:
@@ -573,6 +615,9 @@ def prepare(args, launch: Launch) -> Run:
         raise UsageError(f"--out {args.out} is inside SOURCE {args.source}; choose an --out outside the conversion")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory; choose another --out")
+    from fxconvert.checkpoint import check_checkpoints_dir
+
+    check_checkpoints_dir(run_dir)  # a symlinked run/checkpoints: saving would write and clean up through it
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not args.resume:
             raise UsageError(f"--out {args.out} exists and is not empty; pass --resume to continue it, "
@@ -582,7 +627,7 @@ def prepare(args, launch: Launch) -> Run:
                              f"choose another --out")
         from fxconvert.checkpoint import check_meta, latest_checkpoint, read_meta
 
-        resume_from = latest_checkpoint(run_dir)
+        resume_from = latest_checkpoint(run_dir, warn=_warn_once(launch))
         if resume_from is None:
             raise UsageError(f"--resume, but {args.out} has no complete checkpoint (they are written with "
                              f"--save-every K); train into a new --out")
@@ -601,6 +646,8 @@ def prepare(args, launch: Launch) -> Run:
     model = load_model(args, topo, device)
     topo.shared_stages = model.shared_stages
     data = load_data(args, model)
+    if resume_from is not None:  # the data's content, now that it is read
+        check_meta(meta, resume_fields(args, topo, data), path=resume_from)
     return Run(args, launch, topo, device, model, data, run_dir, resume_from)
 
 

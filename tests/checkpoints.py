@@ -27,8 +27,14 @@ def edit_config(directory, **changes) -> None:
     path.write_text(json.dumps(config))
 
 
-def fake_hub_cache(cache, repo_id, checkpoint_dir, files=("config.json", "model.safetensors")) -> None:
-    """Lay out `checkpoint_dir`'s files in `cache` the way huggingface_hub stores a downloaded repo."""
+def fake_hub_cache(cache, repo_id, checkpoint_dir, files=("config.json", "model.safetensors"), links=False) -> None:
+    """Lay out `checkpoint_dir`'s files in `cache` the way huggingface_hub stores a downloaded repo.
+
+    With `links`, as huggingface_hub really does: each snapshot file is a relative symlink
+    to `../../blobs/<its sha256>`.
+    """
+    import hashlib
+
     repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
     revision = "0" * 40
     snapshot = repo / "snapshots" / revision
@@ -36,7 +42,14 @@ def fake_hub_cache(cache, repo_id, checkpoint_dir, files=("config.json", "model.
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     for name in files:
-        shutil.copy(Path(checkpoint_dir) / name, snapshot / name)
+        if not links:
+            shutil.copy(Path(checkpoint_dir) / name, snapshot / name)
+            continue
+        data = (Path(checkpoint_dir) / name).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
 
 
 def leftovers(directory) -> list[str]:

@@ -10,8 +10,9 @@ import torch
 
 import helpers
 from fxconvert import convert, split_stages
-from fxconvert.checkpoint import (CheckpointError, ResumeMismatchError, check_meta, latest_checkpoint,
-                                  load_checkpoint, remove_stale, rng_state, save_checkpoint, set_rng_state)
+from fxconvert.checkpoint import (OWN, CheckpointDirError, CheckpointError, ResumeMismatchError, check_meta,
+                                  latest_checkpoint, load_checkpoint, remove_stale, rng_state, save_checkpoint,
+                                  set_rng_state)
 
 from checkpoint_ranks import META, run_ranks, toy_states
 
@@ -203,23 +204,55 @@ def test_remove_stale_touches_only_its_own_temporary_directories(tmp_path):
     outside = tmp_path / "precious"
     outside.mkdir()
     (outside / "keep.txt").write_text("keep")
-    for name in (".step_4.tmp", ".step_5.tmp.old"):
+    for name in (".step_4.tmp", ".step_5.tmp.old"):  # what a killed save leaves: with the module's marker
         (root / name).mkdir()
+        (root / name / OWN).write_text("fxconvert\n")
         (root / name / "stage_0.pt").write_text("partial")
     (root / ".step_6.tmp").write_text("a user's file")
     (root / ".step_7.tmp").symlink_to(outside)
+    (outside / OWN).write_text("fxconvert\n")  # a marker behind a symlink is not followed either
+    (root / ".step_8.tmp").mkdir()  # a user's directory of that name, without the marker
+    (root / ".step_8.tmp" / "notes.txt").write_text("mine")
     for name in (".step_x.tmp", "notes.tmp", "step_3.tmp", ".step_04.tmp"):
         (root / name).mkdir()
     removed = remove_stale(tmp_path)
     assert [p.name for p in removed] == [".step_4.tmp", ".step_5.tmp.old"]
-    assert sorted(p.name for p in root.iterdir()) == [".step_04.tmp", ".step_6.tmp", ".step_7.tmp", ".step_x.tmp",
-                                                      "notes.tmp", "step_3.tmp"]
+    assert sorted(p.name for p in root.iterdir()) == [".step_04.tmp", ".step_6.tmp", ".step_7.tmp", ".step_8.tmp",
+                                                      ".step_x.tmp", "notes.tmp", "step_3.tmp"]
     assert (outside / "keep.txt").read_text() == "keep"
+    assert (root / ".step_8.tmp" / "notes.txt").read_text() == "mine"
+
+
+def test_a_symlinked_checkpoints_directory_is_never_cleaned_up_through(tmp_path):
+    """A user's `.step_N.tmp` where run/checkpoints points (even one holding the marker) survives; saving refuses."""
+    elsewhere = tmp_path / "users"
+    (elsewhere / ".step_3.tmp").mkdir(parents=True)
+    (elsewhere / ".step_3.tmp" / "thesis.tex").write_text("mine")
+    (elsewhere / ".step_4.tmp").mkdir()
+    (elsewhere / ".step_4.tmp" / OWN).write_text("fxconvert\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere)
+    assert remove_stale(run) == []
+    with pytest.raises(CheckpointDirError, match="checkpoints is a symlink") as e:
+        save_single(run, 5, toy_states())
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in elsewhere.iterdir()) == [".step_3.tmp", ".step_4.tmp"]
+    assert (elsewhere / ".step_3.tmp" / "thesis.tex").read_text() == "mine"
+
+
+def test_a_users_directory_in_the_way_of_a_save_is_kept(tmp_path):
+    (tmp_path / "checkpoints" / ".step_5.tmp").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".step_5.tmp" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"\.step_5\.tmp is in the way and fxconvert did not write it"):
+        save_single(tmp_path, 5, toy_states())
+    assert (tmp_path / "checkpoints" / ".step_5.tmp" / "notes.txt").read_text() == "mine"
 
 
 def test_save_removes_what_a_killed_save_left(tmp_path):
     stale = tmp_path / "checkpoints" / ".step_2.tmp"
     stale.mkdir(parents=True)
+    (stale / OWN).write_text("fxconvert\n")
     (stale / "rank_1.pt").write_text("partial")
     save_single(tmp_path, 3, toy_states())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3"]
@@ -242,6 +275,22 @@ def test_load_refuses_a_crafted_pickle(tmp_path, monkeypatch):
         load_checkpoint(path, rank=0, stage_indices=[0])
     assert "\n" not in str(e.value)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("lost", ["stage_1.pt", "rank_0.pt"])
+def test_a_checkpoint_with_a_deleted_shard_is_passed_over_with_a_warning(tmp_path, lost):
+    earlier = save_single(tmp_path, 2, toy_states())
+    damaged = save_single(tmp_path, 4, toy_states())
+    (damaged / lost).unlink()
+    warnings = []
+    assert latest_checkpoint(tmp_path, warn=warnings.append) == earlier
+    assert warnings == [f"checkpoint {damaged} is damaged ({damaged} lacks {lost}); passing over it to an "
+                        f"earlier one"]
+    index = int(lost.split("_")[1].split(".")[0])
+    with pytest.raises(CheckpointError, match=f"checkpoint .*step_4 is damaged: {lost} is missing; delete") as e:
+        load_checkpoint(damaged, rank=0 if lost.startswith("stage") else index,
+                        stage_indices=[index] if lost.startswith("stage") else [0])
+    assert "other stages or ranks" not in str(e.value)
 
 
 def test_load_errors_name_the_missing_piece(tmp_path):
@@ -315,11 +364,13 @@ def test_save_refuses_meta_that_is_not_json(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_write_failure_is_one_line_and_leaves_nothing(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / ".step_1.tmp").write_text("not ours: a file")
-    with pytest.raises(CheckpointError, match="cannot write checkpoint step 1 .*File exists") as e:
+def test_a_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint step 1 .*No space left on device") as e:
         save_single(tmp_path, 1, toy_states())
     assert "\n" not in str(e.value)
-    assert (tmp_path / "checkpoints" / ".step_1.tmp").read_text() == "not ours: a file"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == []
     assert latest_checkpoint(tmp_path) is None

@@ -385,3 +385,35 @@ def test_a_users_sharded_checkpoint_is_never_replaced(setup, tmp_path):
     (out / "notes.md").write_text("mine")
     assert "holds files fxconvert did not write (notes.md)" in _one_line(run_ranks([[0, 1]], modules, out, conv))
     assert (out / "notes.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("make", ["outside", "fifo", "directory"])
+def test_a_listed_file_that_is_not_a_regular_file_inside_is_refused(setup, tmp_path, make):
+    """A conversion whose tokenizer file is a symlink to a secret (or a FIFO, a directory): never copied."""
+    modules, _, conv, out = setup
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    (conv / "spiece.model").unlink()
+    if make == "outside":
+        (conv / "spiece.model").symlink_to(secret)
+    elif make == "fifo":
+        os.mkfifo(conv / "spiece.model")
+    else:
+        (conv / "spiece.model").mkdir()
+    errors = run_ranks([[0], [1]], modules, out, conv)
+    message = _one_line(errors)
+    assert "spiece.model" in message and "only regular files inside the conversion directory" in message
+    assert {"outside": "symlink to a file outside", "fifo": "not a regular file",
+            "directory": "not a regular file"}[make] in message
+    assert all(isinstance(e, ExportError) for e in errors)  # every rank refuses before writing anything
+    assert not out.parent.exists()
+
+
+def test_a_symlink_inside_the_conversion_is_copied(setup):
+    modules, _, conv, out = setup
+    (conv / "tokenizers").mkdir()
+    (conv / "spiece.model").rename(conv / "tokenizers" / "spiece.model")
+    (conv / "spiece.model").symlink_to(conv / "tokenizers" / "spiece.model")
+    assert run_ranks([[0], [1]], modules, out, conv) == [None, None]
+    assert (out / "spiece.model").read_bytes() == TOKENIZER_FILES["spiece.model"]
+    assert not (out / "spiece.model").is_symlink()

@@ -393,7 +393,7 @@ def test_meta_conversion_writes_stage_files_without_weights(tmp_path):
     pipeline = load_pipeline(tmp_path / "out")
     module = pipeline.import_stage(1)
     assert all(p.device.type == "meta" for p in module.build().parameters())
-    with pytest.raises(FileNotFoundError, match="meta device, so no weights were written; use build"):
+    with pytest.raises(PipelineError, match="meta device, so no weights were written; use build"):
         pipeline.load_stage(1)
 
 
@@ -430,6 +430,55 @@ def test_tokenizer_files_come_from_the_hub_cache_snapshot(tmp_path, monkeypatch)
     assert manifest(tmp_path / "out")["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ckpt" / name).read_bytes()
+
+
+def test_tokenizer_files_of_a_real_hub_cache_layout_are_copied(tmp_path, monkeypatch):
+    """huggingface_hub's snapshot files are symlinks into the repository's blobs/: they are inside it."""
+    import huggingface_hub.constants
+
+    from checkpoints import fake_hub_cache
+
+    write_checkpoint(tmp_path / "ckpt")
+    make_tokenizer(tmp_path / "ckpt")
+    files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    fake_hub_cache(tmp_path / "cache", "someone/tiny-t5", tmp_path / "ckpt", files=files, links=True)
+    snapshot = next((tmp_path / "cache").glob("models--*/snapshots/*"))
+    assert (snapshot / "tokenizer.json").is_symlink()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    conversion = convert("someone/tiny-t5", offline=True)
+    saved = conversion.save(tmp_path / "out", stages=2)
+    assert manifest(tmp_path / "out")["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ckpt" / name).read_bytes()
+    assert not saved.report.warnings
+
+
+def test_tokenizer_files_that_are_not_regular_files_inside_the_checkpoint_are_skipped(tmp_path, capsys):
+    """A hostile checkpoint: merges.txt a symlink to a secret, a FIFO and a directory under tokenizer names."""
+    ckpt, conv = tmp_path / "ckpt", tmp_path / "conv"
+    write_checkpoint(ckpt)
+    make_tokenizer(ckpt)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:a secret\n")
+    (ckpt / "merges.txt").symlink_to(secret)
+    (ckpt / "chat_template.jinja").symlink_to(Path("..") / "secret.txt")
+    (ckpt / "templates").mkdir()
+    (ckpt / "templates" / "chat.json").write_text('{"chat_template": "{{ messages }}"}')
+    (ckpt / "chat_template.json").symlink_to(Path("templates") / "chat.json")  # inside: copied
+    os.mkfifo(ckpt / "vocab.txt")
+    (ckpt / "vocab.json").mkdir()
+    assert main([str(ckpt), "--stages", "2", "--out", str(conv), "-q", "--no-validate"]) == 0
+    err = capsys.readouterr().err
+    for name, why in [("merges.txt", "a symlink to a file outside it"), ("chat_template.jinja", "a symlink to a "
+                      "file outside it"), ("vocab.txt", "not a regular file"), ("vocab.json", "not a regular file")]:
+        assert not (conv / name).exists() and not (conv / name).is_symlink(), name
+        (line,) = [line for line in err.splitlines() if f"{name} not copied" in line]
+        assert line.startswith("warning: ") and why in line, line
+    assert all(b"a secret" not in p.read_bytes() for p in conv.iterdir())
+    assert manifest(conv)["tokenizer_files"] == ["chat_template.json", "tokenizer.json", "tokenizer_config.json"]
+    assert (conv / "chat_template.json").read_bytes() == (ckpt / "templates" / "chat.json").read_bytes()
+    report = json.loads((conv / "report.json").read_text())
+    assert sum("not copied" in w for w in report["warnings"]) == 4
 
 
 @pytest.mark.parametrize("n", NUM_STAGES)
