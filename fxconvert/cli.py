@@ -16,6 +16,7 @@ Optional report sections hang off `OPTIONAL_SECTIONS`: a feature adds its option
 `build_parser` and a `(enabled(args), build(conversion, args))` pair there.
 """
 
+import _thread
 import argparse
 import contextlib
 import os
@@ -143,16 +144,28 @@ def main(argv=None) -> int:
 def _interrupts(received: list):
     """Ctrl-C and SIGTERM alike raise KeyboardInterrupt, and are recorded in `received`.
 
-    The record matters because some libraries catch a KeyboardInterrupt that lands in their
-    imports and raise another error, or carry on; the run must still end as interrupted.
+    The record matters because some libraries catch a KeyboardInterrupt and raise another
+    error, or carry on; the run must still end as interrupted.
+
+    A signal that lands inside an import is held until the import returns: raised there, it
+    can cross C++ (torch's extension imports its Python modules through pybind11), which
+    aborts the process ("terminate called after throwing an instance of
+    'pybind11::error_already_set'") instead of printing the one line. A watcher thread
+    delivers it again, to the main thread, once no import is running there.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    done = threading.Event()
+    watching = []
 
     def interrupt(signum, frame):
         received.append(signum)
-        raise KeyboardInterrupt
+        if not _importing(frame):
+            raise KeyboardInterrupt
+        if not watching:
+            watching.append(threading.Thread(target=_redeliver, args=(signum, done, watching), daemon=True))
+            watching[0].start()
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s, handler in previous.items():
@@ -161,8 +174,28 @@ def _interrupts(received: list):
     try:
         yield
     finally:
-        for s, handler in previous.items():
+        done.set()
+        for s, handler in previous.items():  # signal.signal runs a pending handler first, this one
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _importing(frame) -> bool:
+    """Whether `frame` runs inside an import (importlib's frames are on the stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _redeliver(signum: int, done: threading.Event, watching: list) -> None:
+    """Signal the main thread again once it runs no import (checked every 50 ms)."""
+    main = threading.main_thread().ident
+    while not done.wait(0.05):
+        if not _importing(sys._current_frames().get(main)):
+            watching.clear()  # the handler may defer again (another import began) and start a new watcher
+            _thread.interrupt_main(signum)
+            return
 
 
 def _interrupted(args, started: float) -> int:
