@@ -190,6 +190,10 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
     elif (offline, meta, attn, seed, dtype, allow_random) != (False, False, "sdpa", 0, None, False):
         raise UsageError("offline, meta, attn, seed, allow_random and dtype apply to a model given by name; this "
                          "one is built already")
+    else:  # the checks a name gets at load, so that the API and the command line accept the same models
+        from fxconvert.load import check_model_config
+
+        check_model_config(model)
     with gc_paused():
         conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
                                     keep_traced_code=keep_traced_code)

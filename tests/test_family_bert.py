@@ -527,3 +527,52 @@ def test_preset_loads_with_random_weights_and_warns():
     assert "shared_embed_weight" in c.shared_weights
 
 # Pipeline training through fxconvert.train (masked-LM data): tests/test_train_families.py.
+
+
+# Config fields the API and the command line once judged differently. Accepted: is_decoder (the
+# self-attention turns causal, in eager and in the graph alike) and position_embedding_type where
+# the installed transformers ignores it (transformers 5). Refused by both: cross-attention.
+SAME_OUTCOME = [
+    ("BertModel", dict(is_decoder=True)),
+    ("BertForMaskedLM", dict(is_decoder=True)),
+    ("BertModel", dict(position_embedding_type="relative_key")),
+    ("BertForMaskedLM", dict(position_embedding_type="relative_key_query")),
+    ("BertModel", dict(is_decoder=True, add_cross_attention=True)),
+]
+
+
+@pytest.mark.parametrize("cls_name,fields", SAME_OUTCOME, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={w}" for k, w in v.items()))
+def test_the_api_and_the_command_line_judge_a_config_alike(cls_name, fields, tmp_path, capsys):
+    from fxconvert.cli import main
+    from fxconvert.errors import ModelResolutionError
+    from fxconvert.families.bert import honours_position_embedding_type
+
+    refused = "add_cross_attention" in fields or (
+        "position_embedding_type" in fields and honours_position_embedding_type())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' note that BertForMaskedLM is bidirectional
+        model = build(cls_name, **fields)
+    model.save_pretrained(tmp_path / "ckpt")
+    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--offline"])
+    stdout, err = capsys.readouterr()
+    reference = copy.deepcopy(model)
+    if refused:
+        field = next(k for k in ("add_cross_attention", "position_embedding_type") if k in fields)
+        assert code == 1 and f"{field} is " in err, err
+        with pytest.raises(ModelResolutionError, match=f"invalid config in the {cls_name}'s config: {field} is "):
+            convert(model, input_names=NAMES[cls_name])
+        return
+    assert code == 0, err
+    assert json.loads(stdout)["validation"]["passed"] is True  # the command line's check against eager
+    c = convert(model, input_names=NAMES[cls_name])
+    output = "loss" if cls_name == "BertForMaskedLM" else "last_hidden_state"
+    for mode in ("eval", "train"):
+        c.module.train(mode == "train")
+        reference.train(mode == "train")
+        for i, (batch, length, padded) in enumerate(SHAPES):
+            inputs = bert_inputs(c.input_names, batch, length, padded=padded, seed=i)
+            torch.manual_seed(i)
+            got = c.module(**inputs)
+            torch.manual_seed(i)
+            assert_close(got, eager(reference, inputs)[output], f"{mode} {batch}x{length}")
