@@ -26,6 +26,7 @@ import threading
 import time
 import warnings
 
+import fxconvert
 from fxconvert.errors import FxConvertError, UsageError, first_line, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                "HF_HUB_OFFLINE=1); a built-in preset with random weights (" + _preset_list() + "). "
                "Exit codes: 0 ok, 1 failure, 2 usage error.",
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {fxconvert.__version__}")
     p.add_argument("name", nargs="?", metavar="NAME", help="checkpoint directory, Hub id or preset name")
     p.add_argument("--config", metavar="FILE.json", help="convert the architecture in this config file "
                                                           "(random weights) instead of NAME")
