@@ -31,7 +31,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from fxconvert.errors import FxConvertError, describe_node
+from fxconvert.errors import FxConvertError, describe_node, with_article
 from fxconvert.graph_utils import BoundContainer
 
 
@@ -393,8 +393,8 @@ def _constructor_args(name: str, module: torch.nn.Module) -> dict:
     """Arguments that rebuild `module`, read from its attributes; checked by rebuilding it on meta."""
     cls = type(module)
     if getattr(torch.nn, cls.__name__, None) is not cls:
-        raise CodegenError(f"generated code can only rebuild torch.nn modules; '{name}' is a "
-                           f"{cls.__module__}.{cls.__name__}")
+        raise CodegenError(f"generated code can only rebuild torch.nn modules; '{name}' is "
+                           f"{with_article(cls.__module__ + '.' + cls.__name__)}")
     args = {}
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):
