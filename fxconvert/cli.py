@@ -160,13 +160,17 @@ def _interrupts(received: list):
         return
     done = threading.Event()
     watching = []
+    # The frames that run fxconvert: an import among them (a script that calls main() as it is
+    # imported) is not one to wait for. Held, so that no later frame can take one's id.
+    stack = _stack(sys._getframe())
+    outer = {id(f) for f in stack}
 
     def interrupt(signum, frame):
         received.append(signum)
-        if not _importing(frame):
+        if not _importing(frame, outer):
             raise KeyboardInterrupt
         if not watching:
-            watching.append(threading.Thread(target=_redeliver, args=(signum, done, watching), daemon=True))
+            watching.append(threading.Thread(target=_redeliver, args=(signum, done, watching, outer), daemon=True))
             watching[0].start()
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -181,20 +185,28 @@ def _interrupts(received: list):
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def _importing(frame) -> bool:
-    """Whether `frame` runs inside an import (importlib's frames are on the stack)."""
+def _stack(frame) -> list:
+    frames = []
     while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+def _importing(frame, outer: set) -> bool:
+    """Whether `frame` runs inside an import begun below the frames `outer` (importlib's frames in between)."""
+    while frame is not None and id(frame) not in outer:
         if frame.f_code.co_filename.startswith("<frozen importlib"):
             return True
         frame = frame.f_back
     return False
 
 
-def _redeliver(signum: int, done: threading.Event, watching: list) -> None:
+def _redeliver(signum: int, done: threading.Event, watching: list, outer: set) -> None:
     """Signal the main thread again once it runs no import (checked every 50 ms)."""
     main = threading.main_thread().ident
     while not done.wait(0.05):
-        if not _importing(sys._current_frames().get(main)):
+        if not _importing(sys._current_frames().get(main), outer):
             watching.clear()  # the handler may defer again (another import began) and start a new watcher
             _thread.interrupt_main(signum)
             return

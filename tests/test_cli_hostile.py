@@ -147,6 +147,21 @@ def test_sigterm_is_handled_as_ctrl_c(ckpt, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_signal_stops_a_run_started_by_an_import(ckpt, tmp_path):
+    """A script that runs the command line as it is imported: its own import is not one to wait for."""
+    script = tmp_path / "script"
+    script.mkdir()
+    (script / "convert_on_import.py").write_text(SIGTERM_WHILE_WRITING.replace("raise SystemExit(main(sys.argv[1:]))",
+                                                                              "CODE = main(sys.argv[1:])"))
+    run = subprocess.run([sys.executable, "-c", "import sys, convert_on_import; sys.exit(convert_on_import.CODE)",
+                          str(ckpt), "--out", str(tmp_path / "out"), "--no-validate", "-q"],
+                         env={**ENV, "PYTHONPATH": f"{REPO}{os.pathsep}{script}"}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 130, run.stderr
+    assert one_error_line(run.stderr) == "fxconvert: error: interrupted; nothing was written"
+    assert os.listdir(tmp_path) == ["script"]
+
+
 # `python -m fxconvert ...`, saying "ready" on stdout when it first asks for torch: from then on
 # it runs fxconvert's code only, where any Ctrl-C must end in one line and exit code 130. With
 # SIGINT_AT set, it sends itself SIGINT at those imports (counted from torch's), so the signal
