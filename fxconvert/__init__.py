@@ -1,12 +1,13 @@
 """fxconvert: Hugging Face models (T5, BART, GPT-2, BERT, Llama-style) as clean torch.fx graphs, ready for pipeline partitioning.
 
 The data path reads as the package: load -> trace -> passes -> convert -> codegen/save -> report.
-The public names load on first use (PEP 562), so `import fxconvert` imports neither torch
-nor transformers: the command line starts at once and handles a Ctrl-C during its imports,
+The public names, and the submodules as attributes (`fxconvert.codegen.forward_source`),
+load on first use (PEP 562), so `import fxconvert` imports neither torch nor transformers: the command line starts at once and handles a Ctrl-C during its imports,
 and generated code that needs `fxconvert.runtime` runs where transformers is not installed.
 """
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -23,11 +24,13 @@ __all__ = [*_PUBLIC, "FxConvertError", "TraceError", "PassError"]
 
 class _Package(types.ModuleType):
     def __getattr__(self, name):
-        if name not in _PUBLIC:
-            raise AttributeError(f"module 'fxconvert' has no attribute '{name}'")
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        super().__setattr__(name, value)
-        return value
+        if name in _PUBLIC:
+            value = getattr(importlib.import_module(_PUBLIC[name]), name)
+            super().__setattr__(name, value)
+            return value
+        if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"fxconvert.{name}"):
+            return importlib.import_module(f"fxconvert.{name}")  # a submodule: fxconvert.codegen, .pipeline, ...
+        raise AttributeError(f"module 'fxconvert' has no attribute '{name}'")
 
     def __setattr__(self, name, value):
         # Importing the submodule fxconvert.trace (or .convert) sets the package attribute of

@@ -16,6 +16,7 @@ Optional report sections hang off `OPTIONAL_SECTIONS`: a feature adds its option
 `build_parser` and a `(enabled(args), build(conversion, args))` pair there.
 """
 
+import _thread
 import argparse
 import contextlib
 import os
@@ -25,6 +26,7 @@ import threading
 import time
 import warnings
 
+import fxconvert
 from fxconvert.errors import FxConvertError, UsageError, first_line, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                "HF_HUB_OFFLINE=1); a built-in preset with random weights (" + _preset_list() + "). "
                "Exit codes: 0 ok, 1 failure, 2 usage error.",
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {fxconvert.__version__}")
     p.add_argument("name", nargs="?", metavar="NAME", help="checkpoint directory, Hub id or preset name")
     p.add_argument("--config", metavar="FILE.json", help="convert the architecture in this config file "
                                                           "(random weights) instead of NAME")
@@ -143,16 +146,32 @@ def main(argv=None) -> int:
 def _interrupts(received: list):
     """Ctrl-C and SIGTERM alike raise KeyboardInterrupt, and are recorded in `received`.
 
-    The record matters because some libraries catch a KeyboardInterrupt that lands in their
-    imports and raise another error, or carry on; the run must still end as interrupted.
+    The record matters because some libraries catch a KeyboardInterrupt and raise another
+    error, or carry on; the run must still end as interrupted.
+
+    A signal that lands inside an import is held until the import returns: raised there, it
+    can cross C++ (torch's extension imports its Python modules through pybind11), which
+    aborts the process ("terminate called after throwing an instance of
+    'pybind11::error_already_set'") instead of printing the one line. A watcher thread
+    delivers it again, to the main thread, once no import is running there.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    done = threading.Event()
+    watching = []
+    # The frames that run fxconvert: an import among them (a script that calls main() as it is
+    # imported) is not one to wait for. Held, so that no later frame can take one's id.
+    stack = _stack(sys._getframe())
+    outer = {id(f) for f in stack}
 
     def interrupt(signum, frame):
         received.append(signum)
-        raise KeyboardInterrupt
+        if not _importing(frame, outer):
+            raise KeyboardInterrupt
+        if not watching:
+            watching.append(threading.Thread(target=_redeliver, args=(signum, done, watching, outer), daemon=True))
+            watching[0].start()
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s, handler in previous.items():
@@ -161,8 +180,36 @@ def _interrupts(received: list):
     try:
         yield
     finally:
-        for s, handler in previous.items():
+        done.set()
+        for s, handler in previous.items():  # signal.signal runs a pending handler first, this one
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _stack(frame) -> list:
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames
+
+
+def _importing(frame, outer: set) -> bool:
+    """Whether `frame` runs inside an import begun below the frames `outer` (importlib's frames in between)."""
+    while frame is not None and id(frame) not in outer:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _redeliver(signum: int, done: threading.Event, watching: list, outer: set) -> None:
+    """Signal the main thread again once it runs no import (checked every 50 ms)."""
+    main = threading.main_thread().ident
+    while not done.wait(0.05):
+        if not _importing(sys._current_frames().get(main), outer):
+            watching.clear()  # the handler may defer again (another import began) and start a new watcher
+            _thread.interrupt_main(signum)
+            return
 
 
 def _interrupted(args, started: float) -> int:

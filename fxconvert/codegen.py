@@ -24,18 +24,32 @@ import inspect
 import keyword
 import math
 import re
+import threading
 import types
 
 import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from fxconvert.errors import FxConvertError, describe_node
+from fxconvert.errors import FxConvertError, describe_node, with_article
 from fxconvert.graph_utils import BoundContainer
 
 
 class CodegenError(FxConvertError):
     """The graph or a name in it cannot be written as safe, importable Python source."""
+
+
+# CPython 3.11 keeps one AST recursion counter per interpreter, not per thread: two threads
+# in ast.parse at once (a switch can happen when a collection runs a finalizer mid-parse)
+# fail with SystemError "AST constructor recursion depth mismatch". Every parse of generated
+# code goes through `_parse`, one at a time. (fx's recompile compiles source text, which
+# builds no AST objects and is not affected.)
+_AST_LOCK = threading.Lock()
+
+
+def _parse(text: str, filename: str = "<unknown>") -> ast.Module:
+    with _AST_LOCK:
+        return ast.parse(text, filename)
 
 
 def forward_source(gm: torch.fx.GraphModule) -> str:
@@ -303,7 +317,7 @@ def _literal(value, where: str) -> str:
 
 def _bound_names(lines) -> set:
     names = set()
-    for stmt in ast.parse("\n".join(lines)).body:
+    for stmt in _parse("\n".join(lines)).body:
         if isinstance(stmt, (ast.Import, ast.ImportFrom)):
             names |= {(alias.asname or alias.name).split(".")[0] for alias in stmt.names}
         elif isinstance(stmt, ast.Assign):
@@ -318,8 +332,9 @@ def _check_module(text: str, filename: str) -> None:
     would show up as another kind of statement (or a syntax error).
     """
     try:
-        tree = ast.parse(text, filename)
-        compile(tree, filename, "exec")
+        tree = _parse(text, filename)
+        with _AST_LOCK:
+            compile(tree, filename, "exec")
     except SyntaxError as e:
         raise CodegenError(f"generated {filename} does not compile: {e.msg} at line {e.lineno}") from e
     for i, stmt in enumerate(tree.body):
@@ -378,8 +393,8 @@ def _constructor_args(name: str, module: torch.nn.Module) -> dict:
     """Arguments that rebuild `module`, read from its attributes; checked by rebuilding it on meta."""
     cls = type(module)
     if getattr(torch.nn, cls.__name__, None) is not cls:
-        raise CodegenError(f"generated code can only rebuild torch.nn modules; '{name}' is a "
-                           f"{cls.__module__}.{cls.__name__}")
+        raise CodegenError(f"generated code can only rebuild torch.nn modules; '{name}' is "
+                           f"{with_article(cls.__module__ + '.' + cls.__name__)}")
     args = {}
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):

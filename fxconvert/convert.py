@@ -26,7 +26,7 @@ import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxconvert.analysis import count_kinds, output_names, placeholder_names
-from fxconvert.errors import UsageError
+from fxconvert.errors import UsageError, with_article
 from fxconvert.graph_utils import gc_paused
 from fxconvert.passes import default_passes
 from fxconvert.trace import TraceResult, input_name_list, trace_with_stats
@@ -173,7 +173,7 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
     `Conversion.traced_code` (for a diff; generating it costs a tenth of a conversion).
     """
     if output is not None and not isinstance(output, str):
-        raise UsageError(f"output is a {type(output).__name__}; give one output name such as 'loss'")
+        raise UsageError(f"output is {with_article(type(output).__name__)}; give one output name such as 'loss'")
     if input_names is not None:  # before a name is loaded: a bad list should not cost a load
         input_names = input_name_list(input_names)
     source, timings = None, {}
@@ -190,6 +190,10 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
     elif (offline, meta, attn, seed, dtype, allow_random) != (False, False, "sdpa", 0, None, False):
         raise UsageError("offline, meta, attn, seed, allow_random and dtype apply to a model given by name; this "
                          "one is built already")
+    else:  # the checks a name gets at load, so that the API and the command line accept the same models
+        from fxconvert.load import check_model_config
+
+        check_model_config(model)
     with gc_paused():
         conversion = convert_traced(model, trace_with_stats(model, input_names), output=output, source=source,
                                     keep_traced_code=keep_traced_code)

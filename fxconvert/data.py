@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from fxconvert.errors import UsageError
+from fxconvert.errors import UsageError, with_article
 
 IGNORE_INDEX = -100  # the label value transformers' cross-entropy ignores
 OBJECTIVES = ("seq2seq", "causal", "masked")  # what a family trains with (`Family.objective`)
@@ -131,13 +131,13 @@ def _parse(raw: bytes, where: str) -> dict:
 
 def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, objective: str = "seq2seq") -> list[int]:
     if not isinstance(ids, list):
-        raise DataError(f"{where}: {key!r} is a {type(ids).__name__}, not a list of ints; {FIX}")
+        raise DataError(f"{where}: {key!r} is {with_article(type(ids).__name__)}, not a list of ints; {FIX}")
     if not ids:
         raise DataError(f"{where}: {key!r} is empty; give every line at least one token or remove it")
     allowed = f"[0, {vocab_size})" if vocab_size is not None else "[0, 2**63)"
     for i, value in enumerate(ids):
         if type(value) is not int:  # bool is an int subclass; floats and nested lists are wrong too
-            raise DataError(f"{where}: {key}[{i}] is a {type(value).__name__} ({json.dumps(value)[:40]}), not an int; {FIX}")
+            raise DataError(f"{where}: {key}[{i}] is {with_article(type(value).__name__)} ({json.dumps(value)[:40]}), not an int; {FIX}")
         if key == "labels" and value == IGNORE_INDEX:
             if objective == "causal":
                 raise DataError(f"{where}: labels[{i}] is -100, but a causal LM reads its labels as tokens; put "
@@ -229,7 +229,7 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
             raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; {NO_TOKENIZER}")
         for key in ("input", "target") if "input" in obj else ():
             if not isinstance(obj[key], str) or not obj[key].strip():
-                problem = "is empty" if isinstance(obj[key], str) else f"is a {type(obj[key]).__name__}, not a string"
+                problem = "is empty" if isinstance(obj[key], str) else f"is {with_article(type(obj[key]).__name__)}, not a string"
                 raise DataError(f"{where}: {key!r} {problem}; {FIX}")
             try:  # JSON can escape half a surrogate pair ("\\ud800"), which no tokenizer takes
                 obj[key].encode("utf-8")

@@ -18,6 +18,14 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def with_article(noun) -> str:
+    """`noun` with its indefinite article, for messages that name a type: "an int", "a list"."""
+    noun = str(noun)
+    vowel = noun[:1].lower() in ("a", "e", "i", "o", "u") and not noun.lower().startswith(("uni", "use", "usa", "eu",
+                                                                                            "one"))
+    return f"{'an' if vowel else 'a'} {noun}"
+
+
 def printable(text) -> str:
     """`text` with control characters escaped (ESC as `\\x1b`), for anything fxconvert prints.
 

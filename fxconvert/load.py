@@ -292,6 +292,20 @@ def check_config(config: dict, where: str) -> None:
         family.check_config(config, refuse)
 
 
+def check_model_config(model) -> None:
+    """`check_config` for a model built in Python (`convert(model)`), as a config.json is checked at load.
+
+    A model of no supported family is left to the trace, which says what is supported.
+    """
+    config = getattr(model, "config", None)
+    family = families.family_of_model_type(getattr(config, "model_type", None))
+    if family is None or not hasattr(config, "to_dict"):
+        return
+    cls_name = type(model).__name__
+    fields = {**config.to_dict(), "architectures": [cls_name] if cls_name in family.classes else None}
+    check_config(fields, f"the {cls_name}'s config")
+
+
 def _resolve_aliases(config: dict, family, where: str) -> tuple[dict, dict]:
     """The config as transformers reads it, and the name each field was written under.
 

@@ -39,7 +39,7 @@ from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import families, runtime
-from fxconvert.errors import FxConvertError, InputNameError, TraceError
+from fxconvert.errors import FxConvertError, InputNameError, TraceError, with_article
 from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
@@ -181,7 +181,7 @@ def supported_class(model) -> type:
                          f"and their subclasses that keep forward")
     if cls.forward is not base.forward:
         owner = next(c for c in cls.__mro__ if "forward" in vars(c))
-        raise TraceError(f"{cls.__name__!r} is a {base.__name__} whose forward is overridden (by "
+        raise TraceError(f"{cls.__name__!r} is {with_article(base.__name__)} whose forward is overridden (by "
                          f"{owner.__name__!r}), which fxconvert cannot know it reproduces; keep "
                          f"{base.__name__}.forward and put the change in a submodule, or convert the "
                          f"{base.__name__} itself")
@@ -213,7 +213,7 @@ def input_name_list(input_names) -> list[str]:
         raise InputNameError(f"input_names is the string {input_names!r}; give a list of names, "
                              f"e.g. [{input_names!r}]")
     if not isinstance(input_names, (list, tuple)):  # a set or dict has no order to give the inputs
-        raise InputNameError(f"input_names is a {type(input_names).__name__}; give a list of names in the "
+        raise InputNameError(f"input_names is {with_article(type(input_names).__name__)}; give a list of names in the "
                              f"order the module takes them")
     odd = [n for n in input_names if not isinstance(n, str)]
     if odd:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark fxconvert against baselines measured in the same run; one command for every figure.
 
-    PYTHONPATH=. python scripts/bench.py --quick --json bench.json     # about 6 min on 2 cores (3 of them training runs)
+    PYTHONPATH=. python scripts/bench.py --quick --json bench.json     # about 6 minutes on a quiet 2-core machine
     PYTHONPATH=. python scripts/bench.py --json bench.json             # more repetitions
     PYTHONPATH=. python scripts/bench.py --quick --compile             # + torch.compile comparison
     PYTHONPATH=. python scripts/bench.py --tiny --json out.json        # smoke run (tests/test_bench.py)
@@ -1494,7 +1494,7 @@ def _log(msg):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer repetitions: about 6 minutes on 2 cores")
+    mode.add_argument("--quick", action="store_true", help="fewer repetitions: about 6 minutes on a quiet 2-core machine")
     mode.add_argument("--tiny", action="store_true",
                       help="smoke test: tiny models, 1 repetition, no subprocess measurements (figures meaningless)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")

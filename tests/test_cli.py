@@ -1,5 +1,6 @@
 """The command line: in-process for the many cases, in a subprocess for the real program."""
 
+import importlib
 import json
 import os
 import re
@@ -186,7 +187,7 @@ def test_a_broken_conversion_fails_validation_and_writes_nothing(ckpt, tmp_path,
             return PassResult(gm, True)
 
     before = leftovers(tmp_path)
-    convert_module = sys.modules["fxconvert.convert"]
+    convert_module = importlib.import_module("fxconvert.convert")  # fxconvert.convert is the function
     monkeypatch.setattr(convert_module, "default_passes",
                         lambda output=None: fxconvert.passes.default_passes(output=output) + [ScaleLoss()])
     code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--format", "plain")
@@ -279,3 +280,17 @@ def test_bad_balance_options_are_usage_errors(args, message, ckpt, tmp_path, cap
     lines = err.strip().splitlines()
     assert re.search(message, lines[-1]) and "Traceback" not in err, lines[-1]
     assert leftovers(tmp_path) == before
+
+
+def test_version_is_the_packages_and_pyprojects(capsys):
+    import tomllib
+
+    import fxconvert
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert fxconvert.__version__ == pyproject["project"]["version"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"fxconvert {fxconvert.__version__}\n"
+    run = subprocess.run([sys.executable, "-m", "fxconvert", "--version"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=600)
+    assert (run.returncode, run.stdout, run.stderr) == (0, f"fxconvert {fxconvert.__version__}\n", "")

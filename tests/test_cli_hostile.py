@@ -147,37 +147,93 @@ def test_sigterm_is_handled_as_ctrl_c(ckpt, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_signal_stops_a_run_started_by_an_import(ckpt, tmp_path):
+    """A script that runs the command line as it is imported: its own import is not one to wait for."""
+    script = tmp_path / "script"
+    script.mkdir()
+    (script / "convert_on_import.py").write_text(SIGTERM_WHILE_WRITING.replace("raise SystemExit(main(sys.argv[1:]))",
+                                                                              "CODE = main(sys.argv[1:])"))
+    run = subprocess.run([sys.executable, "-c", "import sys, convert_on_import; sys.exit(convert_on_import.CODE)",
+                          str(ckpt), "--out", str(tmp_path / "out"), "--no-validate", "-q"],
+                         env={**ENV, "PYTHONPATH": f"{REPO}{os.pathsep}{script}"}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 130, run.stderr
+    assert one_error_line(run.stderr) == "fxconvert: error: interrupted; nothing was written"
+    assert os.listdir(tmp_path) == ["script"]
+
+
 # `python -m fxconvert ...`, saying "ready" on stdout when it first asks for torch: from then on
-# it runs fxconvert's code only, where any Ctrl-C must end in one line and exit code 130.
+# it runs fxconvert's code only, where any Ctrl-C must end in one line and exit code 130. With
+# SIGINT_AT set, it sends itself SIGINT at those imports (counted from torch's), so the signal
+# lands inside the import of torch at a known place; at exit it says whether torch's import
+# ran to its end (a KeyboardInterrupt raised inside it leaves no torch in sys.modules).
 READY_AT_TORCH = r"""
-import importlib.abc, runpy, sys
+import importlib.abc, os, runpy, signal, sys
+
+AT = [int(k) for k in os.environ.get("SIGINT_AT", "").split(",") if k]
 
 class Ready(importlib.abc.MetaPathFinder):
+    count = -1
     def find_spec(self, name, path=None, target=None):
-        if name == "torch":
+        if name == "torch" and self.count < 0:
             print("ready", flush=True)
-            sys.meta_path.remove(self)
+        if name == "torch" or self.count >= 0:
+            self.count += 1
+            if self.count in AT:
+                os.kill(os.getpid(), signal.SIGINT)
+            if self.count >= max(AT, default=0):
+                sys.meta_path.remove(self)
 
 sys.meta_path.insert(0, Ready())
 sys.argv = ["fxconvert", *sys.argv[1:]]
-runpy.run_module("fxconvert", run_name="__main__", alter_sys=True)
+try:
+    runpy.run_module("fxconvert", run_name="__main__", alter_sys=True)
+finally:
+    torch = sys.modules.get("torch")
+    print("torch imported" if torch is not None and hasattr(torch, "nn") else "torch not imported", flush=True)
 """
+
+
+def start_at_torch(ckpt, out, sigint_at=()):
+    return subprocess.Popen([sys.executable, "-c", READY_AT_TORCH, str(ckpt), "--out", str(out)],
+                            env={**ENV, "SIGINT_AT": ",".join(map(str, sigint_at))},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_interrupted_at_once(proc, tmp_path):
+    """Exit code 130, the one line, nothing written; returns what the program printed."""
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err  # -6: a KeyboardInterrupt thrown through C++ aborted the process
+    assert one_error_line(err) == "fxconvert: error: interrupted; nothing was written"
+    assert os.listdir(tmp_path) == []
+    return out
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6, 1.0])
 def test_ctrl_c_during_the_imports_is_one_line(delay, ckpt, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", READY_AT_TORCH, str(ckpt), "--out", str(tmp_path / "out")],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_at_torch(ckpt, tmp_path / "out")
     try:
         assert proc.stdout.readline() == "ready\n"
-        time.sleep(delay)  # where the interrupt lands; every landing place must behave the same
+        time.sleep(delay)  # where the interrupt lands (load decides); test_ctrl_c_inside_torchs_import pins it
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=600)
+        assert_interrupted_at_once(proc, tmp_path)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert one_error_line(err) == "fxconvert: error: interrupted; nothing was written"
-    assert os.listdir(tmp_path) == []
+
+
+# Import counts from torch's own (0): early modules, the ones torch's C++ extension imports
+# (_initExtension, about 170 on), the distributed ones it initialises from C++, and late ones.
+@pytest.mark.parametrize("at", [(0,), (5,), (60,), (170,), (200,), (300,), (600,), (900,),
+                                tuple(range(0, 1000, 7))], ids=lambda at: "every-7th" if len(at) > 1 else str(at[0]))
+def test_ctrl_c_inside_torchs_import_waits_for_the_import(at, ckpt, tmp_path):
+    """A SIGINT (or many) landing inside `import torch` is raised once the import returns, never inside it:
+    raised inside, it can cross torch's C++ code and abort the process."""
+    proc = start_at_torch(ckpt, tmp_path / "out", sigint_at=at)
+    try:
+        out = assert_interrupted_at_once(proc, tmp_path)
+    finally:
+        proc.kill()
+    assert out.splitlines() == ["ready", "torch imported"]
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -253,6 +253,8 @@ def test_optimizer_step_matches_eager(cls_name, variant):
 @pytest.mark.parametrize("names, message", [
     ("input_ids", r"input_names is the string 'input_ids'; give a list of names, e.g. \['input_ids'\]"),
     ({"input_ids", "attention_mask"}, r"input_names is a set; give a list of names in the order"),
+    (7, r"input_names is an int; give a list of names in the order"),
+    (object(), r"input_names is an object; give a list of names in the order"),
     (["input_ids", 7], r"input names must be strings, got 7; give a list of names"),
 ])
 def test_input_names_must_be_a_list_of_names(names, message):
@@ -281,7 +283,7 @@ def test_options_of_a_name_are_refused_for_a_built_model():
     model = build("T5Model")
     with pytest.raises(UsageError, match="allow_random and dtype apply to a model given by name"):
         convert(model, allow_random=True)
-    with pytest.raises(UsageError, match="output is a int; give one output name"):
+    with pytest.raises(UsageError, match="output is an int; give one output name"):
         convert(model, output=3)
 
 

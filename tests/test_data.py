@@ -129,7 +129,7 @@ HOSTILE = {
     "bool_id": ({"input_ids": [5], "labels": [True]}, r"labels\[0\] is a bool \(true\), not an int"),
     "string_id": ({"input_ids": ["5"], "labels": [7]}, r"input_ids\[0\] is a str"),
     "nested_ids": ({"input_ids": [[5, 6]], "labels": [7]}, r"input_ids\[0\] is a list"),
-    "ids_not_list": ({"input_ids": 5, "labels": [7]}, "'input_ids' is a int, not a list of ints"),
+    "ids_not_list": ({"input_ids": 5, "labels": [7]}, "'input_ids' is an int, not a list of ints"),
     "ids_as_string": ({"input_ids": "5 6", "labels": [7]}, "'input_ids' is a str, not a list of ints"),
     "empty_input_ids": ({"input_ids": [], "labels": [7]}, "'input_ids' is empty"),
     "empty_labels": ({"input_ids": [5], "labels": []}, "'labels' is empty"),

@@ -124,6 +124,50 @@ def test_concurrent_saves_to_one_directory_one_wins(existing, renameat2, convers
     assert sorted(os.listdir(out)) == OUTPUT and hidden(tmp_path) == []
 
 
+class _Cycle:
+    """Garbage with a finalizer: a collection that runs it can switch threads in the middle of a parse."""
+
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        sum(range(50))
+
+
+def test_threads_saving_at_once_all_succeed(conversion, tmp_path):
+    """Eight threads generate and save at once, with finalizers running mid-parse; every save lands whole.
+
+    CPython 3.11 shares one AST recursion counter between threads; two unserialized parses
+    failed here with SystemError "AST constructor recursion depth mismatch".
+    """
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    barrier = threading.Barrier(8)
+    results = [None] * 8
+
+    def run(i):
+        try:
+            barrier.wait(timeout=120)
+            for round_ in range(3):
+                for _ in range(200):
+                    _Cycle()
+                results[i] = save(conversion, tmp_path / f"out{i}_{round_}")
+        except Exception as e:  # noqa: BLE001 - the outcome is the test's to check
+            results[i] = e
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert [r for r in results if isinstance(r, Exception)] == []
+    model_py = {(tmp_path / f"out{i}_2" / MODEL_FILE).read_text() for i in range(8)}
+    assert len(model_py) == 1 and sorted(os.listdir(tmp_path / "out0_2")) == sorted([MARKER, MODEL_FILE, WEIGHTS_FILE])
+
+
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "two-renames"])
 @pytest.mark.parametrize("appears", ["empty directory", "user's directory"])
 def test_a_directory_that_appears_during_the_write_is_left_alone(appears, renameat2, conversion, tmp_path,

@@ -439,16 +439,11 @@ def test_cli_converts_a_checkpoint_and_the_files_run_without_transformers(tmp_pa
 
 @pytest.mark.parametrize("changes,message", [
     (dict(hidden_size=30), r"hidden_size.*a multiple of num_attention_heads \(4\)"),
-    (dict(is_decoder=True), r"is_decoder.*bidirectional encoder"),
     (dict(num_attention_heads=0), r"num_attention_heads"),
     (dict(type_vocab_size=0), r"type_vocab_size"),
     (dict(attention_probs_dropout_prob=1.5), r"attention_probs_dropout_prob"),
     (dict(hidden_act="nope"), r"hidden_act.*'gelu'"),
-    (dict(position_embedding_type="relative_key"), r"^invalid config in .*: position_embedding_type is 'relative_key'; "
-                                                   r"set it to 'absolute': transformers 5's BERT has only absolute "
-                                                   r"positions and would ignore this one \(use a checkpoint trained "
-                                                   r"with absolute positions\) in the config$"),
-    (dict(position_embedding_type="relative_key_query"), r"position_embedding_type is 'relative_key_query'"),
+    (dict(add_cross_attention=True), r"add_cross_attention.*without cross-attention"),
 ])
 def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
     from fxconvert.errors import ModelResolutionError
@@ -462,12 +457,24 @@ def test_config_checks_refuse_in_one_line(tmp_path, changes, message):
 
 
 @pytest.mark.parametrize("attn", ATTN)
-def test_relative_position_types_are_ignored_by_transformers_so_refused(attn, tmp_path):
-    """Why relative_key is refused: eager transformers 5 computes absolute positions whatever the field says
-    (same outputs and gradients as 'absolute', and no distance embedding), so the trace would match eager
-    and still not be the model that was trained. 'absolute' itself loads."""
+def test_relative_position_types_are_ignored_by_transformers_so_accepted(attn, tmp_path):
+    """Why relative_key is accepted: eager transformers 5 computes absolute positions whatever the field says
+    (same outputs and gradients as 'absolute', and no distance embedding), so the conversion is the model
+    transformers runs; a checkpoint trained with relative positions holds distance embeddings, which the
+    load refuses as weights the model does not have. A transformers that builds them refuses the field."""
+    from fxconvert.errors import ModelResolutionError
+    from fxconvert.families.bert import honours_position_embedding_type
     from fxconvert.load import load
+    from safetensors.torch import load_file, save_file
 
+    config = {**bert_config().to_dict(), "architectures": ["BertForMaskedLM"],
+              "position_embedding_type": "relative_key"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if honours_position_embedding_type():
+        with pytest.raises(ModelResolutionError, match="position_embedding_type is 'relative_key'; set it to "
+                                                       "'absolute'"):
+            load(tmp_path / "config.json", meta=True)
+        return
     relative, absolute = build(attn=attn, position_embedding_type="relative_key"), build(attn=attn)
     assert not any("distance_embedding" in n for n, _ in relative.named_parameters())
     inputs = bert_inputs(NAMES["BertForMaskedLM"], 2, 9)
@@ -477,9 +484,14 @@ def test_relative_position_types_are_ignored_by_transformers_so_refused(attn, tm
         assert_close(got[k], want[k], k)
     assert [g for g in got_grads.values()] and all(torch.equal(a, b) for a, b in zip(got_grads.values(),
                                                                                      want_grads.values()))
-    config = {**bert_config().to_dict(), "architectures": ["BertForMaskedLM"], "position_embedding_type": "absolute"}
-    (tmp_path / "config.json").write_text(json.dumps(config))
     assert type(load(tmp_path / "config.json", meta=True).model).__name__ == "BertForMaskedLM"
+    relative.save_pretrained(tmp_path / "trained")  # as trained with relative positions: distance embeddings
+    weights = load_file(tmp_path / "trained" / "model.safetensors")
+    weights["bert.encoder.layer.0.attention.self.distance_embedding.weight"] = torch.zeros(1023, 8)
+    save_file(weights, tmp_path / "trained" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelResolutionError, match="the weights have bert.encoder.layer.0.attention.self."
+                                                   "distance_embedding.weight, which the model does not"):
+        load(tmp_path / "trained", offline=True)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -527,3 +539,52 @@ def test_preset_loads_with_random_weights_and_warns():
     assert "shared_embed_weight" in c.shared_weights
 
 # Pipeline training through fxconvert.train (masked-LM data): tests/test_train_families.py.
+
+
+# Config fields the API and the command line once judged differently. Accepted: is_decoder (the
+# self-attention turns causal, in eager and in the graph alike) and position_embedding_type where
+# the installed transformers ignores it (transformers 5). Refused by both: cross-attention.
+SAME_OUTCOME = [
+    ("BertModel", dict(is_decoder=True)),
+    ("BertForMaskedLM", dict(is_decoder=True)),
+    ("BertModel", dict(position_embedding_type="relative_key")),
+    ("BertForMaskedLM", dict(position_embedding_type="relative_key_query")),
+    ("BertModel", dict(is_decoder=True, add_cross_attention=True)),
+]
+
+
+@pytest.mark.parametrize("cls_name,fields", SAME_OUTCOME, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={w}" for k, w in v.items()))
+def test_the_api_and_the_command_line_judge_a_config_alike(cls_name, fields, tmp_path, capsys):
+    from fxconvert.cli import main
+    from fxconvert.errors import ModelResolutionError
+    from fxconvert.families.bert import honours_position_embedding_type
+
+    refused = "add_cross_attention" in fields or (
+        "position_embedding_type" in fields and honours_position_embedding_type())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' note that BertForMaskedLM is bidirectional
+        model = build(cls_name, **fields)
+    model.save_pretrained(tmp_path / "ckpt")
+    code = main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--format", "json", "--offline"])
+    stdout, err = capsys.readouterr()
+    reference = copy.deepcopy(model)
+    if refused:
+        field = next(k for k in ("add_cross_attention", "position_embedding_type") if k in fields)
+        assert code == 1 and f"{field} is " in err, err
+        with pytest.raises(ModelResolutionError, match=f"invalid config in the {cls_name}'s config: {field} is "):
+            convert(model, input_names=NAMES[cls_name])
+        return
+    assert code == 0, err
+    assert json.loads(stdout)["validation"]["passed"] is True  # the command line's check against eager
+    c = convert(model, input_names=NAMES[cls_name])
+    output = "loss" if cls_name == "BertForMaskedLM" else "last_hidden_state"
+    for mode in ("eval", "train"):
+        c.module.train(mode == "train")
+        reference.train(mode == "train")
+        for i, (batch, length, padded) in enumerate(SHAPES):
+            inputs = bert_inputs(c.input_names, batch, length, padded=padded, seed=i)
+            torch.manual_seed(i)
+            got = c.module(**inputs)
+            torch.manual_seed(i)
+            assert_close(got, eager(reference, inputs)[output], f"{mode} {batch}x{length}")

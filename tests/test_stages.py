@@ -11,9 +11,10 @@ import pytest
 import torch
 import transformers
 
-from fxconvert.convert import convert
-from fxconvert.errors import UsageError
+from fxconvert.convert import convert, convert_traced
+from fxconvert.errors import ModelResolutionError, UsageError
 from fxconvert.stages import SplitError, Stages, split_stages, stage_table, write_stage_sources
+from fxconvert.trace import trace_with_stats
 
 from helpers import build, random_inputs
 from passes.common import untie_lm_head
@@ -271,7 +272,10 @@ def test_too_many_stages_names_the_limit():
 def test_a_graph_without_blocks_cannot_be_split():
     config = transformers.T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=0, vocab_size=97)
     model = transformers.T5EncoderModel(config).eval()
-    conv = convert(model)
+    # convert() refuses num_layers=0, as the command line does; the graph is made without that check
+    with pytest.raises(ModelResolutionError, match="num_layers is 0; set it to a positive integer"):
+        convert(model)
+    conv = convert_traced(model, trace_with_stats(model, None))
     assert not any("block" in (n.meta.get("module_path") or "") for n in conv.graph_module.graph.nodes)
     with pytest.raises(SplitError, match="no block boundaries"):
         split_stages(conv, 1)

@@ -8,6 +8,8 @@ missing `token_type_ids` from a buffer of zeros: both buffers are graph tensors,
 with the weights. Sequences are at most `max_position_embeddings` long.
 """
 
+import functools
+
 from fxconvert.families import Family, block_regex, check_activation, is_int
 
 # Published config.json values (bert-base-uncased, bert-large-uncased, bert-base-cased).
@@ -36,16 +38,32 @@ def check_config(config: dict, refuse) -> None:
     if ints and hidden % heads:
         refuse("hidden_size", f"a multiple of num_attention_heads ({heads}); BERT splits the hidden size "
                               f"evenly between heads (bert-base uses 768 and 12)")
-    if config.get("position_embedding_type", "absolute") != "absolute":
-        # transformers 5 dropped relative_key(_query): its BERT ignores the field and a checkpoint's
-        # distance embeddings, computing absolute positions silently
-        refuse("position_embedding_type", "'absolute': transformers 5's BERT has only absolute positions and "
-                                          "would ignore this one (use a checkpoint trained with absolute positions)")
-    if config.get("is_decoder"):
-        refuse("is_decoder", "false: fxconvert converts BERT as a bidirectional encoder")
+    if config.get("position_embedding_type", "absolute") != "absolute" and honours_position_embedding_type():
+        refuse("position_embedding_type", "'absolute': fxconvert converts BERT with absolute positions only "
+                                          "(use a checkpoint trained with absolute positions)")
+    # is_decoder=True makes the self-attention causal; the conversion keeps that, as eager does.
     if config.get("add_cross_attention"):
         refuse("add_cross_attention", "false: fxconvert converts BERT as an encoder without cross-attention")
     check_activation(config, "hidden_act", refuse, "an activation name such as 'gelu' (BERT uses 'gelu')")
+
+
+@functools.cache
+def honours_position_embedding_type() -> bool:
+    """Whether the installed transformers builds relative positions (distance embeddings) for BERT.
+
+    transformers 5 dropped relative_key(_query): its BERT ignores the field (a checkpoint's
+    distance embeddings are then unexpected keys, refused at load), so the conversion equals
+    eager and is accepted. A transformers that honours it would compute what the trace does
+    not record, and the field is refused there.
+    """
+    import torch
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=8, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=4, position_embedding_type="relative_key")
+    with torch.device("meta"):
+        model = transformers.BertModel(config)
+    return any("distance_embedding" in name for name, _ in model.named_modules())
 
 
 FAMILY = Family(
