@@ -47,6 +47,9 @@ TEXT_KEYS, ID_KEYS = ("input", "target"), ("input_ids", "labels")
 # Files that hold a vocabulary. AutoTokenizer on a directory with config.json alone builds a
 # T5 tokenizer of special tokens only, so without one of these there is no tokenizer.
 VOCAB_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.json", "vocab.txt")
+# What AutoTokenizer may open in a tokenizer directory, besides the vocabulary files.
+TOKENIZER_READS = frozenset({*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                             "merges.txt", "chat_template.jinja", "chat_template.json", "config.json"})
 NO_TOKENIZER = "copy the checkpoint's tokenizer files beside it or give pre-tokenized input_ids/labels"
 FIX = 'each line must be {"input": str, "target": str} or {"input_ids": [int], "labels": [int]}'
 
@@ -77,6 +80,10 @@ def load_tokenizer(directory, *, required=True):
         if not required:
             return None
         raise DataError(f"{_shown(directory)} has no tokenizer (none of {', '.join(VOCAB_FILES)}); {NO_TOKENIZER}")
+    for path in sorted(directory.iterdir()):  # a FIFO or device read by the tokenizer would block or never end
+        if path.name in TOKENIZER_READS and path.exists() and not path.is_file():
+            raise DataError(f"{_shown(path)} is not a regular file; replace it with the checkpoint's own "
+                            f"tokenizer file, or remove it")
     from transformers import AutoTokenizer
 
     try:

@@ -1,6 +1,10 @@
 """fxconvert.data against the tokenizer itself, transformers' T5, torch.tensor_split and the pinned batching contract."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -477,3 +481,20 @@ def test_masked_lines_are_cut_to_the_source_length(tmp_path):
     assert [(e.input_ids, e.labels) for e in examples] == [([1, 2], [-100, 5]), ([1, 2], [-100, 7])]
     with pytest.raises(DataError, match=r"d.jsonl:1 \(cut to --max-source-length 1\): every label is -100"):
         read_jsonl(path, max_source_length=1, objective="masked")
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_fifo_named_like_a_tokenizer_file_is_refused_not_waited_on(tmp_path, tokenizer_dir, name):
+    """A hostile checkpoint's FIFO would block the tokenizer's read forever; it is refused in one line.
+    (In a subprocess, so that the old behaviour, a hang, ends as a failure at the timeout.)"""
+    for file in tokenizer_dir.iterdir():
+        if file.name != name:
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    os.mkfifo(tmp_path / name)
+    code = ("import sys; from fxconvert.data import load_tokenizer, DataError\n"
+            "try:\n    load_tokenizer(sys.argv[1])\nexcept DataError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith(f"{name} is not a regular file; replace it with the checkpoint's own "
+                                       f"tokenizer file, or remove it")
