@@ -39,16 +39,20 @@ class CodegenError(FxConvertError):
     """The graph or a name in it cannot be written as safe, importable Python source."""
 
 
-# CPython 3.11 keeps one AST recursion counter per interpreter, not per thread: two threads
-# in ast.parse at once (a switch can happen when a collection runs a finalizer mid-parse)
-# fail with SystemError "AST constructor recursion depth mismatch". Every parse of generated
-# code goes through `_parse`, one at a time. (fx's recompile compiles source text, which
-# builds no AST objects and is not affected.)
-_AST_LOCK = threading.Lock()
+# Code generation is not thread-safe in two places, so it runs one thread at a time:
+# - CPython 3.11 keeps one AST recursion counter per interpreter, not per thread: two threads
+#   in ast.parse at once (a switch can happen when a collection runs a finalizer mid-parse)
+#   fail with SystemError "AST constructor recursion depth mismatch". Every parse of
+#   generated code goes through `_parse`.
+# - fx's `Graph.python_code` names the nodes by swapping each node's repr function for one
+#   of its own namespace while it writes, and puts the old one back afterwards. Two threads
+#   writing the same graph (two saves of one conversion) mix their names, and the code one
+#   of them writes can pass a value under another node's name.
+_LOCK = threading.RLock()
 
 
 def _parse(text: str, filename: str = "<unknown>") -> ast.Module:
-    with _AST_LOCK:
+    with _LOCK:
         return ast.parse(text, filename)
 
 
@@ -56,7 +60,8 @@ def forward_source(gm: torch.fx.GraphModule) -> str:
     """Imports plus `def forward(self, ...)`, exactly as `gm` runs it."""
     for node in gm.graph.nodes:
         _check_node(node)
-    code = gm.graph.python_code(root_module="self")
+    with _LOCK:
+        code = gm.graph.python_code(root_module="self")
     used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code.src))  # fx lists globals the code may not use
     imports = sorted({_import_line(name, obj) for name, obj in code.globals.items() if name in used} - {None})
     return "\n".join(imports) + "\n\n" + code.src.strip("\n") + "\n"
@@ -333,7 +338,7 @@ def _check_module(text: str, filename: str) -> None:
     """
     try:
         tree = _parse(text, filename)
-        with _AST_LOCK:
+        with _LOCK:
             compile(tree, filename, "exec")
     except SyntaxError as e:
         raise CodegenError(f"generated {filename} does not compile: {e.msg} at line {e.lineno}") from e
