@@ -611,7 +611,7 @@ def train(run: Run) -> None:
     from fxconvert.grad_sync import broadcast_initial, clip_global_norm, make_groups, sync_gradients
 
     args, topo, model = run.args, run.topo, run.model
-    make_groups(topo)
+    make_groups(topo, timeout=timedelta(seconds=args.timeout))
     modules = {i: part.module for i, part in model.parts.items()}
     run.optimizers = {i: _optimizer(args, m.parameters()) for i, m in modules.items()}
     start = 0

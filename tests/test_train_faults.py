@@ -151,3 +151,51 @@ def test_a_rank_that_raises_is_named_with_its_message(setup, tmp_path):
     ], proc.stderr[-3000:]
     assert lines[0].split(" failed: ", 1)[1].startswith("stage 1 refuses inputs over 3 tokens (here: ")
     assert not (tmp_path / "run" / "hf").exists()
+
+
+def _stop_pids(pid_dir) -> None:
+    """Teardown: a worker the test stopped (or that outlived its launcher) is continued and killed."""
+    for path in pid_dir.glob("*.pid"):
+        pid = int(path.read_text())
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+
+
+@pytest.fixture(scope="module")
+def one_stage(setup):
+    """The checkpoint converted into one stage, for two replicas of it (--dp 2)."""
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(setup / "ckpt"), "--stages", "1", "--out",
+                           str(setup / "conv1"), "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return setup / "conv1"
+
+
+@pytest.mark.parametrize("layout", ["tied", "dp"])
+def test_a_stopped_rank_fails_the_run_after_timeout_not_half_an_hour(setup, one_stage, tmp_path, layout):
+    """Rank 1 SIGSTOPs itself before its third gradient sync: rank 0 waits in the tied-weight
+    all-reduce (2 stages) or the replica all-reduce (--dp 2), whose groups once had torch's
+    30-minute default; with --timeout it fails with one line naming rank 1."""
+    source, extra = (setup / "conv", []) if layout == "tied" else (one_stage, ["--dp", 2])
+    args = _args(setup, tmp_path / "run", *extra)
+    args[0] = source
+    args[args.index("--save-every"):args.index("--save-every") + 2] = []
+    env = tr.env()
+    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_STOP_RANK="1", HOOK_STOP_AT_SYNC="3")
+    proc = subprocess.Popen(tr.hooked_command(2, *args), cwd=tr.REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=240)  # torch's default group timeout would be 1800 s
+    finally:
+        proc.kill()
+        _stop_pids(tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("fxconvert.train: error: ")]
+    assert len(lines) == 1, err[-3000:]
+    where = "stage 1, replica 0" if layout == "tied" else "stage 0, replica 1"
+    assert lines[0].startswith(f"fxconvert.train: error: rank 0 (stage 0, replica 0): rank 1 ({where}) failed: "
+                               f"stopped responding"), lines
+    assert not (tmp_path / "run" / "hf").exists()

@@ -1,0 +1,51 @@
+"""`python -m fxconvert.train` as a torchrun worker script, with faults injected from the environment.
+
+torchrun runs this file instead of `-m fxconvert.train` (`train_runs.hooked_command`); the
+trainer itself has no test hooks. Variables (all optional):
+
+- HOOK_PID_DIR: each worker writes its pid to `<dir>/<RANK>.pid` first thing;
+- HOOK_STOP_RANK, HOOK_STOP_AT_SYNC=N: that rank SIGSTOPs itself just before its N-th
+  `sync_gradients` (a hang where the others wait in a tied-weight or replica all-reduce);
+- HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
+  file exists (a rank still preparing while the others already wait for it).
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+rank = int(os.environ["RANK"])
+if os.environ.get("HOOK_PID_DIR"):
+    Path(os.environ["HOOK_PID_DIR"], f"{rank}.pid").write_text(str(os.getpid()))
+
+if os.environ.get("HOOK_STOP_RANK") == str(rank):
+    from fxconvert import grad_sync
+
+    real_sync, calls = grad_sync.sync_gradients, []
+
+    def sync_gradients(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(os.environ["HOOK_STOP_AT_SYNC"]):
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real_sync(*args, **kwargs)
+
+    grad_sync.sync_gradients = sync_gradients
+
+if os.environ.get("HOOK_SLOW_RANK") == str(rank):
+    from fxconvert import train
+
+    real_prepare = train.prepare
+
+    def prepare(*args, **kwargs):
+        run = real_prepare(*args, **kwargs)
+        while not Path(os.environ["HOOK_SLOW_PREPARE_FILE"]).exists():
+            time.sleep(0.05)
+        return run
+
+    train.prepare = prepare
+
+from fxconvert.train import main  # noqa: E402
+
+sys.exit(main())
