@@ -525,6 +525,7 @@ class Run:
     resume_from: Path | None = None
     where: str = ""
     optimizers: dict = field(default_factory=dict)
+    lock: int | None = None  # rank 0: the descriptor holding RUN's lock (`fxconvert.run_lock`)
 
 
 def _optimizer(args, params) -> torch.optim.Optimizer:
@@ -573,7 +574,11 @@ def prepare(args, launch: Launch) -> Run:
         raise UsageError(f"--out {args.out} is inside SOURCE {args.source}; choose an --out outside the conversion")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory; choose another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    from fxconvert import run_lock
+
+    if launch.rank == 0:
+        run_lock.check(run_dir, shown=args.out)  # another run in it: say so (`lock_run` takes the lock)
+    if run_dir.is_dir() and any(p.name != run_lock.LOCK for p in run_dir.iterdir()):
         if not args.resume:
             raise UsageError(f"--out {args.out} exists and is not empty; pass --resume to continue it, "
                              f"or choose another --out")
@@ -602,6 +607,29 @@ def prepare(args, launch: Launch) -> Run:
     topo.shared_stages = model.shared_stages
     data = load_data(args, model)
     return Run(args, launch, topo, device, model, data, run_dir, resume_from)
+
+
+def lock_run(run: Run) -> None:
+    """Rank 0 holds RUN's lock until its process ends (`fxconvert.run_lock`), before the run writes anything.
+
+    `prepare` looked at RUN before the lock was held; a run that went through it in the
+    meantime (started and ended, or wrote a newer checkpoint) makes this one stop.
+    """
+    from fxconvert import run_lock
+    from fxconvert.checkpoint import latest_checkpoint
+
+    if run.launch.rank != 0:
+        return
+    run.lock = run_lock.take(run.run_dir, shown=run.args.out, create=True)
+    if run.resume_from is None:
+        changed = any(p.name != run_lock.LOCK for p in run.run_dir.iterdir())
+    else:
+        changed = latest_checkpoint(run.run_dir) != run.resume_from
+    if changed:
+        os.close(run.lock)
+        run.lock = None
+        raise UsageError(f"--out {run.args.out} was written by another run while this one started; run again "
+                         f"(with --resume to continue it)")
 
 
 def train(run: Run) -> None:
@@ -818,6 +846,7 @@ def main(argv=None) -> int:
     # Checks before any process group or file: every rank finds the same problem; one line per machine.
     try:
         run = prepare(args, launch)
+        lock_run(run)
     except (FxConvertError, _Terminated) as e:
         if _first_to_say(launch, signals):
             print(f"fxconvert.train: error: {signals.message or _one_line(e)}", file=sys.stderr, flush=True)
@@ -848,6 +877,8 @@ def main(argv=None) -> int:
     if heartbeat is not None:
         heartbeat.stop(finished=True)
     dist.destroy_process_group()
+    if run.lock is not None:
+        os.close(run.lock)
     return 0
 
 

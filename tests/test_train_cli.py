@@ -6,6 +6,7 @@ never reach a collective.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 import checkpoints
 import train_runs as tr
+from fxconvert.errors import UsageError
 from fxconvert.train import main
 
 
@@ -285,3 +287,21 @@ def test_ctrl_c_while_training_is_one_line_and_exit_130(setup, tmp_path):
     assert proc.wait(timeout=60) == 130, rest
     errors = [line for line in rest.splitlines() if line.strip() and not line.startswith("step ")]
     assert errors == ["fxconvert.train: error: rank 0 (stage 0, replica 0): interrupted"], rest
+
+
+def test_a_run_that_took_out_while_this_one_was_checking_stops_it(setup, tmp_path):
+    """Rank 0 checks --out, then loads the model; another run that wrote into --out meanwhile wins."""
+    from fxconvert.train import Launch, build_parser, lock_run, prepare
+
+    out = tmp_path / "run"
+    args = build_parser().parse_args([str(a) for a in _argv(setup, out)])
+    run = prepare(args, Launch(0, 2, 0))
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # what the other run wrote
+    with pytest.raises(UsageError, match="was written by another run while this one started"):
+        lock_run(run)
+    assert run.lock is None
+    (out / "metrics.jsonl").unlink()
+    lock_run(run)  # the lock was let go: an empty --out is this run's
+    assert run.lock is not None
+    os.close(run.lock)

@@ -21,6 +21,7 @@ import pytest
 import checkpoints
 import train_runs as tr
 from fxconvert.checkpoint import COMPLETE, latest_checkpoint
+from fxconvert.run_lock import LOCK
 from fxconvert.train import main
 
 STEPS, TIMEOUT = 30, 20
@@ -114,6 +115,7 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it(setup, reference, mo
     last = latest_checkpoint(out)
     assert int(last.name.removeprefix("step_")) < STEPS  # it was killed before the end
     assert not (out / "hf").exists()
+    assert (out / LOCK).is_file()  # the killed run's lock file, which nobody holds, does not block a resume
 
     resumed = tr.torchrun(2, *_args(setup, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -199,3 +201,37 @@ def test_a_stopped_rank_fails_the_run_after_timeout_not_half_an_hour(setup, one_
     assert lines[0].startswith(f"fxconvert.train: error: rank 0 (stage 0, replica 0): rank 1 ({where}) failed: "
                                f"stopped responding"), lines
     assert not (tmp_path / "run" / "hf").exists()
+
+
+def test_a_second_run_into_a_busy_out_is_refused(setup, reference, tmp_path, monkeypatch, capsys):
+    """While a run trains (held before step 3's gradient sync), a second run into its --out, new or
+    --resume, stops in one line (exit 2) before touching anything; the first one ends as if alone."""
+    out, release = setup / "busy", tmp_path / "release"
+    env = tr.env()
+    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_PAUSE_AT_SYNC="3", HOOK_PAUSE_UNTIL=str(release))
+    proc = subprocess.Popen(tr.hooked_command(2, *_args(setup, out)), cwd=tr.REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "checkpoints" / "step_2" / COMPLETE).exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.delenv("MASTER_ADDR", raising=False)
+        before = checkpoints.leftovers(out)
+        for extra in ([], ["--resume"]):
+            assert main([str(a) for a in _args(setup, out, *extra)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == f"fxconvert.train: error: --out {out} is in use by another training run; wait for it to " \
+                          f"end, or choose another --out", err
+        assert checkpoints.leftovers(out) == before
+        release.touch()
+        _, err = proc.communicate(timeout=600)
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+        _stop_pids(tmp_path)
+    assert proc.returncode == 0, err[-3000:]
+    _same_result(out, reference)

@@ -6,6 +6,8 @@ trainer itself has no test hooks. Variables (all optional):
 - HOOK_PID_DIR: each worker writes its pid to `<dir>/<RANK>.pid` first thing;
 - HOOK_STOP_RANK, HOOK_STOP_AT_SYNC=N: that rank SIGSTOPs itself just before its N-th
   `sync_gradients` (a hang where the others wait in a tied-weight or replica all-reduce);
+- HOOK_PAUSE_AT_SYNC=N, HOOK_PAUSE_UNTIL=FILE: every rank waits just before its N-th
+  `sync_gradients` until FILE exists (a run held in the middle, with no collective pending);
 - HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
   file exists (a rank still preparing while the others already wait for it).
 """
@@ -32,6 +34,20 @@ if os.environ.get("HOOK_STOP_RANK") == str(rank):
         return real_sync(*args, **kwargs)
 
     grad_sync.sync_gradients = sync_gradients
+
+if os.environ.get("HOOK_PAUSE_AT_SYNC"):
+    from fxconvert import grad_sync
+
+    paused_sync, pause_calls = grad_sync.sync_gradients, []
+
+    def sync_and_pause(*args, **kwargs):
+        pause_calls.append(1)
+        if len(pause_calls) == int(os.environ["HOOK_PAUSE_AT_SYNC"]):
+            while not Path(os.environ["HOOK_PAUSE_UNTIL"]).exists():
+                time.sleep(0.05)
+        return paused_sync(*args, **kwargs)
+
+    grad_sync.sync_gradients = sync_and_pause
 
 if os.environ.get("HOOK_SLOW_RANK") == str(rank):
     from fxconvert import train
