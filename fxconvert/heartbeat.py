@@ -14,9 +14,25 @@ thread. A rank that fails:
 The store is reached through a client connection of its own, so nothing here takes part
 in the process group's collectives, and every store call has a short timeout: a launcher
 that is already gone costs a few seconds, never a hang.
+
+A worker must not outlive its launcher (a SIGKILLed torchrun used to leave its workers
+training to the end, writing checkpoints and an export nobody asked for any more):
+
+- `die_with_launcher` asks the kernel for SIGTERM when the parent (torchrun's agent on
+  this machine) exits (Linux `prctl(PR_SET_PDEATHSIG)`);
+- the heartbeat thread also watches: a parent that changed (the launcher is gone), or
+  `LOST_BEATS` failed beats in a row (the store, in the first machine's launcher, is
+  gone: this covers workers on the other machines), make it stop beating and send
+  SIGTERM to its own process, which the trainer turns into a one-line stop.
+
+Once the launcher is gone nothing here calls the store again: every failed store call
+makes torch log a C++ stack trace (`TCPStore.cpp: recvValue failed`), and those traces,
+from this thread, were the hundreds of lines a killed torchrun left behind.
 """
 
+import ctypes
 import os
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -25,7 +41,50 @@ import torch.distributed as dist
 
 INTERVAL_SECONDS = 0.5
 STALE_SECONDS = 2.0
+LOST_BEATS = 3
 PREFIX = "fxconvert.train/"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+_launcher: int | None = None  # the parent's pid, once `die_with_launcher` watches it
+
+
+def die_with_launcher() -> None:
+    """Have the kernel send SIGTERM to this process when its parent exits; send it now if it already has.
+
+    Call it first thing in a worker: a parent that died before this call cannot be told
+    from an adopting one. Does nothing where prctl is missing (not Linux).
+    """
+    global _launcher
+    parent = os.getppid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    _launcher = parent
+    if launcher_gone():  # it died between getppid and prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_gone() -> bool:
+    """Whether the parent `die_with_launcher` watches has exited, or is exiting.
+
+    The kernel sends the signal when the parent's thread that started this process dies,
+    which under SIGKILL is before the parent's last thread: this process is adopted (its
+    parent pid changes) only a moment later, while the parent's main thread is already a
+    zombie. Both count.
+    """
+    if _launcher is None:
+        return False
+    if os.getppid() != _launcher:
+        return True
+    try:
+        with open(f"/proc/{_launcher}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False  # no /proc: the parent pid is the only sign
+    return state in (b"Z", b"X")
 
 
 class Heartbeat:
@@ -35,20 +94,37 @@ class Heartbeat:
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
             timeout=timedelta(seconds=5)))
         self.stopped = threading.Event()
+        self.lost = False  # the launcher (or its store) is gone: the store is not called again
         self.thread = threading.Thread(target=self._beat, name="fxconvert-heartbeat", daemon=True)
         self.thread.start()
 
     def _beat(self) -> None:
+        failed = 0
         while not self.stopped.is_set():
+            if launcher_gone():
+                return self._lose()
             try:
                 self.store.add(f"beat/{self.rank}", 1)
-            except Exception:  # the launcher's store is gone: nothing left to tell
-                return
+                failed = 0
+            except Exception:
+                failed += 1
+                if failed >= LOST_BEATS:
+                    return self._lose()
             self.stopped.wait(INTERVAL_SECONDS)
+
+    def _lose(self) -> None:
+        """The launcher is gone: stop beating, and stop this process as the launcher would have."""
+        self.lost = True
+        self.stopped.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    @property
+    def launcher_lost(self) -> bool:
+        return self.lost or launcher_gone()
 
     def stop(self, *, finished: bool = False) -> None:
         self.stopped.set()
-        if finished:  # a rank that is done stops beating; it must not be taken for a dead one
+        if finished and not self.launcher_lost:  # a rank that is done stops beating; not to be taken for a dead one
             try:
                 self.store.set(f"done/{self.rank}", "1")
             except Exception:
@@ -59,6 +135,8 @@ class Heartbeat:
 
     def culprit(self) -> tuple[int, str] | None:
         """(rank, what happened to it) for the rank that failed first, or None if none did (that we can see)."""
+        if self.launcher_lost:
+            return None
         try:
             if self.store.check(["failures/1"]):
                 rank = int(self.store.get("failures/1"))
@@ -84,6 +162,8 @@ class Heartbeat:
 
     def record_failure(self, message: str) -> None:
         """Register this rank's own failure (the first one registered is the one named)."""
+        if self.launcher_lost:
+            return
         try:
             self.store.set(f"failed/{self.rank}", message)
             order = self.store.add("failures", 1)
@@ -92,4 +172,4 @@ class Heartbeat:
             pass
 
 
-__all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS"]
+__all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone"]

@@ -772,26 +772,58 @@ EXIT_INTERRUPTED = 130
 
 
 class _Signals:
-    """SIGTERM (torchrun stopping the workers after another one failed) and SIGINT (Ctrl-C) become an
-    exception while training; once this rank is reporting its own failure, they are ignored (torchrun
-    waits 30 s). `received` remembers the signal: torch may wrap the exception in one of its own."""
+    """SIGTERM (torchrun stopping the workers after another one failed, or the launcher gone) and SIGINT
+    (Ctrl-C) become one exception, `_Terminated`, raised only inside `guard`ed work and at most once;
+    any other signal is only recorded. So no signal can land in the reporting of a failure (a second
+    Ctrl-C, or torchrun's SIGTERM after a first one, used to end a rank with a traceback), and torchrun's
+    30 s between SIGTERM and SIGKILL are the reporting's. `received` remembers the first signal: torch
+    may wrap the exception in one of its own."""
 
     MESSAGES = {signal.SIGTERM: "stopped by the launcher (another rank failed, or the run was interrupted)",
                 signal.SIGINT: "interrupted"}
+    LAUNCHER_GONE = ("stopped: the launcher is gone (torchrun was killed, or its store stopped answering), and its "
+                     "workers stop with it; --resume continues from the last checkpoint")
 
     def __init__(self):
-        self.reporting = False
+        self.armed = False
+        self.raised = False
         self.received = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self.heartbeat_lost = lambda: False  # main: whether the heartbeat found the launcher's store gone
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        if not self.reporting:
+        if self.received is None:
             self.received = signum
-            raise _Terminated(self.MESSAGES[signum])
+        if self.armed and not self.raised:
+            self.raised = True
+            raise _Terminated(self.MESSAGES[self.received])
+
+    def guard(self, work):
+        """`work()`, interruptible: a signal already received, or one arriving during it, raises `_Terminated`.
+
+        A signal landing in the `finally` below raises before `armed` is cleared: that is the
+        one raise, and the caller's `except` catches it like any other.
+        """
+        self.armed = True
+        try:
+            if self.received is not None and not self.raised:
+                self.raised = True
+                raise _Terminated(self.MESSAGES[self.received])
+            return work()
+        finally:
+            self.armed = False
+
+    def restore(self) -> None:
+        """Put back the handlers found (for `main` called in a process that goes on)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     @property
     def message(self) -> str | None:
+        from fxconvert.heartbeat import launcher_gone
+
+        if self.received == signal.SIGTERM and (launcher_gone() or self.heartbeat_lost()):
+            return self.LAUNCHER_GONE
         return self.MESSAGES[self.received] if self.received is not None else None
 
 
@@ -806,25 +838,23 @@ def _first_to_say(launch: "Launch", signals: _Signals, grace: float = 2.0) -> bo
     """
     if launch.local_rank == 0:
         return True
-    if signals.received is not None:
-        return False
-    try:
-        time.sleep(grace)
-    except _Terminated:
-        return False
-    return True
+    deadline = time.monotonic() + grace
+    while signals.received is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return signals.received is None
 
 
 def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str:
     """One line for this rank's first error, naming the rank that failed first when another one did."""
-    signals.reporting = True
     message = signals.message or _one_line(error)
+    if signals.received == signal.SIGINT:  # Ctrl-C reaches every rank: nobody failed, nobody to name
+        return f"fxconvert.train: error: {_describe(run.topo, run.launch)}: {message}"
     culprit = heartbeat.culprit() if heartbeat is not None else None  # torchrun allows 30 s after SIGTERM
     if culprit is not None and culprit[0] != run.launch.rank:
         rank, what = culprit
         other = Launch(rank, run.launch.world_size, 0)
         message = f"{_describe(run.topo, other, rank=rank)} failed: {what} (here: {message})"
-    elif heartbeat is not None:
+    elif heartbeat is not None and signals.received is None:  # a rank that was stopped is no culprit
         heartbeat.record_failure(message)
     return f"fxconvert.train: error: {_describe(run.topo, run.launch)}: {message}"
 
@@ -843,43 +873,70 @@ def main(argv=None) -> int:
         print(f"{PROG.split()[-1]}: error: {e}", file=sys.stderr)
         return 2
     signals = _Signals()
+    try:
+        return _main(args, launch, signals)
+    finally:
+        signals.restore()
+
+
+def _main(args, launch: Launch, signals: _Signals) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it (`fxconvert.heartbeat`)
+        from fxconvert.heartbeat import die_with_launcher
+
+        die_with_launcher()
     # Checks before any process group or file: every rank finds the same problem; one line per machine.
     try:
-        run = prepare(args, launch)
-        lock_run(run)
-    except (FxConvertError, _Terminated) as e:
+        run = signals.guard(lambda: _prepared(args, launch))
+    except Exception as e:
+        if not isinstance(e, FxConvertError) and signals.received is None:
+            raise  # a bug: its traceback  (with a signal, whatever it interrupted may wrap `_Terminated`)
         if _first_to_say(launch, signals):
             print(f"fxconvert.train: error: {signals.message or _one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1
     import torch.distributed as dist
 
-    from fxconvert.heartbeat import Heartbeat
-
-    heartbeat = None
+    state = {"heartbeat": None}
     try:
-        backend = "nccl" if run.device.type == "cuda" else "gloo"
-        if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                                timeout=timedelta(seconds=args.timeout))
-        if launch.world_size > 1:
-            heartbeat = Heartbeat(launch.rank, launch.world_size)
-        train(run)
-    except (Exception, _Terminated) as e:
+        signals.guard(lambda: _start_and_train(run, signals, state))
+    except Exception as e:
         if args.verbose:
             traceback.print_exc()
-        print(_report_failure(e, run, heartbeat, signals), file=sys.stderr, flush=True)
+        print(_report_failure(e, run, state["heartbeat"], signals), file=sys.stderr, flush=True)
         # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
         # process ends here; its sockets close, which is what its peers notice.
         sys.stdout.flush()
         os._exit(EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1)
-    if heartbeat is not None:
-        heartbeat.stop(finished=True)
+    if state["heartbeat"] is not None:
+        state["heartbeat"].stop(finished=True)
     dist.destroy_process_group()
     if run.lock is not None:
         os.close(run.lock)
     return 0
+
+
+def _prepared(args, launch: Launch) -> Run:
+    run = prepare(args, launch)
+    lock_run(run)
+    return run
+
+
+def _start_and_train(run: Run, signals: _Signals, state: dict) -> None:
+    """Join the process group, start the heartbeat (kept in `state` for the report), train."""
+    import torch.distributed as dist
+
+    from fxconvert.heartbeat import Heartbeat
+
+    launch = run.launch
+    backend = "nccl" if run.device.type == "cuda" else "gloo"
+    if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                            timeout=timedelta(seconds=run.args.timeout))
+    if launch.world_size > 1:
+        heartbeat = state["heartbeat"] = Heartbeat(launch.rank, launch.world_size)
+        signals.heartbeat_lost = lambda: heartbeat.lost
+    train(run)
 
 
 if __name__ == "__main__":

@@ -235,3 +235,87 @@ def test_a_second_run_into_a_busy_out_is_refused(setup, reference, tmp_path, mon
         _stop_pids(tmp_path)
     assert proc.returncode == 0, err[-3000:]
     _same_result(out, reference)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie left for its new parent to reap counts as exited)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_workers_stop_when_torchrun_is_killed(setup, tmp_path):
+    """SIGKILL of torchrun while its workers train: they stop (one quiet line each, no stack traces) and
+    write nothing more: no later checkpoint, no RUN/hf."""
+    out, release = tmp_path / "run", tmp_path / "release"
+    env = tr.env()
+    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_PAUSE_AT_SYNC="3", HOOK_PAUSE_UNTIL=str(release))
+    proc = subprocess.Popen(tr.hooked_command(2, *_args(setup, out)), cwd=tr.REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not ((out / "checkpoints" / "step_2" / COMPLETE).exists() and len(list(tmp_path.glob("*.pid"))) == 2):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+        proc.kill()
+        proc.wait()
+        release.touch()  # a worker that outlived its launcher would train on from here
+        _, err = proc.communicate(timeout=HANG_GUARD)  # the workers hold torchrun's stderr until they exit
+        deadline = time.monotonic() + HANG_GUARD
+        while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(pid) for pid in pids), err[-3000:]
+    finally:
+        release.touch()
+        _stop_pids(tmp_path)
+    assert not (out / "hf").exists()
+    assert latest_checkpoint(out).name == "step_2"
+    assert "Traceback" not in err and "frame #" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("step ", "saved checkpoint"))]
+    assert len(lines) <= 2, err[-3000:]
+    assert all(line.startswith("fxconvert.train: error: rank ") and ": stopped: the launcher is gone" in line
+               for line in lines), err[-3000:]
+
+
+def test_ctrl_c_to_the_whole_launch_is_one_line_per_rank(setup, tmp_path):
+    """Ctrl-C reaches a worker more than once: from the terminal when it shares its process group (other
+    launchers), then from torchrun, which forwards SIGINT (and SIGTERM when interrupted again while
+    stopping them). Here each worker gets SIGINT, then torchrun's group gets SIGINT twice, three times
+    over. The second signal used to land in the reporting of the first (a traceback in 2 of 5 tries).
+    Each worker's own stderr (torchrun's --redirects; torchrun prints a traceback of its own on a second
+    SIGINT) holds one line, no traceback, and it exits 130."""
+    for attempt in range(3):
+        run, release = tmp_path / str(attempt), tmp_path / str(attempt) / "release"
+        run.mkdir()
+        env = tr.env()
+        env.update(HOOK_PID_DIR=str(run), HOOK_EXIT_DIR=str(run), HOOK_PAUSE_AT_SYNC="3",
+                   HOOK_PAUSE_UNTIL=str(release))
+        args = _args(setup, run / "out")
+        command = tr.hooked_command(2, *args, extra=["--redirects", "2", "--log-dir", str(run / "logs")])
+        proc = subprocess.Popen(command, cwd=tr.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            while not ((run / "out" / "checkpoints" / "step_2" / COMPLETE).exists()
+                       and len(list(run.glob("*.pid"))) == 2):
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+                time.sleep(0.05)
+            for pid in run.glob("*.pid"):
+                os.kill(int(pid.read_text()), signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.communicate(timeout=HANG_GUARD)
+        finally:
+            release.touch()
+            if proc.poll() is None:
+                proc.kill()
+            _stop_pids(run)
+        logs = sorted((run / "logs").rglob("stderr.log"), key=lambda p: p.parent.name)
+        assert [p.parent.name for p in logs] == ["0", "1"]
+        for rank, log in enumerate(logs):
+            text = log.read_text()
+            lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("step ", "saved "))]
+            assert lines == [f"fxconvert.train: error: rank {rank} (stage {rank}, replica 0): interrupted"], text
+            assert (run / f"{rank}.exit").read_text() == "130"
+        assert not (run / "out" / "hf").exists()

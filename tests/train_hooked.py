@@ -6,6 +6,7 @@ trainer itself has no test hooks. Variables (all optional):
 - HOOK_PID_DIR: each worker writes its pid to `<dir>/<RANK>.pid` first thing;
 - HOOK_STOP_RANK, HOOK_STOP_AT_SYNC=N: that rank SIGSTOPs itself just before its N-th
   `sync_gradients` (a hang where the others wait in a tied-weight or replica all-reduce);
+- HOOK_EXIT_DIR: each worker writes its exit status to `<dir>/<RANK>.exit` (os._exit included);
 - HOOK_PAUSE_AT_SYNC=N, HOOK_PAUSE_UNTIL=FILE: every rank waits just before its N-th
   `sync_gradients` until FILE exists (a run held in the middle, with no collective pending);
 - HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
@@ -21,6 +22,15 @@ from pathlib import Path
 rank = int(os.environ["RANK"])
 if os.environ.get("HOOK_PID_DIR"):
     Path(os.environ["HOOK_PID_DIR"], f"{rank}.pid").write_text(str(os.getpid()))
+
+if os.environ.get("HOOK_EXIT_DIR"):
+    real_exit = os._exit
+
+    def exit_and_tell(status):
+        Path(os.environ["HOOK_EXIT_DIR"], f"{rank}.exit").write_text(str(status))
+        real_exit(status)
+
+    os._exit = exit_and_tell
 
 if os.environ.get("HOOK_STOP_RANK") == str(rank):
     from fxconvert import grad_sync
@@ -64,4 +74,7 @@ if os.environ.get("HOOK_SLOW_RANK") == str(rank):
 
 from fxconvert.train import main  # noqa: E402
 
-sys.exit(main())
+status = main()
+if os.environ.get("HOOK_EXIT_DIR"):
+    Path(os.environ["HOOK_EXIT_DIR"], f"{rank}.exit").write_text(str(status))
+sys.exit(status)
