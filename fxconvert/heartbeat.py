@@ -20,19 +20,24 @@ training to the end, writing checkpoints and an export nobody asked for any more
 
 - `die_with_launcher` asks the kernel for SIGTERM when the parent (torchrun's agent on
   this machine) exits (Linux `prctl(PR_SET_PDEATHSIG)`);
-- the heartbeat thread also watches: a parent that changed (the launcher is gone), or
-  `LOST_BEATS` failed beats in a row (the store, in the first machine's launcher, is
-  gone: this covers workers on the other machines), make it stop beating and send
-  SIGTERM to its own process, which the trainer turns into a one-line stop.
+- the heartbeat thread also watches: a parent that changed (the launcher is gone), or a
+  failed beat followed by `LOST_BEATS - 1` beats' worth of refused connections (the
+  store, in the first machine's launcher, is gone: this covers workers on the other
+  machines), make it stop beating and send SIGTERM to its own process, which the trainer
+  turns into a one-line stop.
 
 Once the launcher is gone nothing here calls the store again: every failed store call
-makes torch log a C++ stack trace (`TCPStore.cpp: recvValue failed`), and those traces,
-from this thread, were the hundreds of lines a killed torchrun left behind.
+makes torch log a C++ stack trace (`TCPStore.cpp: recvValue failed`, a warning from
+c10's logging, which only TORCH_CPP_LOG_LEVEL set before torch loads can silence), and
+those traces, from this thread, were the hundreds of lines a killed torchrun left
+behind. Now a worker on the launcher's machine makes no failed call at all, and one on
+another machine makes one (then probes with plain connections, which torch does not log).
 """
 
 import ctypes
 import os
 import signal
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -90,9 +95,9 @@ def launcher_gone() -> bool:
 class Heartbeat:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
-        self.store = dist.PrefixStore(PREFIX, dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-            timeout=timedelta(seconds=5)))
+        self.address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        self.store = dist.PrefixStore(PREFIX, dist.TCPStore(*self.address, is_master=False,
+                                                            timeout=timedelta(seconds=5)))
         self.stopped = threading.Event()
         self.lost = False  # the launcher (or its store) is gone: the store is not called again
         self.thread = threading.Thread(target=self._beat, name="fxconvert-heartbeat", daemon=True)
@@ -103,14 +108,24 @@ class Heartbeat:
         while not self.stopped.is_set():
             if launcher_gone():
                 return self._lose()
-            try:
-                self.store.add(f"beat/{self.rank}", 1)
-                failed = 0
-            except Exception:
+            if failed == 0 or self._reachable():
+                try:
+                    self.store.add(f"beat/{self.rank}", 1)
+                    failed = 0
+                except Exception:
+                    failed = 1
+            else:  # after a failed call, plain connections probe the store: torch logs nothing for those
                 failed += 1
                 if failed >= LOST_BEATS:
                     return self._lose()
             self.stopped.wait(INTERVAL_SECONDS)
+
+    def _reachable(self) -> bool:
+        try:
+            socket.create_connection(self.address, timeout=INTERVAL_SECONDS * 4).close()
+            return True
+        except OSError:
+            return False
 
     def _lose(self) -> None:
         """The launcher is gone: stop beating, and stop this process as the launcher would have."""

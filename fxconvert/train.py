@@ -74,6 +74,11 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids", "labels")  # what the data gives (T5, BART)
 SHAPE_CACHE = 8  # pipeline stages (with their buffers) kept per rank, one per batch shape
+# Outside these, a value passed the checks and failed later without naming its option: a timeout
+# under a second times out the rendezvous itself, one over a year overflows torch's timedelta to
+# milliseconds, and a learning rate over 1000 only makes weights inf (no optimizer here needs one).
+TIMEOUT_RANGE = (1.0, 365 * 24 * 3600.0)
+MAX_LR = 1000.0
 
 
 class TrainError(FxConvertError):
@@ -157,6 +162,11 @@ def check_options(args, launch: Launch) -> Topology:
     for option, value in (("--lr", args.lr), ("--timeout", args.timeout), ("--max-grad-norm", args.max_grad_norm)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{option} must be a positive number, got {value}")
+    if args.lr > MAX_LR:
+        raise UsageError(f"--lr must be at most {MAX_LR:g}, got {args.lr:g}")
+    if not TIMEOUT_RANGE[0] <= args.timeout <= TIMEOUT_RANGE[1]:
+        raise UsageError(f"--timeout must be from {TIMEOUT_RANGE[0]:.0f} to {TIMEOUT_RANGE[1]:.0f} seconds (a year), "
+                         f"got {args.timeout:g}")
     if not 0 <= args.seed < 2**63 // 1000 - 1000:
         raise UsageError(f"--seed must be an integer from 0 to {2**63 // 1000 - 1001}, got {args.seed}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
@@ -677,6 +687,7 @@ def train(run: Run) -> None:
             sync_gradients(topo, modules)
             if args.max_grad_norm is not None:
                 clip_global_norm(topo, modules, args.max_grad_norm)
+            _check_finite(modules, losses, step + 1, run.device)
             for optimizer in run.optimizers.values():
                 optimizer.step()
             if last:
@@ -702,6 +713,33 @@ def train(run: Run) -> None:
         _export(run, dist.barrier)
         _say(run, f"wrote {run.run_dir / 'hf'} (a transformers checkpoint: from_pretrained loads it) and "
                   f"{run.run_dir / 'metrics.jsonl'}")
+
+
+class NonFiniteError(TrainError):
+    """A loss or gradient was nan or inf; every rank raises it at the same step (`_check_finite`)."""
+
+
+def _check_finite(modules: dict, losses: list | None, step: int, device: torch.device) -> None:
+    """Stop every rank before the optimizer step when any rank's loss or gradient is nan or inf.
+
+    One all-reduce of two flags over the world, so all ranks stop at the same step and no
+    weight anywhere takes the update: the last checkpoint is the last good state. (Training
+    on would report `loss nan` to the end and export nan weights.)
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad for m in modules.values() for p in m.parameters() if p.grad is not None]
+    flags = torch.zeros(2, device=device)
+    if losses:
+        flags[0] = (~torch.stack([v.detach().float() for v in losses]).isfinite()).any()
+    if grads:
+        flags[1] = (~torch.stack([g.isfinite().all() for g in grads])).any()
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags.any():
+        what = " and ".join(name for name, bad in zip(("loss", "gradient"), flags.tolist()) if bad)
+        raise NonFiniteError(f"step {step}: the {what} {'are' if flags.all() else 'is'} not finite (nan or inf), so the run stopped before any "
+                             f"weight took it; nothing of step {step} was saved, and --resume continues from the "
+                             f"last checkpoint; lower --lr or set --max-grad-norm, or check SOURCE's weights for nan")
 
 
 def _say(run: Run, message: str) -> None:
@@ -844,8 +882,19 @@ def _first_to_say(launch: "Launch", signals: _Signals, grace: float = 2.0) -> bo
     return signals.received is None
 
 
-def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str:
-    """One line for this rank's first error, naming the rank that failed first when another one did."""
+def _nonfinite(error: BaseException | None) -> "NonFiniteError | None":
+    """The NonFiniteError behind `error` (a signal's exception may have replaced it), or None."""
+    while error is not None and not isinstance(error, NonFiniteError):
+        error = error.__context__
+    return error
+
+
+def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str | None:
+    """One line for this rank's first error, naming the rank that failed first when another one did
+    (None: another rank says it)."""
+    nonfinite = _nonfinite(error)
+    if nonfinite is not None:  # every rank found it at once: rank 0 says it (the launcher's SIGTERM is no news)
+        return f"fxconvert.train: error: {_one_line(nonfinite)}" if run.launch.rank == 0 else None
     message = signals.message or _one_line(error)
     if signals.received == signal.SIGINT:  # Ctrl-C reaches every rank: nobody failed, nobody to name
         return f"fxconvert.train: error: {_describe(run.topo, run.launch)}: {message}"
@@ -901,11 +950,14 @@ def _main(args, launch: Launch, signals: _Signals) -> int:
     except Exception as e:
         if args.verbose:
             traceback.print_exc()
-        print(_report_failure(e, run, state["heartbeat"], signals), file=sys.stderr, flush=True)
+        line = _report_failure(e, run, state["heartbeat"], signals)
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
         # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
         # process ends here; its sockets close, which is what its peers notice.
         sys.stdout.flush()
-        os._exit(EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1)
+        os._exit(1 if _nonfinite(e) else EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError)
+                 else 1)
     if state["heartbeat"] is not None:
         state["heartbeat"].stop(finished=True)
     dist.destroy_process_group()

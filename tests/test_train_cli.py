@@ -105,6 +105,9 @@ def test_fewer_microbatches_than_stages_for_1f1b(setup, tmp_path, capsys, monkey
     (["--microbatches", 3], 2, "multiple of --microbatches"),
     (["--lr", "nan"], 2, "--lr"),
     (["--steps", 0], 2, "--steps"),
+    (["--timeout", "1e308"], 2, "--timeout must be from 1 to 31536000 seconds (a year), got 1e+308"),
+    (["--timeout", "1e-9"], 2, "--timeout must be from 1 to 31536000 seconds (a year), got 1e-09"),
+    (["--lr", "1e300"], 2, "--lr must be at most 1000, got 1e+300"),
 ])
 def test_bad_options(setup, tmp_path, capsys, monkeypatch, extra, world, needle):
     err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", *extra), world=world)

@@ -319,3 +319,82 @@ def test_ctrl_c_to_the_whole_launch_is_one_line_per_rank(setup, tmp_path):
             assert lines == [f"fxconvert.train: error: rank {rank} (stage {rank}, replica 0): interrupted"], text
             assert (run / f"{rank}.exit").read_text() == "130"
         assert not (run / "out" / "hf").exists()
+
+
+def test_a_worker_whose_launcher_store_is_gone_stops_itself(monkeypatch, capfd):
+    """A worker on another machine than torchrun's store (its own launcher alive): when the store goes,
+    the heartbeat stops beating and sends its process SIGTERM, after one failed store call (torch logs
+    each failed call with a C++ stack trace), not hundreds."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fxconvert.heartbeat import PREFIX, Heartbeat
+
+    port = tr.free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5))
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        beat = Heartbeat(0, 2)
+        deadline = time.monotonic() + 120
+        while not dist.PrefixStore(PREFIX, store).check(["beat/0"]):  # it beats
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        del store  # the launcher's store shuts down
+        assert stopped.wait(120)
+        assert beat.lost
+        beat.thread.join(60)
+        assert not beat.thread.is_alive()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capfd.readouterr().err.count("TCPStore.cpp") <= 1
+
+
+def _one_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("fxconvert.train: error: ")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_a_nan_gradient_stops_every_rank_before_the_update(setup, tmp_path):
+    """Rank 1's gradient turns nan at step 3, after the step 2 checkpoint: the run stops at step 3 with
+    one line, the step 2 checkpoint is the last, step 3 is not in the metrics, no RUN/hf."""
+    out = tmp_path / "run"
+    env = tr.env()
+    env.update(HOOK_NAN_RANK="1", HOOK_NAN_AT_SYNC="3")
+    proc = subprocess.run(tr.hooked_command(2, *_args(setup, out)), cwd=tr.REPO, env=env, capture_output=True,
+                          text=True, timeout=HANG_GUARD + 240)
+    assert proc.returncode != 0
+    line = _one_error(proc.stderr)
+    assert line.startswith("fxconvert.train: error: step 3: the gradient is not finite (nan or inf), so the run "
+                           "stopped before any weight took it;"), line
+    assert latest_checkpoint(out).name == "step_2"
+    assert [m["step"] for m in tr.metrics(out)] == [1, 2]
+    assert not (out / "hf").exists()
+
+
+def test_nan_weights_stop_the_run_at_step_1(setup, tmp_path):
+    """A checkpoint with a nan weight: the loss is nan at step 1; one line, exit 1, nothing saved."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup / "ckpt", ckpt)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = next(k for k in sorted(weights) if k.startswith("encoder.block.0.") and k.endswith(".weight"))
+    weights[name].view(-1)[0] = torch.nan
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(ckpt), "--stages", "2", "--out", str(tmp_path / "conv"),
+                           "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    args = _args(setup, tmp_path / "run")
+    args[0] = tmp_path / "conv"
+    proc = tr.torchrun(2, *args, timeout=HANG_GUARD + 240)
+    assert proc.returncode != 0
+    assert _one_error(proc.stderr).startswith("fxconvert.train: error: step 1: the loss and gradient are not finite")
+    assert latest_checkpoint(tmp_path / "run") is None
+    assert not (tmp_path / "run" / "hf").exists()

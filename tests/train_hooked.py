@@ -7,6 +7,8 @@ trainer itself has no test hooks. Variables (all optional):
 - HOOK_STOP_RANK, HOOK_STOP_AT_SYNC=N: that rank SIGSTOPs itself just before its N-th
   `sync_gradients` (a hang where the others wait in a tied-weight or replica all-reduce);
 - HOOK_EXIT_DIR: each worker writes its exit status to `<dir>/<RANK>.exit` (os._exit included);
+- HOOK_NAN_RANK, HOOK_NAN_AT_SYNC=N: that rank puts a nan into one gradient just before
+  its N-th `sync_gradients`;
 - HOOK_PAUSE_AT_SYNC=N, HOOK_PAUSE_UNTIL=FILE: every rank waits just before its N-th
   `sync_gradients` until FILE exists (a run held in the middle, with no collective pending);
 - HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
@@ -44,6 +46,20 @@ if os.environ.get("HOOK_STOP_RANK") == str(rank):
         return real_sync(*args, **kwargs)
 
     grad_sync.sync_gradients = sync_gradients
+
+if os.environ.get("HOOK_NAN_RANK") == str(rank):
+    from fxconvert import grad_sync
+
+    clean_sync, nan_calls = grad_sync.sync_gradients, []
+
+    def sync_with_nan(topo, modules, *args, **kwargs):
+        nan_calls.append(1)
+        if len(nan_calls) == int(os.environ["HOOK_NAN_AT_SYNC"]):
+            grad = next(p.grad for m in modules.values() for p in m.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("nan")
+        return clean_sync(topo, modules, *args, **kwargs)
+
+    grad_sync.sync_gradients = sync_with_nan
 
 if os.environ.get("HOOK_PAUSE_AT_SYNC"):
     from fxconvert import grad_sync
