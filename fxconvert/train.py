@@ -743,9 +743,12 @@ def _check_finite(modules: dict, losses: list | None, step: int, device: torch.d
 
 
 def _say(run: Run, message: str) -> None:
-    """A status line, from global rank 0 only (every rank knows the same)."""
+    """A status line, from global rank 0 only (every rank knows the same); control characters escaped
+    (`--out` is the user's: a newline or ESC in it would fake or colour a line)."""
+    from fxconvert.errors import printable
+
     if run.topo.rank == 0:
-        print(message, file=sys.stderr, flush=True)
+        print(printable(message), file=sys.stderr, flush=True)
 
 
 def _save(run: Run, step: int, save_checkpoint, rng_state, barrier) -> None:

@@ -308,3 +308,21 @@ def test_a_run_that_took_out_while_this_one_was_checking_stops_it(setup, tmp_pat
     lock_run(run)  # the lock was let go: an empty --out is this run's
     assert run.lock is not None
     os.close(run.lock)
+
+
+def test_status_lines_escape_control_characters(setup, tmp_path):
+    """--out with a newline and ESC: "saved checkpoint" and "wrote" print them escaped, one line each."""
+    out = tmp_path / "runs\n\x1b[31mFAKE"
+    env = tr.env()
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "fxconvert.train", str(setup / "ckpt"), "--data",
+                           str(setup / "train.jsonl"), "--out", str(out), "--steps", "2", "--batch", "4",
+                           "--microbatches", "1", "--schedule", "gpipe", "--save-every", "1"],
+                          cwd=tr.REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\x1b" not in proc.stderr
+    status = [line for line in proc.stderr.splitlines() if not line.startswith("step ")]
+    escaped = str(out).replace("\n", "\\x0a").replace("\x1b", "\\x1b")
+    assert status == [f"saved checkpoint {escaped}/checkpoints/step_1", f"saved checkpoint {escaped}/checkpoints/step_2",
+                      f"wrote {escaped}/hf (a transformers checkpoint: from_pretrained loads it) and "
+                      f"{escaped}/metrics.jsonl"], proc.stderr
