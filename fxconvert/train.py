@@ -1,4 +1,4 @@
-"""`python -m fxconvert.train`: fine-tune a converted model (T5, BART, GPT-2, Llama-style) with pipeline parallelism, launched by torchrun.
+"""`python -m fxconvert.train`: fine-tune a converted model with pipeline parallelism, launched by torchrun.
 
     torchrun --nproc-per-node 4 -m fxconvert.train conv/ --data train.jsonl --out run/ \\
         --steps 1000 --batch 32 --microbatches 8 --schedule 1f1b --lr 1e-4 --optimizer adamw
@@ -89,7 +89,9 @@ class TrainError(FxConvertError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
+    p = argparse.ArgumentParser(prog=PROG, description=f"fine-tune a converted model ({trained}) with pipeline "
+                                                       f"parallelism, launched by torchrun.")
     p.add_argument("source", metavar="SOURCE",
                    help="a conversion directory written with --stages N, or a name fxconvert accepts")
     p.add_argument("--data", required=True, metavar="FILE.jsonl",
@@ -149,7 +151,8 @@ class Launch:
 
 
 def check_options(args, launch: Launch) -> Topology:
-    """Every check that needs no file; the same on every rank. Returns the layout (without groups)."""
+    """Every check of the options (and of a conversion's stage count, which they depend on); the same on
+    every rank. Returns the layout (without groups)."""
     positive = {"--steps": args.steps, "--batch": args.batch, "--virtual-stages": args.virtual_stages,
                 "--dp": args.dp}
     if args.microbatches is not None:
@@ -180,6 +183,7 @@ def check_options(args, launch: Launch) -> Topology:
         raise UsageError("--schedule interleaved-1f1b needs --virtual-stages 2 or more (stages per rank)")
     topo = Topology(world_size=launch.world_size, dp=args.dp, virtual_stages=args.virtual_stages,
                     shared_stages={}, rank=launch.rank)
+    _check_source_stages(args, topo)  # before the microbatch checks, which depend on the stage count
     stages, pipeline_ranks = topo.num_stages, topo.pipeline_ranks
     if args.microbatches is None:
         args.microbatches = stages
@@ -198,6 +202,22 @@ def check_options(args, launch: Launch) -> Topology:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available; use --device cpu")
     return topo
+
+
+def _check_source_stages(args, topo: Topology) -> None:
+    """A conversion's stage count (pipeline.json's num_stages, read cheaply) against the launch.
+
+    A launch of the wrong size otherwise failed first on the microbatch checks, which
+    assume the launch's stage count, and sent the user to change the wrong option. A
+    pipeline.json that does not parse is left to `load_model` to report.
+    """
+    path = Path(args.source).expanduser()
+    try:
+        count = json.loads((path / "pipeline.json").read_text(encoding="utf-8")).get("num_stages")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return
+    if type(count) is int:
+        _check_stage_count(path, count, topo)
 
 
 # -- the model: this rank's stages -------------------------------------------------------------

@@ -326,3 +326,28 @@ def test_status_lines_escape_control_characters(setup, tmp_path):
     assert status == [f"saved checkpoint {escaped}/checkpoints/step_1", f"saved checkpoint {escaped}/checkpoints/step_2",
                       f"wrote {escaped}/hf (a transformers checkpoint: from_pretrained loads it) and "
                       f"{escaped}/metrics.jsonl"], proc.stderr
+
+
+def test_help_lists_every_family_that_trains():
+    from fxconvert.families import all_families
+
+    proc = subprocess.run([sys.executable, "-m", "fxconvert.train", "--help"], cwd=tr.REPO, env=tr.env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    trained = [f for f in all_families() if f.objective is not None]
+    assert "BERT" in [f.title for f in trained]
+    for family in trained:
+        assert family.title.split(" (")[0] in text, family.title
+
+
+def test_a_launch_of_the_wrong_size_names_the_stages_before_the_microbatches(setup, tmp_path, capsys, monkeypatch):
+    """3 processes for a 2-stage conversion: --microbatches defaults to 3, which --batch 4 does not
+    split into; the stage count is the problem to name."""
+    conv = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(setup / "ckpt"), "--stages", "2", "--out", str(conv),
+                           "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", source=conv), world=3)
+    assert "has 2 stages, but 3 processes with --dp 1 and --virtual-stages 1 run 3" in err
+    assert not (tmp_path / "run").exists()
