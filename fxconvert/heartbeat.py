@@ -7,6 +7,9 @@ which lives in the launcher, not in a worker) and bumps it twice a second from a
 thread. A rank that fails:
 
 - first reads the register: if another rank recorded its own failure, that rank is named;
+- else a rank that never started its heartbeat (it registers `ready/<rank>` when its
+  checks, stages and data are done, before joining the process group) is named as late:
+  the rank that waited for it used to report the timeout as its own;
 - else watches the counters for `STALE_SECONDS`: a rank whose counter stands still died
   or hangs (SIGKILL, out of memory, SIGSTOP), and is named;
 - else the failure is its own: it records it, for the others to name.
@@ -49,6 +52,7 @@ STALE_SECONDS = 2.0
 LOST_BEATS = 3
 PREFIX = "fxconvert.train/"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+NOT_READY_FIX = "raise --timeout, which also bounds the wait for the slowest rank to be ready"
 
 _launcher: int | None = None  # the parent's pid, once `die_with_launcher` watches it
 
@@ -100,6 +104,7 @@ class Heartbeat:
                                                             timeout=timedelta(seconds=5)))
         self.stopped = threading.Event()
         self.lost = False  # the launcher (or its store) is gone: the store is not called again
+        self.store.set(f"ready/{rank}", "1")  # this rank's checks, stages and data are done
         self.thread = threading.Thread(target=self._beat, name="fxconvert-heartbeat", daemon=True)
         self.thread.start()
 
@@ -156,6 +161,10 @@ class Heartbeat:
             if self.store.check(["failures/1"]):
                 rank = int(self.store.get("failures/1"))
                 return rank, self.store.get(f"failed/{rank}").decode("utf-8", "replace")
+            late = [r for r in range(self.world_size) if r != self.rank and not self.store.check([f"ready/{r}"])]
+            if late:
+                return late[0], (f"was still preparing (its checks, stages or data: {NOT_READY_FIX}) when this "
+                                 f"rank stopped waiting for it")
             last = self._counters()
             since = {r: time.monotonic() for r in last}
             deadline = time.monotonic() + STALE_SECONDS + INTERVAL_SECONDS

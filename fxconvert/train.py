@@ -1006,11 +1006,19 @@ def _start_and_train(run: Run, signals: _Signals, state: dict) -> None:
     if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                            timeout=timedelta(seconds=run.args.timeout))
-    if launch.world_size > 1:
+    def start_heartbeat():
         heartbeat = state["heartbeat"] = Heartbeat(launch.rank, launch.world_size)
         signals.heartbeat_lost = lambda: heartbeat.lost
+
+    # torchrun's store is up before any worker: beating before the rendezvous lets a rank that
+    # waited in it name the one still preparing. Elsewhere rank 0 makes the store in init_process_group.
+    early = launch.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if early:
+        start_heartbeat()
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                            timeout=timedelta(seconds=run.args.timeout))
+    if launch.world_size > 1 and not early:
+        start_heartbeat()
     train(run)
 
 

@@ -398,3 +398,26 @@ def test_nan_weights_stop_the_run_at_step_1(setup, tmp_path):
     assert _one_error(proc.stderr).startswith("fxconvert.train: error: step 1: the loss and gradient are not finite")
     assert latest_checkpoint(tmp_path / "run") is None
     assert not (tmp_path / "run" / "hf").exists()
+
+
+def test_a_rank_still_preparing_is_named_by_the_one_that_waited(setup, tmp_path):
+    """Rank 0 is slow to prepare (a huge data file: here it waits after its checks); rank 1 waits for it
+    in the rendezvous until --timeout and names rank 0, not itself."""
+    env = tr.env()
+    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_SLOW_RANK="0", HOOK_SLOW_PREPARE_FILE=str(tmp_path / "never"))
+    args = _args(setup, tmp_path / "run")
+    args[args.index("--timeout") + 1] = 5
+    try:
+        proc = subprocess.run(tr.hooked_command(2, *args), cwd=tr.REPO, env=env, capture_output=True, text=True,
+                              timeout=HANG_GUARD + 240)
+    finally:
+        _stop_pids(tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train: error: rank 1 ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("fxconvert.train: error: rank 1 (stage 1, replica 0): rank 0 (stage 0, replica 0) "
+                               "failed: was still preparing (its checks, stages or data: raise --timeout"), lines
+    # rank 0, stopped by torchrun while preparing, says only that, as before any process group
+    assert [line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train: error: ")
+            and line not in lines] in ([], ["fxconvert.train: error: stopped by the launcher (another rank failed, "
+                                            "or the run was interrupted)"]), proc.stderr[-3000:]
