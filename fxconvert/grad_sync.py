@@ -22,6 +22,7 @@ Stage i runs on pipeline rank `i % pipeline_ranks` (PyTorch's interleaved layout
 """
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -74,24 +75,29 @@ class Topology:
         return sorted({self.global_rank(self.stage_rank(s), replica) for s in self.shared_stages[name]})
 
 
-def make_groups(topo: Topology) -> None:
-    """Create every process group; all ranks call this with the same topology, in the same order."""
+def make_groups(topo: Topology, *, timeout: timedelta) -> None:
+    """Create every process group; all ranks call this with the same topology, in the same order.
+
+    Each group gets `timeout` (the run's `--timeout`): `new_group` does not inherit the
+    default group's, and its own default (30 minutes) let a hung rank stall the others
+    in a tied-weight or replica all-reduce for half an hour.
+    """
     P, R = topo.pipeline_ranks, topo.dp
     for r in range(R):
         ranks = [topo.global_rank(p, r) for p in range(P)]
-        group = dist.new_group(ranks) if R > 1 else None  # None: the default (world) group
+        group = dist.new_group(ranks, timeout=timeout) if R > 1 else None  # None: the default (world) group
         if r == topo.replica:
             topo.pipeline_group = group
     for p in range(P):
         ranks = [topo.global_rank(p, r) for r in range(R)]
-        group = dist.new_group(ranks) if R > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if R > 1 else None
         if p == topo.pipeline_rank:
             topo.dp_group = group
     for name in sorted(topo.shared_stages):
         for r in range(R):
             ranks = topo.holders(name, r)
             if len(ranks) > 1:
-                group = dist.new_group(ranks)
+                group = dist.new_group(ranks, timeout=timeout)
                 if topo.rank in ranks:
                     topo.tied_groups[name] = group
 

@@ -7,6 +7,9 @@ which lives in the launcher, not in a worker) and bumps it twice a second from a
 thread. A rank that fails:
 
 - first reads the register: if another rank recorded its own failure, that rank is named;
+- else a rank that never started its heartbeat (it registers `ready/<rank>` when its
+  checks, stages and data are done, before joining the process group) is named as late:
+  the rank that waited for it used to report the timeout as its own;
 - else watches the counters for `STALE_SECONDS`: a rank whose counter stands still died
   or hangs (SIGKILL, out of memory, SIGSTOP), and is named;
 - else the failure is its own: it records it, for the others to name.
@@ -14,9 +17,30 @@ thread. A rank that fails:
 The store is reached through a client connection of its own, so nothing here takes part
 in the process group's collectives, and every store call has a short timeout: a launcher
 that is already gone costs a few seconds, never a hang.
+
+A worker must not outlive its launcher (a SIGKILLed torchrun used to leave its workers
+training to the end, writing checkpoints and an export nobody asked for any more):
+
+- `die_with_launcher` asks the kernel for SIGTERM when the parent (torchrun's agent on
+  this machine) exits (Linux `prctl(PR_SET_PDEATHSIG)`);
+- the heartbeat thread also watches: a parent that changed (the launcher is gone), or a
+  failed beat followed by `LOST_BEATS - 1` beats' worth of refused connections (the
+  store, in the first machine's launcher, is gone: this covers workers on the other
+  machines), make it stop beating and send SIGTERM to its own process, which the trainer
+  turns into a one-line stop.
+
+Once the launcher is gone nothing here calls the store again: every failed store call
+makes torch log a C++ stack trace (`TCPStore.cpp: recvValue failed`, a warning from
+c10's logging, which only TORCH_CPP_LOG_LEVEL set before torch loads can silence), and
+those traces, from this thread, were the hundreds of lines a killed torchrun left
+behind. Now a worker on the launcher's machine makes no failed call at all, and one on
+another machine makes one (then probes with plain connections, which torch does not log).
 """
 
+import ctypes
 import os
+import signal
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -25,30 +49,102 @@ import torch.distributed as dist
 
 INTERVAL_SECONDS = 0.5
 STALE_SECONDS = 2.0
+LOST_BEATS = 3
 PREFIX = "fxconvert.train/"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+NOT_READY_FIX = "raise --timeout, which also bounds the wait for the slowest rank to be ready"
+
+_launcher: int | None = None  # the parent's pid, once `die_with_launcher` watches it
+
+
+def die_with_launcher() -> None:
+    """Have the kernel send SIGTERM to this process when its parent exits; send it now if it already has.
+
+    Call it first thing in a worker: a parent that died before this call cannot be told
+    from an adopting one. Does nothing where prctl is missing (not Linux).
+    """
+    global _launcher
+    parent = os.getppid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    _launcher = parent
+    if launcher_gone():  # it died between getppid and prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_gone() -> bool:
+    """Whether the parent `die_with_launcher` watches has exited, or is exiting.
+
+    The kernel sends the signal when the parent's thread that started this process dies,
+    which under SIGKILL is before the parent's last thread: this process is adopted (its
+    parent pid changes) only a moment later, while the parent's main thread is already a
+    zombie. Both count.
+    """
+    if _launcher is None:
+        return False
+    if os.getppid() != _launcher:
+        return True
+    try:
+        with open(f"/proc/{_launcher}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False  # no /proc: the parent pid is the only sign
+    return state in (b"Z", b"X")
 
 
 class Heartbeat:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
-        self.store = dist.PrefixStore(PREFIX, dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-            timeout=timedelta(seconds=5)))
+        self.address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        self.store = dist.PrefixStore(PREFIX, dist.TCPStore(*self.address, is_master=False,
+                                                            timeout=timedelta(seconds=5)))
         self.stopped = threading.Event()
+        self.lost = False  # the launcher (or its store) is gone: the store is not called again
+        self.store.set(f"ready/{rank}", "1")  # this rank's checks, stages and data are done
         self.thread = threading.Thread(target=self._beat, name="fxconvert-heartbeat", daemon=True)
         self.thread.start()
 
     def _beat(self) -> None:
+        failed = 0
         while not self.stopped.is_set():
-            try:
-                self.store.add(f"beat/{self.rank}", 1)
-            except Exception:  # the launcher's store is gone: nothing left to tell
-                return
+            if launcher_gone():
+                return self._lose()
+            if failed == 0 or self._reachable():
+                try:
+                    self.store.add(f"beat/{self.rank}", 1)
+                    failed = 0
+                except Exception:
+                    failed = 1
+            else:  # after a failed call, plain connections probe the store: torch logs nothing for those
+                failed += 1
+                if failed >= LOST_BEATS:
+                    return self._lose()
             self.stopped.wait(INTERVAL_SECONDS)
+
+    def _reachable(self) -> bool:
+        try:
+            socket.create_connection(self.address, timeout=INTERVAL_SECONDS * 4).close()
+            return True
+        except OSError:
+            return False
+
+    def _lose(self) -> None:
+        """The launcher is gone: stop beating, and stop this process as the launcher would have."""
+        self.lost = True
+        self.stopped.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    @property
+    def launcher_lost(self) -> bool:
+        return self.lost or launcher_gone()
 
     def stop(self, *, finished: bool = False) -> None:
         self.stopped.set()
-        if finished:  # a rank that is done stops beating; it must not be taken for a dead one
+        if finished and not self.launcher_lost:  # a rank that is done stops beating; not to be taken for a dead one
             try:
                 self.store.set(f"done/{self.rank}", "1")
             except Exception:
@@ -59,10 +155,16 @@ class Heartbeat:
 
     def culprit(self) -> tuple[int, str] | None:
         """(rank, what happened to it) for the rank that failed first, or None if none did (that we can see)."""
+        if self.launcher_lost:
+            return None
         try:
             if self.store.check(["failures/1"]):
                 rank = int(self.store.get("failures/1"))
                 return rank, self.store.get(f"failed/{rank}").decode("utf-8", "replace")
+            late = [r for r in range(self.world_size) if r != self.rank and not self.store.check([f"ready/{r}"])]
+            if late:
+                return late[0], (f"was still preparing (its checks, stages or data: {NOT_READY_FIX}) when this "
+                                 f"rank stopped waiting for it")
             last = self._counters()
             since = {r: time.monotonic() for r in last}
             deadline = time.monotonic() + STALE_SECONDS + INTERVAL_SECONDS
@@ -84,6 +186,8 @@ class Heartbeat:
 
     def record_failure(self, message: str) -> None:
         """Register this rank's own failure (the first one registered is the one named)."""
+        if self.launcher_lost:
+            return
         try:
             self.store.set(f"failed/{self.rank}", message)
             order = self.store.add("failures", 1)
@@ -92,4 +196,4 @@ class Heartbeat:
             pass
 
 
-__all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS"]
+__all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone"]

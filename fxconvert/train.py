@@ -1,4 +1,4 @@
-"""`python -m fxconvert.train`: fine-tune a converted model (T5, BART, GPT-2, Llama-style) with pipeline parallelism, launched by torchrun.
+"""`python -m fxconvert.train`: fine-tune a converted model with pipeline parallelism, launched by torchrun.
 
     torchrun --nproc-per-node 4 -m fxconvert.train conv/ --data train.jsonl --out run/ \\
         --steps 1000 --batch 32 --microbatches 8 --schedule 1f1b --lr 1e-4 --optimizer adamw
@@ -74,6 +74,11 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids", "labels")  # what the data gives (T5, BART)
 SHAPE_CACHE = 8  # pipeline stages (with their buffers) kept per rank, one per batch shape
+# Outside these, a value passed the checks and failed later without naming its option: a timeout
+# under a second times out the rendezvous itself, one over a year overflows torch's timedelta to
+# milliseconds, and a learning rate over 1000 only makes weights inf (no optimizer here needs one).
+TIMEOUT_RANGE = (1.0, 365 * 24 * 3600.0)
+MAX_LR = 1000.0
 
 
 class TrainError(FxConvertError):
@@ -84,7 +89,9 @@ class TrainError(FxConvertError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
+    p = argparse.ArgumentParser(prog=PROG, description=f"fine-tune a converted model ({trained}) with pipeline "
+                                                       f"parallelism, launched by torchrun.")
     p.add_argument("source", metavar="SOURCE",
                    help="a conversion directory written with --stages N, or a name fxconvert accepts")
     p.add_argument("--data", required=True, metavar="FILE.jsonl",
@@ -144,7 +151,8 @@ class Launch:
 
 
 def check_options(args, launch: Launch) -> Topology:
-    """Every check that needs no file; the same on every rank. Returns the layout (without groups)."""
+    """Every check of the options (and of a conversion's stage count, which they depend on); the same on
+    every rank. Returns the layout (without groups)."""
     positive = {"--steps": args.steps, "--batch": args.batch, "--virtual-stages": args.virtual_stages,
                 "--dp": args.dp}
     if args.microbatches is not None:
@@ -157,6 +165,11 @@ def check_options(args, launch: Launch) -> Topology:
     for option, value in (("--lr", args.lr), ("--timeout", args.timeout), ("--max-grad-norm", args.max_grad_norm)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{option} must be a positive number, got {value}")
+    if args.lr > MAX_LR:
+        raise UsageError(f"--lr must be at most {MAX_LR:g}, got {args.lr:g}")
+    if not TIMEOUT_RANGE[0] <= args.timeout <= TIMEOUT_RANGE[1]:
+        raise UsageError(f"--timeout must be from {TIMEOUT_RANGE[0]:.0f} to {TIMEOUT_RANGE[1]:.0f} seconds (a year), "
+                         f"got {args.timeout:g}")
     if not 0 <= args.seed < 2**63 // 1000 - 1000:
         raise UsageError(f"--seed must be an integer from 0 to {2**63 // 1000 - 1001}, got {args.seed}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
@@ -170,6 +183,7 @@ def check_options(args, launch: Launch) -> Topology:
         raise UsageError("--schedule interleaved-1f1b needs --virtual-stages 2 or more (stages per rank)")
     topo = Topology(world_size=launch.world_size, dp=args.dp, virtual_stages=args.virtual_stages,
                     shared_stages={}, rank=launch.rank)
+    _check_source_stages(args, topo)  # before the microbatch checks, which depend on the stage count
     stages, pipeline_ranks = topo.num_stages, topo.pipeline_ranks
     if args.microbatches is None:
         args.microbatches = stages
@@ -188,6 +202,22 @@ def check_options(args, launch: Launch) -> Topology:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available; use --device cpu")
     return topo
+
+
+def _check_source_stages(args, topo: Topology) -> None:
+    """A conversion's stage count (pipeline.json's num_stages, read cheaply) against the launch.
+
+    A launch of the wrong size otherwise failed first on the microbatch checks, which
+    assume the launch's stage count, and sent the user to change the wrong option. A
+    pipeline.json that does not parse is left to `load_model` to report.
+    """
+    path = Path(args.source).expanduser()
+    try:
+        count = json.loads((path / "pipeline.json").read_text(encoding="utf-8")).get("num_stages")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return
+    if type(count) is int:
+        _check_stage_count(path, count, topo)
 
 
 # -- the model: this rank's stages -------------------------------------------------------------
@@ -554,6 +584,7 @@ class Run:
     resume_from: Path | None = None
     where: str = ""
     optimizers: dict = field(default_factory=dict)
+    lock: int | None = None  # rank 0: the descriptor holding RUN's lock (`fxconvert.run_lock`)
 
 
 def _optimizer(args, params) -> torch.optim.Optimizer:
@@ -615,10 +646,13 @@ def prepare(args, launch: Launch) -> Run:
         raise UsageError(f"--out {args.out} is inside SOURCE {args.source}; choose an --out outside the conversion")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory; choose another --out")
+    from fxconvert import run_lock
     from fxconvert.checkpoint import check_checkpoints_dir
 
+    if launch.rank == 0:
+        run_lock.check(run_dir, shown=args.out)  # another run in it: say so (`lock_run` takes the lock)
     check_checkpoints_dir(run_dir)  # a symlinked run/checkpoints: saving would write and clean up through it
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != run_lock.LOCK for p in run_dir.iterdir()):
         if not args.resume:
             raise UsageError(f"--out {args.out} exists and is not empty; pass --resume to continue it, "
                              f"or choose another --out")
@@ -651,6 +685,29 @@ def prepare(args, launch: Launch) -> Run:
     return Run(args, launch, topo, device, model, data, run_dir, resume_from)
 
 
+def lock_run(run: Run) -> None:
+    """Rank 0 holds RUN's lock until its process ends (`fxconvert.run_lock`), before the run writes anything.
+
+    `prepare` looked at RUN before the lock was held; a run that went through it in the
+    meantime (started and ended, or wrote a newer checkpoint) makes this one stop.
+    """
+    from fxconvert import run_lock
+    from fxconvert.checkpoint import latest_checkpoint
+
+    if run.launch.rank != 0:
+        return
+    run.lock = run_lock.take(run.run_dir, shown=run.args.out, create=True)
+    if run.resume_from is None:
+        changed = any(p.name != run_lock.LOCK for p in run.run_dir.iterdir())
+    else:
+        changed = latest_checkpoint(run.run_dir) != run.resume_from
+    if changed:
+        os.close(run.lock)
+        run.lock = None
+        raise UsageError(f"--out {run.args.out} was written by another run while this one started; run again "
+                         f"(with --resume to continue it)")
+
+
 def train(run: Run) -> None:
     import torch.distributed as dist
 
@@ -658,7 +715,7 @@ def train(run: Run) -> None:
     from fxconvert.grad_sync import broadcast_initial, clip_global_norm, make_groups, sync_gradients
 
     args, topo, model = run.args, run.topo, run.model
-    make_groups(topo)
+    make_groups(topo, timeout=timedelta(seconds=args.timeout))
     modules = {i: part.module for i, part in model.parts.items()}
     run.optimizers = {i: _optimizer(args, m.parameters()) for i, m in modules.items()}
     start = 0
@@ -696,6 +753,7 @@ def train(run: Run) -> None:
             sync_gradients(topo, modules)
             if args.max_grad_norm is not None:
                 clip_global_norm(topo, modules, args.max_grad_norm)
+            _check_finite(modules, losses, step + 1, run.device)
             for optimizer in run.optimizers.values():
                 optimizer.step()
             if last:
@@ -723,10 +781,40 @@ def train(run: Run) -> None:
                   f"{run.run_dir / 'metrics.jsonl'}")
 
 
+class NonFiniteError(TrainError):
+    """A loss or gradient was nan or inf; every rank raises it at the same step (`_check_finite`)."""
+
+
+def _check_finite(modules: dict, losses: list | None, step: int, device: torch.device) -> None:
+    """Stop every rank before the optimizer step when any rank's loss or gradient is nan or inf.
+
+    One all-reduce of two flags over the world, so all ranks stop at the same step and no
+    weight anywhere takes the update: the last checkpoint is the last good state. (Training
+    on would report `loss nan` to the end and export nan weights.)
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad for m in modules.values() for p in m.parameters() if p.grad is not None]
+    flags = torch.zeros(2, device=device)
+    if losses:
+        flags[0] = (~torch.stack([v.detach().float() for v in losses]).isfinite()).any()
+    if grads:
+        flags[1] = (~torch.stack([g.isfinite().all() for g in grads])).any()
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags.any():
+        what = " and ".join(name for name, bad in zip(("loss", "gradient"), flags.tolist()) if bad)
+        raise NonFiniteError(f"step {step}: the {what} {'are' if flags.all() else 'is'} not finite (nan or inf), so the run stopped before any "
+                             f"weight took it; nothing of step {step} was saved, and --resume continues from the "
+                             f"last checkpoint; lower --lr or set --max-grad-norm, or check SOURCE's weights for nan")
+
+
 def _say(run: Run, message: str) -> None:
-    """A status line, from global rank 0 only (every rank knows the same)."""
+    """A status line, from global rank 0 only (every rank knows the same); control characters escaped
+    (`--out` is the user's: a newline or ESC in it would fake or colour a line)."""
+    from fxconvert.errors import printable
+
     if run.topo.rank == 0:
-        print(message, file=sys.stderr, flush=True)
+        print(printable(message), file=sys.stderr, flush=True)
 
 
 def _save(run: Run, step: int, save_checkpoint, rng_state, barrier) -> None:
@@ -791,26 +879,58 @@ EXIT_INTERRUPTED = 130
 
 
 class _Signals:
-    """SIGTERM (torchrun stopping the workers after another one failed) and SIGINT (Ctrl-C) become an
-    exception while training; once this rank is reporting its own failure, they are ignored (torchrun
-    waits 30 s). `received` remembers the signal: torch may wrap the exception in one of its own."""
+    """SIGTERM (torchrun stopping the workers after another one failed, or the launcher gone) and SIGINT
+    (Ctrl-C) become one exception, `_Terminated`, raised only inside `guard`ed work and at most once;
+    any other signal is only recorded. So no signal can land in the reporting of a failure (a second
+    Ctrl-C, or torchrun's SIGTERM after a first one, used to end a rank with a traceback), and torchrun's
+    30 s between SIGTERM and SIGKILL are the reporting's. `received` remembers the first signal: torch
+    may wrap the exception in one of its own."""
 
     MESSAGES = {signal.SIGTERM: "stopped by the launcher (another rank failed, or the run was interrupted)",
                 signal.SIGINT: "interrupted"}
+    LAUNCHER_GONE = ("stopped: the launcher is gone (torchrun was killed, or its store stopped answering), and its "
+                     "workers stop with it; --resume continues from the last checkpoint")
 
     def __init__(self):
-        self.reporting = False
+        self.armed = False
+        self.raised = False
         self.received = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self.heartbeat_lost = lambda: False  # main: whether the heartbeat found the launcher's store gone
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        if not self.reporting:
+        if self.received is None:
             self.received = signum
-            raise _Terminated(self.MESSAGES[signum])
+        if self.armed and not self.raised:
+            self.raised = True
+            raise _Terminated(self.MESSAGES[self.received])
+
+    def guard(self, work):
+        """`work()`, interruptible: a signal already received, or one arriving during it, raises `_Terminated`.
+
+        A signal landing in the `finally` below raises before `armed` is cleared: that is the
+        one raise, and the caller's `except` catches it like any other.
+        """
+        self.armed = True
+        try:
+            if self.received is not None and not self.raised:
+                self.raised = True
+                raise _Terminated(self.MESSAGES[self.received])
+            return work()
+        finally:
+            self.armed = False
+
+    def restore(self) -> None:
+        """Put back the handlers found (for `main` called in a process that goes on)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     @property
     def message(self) -> str | None:
+        from fxconvert.heartbeat import launcher_gone
+
+        if self.received == signal.SIGTERM and (launcher_gone() or self.heartbeat_lost()):
+            return self.LAUNCHER_GONE
         return self.MESSAGES[self.received] if self.received is not None else None
 
 
@@ -825,25 +945,34 @@ def _first_to_say(launch: "Launch", signals: _Signals, grace: float = 2.0) -> bo
     """
     if launch.local_rank == 0:
         return True
-    if signals.received is not None:
-        return False
-    try:
-        time.sleep(grace)
-    except _Terminated:
-        return False
-    return True
+    deadline = time.monotonic() + grace
+    while signals.received is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return signals.received is None
 
 
-def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str:
-    """One line for this rank's first error, naming the rank that failed first when another one did."""
-    signals.reporting = True
+def _nonfinite(error: BaseException | None) -> "NonFiniteError | None":
+    """The NonFiniteError behind `error` (a signal's exception may have replaced it), or None."""
+    while error is not None and not isinstance(error, NonFiniteError):
+        error = error.__context__
+    return error
+
+
+def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str | None:
+    """One line for this rank's first error, naming the rank that failed first when another one did
+    (None: another rank says it)."""
+    nonfinite = _nonfinite(error)
+    if nonfinite is not None:  # every rank found it at once: rank 0 says it (the launcher's SIGTERM is no news)
+        return f"fxconvert.train: error: {_one_line(nonfinite)}" if run.launch.rank == 0 else None
     message = signals.message or _one_line(error)
+    if signals.received == signal.SIGINT:  # Ctrl-C reaches every rank: nobody failed, nobody to name
+        return f"fxconvert.train: error: {_describe(run.topo, run.launch)}: {message}"
     culprit = heartbeat.culprit() if heartbeat is not None else None  # torchrun allows 30 s after SIGTERM
     if culprit is not None and culprit[0] != run.launch.rank:
         rank, what = culprit
         other = Launch(rank, run.launch.world_size, 0)
         message = f"{_describe(run.topo, other, rank=rank)} failed: {what} (here: {message})"
-    elif heartbeat is not None:
+    elif heartbeat is not None and signals.received is None:  # a rank that was stopped is no culprit
         heartbeat.record_failure(message)
     return f"fxconvert.train: error: {_describe(run.topo, run.launch)}: {message}"
 
@@ -862,40 +991,81 @@ def main(argv=None) -> int:
         print(f"{PROG.split()[-1]}: error: {e}", file=sys.stderr)
         return 2
     signals = _Signals()
+    try:
+        return _main(args, launch, signals)
+    finally:
+        signals.restore()
+
+
+def _main(args, launch: Launch, signals: _Signals) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it (`fxconvert.heartbeat`)
+        from fxconvert.heartbeat import die_with_launcher
+
+        die_with_launcher()
     # Checks before any process group or file: every rank finds the same problem; one line per machine.
     try:
-        run = prepare(args, launch)
-    except (FxConvertError, _Terminated) as e:
+        run = signals.guard(lambda: _prepared(args, launch))
+    except Exception as e:
+        if not isinstance(e, FxConvertError) and signals.received is None:
+            raise  # a bug: its traceback  (with a signal, whatever it interrupted may wrap `_Terminated`)
         if _first_to_say(launch, signals):
             print(f"fxconvert.train: error: {signals.message or _one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1
     import torch.distributed as dist
 
-    from fxconvert.heartbeat import Heartbeat
-
-    heartbeat = None
+    state = {"heartbeat": None}
     try:
-        backend = "nccl" if run.device.type == "cuda" else "gloo"
-        if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                                timeout=timedelta(seconds=args.timeout))
-        if launch.world_size > 1:
-            heartbeat = Heartbeat(launch.rank, launch.world_size)
-        train(run)
-    except (Exception, _Terminated) as e:
+        signals.guard(lambda: _start_and_train(run, signals, state))
+    except Exception as e:
         if args.verbose:
             traceback.print_exc()
-        print(_report_failure(e, run, heartbeat, signals), file=sys.stderr, flush=True)
+        line = _report_failure(e, run, state["heartbeat"], signals)
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
         # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
         # process ends here; its sockets close, which is what its peers notice.
         sys.stdout.flush()
-        os._exit(EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1)
-    if heartbeat is not None:
-        heartbeat.stop(finished=True)
+        os._exit(1 if _nonfinite(e) else EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError)
+                 else 1)
+    if state["heartbeat"] is not None:
+        state["heartbeat"].stop(finished=True)
     dist.destroy_process_group()
+    if run.lock is not None:
+        os.close(run.lock)
     return 0
+
+
+def _prepared(args, launch: Launch) -> Run:
+    run = prepare(args, launch)
+    lock_run(run)
+    return run
+
+
+def _start_and_train(run: Run, signals: _Signals, state: dict) -> None:
+    """Join the process group, start the heartbeat (kept in `state` for the report), train."""
+    import torch.distributed as dist
+
+    from fxconvert.heartbeat import Heartbeat
+
+    launch = run.launch
+    backend = "nccl" if run.device.type == "cuda" else "gloo"
+    if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    def start_heartbeat():
+        heartbeat = state["heartbeat"] = Heartbeat(launch.rank, launch.world_size)
+        signals.heartbeat_lost = lambda: heartbeat.lost
+
+    # torchrun's store is up before any worker: beating before the rendezvous lets a rank that
+    # waited in it name the one still preparing. Elsewhere rank 0 makes the store in init_process_group.
+    early = launch.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if early:
+        start_heartbeat()
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                            timeout=timedelta(seconds=run.args.timeout))
+    if launch.world_size > 1 and not early:
+        start_heartbeat()
+    train(run)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ never reach a collective.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 import checkpoints
 import train_runs as tr
+from fxconvert.errors import UsageError
 from fxconvert.train import main
 
 
@@ -103,6 +105,9 @@ def test_fewer_microbatches_than_stages_for_1f1b(setup, tmp_path, capsys, monkey
     (["--microbatches", 3], 2, "multiple of --microbatches"),
     (["--lr", "nan"], 2, "--lr"),
     (["--steps", 0], 2, "--steps"),
+    (["--timeout", "1e308"], 2, "--timeout must be from 1 to 31536000 seconds (a year), got 1e+308"),
+    (["--timeout", "1e-9"], 2, "--timeout must be from 1 to 31536000 seconds (a year), got 1e-09"),
+    (["--lr", "1e300"], 2, "--lr must be at most 1000, got 1e+300"),
 ])
 def test_bad_options(setup, tmp_path, capsys, monkeypatch, extra, world, needle):
     err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", *extra), world=world)
@@ -285,3 +290,64 @@ def test_ctrl_c_while_training_is_one_line_and_exit_130(setup, tmp_path):
     assert proc.wait(timeout=60) == 130, rest
     errors = [line for line in rest.splitlines() if line.strip() and not line.startswith("step ")]
     assert errors == ["fxconvert.train: error: rank 0 (stage 0, replica 0): interrupted"], rest
+
+
+def test_a_run_that_took_out_while_this_one_was_checking_stops_it(setup, tmp_path):
+    """Rank 0 checks --out, then loads the model; another run that wrote into --out meanwhile wins."""
+    from fxconvert.train import Launch, build_parser, lock_run, prepare
+
+    out = tmp_path / "run"
+    args = build_parser().parse_args([str(a) for a in _argv(setup, out)])
+    run = prepare(args, Launch(0, 2, 0))
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # what the other run wrote
+    with pytest.raises(UsageError, match="was written by another run while this one started"):
+        lock_run(run)
+    assert run.lock is None
+    (out / "metrics.jsonl").unlink()
+    lock_run(run)  # the lock was let go: an empty --out is this run's
+    assert run.lock is not None
+    os.close(run.lock)
+
+
+def test_status_lines_escape_control_characters(setup, tmp_path):
+    """--out with a newline and ESC: "saved checkpoint" and "wrote" print them escaped, one line each."""
+    out = tmp_path / "runs\n\x1b[31mFAKE"
+    env = tr.env()
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "fxconvert.train", str(setup / "ckpt"), "--data",
+                           str(setup / "train.jsonl"), "--out", str(out), "--steps", "2", "--batch", "4",
+                           "--microbatches", "1", "--schedule", "gpipe", "--save-every", "1"],
+                          cwd=tr.REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\x1b" not in proc.stderr
+    status = [line for line in proc.stderr.splitlines() if not line.startswith("step ")]
+    escaped = str(out).replace("\n", "\\x0a").replace("\x1b", "\\x1b")
+    assert status == [f"saved checkpoint {escaped}/checkpoints/step_1", f"saved checkpoint {escaped}/checkpoints/step_2",
+                      f"wrote {escaped}/hf (a transformers checkpoint: from_pretrained loads it) and "
+                      f"{escaped}/metrics.jsonl"], proc.stderr
+
+
+def test_help_lists_every_family_that_trains():
+    from fxconvert.families import all_families
+
+    proc = subprocess.run([sys.executable, "-m", "fxconvert.train", "--help"], cwd=tr.REPO, env=tr.env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    trained = [f for f in all_families() if f.objective is not None]
+    assert "BERT" in [f.title for f in trained]
+    for family in trained:
+        assert family.title.split(" (")[0] in text, family.title
+
+
+def test_a_launch_of_the_wrong_size_names_the_stages_before_the_microbatches(setup, tmp_path, capsys, monkeypatch):
+    """3 processes for a 2-stage conversion: --microbatches defaults to 3, which --batch 4 does not
+    split into; the stage count is the problem to name."""
+    conv = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(setup / "ckpt"), "--stages", "2", "--out", str(conv),
+                           "--no-validate", "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", source=conv), world=3)
+    assert "has 2 stages, but 3 processes with --dp 1 and --virtual-stages 1 run 3" in err
+    assert not (tmp_path / "run").exists()

@@ -134,3 +134,10 @@ def hf_files(run_dir) -> dict[str, torch.Tensor]:
 def max_weight_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b), sorted(set(a) ^ set(b))
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def hooked_command(nproc: int, *train_args, port: int | None = None, extra=()) -> list[str]:
+    """torchrun running `tests/train_hooked.py` (fxconvert.train with faults from HOOK_* variables)."""
+    command = torchrun_command(nproc, *train_args, port=port, extra=extra)
+    at = command.index("-m", 3)  # torchrun's own `-m torch.distributed.run` is the first
+    return command[:at] + [str(Path(__file__).with_name("train_hooked.py"))] + command[at + 2:]

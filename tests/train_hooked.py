@@ -1,0 +1,96 @@
+"""`python -m fxconvert.train` as a torchrun worker script, with faults injected from the environment.
+
+torchrun runs this file instead of `-m fxconvert.train` (`train_runs.hooked_command`); the
+trainer itself has no test hooks. Variables (all optional):
+
+- HOOK_PID_DIR: each worker writes its pid to `<dir>/<RANK>.pid` first thing;
+- HOOK_STOP_RANK, HOOK_STOP_AT_SYNC=N: that rank SIGSTOPs itself just before its N-th
+  `sync_gradients` (a hang where the others wait in a tied-weight or replica all-reduce);
+- HOOK_EXIT_DIR: each worker writes its exit status to `<dir>/<RANK>.exit` (os._exit included);
+- HOOK_NAN_RANK, HOOK_NAN_AT_SYNC=N: that rank puts a nan into one gradient just before
+  its N-th `sync_gradients`;
+- HOOK_PAUSE_AT_SYNC=N, HOOK_PAUSE_UNTIL=FILE: every rank waits just before its N-th
+  `sync_gradients` until FILE exists (a run held in the middle, with no collective pending);
+- HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
+  file exists (a rank still preparing while the others already wait for it).
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+rank = int(os.environ["RANK"])
+if os.environ.get("HOOK_PID_DIR"):
+    Path(os.environ["HOOK_PID_DIR"], f"{rank}.pid").write_text(str(os.getpid()))
+
+if os.environ.get("HOOK_EXIT_DIR"):
+    real_exit = os._exit
+
+    def exit_and_tell(status):
+        Path(os.environ["HOOK_EXIT_DIR"], f"{rank}.exit").write_text(str(status))
+        real_exit(status)
+
+    os._exit = exit_and_tell
+
+if os.environ.get("HOOK_STOP_RANK") == str(rank):
+    from fxconvert import grad_sync
+
+    real_sync, calls = grad_sync.sync_gradients, []
+
+    def sync_gradients(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(os.environ["HOOK_STOP_AT_SYNC"]):
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real_sync(*args, **kwargs)
+
+    grad_sync.sync_gradients = sync_gradients
+
+if os.environ.get("HOOK_NAN_RANK") == str(rank):
+    from fxconvert import grad_sync
+
+    clean_sync, nan_calls = grad_sync.sync_gradients, []
+
+    def sync_with_nan(topo, modules, *args, **kwargs):
+        nan_calls.append(1)
+        if len(nan_calls) == int(os.environ["HOOK_NAN_AT_SYNC"]):
+            grad = next(p.grad for m in modules.values() for p in m.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("nan")
+        return clean_sync(topo, modules, *args, **kwargs)
+
+    grad_sync.sync_gradients = sync_with_nan
+
+if os.environ.get("HOOK_PAUSE_AT_SYNC"):
+    from fxconvert import grad_sync
+
+    paused_sync, pause_calls = grad_sync.sync_gradients, []
+
+    def sync_and_pause(*args, **kwargs):
+        pause_calls.append(1)
+        if len(pause_calls) == int(os.environ["HOOK_PAUSE_AT_SYNC"]):
+            while not Path(os.environ["HOOK_PAUSE_UNTIL"]).exists():
+                time.sleep(0.05)
+        return paused_sync(*args, **kwargs)
+
+    grad_sync.sync_gradients = sync_and_pause
+
+if os.environ.get("HOOK_SLOW_RANK") == str(rank):
+    from fxconvert import train
+
+    real_prepare = train.prepare
+
+    def prepare(*args, **kwargs):
+        run = real_prepare(*args, **kwargs)
+        while not Path(os.environ["HOOK_SLOW_PREPARE_FILE"]).exists():
+            time.sleep(0.05)
+        return run
+
+    train.prepare = prepare
+
+from fxconvert.train import main  # noqa: E402
+
+status = main()
+if os.environ.get("HOOK_EXIT_DIR"):
+    Path(os.environ["HOOK_EXIT_DIR"], f"{rank}.exit").write_text(str(status))
+sys.exit(status)
