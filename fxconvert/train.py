@@ -803,9 +803,11 @@ def _check_finite(modules: dict, losses: list | None, step: int, device: torch.d
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags.any():
         what = " and ".join(name for name, bad in zip(("loss", "gradient"), flags.tolist()) if bad)
-        raise NonFiniteError(f"step {step}: the {what} {'are' if flags.all() else 'is'} not finite (nan or inf), so the run stopped before any "
-                             f"weight took it; nothing of step {step} was saved, and --resume continues from the "
-                             f"last checkpoint; lower --lr or set --max-grad-norm, or check SOURCE's weights for nan")
+        verb = "are" if flags.all() else "is"
+        raise NonFiniteError(f"step {step}: the {what} {verb} not finite (nan or inf), so the run stopped before "
+                             f"any weight took it; nothing of step {step} was saved, and --resume continues from "
+                             f"the last checkpoint; lower --lr or set --max-grad-norm, or check SOURCE's weights "
+                             f"for nan")
 
 
 def _say(run: Run, message: str) -> None:
