@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.signals import deferred
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -206,20 +207,27 @@ def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict)
     _write(tmp / META, lambda f: f.write(json.dumps(record, indent=2, sort_keys=True).encode()))
     _write(tmp / COMPLETE, lambda f: f.write(b"complete\n"))
     fsync_path(tmp)
-    if final.is_dir() and not final.is_symlink():
-        # a newer run re-saving a step it reached before (resumed from an earlier one): replace it
-        old = final.parent / f".step_{step}.tmp.old"
-        if old.exists() or old.is_symlink():
-            if not _ours(old):
-                raise CheckpointError(f"{old} is in the way and fxconvert did not write it; move it away, then resume")
-            shutil.rmtree(old)
-        (final / OWN).write_text("fxconvert\n")  # a kill before it is removed leaves a directory cleanup takes
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    (final / OWN).unlink()  # a checkpoint holds exactly the layout above
+    with deferred():  # a signal between the renames would lose both the old and the new checkpoint
+        if final.is_dir() and not final.is_symlink():
+            # a newer run re-saving a step it reached before (resumed from an earlier one): replace it
+            old = final.parent / f".step_{step}.tmp.old"
+            if old.exists() or old.is_symlink():
+                if not _ours(old):
+                    raise CheckpointError(f"{old} is in the way and fxconvert did not write it; move it away, "
+                                          f"then resume")
+                shutil.rmtree(old)
+            (final / OWN).write_text("fxconvert\n")  # a kill before it is removed leaves a directory cleanup takes
+            os.rename(final, old)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                os.rename(old, final)  # the previous checkpoint goes back in place
+                (final / OWN).unlink()
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        (final / OWN).unlink()  # a checkpoint holds exactly the layout above
     fsync_path(final.parent)
 
 

@@ -37,6 +37,7 @@ import torch
 
 from fxconvert.checkpoint import fsync_path
 from fxconvert.errors import FxConvertError
+from fxconvert.signals import deferred
 from fxconvert.files import read_copyable, why_not_copyable
 
 INDEX = "model.safetensors.index.json"
@@ -251,14 +252,19 @@ def _finish(tmp: Path, out: Path, plan: ExportPlan, directory: Path) -> None:
     for path in tmp.iterdir():
         fsync_path(path)
     fsync_path(tmp)
-    if out.is_dir():
-        old = out.parent / f".{out.name}.old.tmp"
-        _remove(old)
-        os.rename(out, old)
-        os.rename(tmp, out)
-        _remove(old)
-    else:
-        os.rename(tmp, out)
+    with deferred():  # a signal between the renames would lose both the old and the new export
+        if out.is_dir():
+            old = out.parent / f".{out.name}.old.tmp"
+            _remove(old)
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)  # the previous export goes back in place
+                raise
+            _remove(old)
+        else:
+            os.rename(tmp, out)
     fsync_path(out.parent)
 
 

@@ -35,11 +35,9 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import tempfile
 import textwrap
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ import torch
 
 from fxconvert.codegen import check_names, module_source
 from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.signals import deferred
 
 MODEL_FILE, WEIGHTS_FILE, REPORT_MD, REPORT_JSON = "model.py", "weights.safetensors", "report.md", "report.json"
 MARKER = ".fxconvert"
@@ -148,7 +147,7 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
             (tmp / REPORT_JSON).write_text(render(report, "json"), encoding="utf-8")
         for name in [MARKER, *files]:
             os.chmod(tmp / name, 0o666 & ~_umask())
-        with _signals_deferred():
+        with deferred():
             old = _commit(tmp, out, found)
             tmp = None
             notes = [] if old is None else _remove_old(old)
@@ -156,7 +155,7 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
         raise SaveError(f"cannot write to {out}: {e.strerror or e}") from e
     finally:
         if tmp is not None:
-            with _signals_deferred():
+            with deferred():
                 with contextlib.suppress(OSError):
                     _rmtree(tmp)
                 _remove_empty(created)
@@ -293,7 +292,7 @@ def _remove_stale(out: Path) -> None:
         record = _read_marker(path)
         if record is None or _not_written_by_fxconvert(path) or _writer_alive(record):
             continue
-        with _signals_deferred(), contextlib.suppress(OSError):
+        with deferred(), contextlib.suppress(OSError):
             _rmtree(path)
 
 
@@ -336,28 +335,6 @@ def _rmtree(path: Path) -> None:
                 for name in dirs:
                     if not os.path.islink(os.path.join(parent, name)):
                         os.chmod(os.path.join(parent, name), 0o700)
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """SIGINT and SIGTERM wait until the block ends, so that a commit or a cleanup is never left half done.
-
-    A signal that arrived is then delivered. Only the main thread receives signals, so
-    elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT,
-                                                                                           signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-    if caught:
-        signal.raise_signal(caught[0])  # now, to whatever handler was there
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2

@@ -374,3 +374,62 @@ def test_a_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == []
     assert latest_checkpoint(tmp_path) is None
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_signal_between_the_renames_of_a_resave_loses_nothing(tmp_path, monkeypatch):
+    """SIGTERM (torchrun stopping the workers) after the old step_k is moved aside and before the new one is
+    in place: the swap finishes first, then the signal is delivered; step_k is the new checkpoint."""
+    import signal
+
+    import fxconvert.checkpoint as checkpoint
+
+    save_single(tmp_path, 4, toy_states(1.0))
+    real_rename, renames = os.rename, []
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        renames.append(dst)
+        if len(renames) == 1:  # the old checkpoint has just been moved aside
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(signum, frame):
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    try:
+        with pytest.raises(_Stop):
+            save_single(tmp_path, 4, toy_states(5.0))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert len(renames) == 2  # the signal waited for the second rename
+    path = latest_checkpoint(tmp_path)
+    states, _, _ = load_checkpoint(path, rank=0, stage_indices=[0])
+    assert torch.equal(states[0]["model"]["w"], torch.full((3,), 5.0))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4"]
+
+
+def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    import fxconvert.checkpoint as checkpoint
+
+    save_single(tmp_path, 4, toy_states(1.0))
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new checkpoint cannot be moved into place
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_single(tmp_path, 4, toy_states(5.0))
+    monkeypatch.undo()
+    states, _, _ = load_checkpoint(latest_checkpoint(tmp_path), rank=0, stage_indices=[0])
+    assert torch.equal(states[0]["model"]["w"], torch.full((3,), 1.0))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4"]
