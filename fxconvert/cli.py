@@ -160,6 +160,7 @@ def _interrupts(received: list):
         return
     done = threading.Event()
     watching = []
+    lock = threading.Lock()  # the watcher signals the main thread only while `done` is not set
     # The frames that run fxconvert: an import among them (a script that calls main() as it is
     # imported) is not one to wait for. Held, so that no later frame can take one's id.
     stack = _stack(sys._getframe())
@@ -170,7 +171,8 @@ def _interrupts(received: list):
         if not _importing(frame, outer):
             raise KeyboardInterrupt
         if not watching:
-            watching.append(threading.Thread(target=_redeliver, args=(signum, done, watching, outer), daemon=True))
+            watching.append(threading.Thread(target=_redeliver, args=(signum, done, lock, watching, outer),
+                                             daemon=True))
             watching[0].start()
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -180,9 +182,17 @@ def _interrupts(received: list):
     try:
         yield
     finally:
-        done.set()
+        with lock:
+            done.set()
+        pending = None
         for s, handler in previous.items():  # signal.signal runs a pending handler first, this one
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+            try:
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+            except KeyboardInterrupt as e:  # every handler is put back all the same
+                pending = e
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if pending is not None:
+            raise pending
 
 
 def _stack(frame) -> list:
@@ -202,13 +212,16 @@ def _importing(frame, outer: set) -> bool:
     return False
 
 
-def _redeliver(signum: int, done: threading.Event, watching: list, outer: set) -> None:
-    """Signal the main thread again once it runs no import (checked every 50 ms)."""
+def _redeliver(signum: int, done: threading.Event, lock: threading.Lock, watching: list, outer: set) -> None:
+    """Signal the main thread again once it runs no import (checked every 50 ms), unless the run has ended."""
     main = threading.main_thread().ident
     while not done.wait(0.05):
         if not _importing(sys._current_frames().get(main), outer):
-            watching.clear()  # the handler may defer again (another import began) and start a new watcher
-            _thread.interrupt_main(signum)
+            with lock:
+                if done.is_set():
+                    return
+                watching.clear()  # the handler may defer again (another import began) and start a new watcher
+                _thread.interrupt_main(signum)
             return
 
 

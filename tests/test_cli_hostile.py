@@ -278,3 +278,24 @@ def test_a_path_with_control_characters_and_markup_is_printed_escaped(ckpt, tmp_
     report_md = (tmp_path / "out" / "report.md").read_text()
     for text in (out, err, report_md):  # progress lines, the rich report, the markdown report
         assert "\x1b" not in text and "ck\\x1b[31m[/x]pt" in text
+
+
+def test_the_redelivery_watcher_never_signals_after_the_run_ended():
+    """The run ends (`done` is set) between the watcher's wait and its signal: no KeyboardInterrupt escapes."""
+    import threading
+
+    from fxconvert import cli
+
+    class EndsMeanwhile:  # the wait times out, and by then the run has ended
+        def wait(self, timeout):
+            return False
+
+        def is_set(self):
+            return True
+
+    watcher = threading.Thread(target=cli._redeliver, args=(signal.SIGINT, EndsMeanwhile(), threading.Lock(), [],
+                                                            set()))
+    watcher.start()
+    watcher.join()
+    time.sleep(0)  # a pending interrupt_main would be raised here, in the main thread
+    sum(range(1000))
