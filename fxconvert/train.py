@@ -882,7 +882,7 @@ EXIT_INTERRUPTED = 130
 
 class _Signals:
     """SIGTERM (torchrun stopping the workers after another one failed, or the launcher gone) and SIGINT
-    (Ctrl-C) become one exception, `_Terminated`, raised only inside `guard`ed work and at most once;
+    (Ctrl-C) become one exception, `_Terminated`, raised only inside `guard`ed work and once per guard;
     any other signal is only recorded. So no signal can land in the reporting of a failure (a second
     Ctrl-C, or torchrun's SIGTERM after a first one, used to end a rank with a traceback), and torchrun's
     30 s between SIGTERM and SIGKILL are the reporting's. `received` remembers the first signal: torch
@@ -910,15 +910,22 @@ class _Signals:
     def guard(self, work):
         """`work()`, interruptible: a signal already received, or one arriving during it, raises `_Terminated`.
 
-        A signal landing in the `finally` below raises before `armed` is cleared: that is the
-        one raise, and the caller's `except` catches it like any other.
+        At most once per guard, not per process: code inside `work` that catches every
+        Exception (transformers and torch have such places) may swallow the one raised in
+        it, so a signal received during `work` raises again when it returns (else one
+        swallowed Ctrl-C disabled Ctrl-C and SIGTERM for the rest of the run), and every
+        later guard raises at once. A signal landing in the `finally` below raises before
+        `armed` is cleared: that is the one raise, and the caller's `except` catches it
+        like any other.
         """
-        self.armed = True
+        self.armed, self.raised = True, False
         try:
-            if self.received is not None and not self.raised:
+            if self.received is None:
+                result = work()
+            if self.received is not None:  # before `work`, or during it and swallowed there
                 self.raised = True
                 raise _Terminated(self.MESSAGES[self.received])
-            return work()
+            return result
         finally:
             self.armed = False
 

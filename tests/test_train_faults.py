@@ -421,3 +421,32 @@ def test_a_rank_still_preparing_is_named_by_the_one_that_waited(setup, tmp_path)
     assert [line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train: error: ")
             and line not in lines] in ([], ["fxconvert.train: error: stopped by the launcher (another rank failed, "
                                             "or the run was interrupted)"]), proc.stderr[-3000:]
+
+
+def test_a_swallowed_interrupt_still_ends_the_guarded_work():
+    """Code inside the guarded work that catches every Exception (transformers and torch have such places)
+    swallows the `_Terminated` of a Ctrl-C: the guard raises it again when the work returns, and every
+    later guard raises at once (one swallowed Ctrl-C used to disable Ctrl-C and SIGTERM for the run)."""
+    from fxconvert.train import _Signals, _Terminated
+
+    signals, swallowed, ran = _Signals(), [], []
+
+    def work():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # the handler raises in here
+                time.sleep(0.01)
+        except Exception as e:  # noqa: BLE001 - what the libraries do
+            swallowed.append(e)
+        return "trained on"
+
+    try:
+        with pytest.raises(_Terminated, match="^interrupted$"):
+            signals.guard(work)
+        assert [type(e) for e in swallowed] == [_Terminated]
+        with pytest.raises(_Terminated, match="^interrupted$"):
+            signals.guard(lambda: ran.append(1))
+        assert ran == []
+    finally:
+        signals.restore()
