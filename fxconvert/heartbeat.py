@@ -57,6 +57,13 @@ NOT_READY_FIX = "raise --timeout, which also bounds the wait for the slowest ran
 _launcher: int | None = None  # the parent's pid, once `die_with_launcher` watches it
 
 
+def prefix() -> str:
+    """The keys of this attempt of the run: torchrun restarts its workers (`--max-restarts`) with the
+    same store, where the last attempt's `ready/`, `failed/` and `failures/` keys would otherwise name
+    a rank that failed before the restart, or hide one that is not ready yet."""
+    return f"{PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+
 def die_with_launcher() -> None:
     """Have the kernel send SIGTERM to this process when its parent exits; send it now if it already has.
 
@@ -100,7 +107,7 @@ class Heartbeat:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
-        self.store = dist.PrefixStore(PREFIX, dist.TCPStore(*self.address, is_master=False,
+        self.store = dist.PrefixStore(prefix(), dist.TCPStore(*self.address, is_master=False,
                                                             timeout=timedelta(seconds=5)))
         self.stopped = threading.Event()
         self.lost = False  # the launcher (or its store) is gone: the store is not called again
@@ -196,4 +203,4 @@ class Heartbeat:
             pass
 
 
-__all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone"]
+__all__ = ["Heartbeat", "INTERVAL_SECONDS", "prefix", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone"]

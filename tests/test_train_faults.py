@@ -330,7 +330,7 @@ def test_a_worker_whose_launcher_store_is_gone_stops_itself(monkeypatch, capfd):
 
     import torch.distributed as dist
 
-    from fxconvert.heartbeat import PREFIX, Heartbeat
+    from fxconvert.heartbeat import Heartbeat, prefix
 
     port = tr.free_port()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -341,7 +341,7 @@ def test_a_worker_whose_launcher_store_is_gone_stops_itself(monkeypatch, capfd):
     try:
         beat = Heartbeat(0, 2)
         deadline = time.monotonic() + 120
-        while not dist.PrefixStore(PREFIX, store).check(["beat/0"]):  # it beats
+        while not dist.PrefixStore(prefix(), store).check(["beat/0"]):  # it beats
             assert time.monotonic() < deadline
             time.sleep(0.05)
         del store  # the launcher's store shuts down
@@ -450,3 +450,38 @@ def test_a_swallowed_interrupt_still_ends_the_guarded_work():
         assert ran == []
     finally:
         signals.restore()
+
+
+def test_a_failure_before_a_torchrun_restart_is_not_named_after_it(monkeypatch):
+    """torchrun --max-restarts restarts the workers with the same store: what attempt 0 registered
+    (rank 1 failed; every rank ready) must not be read in attempt 1, where rank 1 is not ready yet,
+    then beats, and rank 0's own failure is its own."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fxconvert.heartbeat import Heartbeat
+
+    port = tr.free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30))
+    beats = []
+    try:
+        monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+        beats += [Heartbeat(0, 2), Heartbeat(1, 2)]
+        beats[1].record_failure("an earlier attempt's failure")
+        assert beats[0].culprit() == (1, "an earlier attempt's failure")
+        for beat in beats:
+            beat.stop()
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        beats.append(Heartbeat(0, 2))
+        late = beats[-1].culprit()
+        assert late is not None and late[0] == 1 and late[1].startswith("was still preparing"), late
+        beats.append(Heartbeat(1, 2))
+        assert beats[-2].culprit() is None
+    finally:
+        for beat in beats:
+            beat.stop()
+            beat.thread.join(60)
+        del store
