@@ -160,8 +160,14 @@ class Heartbeat:
     def _counters(self) -> dict[int, int]:
         return {r: self.store.add(f"beat/{r}", 0) for r in range(self.world_size) if r != self.rank}
 
-    def culprit(self) -> tuple[int, str] | None:
-        """(rank, what happened to it) for the rank that failed first, or None if none did (that we can see)."""
+    def culprit(self, *, waiting: bool = True) -> tuple[int, str] | None:
+        """(rank, what happened to it) for the rank that failed first, or None if none did (that we can see).
+
+        A rank not ready yet is named only by one `waiting` for it (this rank's own error is a
+        timeout it hit): one stopped by a signal was stopped because another rank failed, often
+        the one not ready, in its checks (it said so itself), and a rank that never beat is no
+        stale one either.
+        """
         if self.launcher_lost:
             return None
         try:
@@ -169,6 +175,8 @@ class Heartbeat:
                 rank = int(self.store.get("failures/1"))
                 return rank, self.store.get(f"failed/{rank}").decode("utf-8", "replace")
             late = [r for r in range(self.world_size) if r != self.rank and not self.store.check([f"ready/{r}"])]
+            if late and not waiting:
+                return None
             if late:
                 return late[0], (f"was still preparing (its checks, stages or data: {NOT_READY_FIX}) when this "
                                  f"rank stopped waiting for it")
@@ -203,4 +211,5 @@ class Heartbeat:
             pass
 
 
-__all__ = ["Heartbeat", "INTERVAL_SECONDS", "prefix", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone"]
+__all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone",
+           "prefix"]

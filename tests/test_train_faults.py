@@ -485,3 +485,50 @@ def test_a_failure_before_a_torchrun_restart_is_not_named_after_it(monkeypatch):
             beat.stop()
             beat.thread.join(60)
         del store
+
+
+def test_a_busy_out_is_one_line_however_many_ranks(setup, tmp_path):
+    """Another run takes --out's lock while rank 0 prepares (after its check), and rank 1 already waits for
+    rank 0 in the rendezvous: rank 0 refuses the busy --out in one line; rank 1, stopped by torchrun, says
+    nothing (it used to blame rank 0 as "still preparing" and tell the user to raise --timeout)."""
+    import fcntl
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fxconvert.heartbeat import prefix
+
+    out, port, go = tmp_path / "run", tr.free_port(), tmp_path / "go"
+    env = tr.env()
+    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_SLOW_RANK="0", HOOK_SLOW_PREPARE_FILE=str(go))
+    proc = subprocess.Popen(tr.hooked_command(2, *_args(setup, out), port=port), cwd=tr.REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = None
+    try:
+        store = None
+        while store is None:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
+            except Exception:  # torchrun's store is not up yet
+                time.sleep(0.1)
+        while not dist.PrefixStore(prefix(), store).check(["ready/1"]):  # rank 1 waits for rank 0
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        out.mkdir(exist_ok=True)
+        lock = os.open(out / LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run, started meanwhile
+        go.touch()
+        _, err = proc.communicate(timeout=HANG_GUARD + 240)
+    finally:
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+        if lock is not None:
+            os.close(lock)
+        _stop_pids(tmp_path)
+    assert proc.returncode != 0
+    assert "still preparing" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("fxconvert.train: error: ")] == [
+        f"fxconvert.train: error: --out {out} is in use by another training run; wait for it to end, or choose "
+        f"another --out"], err[-3000:]
