@@ -8,8 +8,9 @@ thread. A rank that fails:
 
 - first reads the register: if another rank recorded its own failure, that rank is named;
 - else a rank that never started its heartbeat (it registers `ready/<rank>` when its
-  checks, stages and data are done, before joining the process group) is named as late:
-  the rank that waited for it used to report the timeout as its own;
+  checks, stages and data are done, before joining the process group) is named as late,
+  by a rank whose own error is a timeout it hit waiting (the rank that waited for it used
+  to report the timeout as its own), never by one the launcher stopped;
 - else watches the counters for `STALE_SECONDS`: a rank whose counter stands still died
   or hangs (SIGKILL, out of memory, SIGSTOP), and is named;
 - else the failure is its own: it records it, for the others to name.
