@@ -8,8 +8,9 @@ thread. A rank that fails:
 
 - first reads the register: if another rank recorded its own failure, that rank is named;
 - else a rank that never started its heartbeat (it registers `ready/<rank>` when its
-  checks, stages and data are done, before joining the process group) is named as late:
-  the rank that waited for it used to report the timeout as its own;
+  checks, stages and data are done, before joining the process group) is named as late,
+  by a rank whose own error is a timeout it hit waiting (the rank that waited for it used
+  to report the timeout as its own), never by one the launcher stopped;
 - else watches the counters for `STALE_SECONDS`: a rank whose counter stands still died
   or hangs (SIGKILL, out of memory, SIGSTOP), and is named;
 - else the failure is its own: it records it, for the others to name.
@@ -57,6 +58,13 @@ NOT_READY_FIX = "raise --timeout, which also bounds the wait for the slowest ran
 _launcher: int | None = None  # the parent's pid, once `die_with_launcher` watches it
 
 
+def prefix() -> str:
+    """The keys of this attempt of the run: torchrun restarts its workers (`--max-restarts`) with the
+    same store, where the last attempt's `ready/`, `failed/` and `failures/` keys would otherwise name
+    a rank that failed before the restart, or hide one that is not ready yet."""
+    return f"{PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+
 def die_with_launcher() -> None:
     """Have the kernel send SIGTERM to this process when its parent exits; send it now if it already has.
 
@@ -100,7 +108,7 @@ class Heartbeat:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
-        self.store = dist.PrefixStore(PREFIX, dist.TCPStore(*self.address, is_master=False,
+        self.store = dist.PrefixStore(prefix(), dist.TCPStore(*self.address, is_master=False,
                                                             timeout=timedelta(seconds=5)))
         self.stopped = threading.Event()
         self.lost = False  # the launcher (or its store) is gone: the store is not called again
@@ -153,8 +161,14 @@ class Heartbeat:
     def _counters(self) -> dict[int, int]:
         return {r: self.store.add(f"beat/{r}", 0) for r in range(self.world_size) if r != self.rank}
 
-    def culprit(self) -> tuple[int, str] | None:
-        """(rank, what happened to it) for the rank that failed first, or None if none did (that we can see)."""
+    def culprit(self, *, waiting: bool = True) -> tuple[int, str] | None:
+        """(rank, what happened to it) for the rank that failed first, or None if none did (that we can see).
+
+        A rank not ready yet is named only by one `waiting` for it (this rank's own error is a
+        timeout it hit): one stopped by a signal was stopped because another rank failed, often
+        the one not ready, in its checks (it said so itself), and a rank that never beat is no
+        stale one either.
+        """
         if self.launcher_lost:
             return None
         try:
@@ -162,6 +176,8 @@ class Heartbeat:
                 rank = int(self.store.get("failures/1"))
                 return rank, self.store.get(f"failed/{rank}").decode("utf-8", "replace")
             late = [r for r in range(self.world_size) if r != self.rank and not self.store.check([f"ready/{r}"])]
+            if late and not waiting:
+                return None
             if late:
                 return late[0], (f"was still preparing (its checks, stages or data: {NOT_READY_FIX}) when this "
                                  f"rank stopped waiting for it")
@@ -196,4 +212,5 @@ class Heartbeat:
             pass
 
 
-__all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone"]
+__all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone",
+           "prefix"]

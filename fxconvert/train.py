@@ -882,7 +882,7 @@ EXIT_INTERRUPTED = 130
 
 class _Signals:
     """SIGTERM (torchrun stopping the workers after another one failed, or the launcher gone) and SIGINT
-    (Ctrl-C) become one exception, `_Terminated`, raised only inside `guard`ed work and at most once;
+    (Ctrl-C) become one exception, `_Terminated`, raised only inside `guard`ed work and once per guard;
     any other signal is only recorded. So no signal can land in the reporting of a failure (a second
     Ctrl-C, or torchrun's SIGTERM after a first one, used to end a rank with a traceback), and torchrun's
     30 s between SIGTERM and SIGKILL are the reporting's. `received` remembers the first signal: torch
@@ -910,15 +910,22 @@ class _Signals:
     def guard(self, work):
         """`work()`, interruptible: a signal already received, or one arriving during it, raises `_Terminated`.
 
-        A signal landing in the `finally` below raises before `armed` is cleared: that is the
-        one raise, and the caller's `except` catches it like any other.
+        At most once per guard, not per process: code inside `work` that catches every
+        Exception (transformers and torch have such places) may swallow the one raised in
+        it, so a signal received during `work` raises again when it returns (else one
+        swallowed Ctrl-C disabled Ctrl-C and SIGTERM for the rest of the run), and every
+        later guard raises at once. A signal landing in the `finally` below raises before
+        `armed` is cleared: that is the one raise, and the caller's `except` catches it
+        like any other.
         """
-        self.armed = True
+        self.armed, self.raised = True, False
         try:
-            if self.received is not None and not self.raised:
+            if self.received is None:
+                result = work()
+            if self.received is not None:  # before `work`, or during it and swallowed there
                 self.raised = True
                 raise _Terminated(self.MESSAGES[self.received])
-            return work()
+            return result
         finally:
             self.armed = False
 
@@ -960,16 +967,21 @@ def _nonfinite(error: BaseException | None) -> "NonFiniteError | None":
     return error
 
 
-def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals) -> str | None:
+def _report_failure(error: BaseException, run: "Run", heartbeat, signals: _Signals, *,
+                    joined: bool = True) -> str | None:
     """One line for this rank's first error, naming the rank that failed first when another one did
-    (None: another rank says it)."""
+    (None: another rank says it). Stopped by the launcher before it `joined` the process group, a rank
+    speaks as before any process group (`_first_to_say`: one line per machine), and blames no one."""
     nonfinite = _nonfinite(error)
     if nonfinite is not None:  # every rank found it at once: rank 0 says it (the launcher's SIGTERM is no news)
         return f"fxconvert.train: error: {_one_line(nonfinite)}" if run.launch.rank == 0 else None
     message = signals.message or _one_line(error)
     if signals.received == signal.SIGINT:  # Ctrl-C reaches every rank: nobody failed, nobody to name
         return f"fxconvert.train: error: {_describe(run.topo, run.launch)}: {message}"
-    culprit = heartbeat.culprit() if heartbeat is not None else None  # torchrun allows 30 s after SIGTERM
+    if signals.received is not None and not joined:  # stopped while another rank failed its checks (it says so)
+        return f"fxconvert.train: error: {message}" if _first_to_say(run.launch, signals) else None
+    waiting = signals.received is None  # a timeout this rank hit waiting may be a late rank's
+    culprit = heartbeat.culprit(waiting=waiting) if heartbeat is not None else None  # torchrun allows 30 s
     if culprit is not None and culprit[0] != run.launch.rank:
         rank, what = culprit
         other = Launch(rank, run.launch.world_size, 0)
@@ -1015,13 +1027,13 @@ def _main(args, launch: Launch, signals: _Signals) -> int:
         return EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1
     import torch.distributed as dist
 
-    state = {"heartbeat": None}
+    state = {"heartbeat": None, "joined": False}
     try:
         signals.guard(lambda: _start_and_train(run, signals, state))
     except Exception as e:
         if args.verbose:
             traceback.print_exc()
-        line = _report_failure(e, run, state["heartbeat"], signals)
+        line = _report_failure(e, run, state["heartbeat"], signals, joined=state["joined"])
         if line is not None:
             print(line, file=sys.stderr, flush=True)
         # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
@@ -1044,7 +1056,7 @@ def _prepared(args, launch: Launch) -> Run:
 
 
 def _start_and_train(run: Run, signals: _Signals, state: dict) -> None:
-    """Join the process group, start the heartbeat (kept in `state` for the report), train."""
+    """Join the process group, start the heartbeat (kept in `state` for the report, and `joined`), train."""
     import torch.distributed as dist
 
     from fxconvert.heartbeat import Heartbeat
@@ -1065,6 +1077,7 @@ def _start_and_train(run: Run, signals: _Signals, state: dict) -> None:
         start_heartbeat()
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                             timeout=timedelta(seconds=run.args.timeout))
+    state["joined"] = True
     if launch.world_size > 1 and not early:
         start_heartbeat()
     train(run)

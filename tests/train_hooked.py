@@ -7,8 +7,8 @@ trainer itself has no test hooks. Variables (all optional):
 - HOOK_STOP_RANK, HOOK_STOP_AT_SYNC=N: that rank SIGSTOPs itself just before its N-th
   `sync_gradients` (a hang where the others wait in a tied-weight or replica all-reduce);
 - HOOK_EXIT_DIR: each worker writes its exit status to `<dir>/<RANK>.exit` (os._exit included);
-- HOOK_NAN_RANK, HOOK_NAN_AT_SYNC=N: that rank puts a nan into one gradient just before
-  its N-th `sync_gradients`;
+- HOOK_NAN_RANK, HOOK_NAN_AT_SYNC=N: that rank puts a nan into the gradient of one weight
+  no other rank holds (not a tied one) just before its N-th `sync_gradients`;
 - HOOK_PAUSE_AT_SYNC=N, HOOK_PAUSE_UNTIL=FILE: every rank waits just before its N-th
   `sync_gradients` until FILE exists (a run held in the middle, with no collective pending);
 - HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
@@ -55,7 +55,10 @@ if os.environ.get("HOOK_NAN_RANK") == str(rank):
     def sync_with_nan(topo, modules, *args, **kwargs):
         nan_calls.append(1)
         if len(nan_calls) == int(os.environ["HOOK_NAN_AT_SYNC"]):
-            grad = next(p.grad for m in modules.values() for p in m.parameters() if p.grad is not None)
+            # not a shared (tied) weight: sync_gradients sums those over their holders, so the other
+            # rank would see the nan without `_check_finite`'s all-reduce over the world
+            grad = next(p.grad for m in modules.values() for name, p in m.named_parameters()
+                        if p.grad is not None and name not in topo.shared_stages)
             grad.view(-1)[0] = float("nan")
         return clean_sync(topo, modules, *args, **kwargs)
 
