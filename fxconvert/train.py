@@ -210,9 +210,17 @@ def _check_source_stages(args, topo: Topology) -> None:
 
     A launch of the wrong size otherwise failed first on the microbatch checks, which
     assume the launch's stage count, and sent the user to change the wrong option. A
-    pipeline.json that does not parse is left to `load_model` to report.
+    pipeline.json that does not parse is left to `load_model` to report; one that is no
+    regular file (a FIFO would block every rank here) is refused before it is read.
     """
+    from fxconvert.errors import printable
+
     path = Path(args.source).expanduser()
+    manifest = path / "pipeline.json"
+    if manifest.exists() and not manifest.is_file():
+        raise UsageError(f"{printable(manifest)} is not a regular file; convert again with --stages N")
+    if not manifest.is_file():
+        return
     try:
         count = json.loads((path / "pipeline.json").read_text(encoding="utf-8")).get("num_stages")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):

@@ -192,6 +192,19 @@ def test_a_lone_surrogate_in_a_text_line_names_file_and_line(setup, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def test_a_fifo_as_pipeline_json_is_one_line_not_a_hang(setup, tmp_path):
+    conv = _copy(setup / "conv1", tmp_path / "conv")
+    (conv / "pipeline.json").unlink()
+    os.mkfifo(conv / "pipeline.json")
+    try:  # a rank that reads the FIFO waits for a writer forever: the child is killed, the test fails
+        proc = _train(*_argv(conv, tmp_path / "run", data=setup / "train.jsonl"), timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the trainer waited on a FIFO at pipeline.json")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "pipeline.json is not a regular file" in err, err
+
+
 # -- a damaged metrics.jsonl does not stop a resume ---------------------------------------------------
 
 @pytest.fixture(scope="module")
