@@ -10,7 +10,8 @@ Layout of `run/checkpoints/step_<k>/`:
   records (data position, stages, dp, schedule, model, train arguments);
 - `COMPLETE`: written last. Only a directory named `step_<k>` holding it counts.
 
-Why the protocol (`save_checkpoint`): every rank writes into `.step_<k>.tmp/`; after a
+Why the protocol (`save_checkpoint`): every rank writes into `.step_<k>.tmp/` (which rank 0
+creates marked, under a random name it then renames: `_make_tmp`); after a
 barrier (every file is on disk), rank 0 writes meta.json and COMPLETE and renames the
 directory to `step_<k>`, which is atomic on a POSIX filesystem. A rank killed at any
 point leaves at most a `.step_<k>.tmp` that `latest_checkpoint` never looks at and that
@@ -28,6 +29,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -41,7 +43,8 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 META = "meta.json"
 _STEP = re.compile(r"^step_(0|[1-9][0-9]*)$")
-_TMP = re.compile(r"^\.step_(0|[1-9][0-9]*)\.tmp(\.old)?$")  # a save in progress, or a step being replaced
+# a save in progress, a step being replaced, or one being created (`_make_tmp`)
+_TMP = re.compile(r"^\.step_(0|[1-9][0-9]*)\.tmp(\.old|\.[0-9a-f]{8})?$")
 # Written into each temporary directory this module creates (and removed once it is a checkpoint):
 # cleanup removes only directories holding it, never a user's that happens to have such a name.
 OWN = ".fxconvert-checkpoint"
@@ -163,8 +166,7 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
             if tmp.exists() or tmp.is_symlink():
                 raise CheckpointError(f"{tmp} is in the way and fxconvert did not write it; move it away, "
                                       f"then resume")
-            tmp.mkdir()
-            (tmp / OWN).write_text("fxconvert\n")
+            _make_tmp(tmp)
         barrier()  # the tmp directory exists and is empty
         for index, state in states.items():
             _write(tmp / stage_file(index), lambda f, state=state: torch.save(state, f))
@@ -182,6 +184,24 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
         _abandon(tmp, rank)
         raise
     return final
+
+
+def _make_tmp(tmp: Path) -> None:
+    """Create `tmp` holding the `OWN` marker, never without it.
+
+    The directory is made under a random name beside it (`.step_<k>.tmp.<hex>`), marked, and
+    only then renamed to `tmp`: a kill between the mkdir and the marker leaves that random
+    name, which blocks no later save, instead of an unmarked `.step_<k>.tmp` that every later
+    save of step k would take for a user's.
+    """
+    staging = tmp.parent / f"{tmp.name}.{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        (staging / OWN).write_text("fxconvert\n")
+        os.rename(staging, tmp)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # made just now, under a name nobody else uses
+        raise
 
 
 def _abandon(tmp: Path, rank: int) -> None:
@@ -251,8 +271,9 @@ def fsync_path(path: Path) -> None:
 def remove_stale(run_dir) -> list[Path]:
     """Remove the `.step_<k>.tmp` directories a killed save left in run/checkpoints; return them.
 
-    Only directories with exactly that name that this module created (they hold its `OWN`
-    marker) are touched: no symlink, nothing else, so a file or directory a user keeps
+    Only directories with exactly that name (or `.step_<k>.tmp.old`, `.step_<k>.tmp.<8 hex>`)
+    that this module created (they hold its `OWN` marker) are touched: no symlink, nothing
+    else, so a file or directory a user keeps
     there survives, and a run/checkpoints that is a symlink is never looked into. Call it
     on rank 0 only, and only while no save is in flight (at a save, or when resuming).
     """

@@ -27,32 +27,49 @@ def roots_of(directory) -> list[Path]:
 
 def why_not_copyable(path, roots) -> str | None:
     """Why the file at `path` must not be copied (a phrase for a message), or None when it may."""
+    return _check(path, roots)[0]
+
+
+def _check(path, roots) -> tuple[str | None, Path | None, os.stat_result | None]:
+    """(why not, None, None), or (None, the real path, its stat) of a file that may be copied.
+
+    The real path is resolved once; its stat does not follow a symlink, so a link put at the
+    real path after it was resolved is "not a regular file" rather than followed.
+    """
     path = Path(path)
     try:
         real = path.resolve(strict=True)
-        mode = real.stat().st_mode
+        checked = os.stat(real, follow_symlinks=False)
     except (OSError, RuntimeError):  # a broken or looping symlink, or unreadable
-        return "a broken symlink" if path.is_symlink() else "unreadable"
+        return ("a broken symlink" if path.is_symlink() else "unreadable"), None, None
     if not any(real.is_relative_to(root) for root in roots):
-        return "a symlink to a file outside it"
-    if not stat.S_ISREG(mode):
-        return "not a regular file"
-    return None
+        return "a symlink to a file outside it", None, None
+    if not stat.S_ISREG(checked.st_mode):
+        return "not a regular file", None, None
+    return None, real, checked
 
 
 def read_copyable(path, roots) -> bytes:
     """The bytes of `path` when `why_not_copyable` accepts it; ValueError(why) when not.
 
-    The file is opened without blocking and checked again once open, so a FIFO put in its
-    place after the check is refused rather than waited on.
+    The path is resolved once: the real path that was checked is the one opened, without
+    following a symlink and without blocking, and what was opened must be the very file
+    that was checked (same device and inode). A symlink swapped in between the check and
+    the open, or a FIFO put in the file's place, is refused rather than read or waited on.
     """
-    why = why_not_copyable(path, roots)
+    why, real, checked = _check(path, roots)
     if why is not None:
         raise ValueError(why)
-    fd = os.open(Path(path).resolve(strict=True), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:  # ELOOP: a symlink now stands at the real path
+        raise ValueError("replaced while it was read") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        opened = os.fstat(f.fileno())
+        if not stat.S_ISREG(opened.st_mode):
             raise ValueError("not a regular file")
+        if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+            raise ValueError("replaced while it was read")
         return f.read()
 
 

@@ -8,11 +8,13 @@ passed, before any process group or file of the run exists; it holds it until it
 process ends (the kernel releases it then, however the process ends). A second run is
 refused in one line. The file stays behind: a lock file nobody holds is no lock, so a finished or
 killed run never blocks a `--resume`. It is opened without following a symlink and never
-written, so it cannot be used to touch another file.
+written, so it cannot be used to touch another file; anything but a regular file there (a FIFO,
+a device) is refused rather than waited on.
 """
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from fxconvert.errors import UsageError
@@ -30,12 +32,17 @@ def take(run_dir: Path, *, shown: str, create: bool) -> int | None:
         return None
     if create:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    # O_NONBLOCK: a FIFO in its place is opened at once (and refused below), never waited on
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as e:
         raise UsageError(f"--out {shown}: cannot open its lock file {LOCK} ({e.strerror}); remove it if it is not "
                          f"a plain file, or choose another --out") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"--out {shown}: its lock file {LOCK} is not a plain file; remove it, or choose another "
+                         f"--out")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -53,6 +53,7 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -209,9 +210,17 @@ def _check_source_stages(args, topo: Topology) -> None:
 
     A launch of the wrong size otherwise failed first on the microbatch checks, which
     assume the launch's stage count, and sent the user to change the wrong option. A
-    pipeline.json that does not parse is left to `load_model` to report.
+    pipeline.json that does not parse is left to `load_model` to report; one that is no
+    regular file (a FIFO would block every rank here) is refused before it is read.
     """
+    from fxconvert.errors import printable
+
     path = Path(args.source).expanduser()
+    manifest = path / "pipeline.json"
+    if manifest.exists() and not manifest.is_file():
+        raise UsageError(f"{printable(manifest)} is not a regular file; convert again with --stages N")
+    if not manifest.is_file():
+        return
     try:
         count = json.loads((path / "pipeline.json").read_text(encoding="utf-8")).get("num_stages")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
@@ -500,8 +509,8 @@ class Reporter:
         self.path = run_dir / "metrics.jsonl"
         self.total, self.start = total_steps, start_step
         self.began = time.perf_counter()
+        self.file = _open_metrics(self.path)
         self._keep_steps_up_to(start_step)
-        self.file = self.path.open("a", encoding="utf-8")
         self.progress = None
         if sys.stderr.isatty():
             from rich.console import Console
@@ -517,16 +526,16 @@ class Reporter:
         """On resume, drop lines of steps after the checkpoint (the killed run may have written them).
 
         A line that is not a metrics record is dropped as well: the last one is expected (a run
-        killed while writing leaves part of a line); one before it is said in a warning naming
-        the file and line. The file is a log, not state, so it never stops a resume.
+        killed while writing leaves part of a line); those before it are counted in one warning
+        naming the file and the first of them. The file is a log, not state, so it never stops a
+        resume. It is rewritten through the descriptor `_open_metrics` opened, never by its name.
         """
-        if not self.path.exists():
-            return
         from fxconvert.errors import printable
 
-        lines = self.path.read_bytes().split(b"\n")
+        self.file.seek(0)
+        lines = self.file.buffer.read().split(b"\n")
         last = max((n for n, raw in enumerate(lines, 1) if raw.strip()), default=0)
-        kept = []
+        kept, damaged = [], []
         for number, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
@@ -537,12 +546,17 @@ class Reporter:
                 record = None
             if not (isinstance(record, dict) and type(record.get("step")) is int):
                 if number != last:
-                    print(f"fxconvert.train: warning: {printable(self.path)}:{number} is not a metrics record; "
-                          f"dropped it", file=sys.stderr, flush=True)
+                    damaged.append(number)
                 continue
             if record["step"] <= step:
                 kept.append(text)
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if damaged:
+            print(f"fxconvert.train: warning: {printable(self.path)}: dropped {len(damaged)} "
+                  f"{'line that is' if len(damaged) == 1 else 'lines that are'} not a metrics record "
+                  f"(the first is line {damaged[0]})", file=sys.stderr, flush=True)
+        self.file.truncate(0)  # the file is open for appending: what follows lands at its start
+        self.file.write("".join(line + "\n" for line in kept))
+        self.file.flush()
 
     def step(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -562,6 +576,27 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
         self.file.close()
+
+
+def _open_metrics(path: Path):
+    """RUN/metrics.jsonl opened for reading and appending, refused unless it is a regular file.
+
+    `prepare` refuses a symlink or anything else there already; opening without following a
+    symlink and checking what was opened closes the window between that check and this open,
+    so a resume never rewrites a file outside the run.
+    """
+    from fxconvert.errors import printable
+
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise UsageError(f"cannot open {printable(path)} ({e.strerror}); it must be a regular file of the run: "
+                         f"move it away, or train into a new --out") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{printable(path)} is not a regular file; move it away, or train into a new --out")
+    return os.fdopen(fd, "a+", encoding="utf-8")
 
 
 def _clock(seconds: float) -> str:
@@ -652,6 +687,7 @@ def prepare(args, launch: Launch) -> Run:
     if launch.rank == 0:
         run_lock.check(run_dir, shown=args.out)  # another run in it: say so (`lock_run` takes the lock)
     check_checkpoints_dir(run_dir)  # a symlinked run/checkpoints: saving would write and clean up through it
+    _check_metrics_file(run_dir, shown=args.out)  # a resume rewrites it
     if run_dir.is_dir() and any(p.name != run_lock.LOCK for p in run_dir.iterdir()):
         if not args.resume:
             raise UsageError(f"--out {args.out} exists and is not empty; pass --resume to continue it, "
@@ -683,6 +719,18 @@ def prepare(args, launch: Launch) -> Run:
     if resume_from is not None:  # the data's content, now that it is read
         check_meta(meta, resume_fields(args, topo, data), path=resume_from)
     return Run(args, launch, topo, device, model, data, run_dir, resume_from)
+
+
+def _check_metrics_file(run_dir: Path, *, shown: str) -> None:
+    """Refuse a RUN/metrics.jsonl that is a symlink or not a regular file: a resume rewrites it, and
+    would empty whatever it points to (`_open_metrics` checks again when it opens it)."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_symlink():
+        raise UsageError(f"--out {shown}: metrics.jsonl is a symlink; fxconvert rewrites it on --resume only as a "
+                         f"regular file of the run: replace it with one, or train into a new --out")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"--out {shown}: metrics.jsonl is not a regular file; move it away, or train into a "
+                         f"new --out")
 
 
 def lock_run(run: Run) -> None:

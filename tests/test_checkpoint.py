@@ -258,6 +258,54 @@ def test_save_removes_what_a_killed_save_left(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3"]
 
 
+# A save killed (os._exit, no cleanup runs) right after creating its directory, before the marker.
+_KILLED_SAVE = """
+import os, sys
+from pathlib import Path
+from fxconvert.checkpoint import OWN, rng_state, save_checkpoint
+from checkpoint_ranks import META, toy_states
+
+real_write_text = Path.write_text
+def write_text(self, *args, **kwargs):
+    if self.name == OWN:
+        os._exit(9)
+    return real_write_text(self, *args, **kwargs)
+Path.write_text = write_text
+save_checkpoint(Path(sys.argv[1]), 3, rank=0, world_size=1, states=toy_states(), rng=rng_state(), meta=META,
+                barrier=lambda: None)
+"""
+
+
+def test_a_save_killed_before_its_marker_blocks_no_later_save(tmp_path):
+    import subprocess
+    import sys
+
+    import train_runs as tr
+
+    users = tmp_path / "checkpoints" / ".step_3.tmp.0123abcd"  # a user's directory with a name of that shape
+    users.mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)], cwd=os.path.dirname(__file__),
+                          env=tr.env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    save_single(tmp_path, 3, toy_states())  # the next save of the same step
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_3"
+    assert (users / "notes.txt").read_text() == "mine"
+    # all the kill can have left is the empty directory it was creating, under a name of its own
+    left = [p for p in (tmp_path / "checkpoints").iterdir() if p.name not in ("step_3", users.name)]
+    assert all(p.name.startswith(".step_3.tmp.") and not any(p.iterdir()) for p in left), left
+
+
+def test_remove_stale_takes_a_marked_directory_a_killed_save_was_creating(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".step_3.tmp.0123abcd").mkdir(parents=True)
+    (root / ".step_3.tmp.0123abcd" / OWN).write_text("fxconvert\n")
+    (root / ".step_3.tmp.89abcdef").mkdir()  # unmarked: not removed
+    (root / ".step_3.tmp.89abcdef" / "notes.txt").write_text("mine")
+    assert [p.name for p in remove_stale(tmp_path)] == [".step_3.tmp.0123abcd"]
+    assert (root / ".step_3.tmp.89abcdef" / "notes.txt").read_text() == "mine"
+
+
 # -- reading hostile or mismatched checkpoints ---------------------------------------------------
 
 

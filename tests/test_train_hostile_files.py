@@ -192,6 +192,19 @@ def test_a_lone_surrogate_in_a_text_line_names_file_and_line(setup, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def test_a_fifo_as_pipeline_json_is_one_line_not_a_hang(setup, tmp_path):
+    conv = _copy(setup / "conv1", tmp_path / "conv")
+    (conv / "pipeline.json").unlink()
+    os.mkfifo(conv / "pipeline.json")
+    try:  # a rank that reads the FIFO waits for a writer forever: the child is killed, the test fails
+        proc = _train(*_argv(conv, tmp_path / "run", data=setup / "train.jsonl"), timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the trainer waited on a FIFO at pipeline.json")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "pipeline.json is not a regular file" in err, err
+
+
 # -- a damaged metrics.jsonl does not stop a resume ---------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -222,7 +235,50 @@ def test_a_damaged_metrics_file_is_repaired_on_resume(setup, stopped_run, tmp_pa
     if warned is None:
         assert warnings == [], proc.stderr
     else:
-        assert warnings == [f"fxconvert.train: warning: {metrics}:{warned} is not a metrics record; dropped it"]
+        assert warnings == [f"fxconvert.train: warning: {metrics}: dropped 1 line that is not a metrics record "
+                            f"(the first is line {warned})"]
+
+
+def test_many_damaged_metrics_lines_are_one_warning(tmp_path, capsys):
+    from fxconvert.train import Reporter
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join(["not json"] * 50 + ['{"step": 1}', '{"step": 2}', "torn"]))
+    Reporter(tmp_path, 3, 1).close()
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"fxconvert.train: warning: {tmp_path / 'metrics.jsonl'}: dropped 50 lines that "
+                                f"are not a metrics record (the first is line 1)"], err
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("kind, said", [("symlink", "metrics.jsonl is a symlink"),
+                                         ("fifo", "metrics.jsonl is not a regular file")])
+def test_a_metrics_file_that_is_no_regular_file_is_refused_on_resume(setup, stopped_run, tmp_path, capsys,
+                                                                     monkeypatch, kind, said):
+    out = _copy(stopped_run, tmp_path / "run")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nline two\n")
+    (out / "metrics.jsonl").unlink()
+    if kind == "symlink":
+        (out / "metrics.jsonl").symlink_to(notes)
+    else:
+        os.mkfifo(out / "metrics.jsonl")
+    err = _fails(capsys, monkeypatch, _argv(setup / "conv1", out, "--save-every", 1, "--no-export", "--resume",
+                                            data=setup / "train.jsonl", steps=2))
+    assert said in err
+    assert notes.read_text() == "my notes\nline two\n"
+
+
+def test_the_metrics_writer_never_follows_a_symlink(tmp_path):
+    """The second guard: a symlink put in place after `prepare` checked is refused, never followed."""
+    from fxconvert.errors import UsageError
+    from fxconvert.train import Reporter
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    (tmp_path / "metrics.jsonl").symlink_to(notes)
+    with pytest.raises(UsageError, match="metrics.jsonl"):
+        Reporter(tmp_path, 2, 1)
+    assert notes.read_text() == "my notes\n"
 
 
 # -- the data of a run is identified by its content ----------------------------------------------------
