@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -440,8 +441,9 @@ def test_a_signal_between_the_renames_of_a_resave_loses_nothing(tmp_path, monkey
 
     def rename(src, dst):
         real_rename(src, dst)
-        renames.append(dst)
-        if len(renames) == 1:  # the old checkpoint has just been moved aside
+        if Path(src).name == "step_4" or Path(dst).name == "step_4":  # the swap's renames
+            renames.append(dst)
+        if Path(dst).name == ".step_4.tmp.old":  # the old checkpoint has just been moved aside
             os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(signum, frame):
@@ -469,8 +471,8 @@ def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     real_rename, calls = os.rename, []
 
     def rename(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:  # the new checkpoint cannot be moved into place
+        calls.append(Path(dst).name)
+        if Path(src).name == ".step_4.tmp" and Path(dst).name == "step_4":  # the new one cannot take its place
             raise OSError(28, "No space left on device")
         real_rename(src, dst)
 
@@ -479,5 +481,6 @@ def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
         save_single(tmp_path, 4, toy_states(5.0))
     monkeypatch.undo()
     states, _, _ = load_checkpoint(latest_checkpoint(tmp_path), rank=0, stage_indices=[0])
+    assert calls[-3:] == [".step_4.tmp.old", "step_4", "step_4"]  # aside, the failed swap, back
     assert torch.equal(states[0]["model"]["w"], torch.full((3,), 1.0))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4"]
