@@ -73,4 +73,14 @@ def read_copyable(path, roots) -> bytes:
         return f.read()
 
 
-__all__ = ["roots_of", "why_not_copyable", "read_copyable"]
+def open_regular(path, flags: int, mode: int = 0o644) -> int:
+    """A descriptor of `path` opened without following a symlink or waiting on a FIFO (`flags` are added
+    to those); ValueError("not a regular file") when what was opened is anything else (OSError as os.open)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file")
+    return fd
+
+
+__all__ = ["open_regular", "roots_of", "why_not_copyable", "read_copyable"]

@@ -14,10 +14,10 @@ a device) is refused rather than waited on.
 
 import fcntl
 import os
-import stat
 from pathlib import Path
 
 from fxconvert.errors import UsageError
+from fxconvert.files import open_regular
 
 LOCK = ".fxconvert-lock"
 
@@ -32,17 +32,14 @@ def take(run_dir: Path, *, shown: str, create: bool) -> int | None:
         return None
     if create:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    # O_NONBLOCK: a FIFO in its place is opened at once (and refused below), never waited on
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    try:
-        fd = os.open(path, flags, 0o644)
+    try:  # a FIFO in its place is opened at once and refused, never waited on
+        fd = open_regular(path, os.O_RDONLY | (os.O_CREAT if create else 0))
     except OSError as e:
         raise UsageError(f"--out {shown}: cannot open its lock file {LOCK} ({e.strerror}); remove it if it is not "
                          f"a plain file, or choose another --out") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+    except ValueError:
         raise UsageError(f"--out {shown}: its lock file {LOCK} is not a plain file; remove it, or choose another "
-                         f"--out")
+                         f"--out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -53,7 +53,6 @@ import math
 import os
 import re
 import signal
-import stat
 import sys
 import tempfile
 import time
@@ -587,15 +586,15 @@ def _open_metrics(path: Path):
     """
     from fxconvert.errors import printable
 
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    from fxconvert.files import open_regular
+
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     except OSError as e:
         raise UsageError(f"cannot open {printable(path)} ({e.strerror}); it must be a regular file of the run: "
                          f"move it away, or train into a new --out") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UsageError(f"{printable(path)} is not a regular file; move it away, or train into a new --out")
+    except ValueError:
+        raise UsageError(f"{printable(path)} is not a regular file; move it away, or train into a new --out") from None
     return os.fdopen(fd, "a+", encoding="utf-8")
 
 
