@@ -9,6 +9,7 @@ import inspect
 import re
 
 import pytest
+import torch
 import transformers
 
 from fxconvert import families
@@ -56,3 +57,22 @@ def test_no_class_model_type_or_preset_name_belongs_to_two_families():
         assert len(names) == len(set(names)), attribute
     every_name = [n for f in FAMILIES for n in (*f.presets, *f.aliases)]
     assert len(every_name) == len(set(every_name))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_a_records_tiny_config_builds_a_tiny_model_of_each_type_that_the_loader_accepts(family):
+    from fxconvert.load import check_config
+
+    for model_type, (config_cls, model_cls) in family.model_types.items():
+        config = family.tiny_config(model_type)
+        assert config["architectures"] == [model_cls] and config["model_type"] == model_type
+        check_config(config, "config.json")  # the loader's structural checks pass
+        built = transformers.AutoConfig.for_model(**config)
+        assert type(built).__name__ == config_cls
+        assert getattr(built, family.hidden_size) == 32 and built.vocab_size == 97  # the fields took effect
+        with torch.device("meta"):
+            model = getattr(transformers, model_cls)(built)
+        assert sum(p.numel() for p in model.parameters()) < 100_000
+    assert family.tiny_config(dropout_marker=1)["dropout_marker"] == 1  # overrides replace fields
+    with pytest.raises(KeyError, match="no model_type"):
+        family.tiny_config("not-a-type")

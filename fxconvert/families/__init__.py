@@ -68,12 +68,24 @@ class Family:
     # (config, training, dtype name such as "float16") -> why the model cannot be traced as it is
     # (a one-line reason naming the fix), or None. For what a graph cannot record in some settings.
     check_trace: Callable[[object, bool, str], str | None] | None = None
+    # config.json fields (model_type and architectures aside) of a tiny random model of this
+    # family: two layers, width 32, vocabulary 97, dropout on. For the tests and --self-check.
+    tiny: Mapping[str, object] = field(default_factory=dict)
 
     def default_input_names(self, cls_name: str) -> list[str]:
         for suffix, names in self.default_inputs:
             if cls_name.endswith(suffix):
                 return list(names)
         raise KeyError(cls_name)
+
+    def tiny_config(self, model_type: str | None = None, **overrides) -> dict:
+        """config.json of a tiny random model of `model_type` (the family's first by default), for the tests and
+        --self-check; `overrides` replace fields. Build it with transformers' `AutoConfig.for_model(**config)`."""
+        model_type = model_type or next(iter(self.model_types))
+        if model_type not in self.model_types:
+            raise KeyError(f"{self.name} has no model_type {model_type!r}; choose {', '.join(self.model_types)}")
+        architectures = [self.model_types[model_type][1]]
+        return {"model_type": model_type, "architectures": architectures, **self.tiny, **overrides}
 
     def block_patterns(self) -> tuple[re.Pattern, ...]:
         return _compiled(self.blocks)

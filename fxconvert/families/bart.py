@@ -19,7 +19,7 @@ _COMMON = dict(
     max_position_embeddings=1024, activation_function="gelu", dropout=0.1, attention_dropout=0.1,
     activation_dropout=0.1, classifier_dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0,
     init_std=0.02, scale_embedding=False, is_encoder_decoder=True, bos_token_id=0, pad_token_id=1,
-    eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2, use_cache=False,
+    eos_token_id=2, decoder_start_token_id=2, use_cache=False,
 )
 _SIZES = {  # name: (d_model, ffn_dim, attention_heads, layers) of each stack
     "facebook/bart-base": (768, 3072, 12, 6),
@@ -92,6 +92,12 @@ def check_trace(config, training: bool, dtype: str) -> str | None:
 FAMILY = Family(
     name="bart",
     title="BART",
+    tiny=dict(
+        vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, scale_embedding=True, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, use_cache=False
+    ),
     model_types={"bart": ("BartConfig", "BartForConditionalGeneration")},
     classes=("BartModel", "BartForConditionalGeneration"),
     inputs=ENCODER_DECODER_INPUTS,

@@ -69,6 +69,11 @@ def honours_position_embedding_type() -> bool:
 FAMILY = Family(
     name="bert",
     title="BERT",
+    tiny=dict(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=512, type_vocab_size=2, pad_token_id=0, hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1
+    ),
     model_types={"bert": ("BertConfig", "BertForMaskedLM")},
     classes=("BertModel", "BertForMaskedLM"),
     inputs={

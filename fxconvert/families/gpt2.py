@@ -53,6 +53,10 @@ def check_trace(config, training: bool, dtype: str) -> str | None:
 FAMILY = Family(
     name="gpt2",
     title="GPT-2",
+    tiny=dict(
+        n_embd=32, n_head=4, n_layer=2, n_positions=64, vocab_size=97, bos_token_id=0, eos_token_id=0,
+        use_cache=False
+    ),
     model_types={"gpt2": ("GPT2Config", "GPT2LMHeadModel")},
     classes=("GPT2Model", "GPT2LMHeadModel"),
     inputs={

@@ -126,6 +126,11 @@ def check_trace(config, training: bool, dtype: str) -> str | None:
 FAMILY = Family(
     name="llama",
     title="Llama-style (Llama, Qwen2, Mistral)",
+    tiny=dict(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=97, max_position_embeddings=128, attention_dropout=0.1, rope_theta=1000.0, use_cache=False,
+        tie_word_embeddings=False
+    ),
     model_types={t: (f"{p}Config", f"{p}ForCausalLM") for t, p in _PREFIX.items()},
     classes=tuple(f"{p}{s}" for p in _PREFIX.values() for s in ("Model", "ForCausalLM")),
     inputs={

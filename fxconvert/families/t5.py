@@ -43,7 +43,7 @@ _PREFIX = {"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}
 def _preset(line, d_model, d_ff, d_kv, num_heads, num_layers) -> dict:
     config = dict(_LINES[line], d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=num_heads,
                   num_layers=num_layers, num_decoder_layers=num_layers)
-    config.update(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False)
+    config.update(decoder_start_token_id=0, pad_token_id=0, use_cache=False)
     config["architectures"] = [f"{_PREFIX[config['model_type']]}ForConditionalGeneration"]
     return config
 
@@ -82,6 +82,12 @@ def check_config(config: dict, refuse) -> None:
 FAMILY = Family(
     name="t5",
     title="T5 (T5, mT5, umT5)",
+    tiny=dict(
+        d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=97,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.1,
+        feed_forward_proj="relu", tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0,
+        use_cache=False
+    ),
     model_types={t: (f"{p}Config", f"{p}ForConditionalGeneration") for t, p in _PREFIX.items()},
     classes=tuple(f"{p}{s}" for p in _PREFIX.values() for s in ("Model", "ForConditionalGeneration", "EncoderModel")),
     inputs=ENCODER_DECODER_INPUTS,
