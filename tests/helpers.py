@@ -3,6 +3,8 @@
 import torch
 import transformers
 
+from fxconvert.families.t5 import FAMILY as T5_FAMILY
+
 FAMILIES = {"T5": transformers.T5Config, "MT5": transformers.MT5Config, "UMT5": transformers.UMT5Config}
 
 # Config variants named in the tracer issue. Each is a set of overrides on a tiny config.
@@ -19,16 +21,16 @@ VARIANTS = {
 
 CLASSES = [f"{family}{suffix}" for family in FAMILIES for suffix in ("Model", "ForConditionalGeneration", "EncoderModel")]
 
-VOCAB = 97
+VOCAB = T5_FAMILY.tiny["vocab_size"]
 
 
 def tiny_config(family="T5", variant="original", attn="sdpa", **overrides):
-    kwargs = dict(
-        d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=VOCAB,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16,
-        dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, use_cache=False,
-    )
+    """The record's tiny T5 (`Family.tiny`) with the variant's and then the test's overrides. A test that
+    sets num_layers alone gets as many decoder layers, as T5Config gives when num_decoder_layers is unset."""
+    kwargs = dict(T5_FAMILY.tiny)
     kwargs.update(VARIANTS[variant])
+    if "num_layers" in overrides and "num_decoder_layers" not in overrides:
+        kwargs["num_decoder_layers"] = overrides["num_layers"]
     kwargs.update(overrides)
     config = FAMILIES[family](**kwargs)
     config._attn_implementation = attn

@@ -38,18 +38,14 @@ SUPPORTED = pytest.mark.skipif(OLD_TRANSFORMERS, reason=f"transformers {transfor
                                 "BART is refused there (a LayerDrop draw per layer a graph cannot reproduce)")
 
 REPO = Path(__file__).resolve().parent.parent
-VOCAB = 97
-PAD = 1  # BART's pad id; the random inputs contain it too
+FAMILY = family_of_class("BartForConditionalGeneration")
+VOCAB = FAMILY.tiny["vocab_size"]
+PAD = FAMILY.tiny["pad_token_id"]  # BART's pad id (1); the random inputs contain it too
 
 
 def tiny_config(attn="sdpa", **overrides):
-    kwargs = dict(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, scale_embedding=True,
-        pad_token_id=PAD, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, use_cache=False,
-    )
-    kwargs.update(overrides)
+    """The record's tiny BART (dropout 0.1 everywhere, scaled embeddings) with the test's overrides."""
+    kwargs = {**FAMILY.tiny, **overrides}
     config = transformers.BartConfig(**kwargs)
     config._attn_implementation = attn
     return config

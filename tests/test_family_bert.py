@@ -27,7 +27,7 @@ from fxconvert.trace import trace
 
 import helpers
 
-VOCAB = 97
+VOCAB = family_of_class("BertForMaskedLM").tiny["vocab_size"]
 CLASSES = ("BertModel", "BertForMaskedLM")
 ATTN = ("sdpa", "eager")
 # (batch, length, padded): length 1, a padded batch, a long sequence, nothing padded
@@ -39,10 +39,8 @@ NAMES = {
 
 
 def bert_config(attn="sdpa", **overrides):
-    kwargs = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=512, type_vocab_size=2, pad_token_id=0, hidden_dropout_prob=0.1,
-                  attention_probs_dropout_prob=0.1)
-    kwargs.update(overrides)
+    """The record's tiny BERT (dropout 0.1 everywhere) with the test's overrides."""
+    kwargs = {**family_of_class("BertForMaskedLM").tiny, **overrides}
     config = transformers.BertConfig(**kwargs)
     config._attn_implementation = attn
     return config

@@ -44,12 +44,12 @@ from helpers import NO_TRANSFORMERS, assert_outputs_match, output_sum
 REPO = Path(__file__).resolve().parent.parent
 ATTNS = ("sdpa", "eager")
 MODES = ("eval", "train")
-# (batch, encoder length, decoder length, padding of the first row): one token, padded on the right,
-# a long sequence (40 of the smallest position table's 64), unpadded, uneven both ways, padded on the
-# left (as for generation: in a decoder-only model the padded queries attend nothing). The decoder
-# length applies to encoder-decoder models only; padding to the first (encoder) sequence.
-SHAPES = [(1, 1, 1, None), (2, 7, 5, "right"), (3, 40, 33, "right"), (2, 9, 3, None), (2, 3, 12, "right"),
-          (2, 9, 6, "left")]
+# (batch, encoder length, decoder length, padding of the first row): one token; one row, padded on the
+# right; a padded batch; a long sequence (60 of the smallest position table's 64); unpadded; uneven both
+# ways; padded on the left (as for generation: in a decoder-only model the padded queries attend nothing).
+# The decoder length applies to encoder-decoder models only, the padding to the first (encoder) sequence.
+SHAPES = [(1, 1, 1, None), (1, 9, 4, "right"), (2, 7, 5, "right"), (3, 60, 33, "right"), (2, 9, 3, None),
+          (2, 3, 12, "right"), (2, 17, 6, "left")]
 
 
 def _prefix(family, model_type):
@@ -191,6 +191,9 @@ def test_trace_matches_eager(cls_name, attn, mode):
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     assert names == family.default_input_names(cls_name)
     gm.graph.lint()
+    # the graph calls torch and fxconvert.runtime only (rotary tables, masks and the like are recorded as ops)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function"
+                and getattr(n.target, "__module__", "").startswith("transformers")]
     by_id = {id(p): n for n, p in model.named_parameters()}
     for i, shape in enumerate(SHAPES):
         where = f"{mode} {shape}"
@@ -223,9 +226,9 @@ def test_traces_on_the_meta_device_to_the_same_graph(cls_name):
 # -- convert --------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def converted(cls_name):
+def converted(cls_name, attn="sdpa"):
     """(eager reference, its conversion): the conversion holds the reference's own parameters."""
-    model = build(cls_name)
+    model = build(cls_name, attn)
     return model, convert(model)
 
 
@@ -234,14 +237,22 @@ def _tied(model):
     return head is not None and head.weight is embedding.weight
 
 
-@pytest.mark.parametrize("cls_name", IDS)
-def test_convert_matches_eager(cls_name):
+CONVERT = [(c, a) for c in IDS for a in ATTNS]
+
+
+@pytest.mark.parametrize("cls_name,attn", CONVERT, ids=["-".join(r) for r in CONVERT])
+def test_convert_matches_eager(cls_name, attn):
     family, _ = FAMILY_OF[cls_name]
-    model, conv = converted(cls_name)
+    model, conv = converted(cls_name, attn)
     names = family.default_input_names(cls_name)
     assert conv.input_names == names
-    # the model's own parameters (those the kept output needs: not BertModel's pooler for last_hidden_state)
-    assert {id(p) for p in conv.module.parameters()} <= {id(p) for p in model.parameters()}
+    # a model trained on labels keeps its loss; a bare model its last hidden state
+    assert conv.output_name == ("loss" if "labels" in names else "last_hidden_state")
+    # the module holds the model's own parameters: exactly those that eager's kept output reaches (a bare
+    # BertModel's pooler is not among them)
+    inputs = inputs_for(family, model.config, names, SHAPES[2])
+    reached = grads_by_id(model, lambda: {conv.output_name: eager(model, inputs)[conv.output_name]})
+    assert {id(p) for p in conv.module.parameters()} == set(reached)
     placeholders = [n.target for n in conv.graph_module.graph.nodes if n.op == "placeholder"]
     assert placeholders == [*names, *conv.shared_weights, "training"]
     embedding = model.get_input_embeddings().weight
@@ -250,8 +261,10 @@ def test_convert_matches_eager(cls_name):
     shared = _tied(model) or "decoder_input_ids" in names
     assert ("shared_embed_weight" in conv.shared_weights) == shared
     assert any(p is embedding for p in conv.graph_module.parameters()) == (not shared)
-    if shared:
+    if shared:  # listed under every name the model gives it
         assert conv.module.shared_embed_weight is embedding
+        assert conv.shared_weights["shared_embed_weight"] == [
+            n for n, p in model.named_parameters(remove_duplicate=False) if p is embedding]
     by_id = {id(p): n for n, p in model.named_parameters()}
     for mode in MODES:
         model.train(mode == "train")
@@ -285,6 +298,9 @@ def test_stages_compose_to_the_converted_module(cls_name, mode):
     called = {family.block_of(n.target)[2] for n in conv.graph_module.graph.nodes
               if n.op == "call_module" and family.block_of(n.target)}
     assert len(set(blocks)) == len(blocks) and set(blocks) == called  # and every block the graph calls
+    if _tied(model):  # the tied embedding reaches the stage of the lookup and the stage of the head
+        assert "shared_embed_weight" in stages.specs[0].shared_weights
+        assert "shared_embed_weight" in stages.specs[-1].shared_weights
     whole = conv.module
     names = {id(p): n for n, p in whole.named_parameters()}
     assert sorted(id(p) for p in stages.parameters()) == sorted(names)
@@ -376,7 +392,8 @@ for key, (directory, runs) in cases.items():
 results["transformers_loaded"] = sorted(k for k in sys.modules if k.split(".")[0] == "transformers")
 torch.save(results, sys.argv[2])
 """
-CLI_RUNS = [("eval", (2, 6, 4, "right")), ("eval", (1, 11, 7, None)), ("train", (3, 5, 5, "right"))]
+CLI_RUNS = [("eval", (2, 6, 4, "right")), ("eval", (1, 11, 7, None)), ("eval", (1, 1, 1, None)),
+            ("eval", (3, 30, 20, "right")), ("train", (3, 5, 5, "right"))]
 
 
 @pytest.fixture(scope="module")

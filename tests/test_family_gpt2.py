@@ -30,15 +30,15 @@ from fxconvert.trace import trace
 from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, cli_convert, grads_of, input_names_of
 
 REPO = Path(__file__).resolve().parent.parent
-VOCAB = 97
-POSITIONS = 64
+FAMILY = family_of_class("GPT2LMHeadModel")
+VOCAB = FAMILY.tiny["vocab_size"]
+POSITIONS = FAMILY.tiny["n_positions"]
 ATTNS = ("sdpa", "eager")
 
 
 def tiny_config(attn="sdpa", **overrides):
-    kwargs = dict(n_embd=32, n_head=4, n_layer=2, n_positions=POSITIONS, vocab_size=VOCAB, bos_token_id=0,
-                  eos_token_id=0, use_cache=False)  # dropouts: GPT2Config's defaults, 0.1 each
-    kwargs.update(overrides)
+    """The record's tiny GPT-2 (dropouts: GPT2Config's defaults, 0.1 each) with the test's overrides."""
+    kwargs = {**FAMILY.tiny, **overrides}
     config = transformers.GPT2Config(**kwargs)
     config._attn_implementation = attn
     return config

@@ -33,7 +33,7 @@ from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, c
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILY = llama_family.FAMILY
-VOCAB = 97
+VOCAB = FAMILY.tiny["vocab_size"]
 CONFIGS = {"Llama": transformers.LlamaConfig, "Qwen2": transformers.Qwen2Config, "Mistral": transformers.MistralConfig}
 
 # name -> (class prefix, overrides of the tiny config)
@@ -48,10 +48,9 @@ SUFFIXES = ("Model", "ForCausalLM")
 
 
 def tiny_config(prefix, attn="sdpa", **overrides):
-    kwargs = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=128, attention_dropout=0.1,
-                  rope_theta=1000.0, use_cache=False, tie_word_embeddings=False)
-    kwargs.update(overrides)
+    """The record's tiny Llama-style config (untied, 4 query heads on 2 kv heads, attention dropout 0.1) with
+    the test's overrides, as `prefix`'s config class."""
+    kwargs = {**FAMILY.tiny, **overrides}
     config = CONFIGS[prefix](**kwargs)
     config._attn_implementation = attn
     return config
