@@ -1,4 +1,8 @@
-"""The BERT family (BertModel, BertForMaskedLM): trace, convert, stages, command line and presets.
+"""The BERT family (BertModel, BertForMaskedLM): its quirks, beyond what every family must do.
+
+(Trace, convert, stages, the CLI and the written files of each class: tests/test_family_conformance.py.)
+Here: inputs without token types or with embeddings, the pooler, the tied bias, three stages, config
+checks, half precision, the presets.
 
 Every numerical check compares with the eager transformers model at 1e-5 in fp32: outputs and
 every parameter's gradient. Train mode keeps BERT's dropout (0.1 everywhere) and runs the
@@ -9,8 +13,6 @@ an unpadded batch; sdpa and eager attention.
 
 import copy
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -133,32 +135,9 @@ def test_record():
     assert family.objective == "masked"  # fxconvert.train: pre-tokenized lines, labels aligned (test_train_families)
 
 
-# -- trace: class x attention x train/eval x shapes ------------------------------------------------
-
-TRACE_MATRIX = [(c, a, m) for c in CLASSES for a in ATTN for m in ("eval", "train")]
-
-
-@pytest.mark.parametrize("cls_name,attn,mode", TRACE_MATRIX, ids=["-".join(r) for r in TRACE_MATRIX])
-def test_trace_matches_eager(cls_name, attn, mode):
-    model = build(cls_name, attn).train(mode == "train")
-    gm = trace(model)
-    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == NAMES[cls_name]
-    gm.graph.lint()
-    names = {id(p): n for n, p in model.named_parameters()}
-    for i, (batch, length, padded) in enumerate(SHAPES):
-        where = f"{mode} {batch}x{length}{' padded' if padded else ''}"
-        inputs = bert_inputs(NAMES[cls_name], batch, length, padded=padded, seed=i)
-        want, want_grads = output_and_grads(model, lambda: eager(model, inputs), seed=i)
-        got, got_grads = output_and_grads(model, lambda: gm(**inputs), seed=i)  # gm holds the model's parameters
-        assert list(got) == list(want), where
-        for k in want:
-            assert_close(got[k], want[k], f"{where} {k}")
-        assert set(want_grads) == used_parameters(model), where  # eager reaches every parameter
-        assert_grads(got_grads, want_grads, names, where)
-        if mode == "train" and length > 1:  # dropout really drops
-            with torch.no_grad():
-                assert not torch.equal(seeded(lambda: gm(**inputs), 99)[next(iter(want))], want[next(iter(want))])
-
+# -- trace ------------------------------------------------------------------------------------------
+# Every class with its default inputs, both attentions, eval and train, on the meta device:
+# tests/test_family_conformance.py
 
 @pytest.mark.parametrize("attn", ATTN)
 def test_trace_without_token_type_ids_reads_the_zeros_buffer(attn):
@@ -193,15 +172,6 @@ def test_trace_with_inputs_embeds(attn):
         assert_grads(got_grads, want_grads, names, f"{batch}x{length}")
 
 
-def test_trace_on_the_meta_device():
-    with torch.device("meta"):
-        model = transformers.BertForMaskedLM._from_config(bert_config(), attn_implementation="sdpa")
-    gm = trace(model.eval())
-    reference = trace(build("BertForMaskedLM"))
-    assert gm.code == reference.code
-    assert all(t.device.type == "meta" for t in gm.parameters())
-
-
 # -- a sweep of small configurations ---------------------------------------------------------------
 
 @settings(max_examples=6, deadline=None, derandomize=True)
@@ -229,35 +199,7 @@ def test_sweep_of_small_configs(layers, heads, head_dim, ff, type_vocab, act, ti
 
 
 # -- convert ---------------------------------------------------------------------------------------
-
-CONVERT_MATRIX = [(c, a) for c in CLASSES for a in ATTN]
-
-
-@pytest.mark.parametrize("cls_name,attn", CONVERT_MATRIX, ids=["-".join(r) for r in CONVERT_MATRIX])
-def test_convert_matches_eager(cls_name, attn):
-    model = build(cls_name, attn)
-    reference = copy.deepcopy(model)
-    c = convert(model, input_names=NAMES[cls_name])
-    expected_output = "loss" if cls_name == "BertForMaskedLM" else "last_hidden_state"
-    assert c.output_name == expected_output
-    # the converted module holds the model's own parameters: compare gradients by name
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    ref_params = dict(reference.named_parameters())
-    for mode in ("eval", "train"):
-        c.module.train(mode == "train")
-        reference.train(mode == "train")
-        for i, (batch, length, padded) in enumerate(SHAPES):
-            where = f"{mode} {batch}x{length}"
-            inputs = bert_inputs(c.input_names, batch, length, padded=padded, seed=i)
-            got, got_grads = output_and_grads(c.module, lambda: c.module(**inputs), seed=i)
-            want, want_grads = output_and_grads(reference, lambda: eager(reference, inputs)[expected_output], seed=i)
-            assert_close(got, want, where)
-            want_by_name = {n: want_grads[id(p)] for n, p in ref_params.items() if id(p) in want_grads}
-            assert {by_id[k] for k in got_grads} == set(want_by_name), where
-            for k, g in got_grads.items():
-                torch.testing.assert_close(g, want_by_name[by_id[k]], rtol=1e-4, atol=1e-5,
-                                           msg=lambda m, k=k: f"{where} {by_id[k]}: {m}")
-
+# Every class, both attentions, eval and train: tests/test_family_conformance.py
 
 def test_pooler_output_can_be_the_kept_output():
     model = build("BertModel")
@@ -332,7 +274,8 @@ def test_head_weight_untied_by_hand_keeps_the_shared_bias():
 
 # -- stages ----------------------------------------------------------------------------------------
 
-STAGE_CASES = [("BertForMaskedLM", 2), ("BertForMaskedLM", 3), ("BertModel", 2)]
+# Two stages of each class: tests/test_family_conformance.py
+STAGE_CASES = [("BertForMaskedLM", 3)]
 
 
 @pytest.mark.parametrize("cls_name,num_stages", STAGE_CASES, ids=[f"{c}-{n}" for c, n in STAGE_CASES])
@@ -392,48 +335,7 @@ def test_stage_modules_as_the_pipeline_runs_them():
 
 
 # -- the command line and the written files --------------------------------------------------------
-
-RUNNER = helpers.NO_TRANSFORMERS + r"""
-import importlib.util, os, torch
-directory, cases = sys.argv[1], torch.load(sys.argv[2])
-def load(name):
-    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(directory, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-model = load("model.py").load()
-out = {"loss": [model(**inputs).item() for inputs in cases]}
-stage_files = sorted(n for n in os.listdir(directory) if n.startswith("stage_"))
-losses = []
-for inputs in cases:
-    values = ()
-    for i, name in enumerate(stage_files):
-        module = load(name)
-        stage = module.load()
-        values = (stage(*values, *(inputs[k] for k in module.INPUTS)) if i == 0 else
-                  stage(*values, **{k: inputs[k] for k in module.INPUTS}))
-    losses.append(values.item())
-out["stages"] = losses
-print(json.dumps(out))
-"""
-
-
-def test_cli_converts_a_checkpoint_and_the_files_run_without_transformers(tmp_path, capsys):
-    model = build("BertForMaskedLM")
-    out = tmp_path / "out"
-    report = helpers.cli_convert(model, tmp_path, capsys, "--stages", 2)
-    assert [i["name"] for i in report["io"]["inputs"]] == [*NAMES["BertForMaskedLM"], "shared_embed_weight",
-                                                          "shared_cls_predictions_bias", "training"]
-    cases = [bert_inputs(NAMES["BertForMaskedLM"], b, n, seed=n) for b, n in ((2, 7), (1, 1), (3, 30))]
-    torch.save(cases, tmp_path / "cases.pt")
-    run = subprocess.run([sys.executable, "-c", RUNNER, str(out), str(tmp_path / "cases.pt")],
-                         capture_output=True, text=True, check=True)
-    result = json.loads(run.stdout)
-    with torch.no_grad():
-        expected = [eager(model, inputs)["loss"].item() for inputs in cases]
-    assert result["loss"] == pytest.approx(expected, abs=1e-5)
-    assert result["stages"] == pytest.approx(expected, abs=1e-5)
-
+# model.py and the stage files without transformers: tests/test_family_conformance.py
 
 @pytest.mark.parametrize("changes,message", [
     (dict(hidden_size=30), r"hidden_size.*a multiple of num_attention_heads \(4\)"),

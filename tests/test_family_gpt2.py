@@ -1,6 +1,8 @@
-"""The GPT-2 family (GPT2Model, GPT2LMHeadModel): trace, convert, stages, the CLI and the presets.
+"""The GPT-2 family (GPT2Model, GPT2LMHeadModel): its quirks, beyond what every family must do.
 
-(Pipeline training of GPT-2 against eager transformers is tests/test_train_families.py.)
+(Trace, convert, stages and the CLI of the default inputs: tests/test_family_conformance.py; pipeline
+training of GPT-2 against eager transformers: tests/test_train_families.py.) Here: other inputs (no
+mask, token types, embeddings), small configurations, refusals, the split's length bound, the presets.
 
 Every numerical check compares with the eager transformers model in fp32: outputs at 1e-5 and
 every parameter gradient. Train mode runs with dropout on (0.1, GPT-2's published rates) and
@@ -10,10 +12,6 @@ compares under the same seed: the traced graph draws its dropout masks in eager'
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +25,8 @@ from fxconvert.load import RandomWeightsWarning, load
 from fxconvert.stages import split_stages
 from fxconvert.trace import trace
 
-from helpers import NO_TRANSFORMERS, assert_grads_match, assert_outputs_match, cli_convert, grads_of, input_names_of
+from helpers import assert_grads_match, assert_outputs_match, grads_of, input_names_of
 
-REPO = Path(__file__).resolve().parent.parent
 FAMILY = family_of_class("GPT2LMHeadModel")
 VOCAB = FAMILY.tiny["vocab_size"]
 POSITIONS = FAMILY.tiny["n_positions"]
@@ -83,7 +80,8 @@ CASES = {
     "LM_token_types": ("GPT2LMHeadModel", ["input_ids", "attention_mask", "token_type_ids", "labels"]),
     "LM_embeds": ("GPT2LMHeadModel", ["inputs_embeds", "attention_mask", "labels"]),  # n_embd-wide vectors
 }
-MATRIX = [(case, attn) for case in CASES for attn in ATTNS]
+# The default inputs of GPT2Model and GPT2LMHeadModel: tests/test_family_conformance.py
+MATRIX = [(case, attn) for case in CASES if case not in ("Model", "LM") for attn in ATTNS]
 IDS = [f"{c}-{a}" for c, a in MATRIX]
 # (batch, length, padding): batch 1, length 1, a long sequence (60 of 64 positions), both paddings, none
 SHAPES = [(1, 1, None), (1, 9, "right"), (3, 60, "right"), (2, 17, "left"), (2, 5, None)]
@@ -142,17 +140,6 @@ def test_gradients_match_eager(case, attn, mode):
                 first = next(iter(actual))
                 assert not torch.equal(gm(**inputs)[first], actual[first])
         assert_grads_match(grads_of(model, eager_run), grads_of(model, graph_run), model)
-
-
-@pytest.mark.parametrize("cls_name", ["GPT2Model", "GPT2LMHeadModel"])
-def test_traces_on_the_meta_device(cls_name):
-    """A model on the meta device traces to the same graph as the same model on the CPU."""
-    with torch.device("meta"):
-        meta_model = getattr(transformers, cls_name)._from_config(tiny_config(), attn_implementation="sdpa")
-    assert all(p.device.type == "meta" for p in meta_model.parameters())
-    meta_gm = trace(meta_model.eval())
-    gm = trace(build(cls_name))
-    assert [(n.op, str(n.target)) for n in meta_gm.graph.nodes] == [(n.op, str(n.target)) for n in gm.graph.nodes]
 
 
 @settings(max_examples=8, deadline=None)
@@ -215,7 +202,8 @@ def converted(case, tie=True):
     return model, convert(model, input_names=names)
 
 
-@pytest.mark.parametrize("case,tie", [("LM", True), ("LM", False), ("Model", True), ("LM_token_types", True)])
+# The tied LM and the bare model: tests/test_family_conformance.py
+@pytest.mark.parametrize("case,tie", [("LM", False), ("LM_token_types", True)])
 def test_convert_matches_eager(case, tie):
     model, conv = converted(case, tie)
     names = conv.input_names
@@ -258,36 +246,7 @@ def test_convert_matches_eager(case, tie):
 
 # -- stages ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case,prefix", [("LM", "transformer."), ("Model", "")])
-def test_stages_cut_at_the_blocks_and_compose(case, prefix):
-    _, conv = converted(case)
-    whole = conv.module
-    stages = split_stages(conv, 2)
-    assert [s.blocks for s in stages.specs] == [[f"{prefix}h.0"], [f"{prefix}h.1"]]
-    assert sorted(id(p) for p in stages.parameters()) == sorted(id(p) for p in whole.parameters())
-    if prefix:  # the tied weight reaches the stage of the lookup and the stage of the head
-        assert [bool(s.shared_weights) for s in stages.specs] == [True, True]
-    inputs = gpt2_inputs(conv.input_names, 3, 13, seed=3)
-    for mode in ("eval", "train"):
-        for module in (whole, stages):
-            module.train(mode == "train")
-        try:
-            results = []
-            for module in (whole, stages):
-                module.zero_grad(set_to_none=True)
-                torch.manual_seed(0)
-                out = module(**inputs)
-                out.float().sum().backward()
-                results.append((out.detach(), {id(p): p.grad.clone() for p in whole.parameters()}))
-                module.zero_grad(set_to_none=True)
-            (expected, expected_grads), (actual, actual_grads) = results
-            torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
-            assert expected_grads.keys() == actual_grads.keys()
-            for key in expected_grads:
-                torch.testing.assert_close(actual_grads[key], expected_grads[key], rtol=0, atol=1e-6)
-        finally:
-            whole.eval()
-            stages.eval()
+# Stages composing to the converted module: tests/test_family_conformance.py
 
 
 def test_split_sizes_respect_n_positions():
@@ -337,52 +296,7 @@ def test_stage_modules_as_the_pipeline_runs_them(num_stages):
         torch.testing.assert_close(sum(c.grad for c in copies), expected_grads[name], rtol=1e-5, atol=1e-6)
 
 
-# -- the command line and the generated files ----------------------------------------------------
-
-RUNNER = NO_TRANSFORMERS + r"""
-import importlib.util, os
-import torch
-
-def module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(sys.argv[1], name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inputs = torch.load(sys.argv[2])
-model = module("model")
-values = ()
-for i in range(2):  # each stage file on its own: the values received, then the model inputs it reads
-    stage = module(f"stage_{i}")
-    values = stage.load()(*values, **{k: inputs[k] for k in stage.INPUTS})
-print(json.dumps({"loss": model.load()(**inputs).item(), "stage_loss": values.item(),
-                  "inputs": list(model.INPUT_NAMES)}))
-"""
-
-
-def test_cli_converts_a_checkpoint_and_model_py_runs_without_transformers(tmp_path, capsys):
-    model = build("GPT2LMHeadModel")
-    out = tmp_path / "out"
-    report = cli_convert(model, tmp_path, capsys, "--stages", 2)
-    assert report["model"]["source"]["origin"] == "local directory"
-    assert [i["name"] for i in report["io"]["inputs"]] == ["input_ids", "attention_mask", "labels",
-                                                          "shared_embed_weight", "training"]
-    assert [b for row in report["stages"] for b in row["blocks"]] == ["transformer.h.0", "transformer.h.1"]
-    inputs = gpt2_inputs(["input_ids", "attention_mask", "labels"], 2, 9, seed=1)
-    with torch.no_grad():
-        expected = eager(model, inputs)["loss"].item()
-    torch.save(inputs, tmp_path / "inputs.pt")
-    runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(runner), str(out), str(tmp_path / "inputs.pt")], capture_output=True,
-                            text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr
-    ran = json.loads(result.stdout.strip().splitlines()[-1])
-    assert ran["inputs"] == ["input_ids", "attention_mask", "labels"]
-    assert math.isclose(ran["loss"], expected, abs_tol=1e-5) and math.isclose(ran["stage_loss"], expected,
-                                                                               abs_tol=1e-5)
+# The command line, and model.py and the stage files without transformers: tests/test_family_conformance.py
 
 
 # -- presets -------------------------------------------------------------------------------------

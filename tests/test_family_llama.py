@@ -94,7 +94,10 @@ def names_of(gm):
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-MATRIX = [(v, s, a) for v in VARIANTS for s in SUFFIXES for a in ("sdpa", "eager")]
+# llama_gqa is the record's tiny config: tests/test_family_conformance.py traces, converts, splits and runs the
+# command line on it (and on Qwen2's and Mistral's); here, the other variants.
+OTHERS = [v for v in VARIANTS if v != "llama_gqa"]
+MATRIX = [(v, s, a) for v in OTHERS for s in SUFFIXES for a in ("sdpa", "eager")]
 IDS = ["-".join(row) for row in MATRIX]
 # (batch, length, padding): one token, a sequence 10x the window, no padding, left padding
 SHAPES = [(1, 1, False), (1, 7, True), (3, 40, True), (2, 9, False), (2, 9, "left")]
@@ -127,8 +130,8 @@ def test_trace_matches_eager(variant, suffix, attn):
                 and getattr(n.target, "__module__", "").startswith("transformers")]
 
 
-@pytest.mark.parametrize("variant,attn", [(v, a) for v in VARIANTS for a in ("sdpa", "eager")],
-                         ids=[f"{v}-{a}" for v in VARIANTS for a in ("sdpa", "eager")])
+@pytest.mark.parametrize("variant,attn", [(v, a) for v in OTHERS for a in ("sdpa", "eager")],
+                         ids=[f"{v}-{a}" for v in OTHERS for a in ("sdpa", "eager")])
 def test_train_mode_matches_eager_under_the_same_seed(variant, attn):
     model = build(variant, "ForCausalLM", attn).train()
     gm = trace(model)
@@ -271,7 +274,7 @@ def output_and_grads(module, run, seed):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", OTHERS)
 def test_convert_matches_eager(variant):
     model = build(variant)
     reference = copy.deepcopy(model)
@@ -481,7 +484,7 @@ def test_random_weights_recompute_the_rotary_frequencies(tmp_path):
     assert not any(p.isnan().any() for p in model.parameters())
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2_tied", "mistral_window"])
+@pytest.mark.parametrize("variant", ["qwen2_tied", "mistral_window"])
 def test_cli_converts_a_checkpoint_splits_and_validates(variant, tmp_path, capsys):
     model = build(variant)
     out = tmp_path / "out"
