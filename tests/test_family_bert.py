@@ -274,8 +274,8 @@ def test_head_weight_untied_by_hand_keeps_the_shared_bias():
 
 # -- stages ----------------------------------------------------------------------------------------
 
-# Two stages of each class: tests/test_family_conformance.py
-STAGE_CASES = [("BertForMaskedLM", 3)]
+# Three layers, split unevenly and evenly (two layers in two stages: tests/test_family_conformance.py)
+STAGE_CASES = [("BertForMaskedLM", 2), ("BertForMaskedLM", 3), ("BertModel", 2)]
 
 
 @pytest.mark.parametrize("cls_name,num_stages", STAGE_CASES, ids=[f"{c}-{n}" for c, n in STAGE_CASES])
