@@ -25,12 +25,9 @@ VOCAB = T5_FAMILY.tiny["vocab_size"]
 
 
 def tiny_config(family="T5", variant="original", attn="sdpa", **overrides):
-    """The record's tiny T5 (`Family.tiny`) with the variant's and then the test's overrides. A test that
-    sets num_layers alone gets as many decoder layers, as T5Config gives when num_decoder_layers is unset."""
+    """The record's tiny T5 (`Family.tiny`) with the variant's and then the test's overrides."""
     kwargs = dict(T5_FAMILY.tiny)
     kwargs.update(VARIANTS[variant])
-    if "num_layers" in overrides and "num_decoder_layers" not in overrides:
-        kwargs["num_decoder_layers"] = overrides["num_layers"]
     kwargs.update(overrides)
     config = FAMILIES[family](**kwargs)
     config._attn_implementation = attn

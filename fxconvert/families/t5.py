@@ -83,7 +83,7 @@ FAMILY = Family(
     name="t5",
     title="T5 (T5, mT5, umT5)",
     tiny=dict(
-        d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=97,
+        d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=97,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.1,
         feed_forward_proj="relu", tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0,
         use_cache=False
