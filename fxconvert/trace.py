@@ -40,6 +40,7 @@ from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import families, runtime
 from fxconvert.errors import FxConvertError, InputNameError, TraceError, with_article
+from fxconvert.graph_info import GraphInfo, set_graph_info
 from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
@@ -123,13 +124,10 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     bind_containers(gm)
     eliminate_dead_code(gm.graph)
     gm.recompile()
-    gm.meta["input_names"] = tuple(input_names)
-    gm.meta["model_class"] = cls_name
-    gm.meta["traced_training"] = model.training
     # Attention modules keep their configured dropout rate; an eval-mode trace records 0.0.
-    gm.meta["dropout_rates"] = {
-        path: rate for path, m in model.named_modules() if (rate := attention_dropout_rate(m)) is not None
-    }
+    rates = {path: rate for path, m in model.named_modules() if (rate := attention_dropout_rate(m)) is not None}
+    set_graph_info(gm, GraphInfo(model_class=cls_name, input_names=tuple(input_names),
+                                 traced_training=model.training, dropout_rates=rates))
     return TraceResult(gm, time.perf_counter() - start)
 
 
