@@ -111,7 +111,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     input_names = input_name_list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
 
-    tracer = T5Tracer(input_names)
+    tracer = TransformersTracer(input_names)
     with gc_paused(), _leaf_replacements(model, tracer):
         try:
             graph = tracer.trace(model)
@@ -287,8 +287,9 @@ class _TracedAttribute(_TracedValue, Attribute):
     pass
 
 
-class T5Tracer(torch.fx.Tracer):
-    """A torch.fx Tracer that propagates meta tensors and builds the root from `input_names`."""
+class TransformersTracer(torch.fx.Tracer):
+    """A torch.fx Tracer for the transformers models of every family in `fxconvert.families`: it
+    propagates meta tensors and builds the root from `input_names`."""
 
     # A buffer read in a forward (BERT's `position_ids`) is a get_attr node, so slicing it by
     # a traced length stays in the graph; the graph module registers it as a persistent buffer.
@@ -777,5 +778,6 @@ def _leaf_replacements(model, tracer):
             ns[name] = original
 
 
-__all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "supported_class", "family_of",
-           "input_name_list", "require_transformers", "default_input_names", "accepted_input_names", "forward_parameters"]
+__all__ = ["trace", "trace_with_stats", "TransformersTracer", "TraceResult", "supported_class", "family_of",
+           "input_name_list", "require_transformers", "default_input_names", "accepted_input_names",
+           "forward_parameters"]
