@@ -612,14 +612,16 @@ def _keep_in_fp32(model: torch.nn.Module) -> None:
 
 
 def _untie_head(model: torch.nn.Module, config: dict, *, init: bool = False) -> None:
-    """Give the LM head its own weight when the architecture publishes it untied (v1.1, flan, mT5).
+    """Give the LM head its own weight when the family's record says a model built from `config` needs
+    it (`Family.unties_head`: T5 v1.1, flan, mT5).
 
     transformers 5 ties T5's head at construction whatever the config says and unties it
     only when a checkpoint holds a distinct head; a random-weight build mirrors the
-    published checkpoints instead.
+    published checkpoints instead. Other families' heads are left as transformers built them.
     """
+    family = families.family_of_class(type(model).__name__)
     head = getattr(model, "lm_head", None)
-    if config.get("tie_word_embeddings") is False and head is not None:
+    if family is not None and family.unties_head(config) and head is not None:
         head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
         if init and head.weight.device.type != "meta":
             torch.nn.init.normal_(head.weight, std=head.in_features ** -0.5)

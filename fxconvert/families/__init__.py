@@ -68,6 +68,15 @@ class Family:
     # (config, training, dtype name such as "float16") -> why the model cannot be traced as it is
     # (a one-line reason naming the fix), or None. For what a graph cannot record in some settings.
     check_trace: Callable[[object, bool, str], str | None] | None = None
+    # Whether transformers ties this family's LM head (`lm_head`) to the input embedding at
+    # construction whatever `tie_word_embeddings` says (T5 in transformers 5). Such a head is
+    # untied at load when the config says false (`unties_head`), as the published checkpoints
+    # hold it; every other family's transformers class already honours the field.
+    ties_head_regardless: bool = False
+
+    def unties_head(self, config: Mapping) -> bool:
+        """Whether a model built from `config` (a config.json dict) needs its LM head untied at load."""
+        return self.ties_head_regardless and config.get("tie_word_embeddings") is False
 
     def default_input_names(self, cls_name: str) -> list[str]:
         for suffix, names in self.default_inputs:

@@ -103,4 +103,5 @@ FAMILY = Family(
     rate_fields=("dropout_rate", "classifier_dropout"),
     token_id_fields=("pad_token_id", "decoder_start_token_id"),
     notes="relative position bias instead of positions; the LM head is tied in T5 and untied in v1.1, flan and mT5",
+    ties_head_regardless=True,  # transformers 5 ties T5's head even with tie_word_embeddings=False
 )
