@@ -275,15 +275,14 @@ def check_config(config: dict, where: str) -> None:
             if value > MAX_LAYERS:
                 refuse(key, f"at most {MAX_LAYERS}")
         elif not (is_int(value) and 0 < value <= MAX_LAYERS):
-            refuse(key, f"a positive integer up to {MAX_LAYERS}" + (
-                " (or remove it to use num_layers)" if key == "num_decoder_layers" else ""))
+            refuse(key, f"a positive integer up to {MAX_LAYERS}" + family.layers_field_hints.get(key, ""))
     for key in family.rate_fields:
         if config.get(key) is not None and not (is_number(config[key]) and 0 <= config[key] < 1):
             refuse(key, "a number in [0, 1)")
     for key in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps"):
         if key in config and not (is_number(config[key]) and config[key] > 0):
             refuse(key, "a small positive number such as 1e-6")
-    vocab = config.get("vocab_size")
+    vocab = family.vocab(config)
     for key in family.token_id_fields:
         value = config.get(key)
         if value is not None and not (is_int(value) and 0 <= value and (not is_int(vocab) or value < vocab)):

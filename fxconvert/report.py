@@ -486,7 +486,7 @@ def _dtype(node) -> str:
 def _input_shape(name: str, model_class: str) -> str:
     family = families.family_of_class(model_class)
     kind, seq = family.inputs[name]
-    dims = ["batch", f"{seq}_length"] + ([family.hidden_size] if kind == "embeds" else [])
+    dims = ["batch", f"{seq}_length"] + ([family.hidden_field] if kind == "embeds" else [])
     return f"({', '.join(dims)})"
 
 

@@ -23,7 +23,7 @@ def test_a_record_names_what_transformers_has(family):
         config = getattr(transformers, config_cls)()
         assert config.model_type == model_type
         assert model_cls in family.classes
-        assert hasattr(config, family.hidden_size), family.hidden_size
+        assert hasattr(config, family.hidden_field), family.hidden_field
         if family.max_length:
             assert hasattr(config, family.max_length), family.max_length
     for cls_name in family.classes:
