@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from fxconvert.graph_info import graph_info, has_graph_info
+
 
 def node_kind(node: torch.fx.Node, gm: torch.nn.Module | None = None) -> str:
     """`op target` with a readable target: a function's qualified name, a method's name or a module's class."""
@@ -63,7 +65,8 @@ def output_names(gm: torch.fx.GraphModule) -> list[str]:
     value = out.args[0]
     if isinstance(value, dict):
         return list(value)
-    return [gm.meta.get("output_name", "output")]
+    kept = graph_info(gm).output_name if has_graph_info(gm) else None
+    return [kept or "output"]
 
 
 @dataclass(frozen=True)

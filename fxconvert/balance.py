@@ -288,20 +288,15 @@ def profile_units(conversion, num_units: int, sizes: Sizes, *, repeats: int = 3)
                          "device; use balance='time'")
     per_unit = split_stages(conversion, num_units, balance="params")
     shared = [getattr(conversion.module, n) for n in conversion.module.shared_names]
-    vocab = shared[0].shape[0] if shared else _vocab(conversion)
     first_float = next((p for p in conversion.module.parameters() if p.is_floating_point()), None)
     family = families.family_of_class(conversion.model_class)
     config = getattr(conversion.model, "config", None)
+    config_sizes = family.input_sizes(config)  # 2 for the vocabularies without a config
+    vocab = shared[0].shape[0] if shared else config_sizes["vocab"]
     inputs = real_inputs(conversion.input_names, sizes, specs=family.inputs, vocab_size=vocab,
-                         hidden=getattr(config, family.hidden_size, None),
-                         type_vocab=getattr(config, "type_vocab_size", 2) or 2,
+                         hidden=config_sizes["hidden"], type_vocab=config_sizes["type_vocab"],
                          dtype=first_float.dtype if first_float is not None else torch.float32)
     return measure_stage_seconds(per_unit, inputs, repeats=repeats)
-
-
-def _vocab(conversion) -> int:
-    config = getattr(conversion.model, "config", None)
-    return getattr(config, "vocab_size", 2) if config is not None else 2
 
 
 __all__ = ["BALANCES", "SCHEDULES", "Plan", "StagePrediction", "UnitCosts", "best_groups", "predict",

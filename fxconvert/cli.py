@@ -312,9 +312,10 @@ def run(args) -> int:
         traced = trace_with_stats(loaded.model, input_names)
         step.detail = f"{len(traced.graph_module.graph.nodes)} nodes"
     if args.stages is not None:  # the blocks are known now: refuse too many stages before the passes
+        from fxconvert.graph_info import graph_info
         from fxconvert.stages import stage_blocks
 
-        stage_blocks(traced.graph_module, args.stages, traced.graph_module.meta["model_class"])
+        stage_blocks(traced.graph_module, args.stages, graph_info(traced.graph_module).model_class)
     with progress.step("passes", "running passes", timings) as step:
         from fxconvert.convert import convert_traced
 

@@ -27,6 +27,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxconvert.analysis import count_kinds, output_names, placeholder_names
 from fxconvert.errors import UsageError, with_article
+from fxconvert.graph_info import graph_info
 from fxconvert.graph_utils import gc_paused
 from fxconvert.passes import default_passes
 from fxconvert.trace import TraceResult, input_name_list, trace_with_stats
@@ -209,8 +210,8 @@ def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str |
     start = time.perf_counter()
     records = run_passes(gm, default_passes(output=output))
     passes_seconds = time.perf_counter() - start
-    lifted = gm.meta.get("lifted_weights", {})
-    shared = dict(lifted)  # placeholder -> the model's own Parameter
+    recorded = graph_info(gm)
+    shared = dict(recorded.lifted_weights or {})  # placeholder -> the model's own Parameter
     shared_names = {}
     from fxconvert.analysis import find_shared_parameters
 
@@ -218,19 +219,19 @@ def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str |
         for name, p in shared.items():
             if p is param:
                 shared_names[name] = list(info.names)
-    module = ConvertedModule(gm, shared, gm.meta["input_names"])
+    module = ConvertedModule(gm, shared, recorded.input_names)
     module.train(model.training)
     return Conversion(
         graph_module=gm,
         module=module,
         passes=records,
         traced_code=traced_code,
-        input_names=list(gm.meta["input_names"]),
-        output_name=gm.meta["output_name"],
+        input_names=list(recorded.input_names),
+        output_name=recorded.output_name,
         shared_weights=shared_names,
         timings={"trace": traced.seconds, "passes": passes_seconds},
-        model_class=gm.meta["model_class"],
+        model_class=recorded.model_class,
         model=model,
         source=source,
-        dropped_inputs=list(gm.meta.get("dropped_inputs", ())),
+        dropped_inputs=list(recorded.dropped_inputs),
     )

@@ -60,9 +60,8 @@ def meta_twins(tensors) -> dict:
 
 
 def config_sizes(config, family) -> dict:
-    """The keyword arguments of `build_inputs` that come from a model's config."""
-    return {"hidden": getattr(config, family.hidden_size, None), "vocab": getattr(config, "vocab_size", 2),
-            "type_vocab": getattr(config, "type_vocab_size", 2) or 2}
+    """The keyword arguments of `build_inputs` that come from a model's config (`Family.input_sizes`)."""
+    return family.input_sizes(config)
 
 
 __all__ = ["build_inputs", "config_sizes", "meta_twins", "SIZE_PROBES"]

@@ -275,15 +275,14 @@ def check_config(config: dict, where: str) -> None:
             if value > MAX_LAYERS:
                 refuse(key, f"at most {MAX_LAYERS}")
         elif not (is_int(value) and 0 < value <= MAX_LAYERS):
-            refuse(key, f"a positive integer up to {MAX_LAYERS}" + (
-                " (or remove it to use num_layers)" if key == "num_decoder_layers" else ""))
+            refuse(key, f"a positive integer up to {MAX_LAYERS}" + family.layers_field_hints.get(key, ""))
     for key in family.rate_fields:
         if config.get(key) is not None and not (is_number(config[key]) and 0 <= config[key] < 1):
             refuse(key, "a number in [0, 1)")
     for key in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps"):
         if key in config and not (is_number(config[key]) and config[key] > 0):
             refuse(key, "a small positive number such as 1e-6")
-    vocab = config.get("vocab_size")
+    vocab = family.vocab(config)
     for key in family.token_id_fields:
         value = config.get(key)
         if value is not None and not (is_int(value) and 0 <= value and (not is_int(vocab) or value < vocab)):
@@ -612,14 +611,16 @@ def _keep_in_fp32(model: torch.nn.Module) -> None:
 
 
 def _untie_head(model: torch.nn.Module, config: dict, *, init: bool = False) -> None:
-    """Give the LM head its own weight when the architecture publishes it untied (v1.1, flan, mT5).
+    """Give the LM head its own weight when the family's record says a model built from `config` needs
+    it (`Family.unties_head`: T5 v1.1, flan, mT5).
 
     transformers 5 ties T5's head at construction whatever the config says and unties it
     only when a checkpoint holds a distinct head; a random-weight build mirrors the
-    published checkpoints instead.
+    published checkpoints instead. Other families' heads are left as transformers built them.
     """
+    family = families.family_of_class(type(model).__name__)
     head = getattr(model, "lm_head", None)
-    if config.get("tie_word_embeddings") is False and head is not None:
+    if family is not None and family.unties_head(config) and head is not None:
         head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
         if init and head.weight.device.type != "meta":
             torch.nn.init.normal_(head.weight, std=head.in_features ** -0.5)

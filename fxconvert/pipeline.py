@@ -264,7 +264,7 @@ def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[li
     dtype = next((p.dtype for p in stages.parameters() if p.is_floating_point()), torch.float32)
     lengths = {"encoder": sizes["encoder_length"], "decoder": sizes["decoder_length"]}
     inputs = build_inputs(family.inputs, stages.input_names, batch=sizes["batch"], lengths=lengths,
-                          hidden=getattr(config, family.hidden_size, None), dtype=dtype, meta=True)
+                          hidden=family.input_sizes(config)["hidden"], dtype=dtype, meta=True)
     memo = meta_twins([*stages.parameters(), *stages.buffers()])
     out, values = [], ()
     with torch.no_grad():

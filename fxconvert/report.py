@@ -20,6 +20,7 @@ from typing import Any
 
 from fxconvert.analysis import node_kind
 from fxconvert.errors import UsageError, printable
+from fxconvert.graph_info import graph_info
 from fxconvert import families
 from fxconvert.trace import _EXAMPLE_SIZES
 
@@ -119,7 +120,7 @@ def model_section(conversion) -> Section:
 
 def io_section(conversion) -> Section:
     gm = conversion.graph_module
-    shared = set(conversion.shared_weights) | set(gm.meta.get("lifted_weights", {}))
+    shared = set(conversion.shared_weights) | set(graph_info(gm).lifted_weights or {})
     rows, data = [], []
     for node in gm.graph.nodes:
         if node.op != "placeholder":
@@ -485,7 +486,7 @@ def _dtype(node) -> str:
 def _input_shape(name: str, model_class: str) -> str:
     family = families.family_of_class(model_class)
     kind, seq = family.inputs[name]
-    dims = ["batch", f"{seq}_length"] + ([family.hidden_size] if kind == "embeds" else [])
+    dims = ["batch", f"{seq}_length"] + ([family.hidden_field] if kind == "embeds" else [])
     return f"({', '.join(dims)})"
 
 

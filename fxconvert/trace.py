@@ -40,6 +40,7 @@ from torch.fx.proxy import Attribute, Proxy
 
 from fxconvert import families, runtime
 from fxconvert.errors import FxConvertError, InputNameError, TraceError, with_article
+from fxconvert.graph_info import GraphInfo, set_graph_info
 from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes
 from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
 
@@ -110,7 +111,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     input_names = input_name_list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
 
-    tracer = T5Tracer(input_names)
+    tracer = TransformersTracer(input_names)
     with gc_paused(), _leaf_replacements(model, tracer):
         try:
             graph = tracer.trace(model)
@@ -123,13 +124,10 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     bind_containers(gm)
     eliminate_dead_code(gm.graph)
     gm.recompile()
-    gm.meta["input_names"] = tuple(input_names)
-    gm.meta["model_class"] = cls_name
-    gm.meta["traced_training"] = model.training
     # Attention modules keep their configured dropout rate; an eval-mode trace records 0.0.
-    gm.meta["dropout_rates"] = {
-        path: rate for path, m in model.named_modules() if (rate := attention_dropout_rate(m)) is not None
-    }
+    rates = {path: rate for path, m in model.named_modules() if (rate := attention_dropout_rate(m)) is not None}
+    set_graph_info(gm, GraphInfo(model_class=cls_name, input_names=tuple(input_names),
+                                 traced_training=model.training, dropout_rates=rates))
     return TraceResult(gm, time.perf_counter() - start)
 
 
@@ -289,8 +287,9 @@ class _TracedAttribute(_TracedValue, Attribute):
     pass
 
 
-class T5Tracer(torch.fx.Tracer):
-    """A torch.fx Tracer that propagates meta tensors and builds the root from `input_names`."""
+class TransformersTracer(torch.fx.Tracer):
+    """A torch.fx Tracer for the transformers models of every family in `fxconvert.families`: it
+    propagates meta tensors and builds the root from `input_names`."""
 
     # A buffer read in a forward (BERT's `position_ids`) is a get_attr node, so slicing it by
     # a traced length stays in the graph; the graph module registers it as a persistent buffer.
@@ -779,5 +778,6 @@ def _leaf_replacements(model, tracer):
             ns[name] = original
 
 
-__all__ = ["trace", "trace_with_stats", "T5Tracer", "TraceResult", "supported_class", "family_of",
-           "input_name_list", "require_transformers", "default_input_names", "accepted_input_names", "forward_parameters"]
+__all__ = ["trace", "trace_with_stats", "TransformersTracer", "TraceResult", "supported_class", "family_of",
+           "input_name_list", "require_transformers", "default_input_names", "accepted_input_names",
+           "forward_parameters"]

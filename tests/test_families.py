@@ -24,7 +24,7 @@ def test_a_record_names_what_transformers_has(family):
         config = getattr(transformers, config_cls)()
         assert config.model_type == model_type
         assert model_cls in family.classes
-        assert hasattr(config, family.hidden_size), family.hidden_size
+        assert hasattr(config, family.hidden_field), family.hidden_field
         if family.max_length:
             assert hasattr(config, family.max_length), family.max_length
     for cls_name in family.classes:
@@ -69,7 +69,7 @@ def test_a_records_tiny_config_builds_a_tiny_model_of_each_type_that_the_loader_
         check_config(config, "config.json")  # the loader's structural checks pass
         built = transformers.AutoConfig.for_model(**config)
         assert type(built).__name__ == config_cls
-        assert getattr(built, family.hidden_size) == 32 and built.vocab_size == 97  # the fields took effect
+        assert getattr(built, family.hidden_field) == 32 and built.vocab_size == 97  # the fields took effect
         with torch.device("meta"):
             model = getattr(transformers, model_cls)(built)
         assert sum(p.numel() for p in model.parameters()) < 100_000

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from fxconvert.convert import convert
 from fxconvert.errors import TraceError
 from fxconvert.families import family_of_class, presets
+from fxconvert.graph_info import graph_info
 from fxconvert.stages import split_stages
 from fxconvert.trace import trace
 
@@ -113,7 +114,7 @@ def traced(case, attn, mode):
 @pytest.mark.parametrize("case", [c for c in CASES if c not in ("Model", "CG_labels")])
 def test_trace_matches_eager(case, attn, mode):
     model, gm = traced(case, attn, mode)
-    names = list(gm.meta["input_names"])
+    names = list(graph_info(gm).input_names)
     assert names == (CASES[case][1] or family_of_class(CASES[case][0]).default_input_names(CASES[case][0]))
     for shape in SHAPES:
         for pad in (True, False):
@@ -148,7 +149,7 @@ def test_small_configurations_match_eager(cls_name, attn, heads, layers, ffn, ac
     for mode in ("eval", "train"):
         model.train(mode == "train")
         gm = trace(model)  # a raw trace is of one mode (convert lifts the flag)
-        inputs = inputs_for(list(gm.meta["input_names"]), shape)
+        inputs = inputs_for(list(graph_info(gm).input_names), shape)
         expected, expected_grads = run(lambda i: eager_outputs(model, i), model, inputs, mode)
         actual, actual_grads = run(lambda i: gm(**i), model, inputs, mode)
         assert_outputs_match(expected, actual)
@@ -361,7 +362,7 @@ def test_float16_is_refused_and_bfloat16_matches_eager():
         trace(build().half())
     model = build().to(torch.bfloat16)
     gm = trace(model)
-    inputs = inputs_for(list(gm.meta["input_names"]), (2, 6, 4))
+    inputs = inputs_for(list(graph_info(gm).input_names), (2, 6, 4))
     expected, actual = eager_outputs(model, inputs), gm(**inputs)
     for name in expected:  # the same ops in the same order: equal in bfloat16 too
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)

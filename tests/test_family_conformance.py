@@ -125,7 +125,7 @@ def inputs_for(family, config, names, shape, seed=0):
         elif kind == "type_ids":
             value = torch.randint(0, config.type_vocab_size, (batch, length), generator=g)
         elif kind == "embeds":
-            value = torch.randn(batch, length, getattr(config, family.hidden_size), generator=g)
+            value = torch.randn(batch, length, getattr(config, family.hidden_field), generator=g)
         else:
             value = torch.randint(0, config.vocab_size, (batch, length), generator=g)
             if name == "labels" and length > 1:
@@ -186,7 +186,7 @@ def test_every_family_has_a_tiny_config_of_each_class():
         for model_type in family.model_types:
             config = transformers.AutoConfig.for_model(**family.tiny_config(model_type))
             assert config.model_type == model_type and config.vocab_size == 97, model_type
-            assert getattr(config, family.hidden_size) == 32, model_type
+            assert getattr(config, family.hidden_field) == 32, model_type
 
 
 # -- trace ----------------------------------------------------------------------------------------

@@ -308,3 +308,42 @@ def test_a_transformers_outside_the_declared_range_is_refused_in_one_line(monkey
         assert capsys.readouterr().err.startswith("fxconvert: error: transformers 4.57.0 is installed")
     finally:
         require_transformers.cache_clear()
+
+
+# config.json dicts with tie_word_embeddings false, one per family with an LM head
+UNTIED_CONFIGS = {
+    "t5": dict(model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=32, d_model=8, d_ff=16,
+               d_kv=4, num_heads=2, num_layers=1),
+    "bart": dict(model_type="bart", architectures=["BartForConditionalGeneration"], vocab_size=32, d_model=8,
+                 encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=16, decoder_ffn_dim=16),
+    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=32, n_embd=8, n_layer=1, n_head=2,
+                 bos_token_id=0, eos_token_id=0),
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32, hidden_size=8,
+                  intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
+}
+
+
+@pytest.mark.parametrize("name", UNTIED_CONFIGS)
+def test_only_a_family_whose_record_says_so_has_its_head_untied(name):
+    """The untie rule is the record's: T5's head (which transformers ties whatever the config says)
+    gets its own weight; every other family's head is left exactly as transformers built it."""
+    import transformers
+
+    from fxconvert import families
+
+    config = dict(UNTIED_CONFIGS[name], tie_word_embeddings=False)
+    cls = getattr(transformers, config["architectures"][0])
+    with torch.device("meta"):
+        model = cls(cls.config_class(**config))
+    family = families.family_of_model_type(config["model_type"])
+    embedding, head = model.get_input_embeddings().weight, model.lm_head.weight
+    # the record states what transformers does
+    assert (head is embedding) == family.ties_head_regardless == (name == "t5")
+    load_module._untie_head(model, config)
+    if family.ties_head_regardless:
+        assert model.lm_head.weight is not embedding and model.lm_head.weight.shape == embedding.shape
+    else:
+        assert model.lm_head.weight is head
+    tied = dict(config, tie_word_embeddings=True)
+    assert not family.unties_head(tied) and family.unties_head(config) == (name == "t5")

@@ -568,3 +568,15 @@ def test_every_meta_value_has_the_shape_and_dtype_of_a_real_run(family, case, va
             assert (tuple(meta.shape), meta.dtype) == (tuple(real.shape), real.dtype), node.format_node()
             checked += 1
     assert checked > 100
+
+
+def test_one_tracer_named_for_no_family_traces_every_family():
+    """The tracer is the same for every family, and its name says so (it was `T5Tracer`)."""
+    import importlib
+
+    trace_module = importlib.import_module("fxconvert.trace")  # `fxconvert.trace` is the function
+    assert not hasattr(trace_module, "T5Tracer")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2,
+                                                                 n_positions=16, bos_token_id=0, eos_token_id=0))
+    for model in (build("T5ForConditionalGeneration"), gpt2.eval()):
+        assert trace(model).graph._tracer_cls is trace_module.TransformersTracer

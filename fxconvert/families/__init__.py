@@ -47,7 +47,7 @@ class Family:
     inputs: Mapping[str, tuple[str, str]]  # input name -> (kind, sequence), in forward's order
     default_inputs: tuple[tuple[str, tuple[str, ...]], ...]  # (class-name suffix, input names): first match
     train_inputs: tuple[str, ...]  # what fxconvert.train feeds the first stage; the loss comes from labels
-    hidden_size: str  # config attribute: the width of inputs_embeds
+    hidden_field: str  # config attribute: the width of inputs_embeds (read with `input_sizes`)
     blocks: tuple[str, ...]  # per stack, in run order: a regex matching a block's module path
     presets: Mapping[str, dict] = field(default_factory=dict)  # name -> config.json dict (random weights)
     aliases: Mapping[str, str] = field(default_factory=dict)  # other name -> preset name
@@ -55,6 +55,8 @@ class Family:
     # family-specific structural checks: (config.json dict, refuse) -> None; refuse(key, rule) raises
     check_config: Callable[[dict, Callable], None] | None = None
     max_layers_fields: tuple[str, ...] = ()  # config fields that count layers (capped by load.MAX_LAYERS)
+    # what the error about a layer-count field adds (T5's num_decoder_layers can be left to follow num_layers)
+    layers_field_hints: Mapping[str, str] = field(default_factory=dict)
     positive_int_fields: tuple[str, ...] = ()  # fields that must be positive integers
     rate_fields: tuple[str, ...] = ()  # dropout probabilities in [0, 1)
     token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
@@ -71,6 +73,30 @@ class Family:
     # config.json fields (model_type and architectures aside) of a tiny random model of this
     # family: two layers, width 32, vocabulary 97, dropout on. For the tests and --self-check.
     tiny: Mapping[str, object] = field(default_factory=dict)
+    # Whether transformers ties this family's LM head (`lm_head`) to the input embedding at
+    # construction whatever `tie_word_embeddings` says (T5 in transformers 5). Such a head is
+    # untied at load when the config says false (`unties_head`), as the published checkpoints
+    # hold it; every other family's transformers class already honours the field.
+    ties_head_regardless: bool = False
+
+    def unties_head(self, config: Mapping) -> bool:
+        """Whether a model built from `config` (a config.json dict) needs its LM head untied at load."""
+        return self.ties_head_regardless and config.get("tie_word_embeddings") is False
+
+    # The readers of a config's sizes. Code outside this package asks them, never the config by
+    # attribute name: the names differ by family (T5's d_model is GPT-2's n_embd). `config` is a
+    # transformers config or a config.json dict.
+
+    def input_sizes(self, config) -> dict:
+        """The sizes inputs are built from (`fxconvert.inputs.build_inputs`' keywords): `hidden`, the
+        width of inputs_embeds (None when unknown); `vocab` and `type_vocab`, the bounds of token and
+        segment ids (2 when the config gives none)."""
+        return {"hidden": _read(config, self.hidden_field, None), "vocab": _read(config, "vocab_size", 2),
+                "type_vocab": _read(config, "type_vocab_size", 2) or 2}
+
+    def vocab(self, config) -> int | None:
+        """The vocabulary size the config gives, or None."""
+        return _read(config, "vocab_size", None)
 
     def default_input_names(self, cls_name: str) -> list[str]:
         for suffix, names in self.default_inputs:
@@ -97,6 +123,12 @@ class Family:
             if match:
                 return stack, int(match.group("index")), match.group("block")
         return None
+
+
+def _read(config, key: str, default):
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
 
 
 @cache

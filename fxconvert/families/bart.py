@@ -106,7 +106,7 @@ FAMILY = Family(
         ("Model", ("input_ids", "attention_mask", "decoder_input_ids")),
     ),
     train_inputs=("input_ids", "attention_mask", "decoder_input_ids", "labels"),
-    hidden_size="d_model",
+    hidden_field="d_model",
     # BartForConditionalGeneration holds the stacks under `model.`, BartModel at the top.
     blocks=(block_regex(r"(?:model\.)?encoder\.layers"), block_regex(r"(?:model\.)?decoder\.layers")),
     presets={name: _preset(*size) for name, size in _SIZES.items()},

@@ -88,7 +88,7 @@ FAMILY = Family(
         ("Model", ("input_ids", "attention_mask", "token_type_ids")),
     ),
     train_inputs=("input_ids", "attention_mask", "token_type_ids", "labels"),
-    hidden_size="hidden_size",
+    hidden_field="hidden_size",
     # BertForMaskedLM: bert.encoder.layer.N; BertModel (no prefix): encoder.layer.N
     blocks=(block_regex(r"(?:bert\.)?encoder\.layer"),),
     presets={name: _preset(*size) for name, size in _SIZES.items()},

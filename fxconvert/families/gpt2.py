@@ -71,7 +71,7 @@ FAMILY = Family(
         ("Model", ("input_ids", "attention_mask")),
     ),
     train_inputs=("input_ids", "attention_mask", "labels"),
-    hidden_size="n_embd",
+    hidden_field="n_embd",
     # GPT2LMHeadModel holds the blocks under transformer.h, the bare GPT2Model under h
     blocks=(block_regex(r"(?:transformer\.)?h"),),
     presets={name: _preset(*size) for name, size in _SIZES.items()},

@@ -144,7 +144,7 @@ FAMILY = Family(
         ("Model", ("input_ids", "attention_mask")),
     ),
     train_inputs=("input_ids", "attention_mask", "labels"),
-    hidden_size="hidden_size",
+    hidden_field="hidden_size",
     blocks=(block_regex(r"(?:model\.)?layers"),),
     presets={
         "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": _TINYLLAMA,

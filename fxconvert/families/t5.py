@@ -97,7 +97,7 @@ FAMILY = Family(
         ("Model", ("input_ids", "attention_mask", "decoder_input_ids")),
     ),
     train_inputs=("input_ids", "attention_mask", "decoder_input_ids", "labels"),
-    hidden_size="d_model",
+    hidden_field="d_model",
     blocks=(block_regex(r"encoder\.block"), block_regex(r"decoder\.block")),
     presets={name: _preset(*size) for name, size in _SIZES.items()},
     aliases={f"google-t5/{n}": n for n in _SIZES if n.startswith("t5-")},
@@ -105,8 +105,10 @@ FAMILY = Family(
                    "feed_forward_proj", "tie_word_embeddings", "scale_decoder_outputs"),
     check_config=check_config,
     max_layers_fields=("num_layers", "num_decoder_layers"),
+    layers_field_hints={"num_decoder_layers": " (or remove it to use num_layers)"},
     positive_int_fields=("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers"),
     rate_fields=("dropout_rate", "classifier_dropout"),
     token_id_fields=("pad_token_id", "decoder_start_token_id"),
     notes="relative position bias instead of positions; the LM head is tied in T5 and untied in v1.1, flan and mT5",
+    ties_head_regardless=True,  # transformers 5 ties T5's head even with tie_word_embeddings=False
 )

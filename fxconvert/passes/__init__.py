@@ -2,12 +2,14 @@
 
 Each pass lives in its own file, is a `torch.fx.passes.infra.pass_base.PassBase`, takes a
 GraphModule and returns `PassResult(graph_module, modified)` with an honest `modified`.
-Each is idempotent and leaves a graph that passes `lint()`. The list below is the order
-`fxconvert.convert` runs them in.
+Each is idempotent and leaves a graph that passes `lint()`. Each declares the fields of the
+graph's `GraphInfo` it needs and records (`GraphPass.required` / `ensured`, checked by
+`PassBase`'s `requires` / `ensures`). The list below is the order `fxconvert.convert` runs them in.
 """
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxconvert.passes.contract import GraphPass
 from fxconvert.passes.keep_single_output_pass import KeepSingleOutputPass
 from fxconvert.passes.lift_shared_weights_pass import LiftSharedWeightsPass
 from fxconvert.passes.lift_training_flag_pass import LiftTrainingFlagPass
@@ -23,6 +25,7 @@ def default_passes(*, output: str | None = None) -> list[PassBase]:
 __all__ = [
     "PassBase",
     "PassResult",
+    "GraphPass",
     "RemoveNoneChecksPass",
     "LiftTrainingFlagPass",
     "LiftSharedWeightsPass",

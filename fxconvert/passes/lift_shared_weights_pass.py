@@ -11,7 +11,7 @@ sees one tensor flowing to every stage that uses it. This pass does the same on 
 - `nn.Embedding` calls become `F.embedding(ids, w, ...)`, `nn.Linear` calls
   `F.linear(x, w, bias)`, and direct reads of the weight read the placeholder;
 - the parameter is unregistered from the graph module, so it is not held twice. The
-  lifted tensors are handed over in `gm.meta["lifted_weights"]` (placeholder -> tensor)
+  lifted tensors are handed over in `GraphInfo.lifted_weights` (placeholder -> tensor)
   for the module that owns them (`fxconvert.convert.ConvertedModule`).
 
 Parameters used under one name, such as an untied LM head, stay ordinary parameters.
@@ -25,11 +25,13 @@ import copy
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxconvert.graph_utils import delete_unused_submodules
 from fxconvert.analysis import find_shared_parameters
 from fxconvert.errors import PassError, describe_node
+from fxconvert.graph_info import graph_info, update_graph_info
+from fxconvert.passes.contract import GraphPass
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert.passes.sparsify_shared_lookups_pass import sparse_embedding_gradients  # noqa: F401 (re-exported)
 
@@ -90,16 +92,19 @@ def _shared_bias_call(graph, node, bias):
     return F.linear, (node.args[0], weight), {"bias": bias}
 
 
-class LiftSharedWeightsPass(PassBase):
+class LiftSharedWeightsPass(GraphPass):
+    ensured = ("lifted_weights",)  # {} when nothing is shared
+
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         shared = find_shared_parameters(graph_module)
+        lifted = dict(graph_info(graph_module).lifted_weights or {})
         if not shared:
+            update_graph_info(graph_module, lifted_weights=lifted)
             return PassResult(graph_module, False)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         taken = {n.target for n in placeholders}
         anchor = next((n for n in placeholders if n.target == TRAINING), None)
-        lifted = dict(graph_module.meta.get("lifted_weights", {}))
         for info, param in shared:
             name = _placeholder_name(graph_module, info.names, taken)
             taken.add(name)
@@ -134,7 +139,7 @@ class LiftSharedWeightsPass(PassBase):
                     node.replace_all_uses_with(weight)
                     graph.erase_node(node)
             lifted[name] = param
-        graph_module.meta["lifted_weights"] = lifted
+        update_graph_info(graph_module, lifted_weights=lifted)
         delete_unused_submodules(graph_module)
         for info, _ in shared:
             self._unregister(graph_module, info.names)

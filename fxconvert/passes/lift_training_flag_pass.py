@@ -10,7 +10,7 @@ a `training` placeholder (default False) as the graph's last input and rewires:
 
 The rate used when training is the configured one even for an eval-mode trace, where
 transformers passes 0.0: the tracer records each attention module's rate in
-`gm.meta["dropout_rates"]`, keyed by module path, and nodes carry their module path.
+`GraphInfo.dropout_rates` (`fxconvert.graph_info`), keyed by module path, and nodes carry their module path.
 """
 
 import operator
@@ -18,7 +18,10 @@ import operator
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxconvert.graph_info import graph_info
+from fxconvert.passes.contract import GraphPass
 
 PLACEHOLDER = "training"
 
@@ -47,13 +50,15 @@ def _training_placeholder(graph: torch.fx.Graph) -> tuple[torch.fx.Node, bool]:
 
 
 def _configured_rate(gm, node, recorded):
-    rates = gm.meta.get("dropout_rates", {})
+    rates = graph_info(gm).dropout_rates
     if recorded == 0.0 and node.meta.get("module_path") in rates:
         return rates[node.meta["module_path"]]
     return recorded
 
 
-class LiftTrainingFlagPass(PassBase):
+class LiftTrainingFlagPass(GraphPass):
+    required = ("dropout_rates",)  # without them an eval-mode trace's attention dropout would stay 0.0
+
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         training, modified = _training_placeholder(graph)

@@ -13,10 +13,11 @@ import operator
 import torch
 import torch.fx
 from torch.fx.node import map_arg
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from fxconvert.errors import PassError, describe_node
 from fxconvert.graph_utils import eliminate_dead_code
+from fxconvert.passes.contract import GraphPass
 from fxconvert.runtime import MAY_RETURN_NONE
 
 # FTPipe's helpers, matched by name since they are defined in user code.
@@ -70,7 +71,7 @@ def _replace_with_constant(node: torch.fx.Node, value) -> None:
         user.kwargs = map_arg(user.kwargs, lambda n: value if n is node else n)
 
 
-class RemoveNoneChecksPass(PassBase):
+class RemoveNoneChecksPass(GraphPass):  # needs no GraphInfo: it works on any graph
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         modified = False

@@ -18,7 +18,10 @@ Pipeline stages apply the same rule to each stage graph (`sparse_embedding_gradi
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxconvert.graph_info import graph_info
+from fxconvert.passes.contract import GraphPass
 
 
 def sparse_embedding_gradients(graph: torch.fx.Graph, names) -> bool:
@@ -38,11 +41,13 @@ def sparse_embedding_gradients(graph: torch.fx.Graph, names) -> bool:
     return changed
 
 
-class SparsifySharedLookupsPass(PassBase):
+class SparsifySharedLookupsPass(GraphPass):
     """Applies `sparse_embedding_gradients` to the weights `LiftSharedWeightsPass` lifted."""
 
+    required = ("lifted_weights",)
+
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        lifted = graph_module.meta.get("lifted_weights", {})
+        lifted = graph_info(graph_module).lifted_weights
         modified = sparse_embedding_gradients(graph_module.graph, set(lifted))
         if modified:
             graph_module.recompile()

@@ -7,12 +7,14 @@ modified=False, and that the result computes what the eager model computes.
 """
 
 import copy
+import dataclasses
 
 import torch
 import torch.fx
 
 from helpers import build, eager_outputs, random_inputs
 
+from fxconvert.graph_info import GraphInfo, set_graph_info
 from fxconvert.trace import trace
 
 
@@ -69,6 +71,20 @@ def nodes_calling(gm, *targets):
 
 def placeholders(gm):
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def with_graph_info(gm, **fields):
+    """`gm` with the `GraphInfo` fxconvert's tracer records (every placeholder a model input, no
+    attention dropout rates), `fields` replaced: what a pass needs of a toy graph."""
+    info = GraphInfo(model_class=type(gm).__name__, input_names=tuple(placeholders(gm)),
+                     traced_training=gm.training, dropout_rates={})
+    set_graph_info(gm, dataclasses.replace(info, **fields))
+    return gm
+
+
+def symbolic_trace(module, **fields):
+    """`torch.fx.symbolic_trace(module)` with a `GraphInfo` (`with_graph_info`)."""
+    return with_graph_info(torch.fx.symbolic_trace(module), **fields)
 
 
 # -- T5 fixtures ---------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ import torch.fx
 from torch import nn
 
 from fxconvert.errors import UsageError
+from fxconvert.graph_info import graph_info
 from fxconvert.passes import KeepSingleOutputPass, LiftSharedWeightsPass, LiftTrainingFlagPass
 
-from .common import LABELS, NO_LABELS, as_eager, check, placeholders, t5_inputs, traced_t5
+from .common import LABELS, NO_LABELS, as_eager, check, placeholders, symbolic_trace, t5_inputs, traced_t5
 
 
 class Heads(nn.Module):
@@ -28,10 +29,10 @@ class Heads(nn.Module):
 
 def run(module, output, delta):
     x = torch.randn(5, 4)
-    gm = torch.fx.symbolic_trace(module)
+    gm = symbolic_trace(module)
     kept = output or module.names[0]
     gm = check(gm, KeepSingleOutputPass(output), delta, eager=lambda x: module(x)[kept], args=(x,))
-    assert gm.meta["output_name"] == kept
+    assert graph_info(gm).output_name == kept
     return gm
 
 
@@ -51,13 +52,13 @@ def test_output_picked_by_name():
     (("other", "last_hidden_state"), "last_hidden_state"),
 ])
 def test_default_preference(names, kept):
-    gm = torch.fx.symbolic_trace(Heads(names))
-    assert KeepSingleOutputPass()(gm).graph_module.meta["output_name"] == kept
+    gm = symbolic_trace(Heads(names))
+    assert graph_info(KeepSingleOutputPass()(gm).graph_module).output_name == kept
 
 
 def test_unknown_name_lists_the_available_ones():
     with pytest.raises(UsageError, match=r"'nope'.*logits, hidden"):
-        KeepSingleOutputPass("nope")(torch.fx.symbolic_trace(Heads()))
+        KeepSingleOutputPass("nope")(symbolic_trace(Heads()))
 
 
 @pytest.mark.parametrize("cls_name,input_names,kept", [
@@ -68,10 +69,10 @@ def test_unknown_name_lists_the_available_ones():
 ])
 def test_t5_default_output(cls_name, input_names, kept):
     _, reference, gm = traced_t5(cls_name, input_names=input_names)
-    inputs = t5_inputs(gm.meta["input_names"])
+    inputs = t5_inputs(graph_info(gm).input_names)
     # every other output feeds the kept one, so no node goes
     gm = check(gm, KeepSingleOutputPass(), 0, eager=lambda **kw: as_eager(reference)(**kw)[kept], kwargs=inputs)
-    assert gm.meta["output_name"] == kept
+    assert graph_info(gm).output_name == kept
     assert isinstance(gm(**inputs), torch.Tensor)
 
 
@@ -94,9 +95,9 @@ def test_t5_picking_the_encoder_output_drops_the_decoder_and_its_inputs():
     assert not [name for name, _ in gm.named_modules() if name.startswith(decoder)]
     # the inputs only the decoder read are gone from the graph and from its records
     assert placeholders(gm) == ["input_ids", "attention_mask", "shared_embed_weight", "training"]
-    assert gm.meta["input_names"] == ("input_ids", "attention_mask")
-    assert gm.meta["dropped_inputs"] == ("decoder_input_ids", "labels")
-    assert list(gm.meta["lifted_weights"]) == ["shared_embed_weight"]
+    assert graph_info(gm).input_names == ("input_ids", "attention_mask")
+    assert graph_info(gm).dropped_inputs == ("decoder_input_ids", "labels")
+    assert list(graph_info(gm).lifted_weights) == ["shared_embed_weight"]
 
 
 def test_t5_an_unread_shared_weight_is_dropped_too():
@@ -113,17 +114,17 @@ def test_t5_an_unread_shared_weight_is_dropped_too():
                kwargs={"inputs_embeds": embeds, "attention_mask": mask},
                eager=lambda **kw: as_eager(reference)(**kw, decoder_input_ids=ids)["encoder_last_hidden_state"])
     assert placeholders(gm) == ["inputs_embeds", "attention_mask"]
-    assert gm.meta["dropped_inputs"] == ("decoder_input_ids", "shared_embed_weight")
-    assert gm.meta["lifted_weights"] == {}
+    assert graph_info(gm).dropped_inputs == ("decoder_input_ids", "shared_embed_weight")
+    assert graph_info(gm).lifted_weights == {}
 
 
 def test_placeholders_outside_the_records_stay():
-    """A graph without input records (a plain symbolic trace) keeps its placeholders, used or not."""
+    """Placeholders the records do not name as model inputs (none here) stay, used or not."""
     class TwoInputs(nn.Module):
         def forward(self, x, y):
             return {"logits": x * 2, "other": y + 1}
 
-    gm = check(torch.fx.symbolic_trace(TwoInputs()), KeepSingleOutputPass(), -1,  # y + 1
+    gm = check(symbolic_trace(TwoInputs(), input_names=()), KeepSingleOutputPass(), -1,  # y + 1
                eager=lambda x, y: x * 2, args=(torch.randn(3), torch.randn(3)))
     assert placeholders(gm) == ["x", "y"]
 

@@ -10,9 +10,10 @@ from torch import nn
 
 from helpers import output_sum
 from fxconvert.errors import PassError
+from fxconvert.graph_info import graph_info
 from fxconvert.passes import LiftSharedWeightsPass, LiftTrainingFlagPass
 
-from .common import (LABELS, as_eager, check, nodes_calling, placeholders, t5_inputs, traced_t5,
+from .common import (LABELS, as_eager, check, nodes_calling, placeholders, symbolic_trace, t5_inputs, traced_t5,
                      untie_lm_head)
 
 NAME = "shared_embed_weight"
@@ -55,7 +56,7 @@ def assert_lifted(gm, weight, embeddings, linears):
     assert [n.args[1] for n in nodes_calling(gm, F.embedding)].count(flag) == embeddings
     assert [n.args[1] for n in nodes_calling(gm, F.linear)].count(flag) == linears
     assert not any(p is weight for _, p in gm.named_parameters(remove_duplicate=False)), "still registered"
-    assert gm.meta["lifted_weights"][NAME] is weight
+    assert graph_info(gm).lifted_weights[NAME] is weight
     return flag
 
 
@@ -69,7 +70,7 @@ def test_tied_toy(bias, read_weight, delta):
     before = registrations(module)
     ids = torch.randint(0, 11, (3, 5))
     weight = module.shared.weight
-    gm = check(torch.fx.symbolic_trace(module), LiftSharedWeightsPass(), delta,
+    gm = check(symbolic_trace(module), LiftSharedWeightsPass(), delta,
                eager=lambda ids, w: module(ids), args=(ids, weight))
     assert placeholders(gm) == ["ids", NAME]
     assert not [n for n in gm.graph.nodes if n.op == "call_module"]
@@ -90,7 +91,7 @@ def test_untied_weights_are_left_alone():
     module.lm_head.weight = nn.Parameter(torch.randn(11, 4))
     module.embed_tokens = nn.Embedding(11, 4)
     ids = torch.randint(0, 11, (3, 5))
-    check(torch.fx.symbolic_trace(module), LiftSharedWeightsPass(), 0, eager=module, args=(ids,))
+    check(symbolic_trace(module), LiftSharedWeightsPass(), 0, eager=module, args=(ids,))
 
 
 def test_shared_weight_of_a_module_without_a_stateless_form_raises():
@@ -104,7 +105,7 @@ def test_shared_weight_of_a_module_without_a_stateless_form_raises():
             return self.b(self.a(x))
 
     with pytest.raises(PassError, match=r"LayerNorm.*call_module"):
-        LiftSharedWeightsPass()(torch.fx.symbolic_trace(TiedNorms()))
+        LiftSharedWeightsPass()(symbolic_trace(TiedNorms()))
 
 
 def without_weight(reference):
@@ -131,10 +132,10 @@ def test_t5_tied_embedding_becomes_one_placeholder(cls_name, attn, embeddings, l
     before = registrations(model)
     assert model.encoder.embed_tokens.weight is model.shared.weight
     gm = LiftTrainingFlagPass()(gm).graph_module
-    inputs = t5_inputs(gm.meta["input_names"])
+    inputs = t5_inputs(graph_info(gm).input_names)
     gm = check(gm, LiftSharedWeightsPass(), 1, eager=without_weight(reference),
                kwargs={**inputs, NAME: model.shared.weight})
-    assert placeholders(gm) == [*gm.meta["input_names"], NAME, "training"]
+    assert placeholders(gm) == [*graph_info(gm).input_names, NAME, "training"]
     assert_lifted(gm, model.shared.weight, embeddings, linears)
     assert not [n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith(("embed_tokens", "shared"))]
     assert_unchanged(model, before)

@@ -9,9 +9,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxconvert.graph_info import graph_info
 from fxconvert.passes import LiftTrainingFlagPass
 
-from .common import LABELS, as_eager, assert_same, check, nodes_calling, placeholders, t5_inputs, traced_t5
+from .common import (LABELS, as_eager, assert_same, check, nodes_calling, placeholders, symbolic_trace, t5_inputs,
+                     traced_t5, with_graph_info)
 
 DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
@@ -61,7 +63,7 @@ def test_dropout_modules_become_flag_driven_calls(cls, shape):
             return self.drop(x) * 2
 
     module = M().eval()
-    gm = check(torch.fx.symbolic_trace(module), LiftTrainingFlagPass(), 1, eager=module, args=(torch.randn(shape),))
+    gm = check(symbolic_trace(module), LiftTrainingFlagPass(), 1, eager=module, args=(torch.randn(shape),))
     assert_flag_drives_everything(gm)
     assert_both_modes(gm, module, torch.randn(shape))
 
@@ -74,7 +76,7 @@ class FunctionalDropout(nn.Module):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_functional_dropout_traced_in_either_mode(mode):
     module = getattr(FunctionalDropout(), mode)()
-    gm = torch.fx.symbolic_trace(module)
+    gm = symbolic_trace(module)
     assert [n.kwargs["training"] for n in nodes_calling(gm, F.dropout)] == [mode == "train"] * 2
     gm = check(gm, LiftTrainingFlagPass(), 1)
     assert [n.kwargs["p"] for n in nodes_calling(gm, F.dropout)] == [0.3, 0.4]
@@ -86,7 +88,7 @@ def test_positional_training_argument():
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     graph.output(graph.call_function(F.dropout, (x, 0.3, False)))
-    gm = check(torch.fx.GraphModule(nn.Module(), graph), LiftTrainingFlagPass(), 1)
+    gm = check(with_graph_info(torch.fx.GraphModule(nn.Module(), graph)), LiftTrainingFlagPass(), 1)
     assert_flag_drives_everything(gm)
     assert_both_modes(gm, FunctionalDropout1(), torch.randn(4, 8))
 
@@ -104,7 +106,7 @@ class Attention(nn.Module):
 def test_sdpa_dropout_traced_in_train_mode():
     module = Attention().train()
     q, k, v = torch.randn(3, 2, 2, 5, 4).unbind(0)
-    gm = check(torch.fx.symbolic_trace(module), LiftTrainingFlagPass(), 2)  # the flag and training * rate
+    gm = check(symbolic_trace(module), LiftTrainingFlagPass(), 2)  # the flag and training * rate
     flag = assert_flag_drives_everything(gm)
     (sdpa,) = nodes_calling(gm, F.scaled_dot_product_attention)
     p = sdpa.kwargs["dropout_p"]
@@ -133,7 +135,7 @@ def test_t5_graph_reproduces_eager_in_both_modes(cls_name, attn, mode):
         p = node.kwargs["dropout_p"]
         assert p.target is operator.mul and set(p.args) == {flag, rate}
 
-    names = LABELS if cls_name.endswith("Generation") else gm.meta["input_names"]
+    names = LABELS if cls_name.endswith("Generation") else graph_info(gm).input_names
     inputs = t5_inputs(names)
     for training in (False, True):
         expected_fn = as_eager(reference, "train" if training else "eval")

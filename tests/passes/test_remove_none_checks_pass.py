@@ -10,6 +10,7 @@ import torch.fx
 from torch import nn
 
 from fxconvert.errors import PassError
+from fxconvert.graph_info import graph_info
 from fxconvert.passes import RemoveNoneChecksPass
 
 from .common import as_eager, check, t5_inputs, traced_t5
@@ -187,7 +188,7 @@ def test_check_on_an_element_of_a_module_output_is_not_assumed_a_tensor():
 def test_traced_t5_graphs_hold_no_checks_and_are_left_alone(cls_name, attn):
     _, reference, gm = traced_t5(cls_name, attn=attn)
     assert not none_checks(gm)
-    inputs = t5_inputs(gm.meta["input_names"])
+    inputs = t5_inputs(graph_info(gm).input_names)
     gm = check(gm, RemoveNoneChecksPass(), 0, eager=as_eager(reference), kwargs=inputs)
     assert not none_checks(gm)
 

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import output_sum
+from fxconvert.graph_info import graph_info
 from fxconvert.passes import KeepSingleOutputPass, LiftSharedWeightsPass, SparsifySharedLookupsPass
 
-from .common import LABELS, as_eager, check, nodes_calling, t5_inputs, traced_t5, untie_lm_head
+from .common import LABELS, as_eager, check, nodes_calling, symbolic_trace, t5_inputs, traced_t5, untie_lm_head
 
 NAME = "shared_embed_weight"
 
@@ -55,7 +56,7 @@ def test_without_a_dense_use_lookups_stay_dense():
         gm = LiftSharedWeightsPass()(gm).graph_module
         gm = check(gm, SparsifySharedLookupsPass(), 0)
         assert flags(gm) == [False, False]
-        assert not gradient(gm, model, t5_inputs(gm.meta["input_names"])).is_sparse
+        assert not gradient(gm, model, t5_inputs(graph_info(gm).input_names)).is_sparse
 
 
 def test_choosing_an_output_without_the_head_keeps_the_gradient_dense():
@@ -68,7 +69,7 @@ def test_choosing_an_output_without_the_head_keeps_the_gradient_dense():
     gm = check(gm, SparsifySharedLookupsPass(), 0)
     assert flags(gm) == [False]
     inputs = t5_inputs(LABELS)
-    got = gradient(gm, model, {k: inputs[k] for k in gm.meta["input_names"]})
+    got = gradient(gm, model, {k: inputs[k] for k in graph_info(gm).input_names})
     assert got.layout == torch.strided
     torch.testing.assert_close(got, eager_gradient(reference, inputs, kept))
 
@@ -80,8 +81,7 @@ class Lookup(nn.Module):
 
 def test_a_sparse_lookup_without_a_dense_use_is_made_dense():
     """The decision goes both ways: whatever set the flag before, the graph as it is decides."""
-    gm = torch.fx.symbolic_trace(Lookup())
-    gm.meta["lifted_weights"] = {"weight": None}
+    gm = symbolic_trace(Lookup(), lifted_weights={"weight": None})
     ids, weight = torch.randint(0, 5, (3,)), torch.randn(5, 2, requires_grad=True)
     gm = check(gm, SparsifySharedLookupsPass(), 0, eager=lambda ids, weight: F.embedding(ids, weight),
                args=(ids, weight))
@@ -91,6 +91,6 @@ def test_a_sparse_lookup_without_a_dense_use_is_made_dense():
 
 
 def test_weights_that_were_not_lifted_are_left_alone():
-    gm = torch.fx.symbolic_trace(Lookup())
+    gm = symbolic_trace(Lookup(), lifted_weights={})
     result = SparsifySharedLookupsPass()(gm)
     assert not result.modified and flags(result.graph_module) == [True]
