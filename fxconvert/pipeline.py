@@ -30,7 +30,8 @@ import torch
 from fxconvert import families, manifest
 from fxconvert.codegen import check_names, module_source
 from fxconvert.convert import Conversion
-from fxconvert.errors import UsageError
+from fxconvert.errors import UsageError, printable
+from fxconvert.files import read_copyable, roots_of, why_not_copyable
 from fxconvert.inputs import SIZE_PROBES, build_inputs, meta_twins
 from fxconvert.save import WEIGHTS_FILE
 from fxconvert.stage_files import Pipeline, PipelineError, load_pipeline
@@ -298,9 +299,6 @@ def skipped_tokenizer_files(source) -> list[str]:
 
 
 def _tokenizer_files(source) -> tuple[dict[str, Path], list[str]]:
-    from fxconvert.errors import printable
-    from fxconvert.files import roots_of, why_not_copyable
-
     directory = source_directory(source)
     if directory is None:
         return {}, []
@@ -346,9 +344,6 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
     if model is None or getattr(model, "config", None) is None:
         raise UsageError("this conversion holds no transformers model, so config.json cannot be written; "
                          "convert the model with fxconvert.convert")
-    from fxconvert.errors import printable
-    from fxconvert.files import read_copyable, roots_of
-
     files: dict[str, str | bytes] = dict(stage_sources(stages))
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
