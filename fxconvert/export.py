@@ -35,13 +35,14 @@ from typing import Callable
 
 import torch
 
+from fxconvert import manifest as manifests
 from fxconvert.checkpoint import fsync_path
-from fxconvert.errors import FxConvertError
+from fxconvert.errors import FxConvertError, printable
 from fxconvert.signals import deferred
 from fxconvert.files import read_copyable, why_not_copyable
 
 INDEX = "model.safetensors.index.json"
-PIPELINE = "pipeline.json"
+PIPELINE = manifests.FILE
 GENERATION_CONFIG = "generation_config.json"
 # Names a copied file may not have: they would stand beside, or instead of, the weights written here.
 _WEIGHTS_LIKE = re.compile(r"(\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)|\.index\.json)$", re.IGNORECASE)
@@ -76,28 +77,23 @@ class ExportPlan:
         return out
 
 
-def plan_from_manifest(manifest: dict, pipeline_dir) -> ExportPlan:
-    """Read the naming and the files to copy from pipeline.json's dict; one-line errors when it is malformed."""
+def plan_from_manifest(manifest: "manifests.Manifest | dict", pipeline_dir) -> ExportPlan:
+    """The naming and the files to copy, from pipeline.json (its record, or its parsed JSON, checked whole first);
+    one-line errors when it is malformed."""
     directory = Path(pipeline_dir)
-    try:
-        num_stages = manifest["num_stages"]
-        rows = manifest["stages"]
-        names = {int(row["index"]): {p["name"]: p["hf_name"] for p in row["parameters"]} for row in rows}
-        shared = {}
-        for name, info in (manifest.get("shared_weights") or {}).items():
-            if info["stages"] and info["hf_names"]:
-                shared[name] = (min(info["stages"]), info["hf_names"][0])
-        files = [manifest.get("config") or "config.json"]
-        if (directory / GENERATION_CONFIG).is_file():
-            files.append(GENERATION_CONFIG)
-        files += [f for f in manifest.get("tokenizer_files") or [] if f not in files]
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ExportError(f"{directory / PIPELINE} is malformed ({type(e).__name__}: {e}); "
-                          f"convert again with --stages N") from e
-    if not isinstance(num_stages, int) or sorted(names) != list(range(num_stages)):
-        raise ExportError(f"{directory / PIPELINE} lists stages {sorted(names)} for num_stages {num_stages!r}; "
-                          f"convert again with --stages N")
-    plan = ExportPlan(num_stages, names, shared, files)
+    if not isinstance(manifest, manifests.Manifest):
+        try:
+            manifest = manifests.Manifest.from_json(manifest, printable(directory / PIPELINE))
+        except manifests.ManifestError as e:
+            raise ExportError(str(e)) from None
+    names = {s.index: {p.name: p.hf_name for p in s.parameters} for s in manifest.stages}
+    shared = {name: (min(w.stages), w.hf_names[0]) for name, w in manifest.shared_weights.items()
+              if w.stages and w.hf_names}
+    files = [manifest.config]
+    if (directory / GENERATION_CONFIG).is_file():
+        files.append(GENERATION_CONFIG)
+    files += [f for f in manifest.tokenizer_files if f not in files]
+    plan = ExportPlan(manifest.num_stages, names, shared, files)
     _check_plan(plan, directory)
     return plan
 
@@ -130,12 +126,13 @@ def _check_plan(plan: ExportPlan, directory: Path) -> None:
 
 
 def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor]], rank: int,
-              barrier: Callable[[], None], manifest: dict | None = None) -> Path:
+              barrier: Callable[[], None], manifest: "manifests.Manifest | dict | None" = None) -> Path:
     """Write `out_dir` (run/hf) as a sharded transformers checkpoint, from every rank; returns its path.
 
     `states` maps each stage this rank writes (its stages in dp replica 0; `{}`
-    elsewhere) to that stage module's state dict. `manifest` is pipeline.json's dict
-    (read from `pipeline_dir` when None). `barrier()` is a collective over all ranks.
+    elsewhere) to that stage module's state dict. `manifest` is pipeline.json's record
+    (`fxconvert.manifest.Manifest`) or parsed JSON, read from `pipeline_dir` when None.
+    `barrier()` is a collective over all ranks.
     Every rank checks the plan and the destination first, so a bad manifest fails
     everywhere before anything is written.
     """
@@ -172,16 +169,11 @@ def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor
     return out
 
 
-def _read_manifest(directory: Path) -> dict:
+def _read_manifest(directory: Path) -> "manifests.Manifest":
     try:
-        manifest = json.loads((directory / PIPELINE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{directory} has no {PIPELINE}; convert with --stages N") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"cannot read {directory / PIPELINE}: {e}; convert again with --stages N") from e
-    if not isinstance(manifest, dict):
-        raise ExportError(f"{directory / PIPELINE} does not hold a JSON object; convert again with --stages N")
-    return manifest
+        return manifests.read(directory)
+    except manifests.ManifestError as e:
+        raise ExportError(str(e)) from None
 
 
 MARKER = ".fxconvert-export"  # one JSON line: the files this module wrote into the directory

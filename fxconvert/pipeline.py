@@ -1,4 +1,4 @@
-"""`fxconvert.pipeline`: the directory `fxconvert NAME --stages N` writes, and reading it back.
+"""`fxconvert.pipeline`: the directory `fxconvert NAME --stages N` writes.
 
 Besides model.py, weights.safetensors and the reports, a conversion split into stages holds
 what a pipeline runtime needs to fine-tune the model and hand back a transformers checkpoint:
@@ -6,7 +6,7 @@ what a pipeline runtime needs to fine-tune the model and hand back a transformer
 - `stage_<i>.py`: one importable module per stage (`fxconvert.stages.stage_sources`), whose
   `load()` reads only that stage's tensors from weights.safetensors;
 - `pipeline.json`: the stages, their parameters under their transformers names, the shared
-  weights and the values that cross each boundary (`fxconvert.stages.pipeline_manifest`);
+  weights and the values that cross each boundary (`build_manifest`, a `fxconvert.manifest.Manifest`);
 - `config.json` (and `generation_config.json` when the model has one): the transformers
   config, so the trained weights can be saved as a checkpoint again;
 - the tokenizer files found beside the source checkpoint, copied byte for byte: only regular
@@ -16,39 +16,33 @@ what a pipeline runtime needs to fine-tune the model and hand back a transformer
 `pipeline_files(stages, conversion)` gives all of these as {name: text or bytes} for
 `fxconvert.save.save(extra_files=...)`; `pipeline_output` splits and adds the report's
 stage table, for the command line and `Conversion.save(stages=...)` alike.
-`load_pipeline(directory)` reads pipeline.json back and checks all of it, including what an
-export will copy and name (`fxconvert.export.plan_from_manifest`), so a trainer refuses a
-tampered manifest before it trains; a stage file is imported by index only: a manifest
-cannot name another file.
+Reading the directory back is the rank's side, `fxconvert.stage_files` (`load_pipeline`,
+re-exported here), which needs none of the converter this module imports.
 """
 
 import copy
-import importlib.util
 import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fxconvert import families, manifest
 from fxconvert.codegen import check_names, module_source
 from fxconvert.convert import Conversion
-from fxconvert.errors import UsageError
-from fxconvert.inputs import SIZE_PROBES as _SIZE_PROBES
+from fxconvert.errors import UsageError, printable
+from fxconvert.files import read_copyable, roots_of, why_not_copyable
+from fxconvert.inputs import SIZE_PROBES, build_inputs, meta_twins
 from fxconvert.save import WEIGHTS_FILE
-from fxconvert.stages import SplitError, Stages, split_stages, stage_plan, stage_table
+from fxconvert.stage_files import Pipeline, PipelineError, load_pipeline
+from fxconvert.stages import SplitError, Stages, split_plan, split_stages, stage_table
 
-CONFIG_FILE, GENERATION_CONFIG_FILE, PIPELINE_FILE = "config.json", "generation_config.json", "pipeline.json"
+CONFIG_FILE, GENERATION_CONFIG_FILE, PIPELINE_FILE = "config.json", "generation_config.json", manifest.FILE
 # Files a tokenizer's save_pretrained writes (fast and slow T5, mT5, umT5 and the common formats).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt",
                    "chat_template.jinja", "chat_template.json")
-PIPELINE_FORMAT, PIPELINE_VERSION = "fxconvert-pipeline", 1
-
-
-class PipelineError(UsageError):
-    """A directory is not (or no longer) a readable pipeline conversion."""
+PIPELINE_FORMAT, PIPELINE_VERSION = manifest.FORMAT, manifest.VERSION
 
 
 # -- stage files ----------------------------------------------------------------------------------
@@ -135,7 +129,12 @@ def stage_sources(stages: Stages) -> dict[str, str]:
 # -- pipeline.json --------------------------------------------------------------------------------
 
 def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
-    """pipeline.json as a dict: per stage its blocks, parameters (with their transformers names), shared
+    """pipeline.json as a dict (`build_manifest(...).to_json()`)."""
+    return build_manifest(stages, conversion).to_json()
+
+
+def build_manifest(stages: Stages, conversion: Conversion) -> manifest.Manifest:
+    """pipeline.json's record: per stage its blocks, parameters (with their transformers names), shared
     weights, and the values it receives and sends, with symbolic shapes (see `symbolic_boundaries`).
 
     A parameter's `hf_name` is its transformers name; `tied_hf_names`, present only when the
@@ -151,44 +150,35 @@ def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
         for name, t in stage_parameters(stages, spec.index).items():
             if name not in weights_keys:
                 raise SplitError(f"stage {spec.index} holds {name}, which weights.safetensors does not")
-            size = t.numel() * t.element_size()
             hf_name, *tied = hf_names(name, t)
-            parameters.append({"name": name, "weights_key": name, "hf_name": hf_name,
-                               "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": size,
-                               **({"tied_hf_names": tied} if tied else {})})
-        rows.append({
-            "index": spec.index,
-            "file": f"stage_{spec.index}.py",
-            "blocks": list(spec.blocks),
-            "inputs": list(spec.inputs),
-            "received": sent[spec.index - 1] if spec.index else [],
-            "sent": sent[spec.index],
-            "shared_weights": list(spec.shared_weights),
-            "parameters": parameters,
-            "parameter_bytes": sum(p["bytes"] for p in parameters),
-            "flops": spec.flops,  # predicted forward + backward FLOPs at the plan's sizes (None: no prediction)
-            "peak_bytes": spec.peak_bytes,  # predicted peak memory under the plan's schedule
-        })
+            parameters.append(manifest.Parameter(
+                name=name, weights_key=name, hf_name=hf_name, shape=tuple(t.shape),
+                dtype=str(t.dtype).removeprefix("torch."), bytes=t.numel() * t.element_size(),
+                tied_hf_names=tuple(tied)))
+        rows.append(manifest.Stage(
+            index=spec.index, file=f"stage_{spec.index}.py", blocks=tuple(spec.blocks), inputs=tuple(spec.inputs),
+            received=sent[spec.index - 1] if spec.index else (), sent=sent[spec.index],
+            shared_weights=tuple(spec.shared_weights), parameters=tuple(parameters),
+            parameter_bytes=sum(p.bytes for p in parameters), flops=spec.flops, peak_bytes=spec.peak_bytes))
     config = getattr(conversion.model, "config", None)
-    return {
-        "format": PIPELINE_FORMAT,
-        "version": PIPELINE_VERSION,
-        "model_class": conversion.model_class,
-        "model_type": getattr(config, "model_type", None),
-        "num_stages": len(stages.specs),
-        "input_names": list(conversion.input_names),
-        "output_name": conversion.output_name,
-        "weights": WEIGHTS_FILE,
-        "config": CONFIG_FILE,
-        "tokenizer_files": sorted(tokenizer_sources(conversion.source)),
-        "shared_weights": {
-            name: {"hf_names": list(conversion.shared_weights.get(name, [])),
-                   "stages": [spec.index for spec in stages.specs if name in spec.shared_weights]}
+    return manifest.Manifest(
+        model_class=conversion.model_class,
+        model_type=getattr(config, "model_type", None),
+        num_stages=len(stages.specs),
+        input_names=tuple(conversion.input_names),
+        output_name=conversion.output_name,
+        weights=WEIGHTS_FILE,
+        config=CONFIG_FILE,
+        tokenizer_files=tuple(sorted(tokenizer_sources(conversion.source))),
+        sequence_lengths=tuple(families.sequence_lengths(conversion.model_class).values()),
+        shared_weights={
+            name: manifest.SharedWeight(tuple(conversion.shared_weights.get(name, [])),
+                                        tuple(spec.index for spec in stages.specs if name in spec.shared_weights))
             for name in conversion.module.shared_names
         },
-        "plan": stage_plan(stages),  # how the split was chosen and its predicted costs (None without predictions)
-        "stages": rows,
-    }
+        plan=split_plan(stages),  # how the split was chosen and its predicted costs (None without predictions)
+        stages=tuple(rows),
+    )
 
 
 def _hf_names(conversion: Conversion):
@@ -225,16 +215,15 @@ def _hf_names(conversion: Conversion):
     return hf_names
 
 
-# Two meta runs of the stages at `inputs.SIZE_PROBES`: a dimension that changes follows the one
-# size that changed the same way; one that does not change is fixed.
-SIZE_PROBES = tuple({"batch": p["batch"], "encoder_length": p["encoder"], "decoder_length": p["decoder"]}
-                    for p in _SIZE_PROBES)
+def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[tuple[manifest.Boundary, ...]]:
+    """Per stage, the values it sends; sizes that follow the batch or a sequence length are "batch" or the
+    family's name of that length (`Family.sequence_lengths`), the others ints.
 
-
-def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dict]]:
-    """Per stage, the values it sends ({name, dtype, shape}); sizes that follow the batch or a
-    sequence length are "batch", "encoder_length" or "decoder_length", the others ints."""
+    Two meta runs of the stages at `inputs.SIZE_PROBES` tell them apart: a dimension that
+    changes follows the one size that changed the same way; one that does not change is fixed.
+    """
     runs = [_sent_values(stages, conversion, sizes) for sizes in SIZE_PROBES]
+    names = {"batch": "batch", **families.sequence_lengths(conversion.model_class)}
     out = []
     for spec, first, second in zip(stages.specs, *runs):
         values = []
@@ -245,25 +234,21 @@ def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dic
                     shape.append(x)
                     continue
                 follows = [size for size in SIZE_PROBES[0] if (SIZE_PROBES[0][size], SIZE_PROBES[1][size]) == (x, y)]
-                if len(follows) != 1 or a.dim() != b.dim():
+                if len(follows) != 1 or a.dim() != b.dim() or follows[0] not in names:
                     raise SplitError(f"stage {spec.index} sends {name}, whose dimension {dim} ({x}, then {y}) follows "
                                      f"neither the batch nor a sequence length; pipeline.json cannot describe it")
-                shape.append(follows[0])
-            values.append({"name": name, "dtype": str(a.dtype).removeprefix("torch."), "shape": shape})
-        out.append(values)
+                shape.append(names[follows[0]])
+            values.append(manifest.Boundary(name=name, dtype=str(a.dtype).removeprefix("torch."), shape=tuple(shape)))
+        out.append(tuple(values))
     return out
 
 
 def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[list[torch.Tensor]]:
     """The values each stage sends when the stages run on meta copies with inputs of `sizes`."""
-    from fxconvert import families
-    from fxconvert.inputs import build_inputs, meta_twins
-
     config = getattr(conversion.model, "config", None)
     family = families.family_of_class(conversion.model_class)
     dtype = next((p.dtype for p in stages.parameters() if p.is_floating_point()), torch.float32)
-    lengths = {"encoder": sizes["encoder_length"], "decoder": sizes["decoder_length"]}
-    inputs = build_inputs(family.inputs, stages.input_names, batch=sizes["batch"], lengths=lengths,
+    inputs = build_inputs(family.inputs, stages.input_names, batch=sizes["batch"], lengths=sizes,
                           hidden=family.input_sizes(config)["hidden"], dtype=dtype, meta=True)
     memo = meta_twins([*stages.parameters(), *stages.buffers()])
     out, values = [], ()
@@ -314,9 +299,6 @@ def skipped_tokenizer_files(source) -> list[str]:
 
 
 def _tokenizer_files(source) -> tuple[dict[str, Path], list[str]]:
-    from fxconvert.errors import printable
-    from fxconvert.files import roots_of, why_not_copyable
-
     directory = source_directory(source)
     if directory is None:
         return {}, []
@@ -362,9 +344,6 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
     if model is None or getattr(model, "config", None) is None:
         raise UsageError("this conversion holds no transformers model, so config.json cannot be written; "
                          "convert the model with fxconvert.convert")
-    from fxconvert.errors import printable
-    from fxconvert.files import read_copyable, roots_of
-
     files: dict[str, str | bytes] = dict(stage_sources(stages))
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
@@ -380,190 +359,20 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
         except (OSError, ValueError) as e:  # changed since it was looked at
             raise PipelineError(f"cannot copy the tokenizer file {printable(path)}: "
                                 f"{e.strerror if isinstance(e, OSError) else e}; convert again") from e
-    files[PIPELINE_FILE] = manifest_text(pipeline_manifest(stages, conversion))
+    files[PIPELINE_FILE] = manifest_text(build_manifest(stages, conversion))
     return files
 
 
-def manifest_text(manifest: dict) -> str:
-    """pipeline.json's text: indented, with lists of plain values (shapes, names) on one line."""
-    text = json.dumps(manifest, indent=2)
-    # A newline never occurs inside a JSON string, so this joins only the layout of innermost lists.
-    text = re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
-    assert json.loads(text) == manifest
-    return text + "\n"
-
-
-# -- reading it back -----------------------------------------------------------------------------
-
-@dataclass
-class Pipeline:
-    """A conversion written with --stages, as pipeline.json describes it (see `pipeline_manifest`)."""
-
-    directory: Path
-    model_class: str
-    model_type: str | None
-    num_stages: int
-    input_names: list[str]
-    output_name: str
-    weights: str
-    config: str
-    tokenizer_files: list[str]
-    shared_weights: dict
-    stages: list[dict]
-
-    def stage_file(self, index: int) -> Path:
-        if not (isinstance(index, int) and 0 <= index < self.num_stages):
-            raise PipelineError(f"{self.directory} has stages 0..{self.num_stages - 1}; there is no stage {index!r}")
-        return self.directory / f"stage_{index}.py"
-
-    def import_stage(self, index: int):
-        """stage_<index>.py as a Python module (its build(), load() and constants).
-
-        Whatever a truncated, garbled or foreign stage file raises while it runs (a
-        SyntaxError, a NameError, even SystemExit) is one PipelineError naming the file;
-        only Ctrl-C goes through.
-        """
-        path = self.stage_file(index)
-        if not path.is_file():
-            raise PipelineError(f"{path} is missing; convert again with --stages {self.num_stages}")
-        spec = importlib.util.spec_from_file_location(f"fxconvert_stage_{index}", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # noqa: BLE001 - a broken file may raise anything, SystemExit included
-            raise PipelineError(f"cannot import {path} ({_described(e)}); it is damaged or not a stage file: "
-                                f"convert again with --stages {self.num_stages}") from e
-        found = (getattr(module, "STAGE", None), getattr(module, "NUM_STAGES", None))
-        if found != (index, self.num_stages):
-            raise PipelineError(f"{path} is not stage {index} of {self.num_stages} (it says STAGE {found[0]!r} of "
-                                f"NUM_STAGES {found[1]!r}); convert again with --stages {self.num_stages}")
-        if not callable(getattr(module, "load", None)):
-            raise PipelineError(f"{path} has no load(); convert again with --stages {self.num_stages}")
-        return module
-
-    def load_stage(self, index: int, device="cpu") -> torch.nn.Module:
-        """Stage `index` with only its own tensors read from the weights file, in eval mode.
-
-        A weights file that is missing, truncated, empty, not safetensors, or written with
-        other stage files (a name or a shape differs) is one PipelineError naming both files
-        and what does not fit.
-        """
-        module = self.import_stage(index)
-        path, weights = self.stage_file(index), self.directory / self.weights
-        try:
-            return module.load(str(weights), device=device)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # noqa: BLE001 - safetensors, torch and the file itself raise many kinds
-            if isinstance(e, FileNotFoundError) and not weights.exists():
-                problem = str(e) if "meta device" in str(e) else f"{weights} is missing"
-            elif isinstance(e, (KeyError, RuntimeError)) and _mismatch(e, weights.name, path.name):
-                problem = f"{weights} and {path.name} were not written together " \
-                          f"({_mismatch(e, weights.name, path.name)})"
-            else:
-                problem = f"cannot load {weights} with {path.name} ({_described(e)})"
-            raise PipelineError(f"stage {index}: {problem}; convert again with --stages {self.num_stages}") from e
-
-
-def _described(error: BaseException) -> str:
-    """`Type: first line` of an error, control characters escaped (a message may quote the file)."""
-    from fxconvert.errors import first_line, printable
-
-    if isinstance(error, SystemExit):
-        return f"it called sys.exit({error.code!r})"
-    return printable(f"{type(error).__name__}: {first_line(error)}")
-
-
-def _mismatch(error: BaseException, weights: str, stage: str) -> str | None:
-    """What a stage file and a weights file disagree on: load()'s missing tensor, or load_state_dict's
-    first complaint (its message is a header line, then one tab-indented line per problem)."""
-    from fxconvert.errors import printable
-
-    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-    if isinstance(error, KeyError) and "has no tensor" in text:
-        return printable(text.split("; ")[0])
-    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
-    if not text.startswith("Error(s) in loading state_dict") or not lines:
-        return None
-    first = re.sub(r"^size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
-                   r"the shape in current model is torch\.Size\((\[.*?\])\)\.?$",
-                   lambda m: f"{m[1]} is {m[2]} in {weights} but {m[3]} in {stage}", lines[0])
-    more = len(lines) - 1
-    return printable(first.rstrip(".") + (f", and {more} more" if more else ""))
-
-
-def load_pipeline(directory) -> Pipeline:
-    """Read and check `directory`/pipeline.json; one-line errors name the fix."""
-    directory = Path(directory)
-    path = directory / PIPELINE_FILE
-    if not path.is_file():
-        raise PipelineError(f"{directory}{os.sep} has no {PIPELINE_FILE}; convert with --stages N")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise PipelineError(f"cannot read {path}: {e.strerror or e}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PipelineError(f"malformed {path}: {e}; convert again with --stages N") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != PIPELINE_FORMAT:
-        raise PipelineError(f"{path} is not an fxconvert pipeline manifest; convert with --stages N")
-    if manifest.get("version") != PIPELINE_VERSION:
-        raise PipelineError(f"{path} has version {manifest.get('version')!r}, this fxconvert reads version "
-                            f"{PIPELINE_VERSION}; convert again with this fxconvert")
-    fields = {name: manifest.get(name) for name in Pipeline.__dataclass_fields__ if name != "directory"}
-    num_stages, stages = fields["num_stages"], fields["stages"]
-    if not (isinstance(num_stages, int) and num_stages >= 1 and isinstance(stages, list)
-            and [s.get("index") if isinstance(s, dict) else None for s in stages] == list(range(num_stages))):
-        raise PipelineError(f"{path} lists its stages inconsistently; convert again with --stages N")
-    for name in ("weights", "config"):
-        value = fields[name]
-        if not isinstance(value, str) or not value or os.path.basename(value) != value or value in (".", ".."):
-            raise PipelineError(f"{path}: '{name}' must be a file name in {directory}, got {value!r}")
-    _check_fields(path, fields)
-    from fxconvert.export import ExportError, plan_from_manifest
-
-    try:  # what the export at the end of training will copy and name: refused now, not after the training
-        plan_from_manifest(manifest, directory)
-    except ExportError as e:
-        raise PipelineError(str(e)) from None
-    return Pipeline(directory=directory, **fields)
-
-
-def _check_fields(path: Path, fields: dict) -> None:
-    """The types of the fields a reader (the trainer) uses, so that a tampered manifest is one line, not a
-    TypeError at some later use."""
-    def names(value):
-        return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-
-    problems = []
-    if not (isinstance(fields["model_class"], str) and fields["model_class"]):
-        problems.append("'model_class' must be a class name")
-    if not (fields["model_type"] is None or isinstance(fields["model_type"], str)):
-        problems.append("'model_type' must be a string")
-    if not (isinstance(fields["output_name"], str) and fields["output_name"]):
-        problems.append("'output_name' must be a name")
-    if not names(fields["input_names"]):
-        problems.append("'input_names' must be a list of names")
-    if not names(fields["tokenizer_files"] or []):
-        problems.append("'tokenizer_files' must be a list of file names")
-    for stage in fields["stages"]:
-        if not names(stage.get("inputs")):
-            problems.append(f"stage {stage['index']}'s 'inputs' must be a list of names")
-    shared = fields["shared_weights"]
-    num_stages = fields["num_stages"]
-    if not isinstance(shared, dict):
-        problems.append("'shared_weights' must be an object")
-    else:
-        for name, info in shared.items():
-            stages = info.get("stages") if isinstance(info, dict) else None
-            if not (isinstance(stages, list) and all(type(i) is int and 0 <= i < num_stages for i in stages)
-                    and names(info.get("hf_names"))):
-                problems.append(f"shared weight {name!r} must list its stages (0..{num_stages - 1}) and hf_names")
-    if problems:
-        raise PipelineError(f"{path}: {problems[0]}; convert again with --stages N")
+def manifest_text(record: "manifest.Manifest | dict") -> str:
+    """pipeline.json's text (`fxconvert.manifest.text`), written only once it reads back as the same record."""
+    if isinstance(record, dict):
+        record = manifest.Manifest.from_json(record, PIPELINE_FILE)
+    text = record.text()
+    assert manifest.Manifest.from_json(json.loads(text), PIPELINE_FILE) == record
+    return text
 
 
 __all__ = ["Pipeline", "PipelineError", "PipelineOutput", "load_pipeline", "pipeline_output", "pipeline_files",
-           "stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters", "tokenizer_sources",
+           "stage_sources", "pipeline_manifest", "build_manifest", "manifest_text", "SIZE_PROBES",
+           "symbolic_boundaries", "stage_parameters", "tokenizer_sources",
            "skipped_tokenizer_files", "TOKENIZER_FILES"]

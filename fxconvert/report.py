@@ -139,7 +139,7 @@ def io_section(conversion) -> Section:
     value = out.args[0]
     val = value.meta.get("val") if hasattr(value, "meta") else None
     out_dtype = str(val.dtype).removeprefix("torch.") if hasattr(val, "dtype") else ""
-    out_shape = _output_shape(val)
+    out_shape = _output_shape(val, conversion.model_class)
     tables = [Table(["input", "role", "dtype", "shape"], rows, "Inputs (placeholders, in order)"),
               Table(["output", "dtype", "shape"], [[conversion.output_name, out_dtype, out_shape]], "Output")]
     dropped = list(getattr(conversion, "dropped_inputs", ()))
@@ -282,8 +282,9 @@ def stage_plan_section(rows: list[dict], plan: dict) -> Section:
     fields = {
         "balanced by": {"time": "predicted time (FLOPs and bytes moved)", "params": "parameter bytes",
                         "profile": "measured time on this machine"}[plan["balance"]],
-        "sizes": f"batch {plan['batch']} per microbatch, encoder {plan['encoder_length']}, "
-                 f"decoder {plan['decoder_length']} tokens",
+        "sizes": ", ".join([f"batch {plan['batch']} per microbatch"] + [
+            f"{key.removesuffix('_length')} {value}" for key, value in plan.items() if key.endswith("_length")])
+                 + " tokens",
         "schedule": f"{plan['schedule']}, {plan['microbatches']} microbatches",
         "bottleneck": f"stage {plan['bottleneck']}",
         "bubble": f"{plan['bubble_fraction']:.0%} of the stages' time idle "
@@ -486,18 +487,18 @@ def _dtype(node) -> str:
 def _input_shape(name: str, model_class: str) -> str:
     family = families.family_of_class(model_class)
     kind, seq = family.inputs[name]
-    dims = ["batch", f"{seq}_length"] + ([family.hidden_field] if kind == "embeds" else [])
+    dims = ["batch", family.sequence_lengths[seq]] + ([family.hidden_field] if kind == "embeds" else [])
     return f"({', '.join(dims)})"
 
 
-def _output_shape(val) -> str:
+def _output_shape(val, model_class: str) -> str:
     """The output's shape with the tracer's example batch and lengths named (they are symbolic in the graph)."""
     if not hasattr(val, "shape"):
         return ""
     if val.dim() == 0:
         return "scalar"
     names = {0: {_EXAMPLE_SIZES["batch"]: "batch"},
-             1: {_EXAMPLE_SIZES["encoder"]: "encoder_length", _EXAMPLE_SIZES["decoder"]: "decoder_length"}}
+             1: {_EXAMPLE_SIZES[seq]: name for seq, name in families.sequence_lengths(model_class).items()}}
     dims = [names.get(i, {}).get(s, str(s)) for i, s in enumerate(val.shape)]
     return f"({', '.join(dims)})"
 

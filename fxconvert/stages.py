@@ -51,7 +51,7 @@ import torch
 import torch.fx
 
 from fxconvert import balance as balancing
-from fxconvert import families
+from fxconvert import families, manifest
 from fxconvert.inputs import SIZE_PROBES
 from fxconvert.cost import Sizes, analyze
 from fxconvert.convert import Conversion, ConvertedModule
@@ -243,8 +243,8 @@ def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, mi
         raise SplitError(
             f"no split into {num_stages} contiguous stages keeps every stage's predicted peak memory within "
             f"max_stage_bytes={max_stage_bytes:,} (a first stage of one block alone needs at least {least:,} bytes "
-            f"at {_sizes_text(units.graph_cost.sizes)}, {schedule}, {microbatches} microbatches); raise the cap, "
-            f"use more stages or fewer microbatches"
+            f"at {_sizes_text(units.graph_cost.sizes, conversion.model_class)}, {schedule}, {microbatches} "
+            f"microbatches); raise the cap, use more stages or fewer microbatches"
         )
     return group, measured
 
@@ -256,8 +256,10 @@ def _range_sums(values):
     return lambda j, i: prefix[i] - prefix[j]
 
 
-def _sizes_text(sizes: Sizes) -> str:
-    return f"batch {sizes.batch}, encoder {sizes.encoder_length}, decoder {sizes.decoder_length} tokens"
+def _sizes_text(sizes: Sizes, model_class: str) -> str:
+    lengths = families.sequence_lengths(model_class)
+    return ", ".join([f"batch {sizes.batch}"] + [f"{name.removesuffix('_length')} {sizes.length(seq)}"
+                                                 for seq, name in lengths.items()]) + " tokens"
 
 
 def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs) -> "balancing.UnitCosts":
@@ -660,25 +662,25 @@ def stage_plan(stages: Stages) -> dict | None:
 
     `seconds` are predicted forward + backward seconds per microbatch (measured ones with
     balance="profile"); `step_seconds` is one step of `microbatches` under the schedule.
+    The sequence lengths carry the family's names (`Family.sequence_lengths`).
     """
+    plan = split_plan(stages)
+    return plan.to_json() if plan is not None else None
+
+
+def split_plan(stages: Stages) -> manifest.Plan | None:
+    """`stage_plan` as pipeline.json's record (`fxconvert.manifest.Plan`)."""
     plan = stages.plan
     if plan is None:
         return None
-    return {
-        "balance": plan.balance,
-        "batch": plan.sizes.batch,
-        "encoder_length": plan.sizes.encoder_length,
-        "decoder_length": plan.sizes.decoder_length,
-        "schedule": plan.schedule,
-        "microbatches": plan.microbatches,
-        "bottleneck": plan.bottleneck,
-        "bubble_fraction": plan.bubble_fraction,
-        "step_seconds": plan.step_seconds,
-        "seconds": [s.seconds for s in plan.stages],
-        "time_share": plan.shares,
-        "flops": [s.flops for s in plan.stages],
-        "peak_bytes": [s.peak_bytes for s in plan.stages],
-    }
+    return manifest.Plan(
+        balance=plan.balance, batch=plan.sizes.batch,
+        lengths={name: plan.sizes.length(seq) for seq, name in families.sequence_lengths(stages.model_class).items()},
+        schedule=plan.schedule, microbatches=plan.microbatches, bottleneck=plan.bottleneck,
+        bubble_fraction=plan.bubble_fraction, step_seconds=plan.step_seconds,
+        seconds=tuple(s.seconds for s in plan.stages), time_share=tuple(plan.shares),
+        flops=tuple(s.flops for s in plan.stages), peak_bytes=tuple(s.peak_bytes for s in plan.stages),
+    )
 
 
 def _value_row(node: torch.fx.Node) -> dict:
@@ -719,4 +721,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan",
-           "stage_sources", "write_stage_sources", "pipeline_manifest"]
+           "split_plan", "stage_sources", "write_stage_sources", "pipeline_manifest"]

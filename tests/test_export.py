@@ -17,29 +17,28 @@ import transformers
 import helpers
 from fxconvert import convert, split_stages
 from fxconvert.export import INDEX, MARKER, ExportError, export_hf, shard_name
+from fxconvert.pipeline import pipeline_manifest
 
 NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
 TOKENIZER_FILES = {"spiece.model": bytes(range(256)) * 3, "tokenizer_config.json": b'{"model_max_length": 512}\n'}
 
 
 def fake_manifest(stages, conversion) -> dict:
-    """The pipeline.json fields export reads, as the conversion names things.
+    """pipeline.json as the conversion writes it, with the names export reads set here.
 
     A stage's non-shared tensor `graph_module.<path>` is the eager model's `<path>`
     (the traced GraphModule keeps the module paths); a shared weight carries all its tied
     names. The tests do not trust this mapping: they compare the exported model's loss
     with the stages' own.
     """
-    rows = []
-    for spec in stages.specs:
-        module = stages.stage_module(spec.index)
-        rows.append({"index": spec.index, "parameters": [
-            {"name": n, "hf_name": conversion.shared_weights[n][0] if n in spec.shared_weights
-             else n.removeprefix("graph_module.")} for n in module.state_dict()]})
-    shared = {n: {"hf_names": list(hf), "stages": [s.index for s in stages.specs if n in s.shared_weights]}
-              for n, hf in conversion.shared_weights.items()}
-    return {"num_stages": len(stages.specs), "stages": rows, "shared_weights": shared, "config": "config.json",
-            "tokenizer_files": sorted(TOKENIZER_FILES)}
+    manifest = pipeline_manifest(stages, conversion)
+    for spec, row in zip(stages.specs, manifest["stages"]):
+        order = list(stages.stage_module(spec.index).state_dict())  # the stage module's order
+        row["parameters"].sort(key=lambda p: order.index(p["name"]))
+        for p in row["parameters"]:
+            n = p["name"]
+            p["hf_name"] = conversion.shared_weights[n][0] if n in spec.shared_weights else n.removeprefix("graph_module.")
+    return {**manifest, "config": "config.json", "tokenizer_files": sorted(TOKENIZER_FILES)}
 
 
 def write_conversion_dir(directory, model, manifest) -> None:

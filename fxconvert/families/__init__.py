@@ -33,6 +33,10 @@ ENCODER_DECODER_INPUTS = {
     "inputs_embeds": ("embeds", "encoder"),
     "decoder_inputs_embeds": ("embeds", "decoder"),
 }
+# What a user reads each sequence's length called (pipeline.json's symbolic shapes, the split's
+# plan, the report): an encoder-decoder model has two sequences, any other model one.
+ENCODER_DECODER_LENGTHS = {"encoder": "encoder_length", "decoder": "decoder_length"}
+ONE_SEQUENCE_LENGTHS = {"encoder": "sequence_length"}
 # The largest size field (width, vocabulary, position table) a config may give: past int64 a tensor
 # cannot even be built on the meta device, and no supported family publishes one near 2**31.
 MAX_SIZE = 2**31 - 1
@@ -97,6 +101,8 @@ class Family:
     def vocab(self, config) -> int | None:
         """The vocabulary size the config gives, or None."""
         return _read(config, "vocab_size", None)
+    # sequence (SEQUENCES) -> the name of its length where a user reads it; every sequence of `inputs`
+    sequence_lengths: Mapping[str, str] = field(default_factory=lambda: dict(ENCODER_DECODER_LENGTHS))
 
     def default_input_names(self, cls_name: str) -> list[str]:
         for suffix, names in self.default_inputs:
@@ -177,6 +183,12 @@ def family_of_class(cls_name: str) -> Family | None:
 
 def family_of_model_type(model_type) -> Family | None:
     return model_types().get(model_type)
+
+
+def sequence_lengths(model_class: str) -> Mapping[str, str]:
+    """Sequence -> the name of its length, for `model_class` (an encoder-decoder's names for no family)."""
+    family = family_of_class(model_class)
+    return family.sequence_lengths if family is not None else ENCODER_DECODER_LENGTHS
 
 
 def presets() -> dict[str, tuple[Family, dict]]:

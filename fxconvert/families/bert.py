@@ -10,7 +10,7 @@ with the weights. Sequences are at most `max_position_embeddings` long.
 
 import functools
 
-from fxconvert.families import Family, block_regex, check_activation, is_int
+from fxconvert.families import ONE_SEQUENCE_LENGTHS, Family, block_regex, check_activation, is_int
 
 # Published config.json values (bert-base-uncased, bert-large-uncased, bert-base-cased).
 _COMMON = dict(
@@ -105,4 +105,5 @@ FAMILY = Family(
     objective="masked",  # pre-tokenized lines, labels aligned with input_ids (fxconvert.data.collate_masked)
     notes="encoder-only with absolute positions (at most max_position_embeddings tokens) and token_type_ids; "
           "the MLM head's weight and bias are tied to the word embedding and cls.predictions.bias",
+    sequence_lengths=ONE_SEQUENCE_LENGTHS,  # one sequence: not an encoder's
 )

@@ -6,7 +6,7 @@ arange over the sequence (`wpe`), attention is causal (the runtime causal mask, 
 folded in). transformers' `Conv1D` stores its weight (in, out) and computes `x @ W + b`.
 """
 
-from fxconvert.families import MAX_SIZE, Family, block_regex, check_activation, is_int
+from fxconvert.families import ONE_SEQUENCE_LENGTHS, MAX_SIZE, Family, block_regex, check_activation, is_int
 
 # Published config.json values (openai-community/<name>); each size: (n_embd, n_head, n_layer).
 _SIZES = {
@@ -88,4 +88,5 @@ FAMILY = Family(
     objective="causal",
     notes="decoder-only: learned absolute positions (wpe), Conv1D projections (weight (in, out)), causal mask; "
           "the LM head is tied to wte and the loss shifts labels inside the model",
+    sequence_lengths=ONE_SEQUENCE_LENGTHS,  # one sequence: not an encoder's
 )

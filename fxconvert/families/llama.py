@@ -11,7 +11,7 @@ models tie it to the token embedding (one `shared_embed_weight` after conversion
 
 import math
 
-from fxconvert.families import MAX_SIZE, Family, block_regex, check_activation, is_int
+from fxconvert.families import ONE_SEQUENCE_LENGTHS, MAX_SIZE, Family, block_regex, check_activation, is_int
 
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 
@@ -166,4 +166,5 @@ FAMILY = Family(
     objective="causal",
     notes="decoder-only with rotary positions (computed in the graph) and grouped-query attention; Mistral "
           "(and Qwen2 with use_sliding_window) masks a sliding window; small Qwen2 ties the LM head",
+    sequence_lengths=ONE_SEQUENCE_LENGTHS,  # one sequence: not an encoder's
 )
