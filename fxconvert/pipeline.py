@@ -3,10 +3,10 @@
 Besides model.py, weights.safetensors and the reports, a conversion split into stages holds
 what a pipeline runtime needs to fine-tune the model and hand back a transformers checkpoint:
 
-- `stage_<i>.py`: one importable module per stage (`fxconvert.stages.stage_sources`), whose
+- `stage_<i>.py`: one importable module per stage (`stage_sources`, `write_stage_sources`), whose
   `load()` reads only that stage's tensors from weights.safetensors;
 - `pipeline.json`: the stages, their parameters under their transformers names, the shared
-  weights and the values that cross each boundary (`fxconvert.stages.pipeline_manifest`);
+  weights and the values that cross each boundary (`pipeline_manifest`);
 - `config.json` (and `generation_config.json` when the model has one): the transformers
   config, so the trained weights can be saved as a checkpoint again;
 - the tokenizer files found beside the source checkpoint, copied byte for byte: only regular
@@ -130,6 +130,17 @@ def stage_sources(stages: Stages) -> dict[str, str]:
             extra="" if last else _SENT_FUNCTION, wrap="" if last else "_sent",
         )
     return sources
+
+
+def write_stage_sources(stages: Stages, directory) -> list[Path]:
+    """Write the `stage_<i>.py` files into `directory`; return the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in stage_sources(stages).items():
+        (directory / name).write_text(text)
+        paths.append(directory / name)
+    return paths
 
 
 # -- pipeline.json --------------------------------------------------------------------------------
@@ -565,5 +576,5 @@ def _check_fields(path: Path, fields: dict) -> None:
 
 
 __all__ = ["Pipeline", "PipelineError", "PipelineOutput", "load_pipeline", "pipeline_output", "pipeline_files",
-           "stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters", "tokenizer_sources",
-           "skipped_tokenizer_files", "TOKENIZER_FILES"]
+           "stage_sources", "write_stage_sources", "pipeline_manifest", "symbolic_boundaries", "stage_parameters",
+           "tokenizer_sources", "skipped_tokenizer_files", "TOKENIZER_FILES"]

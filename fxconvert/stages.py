@@ -37,6 +37,9 @@ shared weights it uses, then `training` (present on every stage, default False).
 returns a tuple of the values it sends on, and the last stage returns the converted
 graph's single output. `Stages.stage_module(i)` packages one stage, with its own copy of
 the shared weights, for `torch.distributed.pipelining` (see `fxconvert.train`).
+
+Writing the stages out (stage files, pipeline.json) is `fxconvert.pipeline`'s, a layer above
+this one: the split knows nothing of files.
 """
 
 import copy
@@ -45,7 +48,6 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.fx
@@ -228,7 +230,9 @@ def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, mi
     measured = None
     if balance == "profile":
         try:
-            measured = balancing.profile_units(conversion, len(units), units.graph_cost.sizes)
+            balancing.check_profilable(conversion)
+            per_unit = split_stages(conversion, len(units), balance="params")
+            measured = balancing.profile_units(conversion, per_unit, units.graph_cost.sizes)
         except UsageError as e:
             raise SplitError(str(e)) from None
     per_unit = {"params": param_costs, "profile": measured,
@@ -693,30 +697,4 @@ def _value_row(node: torch.fx.Node) -> dict:
     }
 
 
-def write_stage_sources(stages: Stages, directory) -> list[Path]:
-    """Write the `stage_<i>.py` files into `directory`; return the paths."""
-    from fxconvert.pipeline import stage_sources
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in stage_sources(stages).items():
-        (directory / name).write_text(text)
-        paths.append(directory / name)
-    return paths
-
-
-def __getattr__(name):
-    """`pipeline_manifest` and `stage_sources`, re-exported from fxconvert.pipeline on first use.
-
-    fxconvert.pipeline imports this module at its top, so importing it here would fail
-    whenever fxconvert.pipeline is imported first (as `fxconvert.train` does).
-    """
-    if name in ("pipeline_manifest", "stage_sources"):
-        from fxconvert import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan",
-           "stage_sources", "write_stage_sources", "pipeline_manifest"]
+__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan"]
