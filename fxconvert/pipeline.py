@@ -32,10 +32,15 @@ from pathlib import Path
 
 import torch
 
+import fxconvert
+from fxconvert import families
 from fxconvert.codegen import check_names, module_source
-from fxconvert.convert import Conversion
-from fxconvert.errors import UsageError
-from fxconvert.inputs import SIZE_PROBES as _SIZE_PROBES
+from fxconvert.convert import ConvertedGraph
+from fxconvert.errors import UsageError, first_line, printable
+from fxconvert.export import ExportError, plan_from_manifest
+from fxconvert.files import read_copyable, roots_of, why_not_copyable
+from fxconvert.inputs import SIZE_PROBES as _SIZE_PROBES, build_inputs, meta_twins
+from fxconvert.report import stages_section
 from fxconvert.save import WEIGHTS_FILE
 from fxconvert.stages import SplitError, Stages, split_stages, stage_plan, stage_table
 
@@ -91,8 +96,6 @@ def stage_parameters(stages: Stages, index: int) -> dict[str, torch.Tensor]:
 
 def stage_sources(stages: Stages) -> dict[str, str]:
     """`stage_<i>.py` -> its text: a module a user imports on its own, as model.py (see the docstrings)."""
-    import fxconvert
-
     num_stages = len(stages.specs)
     on_meta = any(t.device.type == "meta" for t in stages.state_dict().values())
     (model_class,) = check_names("the model class name", [stages.model_class or "Model"])
@@ -145,7 +148,7 @@ def write_stage_sources(stages: Stages, directory) -> list[Path]:
 
 # -- pipeline.json --------------------------------------------------------------------------------
 
-def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
+def pipeline_manifest(stages: Stages, conversion: ConvertedGraph) -> dict:
     """pipeline.json as a dict: per stage its blocks, parameters (with their transformers names), shared
     weights, and the values it receives and sends, with symbolic shapes (see `symbolic_boundaries`).
 
@@ -202,7 +205,7 @@ def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
     }
 
 
-def _hf_names(conversion: Conversion):
+def _hf_names(conversion: ConvertedGraph):
     """name, tensor -> the transformers names of a stage tensor, the one mirroring its module path first.
 
     A shared weight is named by its first tied name (all of them are in the manifest's
@@ -242,7 +245,7 @@ SIZE_PROBES = tuple({"batch": p["batch"], "encoder_length": p["encoder"], "decod
                     for p in _SIZE_PROBES)
 
 
-def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dict]]:
+def symbolic_boundaries(stages: Stages, conversion: ConvertedGraph) -> list[list[dict]]:
     """Per stage, the values it sends ({name, dtype, shape}); sizes that follow the batch or a
     sequence length are "batch", "encoder_length" or "decoder_length", the others ints."""
     runs = [_sent_values(stages, conversion, sizes) for sizes in SIZE_PROBES]
@@ -265,11 +268,8 @@ def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[list[dic
     return out
 
 
-def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[list[torch.Tensor]]:
+def _sent_values(stages: Stages, conversion: ConvertedGraph, sizes: dict) -> list[list[torch.Tensor]]:
     """The values each stage sends when the stages run on meta copies with inputs of `sizes`."""
-    from fxconvert import families
-    from fxconvert.inputs import build_inputs, meta_twins
-
     config = getattr(conversion.model, "config", None)
     family = families.family_of_class(conversion.model_class)
     dtype = next((p.dtype for p in stages.parameters() if p.is_floating_point()), torch.float32)
@@ -325,9 +325,6 @@ def skipped_tokenizer_files(source) -> list[str]:
 
 
 def _tokenizer_files(source) -> tuple[dict[str, Path], list[str]]:
-    from fxconvert.errors import printable
-    from fxconvert.files import roots_of, why_not_copyable
-
     directory = source_directory(source)
     if directory is None:
         return {}, []
@@ -357,8 +354,6 @@ class PipelineOutput:
 
 def pipeline_output(conversion, stages) -> PipelineOutput:
     """Split `conversion` (`stages`: a number of stages, or `Stages` split from it) for `save(extra_files=...)`."""
-    from fxconvert.report import stages_section
-
     if isinstance(stages, int):
         stages = split_stages(conversion, stages)
     notes = skipped_tokenizer_files(conversion.source)
@@ -373,9 +368,6 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
     if model is None or getattr(model, "config", None) is None:
         raise UsageError("this conversion holds no transformers model, so config.json cannot be written; "
                          "convert the model with fxconvert.convert")
-    from fxconvert.errors import printable
-    from fxconvert.files import read_copyable, roots_of
-
     files: dict[str, str | bytes] = dict(stage_sources(stages))
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
@@ -480,8 +472,6 @@ class Pipeline:
 
 def _described(error: BaseException) -> str:
     """`Type: first line` of an error, control characters escaped (a message may quote the file)."""
-    from fxconvert.errors import first_line, printable
-
     if isinstance(error, SystemExit):
         return f"it called sys.exit({error.code!r})"
     return printable(f"{type(error).__name__}: {first_line(error)}")
@@ -490,8 +480,6 @@ def _described(error: BaseException) -> str:
 def _mismatch(error: BaseException, weights: str, stage: str) -> str | None:
     """What a stage file and a weights file disagree on: load()'s missing tensor, or load_state_dict's
     first complaint (its message is a header line, then one tab-indented line per problem)."""
-    from fxconvert.errors import printable
-
     text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
     if isinstance(error, KeyError) and "has no tensor" in text:
         return printable(text.split("; ")[0])
@@ -532,8 +520,6 @@ def load_pipeline(directory) -> Pipeline:
         if not isinstance(value, str) or not value or os.path.basename(value) != value or value in (".", ".."):
             raise PipelineError(f"{path}: '{name}' must be a file name in {directory}, got {value!r}")
     _check_fields(path, fields)
-    from fxconvert.export import ExportError, plan_from_manifest
-
     try:  # what the export at the end of training will copy and name: refused now, not after the training
         plan_from_manifest(manifest, directory)
     except ExportError as e:

@@ -54,9 +54,9 @@ import torch.fx
 
 from fxconvert import balance as balancing
 from fxconvert import families
-from fxconvert.inputs import SIZE_PROBES
+from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes, meta_twins
 from fxconvert.cost import Sizes, analyze
-from fxconvert.convert import Conversion, ConvertedModule
+from fxconvert.convert import ConvertedGraph, ConvertedModule
 from fxconvert.errors import UsageError, describe_node
 from fxconvert.graph_utils import is_impure
 from fxconvert.passes.lift_shared_weights_pass import sparse_embedding_gradients
@@ -146,7 +146,7 @@ class StageModule(ConvertedModule):
         return tuple(v.contiguous() for v in out)
 
 
-def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "time", batch: int | None = None,
+def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = "time", batch: int | None = None,
                  encoder_length: int | None = None, decoder_length: int | None = None, schedule: str = "1f1b",
                  microbatches: int | None = None, max_stage_bytes: int | None = None,
                  block_rule: BlockRule | None = None) -> Stages:
@@ -428,7 +428,7 @@ def _recomputable(gm, model_inputs) -> set:
     return out
 
 
-def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
+def _build(conversion: ConvertedGraph, stage_of, blocks_per_stage) -> Stages:
     gm = conversion.graph_module
     num_stages = len(blocks_per_stage)
     nodes = list(gm.graph.nodes)
@@ -514,7 +514,7 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
 _SIZE_TYPES = (int, tuple, list, torch.Size)
 
 
-def _rebuilt_sizes(conversion: Conversion, crossing, model_inputs) -> dict:
+def _rebuilt_sizes(conversion: ConvertedGraph, crossing, model_inputs) -> dict:
     """Sizes among `crossing` (ints, tuples of ints) that a later stage can rebuild, rather than receive.
 
     GPT-2 computes its output shape, `(-1,) + input_ids.size()[1:] + (hidden.size(-1),)`, before
@@ -556,10 +556,8 @@ def _rebuilt_sizes(conversion: Conversion, crossing, model_inputs) -> dict:
     return out
 
 
-def _meta_values(conversion: Conversion, sizes: dict, names: set) -> dict:
+def _meta_values(conversion: ConvertedGraph, sizes: dict, names: set) -> dict:
     """The values of the nodes `names` when the converted graph runs on meta inputs of `sizes`."""
-    from fxconvert.inputs import build_inputs, config_sizes, meta_twins
-
     gm = conversion.graph_module
     family = families.family_of_class(conversion.model_class)
     config = getattr(conversion.model, "config", None)

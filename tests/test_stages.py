@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-from fxconvert.convert import convert, convert_traced
+from fxconvert import convert
+from fxconvert.convert import convert_traced
 from fxconvert.errors import ModelResolutionError, UsageError
 from fxconvert.pipeline import write_stage_sources
 from fxconvert.stages import SplitError, Stages, split_stages, stage_table
