@@ -1,6 +1,8 @@
 """fxconvert: Hugging Face models (T5, BART, GPT-2, BERT, Llama-style) as clean torch.fx graphs, ready for pipeline partitioning.
 
-The data path reads as the package: load -> trace -> passes -> convert -> codegen/save -> report.
+The data path reads as the package: load -> trace -> passes -> convert -> stages -> codegen/save/pipeline
+-> report, run in that order by one workflow (`fxconvert.workflow`: `convert`, `Conversion.save`, and the
+command line all go through it). Each module imports only modules below it (tests/test_layers.py).
 The public names, and the submodules as attributes (`fxconvert.codegen.forward_source`),
 load on first use (PEP 562), so `import fxconvert` imports neither torch nor transformers: the command line starts at once and handles a Ctrl-C during its imports,
 and generated code that needs `fxconvert.runtime` runs where transformers is not installed.
@@ -16,7 +18,7 @@ from fxconvert.errors import FxConvertError, PassError, TraceError
 __version__ = "0.1.0"
 
 # Each public name and the module that defines it.
-_PUBLIC = {"trace": "fxconvert.trace", "convert": "fxconvert.convert", "Conversion": "fxconvert.convert",
+_PUBLIC = {"trace": "fxconvert.trace", "convert": "fxconvert.workflow", "Conversion": "fxconvert.workflow",
            "ConvertedModule": "fxconvert.convert", "PassRecord": "fxconvert.convert",
            "split_stages": "fxconvert.stages", "Stages": "fxconvert.stages", "SplitError": "fxconvert.stages"}
 __all__ = [*_PUBLIC, "FxConvertError", "TraceError", "PassError"]

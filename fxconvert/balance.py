@@ -279,14 +279,19 @@ def _one_round(stages, inputs) -> list[float]:
     return [f + b for f, b in zip(forward, backward)]
 
 
-def profile_units(conversion, num_units: int, sizes: Sizes, *, repeats: int = 3) -> list[float]:
-    """Measured forward + backward seconds of each unit (one block per stage), at `sizes`, on this machine."""
-    from fxconvert.stages import split_stages
-
+def check_profilable(conversion) -> None:
+    """balance='profile' runs the blocks: refuse a model without real weights before it is split."""
     if any(p.device.type == "meta" for p in conversion.module.parameters()):
         raise UsageError("balance='profile' runs the blocks and needs real weights, but this model is on the meta "
                          "device; use balance='time'")
-    per_unit = split_stages(conversion, num_units, balance="params")
+
+
+def profile_units(conversion, per_unit, sizes: Sizes, *, repeats: int = 3) -> list[float]:
+    """Measured forward + backward seconds of each unit, at `sizes`, on this machine.
+
+    `per_unit` is `conversion` split one block per stage (`fxconvert.stages` splits it, after
+    `check_profilable`): this module sits below the split and takes its result.
+    """
     shared = [getattr(conversion.module, n) for n in conversion.module.shared_names]
     first_float = next((p for p in conversion.module.parameters() if p.is_floating_point()), None)
     family = families.family_of_class(conversion.model_class)
@@ -300,4 +305,4 @@ def profile_units(conversion, num_units: int, sizes: Sizes, *, repeats: int = 3)
 
 
 __all__ = ["BALANCES", "SCHEDULES", "Plan", "StagePrediction", "UnitCosts", "best_groups", "predict",
-           "measure_stage_seconds", "profile_units", "real_inputs", "in_flight", "check_options"]
+           "measure_stage_seconds", "check_profilable", "profile_units", "real_inputs", "in_flight", "check_options"]

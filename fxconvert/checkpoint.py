@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+import fxconvert
 from fxconvert.errors import FxConvertError, UsageError
 from fxconvert.signals import deferred
 
@@ -216,8 +217,6 @@ def _ours(path: Path) -> bool:
 
 
 def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict) -> None:
-    import fxconvert
-
     expected = [stage_file(i) for i in range(meta["num_stages"])] + [rank_file(r) for r in range(world_size)]
     missing = [name for name in expected if not (tmp / name).is_file()]
     if missing:

@@ -1,8 +1,9 @@
 """`fxconvert NAME` (or `python -m fxconvert NAME`): convert, validate, write and report.
 
 The phases read as the package: load (`fxconvert.load`) -> trace (`fxconvert.trace`) ->
-passes (`fxconvert.convert`) -> validate (`fxconvert.validate`) -> write (`fxconvert.save`)
--> report (`fxconvert.report`). Progress goes to stderr, the report to stdout.
+passes (`fxconvert.convert`) -> validate (`fxconvert.validate`) -> split (`fxconvert.stages`,
+`fxconvert.pipeline`) -> write (`fxconvert.save`) -> report (`fxconvert.report`). Progress
+goes to stderr, the report to stdout.
 
 Exit codes: 0 done; 1 a failure (model not found or not supported, bad config or weights,
 trace, validation, write); 2 a usage error (bad option, unknown input or output name,
@@ -12,8 +13,11 @@ nothing is left partially written: the line after an interrupt says whether the 
 complete or nothing was written. Everything printed has control characters escaped
 (`fxconvert.errors.printable`).
 
-Optional report sections hang off `OPTIONAL_SECTIONS`: a feature adds its option in
-`build_parser` and a `(enabled(args), build(conversion, args))` pair there.
+The phases themselves are `fxconvert.workflow.run`, which `convert()` and `Conversion.save()`
+run too; this module parses and checks the options, shows the progress and the report, and
+turns errors and interrupts into exit codes. Optional report sections hang off
+`fxconvert.workflow.OPTIONAL_SECTIONS`: a feature adds its option in `build_parser`, a field of
+`fxconvert.workflow.Options` and a `(asked(options), build(conversion))` pair there.
 """
 
 import _thread
@@ -24,25 +28,13 @@ import signal
 import sys
 import threading
 import time
-import warnings
 
 import fxconvert
+from fxconvert import families
 from fxconvert.errors import FxConvertError, UsageError, first_line, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "fxconvert"
-
-
-def _diff_section(conversion, args):
-    from fxconvert.report import diff_section
-
-    return diff_section(conversion)
-
-
-# Report sections beyond the standard ones: (is it asked for, build it).
-OPTIONAL_SECTIONS = [
-    (lambda args: args.diff, _diff_section),
-]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,8 +43,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _preset_list() -> str:
-    from fxconvert import families
-
     return "; ".join(f"{f.name}: {', '.join(f.presets)}" for f in families.all_families() if f.presets)
 
 
@@ -242,6 +232,7 @@ def _on_disk(args, started: float) -> str:
 def _out_dir(args):
     from pathlib import Path
 
+    # Imported here, not at the top: fxconvert.load imports torch, which --help need not wait for.
     from fxconvert.load import short_name
 
     return Path(args.out) if args.out else Path("fxconvert-out") / short_name(args.name or args.config)
@@ -264,6 +255,30 @@ def _offline_env(offline: bool):
 
 
 def run(args) -> int:
+    input_names, lengths = _checked(args)
+    name, out = args.name if args.name is not None else args.config, _out_dir(args)
+    # Imported here, not at the top: it imports torch, which --help and a usage error need not wait for.
+    from fxconvert import workflow
+
+    options = workflow.Options(
+        offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed, dtype=args.dtype, allow_random=True,
+        transformers_logs=args.verbose, random_weights_warning=False,  # the progress shows the model's notes
+        input_names=input_names, output=args.output,
+        validate=args.validate, atol=args.atol, rtol=args.rtol,
+        validation_skipped_by=None if args.validate else "--no-validate",
+        stages=args.stages, balance=args.balance, batch=args.batch, encoder_length=lengths[0],
+        decoder_length=lengths[1], diff=args.diff, force=args.force, force_name="--force")
+    progress = Progress(enabled=not args.quiet, verbose=args.verbose,
+                        show=lambda result: _show(result.report(detail=args.verbose), args))
+    result = workflow.run(name, out, options=options, progress=progress)
+    _show(result.report(detail=args.verbose), args)
+    if not args.quiet:
+        progress.console.print(_markup(f"Wrote {out}{os.sep} ({', '.join(result.saved.files)})"), highlight=False)
+    return EXIT_OK
+
+
+def _checked(args) -> tuple[list[str] | None, tuple[int | None, int | None]]:
+    """The options a run cannot start with refused, one line each; the input names and sequence lengths parsed."""
     if (args.name is None) == (args.config is None):
         raise UsageError(f"give a model NAME or --config FILE.json{'' if args.name is None else ', not both'} "
                          f"(see {PROG} --help)")
@@ -279,108 +294,10 @@ def run(args) -> int:
             raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
     if not 0 <= args.seed < 2**63:  # torch.manual_seed takes 64 bits, and validation seeds with seed + 1
         raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
-    name = args.name if args.name is not None else args.config
-    out = _out_dir(args)
     input_names = [n.strip() for n in args.inputs.split(",") if n.strip()] if args.inputs is not None else None
     if input_names == []:
         raise UsageError("--inputs is empty; give comma-separated input names")
-
-    from fxconvert.save import check_destination
-
-    source = [name] if os.path.exists(name) else []
-    check_destination(out, force=args.force, keep=source, force_name="--force")  # before any work
-    progress = Progress(enabled=not args.quiet, verbose=args.verbose)
-    timings = {}
-
-    with progress.step("load", f"loading {name}", timings) as step:
-        from fxconvert.load import RandomWeightsWarning, load, quiet_transformers
-
-        if not args.verbose:
-            quiet_transformers()
-        with warnings.catch_warnings():  # the notes below say it, louder
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            loaded = load(name, offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed,
-                          dtype=args.dtype, allow_random=True)
-        source = loaded.source
-        step.detail = f"{type(loaded.model).__name__}, {source.origin} {source.location}, weights: {source.weights}"
-    for note in source.notes:
-        progress.warn(note)
-
-    with progress.step("trace", "tracing", timings) as step:
-        from fxconvert.trace import trace_with_stats
-
-        traced = trace_with_stats(loaded.model, input_names)
-        step.detail = f"{len(traced.graph_module.graph.nodes)} nodes"
-    if args.stages is not None:  # the blocks are known now: refuse too many stages before the passes
-        from fxconvert.graph_info import graph_info
-        from fxconvert.stages import stage_blocks
-
-        stage_blocks(traced.graph_module, args.stages, graph_info(traced.graph_module).model_class)
-    with progress.step("passes", "running passes", timings) as step:
-        from fxconvert.convert import convert_traced
-
-        conversion = convert_traced(loaded.model, traced, output=args.output, source=source,
-                                    keep_traced_code=args.diff)
-        modified = sum(r.modified for r in conversion.passes)
-        step.detail = (f"{len(conversion.passes)} passes, {modified} modified the graph; "
-                       f"{len(conversion.graph_module.graph.nodes)} nodes, output {conversion.output_name}")
-    conversion.timings = {**conversion.timings, **timings}  # the phases as the progress display timed them
-
-    from fxconvert.validate import ValidationResult, validate
-
-    validation = ValidationResult(args.atol, args.seed, skipped="not run (--no-validate)", rtol=args.rtol)
-    if args.validate:
-        with progress.step("validate", "validating against the eager model", timings) as step:
-            validation = validate(conversion, atol=args.atol, rtol=args.rtol, seed=args.seed)
-            step.detail = (f"skipped: {validation.skipped}" if validation.skipped else
-                           f"{len(validation.checks)} tensors, max diff {validation.max_diff:.2g}, "
-                           + ("passed" if validation.passed else f"{len(validation.failures)} FAILED"))
-            step.ok = validation.skipped is not None or validation.passed
-        conversion.timings["validate"] = timings["validate"]
-    else:
-        progress.warn("validation skipped (--no-validate)")
-
-    from fxconvert.report import build_report
-
-    extra = [build(conversion, args) for enabled, build in OPTIONAL_SECTIONS if enabled(args)]
-    extra_files = {}
-    if args.stages is not None:
-        with progress.step("split", f"splitting into {args.stages} stages", timings) as step:
-            from fxconvert.pipeline import pipeline_output
-            from fxconvert.report import stage_plan_section
-            from fxconvert.stages import split_stages, stage_plan, stage_table
-
-            stages = split_stages(conversion, args.stages, balance=args.balance, batch=args.batch,
-                                  encoder_length=lengths[0], decoder_length=lengths[1])
-            output = pipeline_output(conversion, stages)
-            extra.append(output.section)
-            if stages.plan is not None:
-                extra.append(stage_plan_section(stage_table(stages), stage_plan(stages)))
-            extra_files = output.files
-            step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
-        conversion.timings["split"] = timings["split"]
-        for note in output.notes:
-            progress.warn(note)
-
-    def make_report(detail=True):
-        return build_report(conversion, validation=validation, extra=extra, detail=detail)
-
-    if validation.skipped is None and not validation.passed:
-        _show(make_report(detail=args.verbose), args)
-        validation.raise_if_failed()
-
-    with progress.step("write", f"writing {out}", timings) as step:
-        from fxconvert.save import save
-
-        saved = save(conversion, out, force=args.force, make_report=make_report, extra_files=extra_files,
-                     force_name="--force")
-        step.detail = f"{len(saved.files)} files"
-    for note in saved.notes:
-        progress.warn(note)
-    _show(make_report(detail=args.verbose), args)
-    if not args.quiet:
-        progress.console.print(_markup(f"Wrote {out}{os.sep} ({', '.join(saved.files)})"), highlight=False)
-    return EXIT_OK
+    return input_names, lengths
 
 
 def _seq_lengths(text):
@@ -401,13 +318,9 @@ def _show(report, args) -> None:
     if fmt == "rich":
         from rich.console import Console
 
-        from fxconvert.report import print_rich
-
-        print_rich(report, Console(highlight=False))
+        report.print_rich(Console(highlight=False))
     else:
-        from fxconvert.report import render
-
-        sys.stdout.write(render(report, fmt))
+        sys.stdout.write(report.render(fmt))
         sys.stdout.flush()
 
 
@@ -418,14 +331,18 @@ class _Step:
 
 
 class Progress:
-    """One line per phase on stderr (a spinner while it runs, in a terminal); warnings stand out."""
+    """One line per phase on stderr (a spinner while it runs, in a terminal); warnings stand out.
 
-    def __init__(self, *, enabled: bool, verbose: bool):
+    The progress `fxconvert.workflow.run` reports to (`fxconvert.workflow.Progress` is the silent one).
+    """
+
+    def __init__(self, *, enabled: bool, verbose: bool, show=None):
         from rich.console import Console
 
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.enabled = enabled
         self.verbose = verbose
+        self.show = show  # shows a run's report when its validation failed, before the error line
 
     @contextlib.contextmanager
     def step(self, name: str, description: str, timings: dict):
@@ -444,6 +361,10 @@ class Progress:
 
     def warn(self, message: str) -> None:
         self.console.print(f"[bold yellow]warning:[/] {_markup(message)}", highlight=False)
+
+    def failed(self, result) -> None:
+        if self.show is not None:
+            self.show(result)
 
 
 def _markup(text: str) -> str:

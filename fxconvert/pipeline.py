@@ -3,7 +3,7 @@
 Besides model.py, weights.safetensors and the reports, a conversion split into stages holds
 what a pipeline runtime needs to fine-tune the model and hand back a transformers checkpoint:
 
-- `stage_<i>.py`: one importable module per stage (`fxconvert.stages.stage_sources`), whose
+- `stage_<i>.py`: one importable module per stage (`stage_sources`, `write_stage_sources`), whose
   `load()` reads only that stage's tensors from weights.safetensors;
 - `pipeline.json`: the stages, their parameters under their transformers names, the shared
   weights and the values that cross each boundary (`build_manifest`, a `fxconvert.manifest.Manifest`);
@@ -27,12 +27,14 @@ from pathlib import Path
 
 import torch
 
+import fxconvert
 from fxconvert import families, manifest
 from fxconvert.codegen import check_names, module_source
-from fxconvert.convert import Conversion
+from fxconvert.convert import ConvertedGraph
 from fxconvert.errors import UsageError, printable
 from fxconvert.files import read_copyable, roots_of, why_not_copyable
 from fxconvert.inputs import SIZE_PROBES, build_inputs, meta_twins
+from fxconvert.report import stages_section
 from fxconvert.save import WEIGHTS_FILE
 from fxconvert.stage_files import Pipeline, PipelineError, load_pipeline
 from fxconvert.stages import SplitError, Stages, split_plan, split_stages, stage_table
@@ -85,8 +87,6 @@ def stage_parameters(stages: Stages, index: int) -> dict[str, torch.Tensor]:
 
 def stage_sources(stages: Stages) -> dict[str, str]:
     """`stage_<i>.py` -> its text: a module a user imports on its own, as model.py (see the docstrings)."""
-    import fxconvert
-
     num_stages = len(stages.specs)
     on_meta = any(t.device.type == "meta" for t in stages.state_dict().values())
     (model_class,) = check_names("the model class name", [stages.model_class or "Model"])
@@ -126,14 +126,25 @@ def stage_sources(stages: Stages) -> dict[str, str]:
     return sources
 
 
+def write_stage_sources(stages: Stages, directory) -> list[Path]:
+    """Write the `stage_<i>.py` files into `directory`; return the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in stage_sources(stages).items():
+        (directory / name).write_text(text)
+        paths.append(directory / name)
+    return paths
+
+
 # -- pipeline.json --------------------------------------------------------------------------------
 
-def pipeline_manifest(stages: Stages, conversion: Conversion) -> dict:
+def pipeline_manifest(stages: Stages, conversion: ConvertedGraph) -> dict:
     """pipeline.json as a dict (`build_manifest(...).to_json()`)."""
     return build_manifest(stages, conversion).to_json()
 
 
-def build_manifest(stages: Stages, conversion: Conversion) -> manifest.Manifest:
+def build_manifest(stages: Stages, conversion: ConvertedGraph) -> manifest.Manifest:
     """pipeline.json's record: per stage its blocks, parameters (with their transformers names), shared
     weights, and the values it receives and sends, with symbolic shapes (see `symbolic_boundaries`).
 
@@ -181,7 +192,7 @@ def build_manifest(stages: Stages, conversion: Conversion) -> manifest.Manifest:
     )
 
 
-def _hf_names(conversion: Conversion):
+def _hf_names(conversion: ConvertedGraph):
     """name, tensor -> the transformers names of a stage tensor, the one mirroring its module path first.
 
     A shared weight is named by its first tied name (all of them are in the manifest's
@@ -215,7 +226,7 @@ def _hf_names(conversion: Conversion):
     return hf_names
 
 
-def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[tuple[manifest.Boundary, ...]]:
+def symbolic_boundaries(stages: Stages, conversion: ConvertedGraph) -> list[tuple[manifest.Boundary, ...]]:
     """Per stage, the values it sends; sizes that follow the batch or a sequence length are "batch" or the
     family's name of that length (`Family.sequence_lengths`), the others ints.
 
@@ -243,7 +254,7 @@ def symbolic_boundaries(stages: Stages, conversion: Conversion) -> list[tuple[ma
     return out
 
 
-def _sent_values(stages: Stages, conversion: Conversion, sizes: dict) -> list[list[torch.Tensor]]:
+def _sent_values(stages: Stages, conversion: ConvertedGraph, sizes: dict) -> list[list[torch.Tensor]]:
     """The values each stage sends when the stages run on meta copies with inputs of `sizes`."""
     config = getattr(conversion.model, "config", None)
     family = families.family_of_class(conversion.model_class)
@@ -328,8 +339,6 @@ class PipelineOutput:
 
 def pipeline_output(conversion, stages) -> PipelineOutput:
     """Split `conversion` (`stages`: a number of stages, or `Stages` split from it) for `save(extra_files=...)`."""
-    from fxconvert.report import stages_section
-
     if isinstance(stages, int):
         stages = split_stages(conversion, stages)
     notes = skipped_tokenizer_files(conversion.source)
@@ -373,6 +382,6 @@ def manifest_text(record: "manifest.Manifest | dict") -> str:
 
 
 __all__ = ["Pipeline", "PipelineError", "PipelineOutput", "load_pipeline", "pipeline_output", "pipeline_files",
-           "stage_sources", "pipeline_manifest", "build_manifest", "manifest_text", "SIZE_PROBES",
+           "stage_sources", "write_stage_sources", "pipeline_manifest", "build_manifest", "manifest_text", "SIZE_PROBES",
            "symbolic_boundaries", "stage_parameters", "tokenizer_sources",
            "skipped_tokenizer_files", "TOKENIZER_FILES"]

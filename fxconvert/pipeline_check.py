@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fxconvert.convert import convert
+from fxconvert.workflow import convert
 from fxconvert.errors import UsageError
 from fxconvert.stages import split_stages
 

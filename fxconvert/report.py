@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fxconvert.analysis import node_kind
+from fxconvert.cost import flops_text
 from fxconvert.errors import UsageError, printable
 from fxconvert.graph_info import graph_info
 from fxconvert import families
@@ -57,6 +58,14 @@ class Report:
 
     def section(self, key: str) -> Section:
         return next(s for s in self.sections if s.key == key)
+
+    def render(self, fmt: str) -> str:
+        """The report as text in `fmt`: "plain", "markdown" or "json" (see `render`)."""
+        return render(self, fmt)
+
+    def print_rich(self, console) -> None:
+        """The report on a rich console (see `print_rich`)."""
+        print_rich(self, console)
 
     def to_dict(self) -> dict:
         out = {"title": self.title, "status": self.status, "warnings": self.warnings}
@@ -270,8 +279,6 @@ def stages_section(rows: list[dict]) -> Section:
 
 def stage_plan_section(rows: list[dict], plan: dict) -> Section:
     """Predicted cost of each stage (`stage_table` rows and `stage_plan`), with a bar of its time share."""
-    from fxconvert.cost import flops_text
-
     measured = plan["balance"] == "profile"
     table = []
     for r in rows:

@@ -44,8 +44,10 @@ from pathlib import Path
 
 import torch
 
+import fxconvert
 from fxconvert.codegen import check_names, module_source
 from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.report import render
 from fxconvert.signals import deferred
 
 MODEL_FILE, WEIGHTS_FILE, REPORT_MD, REPORT_JSON = "model.py", "weights.safetensors", "report.md", "report.json"
@@ -140,8 +142,6 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
         conversion.timings["write"] = time.perf_counter() - start
         report = None
         if make_report is not None:
-            from fxconvert.report import render
-
             report = make_report()
             (tmp / REPORT_MD).write_text(render(report, "markdown"), encoding="utf-8")
             (tmp / REPORT_JSON).write_text(render(report, "json"), encoding="utf-8")
@@ -166,8 +166,6 @@ def save_weights(module: torch.nn.Module, path) -> None:
     """The module's state dict as safetensors; tensors that share storage are refused, not duplicated."""
     from safetensors.torch import save_file
 
-    import fxconvert
-
     state = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt", "producer": f"fxconvert {fxconvert.__version__}"})
 
@@ -177,8 +175,6 @@ def save_weights(module: torch.nn.Module, path) -> None:
 
 def _write_marker(directory: Path, files: list[str]) -> None:
     """`.fxconvert`: the producer, the files it writes, and the process writing them (for stale-run cleanup)."""
-    import fxconvert
-
     record = {"producer": "fxconvert", "version": fxconvert.__version__, "files": files, "pid": os.getpid(),
               "host": socket.gethostname(), "run": _RUN, "time": time.time()}
     (directory / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
@@ -413,8 +409,6 @@ def model_source(conversion) -> str:
     User text (the source path or Hub id, above all) is written only as repr() literals
     in SOURCE; the docstring holds fixed text and identifiers (`fxconvert.codegen`).
     """
-    import fxconvert
-
     shared = {name: getattr(conversion.module, name) for name in conversion.module.shared_names}
     names = check_names("the input name", conversion.input_names)
     (model_class,) = check_names("the model class name", [conversion.model_class or "Model"])

@@ -37,6 +37,9 @@ shared weights it uses, then `training` (present on every stage, default False).
 returns a tuple of the values it sends on, and the last stage returns the converted
 graph's single output. `Stages.stage_module(i)` packages one stage, with its own copy of
 the shared weights, for `torch.distributed.pipelining` (see `fxconvert.train`).
+
+Writing the stages out (stage files, pipeline.json) is `fxconvert.pipeline`'s, a layer above
+this one: the split knows nothing of files.
 """
 
 import copy
@@ -45,16 +48,15 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.fx
 
 from fxconvert import balance as balancing
 from fxconvert import families, manifest
-from fxconvert.inputs import SIZE_PROBES
+from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes, meta_twins
 from fxconvert.cost import Sizes, analyze
-from fxconvert.convert import Conversion, ConvertedModule
+from fxconvert.convert import ConvertedGraph, ConvertedModule
 from fxconvert.errors import UsageError, describe_node
 from fxconvert.graph_utils import is_impure
 from fxconvert.passes.lift_shared_weights_pass import sparse_embedding_gradients
@@ -144,7 +146,7 @@ class StageModule(ConvertedModule):
         return tuple(v.contiguous() for v in out)
 
 
-def split_stages(conversion: Conversion, num_stages: int, *, balance: str = "time", batch: int | None = None,
+def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = "time", batch: int | None = None,
                  encoder_length: int | None = None, decoder_length: int | None = None, schedule: str = "1f1b",
                  microbatches: int | None = None, max_stage_bytes: int | None = None,
                  block_rule: BlockRule | None = None) -> Stages:
@@ -228,7 +230,9 @@ def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, mi
     measured = None
     if balance == "profile":
         try:
-            measured = balancing.profile_units(conversion, len(units), units.graph_cost.sizes)
+            balancing.check_profilable(conversion)
+            per_unit = split_stages(conversion, len(units), balance="params")
+            measured = balancing.profile_units(conversion, per_unit, units.graph_cost.sizes)
         except UsageError as e:
             raise SplitError(str(e)) from None
     per_unit = {"params": param_costs, "profile": measured,
@@ -426,7 +430,7 @@ def _recomputable(gm, model_inputs) -> set:
     return out
 
 
-def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
+def _build(conversion: ConvertedGraph, stage_of, blocks_per_stage) -> Stages:
     gm = conversion.graph_module
     num_stages = len(blocks_per_stage)
     nodes = list(gm.graph.nodes)
@@ -512,7 +516,7 @@ def _build(conversion: Conversion, stage_of, blocks_per_stage) -> Stages:
 _SIZE_TYPES = (int, tuple, list, torch.Size)
 
 
-def _rebuilt_sizes(conversion: Conversion, crossing, model_inputs) -> dict:
+def _rebuilt_sizes(conversion: ConvertedGraph, crossing, model_inputs) -> dict:
     """Sizes among `crossing` (ints, tuples of ints) that a later stage can rebuild, rather than receive.
 
     GPT-2 computes its output shape, `(-1,) + input_ids.size()[1:] + (hidden.size(-1),)`, before
@@ -554,10 +558,8 @@ def _rebuilt_sizes(conversion: Conversion, crossing, model_inputs) -> dict:
     return out
 
 
-def _meta_values(conversion: Conversion, sizes: dict, names: set) -> dict:
+def _meta_values(conversion: ConvertedGraph, sizes: dict, names: set) -> dict:
     """The values of the nodes `names` when the converted graph runs on meta inputs of `sizes`."""
-    from fxconvert.inputs import build_inputs, config_sizes, meta_twins
-
     gm = conversion.graph_module
     family = families.family_of_class(conversion.model_class)
     config = getattr(conversion.model, "config", None)
@@ -695,30 +697,5 @@ def _value_row(node: torch.fx.Node) -> dict:
     }
 
 
-def write_stage_sources(stages: Stages, directory) -> list[Path]:
-    """Write the `stage_<i>.py` files into `directory`; return the paths."""
-    from fxconvert.pipeline import stage_sources
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in stage_sources(stages).items():
-        (directory / name).write_text(text)
-        paths.append(directory / name)
-    return paths
-
-
-def __getattr__(name):
-    """`pipeline_manifest` and `stage_sources`, re-exported from fxconvert.pipeline on first use.
-
-    fxconvert.pipeline imports this module at its top, so importing it here would fail
-    whenever fxconvert.pipeline is imported first (as `fxconvert.train` does).
-    """
-    if name in ("pipeline_manifest", "stage_sources"):
-        from fxconvert import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 __all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan",
-           "split_plan", "stage_sources", "write_stage_sources", "pipeline_manifest"]
+           "split_plan"]

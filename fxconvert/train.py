@@ -311,7 +311,7 @@ def _check_stage_count(where, count: int, topo: Topology) -> None:
 def _from_name(args, path: Path, topo: Topology, device: torch.device) -> Model:
     import transformers
 
-    from fxconvert.convert import convert
+    from fxconvert.workflow import convert
     from fxconvert.pipeline import pipeline_files
     from fxconvert.stages import split_stages
 

@@ -11,7 +11,7 @@ import torch
 
 from fxconvert.families import input_specs
 from fxconvert.balance import best_groups, in_flight, measure_stage_seconds, real_inputs
-from fxconvert.convert import convert
+from fxconvert import convert
 from fxconvert.stages import SplitError, split_stages
 
 from helpers import build, random_inputs

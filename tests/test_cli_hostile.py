@@ -102,8 +102,8 @@ def test_an_interrupt_says_what_is_on_disk(moment, ckpt, tmp_path, capsys, monke
 @pytest.mark.parametrize("library", ["raises another error", "carries on"])
 def test_an_interrupt_a_library_swallows_still_ends_the_run(library, ckpt, tmp_path, capsys, monkeypatch):
     """As transformers' lazy imports do with a Ctrl-C that lands in them (seen as ModuleNotFoundError)."""
-    trace_module = importlib.import_module("fxconvert.trace")  # fxconvert.trace is the function
-    trace_with_stats = trace_module.trace_with_stats
+    workflow = importlib.import_module("fxconvert.workflow")  # the trace as the one workflow calls it
+    trace_with_stats = workflow.trace_with_stats
 
     def swallowing(*args, **kwargs):
         try:
@@ -114,7 +114,7 @@ def test_an_interrupt_a_library_swallows_still_ends_the_run(library, ckpt, tmp_p
                 raise ModuleNotFoundError("Could not import module 'T5ForConditionalGeneration'") from e
         return trace_with_stats(*args, **kwargs)
 
-    monkeypatch.setattr(trace_module, "trace_with_stats", swallowing)
+    monkeypatch.setattr(workflow, "trace_with_stats", swallowing)
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, ckpt, "--out", out, "--no-validate", "--offline")
     assert code == 130

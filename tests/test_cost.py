@@ -9,7 +9,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxconvert.convert import convert
+from fxconvert import convert
 from fxconvert.cost import Sizes, analyze, run_costs
 from fxconvert.errors import UsageError
 from fxconvert.stages import split_stages

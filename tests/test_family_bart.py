@@ -20,7 +20,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxconvert.convert import convert
+from fxconvert import convert
 from fxconvert.errors import TraceError
 from fxconvert.families import family_of_class, presets
 from fxconvert.graph_info import graph_info

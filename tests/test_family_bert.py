@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxconvert.analysis import find_shared_parameters
-from fxconvert.convert import convert
+from fxconvert import convert
 from fxconvert.families import family_of_class
 from fxconvert.stages import SplitError, split_stages
 from fxconvert.trace import trace

@@ -34,7 +34,7 @@ import pytest
 import torch
 import transformers
 
-from fxconvert.convert import convert
+from fxconvert.workflow import convert
 from fxconvert.families import all_families
 from fxconvert.stages import split_stages
 from fxconvert.trace import trace

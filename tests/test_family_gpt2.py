@@ -19,7 +19,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxconvert.convert import convert
+from fxconvert import convert
 from fxconvert.families import family_of_class
 from fxconvert.load import RandomWeightsWarning, load
 from fxconvert.stages import split_stages

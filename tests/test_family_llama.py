@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxconvert import families
-from fxconvert.convert import convert
+from fxconvert import convert
 from fxconvert.errors import TraceError
 from fxconvert.families import llama as llama_family
 from fxconvert.trace import trace

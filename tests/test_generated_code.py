@@ -152,7 +152,8 @@ def test_a_path_that_is_not_utf8_becomes_an_ascii_literal(tmp_path):
     (safetensors cannot open a checkpoint under such a path, so the architecture comes from
     a config file; the model.py and stage files are checked here, not the report.)
     """
-    from fxconvert.stages import split_stages, stage_sources
+    from fxconvert.pipeline import stage_sources
+    from fxconvert.stages import split_stages
 
     path = tmp_path / os.fsdecode(b"arch\xff\xfe\x80.json")
     path.write_text(json.dumps(helpers.tiny_config().to_dict()))

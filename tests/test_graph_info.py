@@ -10,7 +10,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from helpers import build, random_inputs
 
-from fxconvert.convert import convert
+from fxconvert.workflow import convert
 from fxconvert.errors import UsageError
 from fxconvert.graph_info import GRAPH_INFO, GraphInfo, graph_info, set_graph_info, update_graph_info
 from fxconvert.trace import trace

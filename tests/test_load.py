@@ -102,7 +102,7 @@ def test_untied_preset_converts_with_the_head_as_its_own_parameter(no_network):
         loaded = load("google/flan-t5-small", offline=True, allow_random=True)
     model = loaded.model
     assert model.lm_head.weight is not model.shared.weight
-    from fxconvert.convert import convert
+    from fxconvert import convert
 
     conversion = convert(model)
     assert conversion.shared_weights == {"shared_embed_weight": ["shared.weight", "encoder.embed_tokens.weight",
@@ -235,7 +235,7 @@ NO_WEIGHTS = ["preset, Hub unreachable", "preset, offline", "directory without w
 @pytest.mark.parametrize("kind", NO_WEIGHTS)
 def test_random_weights_are_refused_without_the_opt_in(kind, tmp_path, monkeypatch):
     name, why = _no_weights(kind, tmp_path, monkeypatch)
-    from fxconvert.convert import convert
+    from fxconvert import convert
 
     for call in (load, convert):
         with warnings.catch_warnings():

@@ -296,7 +296,8 @@ def all_hf_names(m: dict) -> list[str]:
 def test_a_tied_tensor_the_graph_reads_once_lists_all_its_names():
     """T5EncoderModel ties `shared` to `encoder.embed_tokens` but reads it once: nothing is lifted, and the
     parameter carries both names (the one mirroring its module path first)."""
-    from fxconvert.stages import pipeline_manifest, split_stages  # the names the pipeline interface pins
+    from fxconvert.pipeline import pipeline_manifest  # the names the pipeline interface pins
+    from fxconvert.stages import split_stages
 
     model = helpers.build("T5EncoderModel")
     conversion = convert(model)
@@ -399,7 +400,8 @@ def test_meta_conversion_writes_stage_files_without_weights(tmp_path):
 
 @pytest.mark.parametrize("heads", [2, 3])  # the batch size of the first, then of the second size probe
 def test_a_head_count_equal_to_a_probe_batch_stays_fixed(heads):
-    from fxconvert.stages import pipeline_manifest, split_stages
+    from fxconvert.pipeline import pipeline_manifest
+    from fxconvert.stages import split_stages
 
     assert heads in [p["batch"] for p in SIZE_PROBES]
     conversion = convert(helpers.build(num_heads=heads, d_kv=8))

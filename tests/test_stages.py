@@ -11,9 +11,11 @@ import pytest
 import torch
 import transformers
 
-from fxconvert.convert import convert, convert_traced
+from fxconvert import convert
+from fxconvert.convert import convert_traced
 from fxconvert.errors import ModelResolutionError, UsageError
-from fxconvert.stages import SplitError, Stages, split_stages, stage_table, write_stage_sources
+from fxconvert.pipeline import write_stage_sources
+from fxconvert.stages import SplitError, Stages, split_stages, stage_table
 from fxconvert.trace import trace_with_stats
 
 from helpers import build, random_inputs
