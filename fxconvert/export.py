@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from fxconvert.checkpoint import fsync_path
+from fxconvert.training.checkpoint import fsync_path
 from fxconvert.errors import FxConvertError
 from fxconvert.signals import deferred
 from fxconvert.files import read_copyable, why_not_copyable

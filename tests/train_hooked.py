@@ -35,7 +35,7 @@ if os.environ.get("HOOK_EXIT_DIR"):
     os._exit = exit_and_tell
 
 if os.environ.get("HOOK_STOP_RANK") == str(rank):
-    from fxconvert import grad_sync
+    from fxconvert.training import grad_sync
 
     real_sync, calls = grad_sync.sync_gradients, []
 
@@ -48,7 +48,7 @@ if os.environ.get("HOOK_STOP_RANK") == str(rank):
     grad_sync.sync_gradients = sync_gradients
 
 if os.environ.get("HOOK_NAN_RANK") == str(rank):
-    from fxconvert import grad_sync
+    from fxconvert.training import grad_sync
 
     clean_sync, nan_calls = grad_sync.sync_gradients, []
 
@@ -65,7 +65,7 @@ if os.environ.get("HOOK_NAN_RANK") == str(rank):
     grad_sync.sync_gradients = sync_with_nan
 
 if os.environ.get("HOOK_PAUSE_AT_SYNC"):
-    from fxconvert import grad_sync
+    from fxconvert.training import grad_sync
 
     paused_sync, pause_calls = grad_sync.sync_gradients, []
 

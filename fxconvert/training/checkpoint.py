@@ -1,4 +1,4 @@
-"""`fxconvert.checkpoint`: training checkpoints that a killed run can never leave half-written.
+"""`fxconvert.training.checkpoint`: training checkpoints that a killed run can never leave half-written.
 
 Layout of `run/checkpoints/step_<k>/`:
 
