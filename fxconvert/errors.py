@@ -46,6 +46,14 @@ class ModelResolutionError(FxConvertError):
     """A model name, path or config could not be turned into a model."""
 
 
+class RandomWeightsRefused(ModelResolutionError):
+    """A name resolved to no weights and random ones were not allowed; `why` says why, for another hint."""
+
+    def __init__(self, why: str, message: str):
+        super().__init__(message)
+        self.why = why
+
+
 class ValidationError(FxConvertError):
     """The converted module disagrees with the reference model."""
 

@@ -36,10 +36,9 @@ from typing import Callable
 import torch
 
 from fxconvert import manifest as manifests
-from fxconvert.checkpoint import fsync_path
 from fxconvert.errors import FxConvertError, printable
 from fxconvert.signals import deferred
-from fxconvert.files import read_copyable, why_not_copyable
+from fxconvert.files import fsync_path, read_copyable, why_not_copyable
 
 INDEX = "model.safetensors.index.json"
 PIPELINE = manifests.FILE

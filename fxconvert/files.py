@@ -84,3 +84,12 @@ def open_regular(path, flags: int, mode: int = 0o644) -> int:
 
 
 __all__ = ["open_regular", "roots_of", "why_not_copyable", "read_copyable"]
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from fxconvert.errors import ModelResolutionError, UsageError, first_line
+from fxconvert.errors import ModelResolutionError, RandomWeightsRefused, UsageError, first_line
 from fxconvert import families
 from fxconvert.trace import SUPPORTED_ATTENTION, require_transformers
 
@@ -66,14 +66,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 logger = logging.getLogger(__name__)
 logging.getLogger("fxconvert").addHandler(logging.NullHandler())  # a library leaves output to the application
-
-
-class RandomWeightsRefused(ModelResolutionError):
-    """A name resolved to no weights and random ones were not allowed; `why` says why, for another hint."""
-
-    def __init__(self, why: str, message: str):
-        super().__init__(message)
-        self.why = why
 
 
 class RandomWeightsWarning(UserWarning):

@@ -70,15 +70,8 @@ class Boundary:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
-class _Keyed:
-    """`record["field"]`: the field as pipeline.json's dict holds it, for readers written against the dict."""
-
-    def __getitem__(self, key: str):
-        return self.to_json()[key]
-
-
 @dataclass(frozen=True)
-class SharedWeight(_Keyed):
+class SharedWeight:
     """A weight transformers ties under several names; each stage in `stages` holds its own copy."""
 
     hf_names: tuple[str, ...]
@@ -89,7 +82,7 @@ class SharedWeight(_Keyed):
 
 
 @dataclass(frozen=True)
-class Stage(_Keyed):
+class Stage:
     """One stage: the file that builds it, what it runs, reads, receives, sends and holds."""
 
     index: int

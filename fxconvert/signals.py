@@ -1,7 +1,7 @@
 """`deferred()`: hold SIGINT and SIGTERM while a commit or a cleanup runs, then deliver them.
 
 Every writer of a directory that must never be left half done (a conversion's output
-(`fxconvert.save`), a training checkpoint (`fxconvert.checkpoint`), the exported `run/hf`
+(`fxconvert.save`), a training checkpoint (`fxconvert.training.checkpoint`), the exported `run/hf`
 (`fxconvert.export`)) swaps a finished temporary directory into place with one or two
 renames. A Ctrl-C, or torchrun's SIGTERM after another rank failed, that lands between
 two renames (the old output moved aside, the new one not yet in place) would otherwise

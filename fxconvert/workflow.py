@@ -32,7 +32,7 @@ from fxconvert.errors import UsageError, with_article
 from fxconvert.graph_info import graph_info
 from fxconvert.graph_utils import gc_paused
 from fxconvert.load import RandomWeightsWarning, check_model_config, load, quiet_transformers
-from fxconvert.pipeline import pipeline_output
+from fxconvert.pipeline import pipeline_files, pipeline_output, skipped_tokenizer_files, source_directory
 from fxconvert.report import Report, build_report, diff_section, stage_plan_section
 from fxconvert.save import Saved, check_destination, save
 from fxconvert.stages import Stages, split_stages, stage_blocks, stage_plan, stage_table
@@ -288,4 +288,31 @@ def _split(result: Result, options: Options, progress, timings: dict) -> None:
         progress.warn(note)
 
 
-__all__ = ["Conversion", "Options", "OPTIONAL_SECTIONS", "Progress", "Result", "Step", "convert", "run"]
+@dataclass
+class Split:
+    """A conversion split in memory (`split`): what a trainer given a NAME runs instead of stage files."""
+
+    conversion: ConvertedGraph
+    stages: Stages
+    files: dict[str, str | bytes]  # what a conversion directory holds besides stage files and weights
+    notes: list[str]  # tokenizer files beside the source that are not copied, and why
+    tokenizer_dir: "os.PathLike | None"  # the checkpoint directory (or its Hub cache snapshot)
+
+
+def split(source, num_stages: int, *, offline: bool = False, seed: int = 0, allow_random: bool = False,
+          check=None) -> Split:
+    """Convert `source` (a name, or a conversion already made) and split it in `num_stages` stages, writing
+    nothing: pipeline.json, config.json and the tokenizer files are returned as `Split.files`. `check`, given
+    the conversion, may refuse it (raise) before the split."""
+    conversion = source if isinstance(source, ConvertedGraph) else convert(
+        source, offline=offline, seed=seed, allow_random=allow_random)
+    if check is not None:
+        check(conversion)
+    stages = split_stages(conversion, num_stages)
+    files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
+    return Split(conversion, stages, files, skipped_tokenizer_files(conversion.source),
+                 source_directory(conversion.source))
+
+
+__all__ = ["Conversion", "Options", "OPTIONAL_SECTIONS", "Progress", "Result", "Split", "Step", "convert", "run",
+           "split"]

@@ -53,9 +53,6 @@ import transformers  # noqa: E402
 
 SCHEMA_VERSION = 1
 THREADS = 2
-INPUT_NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
-GPT2_INPUT_NAMES = ["input_ids", "attention_mask", "labels"]  # the labels are the input ids, shifted inside
-LLAMA_INPUT_NAMES = GPT2_INPUT_NAMES
 
 # Every measurement is registered once, in `REGISTRY` (after the functions that measure them):
 # key, target, unit, what it compares, the function, and the comparison (">=" for a speed-up).
@@ -229,7 +226,7 @@ def build(config, *, meta=False, seed=0):
     return model.eval()
 
 
-def make_inputs(batch, seq, vocab, seed=0, names=INPUT_NAMES):
+def make_inputs(batch, seq, vocab, seed=0, names=None):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, seq, dtype=torch.long)
     if seq > 4:
@@ -240,13 +237,15 @@ def make_inputs(batch, seq, vocab, seed=0, names=INPUT_NAMES):
         "decoder_input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
         "labels": torch.randint(0, vocab, (batch, seq), generator=g),
     }
-    return {n: inputs[n] for n in names}
+    return {n: inputs[n] for n in names or input_names(transformers.T5ForConditionalGeneration)}
 
 
 def input_names(model) -> list[str]:
-    if isinstance(model, transformers.LlamaForCausalLM):
-        return LLAMA_INPUT_NAMES
-    return GPT2_INPUT_NAMES if isinstance(model, transformers.GPT2LMHeadModel) else INPUT_NAMES
+    """What the trainer feeds the model (its family record's `train_inputs`)."""
+    from fxconvert import families
+
+    cls = model if isinstance(model, type) else type(model)
+    return list(families.family_of_class(cls.__name__).train_inputs)
 
 
 def n_params(model) -> int:

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import torch
 
-from fxconvert.checkpoint import rng_state, save_checkpoint
+from fxconvert.training.checkpoint import rng_state, save_checkpoint
 
 META = {"num_stages": 2, "dp": 1, "virtual_stages": 1, "schedule": "1f1b", "model": "conv", "data_position": 4}
 

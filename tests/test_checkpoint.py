@@ -11,7 +11,7 @@ import torch
 
 import helpers
 from fxconvert import convert, split_stages
-from fxconvert.checkpoint import (OWN, CheckpointDirError, CheckpointError, ResumeMismatchError, check_meta,
+from fxconvert.training.checkpoint import (OWN, CheckpointDirError, CheckpointError, ResumeMismatchError, check_meta,
                                   latest_checkpoint, load_checkpoint, remove_stale, rng_state, save_checkpoint,
                                   set_rng_state)
 
@@ -263,7 +263,7 @@ def test_save_removes_what_a_killed_save_left(tmp_path):
 _KILLED_SAVE = """
 import os, sys
 from pathlib import Path
-from fxconvert.checkpoint import OWN, rng_state, save_checkpoint
+from fxconvert.training.checkpoint import OWN, rng_state, save_checkpoint
 from checkpoint_ranks import META, toy_states
 
 real_write_text = Path.write_text
@@ -434,7 +434,7 @@ def test_a_signal_between_the_renames_of_a_resave_loses_nothing(tmp_path, monkey
     in place: the swap finishes first, then the signal is delivered; step_k is the new checkpoint."""
     import signal
 
-    import fxconvert.checkpoint as checkpoint
+    import fxconvert.training.checkpoint as checkpoint
 
     save_single(tmp_path, 4, toy_states(1.0))
     real_rename, renames = os.rename, []
@@ -465,7 +465,7 @@ def test_a_signal_between_the_renames_of_a_resave_loses_nothing(tmp_path, monkey
 
 
 def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
-    import fxconvert.checkpoint as checkpoint
+    import fxconvert.training.checkpoint as checkpoint
 
     save_single(tmp_path, 4, toy_states(1.0))
     real_rename, calls = os.rename, []

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, T5Tokenizer
 
 import checkpoints
 import helpers
-from fxconvert.data import DataError, Example, batch_indices, collate, load_tokenizer, microbatches, read_jsonl
+from fxconvert.training.data import DataError, Example, batch_indices, collate, load_tokenizer, microbatches, read_jsonl
 from fxconvert.errors import UsageError
 
 TEXTS = [("w1 w2 w3 w4 w5 w6", "w7 w8 w9"), ("w3", "w4 w5 w6 w7 w8"), ("w9 zz w2", "w1"), ("  w5\tw6  ", "w38 w39")]
@@ -491,7 +491,7 @@ def test_a_fifo_named_like_a_tokenizer_file_is_refused_not_waited_on(tmp_path, t
         if file.name != name:
             (tmp_path / file.name).write_bytes(file.read_bytes())
     os.mkfifo(tmp_path / name)
-    code = ("import sys; from fxconvert.data import load_tokenizer, DataError\n"
+    code = ("import sys; from fxconvert.training.data import load_tokenizer, DataError\n"
             "try:\n    load_tokenizer(sys.argv[1])\nexcept DataError as e:\n    print(e)\n")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})

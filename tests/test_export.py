@@ -352,8 +352,8 @@ def test_export_of_a_real_pipeline_conversion(tmp_path, capsys, variant_name):
     assert (out / "config.json").read_bytes() == (conv / "config.json").read_bytes()
     batch = helpers.random_inputs(NAMES, 2, 7, 5, seed=3)
     with torch.no_grad():
-        values = modules[0](*[batch[n] for n in loaded_pipeline.stages[0]["inputs"]])
-        ours = modules[1](*values, **{n: batch[n] for n in loaded_pipeline.stages[1]["inputs"]})
+        values = modules[0](*[batch[n] for n in loaded_pipeline.stages[0].inputs])
+        ours = modules[1](*values, **{n: batch[n] for n in loaded_pipeline.stages[1].inputs})
         theirs = loaded.eval()(**batch, use_cache=False).loss
         untrained = model(**batch, use_cache=False).loss
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from fxconvert import families
-from fxconvert.data import OBJECTIVES
+from fxconvert.training.data import OBJECTIVES
 
 FAMILIES = families.all_families()
 

@@ -330,7 +330,7 @@ def test_pipeline_training_equals_single_process_training():
     """Two stage processes (gloo), 1F1B, two SGD steps: losses and weights equal training the unsplit
     converted module in one process, whose first loss is eager transformers' loss. (`torchrun -m
     fxconvert.train` on a BART checkpoint against eager training: tests/test_train_families.py.)"""
-    from fxconvert import pipeline_check
+    from fxconvert.training import self_check as pipeline_check
 
     cfg = pipeline_check.RunConfig(family="BART", stages=2, schedules=("1f1b",), steps=2, microbatches=2, batch=4)
     results = pipeline_check.run(cfg)

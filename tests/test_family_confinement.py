@@ -20,8 +20,8 @@ FAMILY_CONFIG_ATTRIBUTES = {
     "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim",
     "decoder_ffn_dim", "vocab_size", "type_vocab_size", "max_position_embeddings", "tie_word_embeddings",
 }
-# Modules that still read them by name, until the training side asks the records too.
-ALLOWED = {"train.py", "pipeline_check.py"}
+# Modules allowed to read them by name: none (an entry needs a reason a reader cannot serve).
+ALLOWED = set()
 
 
 def family_attribute_reads(path: Path) -> list[str]:

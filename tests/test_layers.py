@@ -40,11 +40,11 @@ RANK = {name for layer, modules in LAYERS if layer in ("foundation", "rank") for
 # The training side: what a rank runs. It may import the rank's light modules, its own, the family
 # records (plain data: the objective, the input names; no torch, no transformers) and the workflow
 # (to convert a SOURCE given as a NAME), never the converter's inner modules.
-TRAINING = {"fxconvert.train", "fxconvert.training", "fxconvert.pipeline_check"}
+TRAINING = {"fxconvert.train", "fxconvert.training"}
 TRAINING_MAY_IMPORT = RANK | TRAINING | {"fxconvert.families", "fxconvert.workflow"}
 
 # Modules that are being rewritten and still import upward; the list is to be emptied, not grown.
-NOT_YET_LAYERED = {"fxconvert.train", "fxconvert.pipeline_check"}
+NOT_YET_LAYERED = set()
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -1,8 +1,9 @@
-"""The self-check `python -m fxconvert.train --self-check` (fxconvert.pipeline_check) on PyTorch's own engine.
+"""The self-check `python -m fxconvert.train --self-check` (fxconvert.training.self_check): the trainer's loop.
 
 One run in a subprocess: 2 processes (gloo), GPipe and 1F1B, 2 microbatches, 2 SGD steps, plus the
-control run without the tied-gradient all-reduce. The per-rank results are checked here against
-single-process training of the unsplit converted module, and its first loss against eager transformers.
+control run without the tied-gradient all-reduce. The self-check compares with eager transformers
+itself; the per-rank results are checked here against single-process training of the unsplit
+converted module, and its first loss against eager transformers.
 """
 
 import json
@@ -15,18 +16,20 @@ import torch
 
 from fxconvert.errors import UsageError
 from fxconvert.stages import SplitError
-from fxconvert.pipeline_check import INPUT_NAMES, RunConfig, batches, build_model, check, run as run_pipeline, train_reference
+from fxconvert.workflow import convert
+from fxconvert.training.self_check import RunConfig, batches, build_model, check, make_optimizer, run as run_pipeline
 
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = RunConfig(stages=2, schedules=("gpipe", "1f1b"), steps=2, microbatches=2, batch=4, control=True)
 TOL = 1e-5
+INPUT_NAMES = CFG.record.train_inputs  # what the trainer feeds (the family record's)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    command = [sys.executable, str(REPO / "scripts" / "pipeline_train.py"), "--stages", "2", "--steps", "2",
+    command = [sys.executable, "-m", "fxconvert.train", "--self-check", "--stages", "2", "--steps", "2",
                "--microbatches", "2", "--batch", "4", "--schedule", "gpipe", "1f1b", "--control",
                "--out", str(out / "ranks"), "--json", str(out / "results.json")]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -37,6 +40,28 @@ def run(tmp_path_factory):
         stem = r["schedule"] + ("" if r["tied_sync"] else "-unsynced")
         ranks[r["schedule"], r["tied_sync"]] = [torch.load(out / "ranks" / f"{stem}_rank{i}.pt") for i in range(2)]
     return report, ranks, proc.stdout
+
+
+def train_reference(cfg: RunConfig):
+    """Train the unsplit converted module as the pipeline does: (losses per step, initial, final weights)."""
+    module = convert(build_model(cfg), input_names=INPUT_NAMES).module.train()
+    initial = {name: p.detach().clone() for name, p in module.named_parameters()}
+    optimizer = make_optimizer(cfg, module.parameters())
+    losses = []
+    for batch in batches(cfg):
+        optimizer.zero_grad()
+        chunks = {k: torch.tensor_split(v, cfg.microbatches) for k, v in batch.items()}
+        step = []
+        for i in range(cfg.microbatches):
+            loss = module(**{k: v[i] for k, v in chunks.items()})
+            loss.backward()
+            step.append(loss.detach())
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.div_(cfg.microbatches)
+        optimizer.step()
+        losses.append(torch.stack(step).mean().item())
+    return losses, initial, {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +127,6 @@ def test_the_reference_loss_is_eager_transformers_loss(run, reference):
 
 def test_bad_configurations_are_usage_errors():
     with pytest.raises(UsageError, match="at least as many microbatches as stages"):
-        check(RunConfig(stages=4, microbatches=2, layers=2, decoder_layers=2))
+        check(RunConfig(stages=4, microbatches=2, layers=2))
     with pytest.raises(SplitError, match="the graph has 2 blocks"):  # before any process is started
-        run_pipeline(RunConfig(stages=3, layers=1, decoder_layers=1, schedules=("gpipe",)))
+        run_pipeline(RunConfig(stages=3, layers=1, schedules=("gpipe",)))

@@ -7,14 +7,14 @@ import sys
 import pytest
 
 import train_runs as tr
-from fxconvert import run_lock
+from fxconvert.training import run_lock
 from fxconvert.errors import UsageError
 
 # The call runs in a child process: a lock that waits on a FIFO would hang this test run, not fail it.
 _CALL = """
 import sys
 from pathlib import Path
-from fxconvert import run_lock
+from fxconvert.training import run_lock
 from fxconvert.errors import UsageError
 try:
     getattr(run_lock, sys.argv[1])(Path(sys.argv[2]), shown="run", **({"create": True} if sys.argv[1] == "take" else {}))

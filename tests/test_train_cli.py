@@ -144,7 +144,7 @@ def test_an_existing_run_needs_resume(setup, tmp_path, capsys, monkeypatch):
 
 
 def test_the_self_check_stays_behind_a_flag(capsys):
-    assert main(["--self-check", "--stages", "3", "--layers", "1", "--decoder-layers", "1"]) == 2
+    assert main(["--self-check", "--stages", "3", "--layers", "1"]) == 2
     assert "at most 2" in capsys.readouterr().err
 
 
@@ -152,7 +152,7 @@ def test_the_progress_line_on_a_terminal_and_the_metrics_file(tmp_path, monkeypa
     """On a terminal: a rich progress line (step, loss, tokens/s, ETA); metrics.jsonl either way."""
     import io
 
-    from fxconvert.train import Reporter
+    from fxconvert.training.metrics import Reporter
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -198,12 +198,14 @@ def test_resume_continues_only_a_run_with_a_checkpoint(setup, tmp_path, capsys, 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(setup, tmp_path, capsys, monkeypatch):
     """Everything that decides the batches and the steps must match, SOURCE by its resolved path."""
-    from fxconvert.checkpoint import ResumeMismatchError, check_meta
-    from fxconvert.train import Launch, build_parser, check_options, resume_fields
+    from fxconvert.training.checkpoint import ResumeMismatchError, check_meta
+    from fxconvert.training.config import Launch, check_options
+    from fxconvert.training.options import parse
+    from fxconvert.training.run import resume_fields
 
     def fields(*extra, source=setup / "ckpt"):
-        args = build_parser().parse_args([str(a) for a in _argv(setup, tmp_path / "run", *extra, source=source)])
-        return resume_fields(args, check_options(args, Launch(0, 2, 0)))
+        cfg = parse([str(a) for a in _argv(setup, tmp_path / "run", *extra, source=source)])
+        return resume_fields(*check_options(cfg, Launch(0, 2, 0)))
 
     monkeypatch.chdir(setup)
     check_meta(fields(), fields(source="ckpt/"), path="step_1")  # the same directory, spelled otherwise
@@ -250,7 +252,9 @@ def test_text_data_uses_the_tokenizer_of_a_hub_cache_source(setup, tmp_path, mon
     """A Hub id found in the local cache: the tokenizer beside its snapshot tokenizes text lines."""
     import huggingface_hub
 
-    from fxconvert.train import Launch, build_parser, prepare
+    from fxconvert.training.config import Launch
+    from fxconvert.training.options import parse
+    from fxconvert.training.run import prepare
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(setup / "ckpt", ckpt)
@@ -260,7 +264,7 @@ def test_text_data_uses_the_tokenizer_of_a_hub_cache_source(setup, tmp_path, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "text.jsonl"
     data.write_text(json.dumps({"input": "w1 w2 w3", "target": "w4"}) + "\n" * 1)
-    args = build_parser().parse_args(["someone/tiny-t5", "--data", str(data), "--out", str(tmp_path / "run"),
+    args = parse(["someone/tiny-t5", "--data", str(data), "--out", str(tmp_path / "run"),
                                       "--steps", "1", "--batch", "2", "--offline"])
     run = prepare(args, Launch(0, 2, 0))
     assert run.model.tokenizer_dir is not None
@@ -294,10 +298,12 @@ def test_ctrl_c_while_training_is_one_line_and_exit_130(setup, tmp_path):
 
 def test_a_run_that_took_out_while_this_one_was_checking_stops_it(setup, tmp_path):
     """Rank 0 checks --out, then loads the model; another run that wrote into --out meanwhile wins."""
-    from fxconvert.train import Launch, build_parser, lock_run, prepare
+    from fxconvert.training.config import Launch
+    from fxconvert.training.options import parse
+    from fxconvert.training.run import lock_run, prepare
 
     out = tmp_path / "run"
-    args = build_parser().parse_args([str(a) for a in _argv(setup, out)])
+    args = parse([str(a) for a in _argv(setup, out)])
     run = prepare(args, Launch(0, 2, 0))
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')  # what the other run wrote

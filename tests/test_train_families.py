@@ -166,10 +166,10 @@ CUT = {"causal": "--max-source-length and --max-target-length that add up to",
 def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_path, family, source, target):
     """GPT-2 (n_positions), BART and BERT (max_position_embeddings) look positions up in a 64-row table:
     eager transformers fails on a longer sequence, so the data check names the example and the fix."""
-    from types import SimpleNamespace
-
-    from fxconvert import train
     from fxconvert.errors import UsageError
+    from fxconvert.training.config import TrainConfig
+    from fxconvert.training.dataset import load_data
+    from fxconvert.training.model import Model
 
     cls, config, objective = CONFIGS[family]
     causal = objective == "causal"
@@ -178,17 +178,17 @@ def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_pat
     long = {"input_ids": [5] * source, "labels": [7] * target}
     data.write_text(json.dumps(fits) + "\n" + json.dumps(long) + "\n")
     config = {**config().to_dict(), "architectures": [cls.__name__]}
-    model = train.Model(parts={}, num_stages=1, shared_stages={}, config=config)
-    args = SimpleNamespace(data=data, max_source_length=None, max_target_length=None)
+    model = Model(parts={}, num_stages=1, shared_stages={}, config=config)
+    args = TrainConfig(source="-", data=str(data), out="-")
     with pytest.raises(UsageError) as info:
-        train.load_data(args, model)
+        load_data(args, model)
     field, total = ("n_positions", source + target) if causal else ("max_position_embeddings", max(source, target))
     assert str(info.value) == (f"{data}: example 2 is {total} tokens long, more than the model's {field} (64); pass "
                                f"{CUT[objective]} at most 64")
     # one token shorter it loads, and eager transformers runs it; one token longer eager fails
     long = {"input_ids": [5] * (source - (source >= target)), "labels": [7] * (target - (target >= source))}
     data.write_text(json.dumps(long) + "\n")
-    assert len(train.load_data(args, model).examples) == 1
+    assert len(load_data(args, model).examples) == 1
     torch.manual_seed(0)
     eager = cls(transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})).eval()
     batch = (dict(input_ids=torch.tensor([long["input_ids"] + long["labels"]])) if causal else
@@ -203,18 +203,18 @@ def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_pat
 def test_a_padding_token_outside_the_vocabulary_is_one_line_before_training(tmp_path, eos):
     """GPT-2 defines no pad token: eos_token_id pads. Out of the vocabulary, the embedding lookup of every
     padded batch would fail mid-run (as it does in eager transformers); the data check refuses it first."""
-    from types import SimpleNamespace
-
-    from fxconvert import train
     from fxconvert.errors import UsageError
+    from fxconvert.training.config import TrainConfig
+    from fxconvert.training.dataset import load_data
+    from fxconvert.training.model import Model
 
     cls, config, _ = CONFIGS["gpt2"]
     config = {**config().to_dict(), "architectures": [cls.__name__], "eos_token_id": eos, "pad_token_id": None}
     (tmp_path / "d.jsonl").write_text('{"input_ids": [5, 6], "labels": [7]}\n')
-    model = train.Model(parts={}, num_stages=1, shared_stages={}, config=config)
-    args = SimpleNamespace(data=tmp_path / "d.jsonl", max_source_length=None, max_target_length=None)
+    model = Model(parts={}, num_stages=1, shared_stages={}, config=config)
+    args = TrainConfig(source="-", data=str(tmp_path / "d.jsonl"), out="-")
     with pytest.raises(UsageError) as info:
-        train.load_data(args, model)
+        load_data(args, model)
     first = eos[0] if isinstance(eos, list) else eos
     assert str(info.value) == (f"the model's config has eos_token_id = {first}, outside its vocabulary (vocab_size "
                                f"{VOCAB}); set pad_token_id in config.json to a token id below {VOCAB}")

@@ -20,9 +20,10 @@ import pytest
 
 import checkpoints
 import train_runs as tr
-from fxconvert.checkpoint import COMPLETE, latest_checkpoint
-from fxconvert.run_lock import LOCK
-from fxconvert.train import _Signals, main
+from fxconvert.training.checkpoint import COMPLETE, latest_checkpoint
+from fxconvert.training.run_lock import LOCK
+from fxconvert.train import main
+from fxconvert.training.faults import Signals
 
 STEPS, TIMEOUT = 30, 20
 HANG_GUARD = TIMEOUT + 60  # torchrun gives its workers 30 s between SIGTERM and SIGKILL
@@ -274,7 +275,7 @@ def test_workers_stop_when_torchrun_is_killed(setup, tmp_path):
     assert latest_checkpoint(out).name == "step_2"
     assert "Traceback" not in err and "frame #" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("step ", "saved checkpoint"))]
-    assert sorted(lines) == [f"fxconvert.train: error: rank {rank} (stage {rank}, replica 0): {_Signals.LAUNCHER_GONE}"
+    assert sorted(lines) == [f"fxconvert.train: error: rank {rank} (stage {rank}, replica 0): {Signals.LAUNCHER_GONE}"
                              for rank in (0, 1)], err[-3000:]
 
 
@@ -329,7 +330,7 @@ def test_a_worker_whose_launcher_store_is_gone_stops_itself(monkeypatch, capfd):
 
     import torch.distributed as dist
 
-    from fxconvert.heartbeat import Heartbeat, prefix
+    from fxconvert.training.heartbeat import Heartbeat, prefix
 
     port = tr.free_port()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -424,11 +425,11 @@ def test_a_rank_still_preparing_is_named_by_the_one_that_waited(setup, tmp_path)
 
 def test_a_swallowed_interrupt_still_ends_the_guarded_work():
     """Code inside the guarded work that catches every Exception (transformers and torch have such places)
-    swallows the `_Terminated` of a Ctrl-C: the guard raises it again when the work returns, and every
+    swallows the `Terminated` of a Ctrl-C: the guard raises it again when the work returns, and every
     later guard raises at once (one swallowed Ctrl-C used to disable Ctrl-C and SIGTERM for the run)."""
-    from fxconvert.train import _Signals, _Terminated
+    from fxconvert.training.faults import Terminated
 
-    signals, swallowed, ran = _Signals(), [], []
+    signals, swallowed, ran = Signals(), [], []
 
     def work():
         try:
@@ -441,10 +442,10 @@ def test_a_swallowed_interrupt_still_ends_the_guarded_work():
         return "trained on"
 
     try:
-        with pytest.raises(_Terminated, match="^interrupted$"):
+        with pytest.raises(Terminated, match="^interrupted$"):
             signals.guard(work)
-        assert [type(e) for e in swallowed] == [_Terminated]
-        with pytest.raises(_Terminated, match="^interrupted$"):
+        assert [type(e) for e in swallowed] == [Terminated]
+        with pytest.raises(Terminated, match="^interrupted$"):
             signals.guard(lambda: ran.append(1))
         assert ran == []
     finally:
@@ -459,7 +460,7 @@ def test_a_failure_before_a_torchrun_restart_is_not_named_after_it(monkeypatch):
 
     import torch.distributed as dist
 
-    from fxconvert.heartbeat import Heartbeat
+    from fxconvert.training.heartbeat import Heartbeat
 
     port = tr.free_port()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -495,7 +496,7 @@ def test_a_busy_out_is_one_line_however_many_ranks(setup, tmp_path):
 
     import torch.distributed as dist
 
-    from fxconvert.heartbeat import prefix
+    from fxconvert.training.heartbeat import prefix
 
     out, port, go = tmp_path / "run", tr.free_port(), tmp_path / "go"
     env = tr.env()

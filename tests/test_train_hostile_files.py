@@ -16,7 +16,7 @@ import sys
 import pytest
 
 import checkpoints
-import fxconvert.train
+import fxconvert.training.worker
 import train_runs as tr
 from fxconvert.train import main
 
@@ -45,7 +45,7 @@ def _fails(capsys, monkeypatch, argv, *, world=1, code=2) -> str:
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world))
     # Reaching the training fails the test here (a failure inside training would end this process).
-    monkeypatch.setattr(fxconvert.train, "train", _reached_training)
+    monkeypatch.setattr(fxconvert.training.worker, "train", _reached_training)
     capsys.readouterr()
     assert main([str(a) for a in argv]) == code
     err = capsys.readouterr().err.strip()
@@ -240,7 +240,7 @@ def test_a_damaged_metrics_file_is_repaired_on_resume(setup, stopped_run, tmp_pa
 
 
 def test_many_damaged_metrics_lines_are_one_warning(tmp_path, capsys):
-    from fxconvert.train import Reporter
+    from fxconvert.training.metrics import Reporter
 
     (tmp_path / "metrics.jsonl").write_text("\n".join(["not json"] * 50 + ['{"step": 1}', '{"step": 2}', "torn"]))
     Reporter(tmp_path, 3, 1).close()
@@ -271,7 +271,7 @@ def test_a_metrics_file_that_is_no_regular_file_is_refused_on_resume(setup, stop
 def test_the_metrics_writer_never_follows_a_symlink(tmp_path):
     """The second guard: a symlink put in place after `prepare` checked is refused, never followed."""
     from fxconvert.errors import UsageError
-    from fxconvert.train import Reporter
+    from fxconvert.training.metrics import Reporter
 
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")

@@ -35,7 +35,7 @@ if os.environ.get("HOOK_EXIT_DIR"):
     os._exit = exit_and_tell
 
 if os.environ.get("HOOK_STOP_RANK") == str(rank):
-    from fxconvert import grad_sync
+    from fxconvert.training import grad_sync
 
     real_sync, calls = grad_sync.sync_gradients, []
 
@@ -48,7 +48,7 @@ if os.environ.get("HOOK_STOP_RANK") == str(rank):
     grad_sync.sync_gradients = sync_gradients
 
 if os.environ.get("HOOK_NAN_RANK") == str(rank):
-    from fxconvert import grad_sync
+    from fxconvert.training import grad_sync
 
     clean_sync, nan_calls = grad_sync.sync_gradients, []
 
@@ -65,7 +65,7 @@ if os.environ.get("HOOK_NAN_RANK") == str(rank):
     grad_sync.sync_gradients = sync_with_nan
 
 if os.environ.get("HOOK_PAUSE_AT_SYNC"):
-    from fxconvert import grad_sync
+    from fxconvert.training import grad_sync
 
     paused_sync, pause_calls = grad_sync.sync_gradients, []
 
@@ -79,9 +79,9 @@ if os.environ.get("HOOK_PAUSE_AT_SYNC"):
     grad_sync.sync_gradients = sync_and_pause
 
 if os.environ.get("HOOK_SLOW_RANK") == str(rank):
-    from fxconvert import train
+    from fxconvert.training import worker
 
-    real_prepare = train.prepare
+    real_prepare = worker.prepare
 
     def prepare(*args, **kwargs):
         run = real_prepare(*args, **kwargs)
@@ -89,7 +89,7 @@ if os.environ.get("HOOK_SLOW_RANK") == str(rank):
             time.sleep(0.05)
         return run
 
-    train.prepare = prepare
+    worker.prepare = prepare
 
 from fxconvert.train import main  # noqa: E402
 

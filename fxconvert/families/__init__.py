@@ -74,6 +74,8 @@ class Family:
     # (config, training, dtype name such as "float16") -> why the model cannot be traced as it is
     # (a one-line reason naming the fix), or None. For what a graph cannot record in some settings.
     check_trace: Callable[[object, bool, str], str | None] | None = None
+    # sequence (SEQUENCES) -> the name of its length where a user reads it; every sequence of `inputs`
+    sequence_lengths: Mapping[str, str] = field(default_factory=lambda: dict(ENCODER_DECODER_LENGTHS))
     # config.json fields (model_type and architectures aside) of a tiny random model of this
     # family: two layers, width 32, vocabulary 97, dropout on. For the tests and --self-check.
     tiny: Mapping[str, object] = field(default_factory=dict)
@@ -100,9 +102,7 @@ class Family:
 
     def vocab(self, config) -> int | None:
         """The vocabulary size the config gives, or None."""
-        return _read(config, "vocab_size", None)
-    # sequence (SEQUENCES) -> the name of its length where a user reads it; every sequence of `inputs`
-    sequence_lengths: Mapping[str, str] = field(default_factory=lambda: dict(ENCODER_DECODER_LENGTHS))
+        return vocabulary(config)
 
     def default_input_names(self, cls_name: str) -> list[str]:
         for suffix, names in self.default_inputs:
@@ -129,6 +129,12 @@ class Family:
             if match:
                 return stack, int(match.group("index")), match.group("block")
         return None
+
+
+def vocabulary(config) -> int | None:
+    """The vocabulary size a config (object or config.json dict) of any family gives, or None: every
+    transformers config names it alike, so this also serves a model of no family."""
+    return _read(config, "vocab_size", None)
 
 
 def _read(config, key: str, default):

@@ -1,4 +1,4 @@
-"""`fxconvert.checkpoint`: training checkpoints that a killed run can never leave half-written.
+"""`fxconvert.training.checkpoint`: training checkpoints that a killed run can never leave half-written.
 
 Layout of `run/checkpoints/step_<k>/`:
 
@@ -38,6 +38,7 @@ import torch
 
 import fxconvert
 from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.files import fsync_path
 from fxconvert.signals import deferred
 
 CHECKPOINTS = "checkpoints"
@@ -256,15 +257,6 @@ def _write(path: Path, write: Callable) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_stale(run_dir) -> list[Path]:

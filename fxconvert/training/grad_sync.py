@@ -125,9 +125,13 @@ def broadcast_initial(topo: Topology, modules: dict[int, torch.nn.Module]) -> No
             copy.data.copy_(source.data)
 
 
-def sync_gradients(topo: Topology, modules: dict[int, torch.nn.Module]) -> None:
-    """Sum each shared weight's gradient over its copies; average every gradient over replicas."""
-    for name in sorted(topo.shared_stages):
+def sync_gradients(topo: Topology, modules: dict[int, torch.nn.Module], *, tied: bool = True) -> None:
+    """Sum each shared weight's gradient over its copies; average every gradient over replicas.
+
+    `tied=False` leaves the copies' gradients alone: what plain pipelining does (the
+    self-check's control run shows the copies drifting apart).
+    """
+    for name in sorted(topo.shared_stages) if tied else ():
         copies = _shared_copies(modules, name)
         if not copies:
             continue

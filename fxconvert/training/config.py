@@ -1,0 +1,145 @@
+"""What a run is told: `TrainConfig` (the options, parsed once), `Launch` (torchrun's environment) and their checks.
+
+`TrainConfig` is frozen: `check_options` returns a new one with the defaults that depend on
+the launch filled in (`microbatches`), together with the layout (`grad_sync.Topology`).
+"""
+
+import math
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.training.grad_sync import Topology
+from fxconvert.training.model import check_source_stages
+
+OPTIMIZERS = ("sgd", "adamw")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Outside these, a value passed the checks and failed later without naming its option: a timeout
+# under a second times out the rendezvous itself, one over a year overflows torch's timedelta to
+# milliseconds, and a learning rate over 1000 only makes weights inf (no optimizer here needs one).
+TIMEOUT_RANGE = (1.0, 365 * 24 * 3600.0)
+MAX_LR = 1000.0
+
+
+class TrainError(FxConvertError):
+    """Training failed (a rank died, a collective timed out, a step produced no loss)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """Every option of a run (`options.build_parser` takes its defaults from here)."""
+
+    source: str
+    data: str
+    out: str
+    steps: int = 100
+    batch: int = 8
+    microbatches: int | None = None  # None: one per stage (`check_options` fills it in)
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    dp: int = 1
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    dtype: str = "float32"
+    max_grad_norm: float | None = None
+    save_every: int | None = None
+    resume: bool = False
+    shuffle: bool = False
+    seed: int = 0
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+    timeout: float = 300.0
+    device: str | None = None
+    offline: bool = False
+    allow_random: bool = False
+    no_export: bool = False
+    verbose: bool = False
+    # Sum the gradients of a weight's copies on several stages (`grad_sync`). Only the self-check's
+    # control run turns it off, to show what plain pipelining does; no option sets it.
+    tie_gradients: bool = True
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype != "float32" else None
+
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("source", "data", "out")}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What torchrun (or the environment) says about this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls) -> "Launch":
+        def number(name, default):
+            value = os.environ.get(name, default)
+            try:
+                return int(value)
+            except ValueError:
+                raise UsageError(f"{name}={value!r} is not an integer; launch with torchrun") from None
+
+        launch = cls(number("RANK", "0"), number("WORLD_SIZE", "1"), number("LOCAL_RANK", "0"))
+        if not 0 <= launch.rank < launch.world_size:
+            raise UsageError(f"RANK {launch.rank} is not below WORLD_SIZE {launch.world_size}; launch with torchrun")
+        return launch
+
+
+def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topology]:
+    """Every check of the options (and of a conversion's stage count, which they depend on); the same on
+    every rank. Returns the config with `microbatches` filled in, and the layout (without groups)."""
+    positive = {"--steps": cfg.steps, "--batch": cfg.batch, "--virtual-stages": cfg.virtual_stages, "--dp": cfg.dp}
+    if cfg.microbatches is not None:
+        positive["--microbatches"] = cfg.microbatches
+    if cfg.save_every is not None:
+        positive["--save-every"] = cfg.save_every
+    for option, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+    for option, value in (("--lr", cfg.lr), ("--timeout", cfg.timeout), ("--max-grad-norm", cfg.max_grad_norm)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{option} must be a positive number, got {value}")
+    if cfg.lr > MAX_LR:
+        raise UsageError(f"--lr must be at most {MAX_LR:g}, got {cfg.lr:g}")
+    if not TIMEOUT_RANGE[0] <= cfg.timeout <= TIMEOUT_RANGE[1]:
+        raise UsageError(f"--timeout must be from {TIMEOUT_RANGE[0]:.0f} to {TIMEOUT_RANGE[1]:.0f} seconds (a year), "
+                         f"got {cfg.timeout:g}")
+    if not 0 <= cfg.seed < 2**63 // 1000 - 1000:
+        raise UsageError(f"--seed must be an integer from 0 to {2**63 // 1000 - 1001}, got {cfg.seed}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be a non-negative number, got {cfg.weight_decay}")
+    if launch.world_size % cfg.dp:
+        raise UsageError(f"{launch.world_size} processes do not split into --dp {cfg.dp} replicas; launch a "
+                         f"multiple of {cfg.dp} processes (pipeline ranks x replicas)")
+    if cfg.virtual_stages > 1 and cfg.schedule != "interleaved-1f1b":
+        raise UsageError(f"--virtual-stages {cfg.virtual_stages} needs --schedule interleaved-1f1b")
+    if cfg.schedule == "interleaved-1f1b" and cfg.virtual_stages < 2:
+        raise UsageError("--schedule interleaved-1f1b needs --virtual-stages 2 or more (stages per rank)")
+    topo = Topology(world_size=launch.world_size, dp=cfg.dp, virtual_stages=cfg.virtual_stages,
+                    shared_stages={}, rank=launch.rank)
+    check_source_stages(cfg.source, topo)  # before the microbatch checks, which depend on the stage count
+    stages, pipeline_ranks = topo.num_stages, topo.pipeline_ranks
+    if cfg.microbatches is None:
+        cfg = replace(cfg, microbatches=stages)
+    m = cfg.microbatches
+    if cfg.batch % m:
+        raise UsageError(f"--batch {cfg.batch} does not split into {m} equal microbatches; "
+                         f"make --batch a multiple of --microbatches")
+    if cfg.schedule == "1f1b" and m < stages:
+        raise UsageError(f"--schedule 1f1b needs at least as many microbatches as stages ({m} < {stages}); "
+                         f"raise --microbatches to {stages} or more")
+    if cfg.schedule == "interleaved-1f1b":
+        rounds = max(1, m // pipeline_ranks)
+        if m % rounds:
+            raise UsageError(f"--schedule interleaved-1f1b needs --microbatches to be a multiple of "
+                             f"{rounds} with {pipeline_ranks} pipeline ranks; use e.g. {pipeline_ranks * rounds}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available; use --device cpu")
+    return cfg, topo

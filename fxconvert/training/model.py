@@ -1,0 +1,154 @@
+"""This rank's stages: from a conversion's stage files (each rank reads only its own), or by converting SOURCE here.
+
+Reading stage files needs the manifest and the stage files only; converting a NAME needs
+the converter, imported only then.
+"""
+
+import gc
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fxconvert import families, manifest
+from fxconvert.errors import RandomWeightsRefused, UsageError, printable
+from fxconvert.stage_files import load_pipeline
+from fxconvert.training.grad_sync import Topology
+
+
+def check_source_stages(source: str, topo: Topology) -> None:
+    """A conversion's stage count (pipeline.json's num_stages, read cheaply) against the launch.
+
+    A launch of the wrong size otherwise failed first on the microbatch checks, which
+    assume the launch's stage count, and sent the user to change the wrong option. A
+    pipeline.json that does not parse is left to `load_model` to report; one that is no
+    regular file (a FIFO would block every rank here) is refused before it is read.
+    """
+    path = Path(source).expanduser()
+    file = path / manifest.FILE
+    if file.exists() and not file.is_file():
+        raise UsageError(f"{printable(file)} is not a regular file; convert again with --stages N")
+    if not file.is_file():
+        return
+    try:
+        count = manifest.read(path).num_stages
+    except manifest.ManifestError:
+        return
+    _check_stage_count(path, count, topo)
+
+
+@dataclass
+class StagePart:
+    """One stage this rank runs: the module and what it reads."""
+
+    index: int
+    module: torch.nn.Module
+    inputs: list[str]
+
+
+@dataclass
+class Model:
+    """This rank's stages and what the run needs to know about the whole model."""
+
+    parts: dict[int, StagePart]
+    num_stages: int
+    shared_stages: dict[str, list[int]]
+    config: dict
+    pipeline_dir: Path | None = None  # a conversion directory (stage files)
+    export_files: dict | None = None  # converted here: pipeline.json, config.json, tokenizer files
+    tokenizer_dir: Path | None = None
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}; reconvert with --stages N") from None
+
+
+def load_model(cfg, topo: Topology, device: torch.device) -> Model:
+    """This rank's stage modules, from stage files or by converting SOURCE here."""
+    path = Path(cfg.source).expanduser()
+    if path.is_dir() and (path / manifest.FILE).is_file():
+        return _from_stage_files(path, topo, device)
+    if path.is_dir() and (path / "model.py").is_file() and not (path / manifest.FILE).exists():
+        raise UsageError(f"{cfg.source} is a conversion without stages (no pipeline.json); reconvert it with "
+                         f"`python -m fxconvert CKPT --stages {topo.num_stages} --out DIR` or pass the checkpoint")
+    return _from_name(cfg, path, topo, device)
+
+
+def _from_stage_files(path: Path, topo: Topology, device: torch.device) -> Model:
+    pipeline = load_pipeline(path)
+    _check_stage_count(path, pipeline.num_stages, topo)
+    if pipeline.output_name != "loss":
+        raise UsageError(f"{path} returns {pipeline.output_name!r}, not the loss; reconvert without --output "
+                         f"(training needs the model's loss, from labels)")
+    _check_inputs(path, pipeline.model_class, {n for s in pipeline.stages for n in s.inputs})
+    parts = {}
+    for i in topo.my_stages:
+        module = pipeline.load_stage(i, device=str(device))
+        parts[i] = StagePart(i, module.train(), list(pipeline.stages[i].inputs))
+    shared = {name: list(info.stages) for name, info in pipeline.shared_weights.items()}
+    return Model(parts, pipeline.num_stages, shared, _read_config(path / pipeline.config), pipeline_dir=path,
+                 tokenizer_dir=path)
+
+
+def _check_inputs(where, model_class: str, inputs: set) -> None:
+    """Refuse stages that read an input the data does not give (the family's `train_inputs`)."""
+    family = families.family_of_class(model_class) or families.family_of_class("T5ForConditionalGeneration")
+    given = family.train_inputs  # a class of no family is trained as seq2seq (`dataset.load_data`)
+    unknown = sorted(inputs - set(given))
+    if unknown:
+        raise UsageError(f"{where}'s stages read {', '.join(unknown)}, which the data does not give; reconvert "
+                         f"with the inputs {', '.join(given)}")
+
+
+def _check_stage_count(where, count: int, topo: Topology) -> None:
+    if count != topo.num_stages:
+        ranks = count // topo.virtual_stages if count % topo.virtual_stages == 0 else None
+        fix = (f"launch {ranks * topo.dp} processes" if ranks else f"choose --virtual-stages dividing {count}")
+        raise UsageError(f"{where} has {count} stages, but {topo.world_size} processes with --dp {topo.dp} and "
+                         f"--virtual-stages {topo.virtual_stages} run {topo.num_stages}; {fix}, or reconvert with "
+                         f"--stages {topo.num_stages}")
+
+
+def _from_name(cfg, path: Path, topo: Topology, device: torch.device) -> Model:
+    import transformers
+
+    from fxconvert import workflow  # the converter, only for a SOURCE to convert here
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        split = workflow.split(cfg.source, topo.num_stages, offline=cfg.offline, seed=cfg.seed,
+                               allow_random=cfg.allow_random, check=lambda c: _check_conversion(cfg.source, c))
+    except RandomWeightsRefused as e:
+        raise UsageError(f"{e.why}: give a checkpoint directory, or pass --allow-random to train from random "
+                         f"weights") from e
+    conversion, stages = split.conversion, split.stages
+    parts = {}
+    for i in topo.my_stages:
+        module = stages.stage_module(i).train().to(device)
+        parts[i] = StagePart(i, module, list(stages.specs[i].inputs))
+    shared = {name: [s.index for s in stages.specs if name in s.shared_weights] for name in conversion.shared_weights}
+    config = conversion.model.config.to_dict()
+    config["architectures"] = [conversion.model_class]
+    for note in split.notes if topo.rank == 0 else ():
+        print(f"fxconvert.train: warning: {printable(note)}", file=sys.stderr, flush=True)
+    # What a conversion directory would hold besides stage files and weights (pipeline.json, config.json,
+    # tokenizer files): RUN/hf's export reads them from a directory written at export time.
+    files, tokenizer_dir = split.files, split.tokenizer_dir
+    del conversion, stages, split
+    gc.collect()  # the whole model was here; keep only this rank's stages
+    return Model(parts, topo.num_stages, shared, config, export_files=files, tokenizer_dir=tokenizer_dir)
+
+
+def _check_conversion(source, conversion) -> None:
+    """A conversion a trainer can run, checked before it is split."""
+    if conversion.output_name != "loss":
+        raise UsageError(f"{source} is a {conversion.model_class}, which computes no loss; train a class "
+                         f"with a language-model head")
+    _check_inputs(source, conversion.model_class, set(conversion.input_names))
+    if conversion.source is not None and conversion.source.device == "meta":
+        raise UsageError(f"{source} has no weights here (built on the meta device); convert a checkpoint")

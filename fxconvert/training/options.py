@@ -1,0 +1,55 @@
+"""The command line of `python -m fxconvert.train`, parsed once into a `TrainConfig`."""
+
+import argparse
+from dataclasses import fields
+
+from fxconvert import families
+from fxconvert.training.config import DEFAULTS, DTYPES, OPTIMIZERS, TrainConfig
+from fxconvert.training.schedules import SCHEDULES
+
+PROG = "python -m fxconvert.train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
+    p = argparse.ArgumentParser(prog=PROG, description=f"fine-tune a converted model ({trained}) with pipeline "
+                                                       f"parallelism, launched by torchrun.")
+    p.set_defaults(**{k: v for k, v in DEFAULTS.items() if k != "tie_gradients"})
+    p.add_argument("source", metavar="SOURCE",
+                   help="a conversion directory written with --stages N, or a name fxconvert accepts")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl",
+                   help='one {"input": str, "target": str} or {"input_ids": [...], "labels": [...]} per line')
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory: metrics.jsonl, checkpoints/, hf/")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULTS['steps']})")
+    p.add_argument("--batch", type=int, help=f"examples per step and replica (default {DEFAULTS['batch']})")
+    p.add_argument("--microbatches", type=int, help="microbatches per batch (default: the stages)")
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--virtual-stages", type=int, metavar="V",
+                   help="stages per pipeline rank (V > 1 needs --schedule interleaved-1f1b)")
+    p.add_argument("--dp", type=int, metavar="R", help="data-parallel replicas of the pipeline")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="bfloat16: bf16 autocast, float32 weights and optimizer state")
+    p.add_argument("--max-grad-norm", type=float, help="clip by the whole model's gradient norm")
+    p.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its latest complete checkpoint")
+    p.add_argument("--shuffle", action="store_true", help="a seeded permutation of the data per epoch")
+    p.add_argument("--seed", type=int, help="data order, dropout, and random weights of a preset")
+    p.add_argument("--max-source-length", type=int)
+    p.add_argument("--max-target-length", type=int)
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help=f"how long a rank waits for the others before failing (default {DEFAULTS['timeout']:g})")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub for SOURCE")
+    p.add_argument("--allow-random", action="store_true", help="when SOURCE resolves to no weights (a preset, a "
+                   "config), train from random weights instead of refusing")
+    p.add_argument("--no-export", action="store_true", help="do not write RUN/hf at the end")
+    p.add_argument("-v", "--verbose", action="store_true", help="print a failing rank's traceback before its line")
+    return p
+
+
+def parse(argv) -> TrainConfig:
+    """The options of `argv` (argparse exits 2 with its usage on a bad one)."""
+    args = build_parser().parse_args(argv)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})

@@ -1,0 +1,188 @@
+"""A run prepared: every check that can be made before a process group or a file exists, the same on every
+rank; RUN's lock, marker, checkpoints and export."""
+
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fxconvert.errors import FxConvertError, UsageError, printable
+from fxconvert.export import check_destination, export_hf
+from fxconvert.training import run_lock
+from fxconvert.training.checkpoint import (check_checkpoints_dir, check_meta, latest_checkpoint, read_meta, rng_state,
+                                           save_checkpoint)
+from fxconvert.training.config import Launch, TrainConfig, check_options
+from fxconvert.training.dataset import Data, load_data
+from fxconvert.training.grad_sync import Topology
+from fxconvert.training.model import Model, load_model
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    launch: Launch
+    topo: Topology
+    device: torch.device
+    model: Model
+    data: Data
+    run_dir: Path
+    resume_from: Path | None = None
+    where: str = ""
+    optimizers: dict = field(default_factory=dict)
+    lock: int | None = None  # rank 0: the descriptor holding RUN's lock (`fxconvert.training.run_lock`)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+RUN_MARKER = ".fxconvert-run"  # written into RUN when a run starts; --resume continues only such a directory
+
+
+def resume_fields(cfg: TrainConfig, topo: Topology, data: "Data | None" = None) -> dict:
+    """What a checkpoint must share with the run that resumes it for the two to be one run (RESUME_FIELDS).
+
+    The data file is named by its resolved path and, once `data` is read, identified by the
+    sha256 of the bytes its examples came from (read once, when they were checked), so an
+    edit of the same size is noticed and a file changed during the run changes no record.
+    """
+    source = Path(cfg.source).expanduser()
+    data_path = Path(cfg.data).expanduser()
+    data_id = str(data_path.resolve()) if data_path.exists() else str(data_path)
+    content = {"data_sha256": data.sha256} if data is not None and data.sha256 is not None else {}
+    return {**content, "model": str(source.resolve()) if source.exists() else str(cfg.source),
+            "num_stages": topo.num_stages, "virtual_stages": cfg.virtual_stages, "dp": cfg.dp,
+            "world_size": topo.world_size, "schedule": cfg.schedule, "optimizer": cfg.optimizer,
+            "batch": cfg.batch, "microbatches": cfg.microbatches, "shuffle": cfg.shuffle, "seed": cfg.seed,
+            "dtype": cfg.dtype, "data": data_id, "max_source_length": cfg.max_source_length,
+            "max_target_length": cfg.max_target_length}
+
+
+def _meta(run: Run, step: int) -> dict:
+    return {"step": step, "data_position": step * run.cfg.dp, **resume_fields(run.cfg, run.topo, run.data),
+            "args": asdict(run.cfg)}
+
+
+def _warn_once(launch: Launch):
+    """A warning printed once per machine (local rank 0), before any process group exists."""
+    def warn(message: str) -> None:
+        if launch.local_rank == 0:
+            print(f"fxconvert.train: warning: {printable(message)}", file=sys.stderr, flush=True)
+
+    return warn
+
+
+def prepare(cfg: TrainConfig, launch: Launch) -> Run:
+    """Everything that can be checked before a process group or a file exists, on every rank alike."""
+    cfg, topo = check_options(cfg, launch)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
+    run_dir = Path(cfg.out).expanduser()
+    resume_from = None
+    source = Path(cfg.source).expanduser()
+    if source.exists() and (run_dir.resolve() == source.resolve() or source.resolve() in run_dir.resolve().parents):
+        raise UsageError(f"--out {cfg.out} is inside SOURCE {cfg.source}; choose an --out outside the conversion")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {cfg.out} exists and is not a directory; choose another --out")
+    if launch.rank == 0:
+        run_lock.check(run_dir, shown=cfg.out)  # another run in it: say so (`lock_run` takes the lock)
+    check_checkpoints_dir(run_dir)  # a symlinked run/checkpoints: saving would write and clean up through it
+    _check_metrics_file(run_dir, shown=cfg.out)  # a resume rewrites it
+    if run_dir.is_dir() and any(p.name != run_lock.LOCK for p in run_dir.iterdir()):
+        if not cfg.resume:
+            raise UsageError(f"--out {cfg.out} exists and is not empty; pass --resume to continue it, "
+                             f"or choose another --out")
+        if not (run_dir / RUN_MARKER).is_file():
+            raise UsageError(f"--out {cfg.out} was not written by fxconvert.train (it has no {RUN_MARKER}); "
+                             f"choose another --out")
+        resume_from = latest_checkpoint(run_dir, warn=_warn_once(launch))
+        if resume_from is None:
+            raise UsageError(f"--resume, but {cfg.out} has no complete checkpoint (they are written with "
+                             f"--save-every K); train into a new --out")
+        meta = read_meta(resume_from)
+        check_meta(meta, resume_fields(cfg, topo), path=resume_from)
+        if meta.get("step", 0) > cfg.steps:
+            raise UsageError(f"{resume_from} is step {meta['step']}, past --steps {cfg.steps}; "
+                             f"raise --steps to train on")
+    if not cfg.no_export:
+        try:
+            check_destination(run_dir / "hf")
+        except FxConvertError as e:
+            raise UsageError(str(e)) from None
+    model = load_model(cfg, topo, device)
+    topo.shared_stages = model.shared_stages
+    data = load_data(cfg, model)
+    if resume_from is not None:  # the data's content, now that it is read
+        check_meta(meta, resume_fields(cfg, topo, data), path=resume_from)
+    return Run(cfg, launch, topo, device, model, data, run_dir, resume_from)
+
+
+def _check_metrics_file(run_dir: Path, *, shown: str) -> None:
+    """Refuse a RUN/metrics.jsonl that is a symlink or not a regular file: a resume rewrites it, and
+    would empty whatever it points to (`_open_metrics` checks again when it opens it)."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_symlink():
+        raise UsageError(f"--out {shown}: metrics.jsonl is a symlink; fxconvert rewrites it on --resume only as a "
+                         f"regular file of the run: replace it with one, or train into a new --out")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"--out {shown}: metrics.jsonl is not a regular file; move it away, or train into a "
+                         f"new --out")
+
+
+def lock_run(run: Run) -> None:
+    """Rank 0 holds RUN's lock until its process ends (`fxconvert.training.run_lock`), before the run writes anything.
+
+    `prepare` looked at RUN before the lock was held; a run that went through it in the
+    meantime (started and ended, or wrote a newer checkpoint) makes this one stop.
+    """
+    if run.launch.rank != 0:
+        return
+    run.lock = run_lock.take(run.run_dir, shown=run.cfg.out, create=True)
+    if run.resume_from is None:
+        changed = any(p.name != run_lock.LOCK for p in run.run_dir.iterdir())
+    else:
+        changed = latest_checkpoint(run.run_dir) != run.resume_from
+    if changed:
+        os.close(run.lock)
+        run.lock = None
+        raise UsageError(f"--out {run.cfg.out} was written by another run while this one started; run again "
+                         f"(with --resume to continue it)")
+
+
+def say(run: Run, message: str) -> None:
+    """A status line, from global rank 0 only (every rank knows the same); control characters escaped
+    (`--out` is the user's: a newline or ESC in it would fake or colour a line)."""
+    if run.topo.rank == 0:
+        print(printable(message), file=sys.stderr, flush=True)
+
+
+def save(run: Run, step: int) -> None:
+    """Checkpoint `step` (`fxconvert.training.checkpoint`): replica 0 writes the stages, every rank its RNG."""
+    states = {}
+    if run.topo.replica == 0:
+        states = {i: {"model": part.module.state_dict(), "optimizer": run.optimizers[i].state_dict()}
+                  for i, part in run.model.parts.items()}
+    save_checkpoint(run.run_dir, step, rank=run.topo.rank, world_size=run.topo.world_size, states=states,
+                    rng=rng_state(), meta=_meta(run, step), barrier=dist.barrier)
+
+
+def export(run: Run) -> None:
+    """RUN/hf (`fxconvert.export`): the trained stages as a transformers checkpoint."""
+    barrier = dist.barrier
+    states = {i: part.module.state_dict() for i, part in run.model.parts.items()} if run.topo.replica == 0 else {}
+    if run.model.pipeline_dir is not None:
+        export_hf(run.run_dir / "hf", pipeline_dir=run.model.pipeline_dir, states=states, rank=run.topo.rank,
+                  barrier=barrier)
+        return
+    with tempfile.TemporaryDirectory(prefix="fxconvert-export-") as tmp:  # on every rank: no shared files needed
+        for name, content in run.model.export_files.items():
+            (Path(tmp) / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        export_hf(run.run_dir / "hf", pipeline_dir=tmp, states=states, rank=run.topo.rank, barrier=barrier)

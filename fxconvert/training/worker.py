@@ -1,0 +1,97 @@
+"""One training process: the checks before any process group, joining it, the heartbeat, the loop, and the
+one line a failure prints (`fxconvert.train` parses the options and starts it; `--self-check` starts its ranks
+here too)."""
+
+import os
+import socket
+import sys
+import traceback
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.training.config import Launch, TrainConfig
+from fxconvert.training.faults import EXIT_INTERRUPTED, Signals, first_to_say, nonfinite, one_line, report_failure
+from fxconvert.training.heartbeat import Heartbeat, die_with_launcher
+from fxconvert.training.loop import train
+from fxconvert.training.run import Run, lock_run, prepare
+
+
+def run_training(cfg: TrainConfig, launch: Launch) -> int:
+    """The run `cfg` as this process of `launch` (the exit status); `--self-check` starts its ranks here too."""
+    signals = Signals()
+    try:
+        return _main(cfg, launch, signals)
+    finally:
+        signals.restore()
+
+
+def _main(cfg: TrainConfig, launch: Launch, signals: Signals) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it (`fxconvert.training.heartbeat`)
+        die_with_launcher()
+    # Checks before any process group or file: every rank finds the same problem; one line per machine.
+    try:
+        run = signals.guard(lambda: _prepared(cfg, launch))
+    except Exception as e:
+        if not isinstance(e, FxConvertError) and signals.received is None:
+            raise  # a bug: its traceback  (with a signal, whatever it interrupted may wrap `_Terminated`)
+        if first_to_say(launch, signals):
+            print(f"fxconvert.train: error: {signals.message or one_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1
+    state = {"heartbeat": None, "joined": False}
+    try:
+        signals.guard(lambda: _start_and_train(run, signals, state))
+    except Exception as e:
+        if cfg.verbose:
+            traceback.print_exc()
+        line = report_failure(e, run, state["heartbeat"], signals, joined=state["joined"])
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
+        # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
+        # process ends here; its sockets close, which is what its peers notice.
+        sys.stdout.flush()
+        os._exit(1 if nonfinite(e) else EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError)
+                 else 1)
+    if state["heartbeat"] is not None:
+        state["heartbeat"].stop(finished=True)
+    dist.destroy_process_group()
+    if run.lock is not None:
+        os.close(run.lock)
+    return 0
+
+
+def _prepared(cfg: TrainConfig, launch: Launch) -> Run:
+    run = prepare(cfg, launch)
+    lock_run(run)
+    return run
+
+
+def _start_and_train(run: Run, signals: Signals, state: dict) -> None:
+    """Join the process group, start the heartbeat (kept in `state` for the report, and `joined`), train."""
+    launch = run.launch
+    backend = "nccl" if run.device.type == "cuda" else "gloo"
+    if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    def start_heartbeat():
+        heartbeat = state["heartbeat"] = Heartbeat(launch.rank, launch.world_size)
+        signals.heartbeat_lost = lambda: heartbeat.lost
+
+    # torchrun's store is up before any worker: beating before the rendezvous lets a rank that
+    # waited in it name the one still preparing. Elsewhere rank 0 makes the store in init_process_group.
+    early = launch.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if early:
+        start_heartbeat()
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                            timeout=timedelta(seconds=run.cfg.timeout))
+    state["joined"] = True
+    if launch.world_size > 1 and not early:
+        start_heartbeat()
+    train(run)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
