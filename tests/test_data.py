@@ -1,4 +1,4 @@
-"""fxconvert.data against the tokenizer itself, transformers' T5, torch.tensor_split and the pinned batching contract."""
+"""fxconvert.training.data against the tokenizer itself, transformers' T5, torch.tensor_split and the pinned batching contract."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""`fxconvert.run_lock` against what a user (or another program) may have left at RUN/.fxconvert-lock."""
+"""`fxconvert.training.run_lock` against what a user (or another program) may have left at RUN/.fxconvert-lock."""
 
 import os
 import subprocess

@@ -66,7 +66,7 @@ class Family:
     token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
     max_length: str = ""  # config attribute bounding every sequence's length (absolute positions); "" for none
     notes: str = ""  # one line on what differs, shown in the report's model section
-    # What fxconvert.train feeds (`fxconvert.data.OBJECTIVES`): "seq2seq" (input -> target,
+    # What fxconvert.train feeds (`fxconvert.training.data.OBJECTIVES`): "seq2seq" (input -> target,
     # decoder inputs are the labels shifted right), "causal" (input + target as one sequence,
     # loss on the target, the model shifts), "masked" (pre-tokenized, labels aligned with the
     # input), or None (no training data format for this family).

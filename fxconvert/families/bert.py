@@ -102,7 +102,7 @@ FAMILY = Family(
     rate_fields=("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"),
     token_id_fields=("pad_token_id",),
     max_length="max_position_embeddings",
-    objective="masked",  # pre-tokenized lines, labels aligned with input_ids (fxconvert.data.collate_masked)
+    objective="masked",  # pre-tokenized lines, labels aligned with input_ids (fxconvert.training.data.collate_masked)
     notes="encoder-only with absolute positions (at most max_position_embeddings tokens) and token_type_ids; "
           "the MLM head's weight and bias are tied to the word embedding and cls.predictions.bias",
     sequence_lengths=ONE_SEQUENCE_LENGTHS,  # one sequence: not an encoder's
