@@ -244,6 +244,8 @@ def test_records_are_frozen(written):
 
 RANK = helpers.NO_TRANSFORMERS + r"""
 import torch
+import fxconvert.train  # the trainer's entry point and every module it imports, as a rank starts
+from fxconvert.training.model import load_model  # what a rank reads its stages with
 from fxconvert.stage_files import load_pipeline
 
 pipeline = load_pipeline(sys.argv[1])
