@@ -349,7 +349,7 @@ def test_load_pipeline_loads_stages(converted):
     _, _, _, outputs, _, _ = converted
     pipeline = load_pipeline(outputs[2])
     assert pipeline.directory == outputs[2] and pipeline.num_stages == 2 and pipeline.output_name == "loss"
-    assert [s["file"] for s in pipeline.stages] == ["stage_0.py", "stage_1.py"]
+    assert [s.file for s in pipeline.stages] == ["stage_0.py", "stage_1.py"]
     weights = load_file(str(outputs[2] / "weights.safetensors"))
     for i in range(2):
         stage = pipeline.load_stage(i)
