@@ -167,7 +167,7 @@ def put_in_place(tmp: Path, out: Path, *, replace: bool = False, onto_empty: boo
         os.rename(tmp, out)
     else:
         _rename_noreplace(tmp, out)
-    fsync_path(out.parent)
+    _sync_directory(out.parent)
     return old
 
 
@@ -200,7 +200,16 @@ def sync(directory: Path) -> None:
         files = [e.path for e in entries if e.is_file(follow_symlinks=False)]
     for path in files:
         fsync_path(Path(path))
-    fsync_path(directory)
+    _sync_directory(directory)
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync a directory, where the file system can (some refuse it for directories: EINVAL)."""
+    try:
+        fsync_path(directory)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
 
 
 # -- cleanup -------------------------------------------------------------------------------------
