@@ -18,16 +18,16 @@ conversion has one) and the tokenizer files byte for byte from the conversion di
 only regular files inside it (`fxconvert.files`); a symlink out of it, a FIFO or a
 directory under such a name is refused in one line, when the plan is checked.
 
-Atomic like the checkpoints: everything goes into `.<name>.tmp` beside `run/hf`, which
-rank 0 renames into place after checking that every shard holds exactly the names it
-should, so a failed or killed export leaves no `run/hf` (or the previous one). `run/`
-must be on a filesystem every rank sees.
+Atomic like the checkpoints (`fxconvert.atomic_dir`): everything goes into `.<name>.tmp`
+beside `run/hf`, which rank 0 creates marked as fxconvert's, and puts in place after checking
+that every shard holds exactly the names it should, so a failed or killed export leaves no
+`run/hf` (or the previous one). What a killed export left is removed by the next one: only
+directories with the export's temporary names that hold fxconvert's marker; a user's directory
+of such a name is left alone. `run/` must be on a filesystem every rank sees.
 """
 
 import json
-import os
 import re
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +35,9 @@ from typing import Callable
 
 import torch
 
+from fxconvert import atomic_dir
 from fxconvert import manifest as manifests
 from fxconvert.errors import FxConvertError, printable
-from fxconvert.signals import deferred
 from fxconvert.files import fsync_path, read_copyable, why_not_copyable
 
 INDEX = "model.safetensors.index.json"
@@ -147,8 +147,7 @@ def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor
             raise ExportError(f"rank {rank} passes stage {stage}, but the pipeline has stages 0..{plan.num_stages - 1}")
     try:
         if rank == 0:
-            _remove(tmp)
-            tmp.mkdir(parents=True)
+            _make_tmp(tmp, out)
         barrier()  # the tmp directory exists and is empty
         for stage, state in sorted(states.items()):
             _write_shard(tmp / shard_name(stage, plan.num_stages), stage, state, plan)
@@ -157,15 +156,36 @@ def export_hf(out_dir, *, pipeline_dir, states: dict[int, dict[str, torch.Tensor
             _finish(tmp, out, plan, directory)
         barrier()  # no rank goes on before run/hf is in place
     except OSError as e:
-        if rank == 0:
-            _remove(tmp)
+        _abandon(tmp, rank)
         raise ExportError(f"cannot write {out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
                           f"free space or fix permissions, then export again") from e
     except BaseException:
-        if rank == 0:
-            _remove(tmp)
+        _abandon(tmp, rank)
         raise
     return out
+
+
+def _make_tmp(tmp: Path, out: Path) -> None:
+    """Rank 0: remove what a killed export left, then create `tmp` marked (`atomic_dir.make_named_temp`).
+
+    A symlink at `tmp` is removed, never followed; anything else there that fxconvert did not
+    write (no marker) is a user's, and the export stops rather than delete it.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # `.hf.tmp`, `.hf.tmp.<8 hex>` (being created) and `.hf.<8 hex>.old` (the replaced run/hf, being removed)
+    name = re.escape(out.name)
+    atomic_dir.remove_leftovers(out.parent, re.compile(rf"\.{name}\.(tmp(\.[0-9a-f]{{8}})?|[0-9a-f]{{8}}\.old)"))
+    if tmp.is_symlink():
+        tmp.unlink()
+    if tmp.exists():
+        raise ExportError(f"{tmp} is in the way and fxconvert did not write it; move it away and export again")
+    atomic_dir.make_named_temp(tmp)
+
+
+def _abandon(tmp: Path, rank: int) -> None:
+    """Rank 0 removes an export that failed; a temporary name held by anything fxconvert did not write stays."""
+    if rank == 0 and atomic_dir.is_marked(tmp):
+        atomic_dir.rmtree(tmp)
 
 
 def _read_manifest(directory: Path) -> "manifests.Manifest":
@@ -193,7 +213,8 @@ def check_destination(out: Path) -> None:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise ExportError(f"{out} exists and was not written by fxconvert (no {MARKER}); move it away or "
                           f"choose another --out") from None
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in written | {MARKER})
+    # atomic_dir.MARKER: the temporary's marker, still there when a kill came right after the rename
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in written | {MARKER, atomic_dir.MARKER})
     if foreign:
         raise ExportError(f"{out} holds files fxconvert did not write ({', '.join(foreign[:3])}); move them away "
                           f"or choose another --out")
@@ -238,25 +259,10 @@ def _finish(tmp: Path, out: Path, plan: ExportPlan, directory: Path) -> None:
             raise ExportError(f"{directory / name} is {e}; only regular files inside the conversion directory are "
                               f"copied: put the file itself there or convert again") from None
         (tmp / name).write_bytes(data)
-    written = sorted(p.name for p in tmp.iterdir())
+    written = sorted(p.name for p in tmp.iterdir() if p.name != atomic_dir.MARKER)
     (tmp / MARKER).write_text(json.dumps({"producer": "fxconvert", "files": written}) + "\n", encoding="utf-8")
-    for path in tmp.iterdir():
-        fsync_path(path)
-    fsync_path(tmp)
-    with deferred():  # a signal between the renames would lose both the old and the new export
-        if out.is_dir():
-            old = out.parent / f".{out.name}.old.tmp"
-            _remove(old)
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old, out)  # the previous export goes back in place
-                raise
-            _remove(old)
-        else:
-            os.rename(tmp, out)
-    fsync_path(out.parent)
+    # the temporary's marker goes once it is in place: run/hf lists its files in MARKER
+    atomic_dir.commit(tmp, out, replace=out.is_dir(), keep_marker=False)
 
 
 def _header(path: Path) -> dict:
@@ -264,14 +270,6 @@ def _header(path: Path) -> dict:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(length))
-
-
-def _remove(path: Path) -> None:
-    """Remove one of this module's own temporary names, whatever is there (never following a symlink)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
 
 
 __all__ = ["export_hf", "plan_from_manifest", "ExportPlan", "ExportError", "shard_name", "INDEX"]

@@ -16,27 +16,22 @@ written. It is how `force` knows a directory is fxconvert's to replace (any othe
 directory is refused, as is the directory that holds the source checkpoint), and how a later
 run knows the hidden temporary directories of a killed run for its own.
 
-The write is a small state machine, so that a failure, Ctrl-C or SIGTERM leaves either the
-old destination or the complete new one, and the message can say which:
+The write follows `fxconvert.atomic_dir`, so that a failure, Ctrl-C or SIGTERM leaves either
+the old destination or the complete new one, and the message can say which:
 1. write everything into `.<name>.XXXXXXXX.tmp` beside the destination (marker first);
 2. commit: rename it into place, never over a directory that appeared since the check
    (renameat2 RENAME_NOREPLACE), or, with `force`, swap it with the old output in one step
    (RENAME_EXCHANGE; two renames where the system has no renameat2);
 3. remove the old output.
 Signals wait while step 2 and 3 run. A run killed outright (SIGKILL, power loss) leaves a
-hidden directory that the next run to the same destination removes.
+hidden directory that the next run to the same destination removes (only one whose writer is
+no longer running and that holds nothing fxconvert did not write).
 """
 
 import contextlib
-import ctypes
 import errno
-import json
 import os
 import re
-import secrets
-import shutil
-import socket
-import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -45,14 +40,14 @@ from pathlib import Path
 import torch
 
 import fxconvert
+from fxconvert import atomic_dir
 from fxconvert.codegen import check_names, module_source
 from fxconvert.errors import FxConvertError, UsageError
 from fxconvert.report import render
 from fxconvert.signals import deferred
 
 MODEL_FILE, WEIGHTS_FILE, REPORT_MD, REPORT_JSON = "model.py", "weights.safetensors", "report.md", "report.json"
-MARKER = ".fxconvert"
-_RUN = secrets.token_hex(8)  # names this process in the markers it writes
+MARKER = atomic_dir.MARKER
 
 
 class SaveError(FxConvertError):
@@ -128,9 +123,8 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
     created, tmp = _missing_parents(out.parent), None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-        _write_marker(tmp, files)  # first: a killed run's directory is recognisable from the start
+        # marked first: a killed run's directory is recognisable from the start
+        tmp = atomic_dir.make_temp(out.parent, f".{out.name}.", ".tmp", version=fxconvert.__version__, files=files)
         (tmp / MODEL_FILE).write_text(text, encoding="utf-8")
         for name, content in (extra_files or {}).items():
             if isinstance(content, bytes):  # copied files (a tokenizer's), byte for byte
@@ -150,14 +144,15 @@ def save(conversion, out_dir, *, force: bool = False, make_report=None, extra_fi
         with deferred():
             old = _commit(tmp, out, found)
             tmp = None
-            notes = [] if old is None else _remove_old(old)
+            note = None if old is None else atomic_dir.remove_old(old)
+            notes = [] if note is None else [note]
     except OSError as e:
         raise SaveError(f"cannot write to {out}: {e.strerror or e}") from e
     finally:
         if tmp is not None:
             with deferred():
                 with contextlib.suppress(OSError):
-                    _rmtree(tmp)
+                    atomic_dir.rmtree(tmp)
                 _remove_empty(created)
     return Saved(out, files, report, notes)
 
@@ -173,29 +168,19 @@ def save_weights(module: torch.nn.Module, path) -> None:
 # -- the marker ----------------------------------------------------------------------------------
 
 
-def _write_marker(directory: Path, files: list[str]) -> None:
-    """`.fxconvert`: the producer, the files it writes, and the process writing them (for stale-run cleanup)."""
-    record = {"producer": "fxconvert", "version": fxconvert.__version__, "files": files, "pid": os.getpid(),
-              "host": socket.gethostname(), "run": _RUN, "time": time.time()}
-    (directory / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
-
-
 def is_own_output(out_dir, *, since: float = 0.0) -> bool:
     """Whether `out_dir` holds an output this process began writing at `time.time()` >= `since`.
 
     Such an output is complete, since only a finished one is put in place.
     """
     record = _read_marker(Path(out_dir))
-    return record is not None and record.get("run") == _RUN and record.get("time", 0) >= since
+    return record is not None and record.get("run") == atomic_dir.RUN and record.get("time", 0) >= since
 
 
 def _read_marker(directory: Path) -> dict | None:
-    try:
-        record = json.loads((directory / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(record, dict) and record.get("producer") == "fxconvert" and isinstance(record.get("files"), list)
-    return record if ok else None
+    """The marker of a conversion output (or its temporary): fxconvert's, listing the files written."""
+    record = atomic_dir.read_marker(directory)
+    return record if record is not None and isinstance(record.get("files"), list) else None
 
 
 def _not_written_by_fxconvert(directory: Path) -> str:
@@ -232,44 +217,19 @@ def _commit(tmp: Path, out: Path, found: str) -> Path | None:
     to replace. Only that is replaced, and an output only while it is still fxconvert's; a
     directory that appeared since (another run writing the same destination) is left alone.
     """
-    if found == "output" and out.exists():
+    replace = found == "output" and out.exists()
+    if replace:
         foreign = _not_written_by_fxconvert(out)
         if foreign:
             raise SaveError(f"{out} changed while this run was writing: it {foreign}; nothing was written, "
                             f"choose another output directory")
-        if _renameat2(tmp, out, _RENAME_EXCHANGE):
-            return tmp  # the old output, under the temporary name
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        old.rmdir()  # a fresh name (Windows renames onto no directory)
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        return old
     try:
-        if found == "empty" and out.exists():  # a plain rename replaces it only while it is still empty
-            os.rename(tmp, out)
-        elif not _renameat2(tmp, out, _RENAME_NOREPLACE):
-            if out.exists():
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
-            os.rename(tmp, out)
+        return atomic_dir.put_in_place(tmp, out, replace=replace, onto_empty=found == "empty")
     except OSError as e:
-        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+        if replace or e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
         raise SaveError(f"{out} appeared while this run was writing it (another run writing there?); "
                         f"nothing was written: choose another output directory, or rerun") from e
-    return None
-
-
-def _remove_old(old: Path) -> list[str]:
-    """Remove the replaced output; a failure is a note, since the new output is complete."""
-    try:
-        _rmtree(old)
-    except OSError as e:
-        return [f"the previous output could not be removed from {old}: {e.strerror or e}; remove it yourself"]
-    return []
 
 
 def _remove_stale(out: Path) -> None:
@@ -278,77 +238,11 @@ def _remove_stale(out: Path) -> None:
     Only directories with fxconvert's own names and marker, whose writer is no longer running
     on this host, and that hold nothing fxconvert did not write.
     """
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
-    try:
-        entries = [e for e in os.scandir(out.parent) if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return
-    for entry in entries:
-        path = Path(entry.path)
-        record = _read_marker(path)
-        if record is None or _not_written_by_fxconvert(path) or _writer_alive(record):
-            continue
-        with deferred(), contextlib.suppress(OSError):
-            _rmtree(path)
+    def keep(path: Path, record: dict) -> bool:
+        return _read_marker(path) is None or bool(_not_written_by_fxconvert(path)) or atomic_dir.writer_alive(record)
 
-
-def _writer_alive(record: dict) -> bool:
-    pid = record.get("pid")
-    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
-        return True  # cannot tell: keep it
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
-
-
-def _rmtree(path: Path) -> None:
-    """Remove one of fxconvert's own directories, its marker last, so that if this process is killed
-    meanwhile the next run still knows the rest for fxconvert's. A read-only subdirectory (a
-    chmod-ed `__pycache__`) is made writable; nothing outside `path` is touched."""
-    for attempt in (1, 2):
-        try:
-            for name in sorted(os.listdir(path), key=lambda name: name == MARKER):
-                entry = path / name
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except PermissionError:
-            if attempt == 2:
-                raise
-            os.chmod(path, 0o700)
-            for parent, dirs, _ in os.walk(path):
-                for name in dirs:
-                    if not os.path.islink(os.path.join(parent, name)):
-                        os.chmod(os.path.join(parent, name), 0o700)
-
-
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_AT_FDCWD = -100
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """Linux renameat2(2); False where the C library or the file system lacks it (the caller falls back)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError, TypeError):  # not Linux, or an old C library
-        return False
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(dst))
+    atomic_dir.remove_leftovers(out.parent, re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.(tmp|old)"),
+                                keep=keep)
 
 
 def _umask() -> int:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import helpers
-from fxconvert import convert, split_stages
-from fxconvert.training.checkpoint import (OWN, CheckpointDirError, CheckpointError, ResumeMismatchError, check_meta,
+from fxconvert import atomic_dir, convert, split_stages
+from fxconvert.atomic_dir import mark
+from fxconvert.training.checkpoint import (CheckpointDirError, CheckpointError, ResumeMismatchError, check_meta,
                                   latest_checkpoint, load_checkpoint, remove_stale, rng_state, save_checkpoint,
                                   set_rng_state)
 
@@ -207,11 +208,11 @@ def test_remove_stale_touches_only_its_own_temporary_directories(tmp_path):
     (outside / "keep.txt").write_text("keep")
     for name in (".step_4.tmp", ".step_5.tmp.old"):  # what a killed save leaves: with the module's marker
         (root / name).mkdir()
-        (root / name / OWN).write_text("fxconvert\n")
+        mark(root / name)
         (root / name / "stage_0.pt").write_text("partial")
     (root / ".step_6.tmp").write_text("a user's file")
     (root / ".step_7.tmp").symlink_to(outside)
-    (outside / OWN).write_text("fxconvert\n")  # a marker behind a symlink is not followed either
+    mark(outside)  # a marker behind a symlink is not followed either
     (root / ".step_8.tmp").mkdir()  # a user's directory of that name, without the marker
     (root / ".step_8.tmp" / "notes.txt").write_text("mine")
     for name in (".step_x.tmp", "notes.tmp", "step_3.tmp", ".step_04.tmp"):
@@ -230,7 +231,7 @@ def test_a_symlinked_checkpoints_directory_is_never_cleaned_up_through(tmp_path)
     (elsewhere / ".step_3.tmp").mkdir(parents=True)
     (elsewhere / ".step_3.tmp" / "thesis.tex").write_text("mine")
     (elsewhere / ".step_4.tmp").mkdir()
-    (elsewhere / ".step_4.tmp" / OWN).write_text("fxconvert\n")
+    mark(elsewhere / ".step_4.tmp")
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoints").symlink_to(elsewhere)
@@ -253,7 +254,7 @@ def test_a_users_directory_in_the_way_of_a_save_is_kept(tmp_path):
 def test_save_removes_what_a_killed_save_left(tmp_path):
     stale = tmp_path / "checkpoints" / ".step_2.tmp"
     stale.mkdir(parents=True)
-    (stale / OWN).write_text("fxconvert\n")
+    mark(stale)
     (stale / "rank_1.pt").write_text("partial")
     save_single(tmp_path, 3, toy_states())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3"]
@@ -300,7 +301,7 @@ def test_a_save_killed_before_its_marker_blocks_no_later_save(tmp_path):
 def test_remove_stale_takes_a_marked_directory_a_killed_save_was_creating(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".step_3.tmp.0123abcd").mkdir(parents=True)
-    (root / ".step_3.tmp.0123abcd" / OWN).write_text("fxconvert\n")
+    mark(root / ".step_3.tmp.0123abcd")
     (root / ".step_3.tmp.89abcdef").mkdir()  # unmarked: not removed
     (root / ".step_3.tmp.89abcdef" / "notes.txt").write_text("mine")
     assert [p.name for p in remove_stale(tmp_path)] == [".step_3.tmp.0123abcd"]
@@ -437,6 +438,7 @@ def test_a_signal_between_the_renames_of_a_resave_loses_nothing(tmp_path, monkey
     import fxconvert.training.checkpoint as checkpoint
 
     save_single(tmp_path, 4, toy_states(1.0))
+    monkeypatch.setattr(atomic_dir, "_renameat2", lambda src, dst, flags: False)  # the swap is two renames
     real_rename, renames = os.rename, []
 
     def rename(src, dst):
@@ -468,6 +470,7 @@ def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     import fxconvert.training.checkpoint as checkpoint
 
     save_single(tmp_path, 4, toy_states(1.0))
+    monkeypatch.setattr(atomic_dir, "_renameat2", lambda src, dst, flags: False)  # the swap is two renames
     real_rename, calls = os.rename, []
 
     def rename(src, dst):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import fxconvert.save as save_module
+from fxconvert import atomic_dir
 from fxconvert import convert
 from fxconvert.errors import UsageError
 from fxconvert.report import build_report
@@ -69,7 +69,7 @@ def test_force_replaces_only_a_directory_fxconvert_wrote(conversion, tmp_path):
 
 
 def test_force_replaces_with_two_renames_where_renameat2_is_missing(conversion, tmp_path, monkeypatch):
-    monkeypatch.setattr(save_module, "_renameat2", lambda src, dst, flags: False)
+    monkeypatch.setattr(atomic_dir, "_renameat2", lambda src, dst, flags: False)
     out = tmp_path / "out"
     write(conversion, out)
     (out / REPORT_MD).write_text("old")
@@ -95,7 +95,7 @@ def test_the_source_checkpoint_or_a_directory_holding_it_is_never_the_destinatio
 def test_concurrent_saves_to_one_directory_one_wins(existing, renameat2, conversion, tmp_path, monkeypatch):
     """Both runs pass the check before either commits (a barrier); exactly one output lands, whole."""
     if not renameat2:
-        monkeypatch.setattr(save_module, "_renameat2", lambda src, dst, flags: False)
+        monkeypatch.setattr(atomic_dir, "_renameat2", lambda src, dst, flags: False)
     out = tmp_path / "out"
     if existing == "empty":
         out.mkdir()
@@ -174,7 +174,7 @@ def test_threads_saving_at_once_all_succeed(conversion, tmp_path):
 def test_a_directory_that_appears_during_the_write_is_left_alone(appears, renameat2, conversion, tmp_path,
                                                                 monkeypatch):
     if not renameat2:
-        monkeypatch.setattr(save_module, "_renameat2", lambda src, dst, flags: False)
+        monkeypatch.setattr(atomic_dir, "_renameat2", lambda src, dst, flags: False)
     out = tmp_path / "out"
 
     def make_report():
@@ -256,7 +256,7 @@ def as_unprivileged(fn):
 def test_an_old_output_that_cannot_be_removed_is_reported_not_hidden(conversion, tmp_path, monkeypatch):
     out = tmp_path / "out"
     write(conversion, out)
-    monkeypatch.setattr(save_module, "_rmtree", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    monkeypatch.setattr(atomic_dir, "rmtree", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
     saved = write(conversion, out, force=True)
     (left,) = hidden(tmp_path)
     assert saved.notes == [f"the previous output could not be removed from {tmp_path / left}: denied; remove it "
@@ -272,7 +272,7 @@ def test_removal_deletes_the_marker_last(conversion, tmp_path, monkeypatch):
     unlink = Path.unlink
     monkeypatch.setattr(Path, "unlink", lambda self, *args, **kwargs: (removed.append(self.name),
                                                                         unlink(self, *args, **kwargs)))
-    save_module._rmtree(out)
+    atomic_dir.rmtree(out)
     assert not out.exists() and sorted(removed) == OUTPUT and removed[-1] == MARKER
 
 

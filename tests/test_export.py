@@ -16,6 +16,7 @@ import transformers
 
 import helpers
 from fxconvert import convert, split_stages
+from fxconvert.atomic_dir import mark
 from fxconvert.export import INDEX, MARKER, ExportError, export_hf, shard_name
 from fxconvert.pipeline import pipeline_manifest
 
@@ -416,3 +417,33 @@ def test_a_symlink_inside_the_conversion_is_copied(setup):
     assert run_ranks([[0], [1]], modules, out, conv) == [None, None]
     assert (out / "spiece.model").read_bytes() == TOKENIZER_FILES["spiece.model"]
     assert not (out / "spiece.model").is_symlink()
+
+
+def test_a_users_directory_with_the_temporary_name_is_left_alone(setup):
+    """`.hf.tmp` without fxconvert's marker is not what a killed export left: it stays, and the export says so."""
+    modules, _, conv, out = setup
+    users = out.parent / ".hf.tmp"
+    users.mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    errors = run_ranks([[0], [1]], modules, out, conv)
+    assert ".hf.tmp is in the way and fxconvert did not write it; move it away" in _one_line(errors)
+    assert (users / "notes.txt").read_text() == "mine" and not out.exists()
+
+
+def test_the_next_export_removes_what_a_killed_export_left(setup, monkeypatch):
+    """A rank killed mid-export leaves its marked temporary (no cleanup runs); the next export removes it, and
+    only the marked directories with the export's names."""
+    import fxconvert.export as export_module
+
+    modules, _, conv, out = setup
+    broken = Holder({})
+    with monkeypatch.context() as m:
+        m.setattr(export_module, "_abandon", lambda tmp, rank: None)  # killed: nothing cleans up
+        assert run_ranks([[0], [1]], [modules[0], broken], out, conv)[1] is not None
+    assert sorted(p.name for p in out.parent.iterdir()) == [".hf.tmp"]
+    for name in (".hf.tmp.0123abcd", ".hf.0123abcd.old"):  # a kill while creating it, or while replacing
+        (out.parent / name).mkdir()
+        mark(out.parent / name)
+    (out.parent / ".hf.tmp.89abcdef").mkdir()  # a user's, with a name of that shape: no marker
+    assert run_ranks([[0, 1]], modules, out, conv) == [None]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".hf.tmp.89abcdef", "hf"]

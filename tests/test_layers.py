@@ -21,7 +21,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fxconvert"
 # Each layer and its modules, lowest first. A module of a package counts as its package's layer
 # (fxconvert.passes.keep_single_output_pass is in "passes").
 LAYERS = [
-    ("foundation", {"fxconvert", "fxconvert.errors", "fxconvert.files", "fxconvert.signals", "fxconvert.runtime"}),
+    ("foundation", {"fxconvert", "fxconvert.errors", "fxconvert.files", "fxconvert.signals", "fxconvert.atomic_dir",
+                    "fxconvert.runtime"}),
     ("rank", {"fxconvert.manifest", "fxconvert.stage_files", "fxconvert.export"}),
     ("families", {"fxconvert.families", "fxconvert.inputs", "fxconvert.graph_utils", "fxconvert.graph_info",
                   "fxconvert.analysis"}),

@@ -10,14 +10,14 @@ Layout of `run/checkpoints/step_<k>/`:
   records (data position, stages, dp, schedule, model, train arguments);
 - `COMPLETE`: written last. Only a directory named `step_<k>` holding it counts.
 
-Why the protocol (`save_checkpoint`): every rank writes into `.step_<k>.tmp/` (which rank 0
-creates marked, under a random name it then renames: `_make_tmp`); after a
-barrier (every file is on disk), rank 0 writes meta.json and COMPLETE and renames the
-directory to `step_<k>`, which is atomic on a POSIX filesystem. A rank killed at any
-point leaves at most a `.step_<k>.tmp` that `latest_checkpoint` never looks at and that
-rank 0 removes at the next save (`remove_stale`: only directories holding the `OWN` marker
-written when this module created them, and never through a symlinked run/checkpoints,
-which a save refuses). `run/` must be on a filesystem that
+Why the protocol (`save_checkpoint`, on `fxconvert.atomic_dir`): every rank writes into
+`.step_<k>.tmp/` (which rank 0 creates marked, under a random name it then renames:
+`atomic_dir.make_named_temp`); after a barrier (every file is on disk), rank 0 writes
+meta.json and COMPLETE and puts the directory in place as `step_<k>` (`atomic_dir.commit`),
+which is atomic on a POSIX filesystem. A rank killed at any point leaves at most a
+`.step_<k>.tmp` that `latest_checkpoint` never looks at and that rank 0 removes at the next
+save (`remove_stale`: only directories holding fxconvert's marker (`OWN`), and never through
+a symlinked run/checkpoints, which a save refuses). `run/` must be on a filesystem that
 every rank sees (one machine, or a shared filesystem across machines), as for
 `torch.distributed.checkpoint`.
 
@@ -29,17 +29,14 @@ import json
 import os
 import random
 import re
-import secrets
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 import fxconvert
+from fxconvert import atomic_dir
 from fxconvert.errors import FxConvertError, UsageError
-from fxconvert.files import fsync_path
-from fxconvert.signals import deferred
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -49,7 +46,7 @@ _STEP = re.compile(r"^step_(0|[1-9][0-9]*)$")
 _TMP = re.compile(r"^\.step_(0|[1-9][0-9]*)\.tmp(\.old|\.[0-9a-f]{8})?$")
 # Written into each temporary directory this module creates (and removed once it is a checkpoint):
 # cleanup removes only directories holding it, never a user's that happens to have such a name.
-OWN = ".fxconvert-checkpoint"
+OWN = atomic_dir.MARKER
 
 # meta.json fields that must equal the current run's for a resume, with the option that sets each
 RESUME_FIELDS = {
@@ -168,7 +165,7 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
             if tmp.exists() or tmp.is_symlink():
                 raise CheckpointError(f"{tmp} is in the way and fxconvert did not write it; move it away, "
                                       f"then resume")
-            _make_tmp(tmp)
+            atomic_dir.make_named_temp(tmp)
         barrier()  # the tmp directory exists and is empty
         for index, state in states.items():
             _write(tmp / stage_file(index), lambda f, state=state: torch.save(state, f))
@@ -188,33 +185,10 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
     return final
 
 
-def _make_tmp(tmp: Path) -> None:
-    """Create `tmp` holding the `OWN` marker, never without it.
-
-    The directory is made under a random name beside it (`.step_<k>.tmp.<hex>`), marked, and
-    only then renamed to `tmp`: a kill between the mkdir and the marker leaves that random
-    name, which blocks no later save, instead of an unmarked `.step_<k>.tmp` that every later
-    save of step k would take for a user's.
-    """
-    staging = tmp.parent / f"{tmp.name}.{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        (staging / OWN).write_text("fxconvert\n")
-        os.rename(staging, tmp)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # made just now, under a name nobody else uses
-        raise
-
-
 def _abandon(tmp: Path, rank: int) -> None:
     """Rank 0 removes a save that failed; a tmp name held by anything this module did not create stays."""
-    if rank == 0 and _ours(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _ours(path: Path) -> bool:
-    """A real directory holding this module's marker (no symlink is followed, neither it nor the marker)."""
-    return path.is_dir() and not path.is_symlink() and (path / OWN).is_file() and not (path / OWN).is_symlink()
+    if rank == 0 and atomic_dir.is_marked(tmp):
+        atomic_dir.rmtree(tmp)
 
 
 def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict) -> None:
@@ -226,29 +200,17 @@ def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict)
     record = {**meta, "step": step, "world_size": world_size, "fxconvert_version": fxconvert.__version__}
     _write(tmp / META, lambda f: f.write(json.dumps(record, indent=2, sort_keys=True).encode()))
     _write(tmp / COMPLETE, lambda f: f.write(b"complete\n"))
-    fsync_path(tmp)
-    with deferred():  # a signal between the renames would lose both the old and the new checkpoint
-        if final.is_dir() and not final.is_symlink():
-            # a newer run re-saving a step it reached before (resumed from an earlier one): replace it
-            old = final.parent / f".step_{step}.tmp.old"
-            if old.exists() or old.is_symlink():
-                if not _ours(old):
-                    raise CheckpointError(f"{old} is in the way and fxconvert did not write it; move it away, "
-                                          f"then resume")
-                shutil.rmtree(old)
-            (final / OWN).write_text("fxconvert\n")  # a kill before it is removed leaves a directory cleanup takes
-            os.rename(final, old)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                os.rename(old, final)  # the previous checkpoint goes back in place
-                (final / OWN).unlink()
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        (final / OWN).unlink()  # a checkpoint holds exactly the layout above
-    fsync_path(final.parent)
+    old = None
+    if final.is_dir() and not final.is_symlink():
+        # a newer run re-saving a step it reached before (resumed from an earlier one): replace it
+        old = final.parent / f".step_{step}.tmp.old"
+        if old.exists() or old.is_symlink():
+            if not atomic_dir.is_marked(old):
+                raise CheckpointError(f"{old} is in the way and fxconvert did not write it; move it away, "
+                                      f"then resume")
+            atomic_dir.rmtree(old)
+    # the marker goes once it is in place: a checkpoint holds exactly the layout above
+    atomic_dir.commit(tmp, final, replace=old is not None, aside=old, keep_marker=False)
 
 
 def _write(path: Path, write: Callable) -> None:
@@ -263,20 +225,15 @@ def remove_stale(run_dir) -> list[Path]:
     """Remove the `.step_<k>.tmp` directories a killed save left in run/checkpoints; return them.
 
     Only directories with exactly that name (or `.step_<k>.tmp.old`, `.step_<k>.tmp.<8 hex>`)
-    that this module created (they hold its `OWN` marker) are touched: no symlink, nothing
+    that fxconvert created (they hold its `OWN` marker) are touched: no symlink, nothing
     else, so a file or directory a user keeps
     there survives, and a run/checkpoints that is a symlink is never looked into. Call it
     on rank 0 only, and only while no save is in flight (at a save, or when resuming).
     """
     root = checkpoints_dir(run_dir)
-    removed = []
     if root.is_symlink() or not root.is_dir():
-        return removed
-    for path in root.iterdir():
-        if _TMP.match(path.name) and _ours(path):
-            shutil.rmtree(path)
-            removed.append(path)
-    return sorted(removed)
+        return []
+    return atomic_dir.remove_leftovers(root, _TMP)
 
 
 # -- reading ---------------------------------------------------------------------------------
