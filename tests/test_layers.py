@@ -23,7 +23,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fxconvert"
 LAYERS = [
     ("foundation", {"fxconvert", "fxconvert.errors", "fxconvert.files", "fxconvert.signals", "fxconvert.runtime"}),
     ("rank", {"fxconvert.manifest", "fxconvert.stage_files", "fxconvert.heartbeat", "fxconvert.run_lock", "fxconvert.grad_sync",
-              "fxconvert.checkpoint", "fxconvert.data", "fxconvert.export"}),
+              "fxconvert.checkpoint", "fxconvert.data", "fxconvert.export", "fxconvert.objectives"}),
     ("families", {"fxconvert.families", "fxconvert.inputs", "fxconvert.graph_utils", "fxconvert.graph_info",
                   "fxconvert.analysis"}),
     ("trace", {"fxconvert.trace", "fxconvert.load"}),
