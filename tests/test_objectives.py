@@ -93,3 +93,14 @@ def test_importing_the_records_loads_neither_torch_nor_transformers():
                           cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == []
+
+
+def test_the_reader_takes_an_objective_not_its_name(tmp_path):
+    """The name is for messages: a caller passing "causal" learns in one line what to pass instead."""
+    from fxconvert.training.data import read_jsonl
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input_ids": [1, 2], "labels": [3, 4]}\n')
+    assert read_jsonl(path, objective=CAUSAL_LM)[0].labels == [3, 4]
+    with pytest.raises(UsageError, match=r"^unknown data objective 'causal'; give one of fxconvert.objectives.OBJECTIVES$"):
+        read_jsonl(path, objective="causal")

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from fxconvert.errors import UsageError, with_article
-from fxconvert.objectives import IGNORE_INDEX, OBJECTIVES, SEQ2SEQ, Objective
+from fxconvert.objectives import IGNORE_INDEX, SEQ2SEQ, Objective
 
 TEXT_KEYS, ID_KEYS = ("input", "target"), ("input_ids", "labels")
 # Files that hold a vocabulary. AutoTokenizer on a directory with config.json alone builds a
@@ -202,8 +202,7 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     predicted), and both are cut to max_source_length.
     """
     if not isinstance(objective, Objective):
-        raise UsageError(f"unknown data objective {objective!r}; give one of fxconvert.objectives' objectives "
-                         f"({', '.join(type(o).__name__ for o in OBJECTIVES)})")
+        raise UsageError(f"unknown data objective {objective!r}; give one of fxconvert.objectives.OBJECTIVES")
     for option, value in (("--max-source-length", max_source_length), ("--max-target-length", max_target_length)):
         if value is not None:
             _positive(value, option)
