@@ -945,6 +945,13 @@ def measure_pipeline_throughput(ctx) -> Result:
     return Result(key, fx.median / base.median, fx, base, details=details)
 
 
+def _stage_bytes(directory) -> list[int]:
+    """The parameter bytes of each stage of the split saved in `directory` (its pipeline.json)."""
+    from fxconvert import manifest
+
+    return [stage.parameter_bytes for stage in manifest.read(directory).stages]
+
+
 def measure_pipeline_rss(ctx) -> Result:
     """Peak RSS of the larger of 2 pipeline ranks over one process that loads the whole model and steps.
 
@@ -966,8 +973,7 @@ def measure_pipeline_rss(ctx) -> Result:
         _write_pretokenized(tmp / "train.jsonl", lines=sizes["batch"], source_length=sizes["source_length"],
                             target_length=sizes["target_length"], vocab_size=config.vocab_size)
         _convert_stages(ctx, tmp / "ckpt", tmp / "conv", sizes["stages"], "--balance", "params")
-        manifest = json.loads((tmp / "conv" / "pipeline.json").read_text())
-        stage_bytes = [sum(p["bytes"] for p in st["parameters"]) for st in manifest["stages"]]
+        stage_bytes = _stage_bytes(tmp / "conv")
         (tmp / "rank_rss.py").write_text(_RANK_RSS)
         (tmp / "ranks").mkdir()
         common = dict(steps=1, batch=sizes["batch"], microbatches=sizes["microbatches"],

@@ -194,6 +194,19 @@ def test_profile_missed(bench, fake_cli, tmp_path):
         assert (tmp_path / "prof" / f"{r.key}.txt").exists() and r.details["profile_top"]
 
 
+def test_stage_sizes_are_read_through_the_manifest(bench, tmp_path):
+    """The rank-RSS figure's stage sizes are pipeline.json's, read through `fxconvert.manifest`: the bytes of
+    each stage's parameters as written."""
+    import fxconvert
+    import helpers
+
+    helpers.build().save_pretrained(tmp_path / "ckpt")
+    fxconvert.convert(tmp_path / "ckpt").save(tmp_path / "conv", stages=2)
+    written = json.loads((tmp_path / "conv" / "pipeline.json").read_text())
+    assert bench._stage_bytes(tmp_path / "conv") == [sum(p["bytes"] for p in stage["parameters"])
+                                                     for stage in written["stages"]]
+
+
 @pytest.mark.slow
 def test_tiny_compile_run(tmp_path):
     """--compile on the tiny model (about 30 s): torch.compile figures, or a clear 'unavailable: ...'."""

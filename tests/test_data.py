@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, T5Tokenizer
 
 import checkpoints
 import helpers
-from fxconvert.training.data import DataError, Example, batch_indices, collate, load_tokenizer, microbatches, read_jsonl
+from fxconvert.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
+from fxconvert.training.data import DataError, Example, batch_indices, load_tokenizer, microbatches, read_jsonl
 from fxconvert.errors import UsageError
 
 TEXTS = [("w1 w2 w3 w4 w5 w6", "w7 w8 w9"), ("w3", "w4 w5 w6 w7 w8"), ("w9 zz w2", "w1"), ("  w5\tw6  ", "w38 w39")]
@@ -317,7 +318,7 @@ def model():
 
 
 def test_collate_pads_and_shifts_exactly_as_t5_does(model):
-    batch = collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4)
+    batch = SEQ2SEQ.collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4)
     assert list(batch) == ["input_ids", "attention_mask", "labels", "decoder_input_ids"]
     assert all(t.dtype == torch.int64 for t in batch.values())
     for i, example in enumerate(EXAMPLES):
@@ -332,17 +333,17 @@ def test_a_padded_batch_gives_the_losses_of_its_examples_alone(model):
     # right padding with the mask and -100 labels changes nothing for the real tokens: the
     # token-weighted mean of the batch loss equals the examples' own losses, in eager transformers
     with torch.no_grad():
-        batch = collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4)
+        batch = SEQ2SEQ.collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4)
         together = model(**batch).loss * (batch["labels"] != -100).sum()
-        alone = sum(model(**collate([e], pad_token_id=3, decoder_start_token_id=4)).loss * sum(v != -100 for v in e.labels) for e in EXAMPLES)
+        alone = sum(model(**SEQ2SEQ.collate([e], pad_token_id=3, decoder_start_token_id=4)).loss * sum(v != -100 for v in e.labels) for e in EXAMPLES)
         from_labels_only = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(**batch).loss, from_labels_only, rtol=0, atol=0)  # T5 shifts the same way itself
 
 
 def test_fixed_lengths_pad_further_and_change_no_loss(model):
-    alone = collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4)
-    fixed = collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4, pad_to=(6, 8))
+    alone = SEQ2SEQ.collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4)
+    fixed = SEQ2SEQ.collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4, pad_to=(6, 8))
     assert fixed["input_ids"].shape == fixed["attention_mask"].shape == (3, 6)
     assert fixed["labels"].shape == fixed["decoder_input_ids"].shape == (3, 8)
     for name, tensor in alone.items():  # the same batch, padded further
@@ -351,20 +352,20 @@ def test_fixed_lengths_pad_further_and_change_no_loss(model):
     with torch.no_grad():
         torch.testing.assert_close(model(**fixed).loss, model(**alone).loss, rtol=1e-5, atol=1e-6)
     with pytest.raises(UsageError, match="an example has 5 tokens, more than the 4 to pad to; truncate with --max-target-length 4"):
-        collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4, pad_to=(6, 4))
+        SEQ2SEQ.collate(EXAMPLES, pad_token_id=3, decoder_start_token_id=4, pad_to=(6, 4))
 
 
 @pytest.mark.parametrize("bad", [dict(pad_token_id=None, decoder_start_token_id=0), dict(pad_token_id=0, decoder_start_token_id=1.0)])
 def test_collate_refuses_missing_token_ids(bad):
     with pytest.raises(UsageError, match="not a token id; set .* in the model's config.json"):
-        collate(EXAMPLES, **bad)
+        SEQ2SEQ.collate(EXAMPLES, **bad)
     with pytest.raises(UsageError, match="empty batch"):
-        collate([], pad_token_id=0, decoder_start_token_id=0)
+        SEQ2SEQ.collate([], pad_token_id=0, decoder_start_token_id=0)
 
 
 @pytest.mark.parametrize("size, m", [(8, 4), (7, 3), (5, 5), (3, 1)])
 def test_microbatches_follow_tensor_split(size, m):
-    batch = collate([EXAMPLES[i % 3] for i in range(size)], pad_token_id=0, decoder_start_token_id=0)
+    batch = SEQ2SEQ.collate([EXAMPLES[i % 3] for i in range(size)], pad_token_id=0, decoder_start_token_id=0)
     parts = microbatches(batch, m)
     assert len(parts) == m
     for name, tensor in batch.items():
@@ -375,7 +376,7 @@ def test_microbatches_follow_tensor_split(size, m):
 
 @pytest.mark.parametrize("m, problem", [(9, "--microbatches 9 is more than the batch's 8 examples; use --microbatches <= --batch"), (0, "--microbatches is 0; give an integer >= 1")])
 def test_bad_microbatch_counts_are_one_line(m, problem):
-    batch = collate([EXAMPLES[0]] * 8, pad_token_id=0, decoder_start_token_id=0)
+    batch = SEQ2SEQ.collate([EXAMPLES[0]] * 8, pad_token_id=0, decoder_start_token_id=0)
     with pytest.raises(UsageError, match=problem.replace("(", r"\(")):
         microbatches(batch, m)
 
@@ -394,7 +395,7 @@ def gpt2():
 
 
 def test_causal_batches_are_input_then_target_with_only_the_target_learned():
-    batch = collate(CAUSAL, pad_token_id=3, objective="causal")
+    batch = CAUSAL_LM.collate(CAUSAL, pad_token_id=3)
     assert list(batch) == ["input_ids", "attention_mask", "labels"]
     for i, e in enumerate(CAUSAL):
         n = len(e.input_ids) + len(e.labels)
@@ -406,7 +407,7 @@ def test_causal_batches_are_input_then_target_with_only_the_target_learned():
 def test_a_causal_batch_learns_each_target_token_from_what_precedes_it(gpt2):
     # against eager GPT-2: the batch loss is the mean over target tokens of -log p(token | prefix),
     # each computed from that example alone, without padding
-    batch = collate(CAUSAL, pad_token_id=3, objective="causal")
+    batch = CAUSAL_LM.collate(CAUSAL, pad_token_id=3)
     with torch.no_grad():
         loss = gpt2(**batch).loss
         terms = []
@@ -419,10 +420,10 @@ def test_a_causal_batch_learns_each_target_token_from_what_precedes_it(gpt2):
 
 
 def test_causal_fixed_lengths_and_refusals():
-    fixed = collate(CAUSAL, pad_token_id=3, objective="causal", pad_to=(4, 4))
+    fixed = CAUSAL_LM.collate(CAUSAL, pad_token_id=3, pad_to=(4, 4))
     assert fixed["input_ids"].shape == (3, 8)
     with pytest.raises(UsageError, match="not a token id; set pad_token_id"):
-        collate(CAUSAL, pad_token_id=None, objective="causal")
+        CAUSAL_LM.collate(CAUSAL, pad_token_id=None)
 
 
 def test_ignored_labels_are_refused_for_a_causal_model(tmp_path):
@@ -430,7 +431,7 @@ def test_ignored_labels_are_refused_for_a_causal_model(tmp_path):
     path.write_text('{"input_ids": [1, 2], "labels": [3, -100]}\n')
     assert read_jsonl(path)[0].labels == [3, -100]  # a seq2seq model ignores it
     with pytest.raises(DataError, match=r"d.jsonl:1: labels\[1\] is -100, but a causal LM reads its labels as tokens"):
-        read_jsonl(path, objective="causal")
+        read_jsonl(path, objective=CAUSAL_LM)
 
 
 # --- masked-LM batches (BERT) ------------------------------------------------------------------------
@@ -440,7 +441,7 @@ MASKED = [Example([5, 6, 7], [-100, 9, -100]), Example([10, 11, 12, 13, 14], [20
 
 
 def test_masked_batches_keep_labels_aligned_with_the_input():
-    batch = collate(MASKED, pad_token_id=3, objective="masked")
+    batch = MASKED_LM.collate(MASKED, pad_token_id=3)
     assert list(batch) == ["input_ids", "attention_mask", "token_type_ids", "labels"]
     for i, e in enumerate(MASKED):
         n = len(e.input_ids)
@@ -456,9 +457,9 @@ def test_a_padded_masked_batch_gives_the_losses_of_its_examples_alone():
     torch.manual_seed(0)
     model = transformers.BertForMaskedLM(config).eval()
     with torch.no_grad():
-        batch = collate(MASKED, pad_token_id=3, objective="masked")
+        batch = MASKED_LM.collate(MASKED, pad_token_id=3)
         together = model(**batch).loss * (batch["labels"] != -100).sum()
-        alone = sum(model(**collate([e], pad_token_id=3, objective="masked")).loss * sum(v != -100 for v in e.labels)
+        alone = sum(model(**MASKED_LM.collate([e], pad_token_id=3)).loss * sum(v != -100 for v in e.labels)
                     for e in MASKED)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
@@ -471,16 +472,16 @@ def test_masked_lines_that_do_not_align_are_refused(tmp_path, tokenizer_dir, lin
     path = tmp_path / "d.jsonl"
     path.write_text(line + "\n")
     with pytest.raises(DataError, match=rf"d.jsonl:1: {message}"):
-        read_jsonl(path, tokenizer=load_tokenizer(tokenizer_dir), objective="masked")
+        read_jsonl(path, tokenizer=load_tokenizer(tokenizer_dir), objective=MASKED_LM)
 
 
 def test_masked_lines_are_cut_to_the_source_length(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"input_ids": [1, 2, 3, 4], "labels": [-100, 5, -100, 6]}\n{"input_ids": [1, 2], "labels": [-100, 7]}\n')
-    examples = read_jsonl(path, max_source_length=2, objective="masked")
+    examples = read_jsonl(path, max_source_length=2, objective=MASKED_LM)
     assert [(e.input_ids, e.labels) for e in examples] == [([1, 2], [-100, 5]), ([1, 2], [-100, 7])]
     with pytest.raises(DataError, match=r"d.jsonl:1 \(cut to --max-source-length 1\): every label is -100"):
-        read_jsonl(path, max_source_length=1, objective="masked")
+        read_jsonl(path, max_source_length=1, objective=MASKED_LM)
 
 
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from fxconvert import families
-from fxconvert.training.data import OBJECTIVES
+from fxconvert.objectives import OBJECTIVES
 
 FAMILIES = families.all_families()
 

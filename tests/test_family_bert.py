@@ -132,7 +132,7 @@ def test_record():
     assert family.block_of("bert.embeddings.word_embeddings") is None
     assert family.block_of("cls.predictions.decoder") is None
     assert family.max_length == "max_position_embeddings"
-    assert family.objective == "masked"  # fxconvert.train: pre-tokenized lines, labels aligned (test_train_families)
+    assert family.objective.name == "masked"  # fxconvert.train: pre-tokenized lines, labels aligned (test_train_families)
 
 
 # -- trace ------------------------------------------------------------------------------------------

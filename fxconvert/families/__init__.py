@@ -4,8 +4,9 @@ Loading, tracing, validation, stages, the report and the training launcher read 
 records and nothing else about a family. Adding a family is one file here (a module-level
 `FAMILY = Family(...)`, listed in `_MODULES`) plus its tests.
 
-A record is plain data (and, where a family needs one, a small function): it imports
-neither transformers nor torch, so `import fxconvert.families` stays cheap.
+A record is plain data (and, where a family needs one, a small function, and its training
+objective from `fxconvert.objectives`): it imports neither transformers nor torch, so
+`import fxconvert.families` stays cheap.
 """
 
 import importlib
@@ -13,6 +14,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
+
+from fxconvert.objectives import SEQ2SEQ, Objective
 
 # What an input holds, for building example and random inputs:
 #   ids        token ids in [0, vocab_size)
@@ -66,11 +69,12 @@ class Family:
     token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
     max_length: str = ""  # config attribute bounding every sequence's length (absolute positions); "" for none
     notes: str = ""  # one line on what differs, shown in the report's model section
-    # What fxconvert.train feeds (`fxconvert.training.data.OBJECTIVES`): "seq2seq" (input -> target,
-    # decoder inputs are the labels shifted right), "causal" (input + target as one sequence,
-    # loss on the target, the model shifts), "masked" (pre-tokenized, labels aligned with the
-    # input), or None (no training data format for this family).
-    objective: str | None = "seq2seq"
+    # What fxconvert.train trains with (`fxconvert.objectives`): SEQ2SEQ (input -> target, decoder
+    # inputs are the labels shifted right), CAUSAL_LM (input + target as one sequence, loss on the
+    # target, the model shifts), MASKED_LM (pre-tokenized, labels aligned with the input), or None
+    # (no training data format for this family). The objective collates the batches and holds
+    # the length rule and the pad policy.
+    objective: Objective | None = SEQ2SEQ
     # (config, training, dtype name such as "float16") -> why the model cannot be traced as it is
     # (a one-line reason naming the fix), or None. For what a graph cannot record in some settings.
     check_trace: Callable[[object, bool, str], str | None] | None = None

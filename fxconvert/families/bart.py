@@ -10,6 +10,7 @@ labels but no decoder inputs it shifts the labels right itself.
 """
 
 from fxconvert.families import ENCODER_DECODER_INPUTS, Family, block_regex, check_activation, is_int
+from fxconvert.objectives import SEQ2SEQ
 
 # Published config.json values (facebook/bart-base, facebook/bart-large). Both publish
 # `architectures: ["BartModel"]`; the presets build the LM-head class, which holds the same
@@ -122,6 +123,7 @@ FAMILY = Family(
                  "decoder_layerdrop"),
     token_id_fields=("pad_token_id", "decoder_start_token_id"),
     max_length="max_position_embeddings",  # learned positions: each sequence at most this long
+    objective=SEQ2SEQ,
     notes="learned positions (offset 2, at most max_position_embeddings tokens); one scaled shared embedding "
           "tied to the LM head; logits add final_logits_bias",
 )

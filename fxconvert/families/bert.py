@@ -11,6 +11,7 @@ with the weights. Sequences are at most `max_position_embeddings` long.
 import functools
 
 from fxconvert.families import ONE_SEQUENCE_LENGTHS, Family, block_regex, check_activation, is_int
+from fxconvert.objectives import MASKED_LM
 
 # Published config.json values (bert-base-uncased, bert-large-uncased, bert-base-cased).
 _COMMON = dict(
@@ -102,7 +103,7 @@ FAMILY = Family(
     rate_fields=("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"),
     token_id_fields=("pad_token_id",),
     max_length="max_position_embeddings",
-    objective="masked",  # pre-tokenized lines, labels aligned with input_ids (fxconvert.training.data.collate_masked)
+    objective=MASKED_LM,  # pre-tokenized lines, labels aligned with input_ids
     notes="encoder-only with absolute positions (at most max_position_embeddings tokens) and token_type_ids; "
           "the MLM head's weight and bias are tied to the word embedding and cls.predictions.bias",
     sequence_lengths=ONE_SEQUENCE_LENGTHS,  # one sequence: not an encoder's

@@ -7,6 +7,7 @@ folded in). transformers' `Conv1D` stores its weight (in, out) and computes `x @
 """
 
 from fxconvert.families import ONE_SEQUENCE_LENGTHS, MAX_SIZE, Family, block_regex, check_activation, is_int
+from fxconvert.objectives import CAUSAL_LM
 
 # Published config.json values (openai-community/<name>); each size: (n_embd, n_head, n_layer).
 _SIZES = {
@@ -85,7 +86,7 @@ FAMILY = Family(
     rate_fields=("attn_pdrop", "embd_pdrop", "resid_pdrop"),
     token_id_fields=("pad_token_id",),
     max_length="n_positions",  # learned positions (wpe): each sequence at most this long
-    objective="causal",
+    objective=CAUSAL_LM,
     notes="decoder-only: learned absolute positions (wpe), Conv1D projections (weight (in, out)), causal mask; "
           "the LM head is tied to wte and the loss shifts labels inside the model",
     sequence_lengths=ONE_SEQUENCE_LENGTHS,  # one sequence: not an encoder's

@@ -12,6 +12,7 @@ models tie it to the token embedding (one `shared_embed_weight` after conversion
 import math
 
 from fxconvert.families import ONE_SEQUENCE_LENGTHS, MAX_SIZE, Family, block_regex, check_activation, is_int
+from fxconvert.objectives import CAUSAL_LM
 
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 
@@ -163,7 +164,7 @@ FAMILY = Family(
                          "num_hidden_layers", "num_key_value_heads", "max_position_embeddings"),
     rate_fields=("attention_dropout",),
     token_id_fields=("pad_token_id",),
-    objective="causal",
+    objective=CAUSAL_LM,
     notes="decoder-only with rotary positions (computed in the graph) and grouped-query attention; Mistral "
           "(and Qwen2 with use_sliding_window) masks a sliding window; small Qwen2 ties the LM head",
     sequence_lengths=ONE_SEQUENCE_LENGTHS,  # one sequence: not an encoder's

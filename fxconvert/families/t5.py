@@ -7,6 +7,7 @@ checkpoints). SDPA attention always receives the position bias as a float mask.
 """
 
 from fxconvert.families import ENCODER_DECODER_INPUTS, Family, block_regex
+from fxconvert.objectives import SEQ2SEQ
 
 # Published hyperparameters. Each line fixes the vocabulary, feed-forward and tying; each
 # size: (d_model, d_ff, d_kv, num_heads, num_layers).
@@ -109,6 +110,7 @@ FAMILY = Family(
     positive_int_fields=("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers"),
     rate_fields=("dropout_rate", "classifier_dropout"),
     token_id_fields=("pad_token_id", "decoder_start_token_id"),
+    objective=SEQ2SEQ,
     notes="relative position bias instead of positions; the LM head is tied in T5 and untied in v1.1, flan and mT5",
     ties_head_regardless=True,  # transformers 5 ties T5's head even with tie_word_embeddings=False
 )

@@ -4,8 +4,8 @@
   the entry point sees argparse.
 - `config` checks the options against the launch (`Launch`) and gives the layout (`Topology`).
 - `model` loads this rank's stages (stage files, or a conversion done here); `dataset` reads
-  the data with the family's objective (`fxconvert.objectives`), `data` holds the batching
-  contract.
+  the data with the family's objective (`fxconvert.objectives`: collate, length rule, pad
+  policy), `data` holds the batching contract.
 - `schedules` builds the `torch.distributed.pipelining` schedule (one table).
 - `run` prepares a run (every check before any process group or file), `loop` is the step
   loop, `faults` turns signals and failures into one line per rank, `metrics` writes
@@ -13,6 +13,5 @@
 - `grad_sync` (tied weights, replicas, clipping), `checkpoint`, `heartbeat`, `run_lock`.
 - `self_check`: `--self-check`, the same loop on a tiny random model against eager transformers.
 
-This package's `__init__` imports nothing, so a family record may name an objective without
-importing torch.
+This package's `__init__` imports nothing: a module of the package loads only what it needs.
 """

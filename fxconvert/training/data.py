@@ -14,16 +14,9 @@ same file see exactly the same batches, and a resumed run continues where it sto
   than the file spans several epochs, so it may hold an example more than once.
 - With R data-parallel replicas, replica r at optimizer step s takes global batch s*R + r, so
   the data position to save is the next global batch index.
-- A batch is padded on the right to its own longest input and longest labels: input_ids with
-  pad_token_id, attention_mask 1 on real tokens, labels with -100; decoder_input_ids are the
-  padded labels shifted right behind decoder_start_token_id, -100 replaced by pad_token_id
-  (what transformers' T5 does when given labels alone). Everything is int64. A runtime that
-  sizes its buffers once may pad to fixed lengths instead (`collate(..., pad_to=...)`).
-- For a decoder-only model (`collate_causal`) input and target make one sequence: input_ids
-  are input + target, labels -100 on the input's positions, padded on the right; the model
-  shifts the labels itself.
-- For a masked LM (`collate_masked`) lines are pre-tokenized with labels aligned to input_ids
-  (-100 where nothing is predicted); both are padded on the right and token_type_ids are 0.
+- A batch is collated by the family's objective (`fxconvert.objectives`, `Objective.collate`):
+  padded on the right to its own longest rows, int64. A runtime that sizes its buffers once
+  may pad to fixed lengths instead (`collate(..., pad_to=...)`).
 - Microbatches are `torch.tensor_split(tensor, M)` along dim 0: the first B % M microbatches
   hold one row more. All microbatches of a batch share the batch's padded lengths.
 
@@ -40,9 +33,8 @@ from pathlib import Path
 import torch
 
 from fxconvert.errors import UsageError, with_article
+from fxconvert.objectives import IGNORE_INDEX, SEQ2SEQ, Objective
 
-IGNORE_INDEX = -100  # the label value transformers' cross-entropy ignores
-OBJECTIVES = ("seq2seq", "causal", "masked")  # what a family trains with (`Family.objective`)
 TEXT_KEYS, ID_KEYS = ("input", "target"), ("input_ids", "labels")
 # Files that hold a vocabulary. AutoTokenizer on a directory with config.json alone builds a
 # T5 tokenizer of special tokens only, so without one of these there is no tokenizer.
@@ -136,7 +128,7 @@ def _parse(raw: bytes, where: str) -> dict:
     return obj
 
 
-def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, objective: str = "seq2seq") -> list[int]:
+def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, objective: Objective = SEQ2SEQ) -> list[int]:
     if not isinstance(ids, list):
         raise DataError(f"{where}: {key!r} is {with_article(type(ids).__name__)}, not a list of ints; {FIX}")
     if not ids:
@@ -146,9 +138,9 @@ def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, objective: st
         if type(value) is not int:  # bool is an int subclass; floats and nested lists are wrong too
             raise DataError(f"{where}: {key}[{i}] is {with_article(type(value).__name__)} ({json.dumps(value)[:40]}), not an int; {FIX}")
         if key == "labels" and value == IGNORE_INDEX:
-            if objective == "causal":
-                raise DataError(f"{where}: labels[{i}] is -100, but a causal LM reads its labels as tokens; put "
-                                f"the tokens it should not learn in input_ids (they are never learned)")
+            if objective.labels_are_tokens:
+                raise DataError(f"{where}: labels[{i}] is -100, but a {objective.title} reads its labels as tokens; "
+                                f"put the tokens it should not learn in input_ids (they are never learned)")
             continue
         if value < 0 or value >= (vocab_size if vocab_size is not None else 2**63):
             extra = " or -100 (ignored)" if key == "labels" else ""
@@ -158,13 +150,13 @@ def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, objective: st
     return ids
 
 
-def _check_masked(obj: dict, where: str) -> None:
+def _check_aligned(obj: dict, where: str, objective: Objective) -> None:
     if "input" in obj:
-        raise DataError(f"{where}: a masked LM's lines must be pre-tokenized; give {{\"input_ids\": [int], "
+        raise DataError(f"{where}: a {objective.title}'s lines must be pre-tokenized; give {{\"input_ids\": [int], "
                         f"\"labels\": [int]}} with labels aligned to input_ids (-100 where nothing is predicted)")
     if len(obj["labels"]) != len(obj["input_ids"]):
-        raise DataError(f"{where}: {len(obj['labels'])} labels for {len(obj['input_ids'])} input_ids; a masked LM's "
-                        f"labels are aligned with its input_ids (-100 where nothing is predicted)")
+        raise DataError(f"{where}: {len(obj['labels'])} labels for {len(obj['input_ids'])} input_ids; a "
+                        f"{objective.title}'s labels are aligned with its input_ids (-100 where nothing is predicted)")
 
 
 def _nothing_to_learn(where: str):
@@ -196,7 +188,7 @@ def read_jsonl(path, **options) -> list[Example]:
 
 
 def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None,
-               objective: str = "seq2seq") -> DataFile:
+               objective: Objective = SEQ2SEQ) -> DataFile:
     """Every example of the JSONL file `path`, checked line by line before any is returned, and its sha256.
 
     Text is tokenized as `tokenizer(input, truncation=True, max_length=max_source_length)` and
@@ -204,13 +196,13 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     tokenizer's default settings (a None length means no truncation). Pre-tokenized ids are
     cut to their first max length ids, exactly as given. A UTF-8 byte-order mark at the very
     start of the file is accepted (editors on Windows write one); anywhere else it is invalid JSON.
-    `objective` is the model family's (`Family.objective`): for "causal" (a decoder-only model) the
-    labels are tokens the model reads, so -100 is refused; for "masked" (a masked LM) a line is
-    pre-tokenized, its labels aligned with its input_ids (same length, -100 where nothing is
+    `objective` is the model family's (`Family.objective`): where its labels are tokens the model
+    reads (a causal LM) -100 is refused; where its labels are aligned with the input (a masked
+    LM) a line is pre-tokenized, its labels as long as its input_ids (-100 where nothing is
     predicted), and both are cut to max_source_length.
     """
-    if objective not in OBJECTIVES:
-        raise UsageError(f"unknown data objective {objective!r}; choose {', '.join(OBJECTIVES)}")
+    if not isinstance(objective, Objective):
+        raise UsageError(f"unknown data objective {objective!r}; give one of fxconvert.objectives.OBJECTIVES")
     for option, value in (("--max-source-length", max_source_length), ("--max-target-length", max_target_length)):
         if value is not None:
             _positive(value, option)
@@ -247,8 +239,8 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
         for key in ("input_ids", "labels") if "input_ids" in obj else ():
             _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer",
                        objective=objective)
-        if objective == "masked":
-            _check_masked(obj, where)
+        if objective.aligned:
+            _check_aligned(obj, where, objective)
         rows.append(obj)
     texts = [number for number, obj in enumerate(rows, 1) if "input" in obj]
     sources = _tokenize(tokenizer, [rows[n - 1]["input"] for n in texts], max_source_length, target=False)
@@ -258,7 +250,7 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
         rows[number - 1] = {key: _check_ids(ids, key, where, vocab_size, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
     examples = []
     for number, obj in enumerate(rows, 1):
-        cut, option = (max_source_length, "--max-source-length") if objective == "masked" else (
+        cut, option = (max_source_length, "--max-source-length") if objective.aligned else (
             max_target_length, "--max-target-length")
         labels = obj["labels"][:cut]
         if cut is not None and all(v == IGNORE_INDEX for v in labels):
@@ -298,83 +290,6 @@ def batch_indices(num_examples, batch_size, k, *, shuffle=False, seed=0) -> list
 @functools.lru_cache(maxsize=4)  # consecutive batches mostly fall in the same epoch
 def _epoch_order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _pad(rows: list[list[int]], value: int, length: int | None, option: str) -> torch.Tensor:
-    longest = max(len(r) for r in rows)
-    if length is not None and longest > length:
-        raise UsageError(f"an example has {longest} tokens, more than the {length} to pad to; truncate with {option} {length}")
-    out = torch.full((len(rows), length or longest), value, dtype=torch.int64)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-    return out
-
-
-def collate(examples, *, pad_token_id, decoder_start_token_id=None, pad_to=None,
-            objective: str = "seq2seq") -> dict[str, torch.Tensor]:
-    """One padded int64 batch: input_ids, attention_mask, labels, decoder_input_ids.
-
-    `pad_to=(source_length, target_length)` pads every batch to the same fixed lengths instead
-    of its own longest, for runtimes that size their buffers once; the real tokens' losses are
-    the same either way. For the "causal" and "masked" objectives see `collate_causal` and
-    `collate_masked`.
-    """
-    if not examples:
-        raise UsageError("cannot collate an empty batch; give at least one example")
-    if objective == "causal":
-        return collate_causal(examples, pad_token_id=pad_token_id, pad_to=None if pad_to is None else sum(pad_to))
-    if objective == "masked":
-        return collate_masked(examples, pad_token_id=pad_token_id, pad_to=None if pad_to is None else pad_to[0])
-    for name, value in (("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)):
-        if type(value) is not int:
-            raise UsageError(f"{name} is {value!r}, not a token id; set {name} in the model's config.json")
-    source_length, target_length = (_positive(v, "pad_to") for v in pad_to) if pad_to is not None else (None, None)
-    input_ids = _pad([e.input_ids for e in examples], pad_token_id, source_length, "--max-source-length")
-    attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, source_length, "--max-source-length")
-    labels = _pad([e.labels for e in examples], IGNORE_INDEX, target_length, "--max-target-length")
-    decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], dim=1)
-    decoder_input_ids.masked_fill_(decoder_input_ids == IGNORE_INDEX, pad_token_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "decoder_input_ids": decoder_input_ids}
-
-
-def _single_length(examples, pad_token_id, pad_to, field: str) -> int | None:
-    """The checks of a one-sequence batch (causal or masked LM); its fixed length, if any."""
-    if not examples:
-        raise UsageError("cannot collate an empty batch; give at least one example")
-    if type(pad_token_id) is not int:
-        raise UsageError(f"pad_token_id is {pad_token_id!r}, not a token id; set {field} in the model's config.json")
-    return _positive(pad_to, "pad_to") if pad_to is not None else None
-
-
-def collate_causal(examples, *, pad_token_id, pad_to=None) -> dict[str, torch.Tensor]:
-    """One padded int64 batch for a decoder-only model: input_ids, attention_mask, labels.
-
-    Each example is one sequence, its input followed by its target; labels are the same
-    tokens with the input's positions -100, so only the target is learned (the model shifts
-    labels itself, as transformers' causal LMs do). Rows are padded on the right to the
-    longest (or to `pad_to`) with `pad_token_id`, mask 0 and label -100.
-    """
-    length = _single_length(examples, pad_token_id, pad_to, "pad_token_id (or eos_token_id)")
-    sequences = [e.input_ids + e.labels for e in examples]
-    input_ids = _pad(sequences, pad_token_id, length, "--max-source-length and --max-target-length")
-    attention_mask = _pad([[1] * len(s) for s in sequences], 0, length, "--max-source-length")
-    labels = _pad([[IGNORE_INDEX] * len(e.input_ids) + e.labels for e in examples], IGNORE_INDEX, length,
-                  "--max-target-length")
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def collate_masked(examples, *, pad_token_id, pad_to=None) -> dict[str, torch.Tensor]:
-    """One padded int64 batch for a masked LM: input_ids, attention_mask, token_type_ids, labels.
-
-    Labels are aligned with input_ids (`read_jsonl` checks it); rows are padded on the right
-    with `pad_token_id`, mask 0 and label -100; every token is segment 0.
-    """
-    length = _single_length(examples, pad_token_id, pad_to, "pad_token_id")
-    input_ids = _pad([e.input_ids for e in examples], pad_token_id, length, "--max-source-length")
-    attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, length, "--max-source-length")
-    labels = _pad([e.labels for e in examples], IGNORE_INDEX, length, "--max-source-length")
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids),
-            "labels": labels}
 
 
 def microbatches(batch: dict, m) -> list[dict]:

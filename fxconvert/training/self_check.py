@@ -33,7 +33,7 @@ from fxconvert import families
 from fxconvert.errors import UsageError, first_line, printable
 from fxconvert.training.checkpoint import load_checkpoint
 from fxconvert.training.config import Launch, TrainConfig, TrainError, check_options
-from fxconvert.training.data import IGNORE_INDEX, collate, microbatches
+from fxconvert.training.data import IGNORE_INDEX, microbatches
 from fxconvert.training.worker import run_training
 
 SCHEDULES = ("gpipe", "1f1b")  # one stage per process (interleaving needs several)
@@ -117,10 +117,11 @@ def rows(cfg: RunConfig) -> list[dict]:
     out = []
     for _ in range(cfg.steps * cfg.batch):
         n = int(torch.randint(1, cfg.encoder_length + 1, (1,), generator=g))
-        m = n if objective == "masked" else int(torch.randint(1, cfg.decoder_length + 1, (1,), generator=g))
+        m = n if objective.aligned else int(torch.randint(1, cfg.decoder_length + 1, (1,), generator=g))
         labels = torch.randint(1, vocab, (m,), generator=g)
-        if objective != "causal":  # a causal LM reads its labels as tokens: none is ignored
-            ignored = torch.rand(m, generator=g) < (0.8 if objective == "masked" else 0.2)
+        if not objective.labels_are_tokens:  # a causal LM reads its labels as tokens: none is ignored
+            # labels aligned with the input predict a few of its tokens (a masked LM's); a target, most of its own
+            ignored = torch.rand(m, generator=g) < (0.8 if objective.aligned else 0.2)
             ignored[int(torch.randint(0, m, (1,), generator=g))] = False  # every line has something to learn
             labels[ignored] = IGNORE_INDEX
         out.append({"input_ids": torch.randint(1, vocab, (n,), generator=g).tolist(), "labels": labels.tolist()})
@@ -132,11 +133,9 @@ def batches(cfg: RunConfig) -> list[dict[str, torch.Tensor]]:
     from fxconvert.training.data import Example
 
     config, objective = model_config(cfg), cfg.record.objective
-    pad = config.pad_token_id if objective != "causal" or config.pad_token_id is not None else config.eos_token_id
+    token_ids = objective.token_ids(config.to_dict(), families.vocabulary(config))
     examples = [Example(r["input_ids"], r["labels"]) for r in rows(cfg)]
-    return [collate(examples[s * cfg.batch:(s + 1) * cfg.batch], pad_token_id=pad, objective=objective,
-                    decoder_start_token_id=getattr(config, "decoder_start_token_id", None))
-            for s in range(cfg.steps)]
+    return [objective.collate(examples[s * cfg.batch:(s + 1) * cfg.batch], **token_ids) for s in range(cfg.steps)]
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
