@@ -130,7 +130,7 @@ FAMILY = Family(
     tiny=dict(
         hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
         vocab_size=97, max_position_embeddings=128, attention_dropout=0.1, rope_theta=1000.0, use_cache=False,
-        tie_word_embeddings=False
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2
     ),
     model_types={t: (f"{p}Config", f"{p}ForCausalLM") for t, p in _PREFIX.items()},
     classes=tuple(f"{p}{s}" for p in _PREFIX.values() for s in ("Model", "ForCausalLM")),

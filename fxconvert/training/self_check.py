@@ -95,7 +95,7 @@ def model_config(cfg: RunConfig):
     record = cfg.record
     config = record.tiny_config(cfg.family.lower())
     config.pop("architectures")
-    config.update({k: 0.0 for k in record.rate_fields if k in config})
+    config.update({k: 0.0 for k in record.rate_fields})  # also those the tiny config leaves to their default
     if cfg.layers is not None:
         config.update({k: cfg.layers for k in record.max_layers_fields})
     return transformers.AutoConfig.for_model(**config)
