@@ -21,6 +21,8 @@ from fxconvert.stages import SplitError
 from fxconvert.workflow import convert
 from fxconvert.training.self_check import RunConfig, batches, build_model, check, make_optimizer, run as run_pipeline
 
+pytestmark = pytest.mark.xdist_group("ranks")  # torchrun runs: one at a time (tests/conftest.py)
+
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = RunConfig(stages=2, schedules=("gpipe", "1f1b"), steps=2, microbatches=2, batch=4, control=True)
