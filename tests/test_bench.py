@@ -223,15 +223,17 @@ def test_the_pipeline_runs_need_no_port_picked_ahead(bench, tmp_path, monkeypatc
     port = taken.getsockname()[1]
     monkeypatch.setattr(socket.socket, "getsockname", lambda self: ("127.0.0.1", port))
     script = tmp_path / "meet.py"
-    script.write_text("import os, torch, torch.distributed as dist\n"
+    script.write_text("import os, pathlib, torch, torch.distributed as dist\n"
                       "dist.init_process_group('gloo')\n"
                       "t = torch.ones(1)\n"
                       "dist.all_reduce(t)\n"
-                      "print(os.environ['MASTER_ADDR'], int(t))\n")
+                      f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK'])"
+                      ".write_text(os.environ['MASTER_ADDR'] + ' ' + str(int(t)))\n"
+                      "dist.destroy_process_group()\n")
     command = bench._torchrun(2, script)
     monkeypatch.undo()
     with taken:  # still held while torchrun starts
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["127.0.0.1", "2"] * 2
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["127.0.0.1 2"] * 2
