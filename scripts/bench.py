@@ -832,17 +832,11 @@ _ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TRANSFORMERS_VER
                **{name: None for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc, *args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-            "127.0.0.1", "--master-port", str(_free_port()), *map(str, args)]
+    """torchrun on this machine alone: its store listens on a port chosen as it is bound (a port picked
+    here and bound later could be taken in between), and the ranks meet at 127.0.0.1."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+            "--nproc-per-node", str(nproc), *map(str, args)]
 
 
 def _write_pretokenized(path, *, lines, source_length, target_length, vocab_size, seed=0):

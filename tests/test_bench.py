@@ -7,6 +7,7 @@ runs tiny models once, and the subprocess measurements run against a stand-in CL
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -221,3 +222,31 @@ def test_tiny_compile_run(tmp_path):
         assert report["compile_fullgraph"] == 1.0, report["results"]["compile_fullgraph"]  # no graph break
     for key in TARGET_KEYS:
         assert report[key] == "skipped: not selected (--only)"
+
+
+def test_the_pipeline_runs_need_no_port_picked_ahead(bench, tmp_path, monkeypatch):
+    """The bench's torchrun picks its own port as it binds it. It used to be given a port picked here by
+    binding to port 0, which another program could take before torchrun bound it; here every such pick is
+    a port a listener already holds."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    monkeypatch.setattr(socket.socket, "getsockname", lambda self: ("127.0.0.1", port))
+    script = tmp_path / "meet.py"
+    script.write_text("import os, pathlib, torch, torch.distributed as dist\n"
+                      "dist.init_process_group('gloo')\n"
+                      "t = torch.ones(1)\n"
+                      "dist.all_reduce(t)\n"
+                      f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK'])"
+                      ".write_text(os.environ['MASTER_ADDR'] + ' ' + str(int(t)))\n"
+                      "dist.destroy_process_group()\n")
+    command = bench._torchrun(2, script)
+    monkeypatch.undo()
+    with taken:  # still held while torchrun starts
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["127.0.0.1 2"] * 2

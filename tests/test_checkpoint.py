@@ -382,6 +382,7 @@ def test_check_meta_names_what_differs_and_the_fix(tmp_path):
 # -- the multi-rank protocol with real processes ---------------------------------------------------
 
 
+@pytest.mark.xdist_group("ranks")
 def test_two_ranks_save_and_a_killed_rank_leaves_no_checkpoint(tmp_path):
     run = tmp_path / "run"
     assert run_ranks(run, tmp_path / "init_1", 1) == [0, 0]

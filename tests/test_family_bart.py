@@ -325,6 +325,7 @@ def test_preset_loads_with_random_weights_and_warns():
 
 # -- pipeline training ---------------------------------------------------------------------------------
 
+@pytest.mark.xdist_group("ranks")
 @pytest.mark.slow
 def test_pipeline_training_equals_single_process_training():
     """Two stage processes (gloo), 1F1B, two SGD steps: losses and weights equal training the unsplit

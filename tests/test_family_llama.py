@@ -515,6 +515,7 @@ def causal_batch(rows, batch_size, k, pad_token_id):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+@pytest.mark.xdist_group("ranks")
 def test_pipeline_training_matches_eager_training(tmp_path):
     """2 ranks x 2 stages, 1f1b, 2 microbatches, 3 SGD steps of a tied Qwen2 (dropout 0) against eager
     Qwen2ForCausalLM trained in one process on the same batches: the loss at every step and the exported

@@ -14,10 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import train_runs as tr
+
 from fxconvert.errors import UsageError
 from fxconvert.stages import SplitError
 from fxconvert.workflow import convert
 from fxconvert.training.self_check import RunConfig, batches, build_model, check, make_optimizer, run as run_pipeline
+
+pytestmark = pytest.mark.xdist_group("ranks")  # torchrun runs: one at a time (tests/conftest.py)
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,6 +127,16 @@ def test_the_reference_loss_is_eager_transformers_loss(run, reference):
     expected = torch.stack(eager).mean().item()
     assert abs(reference[0][0] - expected) <= TOL
     assert abs(ranks[("1f1b", True)][1]["losses"][0] - expected) <= TOL
+
+
+def test_the_self_check_needs_no_port_picked_ahead(tmp_path):
+    """The self-check's ranks meet in a store its own process listens on, at a port chosen as it is bound.
+    Rank 0 used to bind a port picked earlier, and the run failed when another program took it in between."""
+    proc = tr.train_with_ports_taken("--self-check", "--stages", "2", "--steps", "1", "--microbatches", "2",
+                                     "--batch", "4", "--schedule", "gpipe", "--json", tmp_path / "results.json",
+                                     timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [r["schedule"] for r in json.loads((tmp_path / "results.json").read_text())["results"]] == ["gpipe"]
 
 
 def test_bad_configurations_are_usage_errors():

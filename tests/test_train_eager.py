@@ -22,6 +22,8 @@ import torch
 
 import train_runs as tr
 
+pytestmark = pytest.mark.xdist_group("ranks")  # torchrun runs: one at a time (tests/conftest.py)
+
 STEPS, BATCH, LR, TOL = 3, 4, 0.5, 1e-5
 
 # id -> (processes, train options, microbatches, dp, SOURCE: stages of the conversion or "name")

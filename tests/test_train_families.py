@@ -29,6 +29,8 @@ import transformers
 
 import train_runs as tr
 
+pytestmark = pytest.mark.xdist_group("ranks")  # torchrun runs: one at a time (tests/conftest.py)
+
 STEPS, BATCH, MICRO, LR, TOL = 3, 4, 2, 0.5, 1e-5
 VOCAB = 97
 

@@ -25,6 +25,8 @@ from fxconvert.training.run_lock import LOCK
 from fxconvert.train import main
 from fxconvert.training.faults import Signals
 
+pytestmark = pytest.mark.xdist_group("ranks")  # torchrun runs: one at a time (tests/conftest.py)
+
 STEPS, TIMEOUT = 30, 20
 HANG_GUARD = TIMEOUT + 60  # torchrun gives its workers 30 s between SIGTERM and SIGKILL
 

@@ -336,6 +336,15 @@ def test_data_changed_during_the_run_changes_no_checkpoint_record(setup, tmp_pat
 
 # -- damaged checkpoints and a symlinked checkpoints/ ----------------------------------------------------
 
+def test_a_world_of_one_needs_no_port_picked_ahead(setup, tmp_path):
+    """Without a launcher there is nobody to meet: the run used to pick a free port and bind it later in
+    init_process_group, and failed to start when another program took the port in between."""
+    out = tmp_path / "run"
+    proc = tr.train_with_ports_taken(*_argv(setup / "conv1", out, "--no-export", data=setup / "train.jsonl"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in tr.metrics(out)] == [1]
+
+
 def test_a_checkpoint_with_a_deleted_shard_falls_back_to_the_one_before(setup, tmp_path):
     out = tmp_path / "run"
     proc = _train(*_argv(setup / "conv1", out, "--save-every", 1, "--no-export", data=setup / "train.jsonl", steps=2))

@@ -10,11 +10,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers
 
 import checkpoints
 import train_runs as tr
+
+pytestmark = pytest.mark.xdist_group("ranks")  # torchrun runs: one at a time (tests/conftest.py)
 
 STEPS, BATCH, LR = 2, 4, 0.5
 

@@ -25,10 +25,61 @@ REPO = Path(__file__).resolve().parent.parent
 VOCAB = helpers.VOCAB
 
 
+# Ports that torchrun or a test binds later. A port the kernel hands out (bind to 0, close) can be
+# taken again before it is bound, by any connection on the machine: the tests' own gloo connections
+# use the ephemeral range too, and pytest-xdist runs two test processes at once. So each test process
+# takes its ports from its own block below the ephemeral range (/proc/sys/net/ipv4/ip_local_port_range
+# starts at 32768 by default), cycling so that two calls in one test differ, and skips ports in use.
+_PORTS_PER_WORKER = 400
+_next_port = 0
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _worker_index() -> int:
+    """0 without pytest-xdist; n for its worker `gwn`."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker[2:]) if worker[2:].isdigit() else 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, from this test process's own block (see above)."""
+    global _next_port
+    base = _ephemeral_start() - _PORTS_PER_WORKER * (_worker_index() + 1)
+    for _ in range(_PORTS_PER_WORKER):
+        port = base + _next_port
+        _next_port = (_next_port + 1) % _PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free loopback port in {base}..{base + _PORTS_PER_WORKER - 1}")
+
+
+# `python -m fxconvert.train ARGS` in a process where every port picked by binding to port 0 is one that
+# another program already listens on: what happens when a port picked first is taken before it is bound.
+_PORTS_TAKEN = """
+import socket, sys
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+port = taken.getsockname()[1]
+socket.socket.getsockname = lambda self: ("127.0.0.1", port)
+from fxconvert.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def train_with_ports_taken(*train_args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _PORTS_TAKEN, *map(str, train_args)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def env() -> dict:

@@ -21,13 +21,14 @@ and the copies of each shared weight among the stages (the last checkpoint).
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from fxconvert import families
 from fxconvert.errors import UsageError, first_line, printable
@@ -188,19 +189,21 @@ def _run_name(schedule: str, tied: bool) -> str:
 
 
 def _worker(rank: int, train: TrainConfig, world: int, port: int) -> None:
-    """One rank of one run: the real trainer, rendezvous at 127.0.0.1:`port`."""
+    """One rank of one run: the real trainer, rendezvous in the store at 127.0.0.1:`port`, which this
+    process's parent holds as torchrun's agent does (so rank 0 opens no port of its own)."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     status = run_training(train, Launch(rank, world, rank))
     if status:
         sys.exit(status)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _store(world: int, timeout_s: int):
+    """The run's rendezvous store, listening on a port the kernel picks as it binds. A port picked
+    first and bound later by rank 0 could be taken in between by any other program on the machine."""
+    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=timeout_s))
 
 
 def prepare(cfg: RunConfig, work: Path):
@@ -232,7 +235,8 @@ def run(cfg: RunConfig, out_dir: str | None = None) -> list[ScheduleResult]:
         for schedule, tied in cfg.runs():
             train = _train_config(cfg, schedule, tied, work, 0)
             try:
-                mp.spawn(_worker, args=(train, cfg.stages, _free_port()), nprocs=cfg.stages, join=True)
+                store = _store(cfg.stages, cfg.timeout_s)
+                mp.spawn(_worker, args=(train, cfg.stages, store.port), nprocs=cfg.stages, join=True)
             except mp.ProcessExitedException as e:
                 raise TrainError(f"the {schedule} run failed ({first_line(e)}); its ranks said why above") from None
             ranks = _rank_results(cfg, stages, Path(train.out))

@@ -3,7 +3,6 @@ one line a failure prints (`fxconvert.train` parses the options and starts it; `
 here too)."""
 
 import os
-import socket
 import sys
 import traceback
 from datetime import timedelta
@@ -71,9 +70,12 @@ def _start_and_train(run: Run, signals: Signals, state: dict) -> None:
     """Join the process group, start the heartbeat (kept in `state` for the report, and `joined`), train."""
     launch = run.launch
     backend = "nccl" if run.device.type == "cuda" else "gloo"
-    if launch.world_size == 1:  # plain `python -m fxconvert.train`: a world of one, no launcher
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Plain `python -m fxconvert.train` is a world of one without a launcher: nobody to meet, so its
+    # store lives in this process and no port is opened (one picked here and bound later by
+    # init_process_group could be taken in between by any other program on the machine).
+    alone = launch.world_size == 1 and "MASTER_PORT" not in os.environ
+    if launch.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a world of one given only MASTER_PORT
     def start_heartbeat():
         heartbeat = state["heartbeat"] = Heartbeat(launch.rank, launch.world_size)
         signals.heartbeat_lost = lambda: heartbeat.lost
@@ -83,15 +85,9 @@ def _start_and_train(run: Run, signals: Signals, state: dict) -> None:
     early = launch.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if early:
         start_heartbeat()
-    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                            timeout=timedelta(seconds=run.cfg.timeout))
+    dist.init_process_group(backend, store=dist.HashStore() if alone else None, rank=launch.rank,
+                            world_size=launch.world_size, timeout=timedelta(seconds=run.cfg.timeout))
     state["joined"] = True
     if launch.world_size > 1 and not early:
         start_heartbeat()
     train(run)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
