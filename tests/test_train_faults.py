@@ -425,6 +425,28 @@ def test_a_rank_still_preparing_is_named_by_the_one_that_waited(setup, tmp_path)
                                             "or the run was interrupted)"]), proc.stderr[-3000:]
 
 
+def test_a_problem_one_rank_reports_before_training_is_one_line_however_slow_the_others(setup, tmp_path):
+    """Rank 1 finds a bad data line while local rank 0 has not even started its checks (a loaded machine):
+    rank 1 says it, and rank 0, stopped by the launcher meanwhile, stays quiet. The line used to go to
+    local rank 0 after a 2-second grace, and a slower machine printed two lines."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text((setup / "train.jsonl").read_text() + "not json\n")
+    env = tr.env()
+    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_SLOW_RANK="0", HOOK_SLOW_BEFORE_CHECKS="1",
+               HOOK_SLOW_PREPARE_FILE=str(tmp_path / "never"))
+    args = _args(setup, tmp_path / "run")
+    args[args.index("--data") + 1] = data
+    try:
+        proc = subprocess.run(tr.hooked_command(2, *args), cwd=tr.REPO, env=env, capture_output=True, text=True,
+                              timeout=HANG_GUARD + 240)
+    finally:
+        _stop_pids(tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train:")]
+    assert len(lines) == 1 and lines[0].startswith(f"fxconvert.train: error: {data}:"), proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_swallowed_interrupt_still_ends_the_guarded_work():
     """Code inside the guarded work that catches every Exception (transformers and torch have such places)
     swallows the `Terminated` of a Ctrl-C: the guard raises it again when the work returns, and every

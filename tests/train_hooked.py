@@ -12,7 +12,9 @@ trainer itself has no test hooks. Variables (all optional):
 - HOOK_PAUSE_AT_SYNC=N, HOOK_PAUSE_UNTIL=FILE: every rank waits just before its N-th
   `sync_gradients` until FILE exists (a run held in the middle, with no collective pending);
 - HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
-  file exists (a rank still preparing while the others already wait for it).
+  file exists (a rank still preparing while the others already wait for it); with
+  HOOK_SLOW_BEFORE_CHECKS=1 it waits before its checks instead (a rank that has not found yet
+  what another rank already reports).
 """
 
 import os
@@ -84,10 +86,11 @@ if os.environ.get("HOOK_SLOW_RANK") == str(rank):
     real_prepare = worker.prepare
 
     def prepare(*args, **kwargs):
-        run = real_prepare(*args, **kwargs)
+        before = os.environ.get("HOOK_SLOW_BEFORE_CHECKS") == "1"
+        run = None if before else real_prepare(*args, **kwargs)
         while not Path(os.environ["HOOK_SLOW_PREPARE_FILE"]).exists():
             time.sleep(0.05)
-        return run
+        return real_prepare(*args, **kwargs) if before else run
 
     worker.prepare = prepare
 

@@ -6,6 +6,7 @@ heartbeat in torchrun's store, `fxconvert.training.heartbeat`). SIGTERM and SIGI
 exception, raised only inside `Signals.guard`ed work.
 """
 
+import os
 import re
 import signal
 import time
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from fxconvert.errors import FxConvertError, first_line, printable
 from fxconvert.training.config import Launch, TrainError
 from fxconvert.training.grad_sync import Topology
-from fxconvert.training.heartbeat import launcher_gone
+from fxconvert.training.heartbeat import first_to_claim, launcher_gone
 
 
 class NonFiniteError(TrainError):
@@ -135,12 +136,18 @@ class Signals:
 def first_to_say(launch: Launch, signals: Signals, grace: float = 2.0) -> bool:
     """Whether this rank prints the problem it found before training: one line per machine.
 
-    Every rank runs the same checks, so local rank 0 speaks for the machine. Another rank
-    that found a problem (one local rank 0 may not reach, e.g. in data only it reads, or
-    simply sooner) waits `grace` seconds: when local rank 0 fails too, the launcher stops
-    this rank in that time and it stays quiet; otherwise it says what it found. A rank
-    the launcher stopped says so only as local rank 0.
+    Every rank runs the same checks, and each one that fails comes here. Under torchrun the
+    first of a machine's ranks to arrive claims the machine's line in the launcher's store
+    (`heartbeat.first_to_claim`, an atomic counter: no clock decides, however loaded the
+    machine); the others stay quiet, whether they found a problem themselves or were stopped
+    by the launcher because another rank did. Without a launcher's store, local rank 0 speaks
+    for the machine, and another rank that found a problem waits `grace` seconds: when local
+    rank 0 fails too, the launcher stops this rank in that time and it stays quiet; otherwise
+    it says what it found.
     """
+    claimed = first_to_claim(f"said/{os.environ.get('GROUP_RANK', '0')}")
+    if claimed is not None:
+        return claimed
     if launch.local_rank == 0:
         return True
     deadline = time.monotonic() + grace

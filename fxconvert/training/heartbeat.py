@@ -104,6 +104,21 @@ def launcher_gone() -> bool:
     return state in (b"Z", b"X")
 
 
+def first_to_claim(key: str) -> bool | None:
+    """Whether this process is the first of this attempt to claim `key` in torchrun's store (an atomic
+    counter, so exactly one process of all that ask gets True), or None when no launcher's store can be
+    reached (no torchrun, or one that does not share its store with the workers)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
+        return None
+    try:
+        store = dist.PrefixStore(prefix(), dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                                         int(os.environ["MASTER_PORT"]), is_master=False,
+                                                         timeout=timedelta(seconds=5)))
+        return store.add(key, 1) == 1
+    except (RuntimeError, ValueError, OSError):  # the launcher is gone or the address is not one
+        return None
+
+
 class Heartbeat:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
@@ -213,4 +228,4 @@ class Heartbeat:
 
 
 __all__ = ["Heartbeat", "INTERVAL_SECONDS", "STALE_SECONDS", "LOST_BEATS", "die_with_launcher", "launcher_gone",
-           "prefix"]
+           "prefix", "first_to_claim"]
