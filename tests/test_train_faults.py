@@ -188,15 +188,25 @@ def test_a_stopped_rank_fails_the_run_after_timeout_not_half_an_hour(setup, one_
     args = _args(setup, tmp_path / "run", *extra)
     args[0] = source
     args[args.index("--save-every"):args.index("--save-every") + 2] = []
+    exits = tmp_path / "exits"
+    exits.mkdir()
     env = tr.env()
-    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_STOP_RANK="1", HOOK_STOP_AT_SYNC="3")
-    proc = subprocess.Popen(tr.hooked_command(2, *args), cwd=tr.REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_STOP_RANK="1", HOOK_STOP_AT_SYNC="3", HOOK_EXIT_DIR=str(exits))
+    with open(tmp_path / "err", "w") as err_file:
+        proc = subprocess.Popen(tr.hooked_command(2, *args), cwd=tr.REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=err_file, text=True)
     try:
-        _, err = proc.communicate(timeout=240)  # torch's default group timeout would be 1800 s
+        guard = time.monotonic() + 240  # torch's default group timeout would be 1800 s
+        while proc.poll() is None and not (exits / "0.exit").exists() and time.monotonic() < guard:
+            time.sleep(0.05)
+        # Rank 0 has said its line and exited: the stopped rank 1 is killed now, as torchrun would do
+        # 30 s after its SIGTERM (which a stopped process does not act on).
+        _stop_pids(tmp_path)
+        proc.wait(timeout=240)
     finally:
         proc.kill()
         _stop_pids(tmp_path)
+    err = (tmp_path / "err").read_text()
     assert proc.returncode != 0
     lines = [line for line in err.splitlines() if line.startswith("fxconvert.train: error: ")]
     assert len(lines) == 1, err[-3000:]

@@ -34,7 +34,7 @@ from fxconvert import families
 from fxconvert.errors import UsageError, first_line, printable
 from fxconvert.training.checkpoint import load_checkpoint
 from fxconvert.training.config import Launch, TrainConfig, TrainError, check_options
-from fxconvert.training.data import IGNORE_INDEX, microbatches
+from fxconvert.training.data import IGNORE_INDEX, Example, microbatches
 from fxconvert.training.worker import run_training
 
 SCHEDULES = ("gpipe", "1f1b")  # one stage per process (interleaving needs several)
@@ -131,8 +131,6 @@ def rows(cfg: RunConfig) -> list[dict]:
 
 def batches(cfg: RunConfig) -> list[dict[str, torch.Tensor]]:
     """The batch of every step, as the trainer collates it (`Data.batch`)."""
-    from fxconvert.training.data import Example
-
     config, objective = model_config(cfg), cfg.record.objective
     token_ids = objective.token_ids(config.to_dict(), families.vocabulary(config))
     examples = [Example(r["input_ids"], r["labels"]) for r in rows(cfg)]
