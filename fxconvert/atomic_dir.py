@@ -239,6 +239,15 @@ def remove_leftovers(parent, names: re.Pattern, *, keep: Callable[[Path, dict], 
     return removed
 
 
+def remove_if_marked(path: Path) -> bool:
+    """Remove `path` when it is a directory fxconvert marked (a failed write's temporary); whatever else holds
+    the name stays. Whether it was removed."""
+    if not is_marked(path):
+        return False
+    rmtree(path)
+    return True
+
+
 def rmtree(path: Path) -> None:
     """Remove one of fxconvert's own directories, its marker last, so that if this process is killed
     meanwhile the next run still knows the rest for fxconvert's. A read-only subdirectory (a

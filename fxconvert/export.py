@@ -184,8 +184,8 @@ def _make_tmp(tmp: Path, out: Path) -> None:
 
 def _abandon(tmp: Path, rank: int) -> None:
     """Rank 0 removes an export that failed; a temporary name held by anything fxconvert did not write stays."""
-    if rank == 0 and atomic_dir.is_marked(tmp):
-        atomic_dir.rmtree(tmp)
+    if rank == 0:
+        atomic_dir.remove_if_marked(tmp)
 
 
 def _read_manifest(directory: Path) -> "manifests.Manifest":

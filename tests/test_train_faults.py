@@ -415,15 +415,9 @@ def test_nan_weights_stop_the_run_at_step_1(setup, tmp_path):
 def test_a_rank_still_preparing_is_named_by_the_one_that_waited(setup, tmp_path):
     """Rank 0 is slow to prepare (a huge data file: here it waits after its checks); rank 1 waits for it
     in the rendezvous until --timeout and names rank 0, not itself."""
-    env = tr.env()
-    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_SLOW_RANK="0", HOOK_SLOW_PREPARE_FILE=str(tmp_path / "never"))
     args = _args(setup, tmp_path / "run")
     args[args.index("--timeout") + 1] = 5
-    try:
-        proc = subprocess.run(tr.hooked_command(2, *args), cwd=tr.REPO, env=env, capture_output=True, text=True,
-                              timeout=HANG_GUARD + 240)
-    finally:
-        _stop_pids(tmp_path)
+    proc = _run_with_rank_0_slow(args, tmp_path)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train: error: rank 1 ")]
     assert len(lines) == 1, proc.stderr[-3000:]
@@ -435,22 +429,27 @@ def test_a_rank_still_preparing_is_named_by_the_one_that_waited(setup, tmp_path)
                                             "or the run was interrupted)"]), proc.stderr[-3000:]
 
 
+def _run_with_rank_0_slow(args, tmp_path, *, before_checks: bool = False) -> subprocess.CompletedProcess:
+    """Two ranks of `args`, rank 0 held in its preparation (after its checks, or before them) for good."""
+    env = tr.env()
+    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_SLOW_RANK="0", HOOK_SLOW_PREPARE_FILE=str(tmp_path / "never"),
+               HOOK_SLOW_BEFORE_CHECKS="1" if before_checks else "0")
+    try:
+        return subprocess.run(tr.hooked_command(2, *args), cwd=tr.REPO, env=env, capture_output=True, text=True,
+                              timeout=HANG_GUARD + 240)
+    finally:
+        _stop_pids(tmp_path)
+
+
 def test_a_problem_one_rank_reports_before_training_is_one_line_however_slow_the_others(setup, tmp_path):
     """Rank 1 finds a bad data line while local rank 0 has not even started its checks (a loaded machine):
     rank 1 says it, and rank 0, stopped by the launcher meanwhile, stays quiet. The line used to go to
     local rank 0 after a 2-second grace, and a slower machine printed two lines."""
     data = tmp_path / "bad.jsonl"
     data.write_text((setup / "train.jsonl").read_text() + "not json\n")
-    env = tr.env()
-    env.update(HOOK_PID_DIR=str(tmp_path), HOOK_SLOW_RANK="0", HOOK_SLOW_BEFORE_CHECKS="1",
-               HOOK_SLOW_PREPARE_FILE=str(tmp_path / "never"))
     args = _args(setup, tmp_path / "run")
     args[args.index("--data") + 1] = data
-    try:
-        proc = subprocess.run(tr.hooked_command(2, *args), cwd=tr.REPO, env=env, capture_output=True, text=True,
-                              timeout=HANG_GUARD + 240)
-    finally:
-        _stop_pids(tmp_path)
+    proc = _run_with_rank_0_slow(args, tmp_path, before_checks=True)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("fxconvert.train:")]
     assert len(lines) == 1 and lines[0].startswith(f"fxconvert.train: error: {data}:"), proc.stderr[-3000:]

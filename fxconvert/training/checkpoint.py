@@ -187,8 +187,8 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
 
 def _abandon(tmp: Path, rank: int) -> None:
     """Rank 0 removes a save that failed; a tmp name held by anything this module did not create stays."""
-    if rank == 0 and atomic_dir.is_marked(tmp):
-        atomic_dir.rmtree(tmp)
+    if rank == 0:
+        atomic_dir.remove_if_marked(tmp)
 
 
 def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict) -> None:
