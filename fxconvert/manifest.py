@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fxconvert.errors import UsageError, printable
 
-FILE, FORMAT, VERSION = "pipeline.json", "fxconvert-pipeline", 2
+FILE, FORMAT, VERSION = "pipeline.json", "fxconvert-pipeline", 3
 BALANCES = ("time", "params", "profile")
 _FIX = "convert again with --stages N"
 
@@ -124,13 +124,19 @@ class Plan:
     time_share: tuple[float, ...]
     flops: tuple[int | None, ...]
     peak_bytes: tuple[int | None, ...]
+    # the memory plan: the optimizer whose state `peak_bytes` counts, the per-rank memory target in bytes
+    # (None: none was given), and the blocks whose activations are recomputed in backward
+    optimizer: str = "adamw"
+    max_memory: int | None = None
+    recompute: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {"balance": self.balance, "batch": self.batch, **self.lengths, "schedule": self.schedule,
                 "microbatches": self.microbatches, "bottleneck": self.bottleneck,
                 "bubble_fraction": self.bubble_fraction, "step_seconds": self.step_seconds,
                 "seconds": list(self.seconds), "time_share": list(self.time_share), "flops": list(self.flops),
-                "peak_bytes": list(self.peak_bytes)}
+                "peak_bytes": list(self.peak_bytes), "optimizer": self.optimizer, "max_memory": self.max_memory,
+                "recompute": list(self.recompute)}
 
 
 @dataclass(frozen=True)
@@ -316,8 +322,13 @@ class _Reader:
         if not isinstance(value, dict):
             self.fail("'plan' must be an object or null")
         keys = ("balance", "batch", *lengths, "schedule", "microbatches", "bottleneck", "bubble_fraction",
-                "step_seconds", "seconds", "time_share", "flops", "peak_bytes")
+                "step_seconds", "seconds", "time_share", "flops", "peak_bytes", "optimizer", "max_memory", "recompute")
         self.fields(value, "plan ", keys)
+        if not _is_name(value["optimizer"]):
+            self.fail("the plan's 'optimizer' must be an optimizer name")
+        self.count(value["max_memory"], "the plan's 'max_memory' must be a positive integer or null", least=1,
+                   none=True)
+        recompute = self.names(value["recompute"], "the plan's 'recompute' must list block names")
         if value["balance"] not in BALANCES:
             self.fail(f"the plan's 'balance' must be one of {', '.join(BALANCES)}")
         if not _is_name(value["schedule"]):
@@ -339,7 +350,8 @@ class _Reader:
             per_stage[key] = tuple(items)
         return Plan(balance=value["balance"], batch=value["batch"], lengths={k: value[k] for k in lengths},
                     schedule=value["schedule"], microbatches=value["microbatches"], bottleneck=value["bottleneck"],
-                    bubble_fraction=value["bubble_fraction"], step_seconds=value["step_seconds"], **per_stage)
+                    bubble_fraction=value["bubble_fraction"], step_seconds=value["step_seconds"], **per_stage,
+                    optimizer=value["optimizer"], max_memory=value["max_memory"], recompute=recompute)
 
     def stage(self, row: dict, symbols: set, shared: dict) -> Stage:
         i = row["index"]

@@ -23,7 +23,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fxconvert"
 LAYERS = [
     ("foundation", {"fxconvert", "fxconvert.errors", "fxconvert.files", "fxconvert.signals", "fxconvert.atomic_dir",
                     "fxconvert.runtime"}),
-    ("rank", {"fxconvert.manifest", "fxconvert.stage_files", "fxconvert.export", "fxconvert.objectives"}),
+    ("rank", {"fxconvert.manifest", "fxconvert.stage_files", "fxconvert.export", "fxconvert.objectives",
+              "fxconvert.optimizers"}),
     ("families", {"fxconvert.families", "fxconvert.inputs", "fxconvert.graph_utils", "fxconvert.graph_info",
                   "fxconvert.analysis"}),
     ("trace", {"fxconvert.trace", "fxconvert.load"}),

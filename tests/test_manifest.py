@@ -187,10 +187,16 @@ HOSTILE = [
     (_set(["stages", 0, "parameters", 0, "tied_hf_names"], [1]), "'tied_hf_names' must be a list of names"),
     (_drop(["model_class"]), "is malformed (KeyError: 'model_class' is missing)"),
     (_drop(["stages", 0, "inputs"]), "is malformed (KeyError: stage 0's 'inputs' is missing)"),
-    (_set(["trainer"], {}), "'trainer' is not a field of format fxconvert-pipeline version 2"),
+    (_set(["plan", "optimizer"], ""), "the plan's 'optimizer' must be an optimizer name"),
+    (_set(["plan", "max_memory"], 0), "the plan's 'max_memory' must be a positive integer or null"),
+    (_set(["plan", "max_memory"], "11GiB"), "the plan's 'max_memory' must be a positive integer or null"),
+    (_set(["plan", "recompute"], "encoder.block.0"), "the plan's 'recompute' must list block names"),
+    (_set(["plan", "recompute"], [""]), "the plan's 'recompute' must list block names"),
+    (_drop(["plan", "recompute"]), "is malformed (KeyError: plan 'recompute' is missing)"),
+    (_set(["trainer"], {}), "'trainer' is not a field of format fxconvert-pipeline version 3"),
     (_set(["stages", 0, "extra"], 1), "stage 0's 'extra' is not a field"),
     (_set(["stages", 0, "parameters", 0, "extra"], 1), "stage 0's parameter 0 'extra' is not a field"),
-    (lambda obj: obj.clear() or obj.update(version=2), "is malformed (KeyError: 'format' is missing)"),
+    (lambda obj: obj.clear() or obj.update(version=3), "is malformed (KeyError: 'format' is missing)"),
 ]
 
 
@@ -209,9 +215,9 @@ def test_every_hostile_field_is_one_line_naming_it(written, edit, needle):
 @pytest.mark.parametrize("field, value, needle", [
     ("format", "fxconvert-pipeline-v3", "is not an fxconvert pipeline manifest; convert with --stages N"),
     ("format", None, "is not an fxconvert pipeline manifest"),
-    ("version", 1, "has version 1, this fxconvert reads version 2; convert again with this fxconvert"),
-    ("version", 3, "has version 3, this fxconvert reads version 2; convert again with this fxconvert"),
-    ("version", "2", "has version '2'"),
+    ("version", 2, "has version 2, this fxconvert reads version 3; convert again with this fxconvert"),
+    ("version", 4, "has version 4, this fxconvert reads version 3; convert again with this fxconvert"),
+    ("version", "3", "has version '3'"),
 ])
 def test_another_format_or_version_is_refused_whole(written, field, value, needle):
     obj = {**json.loads(written["gpt2"][2]), field: value, "stages": "anything"}  # refused before anything else

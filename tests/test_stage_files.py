@@ -267,7 +267,7 @@ def test_manifest_names_every_eager_tensor_and_counts_its_bytes(converted, n):
     eager_state = eager.state_dict()
     weights = load_file(str(outputs[n] / "weights.safetensors"))
     assert (m["format"], m["version"], m["num_stages"], m["model_class"], m["model_type"]) == (
-        "fxconvert-pipeline", 2, n, "T5ForConditionalGeneration", "t5")
+        "fxconvert-pipeline", 3, n, "T5ForConditionalGeneration", "t5")
     assert (m["output_name"], m["weights"], m["config"]) == ("loss", "weights.safetensors", "config.json")
     assert m["input_names"] == ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
     assert sorted(all_hf_names(m)) == sorted(eager_state)  # exactly the eager state dict's names, each once
@@ -370,7 +370,7 @@ def test_load_pipeline_errors_name_the_fix(converted, tmp_path):
     cases = [
         ("{not json", "malformed"),
         (json.dumps({**good, "format": "other"}), "not an fxconvert pipeline manifest"),
-        (json.dumps({**good, "version": 1}), "version 1, this fxconvert reads version 2; convert again"),
+        (json.dumps({**good, "version": 2}), "version 2, this fxconvert reads version 3; convert again"),
         (json.dumps({**good, "num_stages": 3}), "inconsistently"),
         (json.dumps({**good, "weights": "../model.safetensors"}), "must be a file name"),
     ]
