@@ -83,6 +83,7 @@ def _step(modules, optimizers, batch):
 OPTIMIZERS = {
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
     "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adafactor": lambda params: torch.optim.Adafactor(params, lr=1e-2, weight_decay=0.01),
 }
 
 

@@ -108,6 +108,7 @@ def test_fewer_microbatches_than_stages_for_1f1b(setup, tmp_path, capsys, monkey
     (["--timeout", "1e308"], 2, "--timeout must be from 1 to 31536000 seconds (a year), got 1e+308"),
     (["--timeout", "1e-9"], 2, "--timeout must be from 1 to 31536000 seconds (a year), got 1e-09"),
     (["--lr", "1e300"], 2, "--lr must be at most 1000, got 1e+300"),
+    (["--zero"], 2, "--zero shards the optimizer state over the --dp replicas, but --dp is 1: nothing to shard"),
 ])
 def test_bad_options(setup, tmp_path, capsys, monkeypatch, extra, world, needle):
     err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", *extra), world=world)

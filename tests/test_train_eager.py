@@ -146,3 +146,154 @@ def test_bfloat16_autocast_keeps_float32_weights(setup):
     for i in range(2):
         state = torch.load(out / "checkpoints" / f"step_{STEPS}" / f"stage_{i}.pt", weights_only=True)
         assert {v.dtype for v in state["model"].values()} == {torch.float32}
+
+
+# -- Adafactor, AdamW and --zero: --dp 2 x 2 stages ------------------------------------------------------------
+# Each optimizer trains unsharded for 3 steps (a checkpoint at step 2), and with --zero for 2 steps (a checkpoint
+# at step 2), resumed to step 3: Adafactor's resume drops --zero (a --zero checkpoint is the same file as an
+# unsharded one), AdamW's keeps it. AdamW also clips (--max-grad-norm): clipping sees the whole gradient.
+OPT_LR, CLIP, ZERO_TOL = 1e-2, 0.5, 1e-6
+SHARDED = {"adafactor": ([], []), "adamw": (["--max-grad-norm", CLIP], ["--zero"])}  # (options, resume's extra)
+
+
+@pytest.fixture(scope="module")
+def dp_runs(setup):
+    """name -> run directory: `adafactor`, `adamw` (unsharded) and `adafactor-zero`, `adamw-zero`; each launched
+    once, when a test first asks for it."""
+    root, _ = setup
+    conv, cache = convert(root, 2), {}
+
+    def launch(out, *options):
+        proc = tr.torchrun(4, conv, "--data", root / "train.jsonl", "--out", out, "--batch", BATCH,
+                           "--microbatches", 2, "--dp", 2, "--lr", OPT_LR, "--save-every", 2, *options)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def get(name):
+        if name not in cache:
+            optimizer, zero = name.removesuffix("-zero"), name.endswith("-zero")
+            options, resume = SHARDED[optimizer]
+            out = root / f"run-dp-{name}"
+            launch(out, "--optimizer", optimizer, *options, "--steps", 2 if zero else STEPS,
+                   *(["--zero"] if zero else []))
+            if zero:
+                launch(out, "--optimizer", optimizer, *options, "--steps", STEPS, "--resume", *resume)
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+def test_adafactor_equals_eager_transformers(setup, dp_runs):
+    """--optimizer adafactor is torch.optim.Adafactor with its defaults and --lr: eager's losses and weights."""
+    root, rows = setup
+    out = dp_runs("adafactor")
+    losses, weights = tr.train_eager(root / "ckpt", rows, steps=STEPS, batch=BATCH, microbatches=2, dp=2, lr=OPT_LR,
+                                     optimizer="adafactor")
+    got = [m["loss"] for m in tr.metrics(out)]
+    assert max(abs(a - b) for a, b in zip(got, losses, strict=True)) <= TOL, (got, losses)
+    assert tr.max_weight_diff(tr.weights_of(out / "hf"), weights) <= TOL
+    _, adamw = tr.train_eager(root / "ckpt", rows, steps=STEPS, batch=BATCH, microbatches=2, dp=2, lr=OPT_LR,
+                              optimizer="adamw")
+    assert tr.max_weight_diff(weights, adamw) > 1e-3  # another optimizer would not pass
+    state = torch.load(out / "checkpoints" / "step_2" / "stage_0.pt", weights_only=True)["optimizer"]
+    assert any("row_var" in s for s in state["state"].values())  # Adafactor's factored state, checkpointed
+
+
+def test_adamw_clipped_equals_eager_transformers(setup, dp_runs):
+    """The unsharded AdamW run that --zero must equal is itself eager's, clip included (and the clip acts)."""
+    root, rows = setup
+    out = dp_runs("adamw")
+    losses, weights = tr.train_eager(root / "ckpt", rows, steps=STEPS, batch=BATCH, microbatches=2, dp=2, lr=OPT_LR,
+                                     optimizer="adamw", max_grad_norm=CLIP)
+    _, unclipped = tr.train_eager(root / "ckpt", rows, steps=STEPS, batch=BATCH, microbatches=2, dp=2, lr=OPT_LR,
+                                  optimizer="adamw")
+    got = [m["loss"] for m in tr.metrics(out)]
+    assert max(abs(a - b) for a, b in zip(got, losses, strict=True)) <= TOL, (got, losses)
+    assert tr.max_weight_diff(tr.weights_of(out / "hf"), weights) <= TOL
+    assert tr.max_weight_diff(weights, unclipped) > 1e-4
+
+
+def _stage_state(run, stage):
+    return torch.load(run / "checkpoints" / "step_2" / f"stage_{stage}.pt", weights_only=True)
+
+
+def _max_state_diff(a, b) -> float:
+    """The largest difference between two nested states of tensors and numbers (which must have the same keys)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), sorted(set(a) ^ set(b), key=str)
+        return max((_max_state_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        return max((_max_state_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, torch.Tensor):
+        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    assert a == b, (a, b)
+    return 0.0
+
+
+@pytest.mark.parametrize("optimizer", sorted(SHARDED))
+def test_zero_equals_the_unsharded_run(dp_runs, optimizer):
+    """--zero: per-step losses, the step-2 checkpoint (weights and the consolidated optimizer state) and the
+    weights after resuming to step 3 equal the unsharded run; each replica holds part of the state."""
+    plain, zero = dp_runs(optimizer), dp_runs(f"{optimizer}-zero")
+    got, expected = tr.metrics(zero), tr.metrics(plain)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, expected, strict=True)) <= ZERO_TOL
+    for stage in range(2):
+        a, b = _stage_state(zero, stage), _stage_state(plain, stage)
+        assert a["optimizer"]["state"] and _max_state_diff(a, b) <= ZERO_TOL
+    assert tr.max_weight_diff(tr.weights_of(zero / "hf"), tr.weights_of(plain / "hf")) <= ZERO_TOL
+    # global rank p * dp + r holds pipeline rank p of replica r: each stage's state split over its 2 replicas
+    sharded, whole = got[0]["optimizer_state_bytes"], expected[0]["optimizer_state_bytes"]
+    assert whole[0] == whole[1] > 0 and whole[2] == whole[3] > 0
+    for p in range(2):
+        assert sharded[2 * p] + sharded[2 * p + 1] == whole[2 * p]
+        assert max(sharded[2 * p], sharded[2 * p + 1]) < whole[2 * p]
+
+
+def test_resume_with_another_optimizer_is_refused(setup, dp_runs, monkeypatch, capsys):
+    """An Adafactor checkpoint resumed without --optimizer (the plan's AdamW) names both optimizers."""
+    from fxconvert.train import main
+
+    root, _ = setup
+    out = dp_runs("adafactor")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    argv = [convert(root, 2), "--data", root / "train.jsonl", "--out", out, "--batch", BATCH, "--microbatches", 2,
+            "--dp", 2, "--steps", STEPS + 1, "--resume"]
+    assert main([str(a) for a in argv]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "optimizer differs (checkpoint 'adafactor', this run 'adamw'; set by --optimizer)" in err
+
+
+def test_the_optimizer_defaults_to_the_plans(setup, tmp_path):
+    """No --optimizer: the one the conversion's plan counted, else AdamW; another one is a warning, not an error."""
+    from fxconvert.errors import UsageError
+    from fxconvert.training import optim
+    from fxconvert.training.config import TrainConfig
+
+    root, _ = setup
+    record = json.loads((convert(root, 2) / "pipeline.json").read_text())
+
+    def choose(plan_optimizer, optimizer=None, warned=None):
+        if plan_optimizer is None:
+            record["plan"] = None
+        else:
+            record["plan"] = {**record["plan"], "optimizer": plan_optimizer}
+        (tmp_path / "pipeline.json").write_text(json.dumps(record))
+        cfg = TrainConfig(source=str(tmp_path), data="train.jsonl", out="run", optimizer=optimizer)
+        return optim.choose(cfg, warn=(warned if warned is not None else []).append)
+
+    warned = []
+    assert choose("adafactor", warned=warned) == "adafactor" and choose("sgd", "sgd", warned) == "sgd"
+    assert warned == []
+    assert choose("adafactor", "adamw", warned) == "adamw"
+    (line,) = warned
+    assert "--optimizer adamw" in line and "plan counted adafactor's state" in line
+    with pytest.raises(UsageError, match="plan counts optimizer 'lion'.*pass --optimizer"):
+        choose("lion")
+    assert choose("lion", "sgd") == "sgd"
+    assert choose(None) == "adamw"
+    cfg = TrainConfig(source=str(root / "ckpt"), data="train.jsonl", out="run")
+    assert optim.choose(cfg, warn=warned.append) == "adamw" and len(warned) == 1  # a checkpoint: no plan

@@ -5,7 +5,7 @@ code: batch k is lines k*B .. k*B+B-1 of the file (wrapping), padded to its long
 (pad_token_id, attention_mask) and longest labels (-100); transformers' T5 builds the
 decoder inputs from the labels itself. Each step accumulates the microbatches'
 (torch.tensor_split) losses divided by M * R (R replicas: batches s*R .. s*R+R-1) and takes
-one SGD step.
+one optimizer step (SGD, or the optimizer a test names).
 """
 
 import json
@@ -137,14 +137,19 @@ def eager_batch(rows, batch_size, k, pad_token_id=0):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+# The trainer's optimizers as torch defines them, weight decay 0 (`--weight-decay`'s default)
+EAGER_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor}
+
+
 def train_eager(checkpoint, rows, *, steps, batch, microbatches, dp=1, lr=0.5, max_grad_norm=None,
-                clip=None) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """(loss per step, final state dict) of eager T5ForConditionalGeneration, SGD.
+                clip=None, optimizer="sgd") -> tuple[list[float], dict[str, torch.Tensor]]:
+    """(loss per step, final state dict) of eager T5ForConditionalGeneration, SGD unless `optimizer` names another
+    (torch's, with its defaults and `lr`).
 
     `clip(model)` replaces the global clip_grad_norm_ (to show what a per-stage clip does).
     """
     model = transformers.T5ForConditionalGeneration.from_pretrained(checkpoint).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = EAGER_OPTIMIZERS[optimizer](model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for step in range(steps):
         optimizer.zero_grad()

@@ -10,11 +10,12 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from fxconvert import optimizers
 from fxconvert.errors import FxConvertError, UsageError
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.model import check_source_stages
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = optimizers.NAMES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Outside these, a value passed the checks and failed later without naming its option: a timeout
 # under a second times out the rendezvous itself, one over a year overflows torch's timedelta to
@@ -41,8 +42,9 @@ class TrainConfig:
     virtual_stages: int = 1
     dp: int = 1
     lr: float = 1e-4
-    optimizer: str = "adamw"
+    optimizer: str | None = None  # None: the plan's, else adamw (`optim.choose`, in `run.prepare`)
     weight_decay: float = 0.0
+    zero: bool = False
     dtype: str = "float32"
     max_grad_norm: float | None = None
     save_every: int | None = None
@@ -115,6 +117,9 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
         raise UsageError(f"--seed must be an integer from 0 to {2**63 // 1000 - 1001}, got {cfg.seed}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a non-negative number, got {cfg.weight_decay}")
+    if cfg.zero and cfg.dp < 2:
+        raise UsageError(f"--zero shards the optimizer state over the --dp replicas, but --dp is {cfg.dp}: nothing "
+                         f"to shard; drop --zero or train with --dp 2 or more")
     if launch.world_size % cfg.dp:
         raise UsageError(f"{launch.world_size} processes do not split into --dp {cfg.dp} replicas; launch a "
                          f"multiple of {cfg.dp} processes (pipeline ranks x replicas)")

@@ -13,11 +13,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fxconvert.training import grad_sync
+from fxconvert.training import grad_sync, optim
 from fxconvert.training.checkpoint import load_checkpoint, set_rng_state
 from fxconvert.training.faults import check_finite
 from fxconvert.training.metrics import Reporter
-from fxconvert.training.run import RUN_MARKER, Run, export, make_optimizer, save, say
+from fxconvert.training.run import RUN_MARKER, Run, export, save, say
 from fxconvert.training.schedules import Schedules, StageCall
 
 
@@ -45,11 +45,14 @@ def train(run: Run) -> None:
                 if topo.dp > 1:
                     dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=topo.dp_group)
                     loss /= topo.dp
+            seconds = time.perf_counter() - began
+            # what each rank holds of optimizer state (less under --zero), once: in the first step's record
+            state_bytes = optim.state_bytes_per_rank(topo, run.optimizers, device) if step == start else None
             if reporter is not None:
-                seconds = time.perf_counter() - began
                 tokens = sum(data.tokens(step * cfg.dp + r) for r in range(cfg.dp))
                 reporter.step({"step": step + 1, "loss": loss.item(), "lr": cfg.lr,
-                               "tokens_per_s": tokens / seconds, "seconds": seconds})
+                               "tokens_per_s": tokens / seconds, "seconds": seconds,
+                               **({"optimizer_state_bytes": state_bytes} if state_bytes else {})})
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save(run, step + 1)
                 say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step + 1}'}")
@@ -70,7 +73,7 @@ def setup(run: Run) -> tuple[int, dict, Schedules, Reporter | None]:
     cfg, topo = run.cfg, run.topo
     grad_sync.make_groups(topo, timeout=timedelta(seconds=cfg.timeout))
     modules = {i: part.module for i, part in run.model.parts.items()}
-    run.optimizers = {i: make_optimizer(cfg, m.parameters()) for i, m in modules.items()}
+    run.optimizers = {i: optim.build(cfg, topo, m.parameters()) for i, m in sorted(modules.items())}
     start = 0
     if run.resume_from is not None:
         states, rng, meta = load_checkpoint(run.resume_from, rank=topo.rank, stage_indices=sorted(modules))

@@ -28,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stages per pipeline rank (V > 1 needs --schedule interleaved-1f1b)")
     p.add_argument("--dp", type=int, metavar="R", help="data-parallel replicas of the pipeline")
     p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="default: the one SOURCE's plan counted (pipeline.json), else adamw")
+    p.add_argument("--weight-decay", type=float, help="the optimizer's weight decay (default 0)")
+    p.add_argument("--zero", action="store_true",
+                   help="shard the optimizer state over each stage's --dp replicas (ZeroRedundancyOptimizer)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="bfloat16: bf16 autocast, float32 weights and optimizer state")
     p.add_argument("--max-grad-norm", type=float, help="clip by the whole model's gradient norm")
     p.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")

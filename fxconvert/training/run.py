@@ -4,7 +4,7 @@ rank; RUN's lock, marker, checkpoints and export."""
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fxconvert.errors import FxConvertError, UsageError, printable
 from fxconvert.export import check_destination, export_hf
-from fxconvert.training import run_lock
+from fxconvert.training import optim, run_lock
 from fxconvert.training.checkpoint import (check_checkpoints_dir, check_meta, latest_checkpoint, read_meta, rng_state,
                                            save_checkpoint)
 from fxconvert.training.config import Launch, TrainConfig, check_options
@@ -34,12 +34,6 @@ class Run:
     where: str = ""
     optimizers: dict = field(default_factory=dict)
     lock: int | None = None  # rank 0: the descriptor holding RUN's lock (`fxconvert.training.run_lock`)
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 RUN_MARKER = ".fxconvert-run"  # written into RUN when a run starts; --resume continues only such a directory
@@ -81,6 +75,7 @@ def _warn_once(launch: Launch):
 def prepare(cfg: TrainConfig, launch: Launch) -> Run:
     """Everything that can be checked before a process group or a file exists, on every rank alike."""
     cfg, topo = check_options(cfg, launch)
+    cfg = replace(cfg, optimizer=optim.choose(cfg, warn=_warn_once(launch)))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(launch.local_rank)
@@ -165,10 +160,12 @@ def say(run: Run, message: str) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    """Checkpoint `step` (`fxconvert.training.checkpoint`): replica 0 writes the stages, every rank its RNG."""
+    """Checkpoint `step` (`fxconvert.training.checkpoint`): replica 0 writes the stages (their optimizer state
+    consolidated under `--zero`: `optim.state_to_save`), every rank its RNG."""
+    optimizer_states = {i: optim.state_to_save(o, run.topo) for i, o in sorted(run.optimizers.items())}
     states = {}
     if run.topo.replica == 0:
-        states = {i: {"model": part.module.state_dict(), "optimizer": run.optimizers[i].state_dict()}
+        states = {i: {"model": part.module.state_dict(), "optimizer": optimizer_states[i]}
                   for i, part in run.model.parts.items()}
     save_checkpoint(run.run_dir, step, rank=run.topo.rank, world_size=run.topo.world_size, states=states,
                     rng=rng_state(), meta=_meta(run, step), barrier=dist.barrier)
