@@ -28,6 +28,8 @@ for the ranks):
   (`scale_grads=True`): a step's objective is the mean of the microbatch losses, as in
   eager gradient accumulation. The loss reported per step is that mean (over replicas too).
 - Tied weights, replicas and `--max-grad-norm`: `fxconvert.training.grad_sync`.
+- `--optimizer` (default: the conversion's plan's, else adamw) and `--zero` (the optimizer state
+  sharded over each stage's replicas): `fxconvert.training.optim`.
 - `--dtype bfloat16`: each stage's forward runs under `torch.autocast(bfloat16)`; the
   weights, their gradients and the optimizer state stay float32 (master weights), and
   the values sent between stages are float32, as torch's stage buffers are fixed by a

@@ -3,7 +3,8 @@
 Layout of `run/checkpoints/step_<k>/`:
 
 - `stage_<i>.pt` per pipeline stage: {"model": state dict, "optimizer": state dict},
-  written by the rank that owns stage i in data-parallel replica 0 (replicas are equal);
+  written by the rank that owns stage i in data-parallel replica 0 (replicas are equal; under
+  `--zero` the replicas first gather the stage's optimizer state there: `optim.state_to_save`);
 - `rank_<r>.pt` per global rank: that rank's random states (`rng_state()`), because
   dropout masks are drawn per rank and resuming must draw the same ones;
 - `meta.json`: the step, the world size, the fxconvert version and what the caller

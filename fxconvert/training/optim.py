@@ -40,8 +40,8 @@ def choose(cfg, *, warn) -> str:
     planned = _planned(cfg.source)
     if cfg.optimizer is None:
         if planned is not None and planned not in optimizers.NAMES:
-            raise UsageError(f"{printable(cfg.source)}'s plan counts optimizer {planned!r}, which fxconvert.train does not "
-                             f"run; pass --optimizer ({', '.join(optimizers.NAMES)})")
+            raise UsageError(f"{printable(cfg.source)}'s plan counts optimizer {planned!r}, which fxconvert.train "
+                             f"does not run; pass --optimizer ({', '.join(optimizers.NAMES)})")
         return planned or DEFAULT
     if planned is not None and planned != cfg.optimizer:
         warn(f"--optimizer {cfg.optimizer}, but {cfg.source}'s plan counted {planned}'s state in its memory "
