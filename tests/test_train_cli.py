@@ -358,3 +358,17 @@ def test_a_launch_of_the_wrong_size_names_the_stages_before_the_microbatches(set
     err = _fails(capsys, monkeypatch, _argv(setup, tmp_path / "run", source=conv), world=3)
     assert "has 2 stages, but 3 processes with --dp 1 and --virtual-stages 1 run 3" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_every_optimizer_takes_lr_and_weight_decay():
+    """--lr and --weight-decay reach every optimizer, torch's own class (SGD ignored --weight-decay)."""
+    import torch
+
+    from fxconvert.training import optim
+    from fxconvert.training.config import TrainConfig
+
+    for name, cls in tr.EAGER_OPTIMIZERS.items():
+        cfg = TrainConfig(source="s", data="d", out="o", optimizer=name, lr=0.25, weight_decay=0.125)
+        optimizer = optim.build(cfg, None, [torch.nn.Parameter(torch.ones(2, 2))])
+        assert type(optimizer) is cls
+        assert (optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]) == (0.25, 0.125)
