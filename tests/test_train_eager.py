@@ -11,6 +11,10 @@ loads its stage file), except "2-gpipe-name", which gives the checkpoint directo
 interleaved-1f1b on 2 ranks x 2 virtual stages, --dp 2 x 2 stages. A launch takes about
 25 s on 2 cores; 3- and 4-stage gpipe are marked slow (gpipe is covered at 2 stages, and
 1f1b at 3 and 4 stages crosses the same boundaries).
+
+With --dp 2 x 2 stages, Adafactor and clipped AdamW are compared with eager the same way, and
+--zero (optimizer state sharded over the replicas) with the unsharded runs at 1e-6, through a
+checkpoint and a resume; four runs of 4 processes, launched once each (`dp_runs`).
 """
 
 import json
