@@ -14,7 +14,7 @@ interleaved-1f1b on 2 ranks x 2 virtual stages, --dp 2 x 2 stages. A launch take
 
 With --dp 2 x 2 stages, Adafactor and clipped AdamW are compared with eager the same way, and
 --zero (optimizer state sharded over the replicas) with the unsharded runs at 1e-6, through a
-checkpoint and a resume; four runs of 4 processes, launched once each (`dp_runs`).
+checkpoint and a resume: four runs, six launches of 4 processes in all, each made once (`dp_runs`).
 """
 
 import json
