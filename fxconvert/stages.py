@@ -331,10 +331,10 @@ def _nothing_fits(conversion, units, num_stages, *, schedule, microbatches, aske
     )
 
 
-def _least_memory(units, num_stages, schedule, microbatches) -> int:
-    """The smallest largest predicted peak over the splits into `num_stages`, every block recomputed."""
+def _least_memory(units, num_stages, schedule, microbatches, recompute="full") -> int:
+    """The smallest largest predicted peak over the splits into `num_stages`, every block recomputed (or none)."""
     def peak(j, i, k):
-        option = units.stage_options(j, i, "full")[0]
+        option = units.stage_options(j, i, recompute)[-1]
         return units.peak_bytes(j, i, k, num_stages, schedule, microbatches, option)
     return balancing.grouping(len(units), num_stages, peak, max)[0]
 
