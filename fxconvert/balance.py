@@ -29,6 +29,7 @@ microbatches in a pipeline of S stages take sum(t) + (M - 1) * max(t) (both sche
 the bubble is the idle share of the S stages over that time.
 """
 
+import operator
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -328,6 +329,35 @@ def grouping(count: int, parts: int, cost, combine) -> tuple[float, list[int]] |
     return best[parts][count], group
 
 
+def least_then_balanced(count: int, parts: int, cost, time) -> list[int] | None:
+    """The grouping with the least sum of `cost(j, i, k)` (None: group k cannot be items j .. i-1), and among
+    those, the smallest largest `time(j, i, k)`; None when no grouping is allowed.
+
+    The least sum comes first (dynamic programming); then the least threshold on a group's time, searched
+    over the times that occur, under which that least sum is still reached (it only grows as the threshold
+    falls, so a binary search finds it).
+    """
+    found = grouping(count, parts, cost, operator.add)
+    if found is None:
+        return None
+    least = found[0] * (1 + 1e-9) + 1e-12  # sums in another order differ in the last bits
+
+    def within(limit):
+        def bounded(j, i, k):
+            c = cost(j, i, k)
+            return c if c is not None and time(j, i, k) <= limit else None
+        found = grouping(count, parts, bounded, operator.add)
+        return found[1] if found is not None and found[0] <= least else None
+
+    times = sorted({time(j, i, k) for k in range(parts) for i in range(k + 1, count - parts + k + 2)
+                    for j in range(k, i) if cost(j, i, k) is not None})
+    low, high = 0, len(times) - 1  # the largest time admits every allowed grouping
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if within(times[middle]) is not None else (middle + 1, high)
+    return within(times[low])
+
+
 def ranges_of(group: list[int]) -> list[tuple[int, int]]:
     """(first, end) unit range of each group."""
     out = []
@@ -454,5 +484,5 @@ def profile_units(conversion, per_unit, sizes: Sizes, *, repeats: int = 3) -> li
 
 
 __all__ = ["BALANCES", "SCHEDULES", "RECOMPUTES", "Plan", "StagePrediction", "UnitCosts", "RecomputeOption",
-           "best_groups", "grouping", "peak_memory", "predict",
+           "best_groups", "grouping", "least_then_balanced", "peak_memory", "predict",
            "measure_stage_seconds", "check_profilable", "profile_units", "real_inputs", "in_flight", "check_options"]

@@ -24,6 +24,7 @@ import _thread
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -332,8 +333,6 @@ def _memory_plan(args) -> int | None:
 
 def memory_size(text: str) -> int:
     """'11GiB', '500MiB', '12GB', '1.5GiB' or plain bytes -> bytes (GiB = 1024^3, GB = 10^9)."""
-    import re
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
     size = int(float(match.group(1)) * _UNITS[match.group(2).lower()]) if match and match.group(2).lower() in _UNITS \
         else 0

@@ -175,16 +175,8 @@ def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = 
     gm = conversion.graph_module
     if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
         raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
-    try:
-        balancing.check_options(balance=balance, schedule=schedule, microbatches=microbatches,
-                                max_stage_bytes=max_stage_bytes, optimizer=optimizer, recompute=recompute)
-        balancing.check_options(balance=balance, schedule=schedule, microbatches=None, max_stage_bytes=max_memory)
-    except UsageError as e:
-        raise SplitError(str(e).replace("max_stage_bytes must", "max_memory must", max_memory is not None)) from None
-    if max_memory is not None and max_stage_bytes is not None and max_memory != max_stage_bytes:
-        raise SplitError(f"max_memory={max_memory} and max_stage_bytes={max_stage_bytes} disagree; give max_memory "
-                         f"alone")
-    max_memory = max_memory if max_memory is not None else max_stage_bytes
+    max_memory = _checked_options(balance=balance, schedule=schedule, microbatches=microbatches, optimizer=optimizer,
+                                  recompute=recompute, max_memory=max_memory, max_stage_bytes=max_stage_bytes)
     blocks = stage_blocks(gm, num_stages, conversion.model_class, block_rule)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     block_of = _block_of_nodes(nodes, block_rule or default_block_rule(conversion.model_class))
@@ -221,6 +213,20 @@ def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = 
     return stages
 
 
+def _checked_options(*, balance, schedule, microbatches, optimizer, recompute, max_memory, max_stage_bytes):
+    """The options refused in one line (`SplitError`); returns the memory target (`max_stage_bytes` its old name)."""
+    try:
+        balancing.check_options(balance=balance, schedule=schedule, microbatches=microbatches,
+                                max_stage_bytes=max_stage_bytes, optimizer=optimizer, recompute=recompute)
+        balancing.check_options(balance=balance, schedule=schedule, microbatches=None, max_stage_bytes=max_memory)
+    except UsageError as e:
+        raise SplitError(str(e).replace("max_stage_bytes must", "max_memory must", max_memory is not None)) from None
+    if max_memory is not None and max_stage_bytes is not None and max_memory != max_stage_bytes:
+        raise SplitError(f"max_memory={max_memory} and max_stage_bytes={max_stage_bytes} disagree; give max_memory "
+                         f"alone")
+    return max_memory if max_memory is not None else max_stage_bytes
+
+
 def _sizes(batch, encoder_length, decoder_length, max_length: tuple[str, int] | None = None) -> Sizes:
     defaults = Sizes()
     if max_length is not None:  # absolute positions: the default lengths are capped, longer ones refused
@@ -251,10 +257,8 @@ def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, mi
     """(group of each unit, measured seconds per unit or None, each stage's `RecomputeOption` or None).
 
     Without a memory target and without full recompute: the best balance (today's rule). Otherwise, per
-    run of units and stage, the fewest recompute options (`UnitCosts.stage_options`) that fit; then the
-    least total recompute seconds over the splits (dynamic programming), and among the splits with that
-    least, the one with the smallest bottleneck (the least threshold on a stage's time, searched over the
-    stage times that occur, for which the least total is still reached).
+    run of units and stage, the first recompute option (`UnitCosts.stage_options`) that fits; then the
+    least total recompute seconds, and the best balance among those (`balance.least_then_balanced`).
     """
     measured = None
     if balance == "profile":
@@ -289,28 +293,11 @@ def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, mi
         option = pick(j, i, k)
         return sums(j, i) + sum(units.block_forward[u] * scale[u] for u in option.units)
 
-    found = balancing.grouping(len(units), num_stages, recompute_seconds, operator.add)
-    if found is None:
+    group = balancing.least_then_balanced(len(units), num_stages, recompute_seconds, stage_time)
+    if group is None:
         raise _nothing_fits(conversion, units, num_stages, schedule=schedule, microbatches=microbatches,
                             asked_microbatches=asked_microbatches, max_memory=max_memory, recompute=recompute,
                             optimizer=optimizer)
-    least = found[0] * (1 + 1e-9) + 1e-12
-    count = len(units)
-    times = sorted({stage_time(j, i, k) for k in range(num_stages) for i in range(k + 1, count - num_stages + k + 2)
-                    for j in range(k, i) if pick(j, i, k) is not None})
-
-    def within(limit):
-        def cost(j, i, k):
-            seconds = recompute_seconds(j, i, k)
-            return seconds if seconds is not None and stage_time(j, i, k) <= limit else None
-        found = balancing.grouping(count, num_stages, cost, operator.add)
-        return found[1] if found is not None and found[0] <= least else None
-
-    low, high = 0, len(times) - 1  # the last threshold admits every split, the least total among them
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if within(times[middle]) is not None else (middle + 1, high)
-    group = within(times[low])
     return group, measured, [pick(j, i, k) for k, (j, i) in enumerate(balancing.ranges_of(group))]
 
 
