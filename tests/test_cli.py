@@ -294,3 +294,67 @@ def test_version_is_the_packages_and_pyprojects(capsys):
     run = subprocess.run([sys.executable, "-m", "fxconvert", "--version"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=600)
     assert (run.returncode, run.stdout, run.stderr) == (0, f"fxconvert {fxconvert.__version__}\n", "")
+
+
+@pytest.mark.parametrize("text, size", [("11GiB", 11 * 1024**3), ("500MiB", 500 * 1024**2), ("12GB", 12 * 10**9),
+                                        ("1.5gib", 3 * 1024**3 // 2), ("123456", 123456), ("64 KiB", 65536)])
+def test_memory_sizes_read_as_people_write_them(text, size):
+    from fxconvert.cli import memory_size
+
+    assert memory_size(text) == size
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-memory", "0"], r"--max-memory takes a positive size such as 11GiB, 500MiB, 12GB or plain bytes, got '0'"),
+    (["--max-memory", "-5"], r"--max-memory takes a positive size .*got '-5'"),
+    (["--max-memory=-1GiB"], r"--max-memory takes a positive size .*got '-1GiB'"),
+    (["--max-memory", "11XB"], r"--max-memory takes a positive size .*got '11XB'"),
+    (["--max-memory", "1e9"], r"--max-memory takes a positive size .*got '1e9'"),
+    (["--max-memory", "0.1B"], r"--max-memory takes a positive size .*got '0.1B'"),
+    (["--max-memory", ""], r"--max-memory takes a positive size .*got ''"),
+    (["--microbatches", "0"], r"--microbatches must be at least 1, got 0"),
+    (["--recompute", "some"], r"argument --recompute: invalid choice: 'some'"),
+    (["--optimizer", "adam"], r"argument --optimizer: invalid choice: 'adam'"),
+])
+def test_bad_memory_plan_options_are_usage_errors(args, message, ckpt, tmp_path, capsys):
+    before = leftovers(tmp_path)
+    code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--no-validate", "--stages", "2", *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert re.search(message, lines[-1]) and "Traceback" not in err, lines[-1]
+    assert leftovers(tmp_path) == before
+
+
+def test_memory_plan_options_need_stages(ckpt, tmp_path, capsys):
+    code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--no-validate", "--max-memory", "1GiB",
+                           "--recompute", "full")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "fxconvert: error: --max-memory, --recompute plan a pipeline split; add --stages N")
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_plan_refused_then_fits_and_is_written(ckpt, tmp_path, capsys):
+    """A memory too small: one line, exit 1, naming a memory; given back, it fits, with some blocks recomputed,
+    and pipeline.json and every report format carry the plan."""
+    plan_args = ["--no-validate", "--stages", "2", "--seq-lengths", "12,4", "--batch", "3", "--optimizer",
+                 "adafactor", "--microbatches", "4", "--schedule", "gpipe"]
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "small", *plan_args, "--max-memory", "1000")
+    line = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err and not (tmp_path / "small").exists()
+    named = re.search(r"raise it to at least ([\d,]+) bytes", line).group(1).replace(",", "")
+    code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", *plan_args, "--max-memory", named,
+                             "--format", "json")
+    assert code == 0, err
+    memory = json.loads(out)["memory_plan"]
+    assert memory["optimizer"] == "adafactor" and memory["max_memory"] == int(named) and memory["recompute"]
+    assert all(s["peak_bytes"] <= int(named) for s in memory["stages"])
+    from fxconvert import manifest
+
+    plan = manifest.read(tmp_path / "out").plan
+    assert (plan.optimizer, plan.max_memory, plan.recompute, plan.schedule) == (
+        "adafactor", int(named), tuple(memory["recompute"]), "gpipe")
+    assert "Memory plan (predicted)" in (tmp_path / "out" / "report.md").read_text()
+    for fmt in ("plain", "rich"):
+        code, out, err = run_cli(capsys, ckpt, "--out", tmp_path / fmt, *plan_args, "--max-memory", named,
+                                 "--format", fmt)
+        assert code == 0 and "Memory plan (predicted)" in out and "optimizer state" in out, err
