@@ -329,33 +329,28 @@ def grouping(count: int, parts: int, cost, combine) -> tuple[float, list[int]] |
     return best[parts][count], group
 
 
-def least_then_balanced(count: int, parts: int, cost, time) -> list[int] | None:
-    """The grouping with the least sum of `cost(j, i, k)` (None: group k cannot be items j .. i-1), and among
-    those, the smallest largest `time(j, i, k)`; None when no grouping is allowed.
+def balanced_then_least(count: int, parts: int, cost, time) -> list[int] | None:
+    """The grouping with the smallest largest `time(j, i, k)` among the allowed ones (`cost(j, i, k)` None:
+    group k cannot be items j .. i-1), and among those, the least sum of `cost`; None when none is allowed.
 
-    The least sum comes first (dynamic programming); then the least threshold on a group's time, searched
-    over the times that occur, under which that least sum is still reached (it only grows as the threshold
-    falls, so a binary search finds it).
+    The bottleneck comes first (dynamic programming over the largest time), then the least sum under it.
+    For a memory plan, `time` includes the stage's recompute and `cost` is its recompute seconds: the
+    fastest predicted step that fits, recomputing no more than that step needs. A target with room for
+    the best unrecomputed split gets it unchanged: recompute only ever adds time.
     """
-    found = grouping(count, parts, cost, operator.add)
+    def allowed_time(j, i, k):
+        return time(j, i, k) if cost(j, i, k) is not None else None
+
+    found = grouping(count, parts, allowed_time, max)
     if found is None:
         return None
-    least = found[0] * (1 + 1e-9) + 1e-12  # sums in another order differ in the last bits
+    limit = found[0] * (1 + 1e-9) + 1e-12  # sums in another order differ in the last bits
 
-    def within(limit):
-        def bounded(j, i, k):
-            c = cost(j, i, k)
-            return c if c is not None and time(j, i, k) <= limit else None
-        found = grouping(count, parts, bounded, operator.add)
-        return found[1] if found is not None and found[0] <= least else None
+    def bounded(j, i, k):
+        c = cost(j, i, k)
+        return c if c is not None and time(j, i, k) <= limit else None
 
-    times = sorted({time(j, i, k) for k in range(parts) for i in range(k + 1, count - parts + k + 2)
-                    for j in range(k, i) if cost(j, i, k) is not None})
-    low, high = 0, len(times) - 1  # the largest time admits every allowed grouping
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if within(times[middle]) is not None else (middle + 1, high)
-    return within(times[low])
+    return grouping(count, parts, bounded, operator.add)[1]
 
 
 def ranges_of(group: list[int]) -> list[tuple[int, int]]:
@@ -484,5 +479,5 @@ def profile_units(conversion, per_unit, sizes: Sizes, *, repeats: int = 3) -> li
 
 
 __all__ = ["BALANCES", "SCHEDULES", "RECOMPUTES", "Plan", "StagePrediction", "UnitCosts", "RecomputeOption",
-           "best_groups", "grouping", "least_then_balanced", "peak_memory", "predict",
+           "best_groups", "grouping", "balanced_then_least", "peak_memory", "predict",
            "measure_stage_seconds", "check_profilable", "profile_units", "real_inputs", "in_flight", "check_options"]

@@ -167,8 +167,9 @@ def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = 
     state it keeps. No stage's predicted peak memory may exceed `max_memory` bytes
     (`max_stage_bytes` is its older name). `recompute` says which blocks recompute their
     activations in backward: "none", "full" (every block) or "auto": none without
-    `max_memory`, else the least recompute, by predicted time, that fits every stage within
-    it, and among the splits with that least, the best balanced (`_choose`). With
+    `max_memory`, else, per stage, the least recompute (by predicted seconds) that fits it within
+    the target, and of the splits that fit, the fastest (smallest predicted bottleneck, recompute
+    included), recomputing the least among equally fast ones (`_choose`). With
     balance="params" and none of the sizes nor a memory target, nothing is predicted
     (`Stages.plan` and each spec's `flops` / `peak_bytes` are None).
     """
@@ -258,7 +259,8 @@ def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, mi
 
     Without a memory target and without full recompute: the best balance (today's rule). Otherwise, per
     run of units and stage, the first recompute option (`UnitCosts.stage_options`) that fits; then the
-    least total recompute seconds, and the best balance among those (`balance.least_then_balanced`).
+    best balance of the stages' times with that recompute, and the least total recompute seconds among
+    the splits that reach it (`balance.balanced_then_least`).
     """
     measured = None
     if balance == "profile":
@@ -293,7 +295,7 @@ def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, mi
         option = pick(j, i, k)
         return sums(j, i) + sum(units.block_forward[u] * scale[u] for u in option.units)
 
-    group = balancing.least_then_balanced(len(units), num_stages, recompute_seconds, stage_time)
+    group = balancing.balanced_then_least(len(units), num_stages, recompute_seconds, stage_time)
     if group is None:
         raise _nothing_fits(conversion, units, num_stages, schedule=schedule, microbatches=microbatches,
                             asked_microbatches=asked_microbatches, max_memory=max_memory, recompute=recompute,
