@@ -57,6 +57,7 @@ class TrainConfig:
     allow_random: bool = False
     no_export: bool = False
     verbose: bool = False
+    measure_memory: bool = False  # `fxconvert.training.memory`: one step's peak per rank, into metrics.jsonl
     # Sum the gradients of a weight's copies on several stages (`grad_sync`). Only the self-check's
     # control run turns it off, to show what plain pipelining does; no option sets it.
     tie_gradients: bool = True
@@ -115,6 +116,9 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
         raise UsageError(f"--seed must be an integer from 0 to {2**63 // 1000 - 1001}, got {cfg.seed}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a non-negative number, got {cfg.weight_decay}")
+    if cfg.measure_memory and cfg.steps < 2:
+        raise UsageError(f"--measure-memory measures a run's second step (the first makes the optimizer state), "
+                         f"but --steps is {cfg.steps}; use --steps 2 or more")
     if launch.world_size % cfg.dp:
         raise UsageError(f"{launch.world_size} processes do not split into --dp {cfg.dp} replicas; launch a "
                          f"multiple of {cfg.dp} processes (pipeline ranks x replicas)")
