@@ -11,11 +11,18 @@ comes from one of:
   on this machine (`measure_stage_seconds` on a one-block-per-stage split);
 - `"params"`: its parameter bytes (the rule of earlier versions; `stages._balance`).
 
-Memory of a stage (bytes): its parameters, their gradients and the optimizer's state
-(Adam: two tensors per parameter), counting each shared weight on every stage that holds
-a copy; plus the activations it saves for backward, times the microbatches in flight on
-it. GPipe runs every microbatch's forward before any backward, so M are in flight on every
-stage; 1F1B starts backward as early as it can, so stage s (of S) holds min(M, S - s).
+Memory of a stage (bytes, `peak_memory`): its parameters, their gradients (as many bytes) and
+the optimizer's state (`fxconvert.optimizers`, torch's own rules per weight), counting each
+shared weight on every stage that holds a copy; plus the activations it saves for backward
+per microbatch, times the microbatches in flight on it; plus, when blocks are recomputed, the
+activations of the largest of them, rebuilt one block at a time during backward. GPipe runs
+every microbatch's forward before any backward, so M are in flight on every stage; 1F1B
+starts backward as early as it can, so stage s (of S) holds min(M, S - s).
+
+Recompute (activation checkpointing of a block): a recomputed block saves only the tensors it
+takes from outside itself (the checkpoint keeps its inputs), and runs its forward a second
+time in backward. `stage_options` lists, per run of units, the recompute sets to try: none,
+every block, or (auto) blocks added greedily by bytes saved per second of recompute.
 
 Pipeline timing (`Plan.bubble_fraction`): with stage times t_s per microbatch, M
 microbatches in a pipeline of S stages take sum(t) + (M - 1) * max(t) (both schedules);
@@ -27,15 +34,23 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 
 from fxconvert.cost import GraphCost, Sizes
 from fxconvert.errors import UsageError
-from fxconvert import families
+from fxconvert import families, optimizers
 from fxconvert.inputs import build_inputs
 
 BALANCES = ("time", "params", "profile")
 SCHEDULES = ("1f1b", "gpipe")
-OPTIMIZER_STATES = 2  # Adam: exp_avg and exp_avg_sq, each the size of its parameter
+RECOMPUTES = ("none", "full", "auto")
+
+
+def peak_memory(*, parameter_bytes: int, optimizer_bytes: int, activation_bytes: int, in_flight: int,
+                recomputed_bytes: int = 0) -> int:
+    """A stage's predicted peak: parameters and their gradients (as many bytes), the optimizer's state, the
+    activations saved by each microbatch in flight, and one recomputed block's activations at a time."""
+    return 2 * parameter_bytes + optimizer_bytes + in_flight * activation_bytes + recomputed_bytes
 
 
 @dataclass
@@ -47,14 +62,19 @@ class StagePrediction:
     backward_seconds: float
     flops: int  # forward + backward
     parameter_bytes: int  # what it owns, plus a copy of each shared weight it uses
-    activation_bytes: int  # saved for backward by one microbatch
+    activation_bytes: int  # saved for backward by one microbatch, under its recompute
     in_flight: int  # microbatches whose activations it holds at once under the schedule
-    peak_bytes: int  # parameters, gradients, optimizer state and in-flight activations
+    peak_bytes: int  # `peak_memory` of the terms here
     sent_bytes: int  # what it sends to the next stage per microbatch
+    gradient_bytes: int = 0  # as many as parameter_bytes
+    optimizer_bytes: int = 0  # the optimizer's state for its parameters
+    recomputed_bytes: int = 0  # the largest recomputed block's activations, rebuilt in backward
+    recompute: tuple[str, ...] = ()  # the blocks it recomputes
+    recompute_seconds: float = 0.0  # their forward, run again in backward
 
     @property
     def seconds(self) -> float:
-        return self.forward_seconds + self.backward_seconds
+        return self.forward_seconds + self.backward_seconds + self.recompute_seconds
 
 
 @dataclass
@@ -66,6 +86,13 @@ class Plan:
     schedule: str
     microbatches: int
     stages: list[StagePrediction] = field(default_factory=list)
+    optimizer: str = "adamw"  # whose state the peaks count
+    max_memory: int | None = None  # the per-stage memory target the split was chosen under (bytes)
+
+    @property
+    def recompute(self) -> tuple[str, ...]:
+        """The blocks recomputed, over all stages, in order."""
+        return tuple(b for s in self.stages for b in s.recompute)
 
     @property
     def shares(self) -> list[float]:
@@ -99,11 +126,16 @@ def in_flight(schedule: str, stage: int, num_stages: int, microbatches: int) -> 
     return microbatches if schedule == "gpipe" else min(microbatches, num_stages - stage)
 
 
-def check_options(*, balance, schedule, microbatches, max_stage_bytes) -> None:
+def check_options(*, balance, schedule, microbatches, max_stage_bytes, optimizer="adamw", recompute="none") -> None:
     if balance not in BALANCES:
         raise UsageError(f"unknown balance {balance!r}; use one of {', '.join(BALANCES)}")
     if schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if recompute not in RECOMPUTES:
+        raise UsageError(f"unknown recompute {recompute!r}; use one of {', '.join(RECOMPUTES)}")
+    if not isinstance(optimizer, str):
+        raise UsageError(f"optimizer must be a name, one of {', '.join(optimizers.NAMES)}; got {optimizer!r}")
+    optimizers.get(optimizer)
     for name, value in (("microbatches", microbatches), ("max_stage_bytes", max_stage_bytes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
@@ -117,22 +149,37 @@ class UnitCosts:
 
     `nodes_of[u]`: the graph nodes of unit u; `seconds[u]`, `flops[u]`: forward + backward;
     `owned[u]`: bytes of the parameters it owns; `shared[u]`: the shared weights it reads;
-    `cut_bytes[u]`: bytes sent across the cut after unit u.
+    `cut_bytes[u]`: bytes sent across the cut after unit u; `optimizer_owned[u]` and
+    `optimizer_shared[name]`: the optimizer's state bytes for them; `names[u]`: its block;
+    `block_nodes`: the nodes that lie in a block proper (what recomputing the block reruns).
     Activations of a run of units are the union of their saved storages (`GraphCost.saved_bytes`).
     """
 
-    def __init__(self, graph_cost: GraphCost, nodes_of, owned, shared, shared_bytes, cut_bytes):
+    def __init__(self, graph_cost: GraphCost, nodes_of, owned, shared, shared_bytes, cut_bytes, *,
+                 optimizer_owned=None, optimizer_shared=None, names=None, block_nodes=None):
         self.graph_cost = graph_cost
         self.cut_bytes = cut_bytes  # per microbatch, crossing the cut after unit u
         self.nodes_of = nodes_of
         self.owned = owned
         self.shared = shared
         self.shared_bytes = shared_bytes
+        self.optimizer_owned = optimizer_owned or [0] * len(nodes_of)
+        self.optimizer_shared = optimizer_shared or {}
+        self.names = names or [str(u) for u in range(len(nodes_of))]
         costs = graph_cost.nodes
         self.forward = [sum(costs[n].forward_seconds for n in nodes) for nodes in nodes_of]
         self.backward = [sum(costs[n].backward_seconds for n in nodes) for nodes in nodes_of]
         self.flops = [sum(costs[n].flops for n in nodes) for nodes in nodes_of]
         self._activations = {}
+        self._options = {}
+        inside = set(block_nodes) if block_nodes is not None else {n for nodes in nodes_of for n in nodes}
+        self._kept, self._block, self._inputs = [], [], []  # storages: always saved, saved by the block, its inputs
+        for nodes in nodes_of:
+            block = [n for n in nodes if n in inside]
+            self._kept.append(_storages(costs[n].saved for n in nodes if n not in inside))
+            self._block.append(_storages(costs[n].saved for n in block))
+            self._inputs.append(_input_storages(graph_cost, block))
+        self.block_forward = [sum(costs[n].forward_seconds for n in nodes if n in inside) for nodes in nodes_of]
 
     def __len__(self):
         return len(self.nodes_of)
@@ -147,9 +194,95 @@ class UnitCosts:
         names = set().union(*self.shared[j:i])
         return sum(self.owned[j:i]) + sum(self.shared_bytes[n] for n in names)
 
-    def peak_bytes(self, j: int, i: int, stage: int, num_stages: int, schedule: str, microbatches: int) -> int:
-        flight = in_flight(schedule, stage, num_stages, microbatches)
-        return self.parameter_bytes(j, i) * (2 + OPTIMIZER_STATES) + self.activations(j, i) * flight
+    def optimizer_bytes(self, j: int, i: int) -> int:
+        names = set().union(*self.shared[j:i])
+        return sum(self.optimizer_owned[j:i]) + sum(self.optimizer_shared.get(n, 0) for n in names)
+
+    def peak_bytes(self, j: int, i: int, stage: int, num_stages: int, schedule: str, microbatches: int,
+                   option: "RecomputeOption | None" = None) -> int:
+        option = option or self.stage_options(j, i, "none")[0]
+        return peak_memory(parameter_bytes=self.parameter_bytes(j, i), optimizer_bytes=self.optimizer_bytes(j, i),
+                           activation_bytes=option.activation_bytes, recomputed_bytes=option.recomputed_bytes,
+                           in_flight=in_flight(schedule, stage, num_stages, microbatches))
+
+    def stage_options(self, j: int, i: int, mode: str) -> list["RecomputeOption"]:
+        """The recompute sets tried for units j .. i-1, fewest first: "none" the empty set, "full" every
+        block, "auto" the empty set then blocks added one by one, most bytes saved per second first."""
+        key = (j, i, mode)
+        if key not in self._options:
+            units = range(j, i)
+            if mode == "auto":
+                order = sorted((u for u in units if self._gain(u) > 0),
+                               key=lambda u: -self._gain(u) / max(self.block_forward[u], 1e-12))
+            else:
+                order = list(units) if mode == "full" else []
+            options = self._prefixes(units, order)
+            if mode == "auto" and len(order) < len(units):  # every block, the most auto may do
+                options.append(self.stage_options(j, i, "full")[0])
+            self._options[key] = options[-1:] if mode == "full" else options
+        return self._options[key]
+
+    def _gain(self, u: int) -> int:
+        return sum(self._block[u].values()) - sum(self._inputs[u].values())
+
+    def _prefixes(self, units, order) -> list["RecomputeOption"]:
+        """The option of each prefix of `order` (units recomputed), counting each saved storage once."""
+        refs, total = {}, 0
+
+        def add(storages, step):
+            nonlocal total
+            for key, size in storages.items():
+                before = refs.get(key, 0)
+                refs[key] = before + step
+                if before == 0:
+                    total += size
+                elif before + step == 0:
+                    total -= size
+        for u in units:
+            add(self._kept[u], 1)
+            add(self._block[u], 1)
+        options = [RecomputeOption((), total, 0, 0.0)]
+        for u in order:
+            add(self._inputs[u], 1)
+            add(self._block[u], -1)
+            last = options[-1]
+            options.append(RecomputeOption(tuple(sorted((*last.units, u))), total,
+                                           max(last.recomputed_bytes, sum(self._block[u].values())),
+                                           last.seconds + self.block_forward[u]))
+        return options
+
+
+@dataclass(frozen=True)
+class RecomputeOption:
+    """Recomputing `units` in a run of units: the activations it then saves per microbatch, the largest
+    recomputed block's activations, and the seconds of recompute forward per microbatch."""
+
+    units: tuple[int, ...]
+    activation_bytes: int
+    recomputed_bytes: int
+    seconds: float
+
+
+def _storages(saved_dicts) -> dict:
+    out = {}
+    for saved in saved_dicts:
+        out.update(saved)
+    return out
+
+
+def _input_storages(graph_cost: GraphCost, block) -> dict:
+    """Storages of the tensors `block` reads from nodes outside it (what a checkpoint of it keeps),
+    parameters apart."""
+    inside, out = set(block), {}
+    for node in block:
+        for arg in node.all_input_nodes:
+            if arg in inside:
+                continue
+            for t in pytree.tree_leaves(graph_cost.values.get(arg)):
+                if isinstance(t, torch.Tensor) and not (t.is_leaf and t.requires_grad):
+                    storage = t.untyped_storage()
+                    out[storage._cdata] = storage.nbytes()
+    return out
 
 
 # -- choosing the cuts ---------------------------------------------------------------------------
@@ -161,6 +294,15 @@ def best_groups(count: int, parts: int, cost, fits=None) -> list[int] | None:
 
     None when no grouping fits. Exact: dynamic programming over (groups, items) in O(parts * count^2).
     """
+    def staged(j, i, k):
+        return cost(j, i) if fits is None or fits(j, i, k) else None
+    found = grouping(count, parts, staged, max)
+    return found[1] if found is not None else None
+
+
+def grouping(count: int, parts: int, cost, combine) -> tuple[float, list[int]] | None:
+    """(value, group of each item) of the `parts` contiguous nonempty groups of `count` items that minimise
+    `combine` (max or sum) of `cost(j, i, k)` over the groups (items j .. i-1 as group k; None: not allowed)."""
     inf = float("inf")
     best = [[inf] * (count + 1) for _ in range(parts + 1)]
     cut = [[0] * (count + 1) for _ in range(parts + 1)]
@@ -168,9 +310,12 @@ def best_groups(count: int, parts: int, cost, fits=None) -> list[int] | None:
     for k in range(1, parts + 1):
         for i in range(k, count + 1):
             for j in range(k - 1, i):
-                if best[k - 1][j] == inf or (fits is not None and not fits(j, i, k - 1)):
+                if best[k - 1][j] == inf:
                     continue
-                value = max(best[k - 1][j], cost(j, i))
+                c = cost(j, i, k - 1)
+                if c is None:
+                    continue
+                value = combine(best[k - 1][j], c)
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
     if best[parts][count] == inf:
@@ -180,7 +325,7 @@ def best_groups(count: int, parts: int, cost, fits=None) -> list[int] | None:
         j = cut[k][i]
         group[j:i] = [k - 1] * (i - j)
         i = j
-    return group
+    return best[parts][count], group
 
 
 def ranges_of(group: list[int]) -> list[tuple[int, int]]:
@@ -193,22 +338,26 @@ def ranges_of(group: list[int]) -> list[tuple[int, int]]:
 
 
 def predict(units: UnitCosts, group: list[int], *, balance, schedule, microbatches, sent_bytes,
-            seconds=None) -> Plan:
+            seconds=None, options=None, optimizer="adamw", max_memory=None) -> Plan:
     """The plan of a grouping: per stage, its time (predicted, or `seconds[u]` per unit as measured),
-    FLOPs, memory and bytes sent."""
+    FLOPs, memory and bytes sent; `options[s]` is stage s's `RecomputeOption` (default: none)."""
     ranges = ranges_of(group)
-    plan = Plan(balance, units.graph_cost.sizes, schedule, microbatches)
+    plan = Plan(balance, units.graph_cost.sizes, schedule, microbatches, optimizer=optimizer, max_memory=max_memory)
     for s, (j, i) in enumerate(ranges):
+        option = options[s] if options is not None else units.stage_options(j, i, "none")[0]
         if seconds is None:
             forward, backward = sum(units.forward[j:i]), sum(units.backward[j:i])
         else:  # measured: forward and backward together
             forward, backward = sum(seconds[j:i]), 0.0
+        parameters = units.parameter_bytes(j, i)
         plan.stages.append(StagePrediction(
             index=s, forward_seconds=forward, backward_seconds=backward, flops=sum(units.flops[j:i]),
-            parameter_bytes=units.parameter_bytes(j, i), activation_bytes=units.activations(j, i),
+            parameter_bytes=parameters, activation_bytes=option.activation_bytes,
             in_flight=in_flight(schedule, s, len(ranges), microbatches),
-            peak_bytes=units.peak_bytes(j, i, s, len(ranges), schedule, microbatches),
-            sent_bytes=sent_bytes[s],
+            peak_bytes=units.peak_bytes(j, i, s, len(ranges), schedule, microbatches, option),
+            sent_bytes=sent_bytes[s], gradient_bytes=parameters, optimizer_bytes=units.optimizer_bytes(j, i),
+            recomputed_bytes=option.recomputed_bytes, recompute=tuple(units.names[u] for u in option.units),
+            recompute_seconds=option.seconds,
         ))
     return plan
 
@@ -304,5 +453,6 @@ def profile_units(conversion, per_unit, sizes: Sizes, *, repeats: int = 3) -> li
     return measure_stage_seconds(per_unit, inputs, repeats=repeats)
 
 
-__all__ = ["BALANCES", "SCHEDULES", "Plan", "StagePrediction", "UnitCosts", "best_groups", "predict",
+__all__ = ["BALANCES", "SCHEDULES", "RECOMPUTES", "Plan", "StagePrediction", "UnitCosts", "RecomputeOption",
+           "best_groups", "grouping", "peak_memory", "predict",
            "measure_stage_seconds", "check_profilable", "profile_units", "real_inputs", "in_flight", "check_options"]

@@ -95,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "for (default: 512,128)")
     p.add_argument("--batch", type=int, metavar="B", help="sequences per microbatch the stages are balanced for "
                                                           "(default: 8)")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory of one GPU: no stage's predicted peak may exceed "
+                   "it (11GiB, 500MiB, 12GB or plain bytes); with --recompute auto the split recomputes the least "
+                   "it needs to fit")
+    p.add_argument("--optimizer", choices=("sgd", "adamw", "adafactor"), help="optimizer whose state the plan "
+                   "counts (default: adamw)")
+    p.add_argument("--recompute", choices=("none", "full", "auto"), help="blocks that recompute their "
+                   "activations in backward: none, every one, or what --max-memory needs (default: auto)")
+    p.add_argument("--microbatches", type=int, metavar="M", help="microbatches per step the plan is for (default: "
+                                                                  "at least 4, at least the stages)")
+    p.add_argument("--schedule", choices=("1f1b", "gpipe"), help="pipeline schedule the plan is for (default: "
+                                                                 "1f1b)")
     p.add_argument("--diff", action="store_true", help="add a unified diff of the code before and after the "
                                                        "passes")
     verbosity = p.add_mutually_exclusive_group()
@@ -256,6 +267,7 @@ def _offline_env(offline: bool):
 
 def run(args) -> int:
     input_names, lengths = _checked(args)
+    max_memory = _memory_plan(args)
     name, out = args.name if args.name is not None else args.config, _out_dir(args)
     # Imported here, not at the top: it imports torch, which --help and a usage error need not wait for.
     from fxconvert import workflow
@@ -267,7 +279,9 @@ def run(args) -> int:
         validate=args.validate, atol=args.atol, rtol=args.rtol,
         validation_skipped_by=None if args.validate else "--no-validate",
         stages=args.stages, balance=args.balance, batch=args.batch, encoder_length=lengths[0],
-        decoder_length=lengths[1], diff=args.diff, force=args.force, force_name="--force")
+        decoder_length=lengths[1], schedule=args.schedule or "1f1b", microbatches=args.microbatches,
+        optimizer=args.optimizer or "adamw", recompute=args.recompute or "auto", max_memory=max_memory,
+        diff=args.diff, force=args.force, force_name="--force")
     progress = Progress(enabled=not args.quiet, verbose=args.verbose,
                         show=lambda result: _show(result.report(detail=args.verbose), args))
     result = workflow.run(name, out, options=options, progress=progress)
@@ -298,6 +312,35 @@ def _checked(args) -> tuple[list[str] | None, tuple[int | None, int | None]]:
     if input_names == []:
         raise UsageError("--inputs is empty; give comma-separated input names")
     return input_names, lengths
+
+
+_PLAN_FLAGS = (("--max-memory", "max_memory"), ("--optimizer", "optimizer"), ("--recompute", "recompute"),
+               ("--microbatches", "microbatches"), ("--schedule", "schedule"))
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def _memory_plan(args) -> int | None:
+    """The memory plan's options refused without --stages, and --max-memory in bytes (None when not given)."""
+    given = [flag for flag, name in _PLAN_FLAGS if getattr(args, name) is not None]
+    if given and args.stages is None:
+        raise UsageError(f"{', '.join(given)} plan{'s' if len(given) == 1 else ''} a pipeline split; add --stages N")
+    if args.microbatches is not None and args.microbatches < 1:
+        raise UsageError(f"--microbatches must be at least 1, got {args.microbatches}")
+    return memory_size(args.max_memory) if args.max_memory is not None else None
+
+
+def memory_size(text: str) -> int:
+    """'11GiB', '500MiB', '12GB', '1.5GiB' or plain bytes -> bytes (GiB = 1024^3, GB = 10^9)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()]) if match and match.group(2).lower() in _UNITS \
+        else 0
+    if size < 1:
+        raise UsageError(f"--max-memory takes a positive size such as 11GiB, 500MiB, 12GB or plain bytes, "
+                         f"got {text!r}")
+    return size
 
 
 def _seq_lengths(text):

@@ -303,9 +303,58 @@ def stage_plan_section(rows: list[dict], plan: dict) -> Section:
         tables=[Table(["stage", "fwd+bwd FLOPs", "fwd+bwd time" + (" (measured)" if measured else ""),
                        "activations", "peak memory", "in flight", "sends", "bottleneck"], table)],
         bars=[(f"stage {r['stage']}", r["time_share"], f"{r['time_share']:.0%}") for r in rows],
-        notes=["per microbatch; peak memory = parameters, gradients and Adam state (a shared weight on every "
-               "stage holding a copy) + activations of the microbatches in flight"],
+        notes=["per microbatch; peak memory = parameters, gradients and optimizer state (a shared weight on every "
+               "stage holding a copy) + activations of the microbatches in flight (see the memory plan)"],
     )
+
+
+def memory_plan_section(rows: list[dict], plan: dict) -> Section:
+    """What each stage is predicted to hold at its peak (`stage_table` rows and `stage_plan`), against the target."""
+    target = plan["max_memory"]
+    table, data = [], []
+    for r in rows:
+        peak = _bytes(r["peak_bytes"]) + (f" ({r['peak_bytes'] / target:.0%})" if target else "")
+        saved = f"{_bytes(r['activation_bytes'])} x {r['in_flight']}"
+        table.append([r["stage"], _bytes(r["stage_parameter_bytes"]), _bytes(r["gradient_bytes"]),
+                      _bytes(r["optimizer_bytes"]), saved, _bytes(r["recomputed_bytes"]), peak,
+                      _seconds(r["seconds"]), blocks_text(r["recompute"]) or "-"])
+        data.append({key: r[key] for key in ("stage", "gradient_bytes", "optimizer_bytes", "activation_bytes",
+                                             "in_flight", "recomputed_bytes", "peak_bytes", "seconds", "recompute")}
+                    | {"parameter_bytes": r["stage_parameter_bytes"]})
+    largest = max(r["peak_bytes"] for r in rows)
+    fields = {
+        "optimizer": plan["optimizer"],
+        "memory target": (f"{_bytes(target)} per stage; the largest peak is {largest / target:.0%} of it"
+                          if target else "none given"),
+        "recompute": (f"{len(plan['recompute'])} of {sum(len(r['blocks']) for r in rows)} blocks"
+                      if plan["recompute"] else "none"),
+        "step": f"{_seconds(plan['step_seconds'])} predicted, {plan['bubble_fraction']:.0%} bubble "
+                f"({plan['schedule']}, {plan['microbatches']} microbatches)",
+    }
+    return Section(
+        "memory_plan", "Memory plan (predicted)", {"optimizer": plan["optimizer"], "max_memory": target,
+                                                   "recompute": plan["recompute"], "stages": data},
+        fields=fields,
+        tables=[Table(["stage", "parameters", "gradients", "optimizer state", "saved x in flight", "recomputed",
+                       "peak", "fwd+bwd time", "blocks recomputed"], table)],
+        notes=["peak = parameters + gradients + optimizer state + activations saved per microbatch x microbatches "
+               "in flight + the largest recomputed block's activations (rebuilt in backward, one block at a time); "
+               "a recomputed block saves only its inputs, and its forward runs again (in the time)"],
+    )
+
+
+def blocks_text(names) -> str:
+    """Block names with runs of consecutive indices joined: encoder.block.0-5, decoder.block.2."""
+    runs = []  # [prefix, first, last]
+    for name in names:
+        prefix, _, index = name.rpartition(".")
+        if index.isdigit() and runs and runs[-1][0] == prefix and runs[-1][2] == int(index) - 1:
+            runs[-1][2] = int(index)
+        elif index.isdigit():
+            runs.append([prefix, int(index), int(index)])
+        else:
+            runs.append([name, None, None])
+    return ", ".join(p if a is None else f"{p}.{a}" + (f"-{b}" if b != a else "") for p, a, b in runs)
 
 
 def _bytes(n) -> str:

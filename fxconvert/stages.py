@@ -44,6 +44,7 @@ this one: the split knows nothing of files.
 
 import copy
 import inspect
+import math
 import operator
 import re
 from collections.abc import Callable
@@ -53,11 +54,11 @@ import torch
 import torch.fx
 
 from fxconvert import balance as balancing
-from fxconvert import families, manifest
+from fxconvert import families, manifest, optimizers
 from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes, meta_twins
 from fxconvert.cost import Sizes, analyze
 from fxconvert.convert import ConvertedGraph, ConvertedModule
-from fxconvert.errors import UsageError, describe_node
+from fxconvert.errors import FxConvertError, UsageError, describe_node
 from fxconvert.graph_utils import is_impure
 from fxconvert.passes.lift_shared_weights_pass import sparse_embedding_gradients
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
@@ -68,6 +69,10 @@ BlockRule = Callable[[str], "tuple[int, int, str] | None"]
 
 class SplitError(UsageError):
     """The graph cannot be cut as asked (too many stages, no block boundaries, blocks out of order)."""
+
+
+class MemoryPlanError(FxConvertError):
+    """No split fits the memory target: a fact of the model and the sizes, not a wrong option."""
 
 
 @dataclass
@@ -149,7 +154,8 @@ class StageModule(ConvertedModule):
 def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = "time", batch: int | None = None,
                  encoder_length: int | None = None, decoder_length: int | None = None, schedule: str = "1f1b",
                  microbatches: int | None = None, max_stage_bytes: int | None = None,
-                 block_rule: BlockRule | None = None) -> Stages:
+                 block_rule: BlockRule | None = None, optimizer: str = "adamw", recompute: str = "auto",
+                 max_memory: int | None = None) -> Stages:
     """Cut `conversion.graph_module` into `num_stages` stages at block boundaries.
 
     `block_rule` maps a module path to its block (default: the family's, `Family.block_of`).
@@ -157,8 +163,13 @@ def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = 
     evens out; `batch` (sequences per microbatch), `encoder_length` and `decoder_length`
     (defaults 8, 512, 128) are the sizes it is judged at. `schedule` ("1f1b" or "gpipe")
     and `microbatches` (default: at least 4, at least `num_stages`) decide how many
-    microbatches' activations a stage holds; no stage's predicted peak memory may exceed
-    `max_stage_bytes`. With balance="params" and none of the sizes, nothing is predicted
+    microbatches' activations a stage holds; `optimizer` ("sgd", "adamw", "adafactor") whose
+    state it keeps. No stage's predicted peak memory may exceed `max_memory` bytes
+    (`max_stage_bytes` is its older name). `recompute` says which blocks recompute their
+    activations in backward: "none", "full" (every block) or "auto": none without
+    `max_memory`, else the least recompute, by predicted time, that fits every stage within
+    it, and among the splits with that least, the best balanced (`_choose`). With
+    balance="params" and none of the sizes nor a memory target, nothing is predicted
     (`Stages.plan` and each spec's `flops` / `peak_bytes` are None).
     """
     gm = conversion.graph_module
@@ -166,27 +177,36 @@ def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = 
         raise SplitError(f"the number of stages must be a positive integer, got {num_stages!r}")
     try:
         balancing.check_options(balance=balance, schedule=schedule, microbatches=microbatches,
-                                max_stage_bytes=max_stage_bytes)
+                                max_stage_bytes=max_stage_bytes, optimizer=optimizer, recompute=recompute)
+        balancing.check_options(balance=balance, schedule=schedule, microbatches=None, max_stage_bytes=max_memory)
     except UsageError as e:
-        raise SplitError(str(e)) from None
+        raise SplitError(str(e).replace("max_stage_bytes must", "max_memory must", max_memory is not None)) from None
+    if max_memory is not None and max_stage_bytes is not None and max_memory != max_stage_bytes:
+        raise SplitError(f"max_memory={max_memory} and max_stage_bytes={max_stage_bytes} disagree; give max_memory "
+                         f"alone")
+    max_memory = max_memory if max_memory is not None else max_stage_bytes
     blocks = stage_blocks(gm, num_stages, conversion.model_class, block_rule)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     block_of = _block_of_nodes(nodes, block_rule or default_block_rule(conversion.model_class))
     unit = _attach_to_blocks(nodes, block_of, blocks)
-    costs = [0] * len(blocks)
+    costs, params = [0] * len(blocks), [[] for _ in blocks]
     for node, param in _owned_parameters(gm, nodes):
         costs[unit[node]] += param.numel() * param.element_size()
-    units = None
-    if balance != "params" or max_stage_bytes is not None or any(v is not None for v in
-                                                                   (batch, encoder_length, decoder_length)):
+        params[unit[node]].append(param)
+    units, asked_microbatches = None, microbatches
+    if (balance != "params" or max_memory is not None or recompute == "full"
+            or any(v is not None for v in (batch, encoder_length, decoder_length))):
         sizes = _sizes(batch, encoder_length, decoder_length, max_length=_max_length(conversion))
         microbatches = microbatches or max(4, num_stages)
-        units = _unit_costs(conversion, analyze(conversion, sizes=sizes), nodes, unit, costs)
-    if balance == "params" and max_stage_bytes is None:
+        units = _unit_costs(conversion, analyze(conversion, sizes=sizes), nodes, unit, costs, params=params,
+                            optimizer=optimizer, blocks=blocks, block_of=block_of)
+    options = None
+    if units is None:
         group, measured = _balance(costs, num_stages), None  # the rule of earlier versions, kept exactly
     else:
-        group, measured = _choose(conversion, units, costs, num_stages, balance=balance, schedule=schedule,
-                                  microbatches=microbatches, max_stage_bytes=max_stage_bytes)
+        group, measured, options = _choose(
+            conversion, units, costs, num_stages, balance=balance, schedule=schedule, microbatches=microbatches,
+            max_memory=max_memory, recompute=recompute, optimizer=optimizer, asked_microbatches=asked_microbatches)
     stage_of = {node: group[u] for node, u in unit.items()}
     _check_monotone(nodes, stage_of)
     stages = _build(conversion, stage_of, [[b for b, g in zip(blocks, group) if g == s] for s in range(num_stages)])
@@ -194,7 +214,8 @@ def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = 
         by_name = {n.name: n for n in nodes}
         sent = [sum(units.graph_cost.value_bytes(by_name[name]) for name in spec.sent) for spec in stages.specs]
         stages.plan = balancing.predict(units, group, balance=balance, schedule=schedule, microbatches=microbatches,
-                                        sent_bytes=sent, seconds=measured)
+                                        sent_bytes=sent, seconds=measured, options=options, optimizer=optimizer,
+                                        max_memory=max_memory)
         for spec, stage in zip(stages.specs, stages.plan.stages):
             spec.flops, spec.peak_bytes = stage.flops, stage.peak_bytes
     return stages
@@ -225,8 +246,16 @@ def _max_length(conversion) -> tuple[str, int] | None:
     return (family.max_length, limit) if isinstance(limit, int) and limit > 0 else None
 
 
-def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, microbatches, max_stage_bytes):
-    """(group of each unit, measured seconds per unit or None): the best split under the memory cap."""
+def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, microbatches, max_memory, recompute,
+            optimizer, asked_microbatches):
+    """(group of each unit, measured seconds per unit or None, each stage's `RecomputeOption` or None).
+
+    Without a memory target and without full recompute: the best balance (today's rule). Otherwise, per
+    run of units and stage, the fewest recompute options (`UnitCosts.stage_options`) that fit; then the
+    least total recompute seconds over the splits (dynamic programming), and among the splits with that
+    least, the one with the smallest bottleneck (the least threshold on a stage's time, searched over the
+    stage times that occur, for which the least total is still reached).
+    """
     measured = None
     if balance == "profile":
         try:
@@ -235,22 +264,87 @@ def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, mi
             measured = balancing.profile_units(conversion, per_unit, units.graph_cost.sizes)
         except UsageError as e:
             raise SplitError(str(e)) from None
-    per_unit = {"params": param_costs, "profile": measured,
-                "time": [f + b for f, b in zip(units.forward, units.backward)]}[balance]
-    fits = None
-    if max_stage_bytes is not None:
-        def fits(j, i, stage):
-            return units.peak_bytes(j, i, stage, num_stages, schedule, microbatches) <= max_stage_bytes
-    group = balancing.best_groups(len(units), num_stages, _range_sums(per_unit), fits)
-    if group is None:
-        least = min(units.peak_bytes(j, j + 1, 0, num_stages, schedule, microbatches) for j in range(len(units)))
-        raise SplitError(
-            f"no split into {num_stages} contiguous stages keeps every stage's predicted peak memory within "
-            f"max_stage_bytes={max_stage_bytes:,} (a first stage of one block alone needs at least {least:,} bytes "
-            f"at {_sizes_text(units.graph_cost.sizes, conversion.model_class)}, {schedule}, {microbatches} "
-            f"microbatches); raise the cap, use more stages or fewer microbatches"
-        )
-    return group, measured
+    predicted = [f + b for f, b in zip(units.forward, units.backward)]
+    per_unit = {"params": param_costs, "profile": measured, "time": predicted}[balance]
+    sums = _range_sums(per_unit)
+    if max_memory is None and recompute != "full":
+        return balancing.best_groups(len(units), num_stages, sums), measured, None
+    mode = recompute if max_memory is not None else "full"
+    # recompute seconds in the units of the balance: measured time scales the prediction, parameter bytes ignore it
+    scale = [0.0 if balance == "params" else (m / p if p else 0.0) for m, p in zip(per_unit, predicted)]
+    picks = {}
+
+    def pick(j, i, k):
+        key = (j, i, balancing.in_flight(schedule, k, num_stages, microbatches))
+        if key not in picks:
+            picks[key] = next((o for o in units.stage_options(j, i, mode) if max_memory is None or
+                               units.peak_bytes(j, i, k, num_stages, schedule, microbatches, o) <= max_memory), None)
+        return picks[key]
+
+    def recompute_seconds(j, i, k):
+        option = pick(j, i, k)
+        return option.seconds if option is not None else None
+
+    def stage_time(j, i, k):
+        option = pick(j, i, k)
+        return sums(j, i) + sum(units.block_forward[u] * scale[u] for u in option.units)
+
+    found = balancing.grouping(len(units), num_stages, recompute_seconds, operator.add)
+    if found is None:
+        raise _nothing_fits(conversion, units, num_stages, schedule=schedule, microbatches=microbatches,
+                            asked_microbatches=asked_microbatches, max_memory=max_memory, recompute=recompute,
+                            optimizer=optimizer)
+    least = found[0] * (1 + 1e-9) + 1e-12
+    count = len(units)
+    times = sorted({stage_time(j, i, k) for k in range(num_stages) for i in range(k + 1, count - num_stages + k + 2)
+                    for j in range(k, i) if pick(j, i, k) is not None})
+
+    def within(limit):
+        def cost(j, i, k):
+            seconds = recompute_seconds(j, i, k)
+            return seconds if seconds is not None and stage_time(j, i, k) <= limit else None
+        found = balancing.grouping(count, num_stages, cost, operator.add)
+        return found[1] if found is not None and found[0] <= least else None
+
+    low, high = 0, len(times) - 1  # the last threshold admits every split, the least total among them
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if within(times[middle]) is not None else (middle + 1, high)
+    group = within(times[low])
+    return group, measured, [pick(j, i, k) for k, (j, i) in enumerate(balancing.ranges_of(group))]
+
+
+def _nothing_fits(conversion, units, num_stages, *, schedule, microbatches, asked_microbatches, max_memory,
+                  recompute, optimizer) -> "MemoryPlanError":
+    """The one line when no split fits: the least memory that fits with full recompute, and a stage count that
+    fits the memory given."""
+    least = _least_memory(units, num_stages, schedule, microbatches)
+    stages = next((n for n in range(num_stages + 1, len(units) + 1)
+                   if _least_memory(units, n, schedule, asked_microbatches or max(4, n)) <= max_memory), None)
+    other = (f"or split into {stages} stages" if stages is not None
+             else f"no split into up to {len(units)} stages (one block each) fits {_size(max_memory)}")
+    return MemoryPlanError(
+        f"no split into {num_stages} stages keeps every stage's predicted peak memory within "
+        f"max_memory={max_memory:,} bytes ({_size(max_memory)}) at {_sizes_text(units.graph_cost.sizes, conversion.model_class)}, "
+        f"{schedule}, {microbatches} microbatches, {optimizer}, recompute {recompute}; raise it to at least "
+        f"{least:,} bytes ({_size(least)}) with full recompute, {other}"
+    )
+
+
+def _least_memory(units, num_stages, schedule, microbatches) -> int:
+    """The smallest largest predicted peak over the splits into `num_stages`, every block recomputed."""
+    def peak(j, i, k):
+        option = units.stage_options(j, i, "full")[0]
+        return units.peak_bytes(j, i, k, num_stages, schedule, microbatches, option)
+    return balancing.grouping(len(units), num_stages, peak, max)[0]
+
+
+def _size(n: int) -> str:
+    """Bytes as a person reads them, rounded up (a memory to give must not fall short): 11.1 GiB."""
+    for unit, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if n >= 1024 ** power:
+            return f"{math.ceil(n / 1024 ** power * 10) / 10:.1f} {unit}"
+    return f"{n} B"
 
 
 def _range_sums(values):
@@ -266,7 +360,8 @@ def _sizes_text(sizes: Sizes, model_class: str) -> str:
                                                  for seq, name in lengths.items()]) + " tokens"
 
 
-def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs) -> "balancing.UnitCosts":
+def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs, *, params=None, optimizer="adamw", blocks=None,
+                block_of=None) -> "balancing.UnitCosts":
     count = len(owned_costs)
     nodes_of = [[] for _ in range(count)]
     for node in nodes:
@@ -288,7 +383,12 @@ def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs) -> "balancing.
         last = max((count - 1 if u.op == "output" else unit[u] for u in node.users), default=unit[node])
         for u in range(unit[node], last):
             cut_bytes[u] += graph_cost.value_bytes(node)
-    return balancing.UnitCosts(graph_cost, nodes_of, list(owned_costs), shared, shared_bytes, cut_bytes)
+    state = optimizers.get(optimizer)
+    return balancing.UnitCosts(graph_cost, nodes_of, list(owned_costs), shared, shared_bytes, cut_bytes,
+                               optimizer_owned=[state.bytes_for(p) for p in params] if params is not None else None,
+                               optimizer_shared={n: state.bytes_for([getattr(conversion.module, n)])
+                                                 for n in shared_names},
+                               names=blocks, block_nodes=set(block_of) if block_of is not None else None)
 
 
 def default_block_rule(model_class: str) -> BlockRule:
@@ -651,6 +751,14 @@ def stage_table(stages: Stages) -> list[dict]:
             "seconds": predicted.seconds if predicted is not None else None,
             "time_share": plan.shares[spec.index] if plan is not None else None,
             "activation_bytes": predicted.activation_bytes if predicted is not None else None,
+            # the memory plan: parameters (with a copy of each shared weight), gradients, optimizer state,
+            # the largest recomputed block's activations, and the blocks recomputed
+            "stage_parameter_bytes": predicted.parameter_bytes if predicted is not None else None,
+            "gradient_bytes": predicted.gradient_bytes if predicted is not None else None,
+            "optimizer_bytes": predicted.optimizer_bytes if predicted is not None else None,
+            "recomputed_bytes": predicted.recomputed_bytes if predicted is not None else None,
+            "recompute": list(predicted.recompute) if predicted is not None else [],
+            "recompute_seconds": predicted.recompute_seconds if predicted is not None else None,
             "in_flight": predicted.in_flight if predicted is not None else None,
             "peak_bytes": spec.peak_bytes,
             "sent_bytes_per_microbatch": predicted.sent_bytes if predicted is not None else None,
@@ -682,6 +790,7 @@ def split_plan(stages: Stages) -> manifest.Plan | None:
         bubble_fraction=plan.bubble_fraction, step_seconds=plan.step_seconds,
         seconds=tuple(s.seconds for s in plan.stages), time_share=tuple(plan.shares),
         flops=tuple(s.flops for s in plan.stages), peak_bytes=tuple(s.peak_bytes for s in plan.stages),
+        optimizer=plan.optimizer, max_memory=plan.max_memory, recompute=plan.recompute,
     )
 
 
@@ -697,5 +806,5 @@ def _value_row(node: torch.fx.Node) -> dict:
     }
 
 
-__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "stage_table", "stage_plan",
+__all__ = ["split_stages", "Stages", "StageModule", "StageSpec", "SplitError", "MemoryPlanError", "stage_table", "stage_plan",
            "split_plan"]

@@ -33,7 +33,7 @@ from fxconvert.graph_info import graph_info
 from fxconvert.graph_utils import gc_paused
 from fxconvert.load import RandomWeightsWarning, check_model_config, load, quiet_transformers
 from fxconvert.pipeline import pipeline_files, pipeline_output, skipped_tokenizer_files, source_directory
-from fxconvert.report import Report, build_report, diff_section, stage_plan_section
+from fxconvert.report import Report, build_report, diff_section, memory_plan_section, stage_plan_section
 from fxconvert.save import Saved, check_destination, save
 from fxconvert.stages import Stages, split_stages, stage_blocks, stage_plan, stage_table
 from fxconvert.trace import input_name_list, trace_with_stats
@@ -68,6 +68,11 @@ class Options:
     batch: int | None = None
     encoder_length: int | None = None
     decoder_length: int | None = None
+    schedule: str = "1f1b"
+    microbatches: int | None = None
+    optimizer: str = "adamw"
+    recompute: str = "auto"
+    max_memory: int | None = None  # bytes per stage
     # report and save
     diff: bool = False
     force: bool = False
@@ -276,12 +281,16 @@ def _split(result: Result, options: Options, progress, timings: dict) -> None:
                        timings) as step:
         if isinstance(stages, int):
             stages = split_stages(conversion, stages, balance=options.balance, batch=options.batch,
-                                  encoder_length=options.encoder_length, decoder_length=options.decoder_length)
+                                  encoder_length=options.encoder_length, decoder_length=options.decoder_length,
+                                  schedule=options.schedule, microbatches=options.microbatches,
+                                  optimizer=options.optimizer, recompute=options.recompute,
+                                  max_memory=options.max_memory)
         output = pipeline_output(conversion, stages)
         result.stages, result.files = stages, output.files
         result.sections.append(output.section)
         if stages.plan is not None:
-            result.sections.append(stage_plan_section(stage_table(stages), stage_plan(stages)))
+            rows, plan = stage_table(stages), stage_plan(stages)
+            result.sections += [stage_plan_section(rows, plan), memory_plan_section(rows, plan)]
         step.detail = ", ".join(f"{len(spec.blocks)} blocks" for spec in stages.specs)
     conversion.timings["split"] = timings["split"]
     for note in output.notes:
