@@ -82,7 +82,7 @@ def runs(tmp_path_factory):
     (tmp / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     convert = subprocess.run([sys.executable, "-m", "fxconvert", str(tmp / "ckpt"), "--stages", "2", "--out",
                               str(tmp / "conv"), "--offline", "--no-validate", "-q", "--seq-lengths",
-                              f"{SOURCE},{TARGET}", "--batch", "1"], cwd=tr.REPO, env=tr.env(), capture_output=True,
+                              f"{SOURCE},{TARGET}", "--batch", "1", "--microbatches", "2", "--schedule", "1f1b"], cwd=tr.REPO, env=tr.env(), capture_output=True,
                              text=True, timeout=300)
     assert convert.returncode == 0, convert.stderr
     out = {}
@@ -137,3 +137,12 @@ def test_record_carries_the_plans_prediction(runs):
     for rank, r in memory_records(by_batch[2]).items():
         assert r["predicted_peak_bytes"] == plan.plan.peak_bytes[rank]
         assert r["plan"]["batch"] == 1 and r["plan"]["schedule"] == plan.plan.schedule
+
+
+def test_prediction_is_within_a_tenth_of_the_measured_peak(runs):
+    """The plan was made for the batch-2 run's shapes (microbatches of 1, 2 of them, 1F1B): its prediction
+    must hold the step's real peak, within 10% either way, on every stage."""
+    by_batch, _ = runs
+    for rank, r in memory_records(by_batch[2]).items():
+        error = (r["predicted_peak_bytes"] - r["peak_bytes"]) / r["peak_bytes"]
+        assert abs(error) <= 0.10, (rank, r["predicted_peak_bytes"], r["peak_bytes"], error)
