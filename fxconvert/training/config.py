@@ -44,6 +44,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     dtype: str = "float32"
+    recompute: str = "auto"  # `fxconvert.training.recompute.MODES`
     max_grad_norm: float | None = None
     save_every: int | None = None
     resume: bool = False

@@ -5,6 +5,7 @@ from dataclasses import fields
 
 from fxconvert import families
 from fxconvert.training.config import DEFAULTS, DTYPES, OPTIMIZERS, TrainConfig
+from fxconvert.training.recompute import MODES
 from fxconvert.training.schedules import SCHEDULES
 
 PROG = "python -m fxconvert.train"
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="bfloat16: bf16 autocast, float32 weights and optimizer state")
+    p.add_argument("--recompute", choices=MODES, help="recompute activations in backward instead of keeping them: "
+                   "none, full (every block) or auto (the blocks the conversion's plan chose; default)")
     p.add_argument("--max-grad-norm", type=float, help="clip by the whole model's gradient norm")
     p.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest complete checkpoint")
