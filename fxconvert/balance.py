@@ -201,10 +201,30 @@ class UnitCosts:
 
     def peak_bytes(self, j: int, i: int, stage: int, num_stages: int, schedule: str, microbatches: int,
                    option: "RecomputeOption | None" = None) -> int:
+        """`peak_memory` of units j .. i-1 as stage `stage`, with what a pipelined step holds beside it.
+
+        - Backward's working set (`GraphCost.backward_bytes`): the gradients arriving and created
+          beside the activations still saved. In the step's first backward, with `in_flight`
+          microbatches held, the weights' gradients are not all allocated yet; in a later one they
+          are, with as many microbatches held (1F1B's steady state) or one fewer (GPipe, or M at most
+          the in-flight count). The peak is the larger of the two.
+        - The receive buffers torch's stage keeps for every microbatch: the values received and their
+          gradients (sent back, kept until the next step), and the gradients received for what it sends.
+        """
         option = option or self.stage_options(j, i, "none")[0]
-        return peak_memory(parameter_bytes=self.parameter_bytes(j, i), optimizer_bytes=self.optimizer_bytes(j, i),
-                           activation_bytes=option.activation_bytes, recomputed_bytes=option.recomputed_bytes,
-                           in_flight=in_flight(schedule, stage, num_stages, microbatches))
+        work = self.__dict__.setdefault("_backward", {})
+        if (j, i) not in work:
+            work[j, i] = self.graph_cost.backward_bytes(n for u in range(j, i) for n in self.nodes_of[u])
+        saved = self.activations(j, i)
+        first, later = (w - saved for w in work[j, i])  # beyond one microbatch's saved activations
+        flight = in_flight(schedule, stage, num_stages, microbatches)
+        terms = dict(parameter_bytes=self.parameter_bytes(j, i), optimizer_bytes=self.optimizer_bytes(j, i),
+                     activation_bytes=option.activation_bytes, recomputed_bytes=option.recomputed_bytes)
+        received = self.cut_bytes[j - 1] if j > 0 else 0
+        sent = self.cut_bytes[i - 1] if i < len(self) else 0
+        return max(peak_memory(**terms, in_flight=flight) - terms["parameter_bytes"] + first,
+                   peak_memory(**terms, in_flight=flight if microbatches > flight else microbatches - 1) + later) \
+            + microbatches * (2 * received + sent)
 
     def stage_options(self, j: int, i: int, mode: str) -> list["RecomputeOption"]:
         """The recompute sets tried for units j .. i-1, fewest first: "none" the empty set, "full" every

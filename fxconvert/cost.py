@@ -84,6 +84,8 @@ class NodeCost:
     forward_seconds: float = 0.0
     backward_seconds: float = 0.0
     saved: dict = field(default_factory=dict)  # storage key -> bytes of that storage, saved for backward
+    backward_written: int = 0  # bytes its backward ops create (gradients of its inputs and weights)
+    weights: dict = field(default_factory=dict)  # storage key -> bytes of each weight it reads
 
     @property
     def flops(self) -> int:
@@ -114,6 +116,37 @@ class GraphCost:
         for node in nodes:
             storages.update(self.nodes[node].saved)
         return sum(storages.values())
+
+    def backward_bytes(self, nodes) -> tuple[int, int]:
+        """What backward through `nodes` (in graph order) holds at its worst, activations included:
+        (in a step's first backward, in a later one).
+
+        Backward runs the nodes last to first and frees each node's saved tensors after it. While
+        node n's backward runs, what is still saved is what n and the nodes before it saved; beside it
+        live the gradient arriving for n's output and what n's backward creates (the gradients of its
+        inputs and of its weights). In a step's first backward the weights' gradients appear node by
+        node (those of n and the nodes after it exist); in a later one they all exist already (the
+        caller counts them), and n's are fresh tensors, added into `.grad` and freed.
+        """
+        nodes = list(nodes)
+        storages, saved, prefix = {}, 0, []
+        for node in nodes:
+            for key, size in self.nodes[node].saved.items():
+                if key not in storages:
+                    storages[key] = size
+                    saved += size
+            prefix.append(saved)
+        seen, grads, first, later = set(), 0, 0, 0
+        for k in reversed(range(len(nodes))):
+            cost = self.nodes[nodes[k]]
+            new = sum(size for key, size in cost.weights.items() if key not in seen)
+            seen.update(cost.weights)
+            grads += new
+            arriving = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(self.values.get(nodes[k]))
+                           if isinstance(t, torch.Tensor) and t.requires_grad)
+            work = prefix[k] + arriving + cost.backward_written
+            first, later = max(first, work + grads - new), max(later, work)
+        return first, later
 
 
 # -- FLOP rules ------------------------------------------------------------------------------
@@ -175,6 +208,9 @@ class _OpCounter(TorchDispatchMode):
                 cost.backward_flops += flops
                 cost.backward_bytes += moved
                 cost.backward_seconds += seconds
+                if not func.is_view:
+                    cost.backward_written += sum(t.numel() * t.element_size() for t in pytree.tree_leaves(out)
+                                                 if isinstance(t, torch.Tensor))
             else:
                 cost.forward_flops += flops
                 cost.forward_bytes += moved
@@ -240,6 +276,12 @@ class _CostInterpreter(torch.fx.Interpreter):
             self.counter.current = None
         self.values[n] = value
         self._claim(value, cost)
+        reads = [self.values.get(a) for a in n.all_input_nodes]
+        reads += [value] if n.op == "get_attr" else list(self._twins[n.target].__dict__.values()) \
+            if n.op == "call_module" else []
+        for t in pytree.tree_leaves(reads):
+            if isinstance(t, torch.Tensor) and t.requires_grad and t.untyped_storage()._cdata in self.weights:
+                cost.weights[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         return value
 
     def _claim(self, value, cost):

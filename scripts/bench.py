@@ -1002,6 +1002,102 @@ def measure_pipeline_rss(ctx) -> Result:
 # --- the registry -----------------------------------------------------------------------------------
 
 
+# --- the memory plan against a measured step (torchrun) -------------------------------------------
+
+# A ~107M-parameter T5 (PIPELINE_RSS's shape), 2 stages, 1F1B, 4 microbatches of 1 x 256/64 tokens.
+PLAN_MEMORY = dict(microbatch=1, microbatches=4, source_length=256, target_length=64, stages=2, steps=3,
+                   config=PIPELINE_RSS["config"])
+
+
+def measure_plan_memory(ctx) -> list[Result]:
+    """Each stage's predicted peak against `fxconvert.train --measure-memory`, with recompute none and full.
+
+    For each recompute setting the checkpoint is converted with a plan for exactly the shapes the run
+    trains at (`--seq-lengths`, `--batch` per microbatch, `--microbatches`, `--schedule`, `--recompute`),
+    and 2 ranks train 3 AdamW steps with `--measure-memory` (step 2 is measured). The error is the largest
+    |predicted - measured| / measured over the stages and both settings; the activation memory of a stage
+    is its measured peak less its parameters, gradients and optimizer state (the record's
+    `activation_bytes`), summed over the stages; the step time is step 3's (not profiled), from
+    metrics.jsonl.
+    """
+    keys = ("plan_memory_error", "recompute_activation_ratio", "recompute_time_ratio")
+    why = cli_unavailable_reason()
+    if why:
+        return [unavailable(k, why) for k in keys]
+    sizes = PLAN_MEMORY
+    timeout = ctx.plan_dict["child_timeout_s"] * 2
+    records, seconds = {}, {}
+    with tempfile.TemporaryDirectory(prefix="fxbench-plan-") as tmp:
+        tmp = Path(tmp)
+        config = small_config(**sizes["config"])
+        _write_checkpoint(config, tmp / "ckpt")
+        batch = sizes["microbatch"] * sizes["microbatches"]
+        _write_pretokenized(tmp / "train.jsonl", lines=batch * sizes["steps"], source_length=sizes["source_length"],
+                            target_length=sizes["target_length"], vocab_size=config.vocab_size)
+        for recompute in ("none", "full"):
+            conv, out = tmp / f"conv_{recompute}", tmp / f"run_{recompute}"
+            _convert_stages(ctx, tmp / "ckpt", conv, sizes["stages"], "--seq-lengths",
+                            f"{sizes['source_length']},{sizes['target_length']}", "--batch", sizes["microbatch"],
+                            "--microbatches", sizes["microbatches"], "--schedule", "1f1b", "--recompute", recompute)
+            argv = _torchrun(sizes["stages"], "-m", "fxconvert.train", *_train_args(
+                conv, tmp / "train.jsonl", out, steps=sizes["steps"], batch=batch, microbatches=sizes["microbatches"],
+                source_length=sizes["source_length"], target_length=sizes["target_length"], schedule="1f1b"),
+                "--recompute", recompute, "--measure-memory")
+            run = run_child(argv, cwd=tmp, timeout_s=timeout, env=_ONE_THREAD)
+            if run.failure():
+                return [unavailable(k, f"the recompute {recompute} run failed: {run.failure()}") for k in keys]
+            lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            records[recompute] = sorted((r for r in lines if r.get("record") == "memory"), key=lambda r: r["rank"])
+            seconds[recompute] = [r["seconds"] for r in lines if r.get("record") is None][-1]
+    errors = {rec: [(r["predicted_peak_bytes"] - r["peak_bytes"]) / r["peak_bytes"] for r in rs]
+              for rec, rs in records.items()}
+    activations = {rec: sum(r["activation_bytes"] for r in rs) for rec, rs in records.items()}
+    details = {"model": "T5 of ~107M parameters (d_model 768, 5+5 layers, vocab 32128)", **{
+        k: v for k, v in sizes.items() if k != "config"}, "schedule": "1f1b", "optimizer": "adamw",
+        "errors": errors, "measured_peak_bytes": {rec: [r["peak_bytes"] for r in rs] for rec, rs in records.items()},
+        "predicted_peak_bytes": {rec: [r["predicted_peak_bytes"] for r in rs] for rec, rs in records.items()},
+        "activation_bytes": {rec: [r["activation_bytes"] for r in rs] for rec, rs in records.items()},
+        "step_seconds": seconds}
+    act = {rec: Figure(f"activation bytes, recompute {rec}", [float(v)], unit="B") for rec, v in activations.items()}
+    time_ = {rec: Figure(f"step 3 seconds, recompute {rec}", [v]) for rec, v in seconds.items()}
+    return [
+        Result("plan_memory_error", max(abs(e) for es in errors.values() for e in es), details=details),
+        Result("recompute_activation_ratio", activations["full"] / activations["none"], act["full"], act["none"],
+               details=details),
+        Result("recompute_time_ratio", seconds["full"] / seconds["none"], time_["full"], time_["none"],
+               details=details),
+    ]
+
+
+def measure_adafactor_state(ctx) -> Result:
+    """Optimizer state bytes under Adafactor over AdamW for t5-small (tiny T5 under --tiny), by
+    `fxconvert.optimizers`' rules; each rule is checked against the state a real optimizer step leaves
+    on the same model (a mismatch makes the figure unavailable)."""
+    from fxconvert import optimizers
+    from fxconvert.training.memory import storage_bytes
+
+    model = build(tiny_config() if ctx.mode == "tiny" else small_config()).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    predicted, real = {}, {}
+    for name in ("adamw", "adafactor"):
+        predicted[name] = optimizers.get(name).bytes_for(params)
+        optimizer = optimizers.get(name).build(params, lr=1e-4)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        real[name] = storage_bytes(v for state in optimizer.state.values() for v in state.values())
+        del optimizer
+        for p in params:
+            p.grad = None
+    details = {"model": ctx.main_name, "parameters": n_params(model), "predicted_bytes": predicted, "real_bytes": real}
+    if predicted != real:
+        return unavailable("adafactor_state_ratio", f"the state rules disagree with a real step: {predicted} "
+                                                    f"predicted, {real} allocated", **details)
+    return Result("adafactor_state_ratio", predicted["adafactor"] / predicted["adamw"],
+                  Figure("Adafactor state", [float(predicted["adafactor"])], unit="B"),
+                  Figure("AdamW state", [float(predicted["adamw"])], unit="B"), details=details)
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One figure: its key, target (None: reported without one), unit, what it compares, and the function that
@@ -1063,6 +1159,18 @@ REGISTRY = [
        "from_pretrained and 1 AdamW step; T5 of 107M parameters (d_model 768, 5+5 layers, vocab 32128), "
        "stages balanced by parameters, batch 8 x 64/32 tokens",
        measure_pipeline_rss, subprocess=True),
+    _m("plan_memory_error", 0.10, "share",
+       "largest |predicted - measured| / measured peak memory over the stages (fxconvert.train --measure-memory), "
+       "recompute none and full; T5 of 107M parameters, 2 stages, 1f1b, 4 microbatches of 1 x 256/64 tokens",
+       measure_plan_memory, subprocess=True),
+    _m("recompute_activation_ratio", 0.35, "ratio",
+       "measured activation memory (peak less parameters, gradients, optimizer state), recompute full over none, "
+       "same runs", measure_plan_memory, subprocess=True),
+    _m("recompute_time_ratio", 1.40, "ratio", "step time (an unprofiled step), recompute full over none, same runs",
+       measure_plan_memory, subprocess=True),
+    _m("adafactor_state_ratio", 0.05, "ratio",
+       "optimizer state bytes, Adafactor over AdamW, t5-small (fxconvert.optimizers, checked against a real step)",
+       measure_adafactor_state),
     # The Llama-style family: a decoder-only model of about 100M parameters.
     _m("convert_over_export_llama", 0.10, "ratio",
        "fxconvert.convert vs torch.export.export(strict=False), Llama of ~100M parameters (hidden 768, 8 layers, "

@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     zero: bool = False
     dtype: str = "float32"
+    recompute: str = "auto"  # `fxconvert.training.recompute.MODES`
     max_grad_norm: float | None = None
     save_every: int | None = None
     resume: bool = False
@@ -59,6 +60,7 @@ class TrainConfig:
     allow_random: bool = False
     no_export: bool = False
     verbose: bool = False
+    measure_memory: bool = False  # `fxconvert.training.memory`: one step's peak per rank, into metrics.jsonl
     # Sum the gradients of a weight's copies on several stages (`grad_sync`). Only the self-check's
     # control run turns it off, to show what plain pipelining does; no option sets it.
     tie_gradients: bool = True
@@ -120,6 +122,9 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
     if cfg.zero and cfg.dp < 2:
         raise UsageError(f"--zero shards the optimizer state over the --dp replicas, but --dp is {cfg.dp}: nothing "
                          f"to shard; drop --zero or train with --dp 2 or more")
+    if cfg.measure_memory and cfg.steps < 2:
+        raise UsageError(f"--measure-memory measures a run's second step (the first makes the optimizer state), "
+                         f"but --steps is {cfg.steps}; use --steps 2 or more")
     if launch.world_size % cfg.dp:
         raise UsageError(f"{launch.world_size} processes do not split into --dp {cfg.dp} replicas; launch a "
                          f"multiple of {cfg.dp} processes (pipeline ranks x replicas)")

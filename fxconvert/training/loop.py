@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fxconvert.training import grad_sync, optim
+from fxconvert.training import grad_sync, memory, optim
 from fxconvert.training.checkpoint import load_checkpoint, set_rng_state
 from fxconvert.training.faults import check_finite
 from fxconvert.training.metrics import Reporter
@@ -31,6 +31,7 @@ def train(run: Run) -> None:
             batch = {k: v.to(device) for k, v in data.batch(step * cfg.dp + topo.replica).items()}
             for optimizer in run.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
+            probe = memory.start(run, schedules, batch, step) if memory.due(run, step, start) else None
             losses = [] if last else None
             schedules.get(batch).step(batch["input_ids"], target=batch["labels"], losses=losses,
                                       return_outputs=False, **batch)
@@ -40,6 +41,8 @@ def train(run: Run) -> None:
             check_finite(modules, losses, step + 1, device)
             for optimizer in run.optimizers.values():
                 optimizer.step()
+            if probe is not None:
+                memory.finish(run, probe, reporter)
             if last:
                 loss = torch.stack([v.detach().float() for v in losses]).mean()
                 if topo.dp > 1:

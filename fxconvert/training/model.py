@@ -16,6 +16,7 @@ from fxconvert import families, manifest
 from fxconvert.errors import RandomWeightsRefused, UsageError, printable
 from fxconvert.stage_files import load_pipeline
 from fxconvert.training.grad_sync import Topology
+from fxconvert.training.recompute import chosen_blocks, describe, recompute_blocks
 
 
 def check_source_stages(source: str, topo: Topology) -> None:
@@ -59,6 +60,7 @@ class Model:
     pipeline_dir: Path | None = None  # a conversion directory (stage files)
     export_files: dict | None = None  # converted here: pipeline.json, config.json, tokenizer files
     tokenizer_dir: Path | None = None
+    recompute: str | None = None  # the start line naming the blocks each stage recomputes (`fxconvert.training.recompute`)
 
 
 def _read_config(path: Path) -> dict:
@@ -72,27 +74,32 @@ def load_model(cfg, topo: Topology, device: torch.device) -> Model:
     """This rank's stage modules, from stage files or by converting SOURCE here."""
     path = Path(cfg.source).expanduser()
     if path.is_dir() and (path / manifest.FILE).is_file():
-        return _from_stage_files(path, topo, device)
+        return _from_stage_files(path, topo, device, cfg.recompute)
     if path.is_dir() and (path / "model.py").is_file() and not (path / manifest.FILE).exists():
         raise UsageError(f"{cfg.source} is a conversion without stages (no pipeline.json); reconvert it with "
                          f"`python -m fxconvert CKPT --stages {topo.num_stages} --out DIR` or pass the checkpoint")
     return _from_name(cfg, path, topo, device)
 
 
-def _from_stage_files(path: Path, topo: Topology, device: torch.device) -> Model:
+def _from_stage_files(path: Path, topo: Topology, device: torch.device, recompute: str) -> Model:
     pipeline = load_pipeline(path)
     _check_stage_count(path, pipeline.num_stages, topo)
     if pipeline.output_name != "loss":
         raise UsageError(f"{path} returns {pipeline.output_name!r}, not the loss; reconvert without --output "
                          f"(training needs the model's loss, from labels)")
     _check_inputs(path, pipeline.model_class, {n for s in pipeline.stages for n in s.inputs})
+    blocks = [s.blocks for s in pipeline.stages]
+    plan = pipeline.manifest.plan
+    where = f"the plan in {manifest.FILE}"
+    chosen = chosen_blocks(recompute, blocks, plan.recompute if plan else None, where=where)
     parts = {}
     for i in topo.my_stages:
         module = pipeline.load_stage(i, device=str(device))
+        recompute_blocks(module, blocks[i], chosen[i])
         parts[i] = StagePart(i, module.train(), list(pipeline.stages[i].inputs))
     shared = {name: list(info.stages) for name, info in pipeline.shared_weights.items()}
     return Model(parts, pipeline.num_stages, shared, _read_config(path / pipeline.config), pipeline_dir=path,
-                 tokenizer_dir=path)
+                 tokenizer_dir=path, recompute=describe(recompute, chosen, where=where))
 
 
 def _check_inputs(where, model_class: str, inputs: set) -> None:
@@ -127,9 +134,13 @@ def _from_name(cfg, path: Path, topo: Topology, device: torch.device) -> Model:
         raise UsageError(f"{e.why}: give a checkpoint directory, or pass --allow-random to train from random "
                          f"weights") from e
     conversion, stages = split.conversion, split.stages
+    blocks = [spec.blocks for spec in stages.specs]
+    where = "the split's plan"
+    chosen = chosen_blocks(cfg.recompute, blocks, getattr(stages.plan, "recompute", ()), where=where)
     parts = {}
     for i in topo.my_stages:
         module = stages.stage_module(i).train().to(device)
+        recompute_blocks(module, blocks[i], chosen[i])
         parts[i] = StagePart(i, module, list(stages.specs[i].inputs))
     shared = {name: [s.index for s in stages.specs if name in s.shared_weights] for name in conversion.shared_weights}
     config = conversion.model.config.to_dict()
@@ -141,7 +152,8 @@ def _from_name(cfg, path: Path, topo: Topology, device: torch.device) -> Model:
     files, tokenizer_dir = split.files, split.tokenizer_dir
     del conversion, stages, split
     gc.collect()  # the whole model was here; keep only this rank's stages
-    return Model(parts, topo.num_stages, shared, config, export_files=files, tokenizer_dir=tokenizer_dir)
+    return Model(parts, topo.num_stages, shared, config, export_files=files, tokenizer_dir=tokenizer_dir,
+                 recompute=describe(cfg.recompute, chosen, where=where))
 
 
 def _check_conversion(source, conversion) -> None:

@@ -5,6 +5,7 @@ from dataclasses import fields
 
 from fxconvert import families
 from fxconvert.training.config import DEFAULTS, DTYPES, OPTIMIZERS, TrainConfig
+from fxconvert.training.recompute import MODES
 from fxconvert.training.schedules import SCHEDULES
 
 PROG = "python -m fxconvert.train"
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", action="store_true",
                    help="shard the optimizer state over each stage's --dp replicas (ZeroRedundancyOptimizer)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="bfloat16: bf16 autocast, float32 weights and optimizer state")
+    p.add_argument("--recompute", choices=MODES, help="recompute activations in backward instead of keeping them: "
+                   "none, full (every block) or auto (the blocks the conversion's plan chose; default)")
     p.add_argument("--max-grad-norm", type=float, help="clip by the whole model's gradient norm")
     p.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest complete checkpoint")
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-random", action="store_true", help="when SOURCE resolves to no weights (a preset, a "
                    "config), train from random weights instead of refusing")
     p.add_argument("--no-export", action="store_true", help="do not write RUN/hf at the end")
+    p.add_argument("--measure-memory", action="store_true", help="measure each rank's peak memory in one step "
+                   "(the second) and write it to RUN/metrics.jsonl beside the plan's prediction")
     p.add_argument("-v", "--verbose", action="store_true", help="print a failing rank's traceback before its line")
     return p
 

@@ -107,6 +107,9 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
         if meta.get("step", 0) > cfg.steps:
             raise UsageError(f"{resume_from} is step {meta['step']}, past --steps {cfg.steps}; "
                              f"raise --steps to train on")
+        if cfg.measure_memory and meta.get("step", 0) + 2 > cfg.steps:
+            raise UsageError(f"--measure-memory measures the second step a run takes, but {resume_from} is step "
+                             f"{meta['step']} of --steps {cfg.steps}; raise --steps to {meta['step'] + 2} or more")
     if not cfg.no_export:
         try:
             check_destination(run_dir / "hf")

@@ -14,7 +14,7 @@ from fxconvert.training.config import Launch, TrainConfig
 from fxconvert.training.faults import EXIT_INTERRUPTED, Signals, first_to_say, nonfinite, one_line, report_failure
 from fxconvert.training.heartbeat import Heartbeat, die_with_launcher
 from fxconvert.training.loop import train
-from fxconvert.training.run import Run, lock_run, prepare
+from fxconvert.training.run import Run, lock_run, prepare, say
 
 
 def run_training(cfg: TrainConfig, launch: Launch) -> int:
@@ -63,6 +63,8 @@ def _main(cfg: TrainConfig, launch: Launch, signals: Signals) -> int:
 def _prepared(cfg: TrainConfig, launch: Launch) -> Run:
     run = prepare(cfg, launch)
     lock_run(run)
+    if run.model.recompute:
+        say(run, run.model.recompute)
     return run
 
 
