@@ -152,7 +152,9 @@ class UnitCosts:
     `owned[u]`: bytes of the parameters it owns; `shared[u]`: the shared weights it reads;
     `cut_bytes[u]`: bytes sent across the cut after unit u; `optimizer_owned[u]` and
     `optimizer_shared[name]`: the optimizer's state bytes for them; `names[u]`: its block;
-    `block_nodes`: the nodes that lie in a block proper (what recomputing the block reruns).
+    `block_nodes`: the nodes a recomputed unit reruns (default: all of its nodes, as the trainer's
+    `fxconvert.training.recompute` wraps a block with the nodes attached to it: a stage's
+    embedding with its first block, its final norm, head and loss with its last).
     Activations of a run of units are the union of their saved storages (`GraphCost.saved_bytes`).
     """
 

@@ -192,7 +192,7 @@ def split_stages(conversion: ConvertedGraph, num_stages: int, *, balance: str = 
         sizes = _sizes(batch, encoder_length, decoder_length, max_length=_max_length(conversion))
         microbatches = microbatches or max(4, num_stages)
         units = _unit_costs(conversion, analyze(conversion, sizes=sizes), nodes, unit, costs, params=params,
-                            optimizer=optimizer, blocks=blocks, block_of=block_of)
+                            optimizer=optimizer, blocks=blocks)
     options = None
     if units is None:
         group, measured = _balance(costs, num_stages), None  # the rule of earlier versions, kept exactly
@@ -349,8 +349,7 @@ def _sizes_text(sizes: Sizes, model_class: str) -> str:
                                                  for seq, name in lengths.items()]) + " tokens"
 
 
-def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs, *, params=None, optimizer="adamw", blocks=None,
-                block_of=None) -> "balancing.UnitCosts":
+def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs, *, params=None, optimizer="adamw", blocks=None) -> "balancing.UnitCosts":
     count = len(owned_costs)
     nodes_of = [[] for _ in range(count)]
     for node in nodes:
@@ -377,7 +376,7 @@ def _unit_costs(conversion, graph_cost, nodes, unit, owned_costs, *, params=None
                                optimizer_owned=[state.bytes_for(p) for p in params] if params is not None else None,
                                optimizer_shared={n: state.bytes_for([getattr(conversion.module, n)])
                                                  for n in shared_names},
-                               names=blocks, block_nodes=set(block_of) if block_of is not None else None)
+                               names=blocks)  # a recomputed unit is the whole unit, as the trainer wraps it
 
 
 def default_block_rule(model_class: str) -> BlockRule:

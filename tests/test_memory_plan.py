@@ -37,7 +37,7 @@ def units():
         costs[unit[node]] += param.numel() * param.element_size()
         params[unit[node]].append(param)
     return st._unit_costs(conv, analyze(conv, sizes=Sizes(**SIZES)), nodes, unit, costs, params=params,
-                          blocks=blocks, block_of=block_of)
+                          blocks=blocks)
 
 
 def least(num_stages, recompute, microbatches=4):
@@ -67,8 +67,9 @@ def test_parameters_gradients_and_optimizer_state_are_what_the_stage_holds(optim
         by_hand = sum(p.numel() * p.element_size() for p in params)
         assert predicted.parameter_bytes == predicted.gradient_bytes == by_hand
         assert predicted.optimizer_bytes == state_after_a_step(optimizer, params)
-        assert predicted.peak_bytes == (2 * by_hand + predicted.optimizer_bytes
-                                        + predicted.in_flight * predicted.activation_bytes)
+        # the peak holds these and more: backward's working set and the receive buffers (tests/test_memory.py)
+        assert predicted.peak_bytes > (2 * by_hand + predicted.optimizer_bytes
+                                       + predicted.in_flight * predicted.activation_bytes)
 
 
 def test_adafactor_keeps_less_state_than_adamw():
