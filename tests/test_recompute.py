@@ -21,7 +21,7 @@ from fxconvert.inputs import build_inputs
 from fxconvert.pipeline import stage_parameters, stage_sources
 from fxconvert.stages import split_stages
 from fxconvert.training.options import parse
-from fxconvert.training.recompute import chosen_blocks, describe, recompute_blocks
+from fxconvert.training.recompute import RecomputeError, chosen_blocks, describe, recompute_blocks
 from fxconvert.workflow import convert
 
 from helpers import output_sum
@@ -141,3 +141,22 @@ def test_recompute_defaults_to_auto():
         "none", "full"}
 
 
+
+
+def test_a_stage_whose_graph_does_not_trace_is_one_line_naming_the_fix():
+    """A stage file edited by hand (here: a branch on a tensor's value) cannot be run in segments."""
+
+    class Graph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, "block", torch.nn.ModuleList([torch.nn.Linear(2, 2)]))
+
+        def forward(self, x, training: bool = False):
+            return self.block[0](x) if x.sum() > 0 else x
+
+    stage = torch.nn.Module()
+    stage.graph_module = Graph()
+    with pytest.raises(RecomputeError, match=r"^stage 3: cannot run its blocks under recompute, its graph does not "
+                                             r"trace \(TraceError: [^\n]*\); pass --recompute none, or convert again$"):
+        recompute_blocks(stage, ["block.0"], ["block.0"], index=3)
+    assert recompute_blocks(stage, ["block.0"], [], index=3) == ()  # nothing chosen: not even traced

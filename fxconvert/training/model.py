@@ -95,7 +95,7 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device, recomput
     parts = {}
     for i in topo.my_stages:
         module = pipeline.load_stage(i, device=str(device))
-        recompute_blocks(module, blocks[i], chosen[i])
+        recompute_blocks(module, blocks[i], chosen[i], index=i)
         parts[i] = StagePart(i, module.train(), list(pipeline.stages[i].inputs))
     shared = {name: list(info.stages) for name, info in pipeline.shared_weights.items()}
     return Model(parts, pipeline.num_stages, shared, _read_config(path / pipeline.config), pipeline_dir=path,
@@ -140,7 +140,7 @@ def _from_name(cfg, path: Path, topo: Topology, device: torch.device) -> Model:
     parts = {}
     for i in topo.my_stages:
         module = stages.stage_module(i).train().to(device)
-        recompute_blocks(module, blocks[i], chosen[i])
+        recompute_blocks(module, blocks[i], chosen[i], index=i)
         parts[i] = StagePart(i, module, list(stages.specs[i].inputs))
     shared = {name: [s.index for s in stages.specs if name in s.shared_weights] for name in conversion.shared_weights}
     config = conversion.model.config.to_dict()

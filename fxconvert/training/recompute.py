@@ -34,7 +34,7 @@ import torch.fx
 from torch.utils.checkpoint import checkpoint
 
 from fxconvert import runtime
-from fxconvert.errors import UsageError
+from fxconvert.errors import FxConvertError, UsageError, first_line, printable
 
 MODES = ("none", "full", "auto")
 # The leaf functions a stage file's graph calls (`fxconvert.runtime`): kept as one node each when re-traced.
@@ -91,11 +91,22 @@ class Segment:
     recompute: bool
 
 
-def recompute_blocks(stage: torch.nn.Module, blocks, chosen) -> tuple[str, ...]:
-    """Run the `chosen` blocks of `stage` (a stage module with a `graph_module`; `blocks` are all of its
-    blocks) under checkpoint; returns the chosen blocks found in its graph (none found: nothing changes)."""
+class RecomputeError(FxConvertError):
+    """A stage's graph could not be run in segments."""
+
+
+def recompute_blocks(stage: torch.nn.Module, blocks, chosen, *, index: int = 0) -> tuple[str, ...]:
+    """Run the `chosen` blocks of `stage` (stage `index`, a module with a `graph_module`; `blocks` are all
+    of its blocks) under checkpoint; returns the chosen blocks found in its graph (none: nothing changes)."""
+    if not chosen:
+        return ()
     inner = stage.graph_module
-    graph = inner.graph if isinstance(inner, torch.fx.GraphModule) else _trace(inner)
+    try:
+        graph = inner.graph if isinstance(inner, torch.fx.GraphModule) else _trace(inner)
+    except Exception as e:  # noqa: BLE001 - a stage file edited by hand may fail to trace in any way
+        raise RecomputeError(f"stage {index}: cannot run its blocks under recompute, its graph does not trace "
+                             f"({printable(type(e).__name__ + ': ' + first_line(e))}); pass --recompute none, or "
+                             f"convert again") from e
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     unit = _units(nodes, list(blocks))
     found = tuple(b for b in chosen if b in set(unit.values()))
