@@ -309,15 +309,15 @@ class Split:
 
 
 def split(source, num_stages: int, *, offline: bool = False, seed: int = 0, allow_random: bool = False,
-          check=None) -> Split:
+          check=None, optimizer: str = "adamw") -> Split:
     """Convert `source` (a name, or a conversion already made) and split it in `num_stages` stages, writing
     nothing: pipeline.json, config.json and the tokenizer files are returned as `Split.files`. `check`, given
-    the conversion, may refuse it (raise) before the split."""
+    the conversion, may refuse it (raise) before the split. The plan counts `optimizer`'s state."""
     conversion = source if isinstance(source, ConvertedGraph) else convert(
         source, offline=offline, seed=seed, allow_random=allow_random)
     if check is not None:
         check(conversion)
-    stages = split_stages(conversion, num_stages)
+    stages = split_stages(conversion, num_stages, optimizer=optimizer)
     files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
     return Split(conversion, stages, files, skipped_tokenizer_files(conversion.source),
                  source_directory(conversion.source))

@@ -115,10 +115,11 @@ def test_the_modes_choose_blocks_per_stage():
     assert describe("none", blocks, where="the plan") is None
 
 
-def test_auto_without_a_planned_block_says_it_keeps_every_activation():
-    line = describe("auto", [(), ()], where="the plan in pipeline.json")
-    assert line.startswith("recompute auto: the plan in pipeline.json recomputes no block;")
-    assert "--recompute full" in line and "\n" not in line
+def test_auto_without_a_planned_block_adds_no_line():
+    """A plan made without --max-memory recomputes nothing: the run starts as it did before recompute existed."""
+    assert describe("auto", [(), ()], where="the plan in pipeline.json") is None
+    line = describe("auto", [("encoder.block.1",), ()], where="the plan in pipeline.json")
+    assert line == "recompute auto (the plan in pipeline.json): stage 0 encoder.block.1; stage 1 none"
 
 
 def test_a_plan_naming_a_block_no_stage_runs_is_refused():

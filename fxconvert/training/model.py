@@ -129,7 +129,8 @@ def _from_name(cfg, path: Path, topo: Topology, device: torch.device) -> Model:
     transformers.utils.logging.disable_progress_bar()
     try:
         split = workflow.split(cfg.source, topo.num_stages, offline=cfg.offline, seed=cfg.seed,
-                               allow_random=cfg.allow_random, check=lambda c: _check_conversion(cfg.source, c))
+                               allow_random=cfg.allow_random, check=lambda c: _check_conversion(cfg.source, c),
+                               optimizer=cfg.optimizer or "adamw")
     except RandomWeightsRefused as e:
         raise UsageError(f"{e.why}: give a checkpoint directory, or pass --allow-random to train from random "
                          f"weights") from e

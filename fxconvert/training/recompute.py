@@ -57,12 +57,10 @@ def chosen_blocks(mode: str, stage_blocks, planned, *, where: str) -> list[tuple
 
 
 def describe(mode: str, chosen: list[tuple[str, ...]], *, where: str) -> str | None:
-    """The start line saying which blocks each stage recomputes (None for --recompute none)."""
-    if mode == "none":
+    """The start line saying which blocks each stage recomputes (None when none is: --recompute none, or auto
+    with a plan that chose none, as every plan made without --max-memory does; the run is then as before)."""
+    if mode == "none" or not any(chosen):
         return None
-    if mode == "auto" and not any(chosen):
-        return f"recompute auto: {where} recomputes no block; every activation is kept (--recompute full " \
-               f"recomputes every block)"
     source = "" if mode == "full" else f" ({where})"
     return f"recompute {mode}{source}: " + "; ".join(f"stage {i} {_ranges(blocks) or 'none'}"
                                                       for i, blocks in enumerate(chosen))

@@ -210,7 +210,7 @@ def prepare(cfg: RunConfig, work: Path):
     from fxconvert import workflow  # the converter: the self-check converts its tiny model here
 
     build_model(cfg).save_pretrained(work / "ckpt")
-    split = workflow.split(str(work / "ckpt"), cfg.stages, offline=True)
+    split = workflow.split(str(work / "ckpt"), cfg.stages, offline=True, optimizer=cfg.optimizer)
     stages = split.stages
     split.conversion.save(work / "conv", stages=stages)
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(cfg)), encoding="utf-8")
