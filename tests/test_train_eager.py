@@ -272,7 +272,8 @@ def test_resume_with_another_optimizer_is_refused(setup, dp_runs, monkeypatch, c
 
 
 def test_the_optimizer_defaults_to_the_plans(setup, tmp_path):
-    """No --optimizer: the one the conversion's plan counted, else AdamW; another one is a warning, not an error."""
+    """No --optimizer: the one the conversion's plan counted, else AdamW; another one is a warning, not an error,
+    when the plan was made for a memory target (without one the plan promised nothing)."""
     from fxconvert.errors import UsageError
     from fxconvert.training import optim
     from fxconvert.training.config import TrainConfig
@@ -280,11 +281,11 @@ def test_the_optimizer_defaults_to_the_plans(setup, tmp_path):
     root, _ = setup
     record = json.loads((convert(root, 2) / "pipeline.json").read_text())
 
-    def choose(plan_optimizer, optimizer=None, warned=None):
+    def choose(plan_optimizer, optimizer=None, warned=None, max_memory=2**30):
         if plan_optimizer is None:
             record["plan"] = None
         else:
-            record["plan"] = {**record["plan"], "optimizer": plan_optimizer}
+            record["plan"] = {**record["plan"], "optimizer": plan_optimizer, "max_memory": max_memory}
         (tmp_path / "pipeline.json").write_text(json.dumps(record))
         cfg = TrainConfig(source=str(tmp_path), data="train.jsonl", out="run", optimizer=optimizer)
         return optim.choose(cfg, warn=(warned if warned is not None else []).append)
@@ -295,6 +296,7 @@ def test_the_optimizer_defaults_to_the_plans(setup, tmp_path):
     assert choose("adafactor", "adamw", warned) == "adamw"
     (line,) = warned
     assert "--optimizer adamw" in line and "plan counted adafactor's state" in line
+    assert choose("adafactor", "adamw", warned, max_memory=None) == "adamw" and len(warned) == 1  # no target
     with pytest.raises(UsageError, match="plan counts optimizer 'lion'.*pass --optimizer"):
         choose("lion")
     assert choose("lion", "sgd") == "sgd"

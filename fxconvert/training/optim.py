@@ -3,8 +3,9 @@ over the stage's data-parallel replicas (`--zero`), its state for a checkpoint, 
 
 Which one: `--optimizer`, else the optimizer a conversion's plan counted (pipeline.json's
 `plan.optimizer`: its predicted peaks hold that optimizer's state), else AdamW. An explicit
-`--optimizer` that differs from the plan's is a warning, not an error: the plan's memory
-figures are then off by the difference in state, and the run may still fit.
+`--optimizer` that differs from the plan's is a warning, not an error, and only for a plan
+made for a memory target (`--max-memory`): its figures are then off by the difference in
+state, and the run may still fit. A plan made without one promised nothing to differ from.
 
 `--zero` is `torch.distributed.optim.ZeroRedundancyOptimizer` over the stage's replica group
 (`Topology.dp_group`): each replica keeps the state of about 1/dp of the stage's weights,
@@ -37,27 +38,28 @@ def choose(cfg, *, warn) -> str:
 
     A pipeline.json that does not read is left to `load_model` to report.
     """
-    planned = _planned(cfg.source)
+    planned, target = _planned(cfg.source)
     if cfg.optimizer is None:
         if planned is not None and planned not in optimizers.NAMES:
             raise UsageError(f"{printable(cfg.source)}'s plan counts optimizer {planned!r}, which fxconvert.train "
                              f"does not run; pass --optimizer ({', '.join(optimizers.NAMES)})")
         return planned or DEFAULT
-    if planned is not None and planned != cfg.optimizer:
+    if planned is not None and planned != cfg.optimizer and target is not None:
         warn(f"--optimizer {cfg.optimizer}, but {cfg.source}'s plan counted {planned}'s state in its memory "
              f"figures; the stages' memory differs from the plan's")
     return cfg.optimizer
 
 
-def _planned(source) -> str | None:
+def _planned(source) -> tuple[str | None, int | None]:
+    """The optimizer and the memory target of a conversion's plan ((None, None) without one)."""
     path = Path(source).expanduser()
     if not (path / manifest.FILE).is_file():
-        return None
+        return None, None
     try:
         plan = manifest.read(path).plan
     except manifest.ManifestError:
-        return None
-    return plan.optimizer if plan is not None else None
+        return None, None
+    return (plan.optimizer, plan.max_memory) if plan is not None else (None, None)
 
 
 def build(cfg, topo, params) -> torch.optim.Optimizer:
