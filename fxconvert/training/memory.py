@@ -33,8 +33,9 @@ vocabulary), which recompute does not change; `saved_activation_bytes` is what t
 activations themselves hold: the bytes the step allocated and still holds when its first
 backward op begins (the activations saved by the microbatches in flight under the schedule,
 plus their outputs; under recompute, the checkpointed blocks' inputs). It is read from the
-profiler's op and memory events, so it is None on CUDA. `predicted_peak_bytes` is the plan's prediction for the
-rank's stages (pipeline.json, at the sizes it was planned for: `plan`), None without one.
+profiler's op and memory events, so it is None on CUDA. `predicted_peak_bytes` is the plan's
+prediction for the rank's stages (pipeline.json, at the sizes it was planned for: `plan`),
+None without one.
 """
 
 import time
@@ -44,6 +45,8 @@ import torch
 import torch.distributed as dist
 
 from fxconvert import manifest
+
+BACKWARD_OP = "autograd::engine::evaluate_function: "  # how the profiler names each autograd node it runs
 
 
 @dataclass
@@ -117,9 +120,6 @@ def saved_of(events) -> int | None:
     if not starts:
         return None
     return sum(nbytes for t, nbytes in _deltas(events) if t < min(starts))
-
-
-BACKWARD_OP = "autograd::engine::evaluate_function: "
 
 
 def _deltas(events) -> list[tuple[int, int]]:
