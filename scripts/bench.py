@@ -1016,9 +1016,11 @@ def measure_plan_memory(ctx) -> list[Result]:
     trains at (`--seq-lengths`, `--batch` per microbatch, `--microbatches`, `--schedule`, `--recompute`),
     and 2 ranks train 3 AdamW steps with `--measure-memory` (step 2 is measured). The error is the largest
     |predicted - measured| / measured over the stages and both settings; the activation memory of a stage
-    is its measured peak less its parameters, gradients and optimizer state (the record's
-    `activation_bytes`), summed over the stages; the step time is step 3's (not profiled), from
-    metrics.jsonl.
+    is what its saved activations hold (the record's `saved_activation_bytes`: the bytes the measured step's
+    forwards left live when its first backward began), summed over the stages; the rest of the peak
+    (`activation_bytes`: the peak less parameters, gradients and optimizer state, mostly backward's working
+    memory, which recompute does not change) goes into the details. The step time is step 3's (not
+    profiled), from metrics.jsonl.
     """
     keys = ("plan_memory_error", "recompute_activation_ratio", "recompute_time_ratio")
     why = cli_unavailable_reason()
@@ -1051,14 +1053,19 @@ def measure_plan_memory(ctx) -> list[Result]:
             seconds[recompute] = [r["seconds"] for r in lines if r.get("record") is None][-1]
     errors = {rec: [(r["predicted_peak_bytes"] - r["peak_bytes"]) / r["peak_bytes"] for r in rs]
               for rec, rs in records.items()}
-    activations = {rec: sum(r["activation_bytes"] for r in rs) for rec, rs in records.items()}
+    if any(r["saved_activation_bytes"] is None for rs in records.values() for r in rs):
+        return [unavailable(k, "a memory record has no saved_activation_bytes (no backward op profiled)")
+                for k in keys]
+    activations = {rec: sum(r["saved_activation_bytes"] for r in rs) for rec, rs in records.items()}
     details = {"model": "T5 of ~107M parameters (d_model 768, 5+5 layers, vocab 32128)", **{
         k: v for k, v in sizes.items() if k != "config"}, "schedule": "1f1b", "optimizer": "adamw",
         "errors": errors, "measured_peak_bytes": {rec: [r["peak_bytes"] for r in rs] for rec, rs in records.items()},
         "predicted_peak_bytes": {rec: [r["predicted_peak_bytes"] for r in rs] for rec, rs in records.items()},
         "activation_bytes": {rec: [r["activation_bytes"] for r in rs] for rec, rs in records.items()},
+        "saved_activation_bytes": {rec: [r["saved_activation_bytes"] for r in rs] for rec, rs in records.items()},
         "step_seconds": seconds}
-    act = {rec: Figure(f"activation bytes, recompute {rec}", [float(v)], unit="B") for rec, v in activations.items()}
+    act = {rec: Figure(f"saved activation bytes, recompute {rec}", [float(v)], unit="B")
+           for rec, v in activations.items()}
     time_ = {rec: Figure(f"step 3 seconds, recompute {rec}", [v]) for rec, v in seconds.items()}
     return [
         Result("plan_memory_error", max(abs(e) for es in errors.values() for e in es), details=details),
@@ -1164,8 +1171,9 @@ REGISTRY = [
        "recompute none and full; T5 of 107M parameters, 2 stages, 1f1b, 4 microbatches of 1 x 256/64 tokens",
        measure_plan_memory, subprocess=True),
     _m("recompute_activation_ratio", 0.35, "ratio",
-       "measured activation memory (peak less parameters, gradients, optimizer state), recompute full over none, "
-       "same runs", measure_plan_memory, subprocess=True),
+       "measured activation memory (the bytes the forwards left live when the step's first backward began: the "
+       "saved activations of the microbatches in flight and their outputs), recompute full over none, same runs",
+       measure_plan_memory, subprocess=True),
     _m("recompute_time_ratio", 1.40, "ratio", "step time (an unprofiled step), recompute full over none, same runs",
        measure_plan_memory, subprocess=True),
     _m("adafactor_state_ratio", 0.05, "ratio",

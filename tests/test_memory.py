@@ -1,9 +1,10 @@
 """`--measure-memory` (fxconvert.training.memory): one step's peak of torch-allocated memory per rank.
 
 The CPU method is checked first against allocations whose peak is known by construction;
-then two tiny torchrun runs (batch 2 and batch 8, 2 stages) share every assertion on the
-records they write: one per rank, at least the bytes that persist through a step, growing
-with the batch, beside the plan's own prediction.
+then three tiny torchrun runs (batch 2 and batch 8, and batch 8 with --recompute full; 2
+stages) share every assertion on the records they write: one per rank, at least the bytes
+that persist through a step, growing with the batch, beside the plan's own prediction, the
+saved activations a part of the peak that recompute shrinks.
 """
 
 import json
@@ -73,7 +74,8 @@ def test_one_step_is_measured_so_it_needs_two(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Per batch size: (metrics records, pipeline.json) of 2 ranks x 2 AdamW steps with --measure-memory."""
+    """Per batch size (and "full": batch 8 with --recompute full): (metrics records, pipeline.json) of 2 ranks x
+    2 AdamW steps with --measure-memory."""
     tmp = tmp_path_factory.mktemp("memory")
     helpers.build(dropout_rate=0.1).save_pretrained(tmp / "ckpt")
     g = torch.Generator().manual_seed(0)
@@ -86,12 +88,13 @@ def runs(tmp_path_factory):
                              text=True, timeout=300)
     assert convert.returncode == 0, convert.stderr
     out = {}
-    for batch in (2, 8):
-        proc = tr.torchrun(2, tmp / "conv", "--data", tmp / "data.jsonl", "--out", tmp / f"run{batch}", "--steps", 2,
+    for key, batch, recompute in ((2, 2, "none"), (8, 8, "none"), ("full", 8, "full")):
+        proc = tr.torchrun(2, tmp / "conv", "--data", tmp / "data.jsonl", "--out", tmp / f"run{key}", "--steps", 2,
                            "--batch", batch, "--microbatches", 2, "--schedule", "1f1b", "--optimizer", "adamw",
-                           "--device", "cpu", "--no-export", "--measure-memory", timeout=300)
+                           "--device", "cpu", "--no-export", "--measure-memory", "--recompute", recompute,
+                           timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[batch] = tr.metrics(tmp / f"run{batch}")
+        out[key] = tr.metrics(tmp / f"run{key}")
     return out, manifest.read(tmp / "conv")
 
 
@@ -146,3 +149,31 @@ def test_prediction_is_within_a_tenth_of_the_measured_peak(runs):
     for rank, r in memory_records(by_batch[2]).items():
         error = (r["predicted_peak_bytes"] - r["peak_bytes"]) / r["peak_bytes"]
         assert abs(error) <= 0.10, (rank, r["predicted_peak_bytes"], r["peak_bytes"], error)
+
+
+def test_saved_activations_are_a_part_of_the_peak(runs):
+    """The moment the first backward begins is one moment of the step: what was live at the start plus what
+    the forwards left is at most the peak. (Not necessarily within `activation_bytes`: that one subtracts all
+    the gradients, and none exists yet when backward begins.)"""
+    by_batch, _ = runs
+    for records in by_batch.values():
+        for r in memory_records(records).values():
+            assert 0 < r["saved_activation_bytes"] <= r["peak_bytes"] - r["live_at_start_bytes"], r
+
+
+def test_saved_activations_grow_with_the_batch(runs):
+    by_batch, _ = runs
+    small, large = memory_records(by_batch[2]), memory_records(by_batch[8])
+    for rank in (0, 1):
+        assert large[rank]["saved_activation_bytes"] > small[rank]["saved_activation_bytes"]
+
+
+def test_full_recompute_saves_less(runs):
+    """Under --recompute full a stage keeps only its blocks' inputs (and outputs) from forward; the weights,
+    their gradients and the optimizer state are the same."""
+    by_batch, _ = runs
+    none, full = memory_records(by_batch[8]), memory_records(by_batch["full"])
+    for rank in (0, 1):
+        assert full[rank]["saved_activation_bytes"] < none[rank]["saved_activation_bytes"]
+        for key in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
+            assert full[rank][key] == none[rank][key]

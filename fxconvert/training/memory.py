@@ -27,8 +27,15 @@ How the peak is taken:
 The record also splits the peak: `parameter_bytes`, `gradient_bytes` (the parameters that
 train; a gradient is the size of its weight) and `optimizer_bytes` (the state after the step)
 persist between steps; `activation_bytes` is the rest of the peak (saved activations,
-received and sent values, transients). `predicted_peak_bytes` is the plan's prediction for the
-rank's stages (pipeline.json, at the sizes it was planned for: `plan`), None without one.
+received and sent values, transients). Most of that rest, at the peak, can be backward's
+working memory (a fresh gradient of a shared embedding, the loss's gradient over the
+vocabulary), which recompute does not change; `saved_activation_bytes` is what the saved
+activations themselves hold: the bytes the step allocated and still holds when its first
+backward op begins (the activations saved by the microbatches in flight under the schedule,
+plus their outputs; under recompute, the checkpointed blocks' inputs). It is read from the
+profiler's op and memory events, so it is None on CUDA. `predicted_peak_bytes` is the plan's
+prediction for the rank's stages (pipeline.json, at the sizes it was planned for: `plan`),
+None without one.
 """
 
 import time
@@ -38,6 +45,8 @@ import torch
 import torch.distributed as dist
 
 from fxconvert import manifest
+
+BACKWARD_OP = "autograd::engine::evaluate_function: "  # how the profiler names each autograd node it runs
 
 
 @dataclass
@@ -74,13 +83,15 @@ def start(run, schedules, batch: dict, step: int) -> Probe:
 
 def finish(run, probe: Probe, reporter) -> None:
     """End the measurement; every rank sends its record to the rank that writes metrics.jsonl."""
+    saved = None
     if probe.profiler is None:
         torch.cuda.synchronize(probe.device)
         peak = torch.cuda.max_memory_allocated(probe.device)
     else:
         probe.profiler.__exit__(None, None, None)
-        peak = probe.live_bytes + max(0, peak_of(probe.profiler.profiler.kineto_results.events()))
-    record = _record(run, probe, peak)
+        events = probe.profiler.profiler.kineto_results.events()
+        peak, saved = probe.live_bytes + max(0, peak_of(events)), saved_of(events)
+    record = _record(run, probe, peak, saved)
     records = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
     if reporter is not None:
@@ -90,13 +101,31 @@ def finish(run, probe: Probe, reporter) -> None:
 
 def peak_of(events) -> int:
     """The largest running sum of the profiler's CPU memory events in time order (bytes above the start)."""
-    deltas = sorted((e.start_ns(), e.nbytes()) for e in events
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     total = peak = 0
-    for _, nbytes in deltas:
+    for _, nbytes in _deltas(events):
         total += nbytes
         peak = max(peak, total)
     return peak
+
+
+def saved_of(events) -> int | None:
+    """The bytes allocated since the start and still live when the first backward op begins (None: no backward).
+
+    Autograd records each node it runs as "autograd::engine::evaluate_function: <node>"; until the
+    first, the step has only run forwards, so what they left live is what backward will need: the
+    activations the microbatches in flight saved (under recompute, the checkpointed blocks' inputs)
+    and their outputs.
+    """
+    starts = [e.start_ns() for e in events if e.name().startswith(BACKWARD_OP)]
+    if not starts:
+        return None
+    return sum(nbytes for t, nbytes in _deltas(events) if t < min(starts))
+
+
+def _deltas(events) -> list[tuple[int, int]]:
+    """(time, bytes) of the profiler's CPU allocations (positive) and frees (negative), in time order."""
+    return sorted((e.start_ns(), e.nbytes()) for e in events
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
 
 
 def storage_bytes(tensors) -> int:
@@ -109,7 +138,7 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _record(run, probe: Probe, peak: int) -> dict:
+def _record(run, probe: Probe, peak: int, saved: int | None) -> dict:
     params = [p for part in run.model.parts.values() for p in part.module.parameters()]
     parameter_bytes = storage_bytes(params)
     gradient_bytes = storage_bytes(p for p in params if p.requires_grad)
@@ -122,6 +151,7 @@ def _record(run, probe: Probe, peak: int) -> dict:
             "peak_bytes": peak, "live_at_start_bytes": probe.live_bytes, "parameter_bytes": parameter_bytes,
             "gradient_bytes": gradient_bytes, "optimizer_bytes": optimizer_bytes,
             "activation_bytes": peak - parameter_bytes - gradient_bytes - optimizer_bytes,
+            "saved_activation_bytes": saved,
             "predicted_peak_bytes": predicted, "plan": plan, "seconds": time.perf_counter() - probe.began}
 
 
