@@ -21,13 +21,12 @@ reads the whole state and keeps its own shard. The consolidated copy on replica 
 in CPU memory only while the file is written.
 """
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from fxconvert import manifest, optimizers
+from fxconvert import optimizers
+from fxconvert.training import planned
 from fxconvert.errors import UsageError, printable
 
 DEFAULT = "adamw"  # without --optimizer and without a plan that records one
@@ -38,28 +37,18 @@ def choose(cfg, *, warn) -> str:
 
     A pipeline.json that does not read is left to `load_model` to report.
     """
-    planned, target = _planned(cfg.source)
+    plan = planned.read(cfg.source)
+    target = plan.max_memory if plan is not None else None
+    planned_name = plan.optimizer if plan is not None else None
     if cfg.optimizer is None:
-        if planned is not None and planned not in optimizers.NAMES:
-            raise UsageError(f"{printable(cfg.source)}'s plan counts optimizer {planned!r}, which fxconvert.train "
-                             f"does not run; pass --optimizer ({', '.join(optimizers.NAMES)})")
-        return planned or DEFAULT
-    if planned is not None and planned != cfg.optimizer and target is not None:
-        warn(f"--optimizer {cfg.optimizer}, but {cfg.source}'s plan counted {planned}'s state in its memory "
+        if planned_name is not None and planned_name not in optimizers.NAMES:
+            raise UsageError(f"{printable(cfg.source)}'s plan counts optimizer {planned_name!r}, which "
+                             f"fxconvert.train does not run; pass --optimizer ({', '.join(optimizers.NAMES)})")
+        return planned_name or DEFAULT
+    if planned_name is not None and planned_name != cfg.optimizer and target is not None:
+        warn(f"--optimizer {cfg.optimizer}, but {cfg.source}'s plan counted {planned_name}'s state in its memory "
              f"figures; the stages' memory differs from the plan's")
     return cfg.optimizer
-
-
-def _planned(source) -> tuple[str | None, int | None]:
-    """The optimizer and the memory target of a conversion's plan ((None, None) without one)."""
-    path = Path(source).expanduser()
-    if not (path / manifest.FILE).is_file():
-        return None, None
-    try:
-        plan = manifest.read(path).plan
-    except manifest.ManifestError:
-        return None, None
-    return (plan.optimizer, plan.max_memory) if plan is not None else (None, None)
 
 
 def build(cfg, topo, params) -> torch.optim.Optimizer:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fxconvert.errors import FxConvertError, UsageError, printable
 from fxconvert.export import check_destination, export_hf
-from fxconvert.training import optim, run_lock
+from fxconvert.training import optim, planned, run_lock
 from fxconvert.training.checkpoint import (check_checkpoints_dir, check_meta, latest_checkpoint, read_meta, rng_state,
                                            save_checkpoint)
 from fxconvert.training.config import Launch, TrainConfig, check_options
@@ -76,6 +76,9 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
     """Everything that can be checked before a process group or a file exists, on every rank alike."""
     cfg, topo = check_options(cfg, launch)
     cfg = replace(cfg, optimizer=optim.choose(cfg, warn=_warn_once(launch)))
+    departs = planned.warning(planned.read(cfg.source), cfg)
+    if departs:
+        _warn_once(launch)(departs)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(launch.local_rank)
