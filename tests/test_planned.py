@@ -22,13 +22,14 @@ def run(**changes):
 def test_a_run_at_the_plans_sizes_or_smaller_is_not_warned():
     assert planned.warning(PLAN, run()) is None
     assert planned.warning(PLAN, run(batch=16, max_source_length=256, max_target_length=64)) is None
+    assert planned.warning(PLAN, run(max_source_length=None, max_target_length=None)) is None  # the data's own
 
 
 def test_each_departure_is_named_in_one_line():
-    line = planned.warning(PLAN, run(batch=64, schedule="gpipe", max_target_length=None))
+    line = planned.warning(PLAN, run(batch=64, schedule="gpipe", max_target_length=200))
     assert "\n" not in line and "\x1b" not in line  # the source is user text: escaped
     for needle in ("8 sequences per microbatch (the plan: 4)", "--schedule gpipe (the plan: 1f1b)",
-                   "--max-target-length unset (the plan: 128 tokens)", "11,811,160,064 bytes per stage",
+                   "--max-target-length 200 (the plan: 128 tokens)", "11,811,160,064 bytes per stage",
                    "convert again with these sizes"):
         assert needle in line, line
     assert "--max-source-length" not in line

@@ -2,7 +2,8 @@
 
 A plan made for a memory target (`fxconvert NAME --stages N --max-memory SIZE`) predicts each
 stage's peak at its sizes: sequences per microbatch, microbatches, schedule, sequence
-lengths and optimizer. A run that trains at other sizes may not fit where the plan said it
+lengths and optimizer. Sequence lengths are compared where the run caps them
+(`--max-source-length`, `--max-target-length`); pre-tokenized data is taken as it is. A run that trains at other sizes may not fit where the plan said it
 would, or may fit with room to spare: that is one warning line naming each difference, not
 an error (a run at smaller sizes is a sound choice). A plan made without a target promised
 nothing, so it is not compared.
@@ -45,9 +46,9 @@ def departures(plan: manifest.Plan | None, cfg) -> list[str]:
               "decoder_length": cfg.max_target_length}
     for name, tokens in plan.lengths.items():
         limit = limits.get(name)
-        if limit is None or limit > tokens:
+        if limit is not None and limit > tokens:  # unset: the data's own lengths, not known here
             option = "--max-target-length" if name == "decoder_length" else "--max-source-length"
-            out.append(f"{option} {limit if limit is not None else 'unset'} (the plan: {tokens} tokens)")
+            out.append(f"{option} {limit} (the plan: {tokens} tokens)")
     return out
 
 
