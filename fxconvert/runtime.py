@@ -58,10 +58,58 @@ def _nothing_padded(attention_mask: torch.Tensor) -> bool:
     return bool(attention_mask.all())
 
 
-def position_bias_mask(position_bias: torch.Tensor, mask: torch.Tensor | None):
-    """T5's SDPA attention mask: the position bias, with masked positions at the dtype's minimum."""
+def nothing_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether a 2-D padding mask attends every position (False on meta tensors and under torch.compile).
+
+    Computed once per forward from the model input (a pipeline stage recomputes it rather than
+    receiving it), it tells `causal_attention` whether the causal mask is plain causality,
+    which SDPA applies itself. Like transformers, it reads the mask's values, so a compiled
+    graph cannot depend on it and keeps the explicit mask.
+    """
+    return _nothing_padded(attention_mask)
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None, *,
+                     unpadded: bool = False, window: int | None = None, groups: int = 1, dropout_p: float = 0.0,
+                     scale: float | None = None):
+    """SDPA for causal self-attention, called with the arguments transformers' SDPA path gives it.
+
+    Without padding (`unpadded`, from `nothing_padded`) transformers passes no mask and
+    `is_causal=True`, which lets SDPA pick its fused kernels; so does this, at run time. The
+    mask stays where transformers keeps it (`_ignore_causal_mask_sdpa`, `sdpa_attention_forward`):
+    with padding, and with a sliding window that the keys reach (`window <= kv length`). A
+    single query sees every key, so it gets neither mask nor `is_causal`. Grouped key/value
+    heads use SDPA's `enable_gqa` without a mask (head size up to 256) and are repeated with one.
+    """
+    if unpadded and (window is None or key.shape[2] < window):
+        attn_mask = None
+    is_causal = query.shape[2] > 1 and attn_mask is None
+    gqa = groups > 1 and attn_mask is None and key.shape[-1] == value.shape[-1] <= 256
+    if groups > 1 and not gqa:
+        key, value = repeat_kv(key, value, groups)
+    extra = {"enable_gqa": True} if gqa else {}
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, is_causal=is_causal, **extra)
+
+
+def repeat_kv(key: torch.Tensor, value: torch.Tensor, groups: int):
+    """Grouped-query attention's key/value heads, each repeated for the `groups` query heads it serves."""
+    return (key[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2),
+            value[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2))
+
+
+def position_bias_mask(position_bias: torch.Tensor, mask: torch.Tensor | None, causal: bool = False):
+    """T5's SDPA attention mask: the position bias, with masked positions at the dtype's minimum.
+
+    Without a mask, a causal attention masks the future itself, as transformers'
+    `create_position_bias_mask` does where SDPA would otherwise be told `is_causal`.
+    """
     if mask is None:
-        return position_bias
+        if not causal:
+            return position_bias
+        q, kv = position_bias.shape[-2:]
+        positions = torch.arange(max(q, kv), device=position_bias.device)
+        mask = (positions[:q, None] >= positions[None, :kv])[None, None]
     if mask.dtype == torch.bool:
         return torch.where(mask, position_bias, torch.finfo(position_bias.dtype).min).contiguous()
     return (position_bias + mask).contiguous()

@@ -622,16 +622,22 @@ def _mask_dtype(config, tensor):
 
 
 class _MaskReplacements:
+    """Mask helpers that record runtime leaves; SDPA's causal masks also record whether nothing is padded.
+
+    `unpadded` maps each causal mask node to its `runtime.nothing_padded` proxy (or True
+    without a padding mask), which `sdpa_attention` hands to `runtime.causal_attention`: one
+    check per forward, from the model input, decides SDPA's fast path at run time.
+    """
+
     def __init__(self, tracer):
         self.tracer = tracer
+        self.unpadded = {}
 
     def create_causal_mask(self, config, inputs_embeds, attention_mask=None, cache=None, **kwargs):
-        return self.tracer.create_proxy(
-            "call_function",
-            runtime.causal_mask,
-            (inputs_embeds, attention_mask),
-            {"dtype": _mask_dtype(config, inputs_embeds)},
-        )
+        dtype = _mask_dtype(config, inputs_embeds)
+        if dtype is None and attention_mask is None:  # SDPA applies causality itself, as in transformers
+            return None
+        return self._causal(runtime.causal_mask, inputs_embeds, attention_mask, {"dtype": dtype})
 
     def create_bidirectional_mask(self, config, inputs_embeds, attention_mask=None, encoder_hidden_states=None, **kwargs):
         if attention_mask is None:  # no padding: no mask, as transformers does
@@ -646,36 +652,50 @@ class _MaskReplacements:
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise TraceError(f"a sliding-window mask needs config.sliding_window, a positive integer, not "
                              f"{window!r}; set it in the config (Mistral uses 4096)")
-        return self.tracer.create_proxy(
-            "call_function",
-            runtime.sliding_window_causal_mask,
-            (inputs_embeds, attention_mask),
-            {"window": window, "dtype": _mask_dtype(config, inputs_embeds)},
-        )
+        return self._causal(runtime.sliding_window_causal_mask, inputs_embeds, attention_mask,
+                            {"window": window, "dtype": _mask_dtype(config, inputs_embeds)})
+
+    def _causal(self, leaf, inputs_embeds, attention_mask, kwargs):
+        mask = self.tracer.create_proxy("call_function", leaf, (inputs_embeds, attention_mask), kwargs)
+        if kwargs["dtype"] is None:
+            self.unpadded[mask.node] = True if attention_mask is None else self.tracer.create_proxy(
+                "call_function", runtime.nothing_padded, (attention_mask,), {})
+        return mask
 
 
 def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                   position_bias=None, **kwargs):
+                   position_bias=None, *, unpadded=None, **kwargs):
     """Traceable equivalent of transformers' `sdpa_attention_forward`.
 
     T5 always passes a position bias, so transformers folds the mask into one additive
-    float mask and calls SDPA with `is_causal=False`; the recorded ops are the same.
-    Without a position bias (GPT-2, BART, Llama-style) the mask from the runtime mask leaf
-    (causal or sliding-window, and padding combined, or padding alone) is passed as is, as
-    transformers does with a materialised mask: a causal attention's mask is never None, so
-    `is_causal` stays False. Grouped key/value heads (Llama-style GQA) are repeated first.
+    float mask and calls SDPA with `is_causal=False`; the recorded ops are the same (its
+    decoder without a padding mask gets no mask: the leaf masks the future in the bias).
+    Causal attention without a position bias (GPT-2, BART's decoder, Llama-style) records one
+    `runtime.causal_attention` call, which takes transformers' run-time choices: no mask and
+    `is_causal=True` where nothing is padded (`unpadded`, the mask's `runtime.nothing_padded`
+    check), grouped key/value heads repeated or not. Other attention (BART's encoder and
+    cross-attention) passes the mask from the runtime leaf (padding alone, None when nothing
+    is padded) as is, with `is_causal=False`.
     """
     mask = attention_mask
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if position_bias is None and causal:
+        leaf = mask.node if isinstance(mask, Proxy) else None
+        flag = True if mask is None else (unpadded or {}).get(leaf, False)
+        window = leaf.kwargs["window"] if leaf is not None and leaf.target is runtime.sliding_window_causal_mask else None
+        groups = getattr(module, "num_key_value_groups", 1)
+        out = query.tracer.create_proxy("call_function", runtime.causal_attention, (query, key, value, mask), {
+            "unpadded": flag, "window": window, "groups": groups if isinstance(groups, int) else 1,
+            "dropout_p": dropout, "scale": scaling})
+        return out.transpose(1, 2).contiguous(), None
     key, value = _repeat_kv(module, key, value)
     if position_bias is not None:
-        if mask is not None:  # a leaf call: whether the mask is None at run time is decided at run time
+        if mask is not None or causal:  # a leaf call: whether the mask is None at run time is decided at run time
             mask = position_bias.tracer.create_proxy(
-                "call_function", runtime.position_bias_mask, (position_bias, mask), {}
+                "call_function", runtime.position_bias_mask, (position_bias, mask), {"causal": True} if causal else {}
             )
         else:
             mask = position_bias
-    elif mask is None and (is_causal or (is_causal is None and getattr(module, "is_causal", False))):
-        raise TraceError("SDPA attention without a position bias or mask is not supported; use attn 'eager'")
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False
     )
@@ -691,18 +711,20 @@ def _repeat_kv(module, key, value):
     groups = getattr(module, "num_key_value_groups", 1)
     if not isinstance(groups, int) or groups == 1:
         return key, value
-    return (key[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2),
-            value[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2))
+    return runtime.repeat_kv(key, value, groups)
 
 
 class _AttentionFunctions:
     """Stands in for transformers' ALL_ATTENTION_FUNCTIONS while tracing."""
 
+    def __init__(self, masks: _MaskReplacements):
+        self.masks = masks
+
     def get_interface(self, implementation, default):
         if implementation == "eager":
             return default
         if implementation == "sdpa":
-            return sdpa_attention
+            return functools.partial(sdpa_attention, unpadded=self.masks.unpadded)
         raise TraceError(
             f"attention implementation '{implementation}' is not supported; use 'sdpa' or 'eager'"
         )
@@ -748,7 +770,7 @@ def _leaf_replacements(model, tracer):
         "create_causal_mask": masks.create_causal_mask,
         "create_bidirectional_mask": masks.create_bidirectional_mask,
         "create_sliding_window_causal_mask": masks.create_sliding_window_causal_mask,
-        "ALL_ATTENTION_FUNCTIONS": _AttentionFunctions(),
+        "ALL_ATTENTION_FUNCTIONS": _AttentionFunctions(masks),
         "is_torchdynamo_compiling": traced_is_compiling,
     }
     # Builtins are not in a module's namespace: they are added to the modeling modules' (not

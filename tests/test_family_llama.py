@@ -224,8 +224,9 @@ def test_meta_device_mistral_7b_traces_without_weights():
     assert all(p.device.type == "meta" for p in model.parameters())
     assert names_of(gm) == ["input_ids", "attention_mask", "labels"]
     leaves = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__module__ == "fxconvert.runtime"]
-    assert {n.target.__name__ for n in leaves} == {"sliding_window_causal_mask"}
+    assert {n.target.__name__ for n in leaves} == {"sliding_window_causal_mask", "nothing_padded", "causal_attention"}
     assert leaves[0].kwargs["window"] == 4096
+    assert {n.kwargs["window"] for n in leaves if n.target.__name__ == "causal_attention"} == {4096}
 
 
 # -- a sweep of small configurations --------------------------------------------------------------

@@ -6,7 +6,7 @@ a `training` placeholder (default False) as the graph's last input and rewires:
 
 - dropout modules (`nn.Dropout` and its variants) -> `F.dropout(x, p, training)`;
 - any call with a constant `training=` argument (`F.dropout`, ...) -> the placeholder;
-- `F.scaled_dot_product_attention(dropout_p=c)` -> `dropout_p = training * rate`.
+- `F.scaled_dot_product_attention(dropout_p=c)` (and `runtime.causal_attention`) -> `dropout_p = training * rate`.
 
 The rate used when training is the configured one even for an eval-mode trace, where
 transformers passes 0.0: the tracer records each attention module's rate in
@@ -20,6 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fxconvert import runtime
 from fxconvert.graph_info import graph_info
 from fxconvert.passes.contract import GraphPass
 
@@ -37,6 +38,8 @@ _DROPOUT_FUNCTIONS = set(_DROPOUT_MODULES.values())
 # Positional index of `training` in the functional signatures above: f(input, p, training, inplace).
 _TRAINING_INDEX = 2
 _P_INDEX = 1
+# Attention calls with a `dropout_p` (the runtime leaf takes it by keyword only).
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, runtime.causal_attention}
 
 
 def _training_placeholder(graph: torch.fx.Graph) -> tuple[torch.fx.Node, bool]:
@@ -75,7 +78,7 @@ class LiftTrainingFlagPass(GraphPass):
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
                 modified = True
-            elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            elif node.op == "call_function" and node.target in _ATTENTION_FUNCTIONS:
                 p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
                 if isinstance(p, torch.fx.Node):
                     continue  # already driven by the flag
