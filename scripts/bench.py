@@ -1005,7 +1005,7 @@ def measure_pipeline_rss(ctx) -> Result:
 # --- the memory plan against a measured step (torchrun) -------------------------------------------
 
 # A ~107M-parameter T5 (PIPELINE_RSS's shape), 2 stages, 1F1B, 4 microbatches of 1 x 256/64 tokens.
-PLAN_MEMORY = dict(microbatch=1, microbatches=4, source_length=256, target_length=64, stages=2, steps=3,
+PLAN_MEMORY = dict(microbatch=1, microbatches=4, source_length=256, target_length=64, stages=2, steps=5,
                    config=PIPELINE_RSS["config"])
 
 
@@ -1014,13 +1014,13 @@ def measure_plan_memory(ctx) -> list[Result]:
 
     For each recompute setting the checkpoint is converted with a plan for exactly the shapes the run
     trains at (`--seq-lengths`, `--batch` per microbatch, `--microbatches`, `--schedule`, `--recompute`),
-    and 2 ranks train 3 AdamW steps with `--measure-memory` (step 2 is measured). The error is the largest
+    and 2 ranks train 5 AdamW steps with `--measure-memory` (step 2 is measured). The error is the largest
     |predicted - measured| / measured over the stages and both settings; the activation memory of a stage
     is what its saved activations hold (the record's `saved_activation_bytes`: the bytes the measured step's
     forwards left live when its first backward began), summed over the stages; the rest of the peak
     (`activation_bytes`: the peak less parameters, gradients and optimizer state, mostly backward's working
-    memory, which recompute does not change) goes into the details. The step time is step 3's (not
-    profiled), from metrics.jsonl.
+    memory, which recompute does not change) goes into the details. The step time is the median of steps 3 to 5
+    (after the warm-up and the profiled step), from metrics.jsonl.
     """
     keys = ("plan_memory_error", "recompute_activation_ratio", "recompute_time_ratio")
     why = cli_unavailable_reason()
@@ -1050,7 +1050,8 @@ def measure_plan_memory(ctx) -> list[Result]:
                 return [unavailable(k, f"the recompute {recompute} run failed: {run.failure()}") for k in keys]
             lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             records[recompute] = sorted((r for r in lines if r.get("record") == "memory"), key=lambda r: r["rank"])
-            seconds[recompute] = [r["seconds"] for r in lines if r.get("record") is None][-1]
+            steps = [r["seconds"] for r in lines if r.get("record") is None]
+            seconds[recompute] = statistics.median(steps[2:])  # after the warm-up and the profiled step
     errors = {rec: [(r["predicted_peak_bytes"] - r["peak_bytes"]) / r["peak_bytes"] for r in rs]
               for rec, rs in records.items()}
     if any(r["saved_activation_bytes"] is None for rs in records.values() for r in rs):
@@ -1066,7 +1067,8 @@ def measure_plan_memory(ctx) -> list[Result]:
         "step_seconds": seconds}
     act = {rec: Figure(f"saved activation bytes, recompute {rec}", [float(v)], unit="B")
            for rec, v in activations.items()}
-    time_ = {rec: Figure(f"step 3 seconds, recompute {rec}", [v]) for rec, v in seconds.items()}
+    time_ = {rec: Figure(f"median step seconds (steps 3-{sizes['steps']}), recompute {rec}", [v])
+             for rec, v in seconds.items()}
     return [
         Result("plan_memory_error", max(abs(e) for es in errors.values() for e in es), details=details),
         Result("recompute_activation_ratio", activations["full"] / activations["none"], act["full"], act["none"],
@@ -1174,7 +1176,7 @@ REGISTRY = [
        "measured activation memory (the bytes the forwards left live when the step's first backward began: the "
        "saved activations of the microbatches in flight and their outputs), recompute full over none, same runs",
        measure_plan_memory, subprocess=True),
-    _m("recompute_time_ratio", 1.40, "ratio", "step time (an unprofiled step), recompute full over none, same runs",
+    _m("recompute_time_ratio", 1.40, "ratio", "median step time (steps 3-5, unprofiled), recompute full over none, same runs",
        measure_plan_memory, subprocess=True),
     _m("adafactor_state_ratio", 0.05, "ratio",
        "optimizer state bytes, Adafactor over AdamW, t5-small (fxconvert.optimizers, checked against a real step)",
