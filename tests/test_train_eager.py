@@ -8,7 +8,8 @@ RUN/hf, its weights within 1e-5.
 SOURCE is the checkpoint converted with `python -m fxconvert CKPT --stages N` (each rank
 loads its stage file), except "2-gpipe-name", which gives the checkpoint directory itself
 (converted and split on every rank). The matrix: 2, 3 and 4 stages with gpipe and 1f1b,
-interleaved-1f1b on 2 ranks x 2 virtual stages, --dp 2 x 2 stages. A launch takes about
+interleaved-1f1b, zb-interleaved and dualpipev on 2 ranks x 2 virtual stages, --dp 2 x 2 stages
+(zbv: `test_zbv_resumed_with_recompute_equals_eager_transformers`). A launch takes about
 25 s on 2 cores; 3- and 4-stage gpipe are marked slow (gpipe is covered at 2 stages, and
 1f1b at 3 and 4 stages crosses the same boundaries).
 
@@ -39,6 +40,8 @@ CONFIGS = {
     "4-gpipe": (4, ["--schedule", "gpipe"], 4, 1, 4),
     "4-1f1b": (4, ["--schedule", "1f1b"], 4, 1, 4),
     "2x2-interleaved": (2, ["--schedule", "interleaved-1f1b", "--virtual-stages", "2"], 4, 1, 4),
+    "2x2-zb-interleaved": (2, ["--schedule", "zb-interleaved", "--virtual-stages", "2"], 4, 1, 4),
+    "2x2-dualpipev": (2, ["--schedule", "dualpipev", "--virtual-stages", "2"], 4, 1, 4),
     "dp2x2-1f1b": (4, ["--schedule", "1f1b", "--dp", "2"], 2, 2, 2),
 }
 SLOW = {"3-gpipe", "4-gpipe"}
@@ -99,6 +102,26 @@ def test_pipeline_training_equals_eager_transformers(setup, eager, name):
     assert tr.max_weight_diff(trained, weights) <= TOL
     initial = tr.weights_of(root / "ckpt")
     assert tr.max_weight_diff(initial, weights) > 1e-2  # the weights did move
+
+
+def test_zbv_resumed_with_recompute_equals_eager_transformers(setup, eager):
+    """zbv (2 ranks x 2 stages in a V: rank 0 holds stages 0 and 3, so T5's shared embedding is summed over
+    three copies on two ranks) with every block recomputed, checkpointed at step 2 and resumed: eager's losses
+    and weights. Its split backward differentiates recomputed blocks twice, once per half."""
+    root, _ = setup
+    conv = convert(root, 4)
+    options = ["--schedule", "zbv", "--virtual-stages", 2, "--recompute", "full", "--save-every", 2]
+    out = root / "run-2x2-zbv"
+    first = tr.torchrun(2, conv, "--data", root / "train.jsonl", "--out", out, "--steps", 2, "--batch", BATCH,
+                        "--microbatches", 4, "--optimizer", "sgd", "--lr", LR, *options)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    _train(root, "2x2-zbv", 2, [*options, "--resume"], 4, source=conv)
+    losses, weights = eager(4, 1)
+    got = tr.metrics(out)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    assert max(abs(m["loss"] - b) for m, b in zip(got, losses, strict=True)) <= TOL, (got, losses)
+    assert tr.max_weight_diff(tr.weights_of(out / "hf"), weights) <= TOL
+    assert tr.max_weight_diff(tr.weights_of(root / "ckpt"), weights) > 1e-2
 
 
 def _per_stage_clip(manifest, max_norm):

@@ -14,6 +14,7 @@ from fxconvert import optimizers
 from fxconvert.errors import FxConvertError, UsageError
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.model import check_source_stages
+from fxconvert.training.schedules import STAGES_PER_RANK, V_PLACED
 
 OPTIMIZERS = optimizers.NAMES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -128,12 +129,17 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
     if launch.world_size % cfg.dp:
         raise UsageError(f"{launch.world_size} processes do not split into --dp {cfg.dp} replicas; launch a "
                          f"multiple of {cfg.dp} processes (pipeline ranks x replicas)")
-    if cfg.virtual_stages > 1 and cfg.schedule != "interleaved-1f1b":
-        raise UsageError(f"--virtual-stages {cfg.virtual_stages} needs --schedule interleaved-1f1b")
-    if cfg.schedule == "interleaved-1f1b" and cfg.virtual_stages < 2:
-        raise UsageError("--schedule interleaved-1f1b needs --virtual-stages 2 or more (stages per rank)")
+    fewest, most = STAGES_PER_RANK[cfg.schedule]
+    if cfg.virtual_stages > 1 and most == 1:
+        several = ", ".join(n for n, (low, _) in STAGES_PER_RANK.items() if low > 1)
+        raise UsageError(f"--virtual-stages {cfg.virtual_stages} needs a schedule that runs several stages per "
+                         f"rank: --schedule {several}")
+    if cfg.virtual_stages < fewest or (most is not None and cfg.virtual_stages > most):
+        wanted = f"{fewest}" if fewest == most else f"{fewest} or more"
+        raise UsageError(f"--schedule {cfg.schedule} needs --virtual-stages {wanted} (stages per rank), got "
+                         f"{cfg.virtual_stages}")
     topo = Topology(world_size=launch.world_size, dp=cfg.dp, virtual_stages=cfg.virtual_stages,
-                    shared_stages={}, rank=launch.rank)
+                    shared_stages={}, rank=launch.rank, v_placement=cfg.schedule in V_PLACED)
     check_source_stages(cfg.source, topo)  # before the microbatch checks, which depend on the stage count
     stages, pipeline_ranks = topo.num_stages, topo.pipeline_ranks
     if cfg.microbatches is None:
@@ -142,13 +148,13 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
     if cfg.batch % m:
         raise UsageError(f"--batch {cfg.batch} does not split into {m} equal microbatches; "
                          f"make --batch a multiple of --microbatches")
-    if cfg.schedule == "1f1b" and m < stages:
-        raise UsageError(f"--schedule 1f1b needs at least as many microbatches as stages ({m} < {stages}); "
+    if cfg.schedule in ("1f1b", "dualpipev") and m < stages:
+        raise UsageError(f"--schedule {cfg.schedule} needs at least as many microbatches as stages ({m} < {stages}); "
                          f"raise --microbatches to {stages} or more")
-    if cfg.schedule == "interleaved-1f1b":
+    if cfg.schedule in ("interleaved-1f1b", "zb-interleaved"):
         rounds = max(1, m // pipeline_ranks)
         if m % rounds:
-            raise UsageError(f"--schedule interleaved-1f1b needs --microbatches to be a multiple of "
+            raise UsageError(f"--schedule {cfg.schedule} needs --microbatches to be a multiple of "
                              f"{rounds} with {pipeline_ranks} pipeline ranks; use e.g. {pipeline_ranks * rounds}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available; use --device cpu")

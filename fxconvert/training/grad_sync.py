@@ -18,7 +18,10 @@ functions here make the copies behave as one parameter, as DeepSpeed does for ti
 Ranks: pipeline rank p of replica r is global rank `p * dp + r` (replicas of one stage
 are neighbours, so their all-reduce, the heavy traffic, stays on one machine when a
 machine holds whole groups; the pipeline's point-to-point sends cross machines).
-Stage i runs on pipeline rank `i % pipeline_ranks` (PyTorch's interleaved layout).
+Stage i runs on pipeline rank `i % pipeline_ranks` (PyTorch's interleaved layout), or, in the
+V placement of the `zbv` and `dualpipev` schedules (two stages per rank), pipeline rank r holds
+stages r and 2P-1-r: the first and last stages share rank 0, so T5's encoder embedding and tied
+LM head are summed on one rank.
 """
 
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ class Topology:
     virtual_stages: int
     shared_stages: dict[str, list[int]]  # shared weight -> stages holding a copy
     rank: int = 0
+    v_placement: bool = False  # rank r holds stages r and 2P-1-r (`schedules.V_PLACED`), else r, r+P, ...
     pipeline_group: object = None  # this replica's pipeline ranks
     dp_group: object = None  # this pipeline rank's replicas
     tied_groups: dict[str, object] = field(default_factory=dict)  # shared weight -> group of this replica's holders
@@ -61,10 +65,12 @@ class Topology:
         return pipeline_rank * self.dp + replica
 
     def stage_rank(self, stage: int) -> int:
+        if self.v_placement and stage >= self.pipeline_ranks:
+            return self.num_stages - 1 - stage
         return stage % self.pipeline_ranks
 
     def stages_of(self, pipeline_rank: int) -> list[int]:
-        return list(range(pipeline_rank, self.num_stages, self.pipeline_ranks))
+        return [s for s in range(self.num_stages) if self.stage_rank(s) == pipeline_rank]
 
     @property
     def my_stages(self) -> list[int]:

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=int, help="microbatches per batch (default: the stages)")
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--virtual-stages", type=int, metavar="V",
-                   help="stages per pipeline rank (V > 1 needs --schedule interleaved-1f1b)")
+                   help="stages per pipeline rank (V > 1: interleaved-1f1b, zb-interleaved; V = 2: zbv, dualpipev)")
     p.add_argument("--dp", type=int, metavar="R", help="data-parallel replicas of the pipeline")
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=OPTIMIZERS,

@@ -4,18 +4,38 @@ A batch is padded to its own longest sequences, so shapes change between steps, 
 `PipelineStage` fixes its buffers at its first step: each rank keeps one stage set and
 schedule per shape (`SHAPE_CACHE`, least recently used dropped), built the same way on
 every rank of a replica.
+
+The zero-bubble schedules (`zb-interleaved`, `zbv`, `dualpipev`) split each backward into
+the input gradient, sent upstream at once, and the weight gradient, run later to fill the
+bubble. Both halves run within the step, so the tied-weight sum, the clip and the
+optimizer step after it see whole gradients as with the other schedules. `zbv` and
+`dualpipev` place two stages per rank in a V (`grad_sync.Topology.v_placement`).
+
+torch's own weight half (`_backward.stage_backward_weight`) starts from the points where
+the weights' paths meet the input's and drops the rest: a stage output computed from
+weights alone (T5's position bias, passed to the next stage) loses the gradient coming
+back through it, and two weights sharing such a path free it for each other. `SplitStage`
+computes the weight half from the stage's outputs instead, keeping the autograd graph
+until then: exact, at the price of walking the activation gradients twice.
 """
 
 from collections import OrderedDict
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 
 from fxconvert.training.grad_sync import Topology
 
 # --schedule name -> torch's schedule name (`get_schedule_class`), in the order `--help` lists them.
-SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved-1f1b": "Interleaved1F1B"}
+SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved-1f1b": "Interleaved1F1B",
+             "zb-interleaved": "InterleavedZeroBubble", "zbv": "ZBVZeroBubble", "dualpipev": "DualPipeV"}
+# --schedule name -> (fewest, most) stages per rank (--virtual-stages); None: no upper bound
+STAGES_PER_RANK = {"gpipe": (1, 1), "1f1b": (1, 1), "interleaved-1f1b": (2, None), "zb-interleaved": (2, None),
+                   "zbv": (2, 2), "dualpipev": (2, 2)}
+V_PLACED = frozenset({"zbv", "dualpipev"})  # rank r holds stages r and 2P-1-r
+SPLIT_BACKWARD = frozenset({"zb-interleaved", "zbv", "dualpipev"})  # input and weight gradients apart
 SHAPE_CACHE = 8  # pipeline stages (with their buffers) kept per rank, one per batch shape
 
 
@@ -49,18 +69,61 @@ class StageCall(torch.nn.Module):
         self.autocast = autocast
         self.device_type = device.type
 
+    # Set by `Schedules` for the zero-bubble schedules: their input-gradient half detaches the stage's outputs
+    # in place (`torch.distributed.pipelining._backward.stage_backward_input`), which torch refuses for a view
+    # (an expanded mask, a slice passed on): such outputs leave as copies.
+    copy_views = False
+
     def forward(self, *received, **batch):
         if self.index == 0:
             args, kwargs = [batch[n] for n in self.inputs], {}
         else:
             args, kwargs = list(received), {n: batch[n] for n in self.inputs}
         if self.autocast is None:
-            return self.stage(*args, **kwargs)
-        with torch.autocast(self.device_type, dtype=self.autocast):
             out = self.stage(*args, **kwargs)
-        if isinstance(out, tuple):
-            return tuple(v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in out)
-        return out.float()
+        else:
+            with torch.autocast(self.device_type, dtype=self.autocast):
+                out = self.stage(*args, **kwargs)
+            if isinstance(out, tuple):
+                out = tuple(v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in out)
+            else:
+                out = out.float()
+        if self.copy_views and isinstance(out, tuple):
+            out = tuple(v.clone() if isinstance(v, torch.Tensor) and v._is_view() else v for v in out)
+        return out
+
+
+class SplitStage(PipelineStage):
+    """A `PipelineStage` whose backward halves are exact (see the module's docstring): the input half keeps
+    the graph and the output gradients, the weight half differentiates the outputs by the parameters."""
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        if backward_type == "input":
+            outputs, grads = [], []
+            given = bwd_kwargs["output_grads"]
+            for i, out in enumerate(bwd_kwargs["stage_output"]):
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    outputs.append(out)
+                    grads.append(torch.ones_like(out) if given is None else given[i])
+            inputs = bwd_kwargs["input_values"]
+            wanted = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad]
+            found = iter(torch.autograd.grad(outputs, wanted, grads, retain_graph=True, allow_unused=True)
+                         if outputs and wanted else [None] * len(wanted))
+            dinputs = tuple(next(found) if isinstance(v, torch.Tensor) and v.requires_grad else None
+                            for v in inputs)
+            # edges, not tensors: the schedule detaches the last stage's outputs after this half
+            return dinputs, [{"edges": [get_gradient_edge(o) for o in outputs], "grads": grads}]
+        if backward_type == "weight":
+            params = [p for p in self.submod.parameters() if p.requires_grad]
+            for group in bwd_kwargs["param_groups"]:
+                if not group["edges"]:
+                    continue
+                found = torch.autograd.grad(group["edges"], params, group["grads"], allow_unused=True)
+                for p, g in zip(params, found):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+            return (), None
+        return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
 
 
 class Schedules:
@@ -71,13 +134,16 @@ class Schedules:
         self.calls, self.topo, self.device = calls, topo, device
         self.schedule, self.microbatches = schedule, microbatches
         self.cache: OrderedDict = OrderedDict()
+        for call in calls.values():
+            call.copy_views = schedule in SPLIT_BACKWARD
 
     def get(self, batch: dict[str, torch.Tensor]):
         key = tuple(tuple(v.shape) for v in batch.values())
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
-        stages = [PipelineStage(self.calls[i], i, self.topo.num_stages, self.device, group=self.topo.pipeline_group)
+        kind = SplitStage if self.schedule in SPLIT_BACKWARD else PipelineStage
+        stages = [kind(self.calls[i], i, self.topo.num_stages, self.device, group=self.topo.pipeline_group)
                   for i in sorted(self.calls)]
         self.cache[key] = build_schedule(self.schedule, stages, self.microbatches)
         while len(self.cache) > SHAPE_CACHE:
