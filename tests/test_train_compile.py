@@ -94,3 +94,4 @@ def test_compile_is_refused_with_full_recompute(source, tmp_path, capsys, monkey
     err = _fails(capsys, monkeypatch, _argv(source, tmp_path / "run", "--recompute", "full"))
     assert "--recompute full" in err and "--recompute none" in err
     assert not (tmp_path / "run").exists()
+
