@@ -939,6 +939,100 @@ def measure_pipeline_throughput(ctx) -> Result:
     return Result(key, fx.median / base.median, fx, base, details=details)
 
 
+# The trainer's step against the plain loop a user would write: t5-small shape, every example of
+# these lengths (no padding), 1 thread per process; the median step over the steps after warm-up.
+TRAIN_STEP = dict(batch=8, source_length=128, target_length=32, rounds=2, warmup_steps=2,
+                  timed_steps={"quick": 4, "full": 8})
+
+# The baseline of train_step_over_eager_loop: transformers' T5 with AdamW on the same batches (step k takes
+# lines k*BATCH.. of the file, as fxconvert.train does with --dp 1), each step timed from building the batch
+# to the loss on the host, as fxconvert.train times its steps; the step seconds into OUT.
+_EAGER_LOOP = """
+import json, sys, time, torch, transformers
+checkpoint, data, batch, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+rows = [json.loads(line) for line in open(data)]
+model = transformers.T5ForConditionalGeneration.from_pretrained(checkpoint).train()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+torch.manual_seed(0)
+seconds = []
+for step in range(steps):
+    began = time.perf_counter()
+    picked = rows[step * batch:(step + 1) * batch]
+    input_ids = torch.tensor([r["input_ids"] for r in picked])
+    labels = torch.tensor([r["labels"] for r in picked])
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    loss.item()
+    seconds.append(time.perf_counter() - began)
+json.dump(seconds, open(out, "w"))
+"""
+
+
+def measure_train_step(ctx) -> list[Result]:
+    """`fxconvert.train` on 1 process over the eager loop (`_EAGER_LOOP`), and 2 stages on that process over 1.
+
+    Three runs per round, each a fresh process with 1 thread: the eager loop, fxconvert.train
+    on a 1-stage conversion (gpipe, 1 microbatch) and on a 2-stage one (`--virtual-stages 2`,
+    interleaved-1f1b, 2 microbatches: the same arithmetic in two stages, as a rank of an
+    interleaved pipeline runs it). Rounds alternate the order (ABC CBA) so drifting load hits
+    every side alike. fxconvert's step seconds are RUN/metrics.jsonl's (batch to loss, the
+    same span the eager loop times); each figure is the median over every run's steps after
+    the warm-up.
+    """
+    keys = ("train_step_over_eager_loop", "virtual_stages_over_one")
+    why = cli_unavailable_reason()
+    if why:
+        return [unavailable(k, why) for k in keys]
+    sizes = TRAIN_STEP
+    warmup, timed = sizes["warmup_steps"], sizes["timed_steps"].get(ctx.mode, 1)
+    steps = warmup + timed
+    timeout = ctx.plan_dict["child_timeout_s"] * 2
+    with tempfile.TemporaryDirectory(prefix="fxbench-step-") as tmp:
+        tmp = Path(tmp)
+        config = small_config()
+        _write_checkpoint(config, tmp / "ckpt")
+        _write_pretokenized(tmp / "train.jsonl", lines=sizes["batch"] * steps, source_length=sizes["source_length"],
+                            target_length=sizes["target_length"], vocab_size=config.vocab_size)
+        for stages in (1, 2):
+            _convert_stages(ctx, tmp / "ckpt", tmp / f"conv{stages}", stages)
+        common = dict(steps=steps, batch=sizes["batch"], source_length=sizes["source_length"],
+                      target_length=sizes["target_length"])
+        argv = {
+            "eager": lambda out: [sys.executable, "-c", _EAGER_LOOP, tmp / "ckpt", tmp / "train.jsonl",
+                                  sizes["batch"], steps, out],
+            "one": lambda out: [sys.executable, "-m", "fxconvert.train",
+                                *_train_args(tmp / "conv1", tmp / "train.jsonl", out, microbatches=1, **common)],
+            "two": lambda out: [sys.executable, "-m", "fxconvert.train", "--virtual-stages", "2",
+                                *_train_args(tmp / "conv2", tmp / "train.jsonl", out, microbatches=2,
+                                             schedule="interleaved-1f1b", **common)],
+        }
+        seconds = {side: [] for side in argv}
+        for i in range(sizes["rounds"]):
+            for side in list(argv) if i % 2 == 0 else list(argv)[::-1]:
+                out = tmp / f"{side}_{i}"
+                run = run_child([str(a) for a in argv[side](out)], cwd=tmp, timeout_s=timeout, env=_ONE_THREAD)
+                if run.failure():
+                    return [unavailable(k, f"the {side} run failed: {run.failure()}") for k in keys]
+                if side == "eager":
+                    seconds[side].append(json.loads(out.read_text()))
+                else:
+                    seconds[side].append([json.loads(line)["seconds"]
+                                          for line in (out / "metrics.jsonl").read_text().splitlines()])
+    timed_s = {side: [s for run in runs for s in run[warmup:]] for side, runs in seconds.items()}
+    eager = Figure("eager transformers loop, AdamW, 1 thread", timed_s["eager"])
+    one = Figure("python -m fxconvert.train, 1 stage, gpipe, 1 microbatch, 1 thread", timed_s["one"])
+    two = Figure("python -m fxconvert.train, 2 stages on one rank (--virtual-stages 2), interleaved-1f1b, "
+                 "2 microbatches, 1 thread", timed_s["two"])
+    details = {"model": "t5-small shape (T5Config defaults, dropout 0.1)", "batch": sizes["batch"],
+               "source_length": sizes["source_length"], "target_length": sizes["target_length"],
+               "optimizer": "adamw", "rounds": sizes["rounds"], "warmup_steps": warmup, "timed_steps": timed,
+               "step_seconds": seconds}  # per side, per run: every step, warm-up included
+    return [Result(keys[0], one.median / eager.median, one, eager, details=details),
+            Result(keys[1], two.median / one.median, two, one, details=dict(details))]
+
+
 def _stage_bytes(directory) -> list[int]:
     """The parameter bytes of each stage of the split saved in `directory` (its pipeline.json)."""
     from fxconvert import manifest
@@ -1163,6 +1257,13 @@ REGISTRY = [
        "batches and microbatches, so the ratio is what pipelining buys (GPipe's ideal: 1.78); t5-small shape, "
        "random weights, batch 32 x 64/32 tokens, AdamW; median over the steps after warm-up",
        measure_pipeline_throughput, subprocess=True, comparison=">="),
+    _m("train_step_over_eager_loop", 1.03, "ratio",
+       "step time, `python -m fxconvert.train` (1 process, 1 stage, gpipe, 1 microbatch) over a plain eager "
+       "transformers loop on the same batches; t5-small shape, random weights, batch 8 x 128/32 tokens, AdamW, "
+       "1 thread; median over the steps after warm-up", measure_train_step, subprocess=True),
+    _m("virtual_stages_over_one", 1.10, "ratio",
+       "step time, the same run with 2 stages on its one rank (--virtual-stages 2, interleaved-1f1b, 2 "
+       "microbatches) over 1 stage", measure_train_step, subprocess=True),
     _m("pipeline_rank_peak_rss_ratio", 0.75, "ratio",
        "peak RSS of the larger of 2 pipeline ranks (fxconvert.train, 1 AdamW step) over one process that runs "
        "from_pretrained and 1 AdamW step; T5 of 107M parameters (d_model 768, 5+5 layers, vocab 32128), "

@@ -12,9 +12,10 @@ import torch
 
 from fxconvert import optimizers
 from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.training import compiled
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.model import check_source_stages
-from fxconvert.training.schedules import STAGES_PER_RANK, V_PLACED
+from fxconvert.training.schedules import SCHEDULES, STAGES_PER_RANK, V_PLACED
 
 OPTIMIZERS = optimizers.NAMES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -62,6 +63,7 @@ class TrainConfig:
     no_export: bool = False
     verbose: bool = False
     measure_memory: bool = False  # `fxconvert.training.memory`: one step's peak per rank, into metrics.jsonl
+    compile: bool = False  # `fxconvert.training.compiled`: each stage torch.compile(fullgraph=True)
     # Sum the gradients of a weight's copies on several stages (`grad_sync`). Only the self-check's
     # control run turns it off, to show what plain pipelining does; no option sets it.
     tie_gradients: bool = True
@@ -138,6 +140,7 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
         wanted = f"{fewest}" if fewest == most else f"{fewest} or more"
         raise UsageError(f"--schedule {cfg.schedule} needs --virtual-stages {wanted} (stages per rank), got "
                          f"{cfg.virtual_stages}")
+    compiled.check(cfg, SCHEDULES[cfg.schedule])
     topo = Topology(world_size=launch.world_size, dp=cfg.dp, virtual_stages=cfg.virtual_stages,
                     shared_stages={}, rank=launch.rank, v_placement=cfg.schedule in V_PLACED)
     check_source_stages(cfg.source, topo)  # before the microbatch checks, which depend on the stage count

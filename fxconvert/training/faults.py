@@ -35,7 +35,10 @@ def check_finite(modules: dict, losses: list | None, step: int, device: torch.de
     flags = torch.zeros(2, device=device)
     if losses:
         flags[0] = (~torch.stack([v.detach().float() for v in losses]).isfinite()).any()
-    if grads:
+    # A sum is finite only if each of its terms is (a nan or inf anywhere makes it nan or inf), and a sum reads a
+    # gradient at memory speed, where `isfinite().all()` took 6% of a t5-small step on one thread. Only a sum
+    # that is not finite (a gradient that is not, or finite values whose sum overflowed) is looked at elementwise.
+    if grads and not torch.stack([g.sum() for g in grads]).isfinite().all():
         flags[1] = (~torch.stack([g.isfinite().all() for g in grads])).any()
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags.any():

@@ -120,8 +120,8 @@ def broadcast_initial(topo: Topology, modules: dict[int, torch.nn.Module]) -> No
                 dist.broadcast(p.data, src=topo.global_rank(topo.pipeline_rank, 0), group=topo.dp_group)
     for name in sorted(topo.shared_stages):
         copies = _shared_copies(modules, name)
-        if not copies:
-            continue
+        if not copies or (len(copies) == 1 and name not in topo.tied_groups):
+            continue  # held once, by this rank alone: its gradient is the sum already
         lowest = min(topo.shared_stages[name])
         source = copies[0]
         if name in topo.tied_groups:
@@ -139,8 +139,8 @@ def sync_gradients(topo: Topology, modules: dict[int, torch.nn.Module], *, tied:
     """
     for name in sorted(topo.shared_stages) if tied else ():
         copies = _shared_copies(modules, name)
-        if not copies:
-            continue
+        if not copies or (len(copies) == 1 and name not in topo.tied_groups):
+            continue  # held once, by this rank alone: its gradient is the sum already
         total = torch.zeros_like(copies[0])
         for p in copies:
             if p.grad is not None:

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fxconvert.training import grad_sync, memory, optim
+from fxconvert.training import compiled, grad_sync, memory, optim
 from fxconvert.training.checkpoint import load_checkpoint, set_rng_state
 from fxconvert.training.faults import check_finite
 from fxconvert.training.metrics import Reporter
@@ -28,6 +28,7 @@ def train(run: Run) -> None:
     try:
         for step in range(start, cfg.steps):
             began = time.perf_counter()
+            compiling = compiled.compile_seconds() if cfg.compile else 0.0
             batch = {k: v.to(device) for k, v in data.batch(step * cfg.dp + topo.replica).items()}
             for optimizer in run.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
@@ -51,11 +52,13 @@ def train(run: Run) -> None:
             seconds = time.perf_counter() - began
             # what each rank holds of optimizer state (less under --zero), once: in the first step's record
             state_bytes = optim.state_bytes_per_rank(topo, run.optimizers, device) if step == start else None
+            compiling = compiled.compile_seconds() - compiling if cfg.compile else 0.0  # this rank's, in this step
             if reporter is not None:
                 tokens = sum(data.tokens(step * cfg.dp + r) for r in range(cfg.dp))
                 reporter.step({"step": step + 1, "loss": loss.item(), "lr": cfg.lr,
                                "tokens_per_s": tokens / seconds, "seconds": seconds,
-                               **({"optimizer_state_bytes": state_bytes} if state_bytes else {})})
+                               **({"optimizer_state_bytes": state_bytes} if state_bytes else {}),
+                               **({"compile_s": compiling} if compiling else {})})
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save(run, step + 1)
                 say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step + 1}'}")
@@ -95,7 +98,7 @@ def setup(run: Run) -> tuple[int, dict, Schedules, Reporter | None]:
             marker.write_text(json.dumps({"producer": "fxconvert.train", "source": str(cfg.source)}) + "\n",
                               encoding="utf-8")
     dist.barrier()
-    calls = {i: StageCall(i, part.module, part.inputs, autocast=cfg.autocast, device=run.device)
+    calls = {i: StageCall(i, part.module, part.inputs, autocast=cfg.autocast, device=run.device, compile=cfg.compile)
              for i, part in run.model.parts.items()}
     schedules = Schedules(calls, topo, schedule=cfg.schedule, microbatches=cfg.microbatches, device=run.device)
     last = topo.num_stages - 1 in modules

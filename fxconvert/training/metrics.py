@@ -73,9 +73,12 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], loss=f"{record['loss']:.4f}",
                                  rate=f"{record['tokens_per_s']:,.0f}")
+            if "compile_s" in record:
+                self.progress.console.print(f"step {record['step']}: compiling took {record['compile_s']:.1f} s")
         else:
+            compiled = f"  (compiling {record['compile_s']:.1f} s)" if "compile_s" in record else ""
             print(f"step {record['step']}/{self.total}  loss {record['loss']:.6f}  "
-                  f"{record['tokens_per_s']:,.0f} tokens/s  {record['seconds']:.3f} s  ETA {_clock(eta)}",
+                  f"{record['tokens_per_s']:,.0f} tokens/s  {record['seconds']:.3f} s{compiled}  ETA {_clock(eta)}",
                   file=sys.stderr, flush=True)
 
     def record(self, record: dict) -> None:

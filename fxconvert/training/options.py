@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="bfloat16: bf16 autocast, float32 weights and optimizer state")
     p.add_argument("--recompute", choices=MODES, help="recompute activations in backward instead of keeping them: "
                    "none, full (every block) or auto (the blocks the conversion's plan chose; default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) each stage (compiles at "
+                   "the first step of each batch shape; not with zero-bubble schedules or recompute)")
     p.add_argument("--max-grad-norm", type=float, help="clip by the whole model's gradient norm")
     p.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest complete checkpoint")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fxconvert.errors import FxConvertError, UsageError, printable
 from fxconvert.export import check_destination, export_hf
-from fxconvert.training import optim, planned, run_lock
+from fxconvert.training import compiled, optim, planned, run_lock
 from fxconvert.training.checkpoint import (check_checkpoints_dir, check_meta, latest_checkpoint, read_meta, rng_state,
                                            save_checkpoint)
 from fxconvert.training.config import Launch, TrainConfig, check_options
@@ -119,6 +119,7 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
         except FxConvertError as e:
             raise UsageError(str(e)) from None
     model = load_model(cfg, topo, device)
+    compiled.check_recompute(cfg, model.recompute)
     topo.shared_stages = model.shared_stages
     data = load_data(cfg, model)
     if resume_from is not None:  # the data's content, now that it is read

@@ -61,9 +61,9 @@ class StageCall(torch.nn.Module):
     """
 
     def __init__(self, index: int, module: torch.nn.Module, inputs: list[str], *, autocast: torch.dtype | None,
-                 device: torch.device):
+                 device: torch.device, compile: bool = False):
         super().__init__()
-        self.stage = module
+        self.stage = torch.compile(module, fullgraph=True) if compile else module  # `fxconvert.training.compiled`
         self.index = index
         self.inputs = list(inputs)
         self.autocast = autocast
