@@ -13,7 +13,6 @@ dynamic shapes) and its backward at the first backward. `compile_seconds` reads 
 own counters of both, so the step that paid for a compile can say how long it took.
 """
 
-import torch
 
 from fxconvert.errors import UsageError
 
