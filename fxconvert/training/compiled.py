@@ -13,7 +13,6 @@ dynamic shapes) and its backward at the first backward. `compile_seconds` reads 
 own counters of both, so the step that paid for a compile can say how long it took.
 """
 
-
 from fxconvert.errors import UsageError
 
 # torch's schedules (`get_schedule_class` names) that split a backward into its input and weight
