@@ -203,3 +203,18 @@ def test_epochs_shorter_than_the_warmup_is_refused(setup, tmp_path, monkeypatch,
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--warmup-steps 4 is more than the run's 3 steps" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.xdist_group("ranks")  # a torchrun run (tests/conftest.py)
+def test_grad_accum_with_dp_takes_the_batches_of_the_readme(setup):
+    """--dp 2 --grad-accum 2: replica r takes batches (s*2 + j)*2 + r, so step s is global batches 4s .. 4s+3,
+    eager's 4 batches of one step (each loss / 4), with AdamW and a linear schedule."""
+    root, rows = setup
+    out = root / "run-dp-accum"
+    proc = tr.torchrun(2, root / "conv1", "--data", root / "train.jsonl", "--out", out, "--batch", 2,
+                       "--microbatches", 1, "--dp", 2, "--grad-accum", 2, "--steps", 3, "--optimizer", "adamw",
+                       "--lr", LR, "--lr-schedule", "linear", "--warmup-steps", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses, weights, seen = _eager(setup, lambda o: transformers.get_linear_schedule_with_warmup(o, 1, 3),
+                                   steps=3, batch=2, microbatches=1, dp=4)
+    _assert_equal_to_eager(out, losses, weights, seen)
