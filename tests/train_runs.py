@@ -142,14 +142,17 @@ EAGER_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adafact
 
 
 def train_eager(checkpoint, rows, *, steps, batch, microbatches, dp=1, lr=0.5, max_grad_norm=None,
-                clip=None, optimizer="sgd") -> tuple[list[float], dict[str, torch.Tensor]]:
+                clip=None, optimizer="sgd", scheduler=None, seen=None) -> tuple[list[float], dict[str, torch.Tensor]]:
     """(loss per step, final state dict) of eager T5ForConditionalGeneration, SGD unless `optimizer` names another
     (torch's, with its defaults and `lr`).
 
     `clip(model)` replaces the global clip_grad_norm_ (to show what a per-stage clip does).
+    `scheduler(optimizer)` makes a learning-rate scheduler stepped after each optimizer step; `seen`, a
+    list, gets each step's learning rate and gradient norm (before clipping) as {"lr", "grad_norm"}.
     """
     model = transformers.T5ForConditionalGeneration.from_pretrained(checkpoint).train()
     optimizer = EAGER_OPTIMIZERS[optimizer](model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = scheduler(optimizer) if scheduler is not None else None
     losses = []
     for step in range(steps):
         optimizer.zero_grad()
@@ -161,11 +164,16 @@ def train_eager(checkpoint, rows, *, steps, batch, microbatches, dp=1, lr=0.5, m
                 loss = model(**{k: v[i] for k, v in chunks.items()}, use_cache=False).loss
                 (loss / (microbatches * dp)).backward()
                 total += loss.item() / (microbatches * dp)
+        if seen is not None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            seen.append({"lr": optimizer.param_groups[0]["lr"], "grad_norm": norm.item()})
         if clip is not None:
             clip(model)
         elif max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         losses.append(total)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -12,7 +12,7 @@ import torch
 
 from fxconvert import optimizers
 from fxconvert.errors import FxConvertError, UsageError
-from fxconvert.training import compiled
+from fxconvert.training import compiled, lr_schedule
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.model import check_source_stages
 from fxconvert.training.schedules import SCHEDULES, STAGES_PER_RANK, V_PLACED
@@ -24,6 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # milliseconds, and a learning rate over 1000 only makes weights inf (no optimizer here needs one).
 TIMEOUT_RANGE = (1.0, 365 * 24 * 3600.0)
 MAX_LR = 1000.0
+STEPS = 100  # without --steps or --epochs
 
 
 class TrainError(FxConvertError):
@@ -37,13 +38,19 @@ class TrainConfig:
     source: str
     data: str
     out: str
-    steps: int = 100
+    steps: int | None = None  # None: STEPS, or what --epochs makes of the data (`with_steps`)
+    epochs: int | None = None
     batch: int = 8
+    grad_accum: int = 1  # batches per optimizer step
     microbatches: int | None = None  # None: one per stage (`check_options` fills it in)
     schedule: str = "1f1b"
     virtual_stages: int = 1
     dp: int = 1
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # `fxconvert.training.lr_schedule.SCHEDULES`
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    min_lr: float = 0.0
     optimizer: str | None = None  # None: the plan's, else adamw (`optim.choose`, in `run.prepare`)
     weight_decay: float = 0.0
     zero: bool = False
@@ -71,6 +78,11 @@ class TrainConfig:
     @property
     def autocast(self) -> torch.dtype | None:
         return DTYPES[self.dtype] if self.dtype != "float32" else None
+
+    @property
+    def examples_per_step(self) -> int:
+        """Examples one optimizer step trains on, over every replica and accumulated batch."""
+        return self.batch * self.dp * self.grad_accum
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("source", "data", "out")}
@@ -102,9 +114,14 @@ class Launch:
 def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topology]:
     """Every check of the options (and of a conversion's stage count, which they depend on); the same on
     every rank. Returns the config with `microbatches` filled in, and the layout (without groups)."""
-    positive = {"--steps": cfg.steps, "--batch": cfg.batch, "--virtual-stages": cfg.virtual_stages, "--dp": cfg.dp}
-    if cfg.microbatches is not None:
-        positive["--microbatches"] = cfg.microbatches
+    if cfg.epochs is not None and cfg.steps is not None:
+        raise UsageError(f"--epochs {cfg.epochs} and --steps {cfg.steps} both say how long to train; give one")
+    if cfg.epochs is None and cfg.steps is None:
+        cfg = replace(cfg, steps=STEPS)
+    positive = {"--batch": cfg.batch, "--grad-accum": cfg.grad_accum, "--virtual-stages": cfg.virtual_stages, "--dp": cfg.dp}
+    for option, value in (("--steps", cfg.steps), ("--epochs", cfg.epochs), ("--microbatches", cfg.microbatches)):
+        if value is not None:
+            positive[option] = value
     if cfg.save_every is not None:
         positive["--save-every"] = cfg.save_every
     for option, value in positive.items():
@@ -125,7 +142,10 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
     if cfg.zero and cfg.dp < 2:
         raise UsageError(f"--zero shards the optimizer state over the --dp replicas, but --dp is {cfg.dp}: nothing "
                          f"to shard; drop --zero or train with --dp 2 or more")
-    if cfg.measure_memory and cfg.steps < 2:
+    lr_schedule.check_options(cfg)
+    if cfg.steps is not None:
+        lr_schedule.check_steps(cfg)
+    if cfg.measure_memory and cfg.steps is not None and cfg.steps < 2:
         raise UsageError(f"--measure-memory measures a run's second step (the first makes the optimizer state), "
                          f"but --steps is {cfg.steps}; use --steps 2 or more")
     if launch.world_size % cfg.dp:
@@ -162,3 +182,16 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available; use --device cpu")
     return cfg, topo
+
+
+def with_steps(cfg: TrainConfig, examples: int) -> TrainConfig:
+    """`cfg` with `steps` filled in from `--epochs` once the data's size is known: enough optimizer steps to
+    go through the file `epochs` times (the last step may run into the next epoch: batches have one size)."""
+    if cfg.steps is not None:
+        return cfg
+    cfg = replace(cfg, steps=-(-cfg.epochs * examples // cfg.examples_per_step))
+    lr_schedule.check_steps(cfg)
+    if cfg.measure_memory and cfg.steps < 2:
+        raise UsageError(f"--measure-memory measures a run's second step, but --epochs {cfg.epochs} is "
+                         f"{cfg.steps} step of {examples} examples; raise --epochs")
+    return cfg

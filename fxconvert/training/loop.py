@@ -8,12 +8,13 @@ losses (the schedule divides the accumulated gradients by their number), over re
 
 import json
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from fxconvert.training import compiled, grad_sync, memory, optim
+from fxconvert.training import compiled, grad_sync, lr_schedule, memory, optim
 from fxconvert.training.checkpoint import load_checkpoint, set_rng_state
 from fxconvert.training.faults import check_finite
 from fxconvert.training.metrics import Reporter
@@ -29,19 +30,33 @@ def train(run: Run) -> None:
         for step in range(start, cfg.steps):
             began = time.perf_counter()
             compiling = compiled.compile_seconds() if cfg.compile else 0.0
-            batch = {k: v.to(device) for k, v in data.batch(step * cfg.dp + topo.replica).items()}
+            # replica r takes the batches it takes without accumulation: global batch (step * K + j) * dp + r
+            indices = [(step * cfg.grad_accum + j) * cfg.dp for j in range(cfg.grad_accum)]
             for optimizer in run.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
-            probe = memory.start(run, schedules, batch, step) if memory.due(run, step, start) else None
+            lr = next(iter(run.optimizers.values())).param_groups[0]["lr"]  # what this step trains at
+            probe = None
             losses = [] if last else None
-            schedules.get(batch).step(batch["input_ids"], target=batch["labels"], losses=losses,
-                                      return_outputs=False, **batch)
+            for j, index in enumerate(indices):
+                batch = {k: v.to(device) for k, v in data.batch(index + topo.replica).items()}
+                if j == 0 and memory.due(run, step, start):
+                    probe = memory.start(run, schedules, batch, step)
+                part = [] if last else None  # torch empties the list it is given
+                with _accumulated(modules, j, cfg.grad_accum):
+                    schedules.get(batch).step(batch["input_ids"], target=batch["labels"], losses=part,
+                                              return_outputs=False, **batch)
+                if last:
+                    losses.extend(part)
             grad_sync.sync_gradients(topo, modules, tied=cfg.tie_gradients)
             if cfg.max_grad_norm is not None:
-                grad_sync.clip_global_norm(topo, modules, cfg.max_grad_norm)
+                grad_norm = grad_sync.clip_global_norm(topo, modules, cfg.max_grad_norm)
+            else:
+                grad_norm = grad_sync.global_grad_norm(topo, modules).item()
             check_finite(modules, losses, step + 1, device)
             for optimizer in run.optimizers.values():
                 optimizer.step()
+            for scheduler in run.schedulers.values():
+                scheduler.step()
             if probe is not None:
                 memory.finish(run, probe, reporter)
             if last:
@@ -54,11 +69,13 @@ def train(run: Run) -> None:
             state_bytes = optim.state_bytes_per_rank(topo, run.optimizers, device) if step == start else None
             compiling = compiled.compile_seconds() - compiling if cfg.compile else 0.0  # this rank's, in this step
             if reporter is not None:
-                tokens = sum(data.tokens(step * cfg.dp + r) for r in range(cfg.dp))
-                reporter.step({"step": step + 1, "loss": loss.item(), "lr": cfg.lr,
+                tokens = sum(data.tokens(index + r) for index in indices for r in range(cfg.dp))
+                reporter.step({"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
                                "tokens_per_s": tokens / seconds, "seconds": seconds,
                                **({"optimizer_state_bytes": state_bytes} if state_bytes else {}),
                                **({"compile_s": compiling} if compiling else {})})
+                if cfg.epochs is not None:
+                    _epoch_line(reporter, cfg, step, len(data.examples))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save(run, step + 1)
                 say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step + 1}'}")
@@ -74,18 +91,50 @@ def train(run: Run) -> None:
                  f"{run.run_dir / 'metrics.jsonl'}")
 
 
+@contextmanager
+def _accumulated(modules: dict, j: int, k: int):
+    """Batch j of the step's k: its schedule's gradients (the mean over its microbatches: torch divides every
+    `.grad` of the stage by their number after each step, so earlier batches' sums must not be there yet) are
+    added to those of batches 0..j-1, and the last batch leaves their mean, that of one batch k times as big."""
+    if k == 1:
+        yield
+        return
+    params = [p for index in sorted(modules) for p in modules[index].parameters()]
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    yield
+    for p, before in zip(params, kept):
+        if before is not None:
+            p.grad = before if p.grad is None else p.grad.add_(before)
+    if j == k - 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(k)
+
+
+def _epoch_line(reporter: Reporter, cfg, step: int, examples: int) -> None:
+    """A line when step `step` (0-based) finished an epoch: examples trained on crossed a multiple of the file."""
+    done, before = (step + 1) * cfg.examples_per_step // examples, step * cfg.examples_per_step // examples
+    if done > before:
+        reporter.line(f"epoch {min(done, cfg.epochs)}/{cfg.epochs} done at step {step + 1}/{cfg.steps}")
+
+
 def setup(run: Run) -> tuple[int, dict, Schedules, Reporter | None]:
     """(first step, this rank's stage modules, schedules, reporter or None), the same way on every rank."""
     cfg, topo = run.cfg, run.topo
     grad_sync.make_groups(topo, timeout=timedelta(seconds=cfg.timeout))
     modules = {i: part.module for i, part in run.model.parts.items()}
     run.optimizers = {i: optim.build(cfg, topo, m.parameters()) for i, m in sorted(modules.items())}
+    run.schedulers = {i: lr_schedule.build(cfg, o) for i, o in run.optimizers.items()}
     start = 0
     if run.resume_from is not None:
         states, rng, meta = load_checkpoint(run.resume_from, rank=topo.rank, stage_indices=sorted(modules))
         for i, state in states.items():
             modules[i].load_state_dict(state["model"])
             run.optimizers[i].load_state_dict(state["optimizer"])
+            if "scheduler" in state:  # a checkpoint from before schedules trained at a constant --lr
+                run.schedulers[i].load_state_dict(state["scheduler"])
         set_rng_state(rng)
         start = int(meta["step"])
     else:

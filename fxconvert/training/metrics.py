@@ -81,6 +81,13 @@ class Reporter:
                   f"{record['tokens_per_s']:,.0f} tokens/s  {record['seconds']:.3f} s{compiled}  ETA {_clock(eta)}",
                   file=sys.stderr, flush=True)
 
+    def line(self, text: str) -> None:
+        """A line of the progress output of its own (above the bar in a terminal)."""
+        if self.progress is not None:
+            self.progress.console.print(printable(text), markup=False, highlight=False)
+        else:
+            print(printable(text), file=sys.stderr, flush=True)
+
     def record(self, record: dict) -> None:
         """A line that is not a step's (`fxconvert.training.memory`'s), with the step it belongs to."""
         self.file.write(json.dumps(record) + "\n")

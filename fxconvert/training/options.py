@@ -4,7 +4,8 @@ import argparse
 from dataclasses import fields
 
 from fxconvert import families
-from fxconvert.training.config import DEFAULTS, DTYPES, OPTIMIZERS, TrainConfig
+from fxconvert.training.config import DEFAULTS, DTYPES, OPTIMIZERS, STEPS, TrainConfig
+from fxconvert.training.lr_schedule import SCHEDULES as LR_SCHEDULES
 from fxconvert.training.recompute import MODES
 from fxconvert.training.schedules import SCHEDULES
 
@@ -21,14 +22,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="FILE.jsonl",
                    help='one {"input": str, "target": str} or {"input_ids": [...], "labels": [...]} per line')
     p.add_argument("--out", required=True, metavar="RUN", help="run directory: metrics.jsonl, checkpoints/, hf/")
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULTS['steps']})")
-    p.add_argument("--batch", type=int, help=f"examples per step and replica (default {DEFAULTS['batch']})")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {STEPS})")
+    p.add_argument("--epochs", type=int, metavar="E", help="instead of --steps: the steps that go through --data "
+                   "E times (a line per epoch)")
+    p.add_argument("--batch", type=int, help=f"examples per batch and replica (default {DEFAULTS['batch']})")
+    p.add_argument("--grad-accum", type=int, metavar="K", help="batches per optimizer step, their gradients "
+                   "averaged (default 1)")
     p.add_argument("--microbatches", type=int, help="microbatches per batch (default: the stages)")
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--virtual-stages", type=int, metavar="V",
                    help="stages per pipeline rank (V > 1: interleaved-1f1b, zb-interleaved; V = 2: zbv, dualpipev)")
     p.add_argument("--dp", type=int, metavar="R", help="data-parallel replicas of the pipeline")
     p.add_argument("--lr", type=float)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="the learning rate after warmup: constant (default), "
+                   "linear decay to --min-lr, or cosine decay to --min-lr (transformers' curves)")
+    p.add_argument("--warmup-steps", type=int, metavar="N", help="steps of linear warmup from 0 to --lr (default 0)")
+    p.add_argument("--warmup-ratio", type=float, metavar="R", help="warmup as a share of the steps (ceil(R x steps))")
+    p.add_argument("--min-lr", type=float, help="where linear and cosine decay end (default 0)")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="default: the one SOURCE's plan counted (pipeline.json), else adamw")
     p.add_argument("--weight-decay", type=float, help="the optimizer's weight decay (default 0)")

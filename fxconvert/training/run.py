@@ -12,10 +12,10 @@ import torch.distributed as dist
 
 from fxconvert.errors import FxConvertError, UsageError, printable
 from fxconvert.export import check_destination, export_hf
-from fxconvert.training import compiled, optim, planned, run_lock
+from fxconvert.training import compiled, lr_schedule, optim, planned, run_lock
 from fxconvert.training.checkpoint import (check_checkpoints_dir, check_meta, latest_checkpoint, read_meta, rng_state,
                                            save_checkpoint)
-from fxconvert.training.config import Launch, TrainConfig, check_options
+from fxconvert.training.config import Launch, TrainConfig, check_options, with_steps
 from fxconvert.training.dataset import Data, load_data
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.model import Model, load_model
@@ -33,6 +33,7 @@ class Run:
     resume_from: Path | None = None
     where: str = ""
     optimizers: dict = field(default_factory=dict)
+    schedulers: dict = field(default_factory=dict)  # stage -> its optimizer's LambdaLR (`lr_schedule`)
     lock: int | None = None  # rank 0: the descriptor holding RUN's lock (`fxconvert.training.run_lock`)
 
 
@@ -50,17 +51,21 @@ def resume_fields(cfg: TrainConfig, topo: Topology, data: "Data | None" = None) 
     data_path = Path(cfg.data).expanduser()
     data_id = str(data_path.resolve()) if data_path.exists() else str(data_path)
     content = {"data_sha256": data.sha256} if data is not None and data.sha256 is not None else {}
+    if cfg.steps is not None:  # known (with --epochs, once the data is read): the learning rate's curve
+        content.update(lr_schedule=cfg.lr_schedule, warmup_steps=lr_schedule.warmup_steps(cfg), min_lr=cfg.min_lr,
+                       schedule_steps=cfg.steps if cfg.lr_schedule != "constant" else None)
     return {**content, "model": str(source.resolve()) if source.exists() else str(cfg.source),
             "num_stages": topo.num_stages, "virtual_stages": cfg.virtual_stages, "dp": cfg.dp,
             "world_size": topo.world_size, "schedule": cfg.schedule, "optimizer": cfg.optimizer,
-            "batch": cfg.batch, "microbatches": cfg.microbatches, "shuffle": cfg.shuffle, "seed": cfg.seed,
+            "batch": cfg.batch, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "microbatches": cfg.microbatches,
+            "shuffle": cfg.shuffle, "seed": cfg.seed,
             "dtype": cfg.dtype, "data": data_id, "max_source_length": cfg.max_source_length,
             "max_target_length": cfg.max_target_length}
 
 
 def _meta(run: Run, step: int) -> dict:
-    return {"step": step, "data_position": step * run.cfg.dp, **resume_fields(run.cfg, run.topo, run.data),
-            "args": asdict(run.cfg)}
+    return {"step": step, "data_position": step * run.cfg.grad_accum * run.cfg.dp,
+            **resume_fields(run.cfg, run.topo, run.data), "args": asdict(run.cfg)}
 
 
 def _warn_once(launch: Launch):
@@ -107,12 +112,8 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
                              f"--save-every K); train into a new --out")
         meta = read_meta(resume_from)
         check_meta(meta, resume_fields(cfg, topo), path=resume_from)
-        if meta.get("step", 0) > cfg.steps:
-            raise UsageError(f"{resume_from} is step {meta['step']}, past --steps {cfg.steps}; "
-                             f"raise --steps to train on")
-        if cfg.measure_memory and meta.get("step", 0) + 2 > cfg.steps:
-            raise UsageError(f"--measure-memory measures the second step a run takes, but {resume_from} is step "
-                             f"{meta['step']} of --steps {cfg.steps}; raise --steps to {meta['step'] + 2} or more")
+        if cfg.steps is not None:
+            _check_resume_step(cfg, meta, resume_from)
     if not cfg.no_export:
         try:
             check_destination(run_dir / "hf")
@@ -122,9 +123,25 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
     compiled.check_recompute(cfg, model.recompute)
     topo.shared_stages = model.shared_stages
     data = load_data(cfg, model)
-    if resume_from is not None:  # the data's content, now that it is read
+    if cfg.steps is None:
+        cfg = with_steps(cfg, len(data.examples))
+        if resume_from is not None:
+            _check_resume_step(cfg, meta, resume_from)
+    if resume_from is not None:  # the data's content (and --epochs' steps), now that it is read
         check_meta(meta, resume_fields(cfg, topo, data), path=resume_from)
     return Run(cfg, launch, topo, device, model, data, run_dir, resume_from)
+
+
+def _check_resume_step(cfg: TrainConfig, meta: dict, resume_from: Path) -> None:
+    step = meta.get("step", 0)
+    how, option = (f"--epochs {cfg.epochs} ({cfg.steps} steps)", "--epochs") if cfg.epochs is not None else \
+        (f"--steps {cfg.steps}", "--steps")
+    if step > cfg.steps:
+        raise UsageError(f"{resume_from} is step {step}, past {how}; raise {option} to train on")
+    if cfg.measure_memory and step + 2 > cfg.steps:
+        more = "" if cfg.epochs is not None else f" to {step + 2} or more"
+        raise UsageError(f"--measure-memory measures the second step a run takes, but {resume_from} is step "
+                         f"{step} of {how}; raise {option}{more}")
 
 
 def _check_metrics_file(run_dir: Path, *, shown: str) -> None:
@@ -172,8 +189,8 @@ def save(run: Run, step: int) -> None:
     optimizer_states = {i: optim.state_to_save(o, run.topo) for i, o in sorted(run.optimizers.items())}
     states = {}
     if run.topo.replica == 0:
-        states = {i: {"model": part.module.state_dict(), "optimizer": optimizer_states[i]}
-                  for i, part in run.model.parts.items()}
+        states = {i: {"model": part.module.state_dict(), "optimizer": optimizer_states[i],
+                      "scheduler": run.schedulers[i].state_dict()} for i, part in run.model.parts.items()}
     save_checkpoint(run.run_dir, step, rank=run.topo.rank, world_size=run.topo.world_size, states=states,
                     rng=rng_state(), meta=_meta(run, step), barrier=dist.barrier)
 
