@@ -48,7 +48,7 @@ def test_text_data_from_conversion_to_generate(tmp_path):
     assert max(abs(a - b) for a, b in zip(got, losses, strict=True)) <= 1e-5
     assert tr.max_weight_diff(tr.weights_of(out / "hf"), weights) <= 1e-5
     first, *rest = tr.metrics(out)
-    assert all(set(m) == {"step", "loss", "lr", "tokens_per_s", "seconds"} for m in rest)
+    assert all(set(m) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "seconds"} for m in rest)
     assert first.pop("optimizer_state_bytes") == [0, 0] and set(first) == set(rest[0])  # SGD keeps no state
 
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(out / "hf")

@@ -23,59 +23,35 @@ from fxconvert.training.schedules import Schedules, StageCall
 
 
 def train(run: Run) -> None:
-    cfg, topo, data, device = run.cfg, run.topo, run.data, run.device
+    cfg, topo = run.cfg, run.topo
     start, modules, schedules, reporter = setup(run)
-    last = topo.num_stages - 1 in modules
     try:
         for step in range(start, cfg.steps):
             began = time.perf_counter()
             compiling = compiled.compile_seconds() if cfg.compile else 0.0
-            # replica r takes the batches it takes without accumulation: global batch (step * K + j) * dp + r
-            indices = [(step * cfg.grad_accum + j) * cfg.dp for j in range(cfg.grad_accum)]
             for optimizer in run.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             lr = next(iter(run.optimizers.values())).param_groups[0]["lr"]  # what this step trains at
-            probe = None
-            losses = [] if last else None
-            for j, index in enumerate(indices):
-                batch = {k: v.to(device) for k, v in data.batch(index + topo.replica).items()}
-                if j == 0 and memory.due(run, step, start):
-                    probe = memory.start(run, schedules, batch, step)
-                part = [] if last else None  # torch empties the list it is given
-                with _accumulated(modules, j, cfg.grad_accum):
-                    schedules.get(batch).step(batch["input_ids"], target=batch["labels"], losses=part,
-                                              return_outputs=False, **batch)
-                if last:
-                    losses.extend(part)
+            losses, probe = _forward_backward(run, modules, schedules, step, start)
             grad_sync.sync_gradients(topo, modules, tied=cfg.tie_gradients)
             if cfg.max_grad_norm is not None:
                 grad_norm = grad_sync.clip_global_norm(topo, modules, cfg.max_grad_norm)
             else:
                 grad_norm = grad_sync.global_grad_norm(topo, modules).item()
-            check_finite(modules, losses, step + 1, device)
+            check_finite(modules, losses, step + 1, run.device)
             for optimizer in run.optimizers.values():
                 optimizer.step()
             for scheduler in run.schedulers.values():
                 scheduler.step()
             if probe is not None:
                 memory.finish(run, probe, reporter)
-            if last:
-                loss = torch.stack([v.detach().float() for v in losses]).mean()
-                if topo.dp > 1:
-                    dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=topo.dp_group)
-                    loss /= topo.dp
-            seconds = time.perf_counter() - began
+            record = {"step": step + 1, "loss": _mean_loss(topo, losses), "lr": lr, "grad_norm": grad_norm,
+                      "seconds": time.perf_counter() - began}
             # what each rank holds of optimizer state (less under --zero), once: in the first step's record
-            state_bytes = optim.state_bytes_per_rank(topo, run.optimizers, device) if step == start else None
+            state_bytes = optim.state_bytes_per_rank(topo, run.optimizers, run.device) if step == start else None
             compiling = compiled.compile_seconds() - compiling if cfg.compile else 0.0  # this rank's, in this step
             if reporter is not None:
-                tokens = sum(data.tokens(index + r) for index in indices for r in range(cfg.dp))
-                reporter.step({"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
-                               "tokens_per_s": tokens / seconds, "seconds": seconds,
-                               **({"optimizer_state_bytes": state_bytes} if state_bytes else {}),
-                               **({"compile_s": compiling} if compiling else {})})
-                if cfg.epochs is not None:
-                    _epoch_line(reporter, cfg, step, len(data.examples))
+                _report(run, reporter, record, step, state_bytes=state_bytes, compile_s=compiling)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save(run, step + 1)
                 say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step + 1}'}")
@@ -89,6 +65,56 @@ def train(run: Run) -> None:
         export(run)
         say(run, f"wrote {run.run_dir / 'hf'} (a transformers checkpoint: from_pretrained loads it) and "
                  f"{run.run_dir / 'metrics.jsonl'}")
+
+
+def _batch_indices(cfg, step: int) -> list[int]:
+    """The global batches of a step on replica 0 (replica r adds r): replica r takes the batches it takes without
+    accumulation, global batch (step * K + j) * dp + r for j < K."""
+    return [(step * cfg.grad_accum + j) * cfg.dp for j in range(cfg.grad_accum)]
+
+
+def _forward_backward(run: Run, modules: dict, schedules: Schedules, step: int, start: int):
+    """The step's K batches through the pipeline, gradients accumulated: (the last stage's microbatch losses or
+    None on other ranks, the memory probe of a measured step or None)."""
+    cfg, topo = run.cfg, run.topo
+    last = topo.num_stages - 1 in modules
+    losses, probe = ([] if last else None), None
+    for j, index in enumerate(_batch_indices(cfg, step)):
+        batch = {k: v.to(run.device) for k, v in run.data.batch(index + topo.replica).items()}
+        if j == 0 and memory.due(run, step, start):
+            probe = memory.start(run, schedules, batch, step)
+        part = [] if last else None  # torch empties the list it is given
+        with _accumulated(modules, j, cfg.grad_accum):
+            schedules.get(batch).step(batch["input_ids"], target=batch["labels"], losses=part,
+                                      return_outputs=False, **batch)
+        if last:
+            losses.extend(part)
+    return losses, probe
+
+
+def _mean_loss(topo, losses) -> torch.Tensor | None:
+    """The step's loss on the last stage: the mean of its microbatch losses, over the replicas too (a collective
+    over the replica group there); None on other ranks. A tensor: only the reporting rank reads it (`_report`)."""
+    if losses is None:
+        return None
+    loss = torch.stack([v.detach().float() for v in losses]).mean()
+    if topo.dp > 1:
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=topo.dp_group)
+        loss /= topo.dp
+    return loss
+
+
+def _report(run: Run, reporter: Reporter, record: dict, step: int, *, state_bytes, compile_s: float) -> None:
+    """The step's metrics line (tokens/s counts every batch of every replica) and, with --epochs, its epoch line."""
+    cfg = run.cfg
+    tokens = sum(run.data.tokens(index + r) for index in _batch_indices(cfg, step) for r in range(cfg.dp))
+    reporter.step({"step": record["step"], "loss": record["loss"].item(), "lr": record["lr"],
+                   "grad_norm": record["grad_norm"], "tokens_per_s": tokens / record["seconds"],
+                   "seconds": record["seconds"],
+                   **({"optimizer_state_bytes": state_bytes} if state_bytes else {}),
+                   **({"compile_s": compile_s} if compile_s else {})})
+    if cfg.epochs is not None:
+        _epoch_line(reporter, cfg, step, len(run.data.examples))
 
 
 @contextmanager
