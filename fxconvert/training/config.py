@@ -118,12 +118,40 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
         raise UsageError(f"--epochs {cfg.epochs} and --steps {cfg.steps} both say how long to train; give one")
     if cfg.epochs is None and cfg.steps is None:
         cfg = replace(cfg, steps=STEPS)
-    positive = {"--batch": cfg.batch, "--grad-accum": cfg.grad_accum, "--virtual-stages": cfg.virtual_stages, "--dp": cfg.dp}
-    for option, value in (("--steps", cfg.steps), ("--epochs", cfg.epochs), ("--microbatches", cfg.microbatches)):
+    _check_numbers(cfg)
+    if cfg.zero and cfg.dp < 2:
+        raise UsageError(f"--zero shards the optimizer state over the --dp replicas, but --dp is {cfg.dp}: nothing "
+                         f"to shard; drop --zero or train with --dp 2 or more")
+    lr_schedule.check_options(cfg)
+    if cfg.steps is not None:
+        lr_schedule.check_steps(cfg)
+    if cfg.measure_memory and cfg.steps is not None and cfg.steps < 2:
+        raise UsageError(f"--measure-memory measures a run's second step (the first makes the optimizer state), "
+                         f"but --steps is {cfg.steps}; use --steps 2 or more")
+    if launch.world_size % cfg.dp:
+        raise UsageError(f"{launch.world_size} processes do not split into --dp {cfg.dp} replicas; launch a "
+                         f"multiple of {cfg.dp} processes (pipeline ranks x replicas)")
+    _check_stages_per_rank(cfg)
+    compiled.check(cfg, SCHEDULES[cfg.schedule])
+    topo = Topology(world_size=launch.world_size, dp=cfg.dp, virtual_stages=cfg.virtual_stages,
+                    shared_stages={}, rank=launch.rank, v_placement=cfg.schedule in V_PLACED)
+    check_source_stages(cfg.source, topo)  # before the microbatch checks, which depend on the stage count
+    if cfg.microbatches is None:
+        cfg = replace(cfg, microbatches=topo.num_stages)
+    _check_microbatches(cfg, topo)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available; use --device cpu")
+    return cfg, topo
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Counts at least 1, rates and limits positive and finite, each within its range."""
+    positive = {"--batch": cfg.batch, "--grad-accum": cfg.grad_accum, "--virtual-stages": cfg.virtual_stages,
+                "--dp": cfg.dp}
+    for option, value in (("--steps", cfg.steps), ("--epochs", cfg.epochs), ("--microbatches", cfg.microbatches),
+                          ("--save-every", cfg.save_every)):
         if value is not None:
             positive[option] = value
-    if cfg.save_every is not None:
-        positive["--save-every"] = cfg.save_every
     for option, value in positive.items():
         if value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
@@ -139,18 +167,10 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
         raise UsageError(f"--seed must be an integer from 0 to {2**63 // 1000 - 1001}, got {cfg.seed}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a non-negative number, got {cfg.weight_decay}")
-    if cfg.zero and cfg.dp < 2:
-        raise UsageError(f"--zero shards the optimizer state over the --dp replicas, but --dp is {cfg.dp}: nothing "
-                         f"to shard; drop --zero or train with --dp 2 or more")
-    lr_schedule.check_options(cfg)
-    if cfg.steps is not None:
-        lr_schedule.check_steps(cfg)
-    if cfg.measure_memory and cfg.steps is not None and cfg.steps < 2:
-        raise UsageError(f"--measure-memory measures a run's second step (the first makes the optimizer state), "
-                         f"but --steps is {cfg.steps}; use --steps 2 or more")
-    if launch.world_size % cfg.dp:
-        raise UsageError(f"{launch.world_size} processes do not split into --dp {cfg.dp} replicas; launch a "
-                         f"multiple of {cfg.dp} processes (pipeline ranks x replicas)")
+
+
+def _check_stages_per_rank(cfg: TrainConfig) -> None:
+    """--virtual-stages as the schedule runs stages per rank (`schedules.STAGES_PER_RANK`)."""
     fewest, most = STAGES_PER_RANK[cfg.schedule]
     if cfg.virtual_stages > 1 and most == 1:
         several = ", ".join(n for n, (low, _) in STAGES_PER_RANK.items() if low > 1)
@@ -160,14 +180,11 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
         wanted = f"{fewest}" if fewest == most else f"{fewest} or more"
         raise UsageError(f"--schedule {cfg.schedule} needs --virtual-stages {wanted} (stages per rank), got "
                          f"{cfg.virtual_stages}")
-    compiled.check(cfg, SCHEDULES[cfg.schedule])
-    topo = Topology(world_size=launch.world_size, dp=cfg.dp, virtual_stages=cfg.virtual_stages,
-                    shared_stages={}, rank=launch.rank, v_placement=cfg.schedule in V_PLACED)
-    check_source_stages(cfg.source, topo)  # before the microbatch checks, which depend on the stage count
-    stages, pipeline_ranks = topo.num_stages, topo.pipeline_ranks
-    if cfg.microbatches is None:
-        cfg = replace(cfg, microbatches=stages)
-    m = cfg.microbatches
+
+
+def _check_microbatches(cfg: TrainConfig, topo: Topology) -> None:
+    """--microbatches against --batch, the stage count and the schedule."""
+    m, stages, pipeline_ranks = cfg.microbatches, topo.num_stages, topo.pipeline_ranks
     if cfg.batch % m:
         raise UsageError(f"--batch {cfg.batch} does not split into {m} equal microbatches; "
                          f"make --batch a multiple of --microbatches")
@@ -179,9 +196,6 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
         if m % rounds:
             raise UsageError(f"--schedule {cfg.schedule} needs --microbatches to be a multiple of "
                              f"{rounds} with {pipeline_ranks} pipeline ranks; use e.g. {pipeline_ranks * rounds}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but CUDA is not available; use --device cpu")
-    return cfg, topo
 
 
 def with_steps(cfg: TrainConfig, examples: int) -> TrainConfig:
