@@ -1032,6 +1032,70 @@ def measure_train_step(ctx) -> list[Result]:
             Result(keys[1], two.median / one.median, two, one, details=dict(details))]
 
 
+# zbv against 1f1b on the same 2 ranks: t5-small shape, 8 microbatches of 2 x 64/32 tokens, 1 thread per rank.
+ZBV = dict(batch=16, microbatches=8, source_length=64, target_length=32, ranks=2, rounds=2, warmup_steps=1,
+           timed_steps={"quick": 3, "full": 6})
+
+
+def measure_zbv_over_1f1b(ctx) -> Result:
+    """Training tokens/s of `zbv` (2 ranks x 2 stages in a V) over `1f1b` (2 ranks x 1 stage), same model and batches.
+
+    Both sides are `torchrun --nproc-per-node 2 -m fxconvert.train` with 1 thread per rank, on a
+    4-stage and a 2-stage conversion of one checkpoint, each balanced by predicted time at the
+    microbatch shape; runs alternate 1f1b, zbv, zbv, 1f1b so drifting load hits both alike. Each
+    side's figure is the median tokens/s of RUN/metrics.jsonl over the steps after warm-up. The
+    ratio is reported, not judged: zbv fills 1F1B's bubble ((P-1)/(M+P-1) of the step here, 1/9)
+    with weight gradients, but its weight half re-differentiates the stage's outputs (W costs
+    about B + W, README "Schedules"), which a 2-core machine pays in full.
+    """
+    key = "zbv_over_1f1b"
+    why = cli_unavailable_reason()
+    if why:
+        return unavailable(key, why)
+    sizes = ZBV
+    warmup, timed = sizes["warmup_steps"], sizes["timed_steps"].get(ctx.mode, 1)
+    timeout = ctx.plan_dict["child_timeout_s"] * 2
+    ranks = sizes["ranks"]
+    with tempfile.TemporaryDirectory(prefix="fxbench-zbv-") as tmp:
+        tmp = Path(tmp)
+        config = small_config()
+        _write_checkpoint(config, tmp / "ckpt")
+        _write_pretokenized(tmp / "train.jsonl", lines=sizes["batch"] * (warmup + timed),
+                            source_length=sizes["source_length"], target_length=sizes["target_length"],
+                            vocab_size=config.vocab_size)
+        balance = ["--seq-lengths", f"{sizes['source_length']},{sizes['target_length']}",
+                   "--batch", sizes["batch"] // sizes["microbatches"]]
+        for stages in (ranks, 2 * ranks):
+            _convert_stages(ctx, tmp / "ckpt", tmp / f"conv{stages}", stages, *balance)
+        common = dict(steps=warmup + timed, batch=sizes["batch"], microbatches=sizes["microbatches"],
+                      source_length=sizes["source_length"], target_length=sizes["target_length"])
+        argv = {"1f1b": lambda out: _torchrun(ranks, "-m", "fxconvert.train", *_train_args(
+                    tmp / f"conv{ranks}", tmp / "train.jsonl", out, schedule="1f1b", **common)),
+                "zbv": lambda out: _torchrun(ranks, "-m", "fxconvert.train", "--virtual-stages", 2, *_train_args(
+                    tmp / f"conv{2 * ranks}", tmp / "train.jsonl", out, schedule="zbv", **common))}
+        records, walls = {side: [] for side in argv}, {side: [] for side in argv}
+        for i in range(sizes["rounds"]):
+            for side in ("1f1b", "zbv") if i % 2 == 0 else ("zbv", "1f1b"):
+                out = tmp / f"run_{side}_{i}"
+                run = run_child(argv[side](out), cwd=tmp, timeout_s=timeout, env=_ONE_THREAD)
+                if run.failure():
+                    return unavailable(key, f"the {side} run failed: {run.failure()}")
+                records[side].append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+                walls[side].append(run.wall_s)
+    tokens_per_s = {side: [r["tokens_per_s"] for recs in runs for r in recs[warmup:]] for side, runs in records.items()}
+    zbv = Figure(f"torchrun {ranks} ranks x 2 stages (V), zbv, {sizes['microbatches']} microbatches, 1 thread per "
+                 "rank", tokens_per_s["zbv"], unit="tokens/s")
+    one = Figure(f"torchrun {ranks} ranks x 1 stage, 1f1b, same batches", tokens_per_s["1f1b"], unit="tokens/s")
+    details = {"model": "t5-small shape (T5Config defaults, dropout 0.1)", "batch": sizes["batch"],
+               "microbatches": sizes["microbatches"], "source_length": sizes["source_length"],
+               "target_length": sizes["target_length"], "optimizer": "adamw", "rounds": sizes["rounds"],
+               "warmup_steps": warmup, "timed_steps": timed, "wall_s": walls,
+               # per side, per run: every step, warm-up included
+               "step_seconds": {side: [[r["seconds"] for r in recs] for recs in runs] for side, runs in records.items()},
+               "losses": {side: [[r["loss"] for r in recs] for recs in runs] for side, runs in records.items()}}
+    return Result(key, zbv.median / one.median, zbv, one, details=details)
+
+
 def _stage_bytes(directory) -> list[int]:
     """The parameter bytes of each stage of the split saved in `directory` (its pipeline.json)."""
     from fxconvert import manifest
@@ -1291,6 +1355,10 @@ REGISTRY = [
        measure_runtime_llama),
     _m("runtime_train_8x128_llama", 1.02, "ratio", "train forward + backward, Llama ~100M, 8x128",
        measure_runtime_llama),
+    # Reported, no target (on a quiet machine the aim is >= 1.05).
+    _m("zbv_over_1f1b", None, "ratio",
+       "training tokens/s, zbv on 2 ranks x 2 stages over 1f1b on 2 ranks x 1 stage, 8 microbatches",
+       measure_zbv_over_1f1b, subprocess=True, comparison=">="),
     # Reported with --compile; no targets.
     *(_m(k, None, "", "", measure_compile) for k in ("compile_fullgraph", "compile_time_converted_s",
                                                        "compile_time_eager_s", "compile_time_ratio",

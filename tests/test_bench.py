@@ -30,10 +30,11 @@ TARGET_KEYS = ["convert_over_export", "scaling_48_over_6", "runtime_overhead_tin
 SUBPROCESS_KEYS = ["cli_over_import", "t5_11b_meta_peak_rss_mb", "pipeline_train_throughput_2x1",
                    "train_step_over_eager_loop", "virtual_stages_over_one",
                    "pipeline_rank_peak_rss_ratio", "plan_memory_error", "recompute_activation_ratio",
-                   "recompute_time_ratio"]
+                   "recompute_time_ratio", "zbv_over_1f1b"]
 HIGHER_IS_BETTER = ["pipeline_train_throughput_2x1"]  # a speed-up: the value must reach its target
 BALANCE_KEYS = ["balance_bottleneck_time_over_params", "balance_imbalance_time", "balance_prediction_error"]
 IN_PROCESS_KEYS = [k for k in TARGET_KEYS if k not in (*SUBPROCESS_KEYS, *BALANCE_KEYS)]
+INFO_KEYS = ["zbv_over_1f1b"]  # reported without a target
 COMPILE_KEYS = ["compile_fullgraph", "compile_time_converted_s", "compile_time_eager_s", "compile_time_ratio",
                 "compile_runtime_ratio"]
 
@@ -76,8 +77,8 @@ def test_tiny_run_json_shape(bench, tiny_run):
     assert set(bench.TARGETS) == set(TARGET_KEYS) and list(bench.COMPILE_KEYS) == COMPILE_KEYS
     for key in ("cpu", "usable_cpus", "python", "torch", "transformers", "fxconvert", "torch_threads"):
         assert key in report["machine"], key
-    assert list(report["results"]) == TARGET_KEYS + COMPILE_KEYS
-    for key in TARGET_KEYS + COMPILE_KEYS:
+    assert list(report["results"]) == TARGET_KEYS + INFO_KEYS + COMPILE_KEYS
+    for key in TARGET_KEYS + INFO_KEYS + COMPILE_KEYS:
         assert is_number(report[key]) or is_marker(report[key]), (key, report[key])
         entry = report["results"][key]
         assert entry["status"] in ("pass", "fail", "info", "unavailable", "skipped"), entry
@@ -223,7 +224,7 @@ def test_tiny_compile_run(tmp_path):
         assert is_number(report[key]) or report[key].startswith("unavailable: "), (key, report[key])
     if is_number(report["compile_fullgraph"]):
         assert report["compile_fullgraph"] == 1.0, report["results"]["compile_fullgraph"]  # no graph break
-    for key in TARGET_KEYS:
+    for key in TARGET_KEYS + INFO_KEYS:
         assert report[key] == "skipped: not selected (--only)"
 
 

@@ -141,14 +141,20 @@ def sync_gradients(topo: Topology, modules: dict[int, torch.nn.Module], *, tied:
         copies = _shared_copies(modules, name)
         if not copies or (len(copies) == 1 and name not in topo.tied_groups):
             continue  # held once, by this rank alone: its gradient is the sum already
-        total = torch.zeros_like(copies[0])
+        # Summed into the first gradient held, and copied into the other copies' (each keeps a tensor of its
+        # own: the clip scales every copy's in place): no fresh tensor per copy of a 32128 x 512 embedding.
+        owner = next((p for p in copies if p.grad is not None), copies[0])
+        if owner.grad is None:
+            owner.grad = torch.zeros_like(owner)
+        total = owner.grad
         for p in copies:
-            if p.grad is not None:
+            if p is not owner and p.grad is not None:
                 total += p.grad
         if name in topo.tied_groups:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=topo.tied_groups[name])
         for p in copies:
-            p.grad = total.clone() if len(copies) > 1 else total
+            if p is not owner:
+                p.grad = total.clone() if p.grad is None else p.grad.copy_(total)
     if topo.dp > 1:
         grads = [p.grad for p in _params(modules)]
         flat = torch._utils._flatten_dense_tensors(grads)
