@@ -692,7 +692,7 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if position_bias is not None:
         if mask is not None or causal:  # a leaf call: whether the mask is None at run time is decided at run time
             mask = position_bias.tracer.create_proxy(
-                "call_function", runtime.position_bias_mask, (position_bias, mask), {"causal": True} if causal else {}
+                "call_function", runtime.position_bias_mask, (position_bias, mask), dict(causal=True) if causal else {}
             )
         else:
             mask = position_bias
