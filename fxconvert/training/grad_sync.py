@@ -175,16 +175,23 @@ def _params(modules):
 
 
 def global_grad_norm(topo: Topology, modules: dict[int, torch.nn.Module]) -> torch.Tensor:
-    """The 2-norm of the whole model's gradient, each shared weight counted once (after `sync_gradients`)."""
-    squares = torch.zeros((), dtype=torch.float64)
+    """The 2-norm of the whole model's gradient, each shared weight counted once (after `sync_gradients`).
+
+    As `clip_grad_norm_` computes it: each gradient's norm (no copy of the gradient: a float64 copy of a
+    large embedding's gradient was the peak of a step), then the norm of those, summed in float64 over the
+    pipeline ranks; one transfer to the host, none per tensor.
+    """
+    norms = []
     for index in sorted(modules):
         for name, p in modules[index].named_parameters():
             if name in topo.shared_stages and index != min(topo.shared_stages[name]):
                 continue  # counted on the lowest stage holding a copy
             if p.grad is not None:
-                squares += p.grad.detach().double().pow(2).sum().cpu()
+                norms.append(torch.linalg.vector_norm(p.grad.detach()))
+    device = _device_of(modules)
+    squares = (torch.stack(norms).double().pow(2).sum() if norms
+               else torch.zeros((), dtype=torch.float64, device=device))
     if topo.pipeline_ranks > 1:
-        squares = squares.to(_device_of(modules))
         dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=topo.pipeline_group)
     return squares.sqrt().float().cpu()
 
