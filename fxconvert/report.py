@@ -304,7 +304,8 @@ def stage_plan_section(rows: list[dict], plan: dict) -> Section:
                        "activations", "peak memory", "in flight", "sends", "bottleneck"], table)],
         bars=[(f"stage {r['stage']}", r["time_share"], f"{r['time_share']:.0%}") for r in rows],
         notes=["per microbatch; peak memory = parameters, gradients and optimizer state (a shared weight on every "
-               "stage holding a copy) + activations of the microbatches in flight (see the memory plan)"],
+               "stage holding a copy) + activations of the microbatches in flight + backward's working set and the "
+               "receive buffers (see the memory plan)"],
     )
 
 
@@ -338,8 +339,10 @@ def memory_plan_section(rows: list[dict], plan: dict) -> Section:
         tables=[Table(["stage", "parameters", "gradients", "optimizer state", "saved x in flight", "recomputed",
                        "peak", "fwd+bwd time", "blocks recomputed"], table)],
         notes=["peak = parameters + gradients + optimizer state + activations saved per microbatch x microbatches "
-               "in flight + the largest recomputed block's activations (rebuilt in backward, one block at a time); "
-               "a recomputed block saves only its inputs, and its forward runs again (in the time)"],
+               "in flight + the largest recomputed block's activations (rebuilt in backward, one block at a time) "
+               "+ backward's working set and the receive buffers, at the larger of a step's first backward (not "
+               "every gradient allocated yet) and a later one; a recomputed block saves only its inputs, and its "
+               "forward runs again (in the time)"],
     )
 
 
