@@ -151,11 +151,12 @@ def _interrupts(received: list):
     The record matters because some libraries catch a KeyboardInterrupt and raise another
     error, or carry on; the run must still end as interrupted.
 
-    A signal that lands inside an import is held until the import returns: raised there, it
-    can cross C++ (torch's extension imports its Python modules through pybind11), which
-    aborts the process ("terminate called after throwing an instance of
+    A signal that lands inside an import, or inside a finalizer (`__del__`, whose exception
+    Python prints and drops), is held until that returns. Raised inside an import, it can
+    cross C++ (torch's extension imports its Python modules through pybind11), which aborts
+    the process ("terminate called after throwing an instance of
     'pybind11::error_already_set'") instead of printing the one line. A watcher thread
-    delivers it again, to the main thread, once no import is running there.
+    delivers it again, to the main thread, once neither is running there.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -206,16 +207,19 @@ def _stack(frame) -> list:
 
 
 def _importing(frame, outer: set) -> bool:
-    """Whether `frame` runs inside an import begun below the frames `outer` (importlib's frames in between)."""
+    """Whether `frame` runs where an exception must not be raised, below the frames `outer`: inside an import
+    (importlib's frames in between), or inside a finalizer (`__del__`), whose exception Python prints as
+    "Exception ignored" and drops, so the run would carry on as if never interrupted."""
     while frame is not None and id(frame) not in outer:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
+        if frame.f_code.co_filename.startswith("<frozen importlib") or frame.f_code.co_name == "__del__":
             return True
         frame = frame.f_back
     return False
 
 
 def _redeliver(signum: int, done: threading.Event, lock: threading.Lock, watching: list, outer: set) -> None:
-    """Signal the main thread again once it runs no import (checked every 50 ms), unless the run has ended."""
+    """Signal the main thread again once it runs no import nor finalizer (checked every 50 ms), unless the run
+    has ended."""
     main = threading.main_thread().ident
     while not done.wait(0.05):
         if not _importing(sys._current_frames().get(main), outer):

@@ -299,3 +299,36 @@ def test_the_redelivery_watcher_never_signals_after_the_run_ended():
     watcher.join()
     time.sleep(0)  # a pending interrupt_main would be raised here, in the main thread
     sum(range(1000))
+
+
+HELD_IN_A_FINALIZER = """
+import os, signal, threading, time
+from fxconvert import cli
+inside = threading.Event()
+class Slow:
+    def __del__(self):
+        inside.set()
+        time.sleep(1.0)  # the SIGINT lands here
+def send():
+    inside.wait(60)
+    os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=send, daemon=True).start()
+try:
+    with cli._interrupts([]):
+        Slow()  # collected at once: its __del__ runs now
+        for _ in range(600):
+            time.sleep(0.1)  # the held signal is delivered here
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted after the finalizer")
+"""
+
+
+def test_a_signal_inside_a_finalizer_is_held_until_it_returns():
+    """Raised inside a `__del__`, a KeyboardInterrupt is printed as "Exception ignored" and dropped, and the run
+    went on to write its output: a Ctrl-C landing in a garbage-collected object's finalizer (a regex's, during
+    transformers' import) made a conversion end complete instead of interrupted. It is held and delivered after."""
+    proc = subprocess.run([sys.executable, "-c", HELD_IN_A_FINALIZER], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "interrupted after the finalizer", (proc.stdout, proc.stderr)
+    assert "Exception ignored" not in proc.stderr, proc.stderr
