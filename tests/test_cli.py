@@ -272,8 +272,18 @@ def test_stages_balanced_by_params_report_no_predictions(ckpt, tmp_path, capsys)
     (["--seq-lengths", "1e3,8"], r"--seq-lengths takes two positive integers"),
     (["--batch", "0"], r"--batch must be at least 1, got 0"),
     (["--balance", "flops"], r"argument --balance: invalid choice: 'flops'"),
+    (["--max-memory", "0"], r"--max-memory takes a positive size such as 11GiB, 500MiB, 12GB or plain bytes, got '0'"),
+    (["--max-memory", "-5"], r"--max-memory takes a positive size .*got '-5'"),
+    (["--max-memory=-1GiB"], r"--max-memory takes a positive size .*got '-1GiB'"),
+    (["--max-memory", "11XB"], r"--max-memory takes a positive size .*got '11XB'"),
+    (["--max-memory", "1e9"], r"--max-memory takes a positive size .*got '1e9'"),
+    (["--max-memory", "0.1B"], r"--max-memory takes a positive size .*got '0.1B'"),
+    (["--max-memory", ""], r"--max-memory takes a positive size .*got ''"),
+    (["--microbatches", "0"], r"--microbatches must be at least 1, got 0"),
+    (["--recompute", "some"], r"argument --recompute: invalid choice: 'some'"),
+    (["--optimizer", "adam"], r"argument --optimizer: invalid choice: 'adam'"),
 ])
-def test_bad_balance_options_are_usage_errors(args, message, ckpt, tmp_path, capsys):
+def test_bad_balance_and_memory_plan_options_are_usage_errors(args, message, ckpt, tmp_path, capsys):
     before = leftovers(tmp_path)
     code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--no-validate", "--stages", "2", *args)
     assert code == 2
@@ -302,27 +312,6 @@ def test_memory_sizes_read_as_people_write_them(text, size):
     from fxconvert.cli import memory_size
 
     assert memory_size(text) == size
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--max-memory", "0"], r"--max-memory takes a positive size such as 11GiB, 500MiB, 12GB or plain bytes, got '0'"),
-    (["--max-memory", "-5"], r"--max-memory takes a positive size .*got '-5'"),
-    (["--max-memory=-1GiB"], r"--max-memory takes a positive size .*got '-1GiB'"),
-    (["--max-memory", "11XB"], r"--max-memory takes a positive size .*got '11XB'"),
-    (["--max-memory", "1e9"], r"--max-memory takes a positive size .*got '1e9'"),
-    (["--max-memory", "0.1B"], r"--max-memory takes a positive size .*got '0.1B'"),
-    (["--max-memory", ""], r"--max-memory takes a positive size .*got ''"),
-    (["--microbatches", "0"], r"--microbatches must be at least 1, got 0"),
-    (["--recompute", "some"], r"argument --recompute: invalid choice: 'some'"),
-    (["--optimizer", "adam"], r"argument --optimizer: invalid choice: 'adam'"),
-])
-def test_bad_memory_plan_options_are_usage_errors(args, message, ckpt, tmp_path, capsys):
-    before = leftovers(tmp_path)
-    code, _, err = run_cli(capsys, ckpt, "--out", tmp_path / "out", "--no-validate", "--stages", "2", *args)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert re.search(message, lines[-1]) and "Traceback" not in err, lines[-1]
-    assert leftovers(tmp_path) == before
 
 
 def test_memory_plan_options_need_stages(ckpt, tmp_path, capsys):
