@@ -11,21 +11,17 @@ bubble. Both halves run within the step, so the tied-weight sum, the clip and th
 optimizer step after it see whole gradients as with the other schedules. `zbv` and
 `dualpipev` place two stages per rank in a V (`grad_sync.Topology.v_placement`).
 
-torch's own weight half (`_backward.stage_backward_weight`) starts from the points where
-the weights' paths meet the input's and drops the rest: a stage output computed from
-weights alone (T5's position bias, passed to the next stage) loses the gradient coming
-back through it, and two weights sharing such a path free it for each other. `SplitStage`
-computes the weight half from the stage's outputs instead, keeping the autograd graph
-until then: exact, at the price of walking the activation gradients twice.
+Each half does only its own work, exactly (`fxconvert.training.split_backward`, where
+torch's own split loses a gradient T5 needs).
 """
 
 from collections import OrderedDict
 
 import torch
-from torch.autograd.graph import get_gradient_edge
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 
+from fxconvert.training import split_backward
 from fxconvert.training.grad_sync import Topology
 
 # --schedule name -> torch's schedule name (`get_schedule_class`), in the order `--help` lists them.
@@ -94,8 +90,7 @@ class StageCall(torch.nn.Module):
 
 
 class SplitStage(PipelineStage):
-    """A `PipelineStage` whose backward halves are exact (see the module's docstring): the input half keeps
-    the graph and the output gradients, the weight half differentiates the outputs by the parameters."""
+    """A `PipelineStage` whose backward halves are exact and each do their own work (`split_backward`)."""
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
         if backward_type == "input":
@@ -105,23 +100,10 @@ class SplitStage(PipelineStage):
                 if isinstance(out, torch.Tensor) and out.requires_grad:
                     outputs.append(out)
                     grads.append(torch.ones_like(out) if given is None else given[i])
-            inputs = bwd_kwargs["input_values"]
-            wanted = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad]
-            found = iter(torch.autograd.grad(outputs, wanted, grads, retain_graph=True, allow_unused=True)
-                         if outputs and wanted else [None] * len(wanted))
-            dinputs = tuple(next(found) if isinstance(v, torch.Tensor) and v.requires_grad else None
-                            for v in inputs)
-            # edges, not tensors: the schedule detaches the last stage's outputs after this half
-            return dinputs, [{"edges": [get_gradient_edge(o) for o in outputs], "grads": grads}]
-        if backward_type == "weight":
             params = [p for p in self.submod.parameters() if p.requires_grad]
-            for group in bwd_kwargs["param_groups"]:
-                if not group["edges"]:
-                    continue
-                found = torch.autograd.grad(group["edges"], params, group["grads"], allow_unused=True)
-                for p, g in zip(params, found):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad + g
+            return split_backward.input_half(outputs, grads, bwd_kwargs["input_values"], params)
+        if backward_type == "weight":
+            split_backward.weight_half(bwd_kwargs["param_groups"])
             return (), None
         return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
 
