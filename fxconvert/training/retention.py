@@ -28,7 +28,7 @@ from fxconvert import atomic_dir
 from fxconvert.errors import UsageError, printable
 from fxconvert.files import open_regular
 from fxconvert.signals import deferred
-from fxconvert.training.checkpoint import checkpoints_dir, complete_checkpoints, layout
+from fxconvert.training.checkpoint import CheckpointError, checkpoints_dir, complete_checkpoints, layout
 
 BEST = "best.json"
 PRODUCER = "fxconvert.train"
@@ -58,7 +58,12 @@ def after_save(run) -> None:
     cfg = run.cfg
     if run.topo.rank != 0 or not (cfg.save_best or cfg.keep_last):
         return
-    keep(run.run_dir, keep_last=cfg.keep_last, save_best=cfg.save_best, said=run.kept)
+    try:
+        keep(run.run_dir, keep_last=cfg.keep_last, save_best=cfg.save_best, said=run.kept)
+    except OSError as e:
+        raise CheckpointError(f"cannot {'prune' if cfg.keep_last else 'record the best of'} the checkpoints in "
+                              f"{printable(checkpoints_dir(run.run_dir))}: {e.strerror or e}; fix permissions or "
+                              f"free space, then resume") from e
 
 
 def best_checkpoint(found: list) -> tuple | None:
