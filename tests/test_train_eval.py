@@ -199,8 +199,8 @@ def test_eval_options_added_on_resume_and_pruning_among_hostile_entries(setup, d
 # -- pruning, on checkpoints made here ------------------------------------------------------------------------
 
 
-def _checkpoint(run_dir, step, eval_loss=None):
-    meta = {"num_stages": 1, **({"eval_loss": eval_loss} if eval_loss is not None else {})}
+def _checkpoint(run_dir, step, eval_loss=None, eval_id=None):
+    meta = {"num_stages": 1, **({"eval_loss": eval_loss, "eval_id": eval_id} if eval_loss is not None else {})}
     return save_checkpoint(run_dir, step, rank=0, world_size=1, states={0: {"model": {}, "optimizer": {}}},
                            rng={"torch": torch.get_rng_state()}, meta=meta, barrier=lambda: None)
 
@@ -284,6 +284,16 @@ def test_a_best_json_fxconvert_did_not_write_is_refused(tmp_path, kind):
     assert target.read_text() == json.dumps({"producer": "fxconvert.train"})
     best = cks / "best.json"
     assert {"file": lambda: best.read_text() == "{}", "symlink": best.is_symlink, "directory": best.is_dir}[kind]()
+
+
+def test_the_best_is_chosen_among_checkpoints_evaluated_the_same_way(tmp_path):
+    """A resume may change --eval-data or --eval-batch: a loss on another file or batch size is not comparable."""
+    _checkpoint(tmp_path, 1, 0.5, eval_id="other-file/8")
+    _checkpoint(tmp_path, 2, 2.0, eval_id="this-file/8")
+    _checkpoint(tmp_path, 3, 3.0, eval_id="this-file/8")
+    retention.keep(tmp_path, keep_last=1, save_best=True, eval_id="this-file/8")
+    assert json.loads((tmp_path / "checkpoints" / "best.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.json", "step_2", "step_3"]
 
 
 def test_a_non_finite_eval_loss_is_never_the_best(tmp_path):

@@ -50,6 +50,14 @@ def check_options(cfg) -> None:
                          f"is not a multiple of --eval-every {cfg.eval_every}; make it one")
 
 
+def identity(run) -> str | None:
+    """What makes two eval losses comparable: the eval file's content (sha256) and the batch size (the batch
+    losses are weighted by examples, and a batch's loss is a mean over its own tokens). Recorded in each
+    checkpoint's meta.json beside `eval_loss`; `--save-best` compares only checkpoints with this run's."""
+    data = run.eval_data
+    return None if data is None else f"{data.sha256}/{data.batch_size}"
+
+
 def due(cfg, step: int) -> bool:
     """Whether the run evaluates after step `step` (1-based): every --eval-every steps, and after the last."""
     if cfg.eval_data is None:

@@ -4,7 +4,8 @@
   would take). A half-written `.step_<k>.tmp`, a damaged or incomplete `step_<k>`, a symlink
   or file named `step_<k>`, and every other name are neither counted nor touched.
 - Kept: the newest N, and with `--save-best` the one with the lowest eval loss (its
-  meta.json's `eval_loss`; the earliest of equal ones) when it is older: N + 1 at most. The
+  meta.json's `eval_loss`; the earliest of equal ones; only among checkpoints evaluated on
+  the same file at the same batch size, `evaluate.identity`) when it is older: N + 1 at most. The
   newest complete checkpoint is always kept, so `--resume` continues from it as before.
 - Removed: the others, but only one that holds nothing besides a checkpoint's own files
   (`checkpoint.layout`: regular files, no symlink, no directory); one that also holds a
@@ -28,6 +29,7 @@ from fxconvert import atomic_dir
 from fxconvert.errors import UsageError, printable
 from fxconvert.files import open_regular
 from fxconvert.signals import deferred
+from fxconvert.training import evaluate
 from fxconvert.training.checkpoint import CheckpointError, checkpoints_dir, complete_checkpoints, layout
 
 BEST = "best.json"
@@ -59,24 +61,27 @@ def after_save(run) -> None:
     if run.topo.rank != 0 or not (cfg.save_best or cfg.keep_last):
         return
     try:
-        keep(run.run_dir, keep_last=cfg.keep_last, save_best=cfg.save_best, said=run.kept)
+        keep(run.run_dir, keep_last=cfg.keep_last, save_best=cfg.save_best, said=run.kept,
+             eval_id=evaluate.identity(run))
     except OSError as e:
         raise CheckpointError(f"cannot {'prune' if cfg.keep_last else 'record the best of'} the checkpoints in "
                               f"{printable(checkpoints_dir(run.run_dir))}: {e.strerror or e}; fix permissions or "
                               f"free space, then resume") from e
 
 
-def best_checkpoint(found: list) -> tuple | None:
-    """The (step, path, meta) of `found` with the lowest finite eval loss (the earliest of equal ones), or None."""
+def best_checkpoint(found: list, eval_id: str | None = None) -> tuple | None:
+    """The (step, path, meta) of `found` with the lowest finite eval loss (the earliest of equal ones) among those
+    evaluated as this run evaluates (`evaluate.identity`: a resume may change the eval file), or None."""
     scored = [item for item in found if isinstance(item[2].get("eval_loss"), (int, float))
-              and math.isfinite(item[2]["eval_loss"])]
+              and math.isfinite(item[2]["eval_loss"]) and item[2].get("eval_id") == eval_id]
     return min(scored, key=lambda item: (item[2]["eval_loss"], item[0]), default=None)
 
 
-def keep(run_dir, *, keep_last: int | None, save_best: bool, said: set | None = None) -> list[Path]:
+def keep(run_dir, *, keep_last: int | None, save_best: bool, said: set | None = None,
+         eval_id: str | None = None) -> list[Path]:
     """Apply the rules of the module docstring to run/checkpoints; returns the checkpoints removed."""
     found = complete_checkpoints(run_dir)
-    best = best_checkpoint(found) if save_best else None
+    best = best_checkpoint(found, eval_id) if save_best else None
     if best is not None:
         _write_best(run_dir, best)
     if not keep_last:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fxconvert.errors import FxConvertError, UsageError, printable
 from fxconvert.export import check_destination, export_hf
-from fxconvert.training import compiled, lr_schedule, optim, planned, retention, run_lock
+from fxconvert.training import compiled, evaluate, lr_schedule, optim, planned, retention, run_lock
 from fxconvert.training.checkpoint import (check_checkpoints_dir, check_meta, latest_checkpoint, read_meta, rng_state,
                                            save_checkpoint)
 from fxconvert.training.config import Launch, TrainConfig, check_options, with_steps
@@ -67,7 +67,8 @@ def resume_fields(cfg: TrainConfig, topo: Topology, data: "Data | None" = None) 
 
 
 def _meta(run: Run, step: int) -> dict:
-    evaluated = {"eval_loss": run.eval_losses[step]} if step in run.eval_losses else {}
+    evaluated = {"eval_loss": run.eval_losses[step], "eval_id": evaluate.identity(run)} \
+        if step in run.eval_losses else {}
     return {"step": step, "data_position": step * run.cfg.grad_accum * run.cfg.dp,
             **resume_fields(run.cfg, run.topo, run.data), **evaluated, "args": asdict(run.cfg)}
 
