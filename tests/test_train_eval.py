@@ -225,14 +225,16 @@ def test_keep_last_without_save_best_keeps_only_the_newest(tmp_path):
 
 def test_keep_last_touches_nothing_it_did_not_write(tmp_path, capsys):
     """Incomplete and damaged checkpoints, a symlink named step_N, a user's file or directory, and a checkpoint
-    holding a user's file are neither counted nor removed; the last is said once."""
+    holding a user's file or symlink are neither counted nor removed; the last two are said once."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "stage_0.pt").write_text("mine")
     run = tmp_path / "run"
-    for step in (1, 2, 3, 4):
+    for step in (0, 1, 2, 3, 4):
         _checkpoint(run, step)
     cks = run / "checkpoints"
+    (cks / "step_0" / "stage_0.pt").unlink()
+    (cks / "step_0" / "stage_0.pt").symlink_to(outside / "stage_0.pt")  # a checkpoint's name, a user's file
     (cks / "step_1" / "notes.txt").write_text("mine")  # a user's file in a checkpoint
     (cks / "step_2" / "COMPLETE").unlink()  # incomplete
     os.symlink(outside, cks / "step_7")  # a symlink with a checkpoint's name, newer than all
@@ -243,11 +245,13 @@ def test_keep_last_touches_nothing_it_did_not_write(tmp_path, capsys):
     said = set()
     for _ in range(2):
         assert retention.keep(run, keep_last=1, save_best=False, said=said) == []
-    assert sorted(p.name for p in cks.iterdir()) == ["scratch.txt", "step_1", "step_2", "step_3", "step_4",
-                                                    "step_7", "step_8"]
+    assert sorted(p.name for p in cks.iterdir()) == ["scratch.txt", "step_0", "step_1", "step_2", "step_3",
+                                                    "step_4", "step_7", "step_8"]
     assert (outside / "stage_0.pt").read_text() == "mine" and (cks / "step_1" / "notes.txt").read_text() == "mine"
+    assert (cks / "step_0" / "stage_0.pt").is_symlink()
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "step_1" in lines[0] and "notes.txt" in lines[0]
+    assert len(lines) == 2, lines
+    assert "step_0" in lines[0] and "stage_0.pt" in lines[0] and "step_1" in lines[1] and "notes.txt" in lines[1]
 
 
 def test_a_removal_killed_midway_leaves_what_the_next_save_cleans_up(tmp_path, monkeypatch):
