@@ -11,6 +11,7 @@
   loop, `faults` turns signals and failures into one line per rank, `metrics` writes
   metrics.jsonl and the progress line.
 - `grad_sync` (tied weights, replicas, clipping), `checkpoint`, `heartbeat`, `run_lock`.
+- `evaluate` (`--eval-data`: the eval loss, forward only) and `retention` (`--keep-last`, `--save-best`).
 - `self_check`: `--self-check`, the same loop on a tiny random model against eager transformers.
 
 This package's `__init__` imports nothing: a module of the package loads only what it needs.

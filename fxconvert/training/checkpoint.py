@@ -281,6 +281,34 @@ def latest_checkpoint(run_dir, *, warn: Callable[[str], None] | None = None) -> 
     return None
 
 
+def complete_checkpoints(run_dir) -> list[tuple[int, Path, dict]]:
+    """(step, path, meta) of every checkpoint in run/checkpoints that `latest_checkpoint` would take, lowest
+    step first; nothing through a symlinked run/checkpoints."""
+    root = checkpoints_dir(run_dir)
+    if root.is_symlink() or not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP.match(path.name)
+        if not (match and path.is_dir() and not path.is_symlink() and (path / COMPLETE).is_file()):
+            continue
+        try:
+            meta = read_meta(path)
+        except CheckpointError:
+            continue
+        if meta.get("step") == int(match.group(1)) and not _missing(path, meta):
+            found.append((meta["step"], path, meta))
+    return sorted(found, key=lambda item: item[0])
+
+
+def layout(meta: dict) -> set[str]:
+    """The names a checkpoint with this meta.json holds (empty when meta.json does not say)."""
+    stages, ranks = meta.get("num_stages"), meta.get("world_size")
+    if not all(type(n) is int and n >= 1 for n in (stages, ranks)):
+        return set()
+    return {META, COMPLETE, *(stage_file(i) for i in range(stages)), *(rank_file(r) for r in range(ranks))}
+
+
 def _missing(path: Path, meta: dict) -> list[str]:
     """The files meta.json says the checkpoint has that are not there (meta.json itself when it says nothing)."""
     stages, ranks = meta.get("num_stages"), meta.get("world_size")
@@ -360,6 +388,6 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
                                   f"resume with the checkpoint's settings, or train into a new --out")
 
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "remove_stale", "rng_state", "set_rng_state",
+__all__ = ["save_checkpoint", "latest_checkpoint", "complete_checkpoints", "layout", "load_checkpoint", "remove_stale", "rng_state", "set_rng_state",
            "check_meta", "read_meta", "check_checkpoints_dir", "CheckpointError", "CheckpointDirError",
            "ResumeMismatchError", "RESUME_FIELDS"]

@@ -12,7 +12,7 @@ import torch
 
 from fxconvert import optimizers
 from fxconvert.errors import FxConvertError, UsageError
-from fxconvert.training import compiled, lr_schedule
+from fxconvert.training import compiled, evaluate, lr_schedule
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.model import check_source_stages
 from fxconvert.training.schedules import SCHEDULES, STAGES_PER_RANK, V_PLACED
@@ -58,6 +58,11 @@ class TrainConfig:
     recompute: str = "auto"  # `fxconvert.training.recompute.MODES`
     max_grad_norm: float | None = None
     save_every: int | None = None
+    eval_data: str | None = None  # `fxconvert.training.evaluate`: the eval loss over this file
+    eval_every: int | None = None  # None: evaluate once, at the end
+    eval_batch: int | None = None  # None: --batch
+    save_best: bool = False  # `fxconvert.training.retention`: checkpoints/best.json names the lowest eval loss's
+    keep_last: int | None = None  # keep the newest N complete checkpoints (and the best), remove older ones
     resume: bool = False
     shuffle: bool = False
     seed: int = 0
@@ -123,6 +128,7 @@ def check_options(cfg: TrainConfig, launch: Launch) -> tuple[TrainConfig, Topolo
         raise UsageError(f"--zero shards the optimizer state over the --dp replicas, but --dp is {cfg.dp}: nothing "
                          f"to shard; drop --zero or train with --dp 2 or more")
     lr_schedule.check_options(cfg)
+    evaluate.check_options(cfg)
     if cfg.steps is not None:
         lr_schedule.check_steps(cfg)
     if cfg.measure_memory and cfg.steps is not None and cfg.steps < 2:
@@ -149,7 +155,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
     positive = {"--batch": cfg.batch, "--grad-accum": cfg.grad_accum, "--virtual-stages": cfg.virtual_stages,
                 "--dp": cfg.dp}
     for option, value in (("--steps", cfg.steps), ("--epochs", cfg.epochs), ("--microbatches", cfg.microbatches),
-                          ("--save-every", cfg.save_every)):
+                          ("--save-every", cfg.save_every), ("--eval-every", cfg.eval_every),
+                          ("--eval-batch", cfg.eval_batch), ("--keep-last", cfg.keep_last)):
         if value is not None:
             positive[option] = value
     for option, value in positive.items():

@@ -188,7 +188,7 @@ def read_jsonl(path, **options) -> list[Example]:
 
 
 def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None,
-               objective: Objective = SEQ2SEQ) -> DataFile:
+               objective: Objective = SEQ2SEQ, flag: str = "--data") -> DataFile:
     """Every example of the JSONL file `path`, checked line by line before any is returned, and its sha256.
 
     Text is tokenized as `tokenizer(input, truncation=True, max_length=max_source_length)` and
@@ -199,7 +199,8 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     `objective` is the model family's (`Family.objective`): where its labels are tokens the model
     reads (a causal LM) -100 is refused; where its labels are aligned with the input (a masked
     LM) a line is pre-tokenized, its labels as long as its input_ids (-100 where nothing is
-    predicted), and both are cut to max_source_length.
+    predicted), and both are cut to max_source_length. `flag` is the option the messages tell the user to
+    pass a file to (`--eval-data` for the held-out file).
     """
     if not isinstance(objective, Objective):
         raise UsageError(f"unknown data objective {objective!r}; give one of fxconvert.objectives.OBJECTIVES")
@@ -209,9 +210,9 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     path = Path(path)
     name = _shown(path)
     if not path.exists():
-        raise DataError(f"{name} does not exist; pass --data a JSONL file")
+        raise DataError(f"{name} does not exist; pass {flag} a JSONL file")
     if not path.is_file():
-        raise DataError(f"{name} is not a regular file; pass --data a JSONL file")
+        raise DataError(f"{name} is not a regular file; pass {flag} a JSONL file")
     try:
         data = path.read_bytes()
     except OSError as e:

@@ -41,7 +41,9 @@ class Data:
                    for i in rows)
 
 
-def load_data(cfg: TrainConfig, model: Model) -> Data:
+def load_data(cfg: TrainConfig, model: Model, *, held_out: bool = False) -> Data:
+    """`--data` (or with `held_out`, `--eval-data` in batches of `--eval-batch`), read and checked whole."""
+    path, option = (cfg.eval_data, "--eval-data") if held_out else (cfg.data, "--data")
     config = model.config
     family = families.family_of_class((config.get("architectures") or [""])[0])
     objective = family.objective if family is not None else SEQ2SEQ
@@ -50,11 +52,12 @@ def load_data(cfg: TrainConfig, model: Model) -> Data:
                          f"(T5, BART), causal LM (GPT-2, Llama-style) or masked LM (BERT) model")
     tokenizer = load_tokenizer(model.tokenizer_dir, required=False) if model.tokenizer_dir is not None else None
     vocab = families.vocabulary(config)
-    read = load_jsonl(cfg.data, tokenizer=tokenizer, max_source_length=cfg.max_source_length,
-                      max_target_length=cfg.max_target_length, vocab_size=vocab, objective=objective)
-    _check_lengths(read.examples, cfg.data, family, config, objective)
+    read = load_jsonl(path, tokenizer=tokenizer, max_source_length=cfg.max_source_length,
+                      max_target_length=cfg.max_target_length, vocab_size=vocab, objective=objective, flag=option)
+    _check_lengths(read.examples, path, family, config, objective)
     token_ids = objective.token_ids(config, vocab)  # the pad policy: which ids, their fallbacks, in the vocabulary
-    return Data(read.examples, token_ids, objective, sha256=read.sha256, batch_size=cfg.batch, shuffle=cfg.shuffle,
+    return Data(read.examples, token_ids, objective, sha256=read.sha256,
+                batch_size=(cfg.eval_batch or cfg.batch) if held_out else cfg.batch, shuffle=cfg.shuffle,
                 seed=cfg.seed)
 
 

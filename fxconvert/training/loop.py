@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fxconvert.training import compiled, grad_sync, lr_schedule, memory, optim
+from fxconvert.training import compiled, evaluate, grad_sync, lr_schedule, memory, optim, retention
 from fxconvert.training.checkpoint import load_checkpoint, set_rng_state
 from fxconvert.training.faults import check_finite
 from fxconvert.training.metrics import Reporter
@@ -52,15 +52,18 @@ def train(run: Run) -> None:
             compiling = compiled.compile_seconds() - compiling if cfg.compile else 0.0  # this rank's, in this step
             if reporter is not None:
                 _report(run, reporter, record, step, state_bytes=state_bytes, compile_s=compiling)
+            evaluate.at_step(run, schedules.calls, reporter, step + 1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save(run, step + 1)
                 say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step + 1}'}")
+                retention.after_save(run)
     finally:
         if reporter is not None:
             reporter.close()
     if cfg.save_every and start < cfg.steps:
         save(run, cfg.steps)
         say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{cfg.steps}'}")
+        retention.after_save(run)
     if not cfg.no_export:
         export(run)
         say(run, f"wrote {run.run_dir / 'hf'} (a transformers checkpoint: from_pretrained loads it) and "

@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "the first step of each batch shape; not with zero-bubble schedules or recompute)")
     p.add_argument("--max-grad-norm", type=float, help="clip by the whole model's gradient norm")
     p.add_argument("--save-every", type=int, metavar="K", help="checkpoint every K steps")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N complete checkpoints (and with "
+                   "--save-best the best), remove older ones fxconvert wrote")
+    p.add_argument("--eval-data", metavar="FILE.jsonl", help="held-out lines (as --data): their loss, forward only, "
+                   "as eval_loss in metrics.jsonl at the end and every --eval-every steps")
+    p.add_argument("--eval-every", type=int, metavar="K", help="evaluate every K steps (default: at the end only)")
+    p.add_argument("--eval-batch", type=int, metavar="B", help="examples per eval batch (default: --batch)")
+    p.add_argument("--save-best", action="store_true", help="name the checkpoint with the lowest eval loss in "
+                   "RUN/checkpoints/best.json and keep it through --keep-last")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest complete checkpoint")
     p.add_argument("--shuffle", action="store_true", help="a seeded permutation of the data per epoch")
     p.add_argument("--seed", type=int, help="data order, dropout, and random weights of a preset")

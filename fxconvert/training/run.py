@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fxconvert.errors import FxConvertError, UsageError, printable
 from fxconvert.export import check_destination, export_hf
-from fxconvert.training import compiled, lr_schedule, optim, planned, run_lock
+from fxconvert.training import compiled, evaluate, lr_schedule, optim, planned, retention, run_lock
 from fxconvert.training.checkpoint import (check_checkpoints_dir, check_meta, latest_checkpoint, read_meta, rng_state,
                                            save_checkpoint)
 from fxconvert.training.config import Launch, TrainConfig, check_options, with_steps
@@ -35,6 +35,9 @@ class Run:
     optimizers: dict = field(default_factory=dict)
     schedulers: dict = field(default_factory=dict)  # stage -> its optimizer's LambdaLR (`lr_schedule`)
     lock: int | None = None  # rank 0: the descriptor holding RUN's lock (`fxconvert.training.run_lock`)
+    eval_data: Data | None = None  # --eval-data (`fxconvert.training.evaluate`)
+    eval_losses: dict = field(default_factory=dict)  # step -> eval loss, recorded in that step's checkpoint
+    kept: set = field(default_factory=set)  # checkpoints --keep-last left for holding files of others, said once
 
 
 RUN_MARKER = ".fxconvert-run"  # written into RUN when a run starts; --resume continues only such a directory
@@ -64,8 +67,10 @@ def resume_fields(cfg: TrainConfig, topo: Topology, data: "Data | None" = None) 
 
 
 def _meta(run: Run, step: int) -> dict:
+    evaluated = {"eval_loss": run.eval_losses[step], "eval_id": evaluate.identity(run)} \
+        if step in run.eval_losses else {}
     return {"step": step, "data_position": step * run.cfg.grad_accum * run.cfg.dp,
-            **resume_fields(run.cfg, run.topo, run.data), "args": asdict(run.cfg)}
+            **resume_fields(run.cfg, run.topo, run.data), **evaluated, "args": asdict(run.cfg)}
 
 
 def _warn_once(launch: Launch):
@@ -98,6 +103,8 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
     if launch.rank == 0:
         run_lock.check(run_dir, shown=cfg.out)  # another run in it: say so (`lock_run` takes the lock)
     check_checkpoints_dir(run_dir)  # a symlinked run/checkpoints: saving would write and clean up through it
+    if cfg.save_best:
+        retention.check_best(run_dir, shown=cfg.out)
     _check_metrics_file(run_dir, shown=cfg.out)  # a resume rewrites it
     if run_dir.is_dir() and any(p.name != run_lock.LOCK for p in run_dir.iterdir()):
         if not cfg.resume:
@@ -123,13 +130,14 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
     compiled.check_recompute(cfg, model.recompute)
     topo.shared_stages = model.shared_stages
     data = load_data(cfg, model)
+    eval_data = load_data(cfg, model, held_out=True) if cfg.eval_data is not None else None
     if cfg.steps is None:
         cfg = with_steps(cfg, len(data.examples))
         if resume_from is not None:
             _check_resume_step(cfg, meta, resume_from)
     if resume_from is not None:  # the data's content (and --epochs' steps), now that it is read
         check_meta(meta, resume_fields(cfg, topo, data), path=resume_from)
-    return Run(cfg, launch, topo, device, model, data, run_dir, resume_from)
+    return Run(cfg, launch, topo, device, model, data, run_dir, resume_from, eval_data=eval_data)
 
 
 def _check_resume_step(cfg: TrainConfig, meta: dict, resume_from: Path) -> None:
