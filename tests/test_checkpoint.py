@@ -252,6 +252,37 @@ def test_a_users_directory_in_the_way_of_a_save_is_kept(tmp_path):
     assert (tmp_path / "checkpoints" / ".step_5.tmp" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("what", ["users_dir", "note_in_checkpoint", "symlink", "file"])
+def test_a_users_entry_at_the_steps_name_is_never_replaced(tmp_path, what):
+    """A resumed run re-saving step k replaces the checkpoint fxconvert wrote there, never what a user put there."""
+    final = tmp_path / "checkpoints" / "step_5"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("theirs")
+    if what == "users_dir":
+        final.mkdir(parents=True)
+        (final / "notes.txt").write_text("mine")
+    elif what == "note_in_checkpoint":
+        save_single(tmp_path, 5, toy_states(1.0))
+        (final / "notes.txt").write_text("mine")
+    elif what == "symlink":
+        final.parent.mkdir(parents=True)
+        final.symlink_to(outside, target_is_directory=True)
+    else:
+        final.parent.mkdir(parents=True)
+        final.write_text("mine")
+    with pytest.raises(CheckpointError, match=r"step_5 is in the way and is not a checkpoint fxconvert wrote"):
+        save_single(tmp_path, 5, toy_states(2.0))
+    assert (outside / "keep.txt").read_text() == "theirs"
+    if what == "symlink":
+        assert final.is_symlink()
+    elif what == "file":
+        assert final.read_text() == "mine"
+    else:
+        assert (final / "notes.txt").read_text() == "mine"
+    assert not any(p.name.startswith(".step_5") for p in final.parent.iterdir())  # nothing left half-written
+
+
 def test_save_removes_what_a_killed_save_left(tmp_path):
     stale = tmp_path / "checkpoints" / ".step_2.tmp"
     stale.mkdir(parents=True)

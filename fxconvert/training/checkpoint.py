@@ -172,6 +172,9 @@ def save_checkpoint(run_dir, step: int, *, rank: int, world_size: int, states: d
             if tmp.exists() or tmp.is_symlink():
                 raise CheckpointError(f"{tmp} is in the way and fxconvert did not write it; move it away, "
                                       f"then resume")
+            if (final.exists() or final.is_symlink()) and not _replaceable(final):
+                raise CheckpointError(f"{final} is in the way and is not a checkpoint fxconvert wrote (or holds "
+                                      f"files it did not write); move it away, then resume")
             atomic_dir.make_named_temp(tmp)
         barrier()  # the tmp directory exists and is empty
         for index, state in states.items():
@@ -218,6 +221,28 @@ def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict)
             atomic_dir.rmtree(old)
     # the marker goes once it is in place: a checkpoint holds exactly the layout above
     atomic_dir.commit(tmp, final, replace=old is not None, aside=old, keep_marker=False)
+
+
+def _replaceable(final: Path) -> bool:
+    """Whether `final` is a complete checkpoint holding nothing but its own regular files: one a resumed run that
+    reaches its step again may replace. Anything else there is the user's."""
+    if final.is_symlink() or not final.is_dir() or not (final / COMPLETE).is_file():
+        return False
+    try:
+        meta = read_meta(final)
+    except CheckpointError:
+        return False
+    return not _missing(final, meta) and foreign_entry(final, meta) is None
+
+
+def foreign_entry(path: Path, meta: dict) -> str | None:
+    """The first entry of checkpoint `path` that is not one of its own regular files, or None."""
+    own = layout(meta) | {atomic_dir.MARKER}  # the marker: a removal killed before its rename
+    for name in sorted(os.listdir(path)):
+        entry = path / name
+        if name not in own or entry.is_symlink() or not entry.is_file():
+            return name
+    return None
 
 
 def _write(path: Path, write: Callable) -> None:

@@ -69,7 +69,7 @@ def check_options(cfg) -> None:
     if not (math.isfinite(cfg.min_lr) and cfg.min_lr >= 0):
         raise UsageError(f"--min-lr must be a non-negative number, got {cfg.min_lr}")
     if cfg.min_lr > 0 and cfg.lr_schedule == "constant":
-        raise UsageError(f"--min-lr is the floor of a decay, and --lr-schedule constant does not decay; pass "
+        raise UsageError("--min-lr is the floor of a decay, and --lr-schedule constant does not decay; pass "
                          f"--lr-schedule linear or cosine, or drop --min-lr")
     if math.isfinite(cfg.lr) and cfg.min_lr > cfg.lr:
         raise UsageError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}; the decay ends at --min-lr, so give "

@@ -30,7 +30,7 @@ from fxconvert.errors import UsageError, printable
 from fxconvert.files import open_regular
 from fxconvert.signals import deferred
 from fxconvert.training import evaluate
-from fxconvert.training.checkpoint import CheckpointError, checkpoints_dir, complete_checkpoints, layout
+from fxconvert.training.checkpoint import CheckpointError, checkpoints_dir, complete_checkpoints, foreign_entry
 
 BEST = "best.json"
 PRODUCER = "fxconvert.train"
@@ -91,7 +91,7 @@ def keep(run_dir, *, keep_last: int | None, save_best: bool, said: set | None = 
     for step, path, meta in found:
         if step in kept:
             continue
-        foreign = _foreign(path, meta)
+        foreign = foreign_entry(path, meta)
         if foreign:
             if said is None or path not in said:
                 print(f"fxconvert.train: warning: --keep-last leaves {printable(path)}: it holds "
@@ -105,16 +105,6 @@ def keep(run_dir, *, keep_last: int | None, save_best: bool, said: set | None = 
     if named is not None and named.get("checkpoint") in {path.name for path in removed}:
         (checkpoints_dir(run_dir) / BEST).unlink()
     return removed
-
-
-def _foreign(path: Path, meta: dict) -> str | None:
-    """The first entry of checkpoint `path` that is not one of its own regular files, or None."""
-    own = layout(meta) | {atomic_dir.MARKER}  # the marker: a removal killed before its rename
-    for name in sorted(os.listdir(path)):
-        entry = path / name
-        if name not in own or entry.is_symlink() or not entry.is_file():
-            return name
-    return None
 
 
 def _remove(path: Path, step: int) -> None:
