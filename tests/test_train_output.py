@@ -150,6 +150,9 @@ def test_resume_says_where_it_resumes_and_names_what_changed(runs):
     changed = [line for line in lines if " changed from " in line]
     assert len(changed) == 2 + HAVE_TENSORBOARD, changed  # nothing else is named
     assert [m["step"] for m in tr.metrics(out)] == [1, 2, 3, 4, 5, 6]
+    # each step's line shows the rate it trained at: the new --lr's linear decay over 6 steps from step 3 on
+    rates = [float(re.search(r"  lr (\S+)  ", line).group(1)) for line in lines if re.match(r"step \d+/6 ", line)]
+    assert rates == pytest.approx([0.05 * (6 - s) / 5 for s in range(2, 6)], rel=1e-3)
 
 
 @pytest.mark.xdist_group("ranks")

@@ -27,9 +27,11 @@ class Reporter:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tokens/s"),
+                                     TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                                     TextColumn("{task.fields[rate]} tokens/s"),
                                      TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", rate="-")
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-",
+                                              rate="-")
             self.progress.start()
 
     def _keep_steps_up_to(self, step: int) -> None:
@@ -73,12 +75,12 @@ class Reporter:
         eta = elapsed / done * (self.total - record["step"]) if done else 0.0
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], loss=f"{record['loss']:.4f}",
-                                 rate=f"{record['tokens_per_s']:,.0f}")
+                                 lr=f"{record['lr']:.3g}", rate=f"{record['tokens_per_s']:,.0f}")
             if "compile_s" in record:
                 self.line(f"step {record['step']}: compiling took {record['compile_s']:.1f} s")
         else:
             compiled = f"  (compiling {record['compile_s']:.1f} s)" if "compile_s" in record else ""
-            print(f"step {record['step']}/{self.total}  loss {record['loss']:.6f}  "
+            print(f"step {record['step']}/{self.total}  loss {record['loss']:.6f}  lr {record['lr']:.3g}  "
                   f"{record['tokens_per_s']:,.0f} tokens/s  {record['seconds']:.3f} s{compiled}  ETA {_clock(eta)}",
                   file=sys.stderr, flush=True)
 
