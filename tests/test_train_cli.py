@@ -218,7 +218,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings(setup, tmp_path, capsys, 
     monkeypatch.chdir(setup)
     check_meta(fields(), fields(source="ckpt/"), path="step_1")  # the same directory, spelled otherwise
     for extra, name in [(["--batch", 8], "batch"), (["--shuffle"], "shuffle"), (["--seed", 7], "seed"),
-                        (["--dtype", "bfloat16"], "dtype"), (["--max-source-length", 5], "max_source_length")]:
+                        (["--dtype", "bfloat16"], "dtype"), (["--max-source-length", 5], "max_source_length"),
+                        (["--weight-decay", 0.1], "weight_decay")]:  # the optimizer's state would keep the old one
         with pytest.raises(ResumeMismatchError, match=f"{name} differs"):
             check_meta(fields(), fields(*extra), path="step_1")
 

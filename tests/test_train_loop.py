@@ -13,6 +13,7 @@ import io
 import shutil
 
 import pytest
+import torch
 import transformers
 
 import train_runs as tr
@@ -155,17 +156,34 @@ def test_a_resume_in_the_middle_of_the_warmup_is_the_uninterrupted_run(setup, ru
     assert tr.max_weight_diff(tr.weights_of(out / "hf"), tr.weights_of(whole / "hf")) == 0.0
 
 
-@pytest.mark.parametrize("option", [["--lr", 2e-2], ["--lr-schedule", "cosine"], ["--warmup-steps", 2],
-                                    ["--steps", STEPS + 1]])
-def test_a_resume_with_another_schedule_is_refused(setup, runs, tmp_path, monkeypatch, capsys, option):
+def test_a_resume_with_another_lr_and_schedule_names_them_and_follows_them(setup, runs, tmp_path, monkeypatch):
+    """The linear run resumed from step 2 with --lr 2e-2, cosine, 2 warmup steps and 6 steps: each change named in a
+    line, and from step 3 on the new curve of the new rate: eager transformers switching from the linear
+    schedule to the cosine one (both transformers' own) at step 2."""
     root, _ = setup
     whole, _ = runs("linear")
-    _world_of_one(monkeypatch)
-    capsys.readouterr()
-    assert main(_argv(root, whole, *LINEAR, *option, "--resume")) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("fxconvert.train: error: cannot resume from ") and "differs" in line
-    assert option[0] in line or (option[0] == "--warmup-steps" and "--warmup-steps or --warmup-ratio" in line)
+    out = tmp_path / "run"
+    shutil.copytree(whole, out)
+    for name in ("checkpoints/step_4", "checkpoints/step_5", "hf"):
+        shutil.rmtree(out / name)
+    err = _train(monkeypatch, root, out, *LINEAR, "--lr", 2e-2, "--lr-schedule", "cosine", "--warmup-steps", 2,
+                 "--steps", STEPS + 1, "--resume")
+    lines = err.splitlines()
+    assert f"resuming from {out / 'checkpoints' / 'step_2'} (step 2 of {STEPS + 1})" in lines, err
+    assert [line for line in lines if " changed from " in line] == [
+        "--lr changed from 0.01 to 0.02 since the checkpoint",
+        "--lr-schedule changed from linear to cosine since the checkpoint",
+        "--warmup-steps changed from 3 to 2 since the checkpoint",
+        f"--steps changed from {STEPS} to {STEPS + 1} since the checkpoint"]
+
+    probe = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    linear = transformers.get_linear_schedule_with_warmup(probe, 3, STEPS).lr_lambdas[0]
+    cosine = transformers.get_cosine_schedule_with_warmup(probe, 2, STEPS + 1).lr_lambdas[0]
+    switched = lambda o: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+        o, lambda s: linear(s) if s < 2 else 2e-2 / LR * cosine(s))
+    losses, weights, seen = _eager(setup, switched, steps=STEPS + 1)
+    assert [s["lr"] for s in seen][2:] == pytest.approx([2e-2 * cosine(s) for s in range(2, STEPS + 1)])
+    _assert_equal_to_eager(out, losses, weights, seen)
 
 
 HOSTILE = [

@@ -37,7 +37,7 @@ import torch
 
 import fxconvert
 from fxconvert import atomic_dir
-from fxconvert.errors import FxConvertError, UsageError
+from fxconvert.errors import FxConvertError, UsageError, printable
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -60,11 +60,6 @@ RESUME_FIELDS = {
     "optimizer": "--optimizer",
     "batch": "--batch",
     "grad_accum": "--grad-accum",
-    "lr": "--lr",
-    "lr_schedule": "--lr-schedule",
-    "warmup_steps": "--warmup-steps or --warmup-ratio",
-    "min_lr": "--min-lr",
-    "schedule_steps": "--steps or --epochs (the length of the decay)",
     "microbatches": "--microbatches",
     "shuffle": "--shuffle",
     "seed": "--seed",
@@ -73,6 +68,29 @@ RESUME_FIELDS = {
     "data_sha256": "--data (its content)",
     "max_source_length": "--max-source-length",
     "max_target_length": "--max-target-length",
+    "weight_decay": "--weight-decay",  # the optimizer's state holds it: a resume would keep the checkpoint's
+}
+
+# Options a resume may change, named when they differ from the checkpoint's "args" (`changed_options`): the
+# learning rate and its curve (from the resumed step on: `lr_schedule.build`), how long to train, when to save,
+# the clip, where the metrics also go, and evaluation. Options outside both tables (--timeout, --device,
+# --recompute, --compile, --no-export, --measure-memory, --verbose) change how a run goes, not what it computes.
+RESUME_MAY_CHANGE = {
+    "lr": "--lr",
+    "lr_schedule": "--lr-schedule",
+    "warmup_steps": "--warmup-steps",
+    "warmup_ratio": "--warmup-ratio",
+    "min_lr": "--min-lr",
+    "steps": "--steps",
+    "epochs": "--epochs",
+    "save_every": "--save-every",
+    "max_grad_norm": "--max-grad-norm",
+    "tensorboard": "--tensorboard",
+    "eval_data": "--eval-data",
+    "eval_every": "--eval-every",
+    "eval_batch": "--eval-batch",
+    "save_best": "--save-best",
+    "keep_last": "--keep-last",
 }
 
 
@@ -413,6 +431,21 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
                                   f"resume with the checkpoint's settings, or train into a new --out")
 
 
+def changed_options(recorded: dict, current: dict) -> list[str]:
+    """A line for each option of `RESUME_MAY_CHANGE` whose value in `current` (this run's options) differs from
+    `recorded` (the checkpoint's "args"); one that either lacks (a checkpoint of an older release) is not named."""
+    def shown(value) -> str:
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return f"{value:g}" if isinstance(value, float) else printable(str(value))
+
+    return [f"{option} changed from {shown(recorded[key])} to {shown(current[key])} since the checkpoint"
+            for key, option in RESUME_MAY_CHANGE.items()
+            if key in recorded and key in current and recorded[key] != current[key]]
+
+
 __all__ = ["save_checkpoint", "latest_checkpoint", "complete_checkpoints", "layout", "load_checkpoint", "remove_stale", "rng_state", "set_rng_state",
            "check_meta", "read_meta", "check_checkpoints_dir", "CheckpointError", "CheckpointDirError",
-           "ResumeMismatchError", "RESUME_FIELDS"]
+           "ResumeMismatchError", "RESUME_FIELDS", "RESUME_MAY_CHANGE", "changed_options"]

@@ -76,6 +76,7 @@ class TrainConfig:
     verbose: bool = False
     measure_memory: bool = False  # `fxconvert.training.memory`: one step's peak per rank, into metrics.jsonl
     compile: bool = False  # `fxconvert.training.compiled`: each stage torch.compile(fullgraph=True)
+    tensorboard: str | None = None  # `fxconvert.training.tensorboard`: the metrics as TensorBoard scalars there
     # Sum the gradients of a weight's copies on several stages (`grad_sync`). Only the self-check's
     # control run turns it off, to show what plain pipelining does; no option sets it.
     tie_gradients: bool = True

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fxconvert.training import compiled, evaluate, grad_sync, lr_schedule, memory, optim, retention
+from fxconvert.training import compiled, evaluate, grad_sync, lr_schedule, memory, optim, retention, tensorboard
 from fxconvert.training.checkpoint import load_checkpoint, set_rng_state
 from fxconvert.training.faults import check_finite
 from fxconvert.training.metrics import Reporter
@@ -55,19 +55,26 @@ def train(run: Run) -> None:
             evaluate.at_step(run, schedules.calls, reporter, step + 1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save(run, step + 1)
-                say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step + 1}'}")
+                _saved(run, reporter, step + 1)
                 retention.after_save(run)
     finally:
         if reporter is not None:
             reporter.close()
     if cfg.save_every and start < cfg.steps:
         save(run, cfg.steps)
-        say(run, f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{cfg.steps}'}")
+        _saved(run, reporter, cfg.steps)
         retention.after_save(run)
     if not cfg.no_export:
         export(run)
         say(run, f"wrote {run.run_dir / 'hf'} (a transformers checkpoint: from_pretrained loads it) and "
                  f"{run.run_dir / 'metrics.jsonl'}")
+
+
+def _saved(run: Run, reporter: Reporter | None, step: int) -> None:
+    """"saved checkpoint", said by the rank that draws the progress bar (above the bar, on a terminal): another
+    rank's line would land on the bar's own line, next to a bar not yet redrawn at this step."""
+    if reporter is not None:
+        reporter.line(f"saved checkpoint {run.run_dir / 'checkpoints' / f'step_{step}'}")
 
 
 def _batch_indices(cfg, step: int) -> list[int]:
@@ -155,20 +162,18 @@ def setup(run: Run) -> tuple[int, dict, Schedules, Reporter | None]:
     grad_sync.make_groups(topo, timeout=timedelta(seconds=cfg.timeout))
     modules = {i: part.module for i, part in run.model.parts.items()}
     run.optimizers = {i: optim.build(cfg, topo, m.parameters()) for i, m in sorted(modules.items())}
-    run.schedulers = {i: lr_schedule.build(cfg, o) for i, o in run.optimizers.items()}
     start = 0
     if run.resume_from is not None:
         states, rng, meta = load_checkpoint(run.resume_from, rank=topo.rank, stage_indices=sorted(modules))
         for i, state in states.items():
             modules[i].load_state_dict(state["model"])
             run.optimizers[i].load_state_dict(state["optimizer"])
-            if "scheduler" in state:  # a checkpoint from before schedules trained at a constant --lr
-                run.schedulers[i].load_state_dict(state["scheduler"])
         set_rng_state(rng)
         start = int(meta["step"])
     else:
         torch.manual_seed(cfg.seed * 1000 + topo.rank)  # dropout: each rank its own stream
         grad_sync.broadcast_initial(topo, modules)
+    run.schedulers = {i: lr_schedule.build(cfg, o, step=start) for i, o in run.optimizers.items()}
     if topo.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         marker = run.run_dir / RUN_MARKER
@@ -180,5 +185,6 @@ def setup(run: Run) -> tuple[int, dict, Schedules, Reporter | None]:
              for i, part in run.model.parts.items()}
     schedules = Schedules(calls, topo, schedule=cfg.schedule, microbatches=cfg.microbatches, device=run.device)
     last = topo.num_stages - 1 in modules
-    reporter = Reporter(run.run_dir, cfg.steps, start) if last and topo.replica == 0 else None
+    reporter = Reporter(run.run_dir, cfg.steps, start, tensorboard=tensorboard.writer(cfg, start_step=start)) \
+        if last and topo.replica == 0 else None
     return start, modules, schedules, reporter

@@ -14,9 +14,11 @@ recipe written for the Trainer means the same here:
 (transformers' `get_cosine_with_min_lr_schedule_with_warmup` does the same); 0 leaves f as it is.
 `--warmup-ratio r` is ceil(r * steps) warmup steps, as the Trainer counts them.
 
-The scheduler's state is saved beside its optimizer's (`fxconvert.training.run.save`); with
-the weights, the optimizer state and the step it decides the rate, so a resumed run trains at
-the uninterrupted run's rates.
+The scheduler's state is saved beside its optimizer's (`fxconvert.training.run.save`). A
+resumed run builds its scheduler at the checkpoint's step from its own options (`build`):
+the rate is a function of the options and the step alone, so with the same options it trains
+at the uninterrupted run's rates, bit for bit, and with another --lr or schedule (which a
+resume names) it follows the new curve from that step on.
 """
 
 import math
@@ -50,11 +52,15 @@ def factor(step: int, *, schedule: str, warmup: int, steps: int, min_ratio: floa
     return max(0.0, decay * (1 - min_ratio) + min_ratio)
 
 
-def build(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """The scheduler of one stage's optimizer; it sets the first step's rate."""
+def build(cfg, optimizer: torch.optim.Optimizer, *, step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The scheduler of one stage's optimizer, at 0-based step `step` (a resume's: its optimizer state loaded);
+    it sets that step's rate, from this run's options: a resume may change them (`checkpoint.RESUME_MAY_CHANGE`)."""
     curve = partial(factor, schedule=cfg.lr_schedule, warmup=warmup_steps(cfg), steps=cfg.steps,
                     min_ratio=cfg.min_lr / cfg.lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, curve)
+    if step:
+        for group in optimizer.param_groups:  # the checkpoint's --lr otherwise
+            group["initial_lr"] = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, curve, last_epoch=step - 1)
 
 
 def check_options(cfg) -> None:
@@ -70,7 +76,7 @@ def check_options(cfg) -> None:
         raise UsageError(f"--min-lr must be a non-negative number, got {cfg.min_lr}")
     if cfg.min_lr > 0 and cfg.lr_schedule == "constant":
         raise UsageError("--min-lr is the floor of a decay, and --lr-schedule constant does not decay; pass "
-                         f"--lr-schedule linear or cosine, or drop --min-lr")
+                         "--lr-schedule linear or cosine, or drop --min-lr")
     if math.isfinite(cfg.lr) and cfg.min_lr > cfg.lr:
         raise UsageError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}; the decay ends at --min-lr, so give "
                          f"one at most --lr")

@@ -13,8 +13,10 @@ from fxconvert.files import open_regular
 class Reporter:
     """Metrics lines and the progress line, on the rank that holds the loss (last stage, replica 0)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, tensorboard=None):
+        """`tensorboard`: a `fxconvert.training.tensorboard.Writer` that gets every record too (closed here)."""
         self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = tensorboard
         self.total, self.start = total_steps, start_step
         self.began = time.perf_counter()
         self.file = _open_metrics(self.path)
@@ -25,9 +27,11 @@ class Reporter:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tokens/s"),
+                                     TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                                     TextColumn("{task.fields[rate]} tokens/s"),
                                      TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", rate="-")
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-",
+                                              rate="-")
             self.progress.start()
 
     def _keep_steps_up_to(self, step: int) -> None:
@@ -65,38 +69,46 @@ class Reporter:
         self.file.flush()
 
     def step(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._write(record)
         done = record["step"] - self.start
         elapsed = time.perf_counter() - self.began
         eta = elapsed / done * (self.total - record["step"]) if done else 0.0
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], loss=f"{record['loss']:.4f}",
-                                 rate=f"{record['tokens_per_s']:,.0f}")
+                                 lr=f"{record['lr']:.3g}", rate=f"{record['tokens_per_s']:,.0f}")
             if "compile_s" in record:
-                self.progress.console.print(f"step {record['step']}: compiling took {record['compile_s']:.1f} s")
+                self.line(f"step {record['step']}: compiling took {record['compile_s']:.1f} s")
         else:
             compiled = f"  (compiling {record['compile_s']:.1f} s)" if "compile_s" in record else ""
-            print(f"step {record['step']}/{self.total}  loss {record['loss']:.6f}  "
+            print(f"step {record['step']}/{self.total}  loss {record['loss']:.6f}  lr {record['lr']:.3g}  "
                   f"{record['tokens_per_s']:,.0f} tokens/s  {record['seconds']:.3f} s{compiled}  ETA {_clock(eta)}",
                   file=sys.stderr, flush=True)
 
     def line(self, text: str) -> None:
-        """A line of the progress output of its own (above the bar in a terminal)."""
+        """A line of the progress output of its own (above the bar in a terminal, which is redrawn first: rich
+        draws it a few times a second, and the bar under the line would show an earlier step)."""
         if self.progress is not None:
+            self.progress.refresh()
             self.progress.console.print(printable(text), markup=False, highlight=False)
         else:
             print(printable(text), file=sys.stderr, flush=True)
 
     def record(self, record: dict) -> None:
         """A line that is not a step's (`fxconvert.training.memory`'s), with the step it belongs to."""
+        self._write(record)
+
+    def _write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _open_metrics(path: Path):

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="do not write RUN/hf at the end")
     p.add_argument("--measure-memory", action="store_true", help="measure each rank's peak memory in one step "
                    "(the second) and write it to RUN/metrics.jsonl beside the plan's prediction")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard scalars into DIR "
+                   "(pip install 'fxconvert[tensorboard]')")
     p.add_argument("-v", "--verbose", action="store_true", help="print a failing rank's traceback before its line")
     return p
 

@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 from fxconvert.errors import FxConvertError, UsageError, printable
 from fxconvert.export import check_destination, export_hf
-from fxconvert.training import compiled, evaluate, lr_schedule, optim, planned, retention, run_lock
-from fxconvert.training.checkpoint import (check_checkpoints_dir, check_meta, latest_checkpoint, read_meta, rng_state,
-                                           save_checkpoint)
+from fxconvert.training import compiled, evaluate, optim, planned, retention, run_lock, tensorboard
+from fxconvert.training.checkpoint import (CHECKPOINTS, changed_options, check_checkpoints_dir, check_meta,
+                                           latest_checkpoint, read_meta, rng_state, save_checkpoint)
 from fxconvert.training.config import Launch, TrainConfig, check_options, with_steps
 from fxconvert.training.dataset import Data, load_data
 from fxconvert.training.grad_sync import Topology
@@ -41,6 +41,7 @@ class Run:
 
 
 RUN_MARKER = ".fxconvert-run"  # written into RUN when a run starts; --resume continues only such a directory
+RUN_OWN = (CHECKPOINTS, "hf", "metrics.jsonl", RUN_MARKER, run_lock.LOCK)  # what fxconvert writes in RUN
 
 
 def resume_fields(cfg: TrainConfig, topo: Topology, data: "Data | None" = None) -> dict:
@@ -54,16 +55,13 @@ def resume_fields(cfg: TrainConfig, topo: Topology, data: "Data | None" = None) 
     data_path = Path(cfg.data).expanduser()
     data_id = str(data_path.resolve()) if data_path.exists() else str(data_path)
     content = {"data_sha256": data.sha256} if data is not None and data.sha256 is not None else {}
-    if cfg.steps is not None:  # known (with --epochs, once the data is read): the learning rate's curve
-        content.update(lr_schedule=cfg.lr_schedule, warmup_steps=lr_schedule.warmup_steps(cfg), min_lr=cfg.min_lr,
-                       schedule_steps=cfg.steps if cfg.lr_schedule != "constant" else None)
     return {**content, "model": str(source.resolve()) if source.exists() else str(cfg.source),
             "num_stages": topo.num_stages, "virtual_stages": cfg.virtual_stages, "dp": cfg.dp,
             "world_size": topo.world_size, "schedule": cfg.schedule, "optimizer": cfg.optimizer,
-            "batch": cfg.batch, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "microbatches": cfg.microbatches,
+            "batch": cfg.batch, "grad_accum": cfg.grad_accum, "microbatches": cfg.microbatches,
             "shuffle": cfg.shuffle, "seed": cfg.seed,
             "dtype": cfg.dtype, "data": data_id, "max_source_length": cfg.max_source_length,
-            "max_target_length": cfg.max_target_length}
+            "max_target_length": cfg.max_target_length, "weight_decay": cfg.weight_decay}
 
 
 def _meta(run: Run, step: int) -> dict:
@@ -106,6 +104,8 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
     if cfg.save_best:
         retention.check_best(run_dir, shown=cfg.out)
     _check_metrics_file(run_dir, shown=cfg.out)  # a resume rewrites it
+    if cfg.tensorboard is not None:
+        tensorboard.check(cfg.tensorboard, run_dir=run_dir, own=RUN_OWN, source=cfg.source)
     if run_dir.is_dir() and any(p.name != run_lock.LOCK for p in run_dir.iterdir()):
         if not cfg.resume:
             raise UsageError(f"--out {cfg.out} exists and is not empty; pass --resume to continue it, "
@@ -126,18 +126,27 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
             check_destination(run_dir / "hf")
         except FxConvertError as e:
             raise UsageError(str(e)) from None
+    ranks = f"{topo.world_size} rank{'s' if topo.world_size > 1 else ''}"
+    say(launch, f"loading {cfg.source} ({topo.num_stages} stage{'s' if topo.num_stages > 1 else ''} on {ranks}) ...",
+        startup=True)
     model = load_model(cfg, topo, device)
     compiled.check_recompute(cfg, model.recompute)
     topo.shared_stages = model.shared_stages
+    say(launch, f"reading data: {cfg.data} ...", startup=True)
     data = load_data(cfg, model)
+    say(launch, f"reading data: {len(data.examples)} examples", startup=True)
     eval_data = load_data(cfg, model, held_out=True) if cfg.eval_data is not None else None
     if cfg.steps is None:
         cfg = with_steps(cfg, len(data.examples))
         if resume_from is not None:
             _check_resume_step(cfg, meta, resume_from)
+    run = Run(cfg, launch, topo, device, model, data, run_dir, resume_from, eval_data=eval_data)
     if resume_from is not None:  # the data's content (and --epochs' steps), now that it is read
         check_meta(meta, resume_fields(cfg, topo, data), path=resume_from)
-    return Run(cfg, launch, topo, device, model, data, run_dir, resume_from, eval_data=eval_data)
+        say(run, f"resuming from {resume_from} (step {meta.get('step', 0)} of {cfg.steps})")
+        for line in changed_options(meta.get("args", {}), asdict(cfg)):
+            say(run, line)
+    return run
 
 
 def _check_resume_step(cfg: TrainConfig, meta: dict, resume_from: Path) -> None:
@@ -184,10 +193,16 @@ def lock_run(run: Run) -> None:
                          f"(with --resume to continue it)")
 
 
-def say(run: Run, message: str) -> None:
+def say(run: "Run | Launch", message: str, *, startup: bool = False) -> None:
     """A status line, from global rank 0 only (every rank knows the same); control characters escaped
-    (`--out` is the user's: a newline or ESC in it would fake or colour a line)."""
-    if run.topo.rank == 0:
+    (`--out` is the user's: a newline or ESC in it would fake or colour a line).
+
+    `startup`: what start-up is doing before the first step ("loading ...", "joining ..."), said on a
+    terminal only, where someone waits for it; a log keeps to the run's results, and the output of a
+    run that fails to start stays its one-line error.
+    """
+    rank = run.launch.rank if isinstance(run, Run) else run.rank
+    if rank == 0 and (not startup or sys.stderr.isatty()):
         print(printable(message), file=sys.stderr, flush=True)
 
 

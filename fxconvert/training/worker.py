@@ -87,6 +87,8 @@ def _start_and_train(run: Run, signals: Signals, state: dict) -> None:
     early = launch.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if early:
         start_heartbeat()
+    if launch.world_size > 1:
+        say(run, f"joining {launch.world_size} ranks ...", startup=True)
     dist.init_process_group(backend, store=dist.HashStore() if alone else None, rank=launch.rank,
                             world_size=launch.world_size, timeout=timedelta(seconds=run.cfg.timeout))
     state["joined"] = True
