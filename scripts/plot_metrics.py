@@ -5,7 +5,7 @@ learning rate and the gradient norm (README, "A real run"; docs/metrics.png was 
     python scripts/plot_metrics.py run/metrics.jsonl docs/metrics.png
 
 matplotlib is not a dependency of fxconvert (`pip install matplotlib`). Only the step records are
-drawn (those without "record", which `--measure-memory` adds); a field no record has is left out.
+drawn (and the eval records; not the others with a "record", such as `--measure-memory`'s); a field no record has is left out.
 """
 
 import argparse
@@ -17,14 +17,14 @@ PANELS = (("loss", ("loss", "eval_loss")), ("learning rate", ("lr",)), ("gradien
 
 
 def read(path: Path) -> list[dict]:
-    """The step records of a metrics.jsonl (a partial last line, as a killed run leaves, is skipped)."""
+    """The step and eval records of a metrics.jsonl (a partial last line, as a killed run leaves, is skipped)."""
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and type(record.get("step")) is int and "record" not in record:
+        if isinstance(record, dict) and type(record.get("step")) is int and record.get("record", "eval") == "eval":
             records.append(record)
     return records
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     plot(records, args.out, title=args.title or str(args.metrics))
-    print(f"wrote {args.out} ({len(records)} steps)")
+    print(f"wrote {args.out} ({len(records)} records)")
     return 0
 
 

@@ -16,6 +16,7 @@ def _metrics(path):
     records = [{"step": s, "loss": 5.0 / s, "lr": 0.01 * min(1, s / 3), "grad_norm": 1.0, "tokens_per_s": 10.0}
                for s in range(1, 7)]
     records.append({"step": 2, "record": "memory", "rank": 0, "peak_bytes": 10**9})  # not a step: not drawn
+    records.append({"step": 6, "record": "eval", "eval_loss": 1.5, "eval_examples": 4})  # drawn beside the loss
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 7, "lo')  # a killed run's last line
 
 
@@ -38,5 +39,14 @@ def test_a_png_of_the_step_records(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "metrics.jsonl"), str(tmp_path / "m.png")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"wrote {tmp_path / 'm.png'} (6 steps)"
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'm.png'} (7 records)"
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_reads_the_step_and_eval_records_only(tmp_path):
+    _metrics(tmp_path / "metrics.jsonl")
+    spec = importlib.util.spec_from_file_location("plot_metrics", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    records = module.read(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r.get("record")) for r in records] == [(s, None) for s in range(1, 7)] + [(6, "eval")]
