@@ -51,30 +51,66 @@ first, found with a heartbeat in torchrun's store (`fxconvert.training.heartbeat
 """
 
 import os
+import signal
 import sys
-
-from fxconvert.errors import UsageError
-from fxconvert.training.config import Launch
-from fxconvert.training.options import PROG, parse
-from fxconvert.training.worker import run_training
-
+import threading
 
 def main(argv=None) -> int:
+    program = _program() if argv is None else ["-m", "fxconvert.train"]
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--self-check" in argv:
         from fxconvert.training.self_check import main as self_check  # a tiny model against eager transformers
 
         return self_check([a for a in argv if a != "--self-check"])
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    cfg = parse(argv)
-    try:
-        launch = Launch.from_env()
-    except UsageError as e:
-        print(f"{PROG.split()[-1]}: error: {e}", file=sys.stderr)
-        return 2
-    return run_training(cfg, launch)
+    with _held_signals() as held:  # torch's import takes seconds, and Ctrl-C in it was a KeyboardInterrupt traceback
+        from fxconvert.errors import UsageError
+        from fxconvert.training.config import Launch
+        from fxconvert.training.faults import EXIT_INTERRUPTED
+        from fxconvert.training.launcher import launch as launch_ranks, launched
+        from fxconvert.training.options import parse
+        from fxconvert.training.worker import run_training
+
+        cfg = parse(argv)
+        if cfg.nproc_per_node is None or launched():
+            try:
+                launch = Launch.from_env()
+            except UsageError as e:
+                print(f"fxconvert.train: error: {e}", file=sys.stderr)
+                return 2
+            # the run's own handlers take over (`faults.Signals`), with any signal held so far
+            return run_training(cfg, launch, received=held[0] if held else None)
+    if held:  # interrupted before any rank started: nothing to say
+        return EXIT_INTERRUPTED
+    return launch_ranks(cfg, program, argv)
 
 
+def _program() -> list[str]:
+    """What each rank of `--nproc-per-node` runs after `python`: this program again (`-m fxconvert.train`, or
+    the script that called `main`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-u", "-m", spec.name]  # -u: unbuffered, as torchrun starts its workers
+    return ["-u", os.path.abspath(sys.argv[0])]
+
+
+class _held_signals:
+    """Record SIGINT and SIGTERM instead of acting on them (the list holds them), then put the handlers back.
+
+    A signal that is ignored (nohup, a background job) stays ignored; outside the main thread this does nothing.
+    """
+
+    def __enter__(self) -> list:
+        self.held, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self.previous[s] = signal.signal(s, lambda signum, frame: self.held.append(signum))
+        return self.held
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
