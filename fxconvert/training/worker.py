@@ -49,6 +49,8 @@ def _main(cfg: TrainConfig, launch: Launch, signals: Signals) -> int:
         line = report_failure(e, run, state["heartbeat"], signals, joined=state["joined"])
         if line is not None:
             tell(line)
+        if state["heartbeat"] is not None:  # this rank has reported: one still watching must not take it for dead
+            state["heartbeat"].stop(finished=True)
         # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
         # process ends here; its sockets close, which is what its peers notice.
         sys.stdout.flush()
