@@ -1,7 +1,11 @@
-"""`python -m fxconvert.train`: fine-tune a converted model with pipeline parallelism, launched by torchrun.
+"""`python -m fxconvert.train`: fine-tune a converted model with pipeline parallelism.
 
-    torchrun --nproc-per-node 4 -m fxconvert.train conv/ --data train.jsonl --out run/ \\
+    python -m fxconvert.train --nproc-per-node 4 conv/ --data train.jsonl --out run/ \\
         --steps 1000 --batch 32 --microbatches 8 --schedule 1f1b --lr 1e-4 --optimizer adamw
+
+`--nproc-per-node P` starts the ranks of one machine through torch's elastic launcher
+(`fxconvert.training.launcher`); `torchrun --nproc-per-node 4 -m fxconvert.train ...` starts the same
+ranks, and is what launches a run over several machines.
 
 SOURCE is a conversion written with `python -m fxconvert CKPT --stages N` (each rank
 imports its own `stage_<i>.py` and reads only that stage's tensors, so no rank ever holds
@@ -43,7 +47,7 @@ for the ranks):
 
 Errors: a bad option, SOURCE or data line is found by every rank alike before any process
 group or file exists, and printed once per machine as one line (exit 2, or 1 for a
-failure). A failure during training is printed by each rank as `fxconvert.train: error:
+failure; each line is one write, so ranks sharing a terminal never glue theirs). A failure during training is printed by each rank as `fxconvert.train: error:
 rank R (stage S, replica D): ...` (exit 1). A rank that dies breaks its neighbours'
 connections at once, and one that hangs makes their next collective time out after
 `--timeout`; torchrun then stops every other worker. Each line names the rank that failed
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     with _held_signals() as held:  # torch's import takes seconds, and Ctrl-C in it was a KeyboardInterrupt traceback
         from fxconvert.errors import UsageError
         from fxconvert.training.config import Launch
-        from fxconvert.training.faults import EXIT_INTERRUPTED
+        from fxconvert.training.faults import EXIT_INTERRUPTED, tell
         from fxconvert.training.launcher import launch as launch_ranks, launched
         from fxconvert.training.options import parse
         from fxconvert.training.worker import run_training
@@ -80,7 +84,8 @@ def main(argv=None) -> int:
                 return 2
             # the run's own handlers take over (`faults.Signals`), with any signal held so far
             return run_training(cfg, launch, received=held[0] if held else None)
-    if held:  # interrupted before any rank started: nothing to say
+    if held:  # interrupted before any rank started
+        tell("fxconvert.train: error: interrupted")
         return EXIT_INTERRUPTED
     return launch_ranks(cfg, program, argv)
 

@@ -54,8 +54,6 @@ def launch(cfg: TrainConfig, program: list[str], argv: list[str]) -> int:
     os.environ[LAUNCHED] = "1"
     try:
         return _run(cfg.nproc_per_node, program, argv)
-    except KeyboardInterrupt:  # before the launcher's own handlers were in place: no rank has started
-        return EXIT_INTERRUPTED
     finally:
         del os.environ[LAUNCHED]
 
@@ -80,17 +78,26 @@ def _run(nproc: int, program: list[str], argv: list[str]) -> int:
         logger = logging.getLogger(name)
         logger.addHandler(logging.NullHandler())
         logger.propagate = False
-    with tempfile.TemporaryDirectory(prefix="fxconvert-launch-") as logs:  # the agent's per-rank error files
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                              rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
-                              max_restarts=0, logs_specs=DefaultLogsSpecs(log_dir=logs))
-        try:
-            elastic_launch(config, sys.executable)(*program, *argv)
-        except SignalException:  # the agent forwarded it to the ranks and waited for them (each said its line)
-            return EXIT_INTERRUPTED
-        except ChildFailedError as e:
-            return _failed({rank: failure.exitcode for rank, failure in e.failures.items()})
-    return 0
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # the agent's (LaunchConfig's default)
+    previous = {s: signal.getsignal(s) for s in handled}
+    try:
+        with tempfile.TemporaryDirectory(prefix="fxconvert-launch-") as logs:  # the agent's per-rank error files
+            config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                                  rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
+                                  max_restarts=0, logs_specs=DefaultLogsSpecs(log_dir=logs))
+            try:
+                elastic_launch(config, sys.executable)(*program, *argv)
+            except ChildFailedError as e:
+                return _failed({rank: failure.exitcode for rank, failure in e.failures.items()})
+        return 0
+    except SignalException:  # the agent forwarded it to the ranks and waited for them (each said its line)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before the agent's handlers were in place: no rank had started
+        tell("fxconvert.train: error: interrupted")
+        return EXIT_INTERRUPTED
+    finally:  # the agent leaves its handlers in place, which raise outside it
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _failed(exits: dict[int, int]) -> int:
