@@ -47,8 +47,9 @@ for the ranks):
 
 Errors: a bad option, SOURCE or data line is found by every rank alike before any process
 group or file exists, and printed once per machine as one line (exit 2, or 1 for a
-failure; each line is one write, so ranks sharing a terminal never glue theirs). A failure during training is printed by each rank as `fxconvert.train: error:
-rank R (stage S, replica D): ...` (exit 1). A rank that dies breaks its neighbours'
+failure). A failure during training is printed by each rank as `fxconvert.train: error:
+rank R (stage S, replica D): ...` (exit 1), in one write (ranks sharing a terminal never
+glue their lines). A rank that dies breaks its neighbours'
 connections at once, and one that hangs makes their next collective time out after
 `--timeout`; torchrun then stops every other worker. Each line names the rank that failed
 first, found with a heartbeat in torchrun's store (`fxconvert.training.heartbeat`).
@@ -58,6 +59,7 @@ import os
 import signal
 import sys
 import threading
+
 
 def main(argv=None) -> int:
     program = _program() if argv is None else ["-m", "fxconvert.train"]
