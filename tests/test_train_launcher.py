@@ -141,25 +141,32 @@ def test_nproc_per_node_is_refused_where_it_cannot_launch(setup, tmp_path, monke
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_while_torch_loads_is_held_until_the_run_reports_it(setup, tmp_path, monkeypatch, capsys):
-    """A Ctrl-C that lands while the entry point imports torch and parses the options (seconds, before the run's
-    handlers exist) used to end the process with a KeyboardInterrupt traceback; it is held, and the run stops at
-    once with one line and exit 130, having touched nothing."""
-    from fxconvert.training import options
+# `python -m fxconvert.train ARGS`, with SIGINT sent to itself the moment it starts importing torch
+_INTERRUPTED_IN_IMPORT = """
+import os, runpy, signal, sys
 
-    real_parse = options.parse
+class InterruptTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
 
-    def parse_interrupted(argv):
-        os.kill(os.getpid(), signal.SIGINT)  # delivered at once, to the main thread: inside the imports' window
-        return real_parse(argv)
+sys.meta_path.insert(0, InterruptTorch())
+sys.argv = ["fxconvert.train", *sys.argv[1:]]
+runpy.run_module("fxconvert.train", run_name="__main__", alter_sys=True)
+"""
 
-    monkeypatch.setattr(options, "parse", parse_interrupted)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    before = signal.getsignal(signal.SIGINT)
-    assert main([str(a) for a in _args(setup, tmp_path / "run", 2)]) == 130
-    assert capsys.readouterr().err == f"{ERROR}interrupted\n"
-    assert signal.getsignal(signal.SIGINT) is before
+
+def test_ctrl_c_while_torch_loads_is_held_until_the_run_reports_it(setup, tmp_path):
+    """A Ctrl-C that lands while the entry point imports torch (seconds, before the run's handlers exist) ended
+    each rank with a KeyboardInterrupt traceback through the imports; it is held, and the run stops at once with
+    one line and exit 130, having touched nothing."""
+    env = {k: v for k, v in tr.env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_IN_IMPORT,
+                           *map(str, _args(setup, tmp_path / "run", 2))], cwd=tr.REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.stderr == f"{ERROR}interrupted\n" and proc.returncode == 130, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 
