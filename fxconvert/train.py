@@ -1,7 +1,11 @@
-"""`python -m fxconvert.train`: fine-tune a converted model with pipeline parallelism, launched by torchrun.
+"""`python -m fxconvert.train`: fine-tune a converted model with pipeline parallelism.
 
-    torchrun --nproc-per-node 4 -m fxconvert.train conv/ --data train.jsonl --out run/ \\
+    python -m fxconvert.train --nproc-per-node 4 conv/ --data train.jsonl --out run/ \\
         --steps 1000 --batch 32 --microbatches 8 --schedule 1f1b --lr 1e-4 --optimizer adamw
+
+`--nproc-per-node P` starts the ranks of one machine through torch's elastic launcher
+(`fxconvert.training.launcher`); `torchrun --nproc-per-node 4 -m fxconvert.train ...` starts the same
+ranks, and is what launches a run over several machines.
 
 SOURCE is a conversion written with `python -m fxconvert CKPT --stages N` (each rank
 imports its own `stage_<i>.py` and reads only that stage's tensors, so no rank ever holds
@@ -44,37 +48,76 @@ for the ranks):
 Errors: a bad option, SOURCE or data line is found by every rank alike before any process
 group or file exists, and printed once per machine as one line (exit 2, or 1 for a
 failure). A failure during training is printed by each rank as `fxconvert.train: error:
-rank R (stage S, replica D): ...` (exit 1). A rank that dies breaks its neighbours'
+rank R (stage S, replica D): ...` (exit 1), in one write (ranks sharing a terminal never
+glue their lines). A rank that dies breaks its neighbours'
 connections at once, and one that hangs makes their next collective time out after
 `--timeout`; torchrun then stops every other worker. Each line names the rank that failed
 first, found with a heartbeat in torchrun's store (`fxconvert.training.heartbeat`).
 """
 
 import os
+import signal
 import sys
-
-from fxconvert.errors import UsageError
-from fxconvert.training.config import Launch
-from fxconvert.training.options import PROG, parse
-from fxconvert.training.worker import run_training
+import threading
 
 
 def main(argv=None) -> int:
+    program = _program() if argv is None else ["-m", "fxconvert.train"]
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--self-check" in argv:
         from fxconvert.training.self_check import main as self_check  # a tiny model against eager transformers
 
         return self_check([a for a in argv if a != "--self-check"])
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    cfg = parse(argv)
-    try:
-        launch = Launch.from_env()
-    except UsageError as e:
-        print(f"{PROG.split()[-1]}: error: {e}", file=sys.stderr)
-        return 2
-    return run_training(cfg, launch)
+    with _held_signals() as held:  # torch's import takes seconds, and Ctrl-C in it was a KeyboardInterrupt traceback
+        from fxconvert.errors import UsageError
+        from fxconvert.training.config import Launch
+        from fxconvert.training.faults import EXIT_INTERRUPTED, tell
+        from fxconvert.training.launcher import launch as launch_ranks, launched
+        from fxconvert.training.options import parse
+        from fxconvert.training.worker import run_training
+
+        cfg = parse(argv)
+        if cfg.nproc_per_node is None or launched():
+            try:
+                launch = Launch.from_env()
+            except UsageError as e:
+                print(f"fxconvert.train: error: {e}", file=sys.stderr)
+                return 2
+            # the run's own handlers take over (`faults.Signals`), with any signal held so far
+            return run_training(cfg, launch, received=held[0] if held else None)
+    if held:  # interrupted before any rank started
+        tell("fxconvert.train: error: interrupted")
+        return EXIT_INTERRUPTED
+    return launch_ranks(cfg, program, argv)
 
 
+def _program() -> list[str]:
+    """What each rank of `--nproc-per-node` runs after `python`: this program again (`-m fxconvert.train`, or
+    the script that called `main`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-u", "-m", spec.name]  # -u: unbuffered, as torchrun starts its workers
+    return ["-u", os.path.abspath(sys.argv[0])]
+
+
+class _held_signals:
+    """Record SIGINT and SIGTERM instead of acting on them (the list holds them), then put the handlers back.
+
+    A signal that is ignored (nohup, a background job) stays ignored; outside the main thread this does nothing.
+    """
+
+    def __enter__(self) -> list:
+        self.held, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self.previous[s] = signal.signal(s, lambda signum, frame: self.held.append(signum))
+        return self.held
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

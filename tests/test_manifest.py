@@ -250,7 +250,9 @@ def test_records_are_frozen(written):
 
 RANK = helpers.NO_TRANSFORMERS + r"""
 import torch
-import fxconvert.train  # the trainer's entry point and every module it imports, as a rank starts
+import fxconvert.train  # the trainer's entry point, and every module a rank imports (lazily, after it holds Ctrl-C)
+import fxconvert.training.worker
+import fxconvert.training.launcher
 from fxconvert.training.model import load_model  # what a rank reads its stages with
 from fxconvert.stage_files import load_pipeline
 

@@ -1,16 +1,25 @@
 """`python -m fxconvert.train` as a torchrun worker script, with faults injected from the environment.
 
 torchrun runs this file instead of `-m fxconvert.train` (`train_runs.hooked_command`); the
-trainer itself has no test hooks. Variables (all optional):
+trainer itself has no test hooks. Run as `python train_hooked.py --nproc-per-node P ...`, the launcher
+starts its ranks with this file too (its own process has no RANK and injects nothing). Variables
+(all optional):
 
 - HOOK_PID_DIR: each worker writes its pid to `<dir>/<RANK>.pid` first thing;
 - HOOK_STOP_RANK, HOOK_STOP_AT_SYNC=N: that rank SIGSTOPs itself just before its N-th
   `sync_gradients` (a hang where the others wait in a tied-weight or replica all-reduce);
-- HOOK_EXIT_DIR: each worker writes its exit status to `<dir>/<RANK>.exit` (os._exit included);
+- HOOK_EXIT_DIR: each worker writes its exit status to `<dir>/<RANK>.exit` (os._exit included), the
+  process of `--nproc-per-node` to `<dir>/launcher.exit`;
 - HOOK_NAN_RANK, HOOK_NAN_AT_SYNC=N: that rank puts a nan into the gradient of one weight
   no other rank holds (not a tied one) just before its N-th `sync_gradients`;
 - HOOK_PAUSE_AT_SYNC=N, HOOK_PAUSE_UNTIL=FILE: every rank waits just before its N-th
   `sync_gradients` until FILE exists (a run held in the middle, with no collective pending);
+  with HOOK_PAUSE_RANK=R only that rank waits, and the others wait for it inside a collective
+  (a step held in the middle);
+- HOOK_PAUSE_IN_SAVE=N, HOOK_PAUSE_UNTIL=FILE: every rank (HOOK_PAUSE_RANK: that one) waits in
+  the checkpoint write of step N, after the last file it writes there (rank 0: COMPLETE, in the
+  temporary directory not yet renamed), until FILE exists;
+- with HOOK_PID_DIR, a rank that starts waiting for HOOK_PAUSE_UNTIL writes `<dir>/<RANK>.paused`;
 - HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
   file exists (a rank still preparing while the others already wait for it); with
   HOOK_SLOW_BEFORE_CHECKS=1 it waits before its checks instead (a rank that has not found yet
@@ -23,15 +32,16 @@ import sys
 import time
 from pathlib import Path
 
-rank = int(os.environ["RANK"])
-if os.environ.get("HOOK_PID_DIR"):
+rank = int(os.environ.get("RANK", "-1"))  # -1: the process of --nproc-per-node, which starts the ranks
+name = str(rank) if rank >= 0 else "launcher"
+if os.environ.get("HOOK_PID_DIR") and rank >= 0:
     Path(os.environ["HOOK_PID_DIR"], f"{rank}.pid").write_text(str(os.getpid()))
 
 if os.environ.get("HOOK_EXIT_DIR"):
     real_exit = os._exit
 
     def exit_and_tell(status):
-        Path(os.environ["HOOK_EXIT_DIR"], f"{rank}.exit").write_text(str(status))
+        Path(os.environ["HOOK_EXIT_DIR"], f"{name}.exit").write_text(str(status))
         real_exit(status)
 
     os._exit = exit_and_tell
@@ -66,7 +76,16 @@ if os.environ.get("HOOK_NAN_RANK") == str(rank):
 
     grad_sync.sync_gradients = sync_with_nan
 
-if os.environ.get("HOOK_PAUSE_AT_SYNC"):
+def pause() -> None:
+    if os.environ.get("HOOK_PID_DIR"):
+        Path(os.environ["HOOK_PID_DIR"], f"{rank}.paused").touch()
+    while not Path(os.environ["HOOK_PAUSE_UNTIL"]).exists():
+        time.sleep(0.05)
+
+
+pausing = rank >= 0 and os.environ.get("HOOK_PAUSE_RANK", str(rank)) == str(rank)
+
+if os.environ.get("HOOK_PAUSE_AT_SYNC") and pausing:
     from fxconvert.training import grad_sync
 
     paused_sync, pause_calls = grad_sync.sync_gradients, []
@@ -74,11 +93,23 @@ if os.environ.get("HOOK_PAUSE_AT_SYNC"):
     def sync_and_pause(*args, **kwargs):
         pause_calls.append(1)
         if len(pause_calls) == int(os.environ["HOOK_PAUSE_AT_SYNC"]):
-            while not Path(os.environ["HOOK_PAUSE_UNTIL"]).exists():
-                time.sleep(0.05)
+            pause()
         return paused_sync(*args, **kwargs)
 
     grad_sync.sync_gradients = sync_and_pause
+
+if os.environ.get("HOOK_PAUSE_IN_SAVE") and pausing:
+    from fxconvert.training import checkpoint
+
+    real_write = checkpoint._write
+
+    def write_and_pause(path, write):
+        real_write(path, write)
+        last = checkpoint.COMPLETE if rank == 0 else checkpoint.rank_file(rank)
+        if path.parent.name == f".step_{os.environ['HOOK_PAUSE_IN_SAVE']}.tmp" and path.name == last:
+            pause()
+
+    checkpoint._write = write_and_pause
 
 if os.environ.get("HOOK_SLOW_RANK") == str(rank):
     from fxconvert.training import worker
@@ -98,5 +129,5 @@ from fxconvert.train import main  # noqa: E402
 
 status = main()
 if os.environ.get("HOOK_EXIT_DIR"):
-    Path(os.environ["HOOK_EXIT_DIR"], f"{rank}.exit").write_text(str(status))
+    Path(os.environ["HOOK_EXIT_DIR"], f"{name}.exit").write_text(str(status))
 sys.exit(status)

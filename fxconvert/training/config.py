@@ -77,6 +77,7 @@ class TrainConfig:
     measure_memory: bool = False  # `fxconvert.training.memory`: one step's peak per rank, into metrics.jsonl
     compile: bool = False  # `fxconvert.training.compiled`: each stage torch.compile(fullgraph=True)
     tensorboard: str | None = None  # `fxconvert.training.tensorboard`: the metrics as TensorBoard scalars there
+    nproc_per_node: int | None = None  # `fxconvert.training.launcher`: start this many ranks here
     # Sum the gradients of a weight's copies on several stages (`grad_sync`). Only the self-check's
     # control run turns it off, to show what plain pipelining does; no option sets it.
     tie_gradients: bool = True

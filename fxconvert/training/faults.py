@@ -9,6 +9,7 @@ exception, raised only inside `Signals.guard`ed work.
 import os
 import re
 import signal
+import sys
 import time
 
 import torch
@@ -50,6 +51,26 @@ def check_finite(modules: dict, losses: list | None, step: int, device: torch.de
                              f"for nan")
 
 
+def tell(line: str) -> None:
+    """`line` and its newline on stderr in one write, so that ranks sharing a terminal never glue their lines.
+
+    torchrun starts its workers with `python -u`, where `print` writes the text and the newline
+    apart, and two ranks' lines used to land on one line. One `write` of up to 4096 bytes into a
+    pipe is atomic (PIPE_BUF), and a terminal takes it whole. A stderr that is not a file (a
+    test's capture) gets the line as any other text.
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        return
+    sys.stderr.flush()
+    data = (line + "\n").encode("utf-8", "backslashreplace")
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def one_line(error: BaseException) -> str:
     """One printable line: our own messages whole (a newline in a path is escaped, not a cut), others' first line."""
     if isinstance(error, FxConvertError):
@@ -88,10 +109,10 @@ class Signals:
     LAUNCHER_GONE = ("stopped: the launcher is gone (torchrun was killed, or its store stopped answering), and its "
                      "workers stop with it; --resume continues from the last checkpoint")
 
-    def __init__(self):
+    def __init__(self, received: int | None = None):
         self.armed = False
         self.raised = False
-        self.received = None
+        self.received = received
         self.heartbeat_lost = lambda: False  # main: whether the heartbeat found the launcher's store gone
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 

@@ -12,7 +12,9 @@ thread. A rank that fails:
   by a rank whose own error is a timeout it hit waiting (the rank that waited for it used
   to report the timeout as its own), never by one the launcher stopped;
 - else watches the counters for `STALE_SECONDS`: a rank whose counter stands still died
-  or hangs (SIGKILL, out of memory, SIGSTOP), and is named;
+  or hangs (SIGKILL, out of memory, SIGSTOP), and is named, and registered as failed for
+  the ranks still watching (a rank that reported and exited meanwhile stands still too, and
+  was named by a rank that watched longer);
 - else the failure is its own: it records it, for the others to name.
 
 The store is reached through a client connection of its own, so nothing here takes part
@@ -209,20 +211,23 @@ class Heartbeat:
                     return self.culprit()
             stale = sorted(r for r, t in since.items() if time.monotonic() - t >= STALE_SECONDS
                            and not self.store.check([f"done/{r}"]))
-            if stale:
-                return stale[0], f"stopped responding (no heartbeat for {STALE_SECONDS:g} s: killed or hung)"
+            if stale:  # registered for the ranks still looking: one that stops after this one is not named
+                what = f"stopped responding (no heartbeat for {STALE_SECONDS:g} s: killed or hung)"
+                self.record_failure(what, rank=stale[0])
+                return stale[0], what
         except Exception:
             return None
         return None
 
-    def record_failure(self, message: str) -> None:
-        """Register this rank's own failure (the first one registered is the one named)."""
+    def record_failure(self, message: str, *, rank: int | None = None) -> None:
+        """Register this rank's own failure, or `rank`'s, found stale (the first one registered is the one named)."""
         if self.launcher_lost:
             return
+        rank = self.rank if rank is None else rank
         try:
-            self.store.set(f"failed/{self.rank}", message)
+            self.store.set(f"failed/{rank}", message)
             order = self.store.add("failures", 1)
-            self.store.set(f"failures/{order}", str(self.rank))
+            self.store.set(f"failures/{order}", str(rank))
         except Exception:
             pass
 

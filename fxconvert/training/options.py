@@ -15,7 +15,7 @@ PROG = "python -m fxconvert.train"
 def build_parser() -> argparse.ArgumentParser:
     trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
     p = argparse.ArgumentParser(prog=PROG, description=f"fine-tune a converted model ({trained}) with pipeline "
-                                                       f"parallelism, launched by torchrun.")
+                                                       f"parallelism, launched by torchrun or by --nproc-per-node.")
     p.set_defaults(**{k: v for k, v in DEFAULTS.items() if k != "tie_gradients"})
     p.add_argument("source", metavar="SOURCE",
                    help="a conversion directory written with --stages N, or a name fxconvert accepts")
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the second) and write it to RUN/metrics.jsonl beside the plan's prediction")
     p.add_argument("--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard scalars into DIR "
                    "(pip install 'fxconvert[tensorboard]')")
+    p.add_argument("--nproc-per-node", type=int, metavar="P", help="start P ranks on this machine (torch's "
+                   "elastic launcher, as torchrun does) and print only their one-line errors; for several "
+                   "machines, launch with torchrun")
     p.add_argument("-v", "--verbose", action="store_true", help="print a failing rank's traceback before its line")
     return p
 

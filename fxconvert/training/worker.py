@@ -11,15 +11,17 @@ import torch.distributed as dist
 
 from fxconvert.errors import FxConvertError, UsageError
 from fxconvert.training.config import Launch, TrainConfig
-from fxconvert.training.faults import EXIT_INTERRUPTED, Signals, first_to_say, nonfinite, one_line, report_failure
+from fxconvert.training.faults import (EXIT_INTERRUPTED, Signals, first_to_say, nonfinite, one_line, report_failure,
+                                       tell)
 from fxconvert.training.heartbeat import Heartbeat, die_with_launcher
 from fxconvert.training.loop import train
 from fxconvert.training.run import Run, lock_run, prepare, say
 
 
-def run_training(cfg: TrainConfig, launch: Launch) -> int:
-    """The run `cfg` as this process of `launch` (the exit status); `--self-check` starts its ranks here too."""
-    signals = Signals()
+def run_training(cfg: TrainConfig, launch: Launch, *, received: int | None = None) -> int:
+    """The run `cfg` as this process of `launch` (the exit status); `--self-check` starts its ranks here too.
+    `received`: a signal that arrived before (while the entry point imported torch): the run stops at once."""
+    signals = Signals(received)
     try:
         return _main(cfg, launch, signals)
     finally:
@@ -36,7 +38,7 @@ def _main(cfg: TrainConfig, launch: Launch, signals: Signals) -> int:
         if not isinstance(e, FxConvertError) and signals.received is None:
             raise  # a bug: its traceback  (with a signal, whatever it interrupted may wrap `_Terminated`)
         if first_to_say(launch, signals):
-            print(f"fxconvert.train: error: {signals.message or one_line(e)}", file=sys.stderr, flush=True)
+            tell(f"fxconvert.train: error: {signals.message or one_line(e)}")
         return EXIT_INTERRUPTED if signals.received else 2 if isinstance(e, UsageError) else 1
     state = {"heartbeat": None, "joined": False}
     try:
@@ -46,7 +48,9 @@ def _main(cfg: TrainConfig, launch: Launch, signals: Signals) -> int:
             traceback.print_exc()
         line = report_failure(e, run, state["heartbeat"], signals, joined=state["joined"])
         if line is not None:
-            print(line, file=sys.stderr, flush=True)
+            tell(line)
+        if state["heartbeat"] is not None:  # this rank has reported: one still watching must not take it for dead
+            state["heartbeat"].stop(finished=True)
         # No destroy_process_group: with a peer gone it can wait for the whole timeout. The
         # process ends here; its sockets close, which is what its peers notice.
         sys.stdout.flush()
