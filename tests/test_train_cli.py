@@ -337,7 +337,7 @@ def test_status_lines_escape_control_characters(setup, tmp_path):
     assert "\x1b" not in proc.stderr
     status = [line for line in proc.stderr.splitlines() if not line.startswith("step ")]
     escaped = str(out).replace("\n", "\\x0a").replace("\x1b", "\\x1b")
-    assert status == [f"saved checkpoint {escaped}/checkpoints/step_1", f"saved checkpoint {escaped}/checkpoints/step_2",
+    assert status == ["reading data: 24 lines", f"saved checkpoint {escaped}/checkpoints/step_1", f"saved checkpoint {escaped}/checkpoints/step_2",
                       f"wrote {escaped}/hf (a transformers checkpoint: from_pretrained loads it) and "
                       f"{escaped}/metrics.jsonl"], proc.stderr
 

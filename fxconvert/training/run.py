@@ -129,7 +129,9 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
             _check_resume_step(cfg, meta, resume_from)
     if resume_from is not None:  # the data's content (and --epochs' steps), now that it is read
         check_meta(meta, resume_fields(cfg, topo, data), path=resume_from)
-    return Run(cfg, launch, topo, device, model, data, run_dir, resume_from)
+    run = Run(cfg, launch, topo, device, model, data, run_dir, resume_from)
+    say(run, f"reading data: {len(data)} lines")  # checked; from here each rank reads only its batches' lines
+    return run
 
 
 def _check_resume_step(cfg: TrainConfig, meta: dict, resume_from: Path) -> None:
