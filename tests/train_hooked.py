@@ -11,6 +11,9 @@ trainer itself has no test hooks. Variables (all optional):
   no other rank holds (not a tied one) just before its N-th `sync_gradients`;
 - HOOK_PAUSE_AT_SYNC=N, HOOK_PAUSE_UNTIL=FILE: every rank waits just before its N-th
   `sync_gradients` until FILE exists (a run held in the middle, with no collective pending);
+  with HOOK_PAUSED_DIR it writes `<dir>/<RANK>.paused` when it begins to wait;
+- HOOK_OPENS_DIR: from the start of training (after every check), each worker writes a line to
+  `<dir>/<RANK>.opens` each time it opens the `--data` file (a Python audit hook sees every open);
 - HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
   file exists (a rank still preparing while the others already wait for it); with
   HOOK_SLOW_BEFORE_CHECKS=1 it waits before its checks instead (a rank that has not found yet
@@ -74,11 +77,34 @@ if os.environ.get("HOOK_PAUSE_AT_SYNC"):
     def sync_and_pause(*args, **kwargs):
         pause_calls.append(1)
         if len(pause_calls) == int(os.environ["HOOK_PAUSE_AT_SYNC"]):
+            if os.environ.get("HOOK_PAUSED_DIR"):
+                Path(os.environ["HOOK_PAUSED_DIR"], f"{rank}.paused").write_text("")
             while not Path(os.environ["HOOK_PAUSE_UNTIL"]).exists():
                 time.sleep(0.05)
         return paused_sync(*args, **kwargs)
 
     grad_sync.sync_gradients = sync_and_pause
+
+if os.environ.get("HOOK_OPENS_DIR"):
+    from fxconvert.training import worker
+
+    checked_train = worker.train
+
+    def train_and_log_opens(run):
+        data = os.path.realpath(run.cfg.data)
+        log = Path(os.environ["HOOK_OPENS_DIR"], f"{rank}.opens")
+        log.write_text("")
+
+        def audit(event, args):
+            path = args[0] if event == "open" else None
+            if isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(path)) == data:
+                with log.open("a") as f:
+                    f.write(f"{args[1]}\n")
+
+        sys.addaudithook(audit)
+        return checked_train(run)
+
+    worker.train = train_and_log_opens
 
 if os.environ.get("HOOK_SLOW_RANK") == str(rank):
     from fxconvert.training import worker
