@@ -213,11 +213,10 @@ class DataFile:
     def take(self, indices) -> list[Example]:
         """The examples at `indices` (0-based; repeats allowed), read from the file and made as the pass made them."""
         raw = data_file.read_lines(self.path, self.shown, self.stamp, self.offsets, indices)
-        numbers = sorted(raw)
-        rows = [_check_line(raw[i], f"{self.shown}:{i + 1}", self.rules) for i in numbers]
-        made = dict(zip(numbers, _cut([n + 1 for n in numbers], _tokenized([n + 1 for n in numbers], rows,
-                                                                            self.shown, self.rules),
-                                      self.shown, self.rules)))
+        numbers = [i + 1 for i in sorted(raw)]  # 1-based, as the pass named them
+        rows = [_check_line(raw[n - 1], f"{self.shown}:{n}", self.rules) for n in numbers]
+        rows = _tokenized(numbers, rows, self.shown, self.rules)
+        made = dict(zip(sorted(raw), _cut(numbers, rows, self.shown, self.rules)))
         return [made[i] for i in indices]
 
     def shaped(self, indices) -> list[Example]:

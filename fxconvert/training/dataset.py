@@ -95,11 +95,11 @@ def load_data(cfg: TrainConfig, model: Model) -> Data:
 
 def _check_lengths(read: DataFile, data, family, config: dict, objective: Objective) -> None:
     """Refuse examples longer than a learned position table (`Family.max_length`): eager would fail mid-run."""
-    field = family.max_length if family is not None else ""
-    limit = config.get(field) if field else None
+    table = family.max_length if family is not None else ""
+    limit = config.get(table) if table else None
     if type(limit) is not int or not len(read):
         return
     longest, length = read.longest
     if length > limit:
         raise UsageError(f"{data}: example {longest + 1} is {length} tokens long, more than the model's "
-                         f"{field} ({limit}); pass {objective.length_options} at most {limit}")
+                         f"{table} ({limit}); pass {objective.length_options} at most {limit}")
