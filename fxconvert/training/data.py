@@ -212,6 +212,7 @@ class DataFile:
 
     def take(self, indices) -> list[Example]:
         """The examples at `indices` (0-based; repeats allowed), read from the file and made as the pass made them."""
+        indices = list(indices)
         raw = data_file.read_lines(self.path, self.shown, self.stamp, self.offsets, indices)
         numbers = [i + 1 for i in sorted(raw)]  # 1-based, as the pass named them
         rows = [_check_line(raw[n - 1], f"{self.shown}:{n}", self.rules) for n in numbers]
