@@ -21,7 +21,8 @@ for the ranks):
   (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so multi-machine launches work unchanged;
   gloo on CPU, nccl on CUDA.
 - Data (`fxconvert.training.data`): replica r at step s trains on global batch s*dp + r; every rank
-  reads the file and builds its replica's batch; `torch.distributed.pipelining` splits it
+  checks the file, then the ranks whose stages read tokens read its replica's batch lines
+  (`fxconvert.training.dataset`); `torch.distributed.pipelining` splits it
   into `--microbatches` equal microbatches. A batch is padded to its own longest sequences,
   so shapes change between steps; a pipeline stage fixes its buffers at its first step,
   so each rank keeps one `PipelineStage` + schedule per shape (a few, least recently used

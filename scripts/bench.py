@@ -1156,6 +1156,75 @@ def measure_pipeline_rss(ctx) -> Result:
     return Result(key, fx.median / base.median, fx, base, details=details)
 
 
+# --- streamed data: a rank's memory against the file's length ----------------------------------------
+
+# Lines of the small and the large file, their lengths (pre-tokenized), and the batches each run reads.
+DATA_RSS = dict(lines=(2_000, 200_000), source_length=64, target_length=16, vocab_size=32128, batch=8, batches=50)
+
+# What a rank that reads the data does with it (`fxconvert.training.dataset`): the checking pass, then batches.
+_DATA_LOAD = """
+import sys
+from fxconvert.objectives import SEQ2SEQ
+from fxconvert.training.data import load_jsonl
+from fxconvert.training.dataset import Data
+path, vocab, batch, batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+data = Data(load_jsonl(path, vocab_size=vocab), {"pad_token_id": 0, "decoder_start_token_id": 0}, SEQ2SEQ,
+            batch_size=batch)
+for k in range(0, batches * 997, 997):  # batches spread over the file
+    data.batch(k)
+    data.tokens(k)
+print(len(data))
+"""
+
+
+def _write_lines_fast(path, *, lines, source_length, target_length, vocab_size, seed=0):
+    """Pre-tokenized JSONL of `lines` lines of the given lengths, ids drawn at once (a 200k-line file in seconds)."""
+    g = torch.Generator().manual_seed(seed)
+    sources = torch.randint(1, vocab_size, (lines, source_length), generator=g).tolist()
+    targets = torch.randint(1, vocab_size, (lines, target_length), generator=g).tolist()
+    with open(path, "w") as f:
+        for source, target in zip(sources, targets):
+            f.write(json.dumps({"input_ids": source, "labels": target}) + "\n")
+
+
+def measure_data_rss(ctx) -> Result:
+    """Peak RSS of a rank's data loading for a 200k-line file over a 2k-line file (same lines, same batches read).
+
+    Each side runs in its own process (`run_child`: its own peak, from os.wait4): the checking pass over
+    the file and `DATA_RSS["batches"]` batches read from it, as the first and last stages do. The rank
+    keeps 8 bytes a line, so the ratio stays near 1 (the process's imports dominate); a rank that held
+    the examples grew with the file.
+    """
+    key = "data_rss_ratio"
+    sizes = DATA_RSS
+    small, large = sizes["lines"]
+    with tempfile.TemporaryDirectory(prefix="fxbench-data-") as tmp:
+        tmp = Path(tmp)
+        for n in (small, large):
+            _write_lines_fast(tmp / f"{n}.jsonl", lines=n, source_length=sizes["source_length"],
+                              target_length=sizes["target_length"], vocab_size=sizes["vocab_size"])
+        argv = {n: [sys.executable, "-c", _DATA_LOAD, str(tmp / f"{n}.jsonl"), str(sizes["vocab_size"]),
+                    str(sizes["batch"]), str(sizes["batches"])] for n in (small, large)}
+        runs = {small: [], large: []}
+        for i in range(1 + ctx.plan_subprocess()):  # a warm-up round (page cache), then AB BA ...
+            for n in (small, large) if i % 2 == 0 else (large, small):
+                run = run_child(argv[n], cwd=tmp, timeout_s=ctx.plan_dict["child_timeout_s"], env=_ONE_THREAD)
+                if run.failure():
+                    return unavailable(key, f"the {n}-line run failed: {run.failure()}")
+                if run.stdout.split() != [str(n)]:
+                    return unavailable(key, f"the {n}-line run read {run.stdout.strip()!r} lines, not {n}")
+                if i > 0:
+                    runs[n].append(run)
+        file_mb = {n: (tmp / f"{n}.jsonl").stat().st_size / 2 ** 20 for n in (small, large)}
+    fx = Figure(f"{large:,}-line file: check + {sizes['batches']} batches, peak RSS", [r.maxrss_mb for r in runs[large]],
+                unit="MB")
+    base = Figure(f"{small:,}-line file, the same, peak RSS", [r.maxrss_mb for r in runs[small]], unit="MB")
+    details = {"lines": [small, large], "file_mb": [file_mb[small], file_mb[large]],
+               "source_length": sizes["source_length"], "target_length": sizes["target_length"],
+               "wall_s": {str(n): statistics.median(r.wall_s for r in runs[n]) for n in (small, large)}}
+    return Result(key, fx.median / base.median, fx, base, details=details)
+
+
 # --- the registry -----------------------------------------------------------------------------------
 
 
@@ -1355,6 +1424,10 @@ REGISTRY = [
        measure_runtime_llama),
     _m("runtime_train_8x128_llama", 1.02, "ratio", "train forward + backward, Llama ~100M, 8x128",
        measure_runtime_llama),
+    _m("data_rss_ratio", 1.10, "ratio",
+       "peak RSS of a rank's data loading (the checking pass over a pre-tokenized JSONL of 64/16 ids a line, then 50 "
+       "batches of 8 read from it) for a 200k-line file over a 2k-line file: a rank keeps 8 bytes a line",
+       measure_data_rss, subprocess=True),
     # Reported, no target (on a quiet machine the aim is >= 1.05).
     _m("zbv_over_1f1b", None, "ratio",
        "training tokens/s, zbv on 2 ranks x 2 stages over 1f1b on 2 ranks x 1 stage, 8 microbatches",

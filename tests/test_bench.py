@@ -26,11 +26,11 @@ TARGET_KEYS = ["convert_over_export", "scaling_48_over_6", "runtime_overhead_tin
                "pipeline_train_throughput_2x1", "train_step_over_eager_loop", "virtual_stages_over_one",
                "pipeline_rank_peak_rss_ratio", "plan_memory_error", "recompute_activation_ratio", "recompute_time_ratio", "adafactor_state_ratio", "convert_over_export_llama",
                "runtime_eval_1x32_llama", "runtime_eval_8x128_llama", "runtime_train_1x32_llama",
-               "runtime_train_8x128_llama"]
+               "runtime_train_8x128_llama", "data_rss_ratio"]
 SUBPROCESS_KEYS = ["cli_over_import", "t5_11b_meta_peak_rss_mb", "pipeline_train_throughput_2x1",
                    "train_step_over_eager_loop", "virtual_stages_over_one",
                    "pipeline_rank_peak_rss_ratio", "plan_memory_error", "recompute_activation_ratio",
-                   "recompute_time_ratio", "zbv_over_1f1b"]
+                   "recompute_time_ratio", "data_rss_ratio", "zbv_over_1f1b"]
 HIGHER_IS_BETTER = ["pipeline_train_throughput_2x1"]  # a speed-up: the value must reach its target
 BALANCE_KEYS = ["balance_bottleneck_time_over_params", "balance_imbalance_time", "balance_prediction_error"]
 IN_PROCESS_KEYS = [k for k in TARGET_KEYS if k not in (*SUBPROCESS_KEYS, *BALANCE_KEYS)]
@@ -167,6 +167,17 @@ def test_subprocess_measurements(bench, fake_cli):
     assert rss.details["import_only_peak_rss_mb"] == cli.details["import_peak_rss_mb"]
     entry = rss.as_json()
     assert entry["unit"] == "MB" and entry["target"] == 1500.0
+
+
+def test_data_rss_measures_both_files(bench, fake_cli, monkeypatch):
+    """The data_rss_ratio entry on small files (what a --quick run does at 2k and 200k lines)."""
+    monkeypatch.setitem(bench.DATA_RSS, "lines", (50, 500))
+    monkeypatch.setitem(bench.DATA_RSS, "batches", 3)
+    result = bench.measure_data_rss(fake_cli)
+    assert result.unavailable is None and is_number(result.value) and result.value > 0, result.unavailable
+    assert len(result.fxconvert.samples) == len(result.baseline.samples) == 1
+    assert result.fxconvert.unit == "MB" and result.details["lines"] == [50, 500]
+    assert result.as_json()["target"] == 1.10
 
 
 def test_failing_cli_is_unavailable(bench, fake_cli, monkeypatch):

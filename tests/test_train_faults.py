@@ -286,7 +286,7 @@ def test_workers_stop_when_torchrun_is_killed(setup, tmp_path):
     assert not (out / "hf").exists()
     assert latest_checkpoint(out).name == "step_2"
     assert "Traceback" not in err and "frame #" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("step ", "saved checkpoint", "recompute "))]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("step ", "saved checkpoint", "recompute ", "reading data: "))]
     assert sorted(lines) == [f"fxconvert.train: error: rank {rank} (stage {rank}, replica 0): {Signals.LAUNCHER_GONE}"
                              for rank in (0, 1)], err[-3000:]
 
@@ -327,7 +327,7 @@ def test_ctrl_c_to_the_whole_launch_is_one_line_per_rank(setup, tmp_path):
         assert [p.parent.name for p in logs] == ["0", "1"]
         for rank, log in enumerate(logs):
             text = log.read_text()
-            lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("step ", "saved ", "recompute "))]
+            lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("step ", "saved ", "recompute ", "reading data: "))]
             assert lines == [f"fxconvert.train: error: rank {rank} (stage {rank}, replica 0): interrupted"], text
             assert (run / f"{rank}.exit").read_text() == "130"
         assert not (run / "out" / "hf").exists()

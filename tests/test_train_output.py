@@ -112,7 +112,7 @@ def test_start_up_says_what_it_does_on_a_terminal(runs):
     root, _, text, resumed = runs
     rows = screen(text)
     said = [f"loading {root / 'conv'} (2 stages on 2 ranks) ...", f"reading data: {root / 'train.jsonl'} ...",
-            "reading data: 24 examples", "joining 2 ranks ..."]
+            "reading data: 24 lines", "joining 2 ranks ..."]
     assert [rows.index(line) for line in said] == sorted(rows.index(line) for line in said), rows
     first_bar = min(n for n, row in enumerate(rows) if re.match(r"step \d+/4 ", row))
     assert rows.index(said[-1]) < first_bar

@@ -20,6 +20,9 @@ starts its ranks with this file too (its own process has no RANK and injects not
   the checkpoint write of step N, after the last file it writes there (rank 0: COMPLETE, in the
   temporary directory not yet renamed), until FILE exists;
 - with HOOK_PID_DIR, a rank that starts waiting for HOOK_PAUSE_UNTIL writes `<dir>/<RANK>.paused`;
+- with HOOK_PAUSED_DIR, a rank that starts waiting for HOOK_PAUSE_UNTIL writes `<dir>/<RANK>.paused` there too;
+- HOOK_OPENS_DIR: from the start of training (after every check), each worker writes a line to
+  `<dir>/<RANK>.opens` each time it opens the `--data` file (a Python audit hook sees every open);
 - HOOK_SLOW_RANK, HOOK_SLOW_PREPARE_FILE: that rank waits, after its own checks, until the
   file exists (a rank still preparing while the others already wait for it); with
   HOOK_SLOW_BEFORE_CHECKS=1 it waits before its checks instead (a rank that has not found yet
@@ -77,8 +80,9 @@ if os.environ.get("HOOK_NAN_RANK") == str(rank):
     grad_sync.sync_gradients = sync_with_nan
 
 def pause() -> None:
-    if os.environ.get("HOOK_PID_DIR"):
-        Path(os.environ["HOOK_PID_DIR"], f"{rank}.paused").touch()
+    for var in ("HOOK_PID_DIR", "HOOK_PAUSED_DIR"):
+        if os.environ.get(var):
+            Path(os.environ[var], f"{rank}.paused").touch()
     while not Path(os.environ["HOOK_PAUSE_UNTIL"]).exists():
         time.sleep(0.05)
 
@@ -110,6 +114,27 @@ if os.environ.get("HOOK_PAUSE_IN_SAVE") and pausing:
             pause()
 
     checkpoint._write = write_and_pause
+
+if os.environ.get("HOOK_OPENS_DIR"):
+    from fxconvert.training import worker
+
+    checked_train = worker.train
+
+    def train_and_log_opens(run):
+        data = os.path.realpath(run.cfg.data)
+        log = Path(os.environ["HOOK_OPENS_DIR"], f"{rank}.opens")
+        log.write_text("")
+
+        def audit(event, args):
+            path = args[0] if event == "open" else None
+            if isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(path)) == data:
+                with log.open("a") as f:
+                    f.write(f"{args[1]}\n")
+
+        sys.addaudithook(audit)
+        return checked_train(run)
+
+    worker.train = train_and_log_opens
 
 if os.environ.get("HOOK_SLOW_RANK") == str(rank):
     from fxconvert.training import worker

@@ -242,15 +242,15 @@ def _complete(tmp: Path, final: Path, *, step: int, world_size: int, meta: dict)
 
 
 def _replaceable(final: Path) -> bool:
-    """Whether `final` is a complete checkpoint holding nothing but its own regular files: one a resumed run that
-    reaches its step again may replace. Anything else there is the user's."""
+    """Whether `final` is a checkpoint holding nothing but its own regular files (complete, or damaged by a lost
+    shard): one a resumed run that reaches its step again may replace. Anything else there is the user's."""
     if final.is_symlink() or not final.is_dir() or not (final / COMPLETE).is_file():
         return False
     try:
         meta = read_meta(final)
     except CheckpointError:
         return False
-    return not _missing(final, meta) and foreign_entry(final, meta) is None
+    return foreign_entry(final, meta) is None
 
 
 def foreign_entry(path: Path, meta: dict) -> str | None:

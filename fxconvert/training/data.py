@@ -20,13 +20,15 @@ same file see exactly the same batches, and a resumed run continues where it sto
 - Microbatches are `torch.tensor_split(tensor, M)` along dim 0: the first B % M microbatches
   hold one row more. All microbatches of a batch share the batch's padded lengths.
 
-The whole file is read and checked before anything is returned: a bad line is a one-line
-DataError naming the file, the 1-based line number, the problem and the fix.
+The whole file is checked, in one pass, before anything is returned: a bad line is a one-line
+DataError naming the file, the 1-based line number, the problem and the fix. The examples are
+not kept: the pass records where each line begins, and a batch reads its lines back and makes
+them into examples exactly as the pass did (`DataFile.take`, `fxconvert.training.data_file`).
 """
 
 import functools
-import hashlib
 import json
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ import torch
 
 from fxconvert.errors import UsageError, with_article
 from fxconvert.objectives import IGNORE_INDEX, SEQ2SEQ, Objective
+from fxconvert.training import data_file
+from fxconvert.training.data_file import DataError
 
 TEXT_KEYS, ID_KEYS = ("input", "target"), ("input_ids", "labels")
 # Files that hold a vocabulary. AutoTokenizer on a directory with config.json alone builds a
@@ -44,10 +48,6 @@ TOKENIZER_READS = frozenset({*VOCAB_FILES, "tokenizer_config.json", "special_tok
                              "merges.txt", "chat_template.jinja", "chat_template.json", "config.json"})
 NO_TOKENIZER = "copy the checkpoint's tokenizer files beside it or give pre-tokenized input_ids/labels"
 FIX = 'each line must be {"input": str, "target": str} or {"input_ids": [int], "labels": [int]}'
-
-
-class DataError(UsageError):
-    """A data file or one of its lines is unusable; the message names the file and line."""
 
 
 @dataclass
@@ -169,27 +169,75 @@ def _positive(value, what: str, minimum=1) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class _Rules:
+    """What makes a checked line an example: the tokenizer, the max lengths, the vocabulary and the objective."""
+
+    tokenizer: object
+    max_source_length: int | None
+    max_target_length: int | None
+    vocab_size: int | None
+    objective: Objective
+
+
 @dataclass
 class DataFile:
-    """The examples of a data file and the sha256 of the very bytes they were read from.
+    """A checked data file: its examples, read back line by line when asked (`take`), and the sha256 of its bytes.
 
-    The digest identifies the data of a run: a checkpoint records it and a resume compares it,
-    so a file edited in place (even to the same size) is noticed, and a file changed while the
-    run trains does not change what the run's checkpoints record.
+    A rank keeps where each line begins (`offsets`, 8 bytes a line) or, where its stages read no
+    token, only the examples' lengths (`source_lengths`, `target_lengths`: what a batch's shape
+    and masks need, `shaped`). The digest identifies the data of a run: a checkpoint records it
+    and a resume compares it, so a file edited in place (even to the same size) is noticed; a
+    file changed while the run trains stops it (`fxconvert.training.data_file`).
     """
 
-    examples: list[Example]
+    path: Path
+    shown: str
     sha256: str
+    count: int
+    stamp: data_file.Stamp
+    rules: _Rules
+    longest: tuple[int, int]  # (index, positions) of the first longest example by the objective's length rule
+    offsets: array | None = None
+    source_lengths: array | None = None
+    target_lengths: array | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Example:
+        if not -self.count <= index < self.count:
+            raise IndexError(f"example {index} of {self.count}")
+        return self.take([index % self.count])[0]
+
+    def take(self, indices) -> list[Example]:
+        """The examples at `indices` (0-based; repeats allowed), read from the file and made as the pass made them."""
+        indices = list(indices)
+        raw = data_file.read_lines(self.path, self.shown, self.stamp, self.offsets, indices)
+        numbers = [i + 1 for i in sorted(raw)]  # 1-based, as the pass named them
+        rows = [_check_line(raw[n - 1], f"{self.shown}:{n}", self.rules) for n in numbers]
+        rows = _tokenized(numbers, rows, self.shown, self.rules)
+        made = dict(zip(sorted(raw), _cut(numbers, rows, self.shown, self.rules)))
+        return [made[i] for i in indices]
+
+    def shaped(self, indices) -> list[Example]:
+        """Stand-ins for the examples at `indices`: their lengths, every token 0. Collated, they give the batch's
+        shapes and its masks (which depend on the lengths alone), for a rank whose stages read no token."""
+        return [Example([0] * self.source_lengths[i], [0] * self.target_lengths[i]) for i in indices]
+
+
+CHUNK = 1024  # lines made into examples at once: the tokenizer's batched calls, and the most the pass holds
 
 
 def read_jsonl(path, **options) -> list[Example]:
-    """Every example of the JSONL file `path` (`load_jsonl`'s examples)."""
-    return load_jsonl(path, **options).examples
+    """Every example of the JSONL file `path` (`load_jsonl`, then each line read back)."""
+    file = load_jsonl(path, **options)
+    return file.take(range(len(file)))
 
 
 def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None,
-               objective: Objective = SEQ2SEQ, flag: str = "--data") -> DataFile:
-    """Every example of the JSONL file `path`, checked line by line before any is returned, and its sha256.
+               objective: Objective = SEQ2SEQ, flag: str = "--data", offsets=True, lengths=False) -> DataFile:
+    """The JSONL file `path`, every line checked in one pass before anything is returned, and its sha256.
 
     Text is tokenized as `tokenizer(input, truncation=True, max_length=max_source_length)` and
     `tokenizer(text_target=target, truncation=True, max_length=max_target_length)`, with the
@@ -201,6 +249,12 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     LM) a line is pre-tokenized, its labels as long as its input_ids (-100 where nothing is
     predicted), and both are cut to max_source_length. `flag` is the option the messages tell the user to
     pass a file to (`--eval-data` for the held-out file).
+
+    The pass holds at most `CHUNK` lines, and keeps `offsets` (to read lines back) and/or
+    `lengths` (the examples' lengths, `DataFile.shaped`). Problems are reported as if every
+    line were parsed first, then every text tokenized, then every example cut: the first
+    line that does not parse, else the first whose tokens do not fit, else the first cut
+    to nothing.
     """
     if not isinstance(objective, Objective):
         raise UsageError(f"unknown data objective {objective!r}; give one of fxconvert.objectives.OBJECTIVES")
@@ -213,51 +267,108 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
         raise DataError(f"{name} does not exist; pass {flag} a JSONL file")
     if not path.is_file():
         raise DataError(f"{name} is not a regular file; pass {flag} a JSONL file")
+    rules = _Rules(tokenizer, max_source_length, max_target_length, vocab_size, objective)
     try:
-        data = path.read_bytes()
+        file = path.open("rb")
     except OSError as e:
         raise DataError(f"{name} cannot be read ({e.strerror}); check its permissions") from None
-    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()  # the newline that ends the last line
-    if not any(line.strip() for line in lines):
+    sizes = (array("i"), array("i")) if lengths else None
+    late, longest, chunk, blank = {}, (0, 0), [], None
+
+    def make():  # the chunk's examples, or the first problem after tokenizing / cutting kept for the end
+        nonlocal longest
+        numbers, rows = [n for n, _ in chunk], [row for _, row in chunk]
+        chunk.clear()
+        if "tokenized" in late:
+            return
+        try:
+            rows = _tokenized(numbers, rows, name, rules)
+        except DataError as e:
+            late["tokenized"] = e
+            return
+        try:
+            examples = _cut(numbers, rows, name, rules)
+        except DataError as e:
+            late.setdefault("cut", e)
+            return
+        for number, example in zip(numbers, examples):
+            if objective.length(example) > longest[1]:
+                longest = (number - 1, objective.length(example))
+            if sizes is not None:
+                sizes[0].append(len(example.input_ids))
+                sizes[1].append(len(example.labels))
+
+    with file:
+        lines = data_file.Lines(file, name, offsets=offsets)
+        for number, raw in lines:
+            if not raw.strip():  # refused as a blank line, unless every line is blank (an empty file)
+                blank = blank or number
+                continue
+            if blank is not None:
+                _parse(b"", f"{name}:{blank}")
+            chunk.append((number, _check_line(raw, f"{name}:{number}", rules)))
+            if len(chunk) == CHUNK:
+                make()
+        make()
+    if blank == 1 or not lines.count:  # every line blank (or none): blank lines after the first line are refused
         raise DataError(f"{name} is empty; {FIX}, one per line")
-    rows = []
-    for number, raw in enumerate(lines, 1):  # every line is checked, in file order, before tokenizing
-        where, obj = f"{name}:{number}", _parse(raw, f"{name}:{number}")
-        if "input" in obj and tokenizer is None:
-            raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; {NO_TOKENIZER}")
-        for key in ("input", "target") if "input" in obj else ():
-            if not isinstance(obj[key], str) or not obj[key].strip():
-                problem = "is empty" if isinstance(obj[key], str) else f"is {with_article(type(obj[key]).__name__)}, not a string"
-                raise DataError(f"{where}: {key!r} {problem}; {FIX}")
-            try:  # JSON can escape half a surrogate pair ("\\ud800"), which no tokenizer takes
-                obj[key].encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise DataError(f"{where}: {key!r} is not valid Unicode text (a lone surrogate "
-                                f"\\u{ord(obj[key][e.start]):04x} at character {e.start + 1}); write the "
-                                f"character itself, or a complete surrogate pair") from None
-        for key in ("input_ids", "labels") if "input_ids" in obj else ():
-            _check_ids(obj[key], key, where, vocab_size, fix="re-tokenize it with the model's tokenizer",
-                       objective=objective)
-        if objective.aligned:
-            _check_aligned(obj, where, objective)
-        rows.append(obj)
-    texts = [number for number, obj in enumerate(rows, 1) if "input" in obj]
-    sources = _tokenize(tokenizer, [rows[n - 1]["input"] for n in texts], max_source_length, target=False)
-    targets = _tokenize(tokenizer, [rows[n - 1]["target"] for n in texts], max_target_length, target=True)
-    for number, input_ids, labels in zip(texts, sources, targets):
-        where, fix = f"{name}:{number} (tokenized)", "the tokenizer does not fit the model; use the checkpoint's own tokenizer"
-        rows[number - 1] = {key: _check_ids(ids, key, where, vocab_size, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
-    examples = []
-    for number, obj in enumerate(rows, 1):
-        cut, option = (max_source_length, "--max-source-length") if objective.aligned else (
-            max_target_length, "--max-target-length")
+    if blank is not None:
+        _parse(b"", f"{name}:{blank}")
+    if late:
+        raise late.get("tokenized", late.get("cut"))
+    return DataFile(path, name, lines.sha256, lines.count, lines.stamp, rules, longest, lines.offsets,
+                    *(sizes or (None, None)))
+
+
+def _check_line(raw: bytes, where: str, rules: _Rules) -> dict:
+    """One line parsed and checked (`where` is file:line), text not yet tokenized."""
+    obj = _parse(raw, where)
+    if "input" in obj and rules.tokenizer is None:
+        raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; {NO_TOKENIZER}")
+    for key in ("input", "target") if "input" in obj else ():
+        if not isinstance(obj[key], str) or not obj[key].strip():
+            problem = "is empty" if isinstance(obj[key], str) else f"is {with_article(type(obj[key]).__name__)}, not a string"
+            raise DataError(f"{where}: {key!r} {problem}; {FIX}")
+        try:  # JSON can escape half a surrogate pair ("\\ud800"), which no tokenizer takes
+            obj[key].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: {key!r} is not valid Unicode text (a lone surrogate "
+                            f"\\u{ord(obj[key][e.start]):04x} at character {e.start + 1}); write the "
+                            f"character itself, or a complete surrogate pair") from None
+    for key in ("input_ids", "labels") if "input_ids" in obj else ():
+        _check_ids(obj[key], key, where, rules.vocab_size, fix="re-tokenize it with the model's tokenizer",
+                   objective=rules.objective)
+    if rules.objective.aligned:
+        _check_aligned(obj, where, rules.objective)
+    return obj
+
+
+def _tokenized(numbers: list[int], rows: list[dict], name: str, rules: _Rules) -> list[dict]:
+    """`rows` (lines `numbers`) with their text tokenized and the tokens checked against the vocabulary."""
+    texts = [i for i, obj in enumerate(rows) if "input" in obj]
+    if not texts:
+        return rows
+    rows = list(rows)
+    sources = _tokenize(rules.tokenizer, [rows[i]["input"] for i in texts], rules.max_source_length, target=False)
+    targets = _tokenize(rules.tokenizer, [rows[i]["target"] for i in texts], rules.max_target_length, target=True)
+    fix = "the tokenizer does not fit the model; use the checkpoint's own tokenizer"
+    for i, input_ids, labels in zip(texts, sources, targets):
+        where = f"{name}:{numbers[i]} (tokenized)"
+        rows[i] = {key: _check_ids(ids, key, where, rules.vocab_size, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
+    return rows
+
+
+def _cut(numbers: list[int], rows: list[dict], name: str, rules: _Rules) -> list[Example]:
+    """The examples of tokenized `rows` (lines `numbers`), cut to the max lengths."""
+    objective, examples = rules.objective, []
+    cut, option = (rules.max_source_length, "--max-source-length") if objective.aligned else (
+        rules.max_target_length, "--max-target-length")
+    for number, obj in zip(numbers, rows):
         labels = obj["labels"][:cut]
         if cut is not None and all(v == IGNORE_INDEX for v in labels):
             _nothing_to_learn(f"{name}:{number} (cut to {option} {cut})")
-        examples.append(Example(obj["input_ids"][:max_source_length], labels))
-    return DataFile(examples, hashlib.sha256(data).hexdigest())
+        examples.append(Example(obj["input_ids"][:rules.max_source_length], labels))
+    return examples
 
 
 def _tokenize(tokenizer, texts: list[str], max_length, *, target: bool, chunk=1024) -> list[list[int]]:

@@ -81,7 +81,7 @@ def evaluate(run, calls: dict) -> tuple[float, int]:
     try:
         with torch.no_grad():
             for rows in batches(len(data.examples), data.batch_size)[topo.replica::topo.dp]:
-                batch = data.objective.collate([data.examples[i] for i in rows], **data.token_ids)
+                batch = data.take(list(rows))
                 loss = _forward(run, calls, {k: v.to(run.device) for k, v in batch.items()})
                 if loss is not None:
                     total[0] += loss.double() * len(rows)

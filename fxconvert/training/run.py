@@ -134,7 +134,7 @@ def prepare(cfg: TrainConfig, launch: Launch) -> Run:
     topo.shared_stages = model.shared_stages
     say(launch, f"reading data: {cfg.data} ...", startup=True)
     data = load_data(cfg, model)
-    say(launch, f"reading data: {len(data.examples)} examples", startup=True)
+    say(launch, f"reading data: {len(data)} lines", startup=True)  # checked: each rank reads only its batches' lines
     eval_data = load_data(cfg, model, held_out=True) if cfg.eval_data is not None else None
     if cfg.steps is None:
         cfg = with_steps(cfg, len(data.examples))
