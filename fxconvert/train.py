@@ -70,6 +70,8 @@ def main(argv=None) -> int:
 
         return self_check([a for a in argv if a != "--self-check"])
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if _says_start_up(argv):  # the imports below take seconds: say so at once
+        print("importing torch ...", file=sys.stderr, flush=True)
     with _held_signals() as held:  # torch's import takes seconds, and Ctrl-C in it was a KeyboardInterrupt traceback
         from fxconvert.errors import UsageError
         from fxconvert.training.config import Launch
@@ -91,6 +93,14 @@ def main(argv=None) -> int:
         tell("fxconvert.train: error: interrupted")
         return EXIT_INTERRUPTED
     return launch_ranks(cfg, program, argv)
+
+
+def _says_start_up(argv: list[str]) -> bool:
+    """Whether this process tells a terminal what start-up does (`run.say(startup=True)`'s rule, before the imports
+    that define it): the first rank of torchrun, or the process of `--nproc-per-node`, not the ranks it starts."""
+    launched = os.environ.get("FXCONVERT_TRAIN_LAUNCHED") == "1"  # `fxconvert.training.launcher.LAUNCHED`
+    return (sys.stderr.isatty() and os.environ.get("RANK", "0") == "0" and not launched
+            and not {"-h", "--help"} & set(argv))
 
 
 def _program() -> list[str]:

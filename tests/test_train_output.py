@@ -95,7 +95,9 @@ def runs(tmp_path_factory):
     common = [root / "conv", "--data", root / "train.jsonl", "--out", out, "--batch", 4, "--optimizer", "sgd",
               "--save-every", 2, "--lr-schedule", "linear", "--warmup-steps", 1]
     first = ["--tensorboard", out / "tb"] if HAVE_TENSORBOARD else []  # inside --out: a directory of its own
-    code, text = in_a_terminal(tr.torchrun_command(2, *common, "--steps", 4, "--lr", 0.1, *first))
+    # started by --nproc-per-node: its process says the first start-up lines, the ranks the rest
+    code, text = in_a_terminal([sys.executable, "-m", "fxconvert.train", "--nproc-per-node", "2",
+                                *map(str, common), "--steps", "4", "--lr", "0.1", *map(str, first)])
     assert code == 0, text[-3000:]
     shutil.rmtree(out / "checkpoints" / "step_4")  # as if the run had been killed after step 4's metrics
     second = []
@@ -111,9 +113,11 @@ def runs(tmp_path_factory):
 def test_start_up_says_what_it_does_on_a_terminal(runs):
     root, _, text, resumed = runs
     rows = screen(text)
-    said = [f"loading {root / 'conv'} (2 stages on 2 ranks) ...", f"reading data: {root / 'train.jsonl'} ...",
+    said = ["importing torch ...", "starting 2 ranks on this machine ...",
+            f"loading {root / 'conv'} (2 stages on 2 ranks) ...", f"reading data: {root / 'train.jsonl'} ...",
             "reading data: 24 lines", "joining 2 ranks ..."]
     assert [rows.index(line) for line in said] == sorted(rows.index(line) for line in said), rows
+    assert all(rows.count(line) == 1 for line in said), rows  # once: not again from each rank
     first_bar = min(n for n, row in enumerate(rows) if re.match(r"step \d+/4 ", row))
     assert rows.index(said[-1]) < first_bar
     # not in a log: there, the output of a run that fails to start is its one-line error

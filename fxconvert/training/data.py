@@ -176,7 +176,7 @@ class _Rules:
     tokenizer: object
     max_source_length: int | None
     max_target_length: int | None
-    vocab_size: int | None
+    vocabulary: int | None  # the ids allowed: [0, vocabulary)
     objective: Objective
 
 
@@ -336,7 +336,7 @@ def _check_line(raw: bytes, where: str, rules: _Rules) -> dict:
                             f"\\u{ord(obj[key][e.start]):04x} at character {e.start + 1}); write the "
                             f"character itself, or a complete surrogate pair") from None
     for key in ("input_ids", "labels") if "input_ids" in obj else ():
-        _check_ids(obj[key], key, where, rules.vocab_size, fix="re-tokenize it with the model's tokenizer",
+        _check_ids(obj[key], key, where, rules.vocabulary, fix="re-tokenize it with the model's tokenizer",
                    objective=rules.objective)
     if rules.objective.aligned:
         _check_aligned(obj, where, rules.objective)
@@ -354,7 +354,7 @@ def _tokenized(numbers: list[int], rows: list[dict], name: str, rules: _Rules) -
     fix = "the tokenizer does not fit the model; use the checkpoint's own tokenizer"
     for i, input_ids, labels in zip(texts, sources, targets):
         where = f"{name}:{numbers[i]} (tokenized)"
-        rows[i] = {key: _check_ids(ids, key, where, rules.vocab_size, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
+        rows[i] = {key: _check_ids(ids, key, where, rules.vocabulary, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
     return rows
 
 

@@ -52,6 +52,8 @@ def launch(cfg: TrainConfig, program: list[str], argv: list[str]) -> int:
         tell(f"fxconvert.train: OMP_NUM_THREADS=1 for each of the {cfg.nproc_per_node} ranks (as torchrun sets "
              f"it); set OMP_NUM_THREADS to choose")
     os.environ[LAUNCHED] = "1"
+    if sys.stderr.isatty():  # start-up, said on a terminal (`run.say`); the ranks say the rest
+        tell(f"starting {cfg.nproc_per_node} rank{'s' if cfg.nproc_per_node > 1 else ''} on this machine ...")
     try:
         return _run(cfg.nproc_per_node, program, argv)
     finally:
