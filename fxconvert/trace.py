@@ -676,6 +676,11 @@ class _MaskReplacements:
     def create_sliding_window_causal_mask(self, config, inputs_embeds, attention_mask=None, cache=None, **kwargs):
         window = getattr(config, "sliding_window", None)
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            layer_types = getattr(config, "layer_types", None)
+            if isinstance(layer_types, (list, tuple)) and "sliding_attention" not in layer_types:
+                # built for no layer (Qwen2-MoE builds both masks whatever its layers are, and sets the
+                # window to 0 without use_sliding_window): a causal mask in its place, which no node reads
+                return self.create_causal_mask(config, inputs_embeds, attention_mask, cache)
             raise TraceError(f"a sliding-window mask needs config.sliding_window, a positive integer, not "
                              f"{window!r}; set it in the config (Mistral uses 4096)")
         return self._causal(runtime.sliding_window_causal_mask, inputs_embeds, attention_mask,

@@ -60,11 +60,14 @@ SHRINK = dict(
     hidden_size=32, intermediate_size=64, ffn_dim=64, encoder_ffn_dim=64, decoder_ffn_dim=64, d_ff=64, n_inner=64,
     num_hidden_layers=2, encoder_layers=2, decoder_layers=2, num_decoder_layers=2,
     num_attention_heads=4, encoder_attention_heads=4, decoder_attention_heads=4, num_key_value_heads=2,
-    head_dim=8, d_kv=8, embedding_size=32, vocab_size=97, decoder_vocab_size=97, max_position_embeddings=128,
+    head_dim=8, d_kv=8, rotary_dim=8, embedding_size=32, vocab_size=97, decoder_vocab_size=97, max_position_embeddings=128,
     num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
     shared_expert_intermediate_size=32, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     decoder_start_token_id=0, sep_token_id=2, cls_token_id=1,
 )
+
+# Fields a config computes from the layer count: left to the part's constructor when a part is shrunk.
+COMPUTED = ("layer_types",)
 
 
 def objective_of(cls_name: str):
@@ -112,16 +115,34 @@ def tiny_config(model_type: str, **overrides):
     (Gemma 3's per-layer `layer_types`) follow."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **tiny_fields(model_type), **overrides)
+    fields = tiny_fields(model_type)
+    try:
+        return AutoConfig.for_model(model_type, **fields, **overrides)
+    except Exception:  # a field derived from the defaults disagrees (GPT-Neo's attention_types count 24 layers)
+        config = AutoConfig.for_model(model_type, **overrides)
+        for key, value in fields.items():
+            if key not in overrides and not isinstance(value, dict):
+                setattr(config, key, value)
+        return config
 
 
 def tiny_fields(model_type: str) -> dict:
     """The fields `tiny_config` sets: those of `SHRINK` that the type's config has."""
     from transformers import AutoConfig
 
-    default = AutoConfig.for_model(model_type)
-    names = set(vars(default)) | set(getattr(default, "attribute_map", {}) or {})
-    return {k: v for k, v in SHRINK.items() if k in names}
+    return _shrunk(AutoConfig.for_model(model_type))
+
+
+def _shrunk(config) -> dict:
+    """The `SHRINK` fields `config` has; a composite config's parts (T5Gemma's encoder and decoder) shrunk too."""
+    names = set(vars(config)) | set(getattr(config, "attribute_map", {}) or {})
+    fields = {k: v for k, v in SHRINK.items() if k in names}
+    for name in getattr(config, "sub_configs", None) or {}:
+        part = getattr(config, name, None)
+        if hasattr(part, "to_dict"):
+            kept = {k: v for k, v in part.to_dict().items() if k not in COMPUTED}
+            fields[name] = {**kept, **_shrunk(part)}
+    return fields
 
 
 def derive(cls, config, model=None, *, blocks: bool = True) -> Family:
@@ -208,12 +229,18 @@ def _forward_parameters(cls):
 
 
 def _block_paths(model) -> list[str]:
-    """The paths of the ModuleLists whose every element is one of the model's `_no_split_modules` classes."""
+    """The paths of the ModuleLists whose every element is one of the model's `_no_split_modules` classes.
+
+    A class that declares none (DistilBERT, Marian) gets the outermost ModuleLists whose elements
+    are all of one class: its repeated layers, as a model without the declaration still builds them.
+    """
     import torch
 
     declared = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():  # a composite model's parts declare their own
         declared |= set(getattr(module, "_no_split_modules", None) or ())
-    return [path for path, m in model.named_modules()
-            if isinstance(m, torch.nn.ModuleList) and len(m)
-            and all(type(child).__name__ in declared for child in m)]
+    lists = [(path, m) for path, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if declared:
+        return [path for path, m in lists if all(type(child).__name__ in declared for child in m)]
+    uniform = [path for path, m in lists if len({type(child) for child in m}) == 1]
+    return [path for path in uniform if not any(path.startswith(f"{outer}.") for outer in uniform)]
