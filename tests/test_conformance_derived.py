@@ -17,6 +17,9 @@ refusal names, so each such test fails once the type starts working.
 """
 
 import functools
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,8 +32,10 @@ from fxconvert.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
 from fxconvert.trace import trace
 from fxconvert.workflow import convert
 
+import train_runs
 from helpers import assert_outputs_match, output_sum
 
+REPO = train_runs.REPO
 DECODERS = ("opt gpt_neo gptj gpt_neox bloom falcon codegen gpt_bigcode xglm mpt phi phi3 gemma gemma2 gemma3_text "
             "qwen3 olmo olmo2 granite starcoder2 stablelm cohere glm glm4 smollm3 mixtral qwen2_moe qwen3_moe "
             "olmoe").split()
@@ -199,3 +204,43 @@ def test_a_sliding_window_mask_that_no_layer_reads_is_not_refused():
         expected = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
         torch.testing.assert_close(conversion.module(input_ids=ids, attention_mask=mask, labels=ids), expected,
                                    rtol=0, atol=1e-5)
+
+
+# -- what a derived record does beyond conversion -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def neox_checkpoint(tmp_path_factory):
+    """A tiny GPT-NeoX checkpoint, and its conversion into 2 stages by the command line."""
+    root = tmp_path_factory.mktemp("derived")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(derived.tiny_config("gpt_neox")).save_pretrained(root / "ckpt")
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(root / "ckpt"), "--stages", "2", "--out",
+                           str(root / "conv"), "-q"], cwd=REPO, env=train_runs.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (root / "train.jsonl").write_text('{"input_ids": [5, 6, 7], "labels": [8, 9]}\n' * 4)
+    return root
+
+
+def test_the_report_names_the_record(neox_checkpoint):
+    report = json.loads((neox_checkpoint / "conv" / "report.json").read_text())
+    assert report["model"]["record"] == "derived from GPTNeoXForCausalLM's declarations"
+    assert "record:** derived from GPTNeoXForCausalLM's declarations" in (
+        neox_checkpoint / "conv" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("source", ["conv", "ckpt"])
+def test_training_a_derived_record_is_refused_in_one_line(neox_checkpoint, source, capsys, monkeypatch, tmp_path):
+    """A rank imports no transformers to derive the record again: training waits for a hand-written one."""
+    from fxconvert.train import main
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    argv = [str(neox_checkpoint / source), "--data", str(neox_checkpoint / "train.jsonl"), "--out",
+            str(tmp_path / "run"), "--steps", "1", "--batch", "2", "--allow-random"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fxconvert.train: error: training a gpt_neox model needs a hand-written family record, which "
+                   "GPTNeoXForCausalLM has not (it converts with one derived from transformers' declarations); "
+                   "fxconvert.train trains " + ", ".join(
+                       f.title.split(" (")[0] for f in families.all_families() if f.objective) + " models")
+    assert not (tmp_path / "run").exists()
