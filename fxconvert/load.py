@@ -166,13 +166,15 @@ def model_class_name(config: dict, where: str) -> str:
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     family = families.family_of_model_type(model_type) if isinstance(model_type, str) else None
+    if family is None or family.derived_from:  # a derived record is made anew for each config's class
+        family = _derived_record(config)
     if family is None:
         what = f"model_type {model_type!r}" if model_type else "a config without model_type"
         if architectures:
             what += f" ({', '.join(map(str, architectures))})"
         raise ModelResolutionError(
             f"{where} describes {what}, which is not supported; fxconvert converts "
-            f"{families.describe_supported()}"
+            f"{families.describe_supported()}, and any other transformers model that takes input_ids"
         )
     if not architectures:
         return family.model_types[model_type][1]
@@ -182,6 +184,13 @@ def model_class_name(config: dict, where: str) -> str:
             f"{where} describes {cls_name}, which is not supported; fxconvert converts {', '.join(family.classes)}"
         )
     return cls_name
+
+
+def _derived_record(config: dict):
+    """The record derived for a config of a type with no hand-written record (`fxconvert.families.derived`)."""
+    from fxconvert.families import derived  # imports transformers, as every config that reaches here is built
+
+    return derived.derive_for_config(config)
 
 
 def preset_config(name: str) -> dict:

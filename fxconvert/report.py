@@ -107,6 +107,7 @@ def model_section(conversion) -> Section:
     data = {
         "class": conversion.model_class,
         "family": family.name if family is not None else None,
+        "record": _record(family),
         "source": asdict(source) if source is not None else None,
         "parameters": n_params,
         "dtype": ", ".join(dtypes),
@@ -116,6 +117,7 @@ def model_section(conversion) -> Section:
     fields = {
         "class": conversion.model_class,
         "family": f"{family.title}: {family.notes}" if family is not None else "",
+        "record": data["record"] or "",
         "source": origin,
         "weights": source.weights if source is not None else "from the model object",
         "device": source.device if source is not None else str(next(iter(params.values())).device),
@@ -125,6 +127,13 @@ def model_section(conversion) -> Section:
         "config": ", ".join(f"{k} {v}" for k, v in summary.items()),
     }
     return Section("model", "Model", data, fields)
+
+
+def _record(family) -> str | None:
+    """Which family record the conversion used: a hand-written one, or one derived from the class."""
+    if family is None:
+        return None
+    return f"derived from {family.derived_from}'s declarations" if family.derived_from else "hand-written"
 
 
 def io_section(conversion) -> Section:

@@ -30,6 +30,7 @@ import operator
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -175,8 +176,10 @@ def supported_class(model) -> type:
     base = next((c for c in cls.__mro__ if c.__name__ in supported
                  and c.__module__.startswith("transformers.")), None)
     if base is None:
-        raise TraceError(f"{cls.__name__!r} is not supported; fxconvert traces {families.describe_supported()} "
-                         f"and their subclasses that keep forward")
+        base = _derived_class(model)
+    if base is None:
+        raise TraceError(f"{cls.__name__!r} is not supported; fxconvert traces {families.describe_supported()}, "
+                         f"any other transformers model that takes input_ids, and their subclasses that keep forward")
     if cls.forward is not base.forward:
         owner = next(c for c in cls.__mro__ if "forward" in vars(c))
         raise TraceError(f"{cls.__name__!r} is {with_article(base.__name__)} whose forward is overridden (by "
@@ -184,6 +187,29 @@ def supported_class(model) -> type:
                          f"{base.__name__}.forward and put the change in a submodule, or convert the "
                          f"{base.__name__} itself")
     return base
+
+
+def _derived_class(model) -> type | None:
+    """The transformers class of a model with no hand-written record, its record derived from its
+    declarations (`fxconvert.families.derived`) and registered; None for a model that is not one."""
+    if "transformers" not in sys.modules:
+        return None
+    from fxconvert.families import derived
+
+    base = next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.")), None)
+    if base is None or not derived.derivable(base):
+        return None
+    written = families.family_of_model_type(getattr(getattr(model, "config", None), "model_type", None))
+    if written is not None and not written.derived_from:
+        return None  # a type with a hand-written record: its record says which classes it traces
+    record = families.family_of_class(base.__name__)
+    if record is None or record.derived_from and _DERIVED_FOR.get(model) is not record:
+        _DERIVED_FOR[model] = derived.derive(base, model.config, model)  # its blocks are this model's
+    return base
+
+
+# The record derived for each model object, so that it is derived once per model, not per question.
+_DERIVED_FOR = weakref.WeakKeyDictionary()
 
 
 def family_of(model) -> families.Family:
@@ -650,6 +676,11 @@ class _MaskReplacements:
     def create_sliding_window_causal_mask(self, config, inputs_embeds, attention_mask=None, cache=None, **kwargs):
         window = getattr(config, "sliding_window", None)
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            layer_types = getattr(config, "layer_types", None)
+            if isinstance(layer_types, (list, tuple)) and "sliding_attention" not in layer_types:
+                # built for no layer (Qwen2-MoE builds both masks whatever its layers are, and sets the
+                # window to 0 without use_sliding_window): a causal mask in its place, which no node reads
+                return self.create_causal_mask(config, inputs_embeds, attention_mask, cache)
             raise TraceError(f"a sliding-window mask needs config.sliding_window, a positive integer, not "
                              f"{window!r}; set it in the config (Mistral uses 4096)")
         return self._causal(runtime.sliding_window_causal_mask, inputs_embeds, attention_mask,

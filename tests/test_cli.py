@@ -118,7 +118,8 @@ def test_t5_11b_converts_on_the_meta_device(tmp_path, capsys):
 
 @pytest.mark.parametrize("case, expected_code, message", [
     ("unknown name", 1, r"unknown model 'no-such-model'"),
-    ("not T5", 1, r"model_type 'xlnet'.*not supported.*T5ForConditionalGeneration"),
+    ("not T5", 1, r"model_type 'vit'.*not supported.*T5ForConditionalGeneration.*any other transformers model "
+             r"that takes input_ids"),
     ("malformed config", 1, r"malformed .*config.json"),
     ("weights do not match", 1, r"do not match its config.json"),
     ("unknown input", 2, r"unknown input name\(s\) bogus for T5ForConditionalGeneration; choose from input_ids"),
@@ -137,7 +138,7 @@ def test_failures_are_one_line_with_an_exit_code_and_leave_nothing(case, expecte
     if case == "unknown name":
         args[0] = "no-such-model"
     elif case == "not T5":
-        (ckpt / "config.json").write_text(json.dumps({"model_type": "xlnet", "architectures": ["XLNetModel"]}))
+        (ckpt / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
     elif case == "malformed config":
         (ckpt / "config.json").write_text("{not json")
     elif case == "weights do not match":

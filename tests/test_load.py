@@ -158,7 +158,8 @@ def test_hub_id_in_the_local_cache(tmp_path, monkeypatch, no_network):
 
 @pytest.mark.parametrize("setup, message", [
     ("unknown", r"unknown model 'no-such-model'.*presets: t5-small"),
-    ("bert", r"model_type 'xlnet'.*not supported.*T5ForConditionalGeneration"),
+    ("bert", r"model_type 'vit'.*not supported.*T5ForConditionalGeneration.*any other transformers model "
+             r"that takes input_ids"),
     ("unsupported_class", r"T5ForSequenceClassification, which is not supported"),
     ("malformed", r"malformed .*config.json: Expecting"),
     ("mismatch", r"do not match its config.json: .*DenseReluDense.wi.weight is \(48, 32\) in the weights "
@@ -178,7 +179,7 @@ def test_errors_name_the_problem(setup, message, tmp_path, no_network):
         else:
             write_checkpoint(ckpt)
         if setup == "bert":
-            (ckpt / "config.json").write_text(json.dumps({"model_type": "xlnet", "architectures": ["XLNetModel"]}))
+            (ckpt / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
         elif setup == "unsupported_class":
             edit_config(ckpt, architectures=["T5ForSequenceClassification"])
         elif setup == "malformed":

@@ -88,6 +88,9 @@ class Family:
     # untied at load when the config says false (`unties_head`), as the published checkpoints
     # hold it; every other family's transformers class already honours the field.
     ties_head_regardless: bool = False
+    # The transformers class a record was derived from (`fxconvert.families.derived`); "" for a
+    # hand-written record.
+    derived_from: str = ""
 
     def unties_head(self, config: Mapping) -> bool:
         """Whether a model built from `config` (a config.json dict) needs its LM head untied at load."""
@@ -187,12 +190,24 @@ def model_types() -> dict[str, Family]:
     return {t: f for f in all_families() for t in f.model_types}
 
 
+# Records derived in this process (`fxconvert.families.derived`), by class name: a hand-written
+# record wins over them. Empty in a process that converted nothing (a training rank).
+_DERIVED: dict[str, Family] = {}
+
+
+def register_derived(family: Family) -> None:
+    """Make a derived record findable by its class name (and model type) for the rest of the process."""
+    for cls_name in family.classes:
+        _DERIVED[cls_name] = family
+
+
 def family_of_class(cls_name: str) -> Family | None:
-    return next((f for f in all_families() if cls_name in f.classes), None)
+    return next((f for f in all_families() if cls_name in f.classes), None) or _DERIVED.get(cls_name)
 
 
 def family_of_model_type(model_type) -> Family | None:
-    return model_types().get(model_type)
+    return model_types().get(model_type) or next(
+        (f for f in reversed(_DERIVED.values()) if model_type in f.model_types), None)
 
 
 def sequence_lengths(model_class: str) -> Mapping[str, str]:

@@ -87,6 +87,7 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device, recomput
     if pipeline.output_name != "loss":
         raise UsageError(f"{path} returns {pipeline.output_name!r}, not the loss; reconvert without --output "
                          f"(training needs the model's loss, from labels)")
+    _check_record(pipeline.model_class, pipeline.model_type)
     _check_inputs(path, pipeline.model_class, {n for s in pipeline.stages for n in s.inputs})
     blocks = [s.blocks for s in pipeline.stages]
     plan = pipeline.manifest.plan
@@ -100,6 +101,18 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device, recomput
     shared = {name: list(info.stages) for name, info in pipeline.shared_weights.items()}
     return Model(parts, pipeline.num_stages, shared, _read_config(path / pipeline.config), pipeline_dir=path,
                  tokenizer_dir=path, recompute=describe(recompute, chosen, where=where))
+
+
+def _check_record(model_class: str, model_type) -> None:
+    """Refuse a conversion whose family record was derived from transformers' declarations
+    (`fxconvert.families.derived`): a rank has no transformers to derive it again from."""
+    family = families.family_of_class(model_class)
+    if model_type is None or (family is not None and not family.derived_from):
+        return  # no transformers model (a plain module), or one with a hand-written record
+    trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
+    raise UsageError(f"training a {printable(model_type)} model needs a hand-written family record, which "
+                     f"{printable(model_class)} has not (it converts with one derived from transformers' "
+                     f"declarations); fxconvert.train trains {trained} models")
 
 
 def _check_inputs(where, model_class: str, inputs: set) -> None:
@@ -162,6 +175,7 @@ def _check_conversion(source, conversion) -> None:
     if conversion.output_name != "loss":
         raise UsageError(f"{source} is a {conversion.model_class}, which computes no loss; train a class "
                          f"with a language-model head")
+    _check_record(conversion.model_class, getattr(getattr(conversion.model, "config", None), "model_type", None))
     _check_inputs(source, conversion.model_class, set(conversion.input_names))
     if conversion.source is not None and conversion.source.device == "meta":
         raise UsageError(f"{source} has no weights here (built on the meta device); convert a checkpoint")
