@@ -413,12 +413,12 @@ def predict(units: UnitCosts, group: list[int], *, balance, schedule, microbatch
 
 
 def real_inputs(input_names, sizes: Sizes, *, specs, vocab_size: int, hidden: int | None = None,
-                dtype=torch.float32, seed: int = 0, type_vocab: int = 2) -> dict:
+                dtype=torch.float32, seed: int = 0, type_vocab: int = 2, classes: int = 2) -> dict:
     """Random model inputs at `sizes` (token ids below `vocab_size`, unpadded masks), for timing runs;
     `specs` are the family's input specs (`fxconvert.families.input_specs`)."""
     return build_inputs(specs, input_names, batch=sizes.batch,
                         lengths={"encoder": sizes.encoder_length, "decoder": sizes.decoder_length},
-                        hidden=hidden, vocab=vocab_size, type_vocab=type_vocab, dtype=dtype,
+                        hidden=hidden, vocab=vocab_size, type_vocab=type_vocab, classes=classes, dtype=dtype,
                         generator=torch.Generator().manual_seed(seed))
 
 
@@ -496,7 +496,7 @@ def profile_units(conversion, per_unit, sizes: Sizes, *, repeats: int = 3) -> li
     vocab = shared[0].shape[0] if shared else config_sizes["vocab"]
     inputs = real_inputs(conversion.input_names, sizes, specs=family.inputs, vocab_size=vocab,
                          hidden=config_sizes["hidden"], type_vocab=config_sizes["type_vocab"],
-                         dtype=first_float.dtype if first_float is not None else torch.float32)
+                         classes=config_sizes["classes"], dtype=first_float.dtype if first_float is not None else torch.float32)
     return measure_stage_seconds(per_unit, inputs, repeats=repeats)
 
 

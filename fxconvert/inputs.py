@@ -16,7 +16,7 @@ SIZE_PROBES = ({"batch": 2, "encoder": 7, "decoder": 5}, {"batch": 3, "encoder":
 
 
 def build_inputs(specs, names, *, batch: int, lengths: dict, hidden: int | None = None, vocab: int = 2,
-                 type_vocab: int = 2, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
+                 type_vocab: int = 2, classes: int = 2, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
                  padded: bool = False, meta: bool = False) -> dict[str, torch.Tensor]:
     """Inputs `names` (each in `specs`) of `batch` rows, the sequence lengths in `lengths` ("encoder", "decoder").
 
@@ -25,7 +25,7 @@ def build_inputs(specs, names, *, batch: int, lengths: dict, hidden: int | None 
     out = {}
     for name in names:
         kind, seq = specs[name]
-        shape = (batch, lengths[seq])
+        shape = (batch,) if kind == "class" else (batch, lengths[seq])  # a class id per row, or per token
         if kind == "embeds":
             if hidden is None:
                 raise ValueError(f"the input {name!r} needs the model's hidden size")
@@ -41,7 +41,7 @@ def build_inputs(specs, names, *, batch: int, lengths: dict, hidden: int | None 
                 mask[0, max(1, shape[1] - 2):] = 0
             out[name] = mask
         else:
-            high = type_vocab if kind == "type_ids" else vocab
+            high = {"type_ids": type_vocab, "class": classes}.get(kind, vocab)
             ids = torch.randint(0, high, shape, generator=generator)
             if padded and name == "labels" and shape[1] > 1:
                 ids[-1, -1] = -100

@@ -179,6 +179,8 @@ def model_class_name(config: dict, where: str) -> str:
     if not architectures:
         return family.model_types[model_type][1]
     cls_name = architectures[0]
+    if cls_name not in family.classes and not family.derived_from:  # another class of a hand-written type
+        family = _derived_record(config) or family
     if cls_name not in family.classes:
         raise ModelResolutionError(
             f"{where} describes {cls_name}, which is not supported; fxconvert converts {', '.join(family.classes)}"

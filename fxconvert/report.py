@@ -555,7 +555,8 @@ def _dtype(node) -> str:
 def _input_shape(name: str, model_class: str) -> str:
     family = families.family_of_class(model_class)
     kind, seq = family.inputs[name]
-    dims = ["batch", family.sequence_lengths[seq]] + ([family.hidden_field] if kind == "embeds" else [])
+    dims = ["batch"] + ([] if kind == "class" else [family.sequence_lengths[seq]]) + (
+        [family.hidden_field] if kind == "embeds" else [])
     return f"({', '.join(dims)})"
 
 

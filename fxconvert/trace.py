@@ -190,8 +190,9 @@ def supported_class(model) -> type:
 
 
 def _derived_class(model) -> type | None:
-    """The transformers class of a model with no hand-written record, its record derived from its
-    declarations (`fxconvert.families.derived`) and registered; None for a model that is not one."""
+    """The transformers class of a model that no hand-written record lists, its record derived from its
+    declarations (`fxconvert.families.derived`, carrying over the rules of its type's hand-written record,
+    if any) and registered; None for a model that is not one."""
     if "transformers" not in sys.modules:
         return None
     from fxconvert.families import derived
@@ -199,9 +200,6 @@ def _derived_class(model) -> type | None:
     base = next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.")), None)
     if base is None or not derived.derivable(base):
         return None
-    written = families.family_of_model_type(getattr(getattr(model, "config", None), "model_type", None))
-    if written is not None and not written.derived_from:
-        return None  # a type with a hand-written record: its record says which classes it traces
     record = families.family_of_class(base.__name__)
     if record is None or record.derived_from and _DERIVED_FOR.get(model) is not record:
         _DERIVED_FOR[model] = derived.derive(base, model.config, model)  # its blocks are this model's

@@ -160,7 +160,7 @@ def test_hub_id_in_the_local_cache(tmp_path, monkeypatch, no_network):
     ("unknown", r"unknown model 'no-such-model'.*presets: t5-small"),
     ("bert", r"model_type 'vit'.*not supported.*T5ForConditionalGeneration.*any other transformers model "
              r"that takes input_ids"),
-    ("unsupported_class", r"T5ForSequenceClassification, which is not supported"),
+    ("unsupported_class", r"ViTModel, which is not supported"),
     ("malformed", r"malformed .*config.json: Expecting"),
     ("mismatch", r"do not match its config.json: .*DenseReluDense.wi.weight is \(48, 32\) in the weights "
                  r"but \(64, 32\) by the config"),
@@ -181,7 +181,7 @@ def test_errors_name_the_problem(setup, message, tmp_path, no_network):
         if setup == "bert":
             (ckpt / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
         elif setup == "unsupported_class":
-            edit_config(ckpt, architectures=["T5ForSequenceClassification"])
+            edit_config(ckpt, architectures=["ViTModel"])  # a class of no family that takes no input_ids
         elif setup == "malformed":
             (ckpt / "config.json").write_text('{"model_type": "t5" "d_model": 32}')
         elif setup == "missing_key":

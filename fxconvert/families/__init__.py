@@ -22,9 +22,10 @@ from fxconvert.objectives import SEQ2SEQ, Objective
 #   mask       1 for real tokens, 0 for padding
 #   type_ids   segment ids in [0, type_vocab_size)
 #   embeds     float vectors of the family's hidden size
+#   class      one class id per row in [0, num_labels) (a sequence classifier's labels): no sequence dimension
 # and which sequence it spans: "encoder" (the input sequence; the only one of a decoder-only
 # or encoder-only model) or "decoder" (the target sequence of an encoder-decoder model).
-KINDS = ("ids", "mask", "type_ids", "embeds")
+KINDS = ("ids", "mask", "type_ids", "embeds", "class")
 SEQUENCES = ("encoder", "decoder")
 # The inputs of an encoder-decoder model (T5, BART), in forward's order.
 ENCODER_DECODER_INPUTS = {
@@ -102,10 +103,12 @@ class Family:
 
     def input_sizes(self, config) -> dict:
         """The sizes inputs are built from (`fxconvert.inputs.build_inputs`' keywords): `hidden`, the
-        width of inputs_embeds (None when unknown); `vocab` and `type_vocab`, the bounds of token and
-        segment ids (2 when the config gives none)."""
+        width of inputs_embeds (None when unknown); `vocab`, `type_vocab` and `classes`, the bounds of token
+        ids, segment ids and class ids (2 when the config gives none; a config.json counts its id2label)."""
+        labels = _read(config, "id2label", None)
+        classes = _read(config, "num_labels", len(labels) if isinstance(labels, Mapping) and labels else 2)
         return {"hidden": _read(config, self.hidden_field, None), "vocab": _read(config, "vocab_size", 2),
-                "type_vocab": _read(config, "type_vocab_size", 2) or 2}
+                "type_vocab": _read(config, "type_vocab_size", 2) or 2, "classes": classes}
 
     def vocab(self, config) -> int | None:
         """The vocabulary size the config gives, or None."""

@@ -14,9 +14,16 @@ builds one from the class and its config:
 - sizes: the names under which the text config (`config.get_text_config()`) and its
   `attribute_map` give the hidden size, the vocabulary, the position table and the layer counts;
 - objective: from transformers' auto mappings (causal LM, seq2seq LM, masked LM; None for
-  any other head, which converts but does not train);
+  any other head, which converts but does not train); a sequence-classification head's
+  labels are one class id per row (kind "class");
 - tiny: a config of the type with its defaults shrunk (two layers, width 32, vocabulary 97),
   for the conformance tests and the census.
+
+A class of a type that has a hand-written record, but that the record does not list
+(`BartForCausalLM`, `BertLMHeadModel`, `*ForSequenceClassification`), gets a derived record
+that carries over the hand-written one's config rules and checks (`check_config`,
+`check_trace`, the size, rate and token-id fields, `tiny`): the type's constraints hold
+whatever head sits on it.
 
 A derived record is registered (`fxconvert.families.register_derived`) so that everything
 that asks for a class's record later in the process (stages, the report, pipeline.json)
@@ -27,7 +34,9 @@ tracing); this module imports transformers only inside its functions.
 import inspect
 import re
 
-from fxconvert.families import (ENCODER_DECODER_LENGTHS, ONE_SEQUENCE_LENGTHS, Family, block_regex,
+from dataclasses import replace
+
+from fxconvert.families import (ENCODER_DECODER_LENGTHS, ONE_SEQUENCE_LENGTHS, Family, block_regex, model_types,
                                 register_derived)
 from fxconvert.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
 
@@ -52,6 +61,13 @@ OBJECTIVES = (
     ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", SEQ2SEQ),
     ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", MASKED_LM),
 )
+# The hand-written record's fields a derived record of another class of its type carries over: what
+# the type's config must satisfy and what its graph cannot record, whatever head sits on it.
+CARRIED = ("config_fields", "check_config", "max_layers_fields", "layers_field_hints", "positive_int_fields",
+           "rate_fields", "token_id_fields", "max_length", "hidden_field", "check_trace", "tiny",
+           "ties_head_regardless")
+# The auto mapping whose classes take one class id per row as labels (kind "class").
+CLASSIFICATION = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
 # Config fields that count a stack's layers (capped at load like a hand-written record's).
 LAYER_FIELDS = ("num_hidden_layers", "encoder_layers", "decoder_layers", "num_decoder_layers", "num_layers")
 # A tiny model of any type: each field the type's config has (by name or through its
@@ -72,12 +88,15 @@ COMPUTED = ("layer_types",)
 
 def objective_of(cls_name: str):
     """The training objective of a transformers class, from the auto mappings (None for other heads)."""
+    return next((objective for mapping, objective in OBJECTIVES if _in_mapping(cls_name, mapping)), None)
+
+
+def _in_mapping(cls_name: str, mapping: str) -> bool:
+    """Whether transformers' auto mapping `mapping` (a name in `modeling_auto`) lists `cls_name`."""
     from transformers.models.auto import modeling_auto
 
-    for mapping, objective in OBJECTIVES:
-        if cls_name in getattr(modeling_auto, mapping, {}).values():
-            return objective
-    return None
+    return any(cls_name in (names if isinstance(names, tuple) else (names,))
+               for names in getattr(modeling_auto, mapping, {}).values())
 
 
 def default_class(model_type: str) -> str | None:
@@ -156,9 +175,13 @@ def derive(cls, config, model=None, *, blocks: bool = True) -> Family:
     import torch
 
     text = config.get_text_config()
-    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     params = _forward_parameters(cls)
-    inputs = {n: (KNOWN_INPUTS[n], _sequence(n, encoder_decoder)) for n in params if n in KNOWN_INPUTS}
+    # The class, not the config, says whether there is a decoder sequence: BartForCausalLM's config is
+    # an encoder-decoder's, its forward a decoder-only model's.
+    encoder_decoder = "decoder_input_ids" in params
+    classifies = _in_mapping(cls.__name__, CLASSIFICATION)
+    inputs = {n: ("class" if n == "labels" and classifies else KNOWN_INPUTS[n], _sequence(n, encoder_decoder))
+              for n in params if n in KNOWN_INPUTS}
     names = tuple(n for n in DEFAULT_INPUTS if n in inputs)
     if model is None and blocks:
         with torch.device("meta"):
@@ -187,8 +210,38 @@ def derive(cls, config, model=None, *, blocks: bool = True) -> Family:
         notes="blocks from _no_split_modules, inputs from forward, sizes from the config",
         derived_from=cls.__name__,
     )
+    written = model_types().get(model_type)  # a hand-written record of the type, which lists other classes
+    if written is not None:
+        family = replace(family, title=f"{written.title} (derived for {cls.__name__})",
+                         **{name: getattr(written, name) for name in CARRIED})
+    if classifies and _pools_last_token(cls):
+        family = replace(family, check_trace=_checks(family.check_trace, check_pad_token))
     register_derived(family)
     return family
+
+
+def check_pad_token(config, training: bool, dtype: str) -> str | None:
+    """A decoder-only classifier's `Family.check_trace`: without pad_token_id its forward decides on the batch size."""
+    if getattr(config.get_text_config(), "pad_token_id", None) is None:
+        return ("it classifies each row by its last token that is not pad_token_id, which the config does not set "
+                "(eager then accepts only a batch of one); set pad_token_id in the config")
+    return None
+
+
+def _pools_last_token(cls) -> bool:
+    """Whether a classifier's forward pools each row's last non-pad token (the decoder-only ones) rather
+    than a first token (BERT's [CLS]), as its source says."""
+    try:
+        return "pad_token_id" in inspect.getsource(inspect.unwrap(cls.forward))
+    except (OSError, TypeError):  # no source to read: assume it may, and let the check ask for pad_token_id
+        return True
+
+
+def _checks(*checks):
+    """One `Family.check_trace` that runs `checks` (None ones skipped) in order, the first reason winning."""
+    def check(config, training: bool, dtype: str) -> str | None:
+        return next((why for c in checks if c is not None and (why := c(config, training, dtype))), None)
+    return check
 
 
 def derive_for_config(config: dict) -> Family | None:
