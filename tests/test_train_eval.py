@@ -358,3 +358,13 @@ def test_eval_batches_hold_every_line_once():
     assert [list(b) for b in batches(7, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
     assert [list(b) for b in batches(2, 8)] == [[0, 1]]
     assert math.fsum(len(b) for b in batches(1000, 7)) == 1000
+
+
+@pytest.mark.parametrize("loss", [True, 10**400, "1.0"], ids=["bool", "huge-int", "string"])
+def test_a_hostile_eval_loss_in_meta_json_is_never_the_best(tmp_path, loss):
+    """fxconvert records an eval loss as a JSON float; anything else in a checkpoint's meta.json (a bool, an integer
+    too large for a float, a string) is not a loss, and choosing the best neither fails nor picks it."""
+    _checkpoint(tmp_path, 1, loss)
+    _checkpoint(tmp_path, 2, 2.0)
+    retention.keep(tmp_path, keep_last=1, save_best=True)
+    assert json.loads((tmp_path / "checkpoints" / "best.json").read_text())["step"] == 2

@@ -37,7 +37,7 @@ import torch
 
 import fxconvert
 from fxconvert import atomic_dir
-from fxconvert.errors import FxConvertError, UsageError, printable
+from fxconvert.errors import FxConvertError, UsageError, first_line, printable
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -75,6 +75,7 @@ RESUME_FIELDS = {
 # learning rate and its curve (from the resumed step on: `lr_schedule.build`), how long to train, when to save,
 # the clip, where the metrics also go, and evaluation. Options outside both tables (--timeout, --device,
 # --recompute, --compile, --no-export, --measure-memory, --verbose) change how a run goes, not what it computes.
+SHOWN = 240  # characters of a recorded option's value that `changed_options` prints
 RESUME_MAY_CHANGE = {
     "lr": "--lr",
     "lr_schedule": "--lr-schedule",
@@ -370,8 +371,8 @@ def read_meta(path) -> dict:
     path = Path(path)
     try:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path / META}: {e}; resume from another checkpoint") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, or an int too long
+        raise CheckpointError(f"cannot read {path / META}: {first_line(e)[:200]}; resume from another checkpoint") from e
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path / META} does not hold a JSON object; resume from another checkpoint")
     return meta
@@ -433,13 +434,19 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
 
 def changed_options(recorded: dict, current: dict) -> list[str]:
     """A line for each option of `RESUME_MAY_CHANGE` whose value in `current` (this run's options) differs from
-    `recorded` (the checkpoint's "args"); one that either lacks (a checkpoint of an older release) is not named."""
+    `recorded` (the checkpoint's "args"); one that either lacks (a checkpoint of an older release) is not named.
+    `recorded` comes from meta.json: what is not a dict names nothing, and a value is shown escaped and cut to
+    `SHOWN` characters, so each line stays one short line."""
     def shown(value) -> str:
         if value is None:
             return "unset"
         if isinstance(value, bool):
             return "on" if value else "off"
-        return f"{value:g}" if isinstance(value, float) else printable(str(value))
+        text = printable(f"{value:g}" if isinstance(value, float) else str(value)[:SHOWN + 1])
+        return text if len(text) <= SHOWN else f"{text[:SHOWN]}..."
+
+    if not isinstance(recorded, dict):
+        return []
 
     return [f"{option} changed from {shown(recorded[key])} to {shown(current[key])} since the checkpoint"
             for key, option in RESUME_MAY_CHANGE.items()

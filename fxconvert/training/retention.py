@@ -72,9 +72,14 @@ def after_save(run) -> None:
 def best_checkpoint(found: list, eval_id: str | None = None) -> tuple | None:
     """The (step, path, meta) of `found` with the lowest finite eval loss (the earliest of equal ones) among those
     evaluated as this run evaluates (`evaluate.identity`: a resume may change the eval file), or None."""
-    scored = [item for item in found if isinstance(item[2].get("eval_loss"), (int, float))
-              and math.isfinite(item[2]["eval_loss"]) and item[2].get("eval_id") == eval_id]
+    scored = [item for item in found if _is_loss(item[2].get("eval_loss")) and item[2].get("eval_id") == eval_id]
     return min(scored, key=lambda item: (item[2]["eval_loss"], item[0]), default=None)
+
+
+def _is_loss(value) -> bool:
+    """Whether a meta.json's `eval_loss` is one: a finite JSON float, as `run._meta` records it (a bool or an
+    integer is someone else's edit, and an integer past a float's range cannot even be compared as one)."""
+    return type(value) is float and math.isfinite(value)
 
 
 def keep(run_dir, *, keep_last: int | None, save_best: bool, said: set | None = None,
