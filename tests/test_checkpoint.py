@@ -13,6 +13,7 @@ import helpers
 from fxconvert import atomic_dir, convert, split_stages
 from fxconvert.atomic_dir import mark
 from fxconvert.training.checkpoint import (CheckpointDirError, CheckpointError, ResumeMismatchError, changed_options,
+                                  complete_checkpoints,
                                   check_meta, latest_checkpoint, load_checkpoint, read_meta, remove_stale,
                                   rng_state, save_checkpoint, set_rng_state)
 
@@ -560,3 +561,16 @@ def test_changed_options_lines_are_one_escaped_bounded_line_each():
     (data,) = [line for line in lines if line.startswith("--eval-data")]
     assert data.startswith("--eval-data changed from a\\x0afxconvert.train: error: fake\\x1b[2Jxxx")
     assert data.endswith(" to e.jsonl since the checkpoint")
+
+
+def test_a_step_recorded_as_a_bool_or_a_float_is_damaged(tmp_path):
+    """`true == 1` and `2.0 == 2` in Python: a meta.json whose "step" is no integer must not pass for step_1 or
+    step_2 (the run would say 'resuming from ... (step True of 4)' and count from a bool)."""
+    for step, recorded in ((1, True), (2, 2.0), (3, "3" * 100_000)):
+        save_single(tmp_path, step, toy_states())
+        meta_path = tmp_path / "checkpoints" / f"step_{step}" / "meta.json"
+        meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), step=recorded)))
+    warnings = []
+    assert latest_checkpoint(tmp_path, warn=warnings.append) is None
+    assert complete_checkpoints(tmp_path) == []
+    assert len(warnings) == 3 and all(len(w) < 400 for w in warnings), [w[:400] for w in warnings]

@@ -315,14 +315,19 @@ def latest_checkpoint(run_dir, *, warn: Callable[[str], None] | None = None) -> 
         except CheckpointError as e:
             why = str(e).split("; ")[0]
         else:
-            missing = _missing(path, meta) if meta.get("step") == step else None
-            if not missing and meta.get("step") == step:
+            missing = _missing(path, meta) if _records_step(meta, step) else None
+            if not missing and _records_step(meta, step):
                 return path
-            why = f"{path / META} records step {meta.get('step')!r}" if missing is None else \
+            why = f"{path / META} records step {repr(meta.get('step'))[:40]}" if missing is None else \
                 f"{path} lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}"
         if warn is not None:
             warn(f"checkpoint {path} is damaged ({why}); passing over it to an earlier one")
     return None
+
+
+def _records_step(meta: dict, step: int) -> bool:
+    """Whether meta.json records `step` as the integer it writes (`true == 1` and `2.0 == 2` in Python)."""
+    return type(meta.get("step")) is int and meta["step"] == step
 
 
 def complete_checkpoints(run_dir) -> list[tuple[int, Path, dict]]:
@@ -340,7 +345,7 @@ def complete_checkpoints(run_dir) -> list[tuple[int, Path, dict]]:
             meta = read_meta(path)
         except CheckpointError:
             continue
-        if meta.get("step") == int(match.group(1)) and not _missing(path, meta):
+        if _records_step(meta, int(match.group(1))) and not _missing(path, meta):
             found.append((meta["step"], path, meta))
     return sorted(found, key=lambda item: item[0])
 
