@@ -412,6 +412,16 @@ def test_check_meta_names_what_differs_and_the_fix(tmp_path):
     assert "virtual_stages" not in message and "optimizer" not in message
 
 
+def test_check_meta_quotes_a_huge_recorded_value_short():
+    """A meta.json's value is quoted in the refusal: a megabyte there stays a short line, control characters
+    escaped (repr)."""
+    with pytest.raises(ResumeMismatchError) as e:
+        check_meta({"model": "\x1b[2J" + "x" * 1_000_000, "dp": [1] * 100_000}, {"model": "conv", "dp": 1}, path="run")
+    message = str(e.value)
+    assert message.isprintable() and len(message) < 1200, message[:1200]
+    assert "model differs (checkpoint '\\x1b[2Jxxx" in message and "dp differs (checkpoint [1, 1," in message
+
+
 # -- the multi-rank protocol with real processes ---------------------------------------------------
 
 

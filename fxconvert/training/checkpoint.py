@@ -426,7 +426,11 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
     `current` holds this run's values of the `RESUME_FIELDS` it knows; each field both
     record and that differs is named, with the option that sets it.
     """
-    differ = [f"{key} differs (checkpoint {meta[key]!r}, this run {current[key]!r}; set by {option})"
+    def quoted(value) -> str:  # meta.json's: escaped, and cut to SHOWN characters
+        text = printable(repr(value)[:SHOWN + 1])
+        return text if len(text) <= SHOWN else f"{text[:SHOWN]}..."
+
+    differ = [f"{key} differs (checkpoint {quoted(meta[key])}, this run {quoted(current[key])}; set by {option})"
               if key != "data_sha256" else
               f"the content of --data {current.get('data', '')} differs from the file the checkpoint trained on "
               f"(sha256 {str(meta[key])[:16]}..., now {str(current[key])[:16]}...)"
