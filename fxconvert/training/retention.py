@@ -50,7 +50,7 @@ def _read_best(path: Path) -> dict | None:
     try:
         with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
             record = json.loads(f.read(1 << 16).decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than json decodes
         return None
     return record if isinstance(record, dict) and record.get("producer") == PRODUCER else None
 
@@ -107,7 +107,7 @@ def keep(run_dir, *, keep_last: int | None, save_best: bool, said: set | None = 
         _remove(path, step)
         removed.append(path)
     named = _read_best(checkpoints_dir(run_dir) / BEST)  # an earlier run's, naming a checkpoint just removed
-    if named is not None and named.get("checkpoint") in {path.name for path in removed}:
+    if named is not None and named.get("checkpoint") in [path.name for path in removed]:  # it may name by a list
         (checkpoints_dir(run_dir) / BEST).unlink()
     return removed
 
