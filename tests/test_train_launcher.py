@@ -260,3 +260,13 @@ def test_a_huge_nproc_per_node_is_refused_before_any_process_starts(tmp_path, mo
     assert capsys.readouterr().err == (f"{ERROR}--nproc-per-node must be at most {launcher.MAX_NPROC} (the ranks of "
                                        f"one machine; torchrun starts more over several machines), got {count}\n")
     assert started == [] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGRTMIN + 6])
+def test_a_rank_killed_by_any_signal_gets_one_line(capsys, number):
+    """A rank killed by a real-time signal (SIGRTMIN+1 .. SIGRTMAX-1 are no member of Python's signal.Signals) is
+    named like any other: one line, exit 1, not a ValueError traceback from the launcher."""
+    assert launcher._failed({0: -signal.SIGTERM, 1: -number}) == 1
+    name = signal.Signals(number).name if number == signal.SIGKILL else f"signal {number}"
+    assert capsys.readouterr().err == (f"{ERROR}rank 1 was killed by {name} (by hand, or out of memory); --resume "
+                                       f"continues from the last checkpoint\n")

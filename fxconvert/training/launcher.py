@@ -116,11 +116,19 @@ def _failed(exits: dict[int, int]) -> int:
     one line for each rank a signal other than the launcher's SIGTERM killed: nothing else can speak for it."""
     for rank, code in sorted(exits.items()):
         if code < 0 and -code != signal.SIGTERM:
-            tell(f"fxconvert.train: error: rank {rank} was killed by {signal.Signals(-code).name} (by hand, or out "
-                 f"of memory); --resume continues from the last checkpoint")
+            tell(f"fxconvert.train: error: rank {rank} was killed by {_signal_name(-code)} (by hand, or out of "
+                 f"memory); --resume continues from the last checkpoint")
     codes = set(exits.values())
     if 2 in codes:  # a rank refused its options or data (the others, stopped, exit 130)
         return 2
     if codes <= {EXIT_INTERRUPTED, -signal.SIGTERM}:  # interrupted, not by this launcher
         return EXIT_INTERRUPTED
     return 1
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL, ...; "signal 40" for a real-time signal between SIGRTMIN and SIGRTMAX, which `signal.Signals` lacks."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
