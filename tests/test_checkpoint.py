@@ -12,9 +12,10 @@ import torch
 import helpers
 from fxconvert import atomic_dir, convert, split_stages
 from fxconvert.atomic_dir import mark
-from fxconvert.training.checkpoint import (CheckpointDirError, CheckpointError, ResumeMismatchError, check_meta,
-                                  latest_checkpoint, load_checkpoint, remove_stale, rng_state, save_checkpoint,
-                                  set_rng_state)
+from fxconvert.training.checkpoint import (CheckpointDirError, CheckpointError, ResumeMismatchError, changed_options,
+                                  complete_checkpoints,
+                                  check_meta, latest_checkpoint, load_checkpoint, read_meta, remove_stale,
+                                  rng_state, save_checkpoint, set_rng_state)
 
 from checkpoint_ranks import META, run_ranks, toy_states
 
@@ -411,6 +412,16 @@ def test_check_meta_names_what_differs_and_the_fix(tmp_path):
     assert "virtual_stages" not in message and "optimizer" not in message
 
 
+def test_check_meta_quotes_a_huge_recorded_value_short():
+    """A meta.json's value is quoted in the refusal: a megabyte there stays a short line, control characters
+    escaped (repr)."""
+    with pytest.raises(ResumeMismatchError) as e:
+        check_meta({"model": "\x1b[2J" + "x" * 1_000_000, "dp": [1] * 100_000}, {"model": "conv", "dp": 1}, path="run")
+    message = str(e.value)
+    assert message.isprintable() and len(message) < 1200, message[:1200]
+    assert "model differs (checkpoint '\\x1b[2Jxxx" in message and "dp differs (checkpoint [1, 1," in message
+
+
 # -- the multi-rank protocol with real processes ---------------------------------------------------
 
 
@@ -520,3 +531,56 @@ def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     assert calls[-3:] == [".step_4.tmp.old", "step_4", "step_4"]  # aside, the failed swap, back
     assert torch.equal(states[0]["model"]["w"], torch.full((3,), 1.0))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4"]
+
+
+@pytest.mark.parametrize("meta", ['{"step": 7, "x": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000],
+                         ids=["integer-too-long", "nested-too-deeply"])
+def test_a_meta_json_that_json_cannot_hold_is_passed_over(tmp_path, meta):
+    """A meta.json whose integer has more digits than Python converts, or that nests deeper than its recursion
+    limit, is a damaged checkpoint: passed over with the warning, not a traceback."""
+    good = save_single(tmp_path, 3, toy_states())
+    damaged = tmp_path / "checkpoints" / "step_7"
+    damaged.mkdir()
+    (damaged / "COMPLETE").write_text("")
+    (damaged / "meta.json").write_text(meta)
+    warnings = []
+    assert latest_checkpoint(tmp_path, warn=warnings.append) == good
+    (warning,) = warnings
+    assert "step_7" in warning and "\n" not in warning
+    with pytest.raises(CheckpointError):
+        read_meta(damaged)
+
+
+@pytest.mark.parametrize("recorded", ["lr lr_schedule steps", ["lr", 0.1], None, 7])
+def test_changed_options_of_args_that_are_not_a_dict_names_nothing(recorded):
+    """A meta.json whose "args" someone replaced by a string (where `"lr" in args` is a substring test), a list
+    or a number records no option: nothing to name, and no TypeError."""
+    assert changed_options(recorded, {"lr": 0.1, "steps": 4}) == []
+
+
+def test_changed_options_lines_are_one_escaped_bounded_line_each():
+    """The checkpoint's values are printed: control characters escaped, and a huge value cut, so each option
+    is one short line whatever meta.json holds."""
+    recorded = {"eval_data": "a\nfxconvert.train: error: fake\x1b[2J" + "x" * 1_000_000, "lr": 0.1,
+                "tensorboard": {"nested": ["\r"] * 100_000}}
+    lines = changed_options(recorded, {"eval_data": "e.jsonl", "lr": 0.2, "tensorboard": "tb"})
+    assert len(lines) == 3
+    for line in lines:
+        assert line.isprintable() and len(line) < 400, line[:400]
+    assert "--lr changed from 0.1 to 0.2 since the checkpoint" in lines
+    (data,) = [line for line in lines if line.startswith("--eval-data")]
+    assert data.startswith("--eval-data changed from a\\x0afxconvert.train: error: fake\\x1b[2Jxxx")
+    assert data.endswith(" to e.jsonl since the checkpoint")
+
+
+def test_a_step_recorded_as_a_bool_or_a_float_is_damaged(tmp_path):
+    """`true == 1` and `2.0 == 2` in Python: a meta.json whose "step" is no integer must not pass for step_1 or
+    step_2 (the run would say 'resuming from ... (step True of 4)' and count from a bool)."""
+    for step, recorded in ((1, True), (2, 2.0), (3, "3" * 100_000)):
+        save_single(tmp_path, step, toy_states())
+        meta_path = tmp_path / "checkpoints" / f"step_{step}" / "meta.json"
+        meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), step=recorded)))
+    warnings = []
+    assert latest_checkpoint(tmp_path, warn=warnings.append) is None
+    assert complete_checkpoints(tmp_path) == []
+    assert len(warnings) == 3 and all(len(w) < 400 for w in warnings), [w[:400] for w in warnings]

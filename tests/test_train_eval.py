@@ -272,14 +272,15 @@ def test_a_removal_killed_midway_leaves_what_the_next_save_cleans_up(tmp_path, m
     assert sorted(p.name for p in cks.iterdir()) == ["step_2", "step_3"]
 
 
-@pytest.mark.parametrize("kind", ["file", "symlink", "directory"])
+@pytest.mark.parametrize("kind", ["file", "symlink", "directory", "nested", "fifo"])
 def test_a_best_json_fxconvert_did_not_write_is_refused(tmp_path, kind):
     cks = tmp_path / "checkpoints"
     cks.mkdir()
     target = tmp_path / "mine.json"
     target.write_text(json.dumps({"producer": "fxconvert.train"}))
     {"file": lambda p: p.write_text("{}"), "symlink": lambda p: p.symlink_to(target),
-     "directory": lambda p: p.mkdir()}[kind](cks / "best.json")
+     "directory": lambda p: p.mkdir(), "nested": lambda p: p.write_text("[" * 60_000),  # past json's recursion
+     "fifo": os.mkfifo}[kind](cks / "best.json")
     with pytest.raises(UsageError) as e:
         retention.check_best(tmp_path, shown="run")
     assert "was not written by fxconvert.train" in str(e.value) and "\n" not in str(e.value)
@@ -287,7 +288,23 @@ def test_a_best_json_fxconvert_did_not_write_is_refused(tmp_path, kind):
     retention.keep(tmp_path, keep_last=None, save_best=True)  # written meanwhile: still not replaced
     assert target.read_text() == json.dumps({"producer": "fxconvert.train"})
     best = cks / "best.json"
-    assert {"file": lambda: best.read_text() == "{}", "symlink": best.is_symlink, "directory": best.is_dir}[kind]()
+    assert {"file": lambda: best.read_text() == "{}", "symlink": best.is_symlink, "directory": best.is_dir,
+            "nested": lambda: best.read_text() == "[" * 60_000, "fifo": lambda: best.is_fifo()}[kind]()
+
+
+@pytest.mark.parametrize("named", [["step_1"], {"a": 1}, 7])
+def test_a_best_json_naming_no_checkpoint_name_is_left_by_keep_last(tmp_path, named):
+    """best.json says fxconvert.train wrote it but names its checkpoint by a list, an object or a number (not a
+    name, and a list is unhashable): --keep-last prunes without a TypeError and leaves it."""
+    cks = tmp_path / "checkpoints"
+    cks.mkdir()
+    record = json.dumps({"producer": "fxconvert.train", "checkpoint": named})
+    (cks / "best.json").write_text(record)
+    retention.check_best(tmp_path, shown="run")
+    for step in (1, 2):
+        _checkpoint(tmp_path, step)
+    assert [p.name for p in retention.keep(tmp_path, keep_last=1, save_best=False)] == ["step_1"]
+    assert (cks / "best.json").read_text() == record
 
 
 def test_the_best_is_chosen_among_checkpoints_evaluated_the_same_way(tmp_path):
@@ -358,3 +375,13 @@ def test_eval_batches_hold_every_line_once():
     assert [list(b) for b in batches(7, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
     assert [list(b) for b in batches(2, 8)] == [[0, 1]]
     assert math.fsum(len(b) for b in batches(1000, 7)) == 1000
+
+
+@pytest.mark.parametrize("loss", [True, 10**400, "1.0"], ids=["bool", "huge-int", "string"])
+def test_a_hostile_eval_loss_in_meta_json_is_never_the_best(tmp_path, loss):
+    """fxconvert records an eval loss as a JSON float; anything else in a checkpoint's meta.json (a bool, an integer
+    too large for a float, a string) is not a loss, and choosing the best neither fails nor picks it."""
+    _checkpoint(tmp_path, 1, loss)
+    _checkpoint(tmp_path, 2, 2.0)
+    retention.keep(tmp_path, keep_last=1, save_best=True)
+    assert json.loads((tmp_path / "checkpoints" / "best.json").read_text())["step"] == 2

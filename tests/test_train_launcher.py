@@ -28,6 +28,7 @@ import pytest
 
 import train_runs as tr
 from fxconvert.train import main
+from fxconvert.training import launcher
 from fxconvert.training.checkpoint import COMPLETE, latest_checkpoint
 
 STEPS, TIMEOUT = 8, 20
@@ -241,3 +242,31 @@ def test_a_killed_rank_is_named_by_every_other_rank(setup, tmp_path):
     _no_traceback_of_ours("nproc", err)
     assert proc.returncode == 1
     assert latest_checkpoint(out).name == "step_2" and not (out / "hf").exists()
+
+
+@pytest.mark.parametrize("count", [10**9, 1025])
+def test_a_huge_nproc_per_node_is_refused_before_any_process_starts(tmp_path, monkeypatch, capsys, count):
+    """A checkpoint that is converted as the ranks start has no stage count to check the launch against, and
+    gpipe takes fewer microbatches than stages: no other check stops --nproc-per-node 1000000000 from starting
+    (or trying to) a billion processes. Refused in one line, exit 2, and the launcher is never called."""
+    tr.write_checkpoint(tmp_path / "ckpt")
+    tr.write_jsonl(tmp_path / "train.jsonl")
+    started = []
+    monkeypatch.setattr(launcher, "_run", lambda *a: started.append(a) or 0)
+    argv = [tmp_path / "ckpt", "--data", tmp_path / "train.jsonl", "--out", tmp_path / "run", "--batch", 4,
+            "--microbatches", 1, "--schedule", "gpipe", "--nproc-per-node", count]
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    assert capsys.readouterr().err == (f"{ERROR}--nproc-per-node must be at most {launcher.MAX_NPROC} (the ranks of "
+                                       f"one machine; torchrun starts more over several machines), got {count}\n")
+    assert started == [] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGRTMIN + 6])
+def test_a_rank_killed_by_any_signal_gets_one_line(capsys, number):
+    """A rank killed by a real-time signal (SIGRTMIN+1 .. SIGRTMAX-1 are no member of Python's signal.Signals) is
+    named like any other: one line, exit 1, not a ValueError traceback from the launcher."""
+    assert launcher._failed({0: -signal.SIGTERM, 1: -number}) == 1
+    name = signal.Signals(number).name if number == signal.SIGKILL else f"signal {number}"
+    assert capsys.readouterr().err == (f"{ERROR}rank 1 was killed by {name} (by hand, or out of memory); --resume "
+                                       f"continues from the last checkpoint\n")

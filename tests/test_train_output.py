@@ -238,6 +238,8 @@ def _hostile(root, tmp_path):
             (out / "checkpoints" / "tb", "is inside checkpoints of --out"),
             (out / "hf", "is inside hf of --out"),
             (out / "metrics.jsonl", "is inside metrics.jsonl of --out"),
+            (out / ".hf.tmp", "is inside .hf.tmp of --out"),  # the export's temporary: it would stop the export
+            (out / ".hf.0123abcd.old" / "tb", "is inside .hf.0123abcd.old of --out"),
             (root / "ckpt" / "tb", "is inside SOURCE"),
             (tmp_path / "tb\n\x1b[31mFAKE", "tb\\x0a\\x1b[31mFAKE exists and is not a directory")]
 

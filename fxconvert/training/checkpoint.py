@@ -37,7 +37,7 @@ import torch
 
 import fxconvert
 from fxconvert import atomic_dir
-from fxconvert.errors import FxConvertError, UsageError, printable
+from fxconvert.errors import FxConvertError, UsageError, first_line, printable
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -75,6 +75,7 @@ RESUME_FIELDS = {
 # learning rate and its curve (from the resumed step on: `lr_schedule.build`), how long to train, when to save,
 # the clip, where the metrics also go, and evaluation. Options outside both tables (--timeout, --device,
 # --recompute, --compile, --no-export, --measure-memory, --verbose) change how a run goes, not what it computes.
+SHOWN = 240  # characters of a recorded option's value that `changed_options` prints
 RESUME_MAY_CHANGE = {
     "lr": "--lr",
     "lr_schedule": "--lr-schedule",
@@ -314,14 +315,19 @@ def latest_checkpoint(run_dir, *, warn: Callable[[str], None] | None = None) -> 
         except CheckpointError as e:
             why = str(e).split("; ")[0]
         else:
-            missing = _missing(path, meta) if meta.get("step") == step else None
-            if not missing and meta.get("step") == step:
+            missing = _missing(path, meta) if _records_step(meta, step) else None
+            if not missing and _records_step(meta, step):
                 return path
-            why = f"{path / META} records step {meta.get('step')!r}" if missing is None else \
+            why = f"{path / META} records step {repr(meta.get('step'))[:40]}" if missing is None else \
                 f"{path} lacks {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}"
         if warn is not None:
             warn(f"checkpoint {path} is damaged ({why}); passing over it to an earlier one")
     return None
+
+
+def _records_step(meta: dict, step: int) -> bool:
+    """Whether meta.json records `step` as the integer it writes (`true == 1` and `2.0 == 2` in Python)."""
+    return type(meta.get("step")) is int and meta["step"] == step
 
 
 def complete_checkpoints(run_dir) -> list[tuple[int, Path, dict]]:
@@ -339,7 +345,7 @@ def complete_checkpoints(run_dir) -> list[tuple[int, Path, dict]]:
             meta = read_meta(path)
         except CheckpointError:
             continue
-        if meta.get("step") == int(match.group(1)) and not _missing(path, meta):
+        if _records_step(meta, int(match.group(1))) and not _missing(path, meta):
             found.append((meta["step"], path, meta))
     return sorted(found, key=lambda item: item[0])
 
@@ -370,8 +376,8 @@ def read_meta(path) -> dict:
     path = Path(path)
     try:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path / META}: {e}; resume from another checkpoint") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, or an int too long
+        raise CheckpointError(f"cannot read {path / META}: {first_line(e)[:200]}; resume from another checkpoint") from e
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path / META} does not hold a JSON object; resume from another checkpoint")
     return meta
@@ -420,7 +426,11 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
     `current` holds this run's values of the `RESUME_FIELDS` it knows; each field both
     record and that differs is named, with the option that sets it.
     """
-    differ = [f"{key} differs (checkpoint {meta[key]!r}, this run {current[key]!r}; set by {option})"
+    def quoted(value) -> str:  # meta.json's: escaped, and cut to SHOWN characters
+        text = printable(repr(value)[:SHOWN + 1])
+        return text if len(text) <= SHOWN else f"{text[:SHOWN]}..."
+
+    differ = [f"{key} differs (checkpoint {quoted(meta[key])}, this run {quoted(current[key])}; set by {option})"
               if key != "data_sha256" else
               f"the content of --data {current.get('data', '')} differs from the file the checkpoint trained on "
               f"(sha256 {str(meta[key])[:16]}..., now {str(current[key])[:16]}...)"
@@ -433,13 +443,19 @@ def check_meta(meta: dict, current: dict, *, path) -> None:
 
 def changed_options(recorded: dict, current: dict) -> list[str]:
     """A line for each option of `RESUME_MAY_CHANGE` whose value in `current` (this run's options) differs from
-    `recorded` (the checkpoint's "args"); one that either lacks (a checkpoint of an older release) is not named."""
+    `recorded` (the checkpoint's "args"); one that either lacks (a checkpoint of an older release) is not named.
+    `recorded` comes from meta.json: what is not a dict names nothing, and a value is shown escaped and cut to
+    `SHOWN` characters, so each line stays one short line."""
     def shown(value) -> str:
         if value is None:
             return "unset"
         if isinstance(value, bool):
             return "on" if value else "off"
-        return f"{value:g}" if isinstance(value, float) else printable(str(value))
+        text = printable(f"{value:g}" if isinstance(value, float) else str(value)[:SHOWN + 1])
+        return text if len(text) <= SHOWN else f"{text[:SHOWN]}..."
+
+    if not isinstance(recorded, dict):
+        return []
 
     return [f"{option} changed from {shown(recorded[key])} to {shown(current[key])} since the checkpoint"
             for key, option in RESUME_MAY_CHANGE.items()

@@ -15,6 +15,7 @@ refused its options or data, 1 for any other failure, 130 when interrupted).
   environment says that the launcher started it (under torchrun, `--nproc-per-node` is refused).
 - OMP_NUM_THREADS=1 for each rank when it is unset, as torchrun does (one line says so): P ranks of
   one thread per core each would otherwise start P x cores threads.
+- At most `MAX_NPROC` ranks, refused before any starts (a mistyped count would start that many).
 - One machine only: several machines need a rendezvous every machine's launcher reaches, which is
   what torchrun's `--nnodes`/`--rdzv-endpoint` are for.
 """
@@ -33,6 +34,11 @@ from fxconvert.training.faults import EXIT_INTERRUPTED, tell
 
 LAUNCHED = "FXCONVERT_TRAIN_LAUNCHED"  # set for the ranks this launcher starts
 QUIET_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+# The most ranks `--nproc-per-node` starts. A checkpoint converted as the ranks start has no stage count to check
+# the launch against before they do (and gpipe takes fewer microbatches than stages), so a mistyped count would
+# start that many processes; a stage holds at least one layer, and fxconvert builds at most 1024 in a stack
+# (`fxconvert.load.MAX_LAYERS`, not imported here: a rank does not import the converter).
+MAX_NPROC = 1024
 
 
 def launched() -> bool:
@@ -67,6 +73,9 @@ def _check(cfg: TrainConfig) -> None:
                          "drop --nproc-per-node, or run without torchrun")
     if cfg.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be at least 1, got {cfg.nproc_per_node}")
+    if cfg.nproc_per_node > MAX_NPROC:
+        raise UsageError(f"--nproc-per-node must be at most {MAX_NPROC} (the ranks of one machine; torchrun starts "
+                         f"more over several machines), got {cfg.nproc_per_node}")
     check_options(replace(cfg, nproc_per_node=None), Launch(0, cfg.nproc_per_node, 0))
 
 
@@ -107,11 +116,19 @@ def _failed(exits: dict[int, int]) -> int:
     one line for each rank a signal other than the launcher's SIGTERM killed: nothing else can speak for it."""
     for rank, code in sorted(exits.items()):
         if code < 0 and -code != signal.SIGTERM:
-            tell(f"fxconvert.train: error: rank {rank} was killed by {signal.Signals(-code).name} (by hand, or out "
-                 f"of memory); --resume continues from the last checkpoint")
+            tell(f"fxconvert.train: error: rank {rank} was killed by {_signal_name(-code)} (by hand, or out of "
+                 f"memory); --resume continues from the last checkpoint")
     codes = set(exits.values())
     if 2 in codes:  # a rank refused its options or data (the others, stopped, exit 130)
         return 2
     if codes <= {EXIT_INTERRUPTED, -signal.SIGTERM}:  # interrupted, not by this launcher
         return EXIT_INTERRUPTED
     return 1
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL, ...; "signal 40" for a real-time signal between SIGRTMIN and SIGRTMAX, which `signal.Signals` lacks."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -50,7 +50,7 @@ def _read_best(path: Path) -> dict | None:
     try:
         with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
             record = json.loads(f.read(1 << 16).decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than json decodes
         return None
     return record if isinstance(record, dict) and record.get("producer") == PRODUCER else None
 
@@ -72,9 +72,14 @@ def after_save(run) -> None:
 def best_checkpoint(found: list, eval_id: str | None = None) -> tuple | None:
     """The (step, path, meta) of `found` with the lowest finite eval loss (the earliest of equal ones) among those
     evaluated as this run evaluates (`evaluate.identity`: a resume may change the eval file), or None."""
-    scored = [item for item in found if isinstance(item[2].get("eval_loss"), (int, float))
-              and math.isfinite(item[2]["eval_loss"]) and item[2].get("eval_id") == eval_id]
+    scored = [item for item in found if _is_loss(item[2].get("eval_loss")) and item[2].get("eval_id") == eval_id]
     return min(scored, key=lambda item: (item[2]["eval_loss"], item[0]), default=None)
+
+
+def _is_loss(value) -> bool:
+    """Whether a meta.json's `eval_loss` is one: a finite JSON float, as `run._meta` records it (a bool or an
+    integer is someone else's edit, and an integer past a float's range cannot even be compared as one)."""
+    return type(value) is float and math.isfinite(value)
 
 
 def keep(run_dir, *, keep_last: int | None, save_best: bool, said: set | None = None,
@@ -102,7 +107,7 @@ def keep(run_dir, *, keep_last: int | None, save_best: bool, said: set | None = 
         _remove(path, step)
         removed.append(path)
     named = _read_best(checkpoints_dir(run_dir) / BEST)  # an earlier run's, naming a checkpoint just removed
-    if named is not None and named.get("checkpoint") in {path.name for path in removed}:
+    if named is not None and named.get("checkpoint") in [path.name for path in removed]:  # it may name by a list
         (checkpoints_dir(run_dir) / BEST).unlink()
     return removed
 

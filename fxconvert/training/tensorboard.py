@@ -10,8 +10,8 @@ the ranks' values stay apart. "step", "rank" and "replica" name a record; they a
 `tensorboard` is an optional extra (`pip install 'fxconvert[tensorboard]'`): `check` imports
 it on every rank alike before any process group exists, and refuses DIR in one line when it
 cannot be a directory of event files (a file, a broken symlink, a parent that is a file, or
-a place fxconvert itself writes: RUN's checkpoints/, hf/, metrics.jsonl and marker files, or
-SOURCE). A symlink to a directory is followed: TensorBoard only adds files to DIR. A resumed
+a place fxconvert itself writes: RUN's checkpoints/, hf/, metrics.jsonl and marker files, the
+temporary names beside them (`.hf.tmp`, `.hf.<8 hex>.old`: `.NAME.` anything), or SOURCE). A symlink to a directory is followed: TensorBoard only adds files to DIR. A resumed
 run writes a new event file with `purge_step`, so TensorBoard hides the steps the stopped run
 logged after its checkpoint (nothing is deleted).
 """
@@ -48,9 +48,10 @@ def check(directory: str, *, run_dir: Path, own: tuple[str, ...], source: str) -
             break
     where = path.resolve()
     run = run_dir.expanduser().resolve()
-    if run in where.parents and where.relative_to(run).parts[0] in own:
-        raise UsageError(f"--tensorboard {shown} is inside {where.relative_to(run).parts[0]} of --out, which "
-                         f"fxconvert writes; choose a directory of its own (RUN/tb is fine)")
+    first = where.relative_to(run).parts[0] if run in where.parents else None
+    if first is not None and (first in own or first.startswith(tuple(f".{name}." for name in own))):
+        raise UsageError(f"--tensorboard {shown} is inside {printable(first)} of --out, which fxconvert writes; "
+                         f"choose a directory of its own (RUN/tb is fine)")
     source_path = Path(source).expanduser()
     if source_path.is_dir() and (where == source_path.resolve() or source_path.resolve() in where.parents):
         raise UsageError(f"--tensorboard {shown} is inside SOURCE {printable(source)}; choose a directory outside "
