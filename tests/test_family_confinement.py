@@ -83,5 +83,6 @@ def test_the_readers_give_the_sizes_transformers_builds_with(family):
         assert (sizes["hidden"], sizes["vocab"]) == (embedding.shape[1], embedding.shape[0])
         assert family.vocab(form) == embedding.shape[0]
         assert sizes["type_vocab"] == (3 if family.name == "bert" else 2)
-    assert family.input_sizes(None) == {"hidden": None, "vocab": 2, "type_vocab": 2}
+        assert sizes["classes"] == config.num_labels  # what a classification head is built with
+    assert family.input_sizes(None) == {"hidden": None, "vocab": 2, "type_vocab": 2, "classes": 2}
     assert family.vocab({}) is None
