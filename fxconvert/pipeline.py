@@ -11,7 +11,9 @@ what a pipeline runtime needs to fine-tune the model and hand back a transformer
   config, so the trained weights can be saved as a checkpoint again;
 - the tokenizer files found beside the source checkpoint, copied byte for byte: only regular
   files inside it (a symlink into the Hugging Face cache's blobs/ included); any other is
-  skipped with a warning (`tokenizer_sources`).
+  skipped with a warning (`tokenizer_sources`);
+- `family.json`, for a model whose family record was derived from transformers' declarations:
+  what a training rank needs of the record (`fxconvert.families.stored`).
 
 `pipeline_files(stages, conversion)` gives all of these as {name: text or bytes} for
 `fxconvert.save.save(extra_files=...)`; `pipeline_output` splits and adds the report's
@@ -32,6 +34,7 @@ from fxconvert import families, manifest
 from fxconvert.codegen import check_names, module_source
 from fxconvert.convert import ConvertedGraph
 from fxconvert.errors import UsageError, printable
+from fxconvert.families import stored
 from fxconvert.files import read_copyable, roots_of, why_not_copyable
 from fxconvert.inputs import SIZE_PROBES, build_inputs, meta_twins
 from fxconvert.report import stages_section
@@ -369,6 +372,9 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
             raise PipelineError(f"cannot copy the tokenizer file {printable(path)}: "
                                 f"{e.strerror if isinstance(e, OSError) else e}; convert again") from e
     files[PIPELINE_FILE] = manifest_text(build_manifest(stages, conversion))
+    family = families.family_of_class(conversion.model_class)
+    if family is not None and family.derived_from:  # a rank cannot derive it again (`fxconvert.families.stored`)
+        files[stored.FILE] = stored.family_text(family)
     return files
 
 

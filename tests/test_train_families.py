@@ -1,4 +1,6 @@
-"""`torchrun -m fxconvert.train` on GPT-2 (a causal LM), BART (seq2seq) and BERT (a masked LM) against eager transformers.
+"""`torchrun -m fxconvert.train` on GPT-2 (a causal LM), BART (seq2seq) and BERT (a masked LM) against eager transformers,
+and on OPT, a causal LM whose record is derived from transformers' declarations: its conversion
+carries the record to the ranks in family.json (`fxconvert.families.stored`).
 
 The same contract as tests/test_train_eager.py for T5, with each family's batching written
 here from the contract, not from fxconvert's code:
@@ -28,6 +30,7 @@ import torch
 import transformers
 
 import train_runs as tr
+from fxconvert.families import derived
 
 pytestmark = pytest.mark.xdist_group("ranks")  # torchrun runs: one at a time (tests/conftest.py)
 
@@ -52,6 +55,9 @@ CONFIGS = {
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0),
      "masked"),
+    # no hand-written record: the ranks rebuild the derived one from the conversion's family.json
+    "opt": (transformers.OPTForCausalLM, lambda: derived.tiny_config("opt", dropout=0.0, attention_dropout=0.0,
+                                                                     layerdrop=0.0), "causal"),
 }
 
 
@@ -127,6 +133,7 @@ def test_pipeline_training_equals_eager_transformers(tmp_path, family):
                            str(conv), "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((conv / "pipeline.json").read_text())
+    assert (conv / "family.json").is_file() == (family == "opt")  # only a derived record travels
     if model.config.tie_word_embeddings:
         assert sorted(manifest["shared_weights"]["shared_embed_weight"]["stages"]) == [0, 1]  # held by both stages
     else:

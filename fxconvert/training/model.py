@@ -14,6 +14,8 @@ import torch
 
 from fxconvert import families, manifest
 from fxconvert.errors import RandomWeightsRefused, UsageError, printable
+from fxconvert.families import stored
+from fxconvert.objectives import CAUSAL_LM
 from fxconvert.stage_files import load_pipeline
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.recompute import chosen_blocks, describe, recompute_blocks
@@ -87,7 +89,7 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device, recomput
     if pipeline.output_name != "loss":
         raise UsageError(f"{path} returns {pipeline.output_name!r}, not the loss; reconvert without --output "
                          f"(training needs the model's loss, from labels)")
-    _check_record(pipeline.model_class, pipeline.model_type)
+    _derived_record(path, pipeline.model_class, pipeline.model_type)
     _check_inputs(path, pipeline.model_class, {n for s in pipeline.stages for n in s.inputs})
     blocks = [s.blocks for s in pipeline.stages]
     plan = pipeline.manifest.plan
@@ -104,15 +106,31 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device, recomput
 
 
 def _check_record(model_class: str, model_type) -> None:
-    """Refuse a conversion whose family record was derived from transformers' declarations
-    (`fxconvert.families.derived`): a rank has no transformers to derive it again from."""
+    """Refuse converting a model here whose family record is derived from transformers' declarations
+    (`fxconvert.families.derived`): its stage files carry the record (`_derived_record`), this path not yet."""
     family = families.family_of_class(model_class)
     if model_type is None or (family is not None and not family.derived_from):
         return  # no transformers model (a plain module), or one with a hand-written record
     trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
     raise UsageError(f"training a {printable(model_type)} model needs a hand-written family record, which "
                      f"{printable(model_class)} has not (it converts with one derived from transformers' "
-                     f"declarations); fxconvert.train trains {trained} models")
+                     f"declarations); convert it with --stages N and train the conversion if it is a causal LM, "
+                     f"or train {trained} models")
+
+
+def _derived_record(path: Path, model_class: str, model_type) -> None:
+    """Rebuild and register the record of stages converted with a derived one, from the conversion's family.json
+    (`fxconvert.families.stored`): a rank has no transformers to derive it again. Causal LMs only, so far."""
+    family = families.family_of_class(model_class)
+    if model_type is None or (family is not None and not family.derived_from):
+        return  # no transformers model (a plain module), or one with a hand-written record
+    family = stored.read_family(path, model_class, model_type)
+    if family.objective != CAUSAL_LM:
+        trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
+        raise UsageError(f"training a {printable(model_type)} model that is no causal LM needs a hand-written family "
+                         f"record, which {printable(model_class)} has not; fxconvert.train trains the causal LMs of "
+                         f"derived records (a *ForCausalLM class) and {trained} models")
+    families.register_derived(family)
 
 
 def _check_inputs(where, model_class: str, inputs: set) -> None:

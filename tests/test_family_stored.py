@@ -1,0 +1,125 @@
+"""family.json (`fxconvert.families.stored`): a derived record written by the conversion, rebuilt on a rank.
+
+The rank reads a file a user may have edited: every malformed field is one line naming it,
+and a record that is no causal LM is refused in one line naming what trains.
+"""
+
+import json
+import os
+
+import pytest
+import transformers
+
+from fxconvert import families
+from fxconvert.errors import UsageError
+from fxconvert.families import derived, stored
+from fxconvert.objectives import CAUSAL_LM
+from fxconvert.training import model as rank_model
+
+CLASS = "OPTForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def record():
+    return derived.derive(transformers.OPTForCausalLM, derived.tiny_config("opt"), blocks=False)
+
+
+@pytest.fixture(autouse=True)
+def own_registry(monkeypatch):
+    """What a test registers stays in the test."""
+    monkeypatch.setattr(families, "_DERIVED", dict(families._DERIVED))
+
+
+def write(tmp_path, data) -> None:
+    (tmp_path / stored.FILE).write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def test_a_rank_rebuilds_what_it_reads_of_the_record(tmp_path, record):
+    write(tmp_path, stored.family_text(record))
+    rebuilt = stored.read_family(tmp_path, CLASS, "opt")
+    for field in ("classes", "train_inputs", "objective", "max_length", "hidden_field", "positive_int_fields",
+                  "max_layers_fields", "derived_from"):
+        assert getattr(rebuilt, field) == getattr(record, field), field
+    assert dict(rebuilt.inputs) == dict(record.inputs) and dict(rebuilt.sequence_lengths) == dict(
+        record.sequence_lengths)
+    assert rebuilt.objective == CAUSAL_LM
+
+
+def test_the_rank_registers_the_rebuilt_record_by_class_name(tmp_path, record, monkeypatch):
+    monkeypatch.setattr(families, "_DERIVED", {})  # a rank: nothing converted in this process
+    write(tmp_path, stored.family_text(record))
+    rank_model._derived_record(tmp_path, CLASS, "opt")
+    assert families.family_of_class(CLASS).train_inputs == record.train_inputs
+
+
+HOSTILE = {
+    "not an object": ([], "does not hold a JSON object"),
+    "a field missing": ({"drop": "objective"}, "has no objective"),
+    "an unknown field": ({"set": {"run": "x"}}, "unknown fields (run)"),
+    "an unknown objective": ({"set": {"objective": "telepathy"}}, "objective must be one of seq2seq, causal, masked"),
+    "an objective of another type": ({"set": {"objective": 1}}, "objective must be one of"),
+    "inputs as a list": ({"set": {"inputs": ["input_ids"]}}, "inputs must be an object of 1 to 64 input names"),
+    "no inputs": ({"set": {"inputs": {}}}, "inputs must be an object of 1 to 64 input names"),
+    "too many inputs": ({"set": {"inputs": {f"x{i}": ["ids", "encoder"] for i in range(65)}}}, "inputs must be"),
+    "an unknown kind": ({"set": {"inputs": {"input_ids": ["pixels", "encoder"]}}}, "inputs must be [kind, sequence]"),
+    "an input name with a newline": ({"set": {"inputs": {"input\nids": ["ids", "encoder"]}}}, "inputs must be"),
+    "train inputs not among inputs": ({"set": {"train_inputs": ["pixel_values"]}},
+                                      "train_inputs must be a list of names among inputs"),
+    "train inputs as a string": ({"set": {"train_inputs": "input_ids"}}, "train_inputs must be a list of at most"),
+    "a long name": ({"set": {"max_length": "m" * 101}}, "max_length must be a config field name or \"\""),
+    "a number for a field name": ({"set": {"max_length": 10**30}}, "max_length must be a config field name"),
+    "null for a field name": ({"set": {"hidden_field": None}}, "hidden_field must be a config field name"),
+    "size fields as a string": ({"set": {"positive_int_fields": "vocab_size"}}, "positive_int_fields must be"),
+    "an unnamed sequence": ({"set": {"sequence_lengths": {}}}, "sequence_lengths must be an object naming"),
+    "another class": ({"set": {"model_class": "GPT2LMHeadModel"}},
+                      "is the record of GPT2LMHeadModel, but the stages are a OPTForCausalLM"),
+    "a class name with a control character": ({"set": {"model_class": "OPT\x1b[2J"}},
+                                              "model_class must be a class name"),
+    "malformed JSON": ('{"model_class": ', "malformed JSON"),
+    "deep nesting": ("[" * 50000, "malformed JSON"),
+    "not UTF-8": ("\udcff", "malformed JSON"),
+    "a huge file": (" " * (stored.MAX_BYTES + 1), f"is larger than {stored.MAX_BYTES} bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_family_json_is_one_line_naming_the_field(tmp_path, record, case):
+    change, expected = HOSTILE[case]
+    if isinstance(change, dict):
+        data = stored.family_data(record)
+        data.pop(change.get("drop"), None)
+        data.update(change.get("set", {}))
+        change = data
+    if isinstance(change, str) and "\udcff" in change:
+        (tmp_path / stored.FILE).write_bytes(b'{"model_class": "\xff"}')
+    else:
+        write(tmp_path, change)
+    before = families._DERIVED.get(CLASS)
+    with pytest.raises(UsageError) as e:
+        rank_model._derived_record(tmp_path, CLASS, "opt")
+    message = str(e.value)
+    assert "\n" not in message and "\x1b" not in message and len(message) < 400, message
+    assert expected in message and message.endswith("; convert again with --stages N"), message
+    assert families._DERIVED.get(CLASS) is before  # nothing registered from it
+
+
+def test_a_missing_or_irregular_family_json_is_one_line(tmp_path):
+    with pytest.raises(UsageError) as e:
+        rank_model._derived_record(tmp_path, CLASS, "opt")
+    assert str(e.value) == (f"{tmp_path}{os.sep} has no family.json (the record {CLASS} was converted with, derived "
+                            f"from transformers' declarations); convert again with --stages N")
+    os.mkfifo(tmp_path / stored.FILE)  # would block the rank that opened it
+    with pytest.raises(UsageError) as e:
+        rank_model._derived_record(tmp_path, CLASS, "opt")
+    assert str(e.value) == f"{tmp_path / stored.FILE} is not a regular file; convert again with --stages N"
+
+
+@pytest.mark.parametrize("objective", ["masked", "seq2seq", None])
+def test_a_derived_record_that_is_no_causal_lm_is_refused_in_one_line(tmp_path, record, objective):
+    write(tmp_path, {**stored.family_data(record), "objective": objective})
+    with pytest.raises(UsageError) as e:
+        rank_model._derived_record(tmp_path, CLASS, "opt")
+    trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
+    assert str(e.value) == (f"training a opt model that is no causal LM needs a hand-written family record, which "
+                            f"{CLASS} has not; fxconvert.train trains the causal LMs of derived records (a "
+                            f"*ForCausalLM class) and {trained} models")
