@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "at least 4, at least the stages)")
     p.add_argument("--schedule", choices=("1f1b", "gpipe"), help="pipeline schedule the plan is for (default: "
                                                                  "1f1b)")
+    p.add_argument("--no-leaves", dest="leaves", action="store_false",
+                   help="refuse data-dependent code instead of running its module as a leaf")
     p.add_argument("--diff", action="store_true", help="add a unified diff of the code before and after the "
                                                        "passes")
     verbosity = p.add_mutually_exclusive_group()
@@ -280,7 +282,7 @@ def run(args) -> int:
     options = workflow.Options(
         offline=args.offline, meta=args.meta, attn=args.attn, seed=args.seed, dtype=args.dtype, allow_random=True,
         transformers_logs=args.verbose, random_weights_warning=False,  # the progress shows the model's notes
-        input_names=input_names, output=args.output,
+        input_names=input_names, output=args.output, leaves=args.leaves,
         validate=args.validate, atol=args.atol, rtol=args.rtol,
         validation_skipped_by=None if args.validate else "--no-validate",
         stages=args.stages, balance=args.balance, batch=args.batch, encoder_length=lengths[0],

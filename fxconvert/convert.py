@@ -12,6 +12,9 @@ writers and the report):
 - `passes`: one `PassRecord` per pass, plain data for the report.
 - `model` and `source`: the traced model (it shares its parameters with `module`) and,
   when it was loaded by name, where it came from (`fxconvert.load`).
+- `leaves`: the modules that run their eager code as one `call_module` node (path -> the
+  source line that forced it; `fxconvert.trace`). Writing such a graph is refused
+  (`refuse_leaves`): its code would need transformers at run time.
 
 The public `fxconvert.convert(model)` and `Conversion.save(dir)` live a layer up, in
 `fxconvert.workflow`, which runs load -> trace -> passes -> validate -> split -> save.
@@ -25,6 +28,7 @@ import torch
 import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
+from fxconvert.errors import FxConvertError
 from fxconvert.analysis import count_kinds, find_shared_parameters, output_names, placeholder_names
 from fxconvert.graph_info import graph_info
 from fxconvert.passes import default_passes
@@ -68,6 +72,7 @@ class ConvertedGraph:
     model: torch.nn.Module | None = None
     source: "ModelSource | None" = None
     dropped_inputs: list[str] = field(default_factory=list)  # traced inputs the kept output does not read
+    leaves: dict[str, str] = field(default_factory=dict)  # module path -> the source line that made it a leaf
 
     @property
     def code(self) -> str:
@@ -163,4 +168,14 @@ def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str |
         model=model,
         source=source,
         dropped_inputs=list(recorded.dropped_inputs),
+        leaves=dict(traced.leaves),
     )
+
+
+def refuse_leaves(conversion: ConvertedGraph, doing: str) -> None:
+    """Refuse to write or split a conversion with leaves: its code would call transformers' modules."""
+    if conversion.leaves:
+        paths = ", ".join(conversion.leaves)
+        raise FxConvertError(f"{conversion.model_class} has leaves (module paths {paths}); {doing} it needs "
+                             f"transformers at run time, not supported yet; pass --no-leaves (leaves=False) to "
+                             f"see the refusal, or use fxconvert.convert in Python")

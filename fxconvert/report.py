@@ -113,6 +113,7 @@ def model_section(conversion) -> Section:
         "dtype": ", ".join(dtypes),
         "attention": getattr(config, "_attn_implementation", None),
         "config": summary,
+        "leaves": [{"module": path, "source": where} for path, where in getattr(conversion, "leaves", {}).items()],
     }
     fields = {
         "class": conversion.model_class,
@@ -126,6 +127,8 @@ def model_section(conversion) -> Section:
         "attention": str(data["attention"]),
         "config": ", ".join(f"{k} {v}" for k, v in summary.items()),
     }
+    if data["leaves"]:  # modules run as eager code (`fxconvert.trace`)
+        fields["leaves"] = "; ".join(f"{leaf['module']} ({leaf['source']})" for leaf in data["leaves"])
     return Section("model", "Model", data, fields)
 
 

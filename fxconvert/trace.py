@@ -17,13 +17,22 @@ tracer handles each of those without touching transformers' source:
   a traceable equivalent, and `isinstance` by one that answers for a traced value from the
   tensor it stands for (so T5's fp32 `wo` guard works in fp16 models). Modules built on
   the fly (a loss) are traced through.
-- Anything else that cannot be traced raises `TraceError` naming the module path and the
-  source line.
+- A submodule whose Python decides on traced values (an expert loop over `nonzero`, a table
+  grown when a length exceeds it) becomes one `call_module` leaf that runs its eager code,
+  as HFTracer did: its partial trace is rolled back and the call recorded instead, the
+  smallest enclosing submodule first. Its output metadata comes from running it on meta
+  tensors, or, where an op has no meta kernel for data-dependent sizes, on zeros of the
+  same shapes (its weights expanded from one zero, so no memory; real zeros, one leaf's
+  weights, for an op that wants them dense, such as grouped_mm). `TraceResult.leaves` names
+  each leaf's path and the source line that forced it. A leaf may not hold a shared weight.
+- Anything else that cannot be traced (or anything at all, with `leaves=False`) raises
+  `TraceError` naming the module path and the source line.
 """
 
 import collections
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import operator
@@ -55,20 +64,21 @@ _SKIP_FILES = (_HERE + os.sep, _TORCH_DIR + os.sep, contextlib.__file__, functoo
 _SKIP_CODE: dict = {}  # code object -> whether its frames are tracer plumbing
 
 
-def trace(model: torch.nn.Module, input_names=None) -> torch.fx.GraphModule:
+def trace(model: torch.nn.Module, input_names=None, *, leaves: bool = True) -> torch.fx.GraphModule:
     """Trace a model of a supported family into a GraphModule whose forward takes exactly `input_names`.
 
     The GraphModule returns a dict of the model's non-None output tensors keyed by their
     ModelOutput field names (e.g. `loss`, `logits`, `encoder_last_hidden_state`). It
     works at any batch size and sequence lengths, and for models on the meta device.
     """
-    return trace_with_stats(model, input_names).graph_module
+    return trace_with_stats(model, input_names, leaves=leaves).graph_module
 
 
 @dataclass
 class TraceResult:
     graph_module: torch.fx.GraphModule
     seconds: float
+    leaves: dict[str, str] = dataclasses.field(default_factory=dict)  # leaf module path -> the source line
 
 
 @functools.cache
@@ -98,7 +108,7 @@ def require_transformers() -> None:
                                      f"'transformers{req.specifier}'")
 
 
-def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
+def trace_with_stats(model: torch.nn.Module, input_names=None, *, leaves: bool = True) -> TraceResult:
     start = time.perf_counter()
     require_transformers()
     cls_name = supported_class(model).__name__
@@ -112,7 +122,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     input_names = input_name_list(input_names) if input_names is not None else default_input_names(model)
     _check_input_names(model, input_names)
 
-    tracer = TransformersTracer(input_names)
+    tracer = TransformersTracer(input_names, leaves=leaves)
     with gc_paused(), _leaf_replacements(model, tracer):
         try:
             graph = tracer.trace(model)
@@ -129,7 +139,7 @@ def trace_with_stats(model: torch.nn.Module, input_names=None) -> TraceResult:
     rates = {path: rate for path, m in model.named_modules() if (rate := attention_dropout_rate(m)) is not None}
     set_graph_info(gm, GraphInfo(model_class=cls_name, input_names=tuple(input_names),
                                  traced_training=model.training, dropout_rates=rates))
-    return TraceResult(gm, time.perf_counter() - start)
+    return TraceResult(gm, time.perf_counter() - start, dict(tracer.leaves))
 
 
 def attention_dropout_rate(module) -> float | None:
@@ -303,6 +313,20 @@ class _TracedValue:
         return _TracedAttribute(self, name)
 
 
+def _in_place(method: str):
+    """`t op= x` on a traced tensor: the in-place method, as on the tensor itself (Switch Transformers'
+    router scales its caller's hidden states by `hidden_states *= noise`); a traced size rebinds instead."""
+    def augmented(self, other):
+        if not isinstance(self._meta(), torch.Tensor):
+            return NotImplemented
+        return self.tracer.create_proxy("call_method", method, (self, other), {})
+    return augmented
+
+
+for _op, _method in (("iadd", "add_"), ("isub", "sub_"), ("imul", "mul_"), ("itruediv", "div_")):
+    setattr(_TracedValue, f"__{_op}__", _in_place(_method))
+
+
 class _TracedProxy(_TracedValue, Proxy):
     pass
 
@@ -319,8 +343,13 @@ class TransformersTracer(torch.fx.Tracer):
     # a traced length stays in the graph; the graph module registers it as a persistent buffer.
     proxy_buffer_attributes = True
 
-    def __init__(self, input_names):
+    def __init__(self, input_names, leaves: bool = True):
         super().__init__()
+        self.allow_leaves = leaves
+        self.leaves: dict[str, str] = {}  # module path -> the source line that made it a leaf
+        self._attr_proxies = None  # fx's parameter proxy cache, pruned when a partial trace is rolled back
+        self._shared_ids: set = set()
+        self._restore_names = contextlib.nullcontext  # set by _leaf_replacements
         self.input_names = list(input_names)
         self._meta_params: dict[str, torch.Tensor] = {}
         self._meta_modules: dict[str, torch.nn.Module] = {}
@@ -337,6 +366,9 @@ class TransformersTracer(torch.fx.Tracer):
         self._modules = dict(model.named_modules(remove_duplicate=False))
         tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         self._attributes = dict(tensors)
+        seen = set()
+        for _, value in model.named_parameters(remove_duplicate=False):
+            (self._shared_ids if id(value) in seen else seen).add(id(value))
         # First registered name of each parameter/buffer, as fx's own lookup finds it, but O(1).
         self._attribute_names = {}
         for name, value in tensors:
@@ -448,8 +480,14 @@ class TransformersTracer(torch.fx.Tracer):
         if key is None:
             module = self._modules[target]
             tensors = (*module._parameters.values(), *module._buffers.values())
-            key = self._module_keys[target] = (type(module), module.extra_repr(),
-                                               tuple(_meta_key(t) for t in tensors))
+            if target in self.leaves:  # its eager code: every tensor below it, and its settings (`is_decoder`)
+                tensors = (*module.parameters(), *module.buffers())
+                settings = tuple((k, v) for m in module.modules() for k, v in vars(m).items()
+                                 if type(v) in _SCALARS and not k.startswith("_"))
+                key = (type(module), module.extra_repr(), settings, tuple(_meta_key(t) for t in tensors))
+            else:
+                key = (type(module), module.extra_repr(), tuple(_meta_key(t) for t in tensors))
+            self._module_keys[target] = key
         return key
 
     def _run_meta(self, node, args, kwargs):
@@ -457,6 +495,8 @@ class TransformersTracer(torch.fx.Tracer):
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module" and node.target in self.leaves:
+            return self._run_leaf(node.target, args, kwargs)
         if node.op == "call_module":
             twin = self._meta_modules.get(node.target)
             if twin is None:
@@ -466,6 +506,7 @@ class TransformersTracer(torch.fx.Tracer):
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """A parameter (or buffer) read inside a traced forward becomes one shared get_attr node."""
+        self._attr_proxies = parameter_proxy_cache
         if isinstance(attr_val, torch.nn.Parameter) or (
             self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)
         ):
@@ -508,7 +549,9 @@ class TransformersTracer(torch.fx.Tracer):
     def untraceable(self, why: str) -> TraceError:
         where = _user_source()
         path = self._path_stack[-1] if self._path_stack else "<root>"
-        return TraceError(f"cannot trace module '{path}' at {where}: {why}")
+        error = TraceError(f"cannot trace module '{path}' at {where}: {why}")
+        error._fxconvert_leaf_where = where  # a leaf can run it
+        return error
 
     # -- modules ---------------------------------------------------------------------------
     def call_module(self, m, forward, args, kwargs):
@@ -516,20 +559,99 @@ class TransformersTracer(torch.fx.Tracer):
         if path is None:  # built on the fly inside a forward (e.g. CrossEntropyLoss): trace through it
             return forward(*args, **kwargs)
         self._path_stack.append(path)
+        mark, stack, calls = self.graph._root.prev, copy.copy(self.module_stack), dict(self.num_calls)
         try:
             return super().call_module(m, forward, args, kwargs)
-        except TraceError:
-            raise
+        except TraceError as e:
+            if not hasattr(e, "_fxconvert_leaf_where"):
+                raise
+            return self._as_leaf(e, e._fxconvert_leaf_where, m, path, forward, args, kwargs, (mark, stack, calls))
         except Exception as e:
             if not hasattr(e, "_fxconvert_where"):
                 e._fxconvert_where = (path, _user_source(e.__traceback__))
-            raise
+            return self._as_leaf(e, e._fxconvert_where[1], m, path, forward, args, kwargs, (mark, stack, calls))
         finally:
             self._path_stack.pop()
+
+    # -- leaves ----------------------------------------------------------------------------
+    def is_leaf_module(self, m, module_qualified_name):
+        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+    def _as_leaf(self, error, where, m, path, forward, args, kwargs, state):
+        """Record the call of module `path` as one leaf in place of its failed partial trace, or re-raise
+        `error` (for the enclosing module to try) where it cannot be one."""
+        if not self.allow_leaves or path in self.leaves:
+            raise error
+        self._roll_back(*state)
+        self.leaves[path] = where
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            del self.leaves[path]
+            self._roll_back(*state)
+            raise error from None
+        shared = next((name for name, p in m.named_parameters(remove_duplicate=False)
+                       if id(p) in self._shared_ids), None)
+        if shared is not None:  # checked once it runs as a leaf: an error it raises anyway is the one to show
+            raise TraceError(f"cannot trace module '{path}': it must run as a leaf ({where} decides on traced "
+                             f"values), but it holds the shared weight '{path}.{shared}', which a leaf cannot "
+                             f"share; untie it, or convert with leaves=False (--no-leaves) to see the refusal"
+                             ) from error
+        return out
+
+    def _roll_back(self, mark, stack, calls):
+        """Erase the nodes recorded after `mark` and restore the module stack as it was there."""
+        erased = set()
+        while self.graph._root.prev is not mark:
+            node = self.graph._root.prev  # only nodes recorded later use it, and they go first
+            erased.add(node)
+            self.graph.erase_node(node)
+        if self._attr_proxies:
+            for name in [k for k, v in self._attr_proxies.items() if v.node in erased]:
+                del self._attr_proxies[name]
+        self.module_stack.clear()
+        self.module_stack.update(stack)
+        self.num_calls.clear()
+        self.num_calls.update(calls)
+        self._stack_snapshot = None
+
+    def _run_leaf(self, path, args, kwargs):
+        """A leaf's output metadata: its eager code on meta tensors, or on zeros of the same shapes where an
+        op cannot size its output on meta tensors (`nonzero`), outside the trace's patches."""
+        module = self._modules[path]
+        state = dict(module.named_parameters(remove_duplicate=False))
+        state.update(module.named_buffers(remove_duplicate=False))
+        with self._restore_names(), _fx_patches_undone(), torch.no_grad():
+            try:
+                meta = {k: _to_meta(v) for k, v in state.items()}
+                out = torch.func.functional_call(module, meta, args, kwargs)
+            except Exception:
+                real = torch.utils._pytree.tree_map_only(
+                    torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype), (args, kwargs))
+                try:
+                    zeros = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in state.items()}
+                    out = torch.func.functional_call(module, zeros, real[0], real[1])
+                except Exception:  # an op that wants dense weights (grouped_mm): real zeros, one leaf's worth
+                    zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in state.items()}
+                    out = torch.func.functional_call(module, zeros, real[0], real[1])
+        return torch.utils._pytree.tree_map_only(torch.Tensor, _to_meta, out)
 
 
 class _Unkeyable(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _fx_patches_undone():
+    """Module calls and attribute reads as outside a trace, while a leaf's eager code computes metadata."""
+    from torch.fx import _symbolic_trace as fx_trace
+
+    patched = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+    torch.nn.Module.__call__, torch.nn.Module.__getattr__ = fx_trace._orig_module_call, fx_trace._orig_module_getattr
+    try:
+        yield
+    finally:
+        torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched
 
 
 _SCALARS = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
@@ -808,6 +930,21 @@ def _leaf_replacements(model, tracer):
     namespaces = {id(sys.modules[type(m).__module__].__dict__): sys.modules[type(m).__module__].__dict__
                   for m in model.modules() if type(m).__module__ in sys.modules}
     saved, added = [], []
+
+    @contextlib.contextmanager
+    def restore_names():  # while a leaf's eager code runs
+        for ns, name, original in saved:
+            ns[name] = original
+        popped = [(ns, name, ns.pop(name)) for ns, name in added if name in ns]
+        try:
+            yield
+        finally:
+            for ns, name, replacement in popped:
+                ns[name] = replacement
+            for ns, name, original in saved:
+                ns[name] = replacements.get(name, builtins.get(name))
+
+    tracer._restore_names = restore_names
     try:
         for ns in namespaces.values():
             for name, replacement in replacements.items():

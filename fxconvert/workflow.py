@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxconvert.convert import ConvertedGraph, convert_traced
+from fxconvert.convert import ConvertedGraph, convert_traced, refuse_leaves
 from fxconvert.errors import UsageError, with_article
 from fxconvert.graph_info import graph_info
 from fxconvert.graph_utils import gc_paused
@@ -57,6 +57,7 @@ class Options:
     input_names: "list[str] | None" = None
     output: str | None = None
     keep_traced_code: bool = False
+    leaves: bool = True  # False: data-dependent code is refused, not run as a leaf
     # validate
     validate: bool = False
     atol: float | None = None
@@ -151,7 +152,7 @@ class Conversion(ConvertedGraph):
 
 def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, output: str | None = None,
             offline: bool = False, meta: bool = False, attn: str = "sdpa", seed: int = 0,
-            dtype=None, allow_random: bool = False, keep_traced_code: bool = False) -> Conversion:
+            dtype=None, allow_random: bool = False, keep_traced_code: bool = False, leaves: bool = True) -> Conversion:
     """Trace `model` and turn it into FTPipe's pre-partitioning form.
 
     `model` is a module, or a name that `fxconvert.load.load` resolves (a checkpoint
@@ -162,9 +163,11 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
     `input_names` is a list of names (a bare string is refused, not split into letters).
     `keep_traced_code` keeps the code as traced, before the passes, in
     `Conversion.traced_code` (for a diff; generating it costs a tenth of a conversion).
+    A submodule whose Python decides on traced values runs its eager code as one leaf
+    (`Conversion.leaves`; such a conversion cannot be saved yet); `leaves=False` refuses it.
     """
     options = Options(input_names=input_names, output=output, offline=offline, meta=meta, attn=attn, seed=seed,
-                      dtype=dtype, allow_random=allow_random, keep_traced_code=keep_traced_code)
+                      dtype=dtype, allow_random=allow_random, keep_traced_code=keep_traced_code, leaves=leaves)
     _check_names(options)
     if not isinstance(model, (str, os.PathLike)):
         if not isinstance(model, torch.nn.Module):
@@ -197,6 +200,7 @@ def run(source, out_dir, *, options: Options = Options(), validation: Validation
                       force_name=options.force_name)  # before any work
     if not isinstance(source, ConvertedGraph):
         conversion = _converted(source, options, progress, timings)
+    refuse_leaves(conversion, "writing")
     result = Result(conversion, sections=[build(conversion) for asked, build in OPTIONAL_SECTIONS if asked(options)])
     result.validation = _validation(conversion, options, validation, progress, timings)
     if options.stages is not None:
@@ -243,7 +247,7 @@ def _converted(model, options: Options, progress, timings: dict) -> Conversion:
     input_names = input_name_list(options.input_names) if options.input_names is not None else None
     with gc_paused():
         with progress.step("trace", "tracing", timings) as step:
-            traced = trace_with_stats(model, input_names)
+            traced = trace_with_stats(model, input_names, leaves=options.leaves)
             step.detail = f"{len(traced.graph_module.graph.nodes)} nodes"
         if isinstance(options.stages, int):  # the blocks are known now: refuse too many stages before the passes
             stage_blocks(traced.graph_module, options.stages, graph_info(traced.graph_module).model_class)
@@ -317,6 +321,7 @@ def split(source, num_stages: int, *, offline: bool = False, seed: int = 0, allo
         source, offline=offline, seed=seed, allow_random=allow_random)
     if check is not None:
         check(conversion)
+    refuse_leaves(conversion, "splitting")
     stages = split_stages(conversion, num_stages, optimizer=optimizer)
     files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
     return Split(conversion, stages, files, skipped_tokenizer_files(conversion.source),

@@ -31,6 +31,7 @@ MAPPINGS = {
 }
 # The cause of a refusal, from fxconvert's one-line error (first match wins); "other" otherwise.
 CAUSES = (
+    ("a module that must run as a leaf holds a shared weight", r"must run as a leaf .* shared weight"),
     ("Python control flow on a traced value (a tensor's or a size's)", r"decides Python control flow"),
     ("an operation that meta tensors cannot compute", r"could not compute .* on meta tensors"),
     ("an operation whose output shape depends on values", r"nonzero|data-dependent"),

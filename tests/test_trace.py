@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import fxconvert.runtime
 from fxconvert.errors import TraceError
-from fxconvert.trace import trace
+from fxconvert.trace import trace, trace_with_stats
 
 from helpers import (
     CASES,
@@ -426,11 +426,12 @@ def _marked_line(fn):
     "path", ["encoder.block.0.layer.1", "decoder.block.1.layer.0.SelfAttention", "encoder.block.1"]
 )
 def test_untraceable_construct_names_module_path_and_source_line(construct, path):
+    """With leaves=False (the strict trace); with leaves, see the next test."""
     model = build("T5ForConditionalGeneration")
     module = model.get_submodule(path)
     module.forward = construct(module.forward)  # instance attribute: only this module changes
     with pytest.raises(TraceError) as info:
-        trace(model)
+        trace(model, leaves=False)
     message = str(info.value)
     assert f"'{path}'" in message, message
     assert _marked_line(construct) in message, message
@@ -442,6 +443,28 @@ def test_untraceable_construct_names_module_path_and_source_line(construct, path
     inputs = random_inputs(input_names_of(model_gm), 2, 5, 4)
     with torch.no_grad():
         assert_outputs_match(eager_outputs(model, inputs), model_gm(**inputs))
+
+
+@pytest.mark.parametrize("construct", [_data_dependent_branch, _iteration_over_tensor, _host_copy, _python_error])
+@pytest.mark.parametrize("path", ["encoder.block.0.layer.1", "decoder.block.1.layer.0.SelfAttention"])
+def test_an_untraceable_module_becomes_a_leaf_equal_to_eager(construct, path):
+    """A module deciding on traced values runs its eager code as one call_module node, equal to eager in
+    both modes; a module whose code fails anyway is still refused with its own error, not made a leaf."""
+    model = build("T5ForConditionalGeneration")
+    module = model.get_submodule(path)
+    module.forward = construct(module.forward)
+    if construct is _python_error:
+        with pytest.raises(TraceError) as info:
+            trace_with_stats(model)
+        assert "ValueError: unsupported hidden state layout" in str(info.value)
+        assert _marked_line(construct) in str(info.value)
+        return
+    traced = trace_with_stats(model)
+    assert list(traced.leaves) == [path] and traced.leaves[path].endswith(_marked_line(construct))
+    assert [n.target for n in traced.graph_module.graph.nodes if n.op == "call_module" and n.target == path]
+    inputs = random_inputs(input_names_of(traced.graph_module), 2, 5, 4)
+    with torch.no_grad():
+        assert_outputs_match(eager_outputs(model, inputs), traced.graph_module(**inputs))
 
 
 def test_error_inside_transformers_source_names_module_path_and_source_line():

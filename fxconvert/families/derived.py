@@ -214,10 +214,32 @@ def derive(cls, config, model=None, *, blocks: bool = True) -> Family:
     if written is not None:
         family = replace(family, title=f"{written.title} (derived for {cls.__name__})",
                          **{name: getattr(written, name) for name in CARRIED})
+    family = replace(family, check_trace=_checks(family.check_trace, check_training_draws))
     if classifies and _pools_last_token(cls):
         family = replace(family, check_trace=_checks(family.check_trace, check_pad_token))
     register_derived(family)
     return family
+
+
+# Config fields of random draws a forward makes only `if self.training`, a Python branch: LayerDrop skips
+# layers by `torch.rand` drawn at trace time, a router's jitter scales its input by noise. A graph records
+# one mode's branch for both (a graph traced in eval mode trains too, `LiftTrainingFlagPass`), so they are
+# refused in either mode, as BART's hand-written record refuses LayerDrop.
+TRAINING_DRAWS = {"layerdrop": "LayerDrop skips layers by a random draw", "encoder_layerdrop": "LayerDrop skips "
+                  "layers by a random draw", "decoder_layerdrop": "LayerDrop skips layers by a random draw",
+                  "router_jitter_noise": "the router scales its input by random noise",
+                  "input_jitter_noise": "the router scales its input by random noise"}
+
+
+def check_training_draws(config, training: bool, dtype: str) -> str | None:
+    """A derived record's `Family.check_trace`: a nonzero rate of a draw made only in training (`TRAINING_DRAWS`)."""
+    for part in (config, *(getattr(config, name, None) for name in getattr(config, "sub_configs", None) or {})):
+        for key, what in TRAINING_DRAWS.items():
+            rate = getattr(part, key, None)
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+                return (f"{key} is {rate!r}: in training {what} behind `if self.training`, which one graph cannot "
+                        f"record for both modes; set {key}=0 in the config")
+    return None
 
 
 def check_pad_token(config, training: bool, dtype: str) -> str | None:
