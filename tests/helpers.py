@@ -168,6 +168,14 @@ def output_sum(outputs: dict) -> torch.Tensor:
     return sum(v.float().sum() for v in outputs.values())
 
 
+def seeded(fn, seed):
+    """`fn` run after seeding torch with `seed` (dropout draws the same on both sides of a comparison)."""
+    def run():
+        torch.manual_seed(seed)
+        return fn()
+    return run
+
+
 def grads_of(model, run) -> dict:
     """Gradients of every parameter of `model` from backward of `output_sum(run())`; leaves them cleared."""
     model.zero_grad(set_to_none=True)

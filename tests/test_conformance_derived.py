@@ -33,7 +33,7 @@ from fxconvert.trace import trace
 from fxconvert.workflow import convert
 
 import train_runs
-from helpers import assert_outputs_match, output_sum
+from helpers import assert_outputs_match, grads_of, seeded
 
 REPO = train_runs.REPO
 DECODERS = ("opt gpt_neo gptj gpt_neox bloom falcon codegen gpt_bigcode xglm mpt phi phi3 gemma gemma2 gemma3_text "
@@ -110,22 +110,6 @@ def case(request):
     return Case(request.param)
 
 
-def seeded(fn, seed):
-    def run():
-        torch.manual_seed(seed)
-        return fn()
-    return run
-
-
-def grads(model, run) -> dict:
-    model.zero_grad(set_to_none=True)
-    try:
-        output_sum(run()).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    finally:
-        model.zero_grad(set_to_none=True)
-
-
 @pytest.mark.parametrize("model_type", [*DECODERS, *ENCODERS, *ENCODER_DECODERS])
 def test_the_record_is_derived_from_the_declarations(model_type):
     """Blocks in run order and each of the model's repeated blocks once; the objective of its mapping;
@@ -176,7 +160,7 @@ def test_convert_matches_eager_with_every_gradient(case, mode):
             run_converted = seeded(lambda: {"loss": module(**inputs)}, i)
             with torch.no_grad():
                 assert_outputs_match(run_eager(), run_converted())
-            expected, actual = grads(model, run_eager), grads(model, run_converted)
+            expected, actual = grads_of(model, run_eager), grads_of(model, run_converted)
             assert expected and set(actual) == set(expected), sorted(set(actual) ^ set(expected))
             for name in expected:
                 torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4,

@@ -24,7 +24,7 @@ from fxconvert.families import derived
 from fxconvert.trace import family_of
 from fxconvert.workflow import convert
 
-from helpers import output_sum
+from helpers import grads_of, seeded
 
 NUM_LABELS = 3
 # (batch, length, padded tokens at the end of the first row)
@@ -94,22 +94,6 @@ def case(request):
     return Case(request.param)
 
 
-def seeded(fn, seed):
-    def run():
-        torch.manual_seed(seed)
-        return fn()
-    return run
-
-
-def grads(model, run) -> dict:
-    model.zero_grad(set_to_none=True)
-    try:
-        output_sum(run()).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    finally:
-        model.zero_grad(set_to_none=True)
-
-
 def test_the_record_carries_the_types_rules(case):
     """A class of a hand-written type converts with a record derived for it that keeps the type's checks;
     a classifier's labels are a class id per row."""
@@ -138,7 +122,7 @@ def test_convert_matches_eager_with_every_gradient(case, mode):
                 with torch.no_grad():
                     expected, actual = run_eager()[kept], run_converted()[kept]
                     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
-                expected, actual = grads(model, run_eager), grads(model, run_converted)
+                expected, actual = grads_of(model, run_eager), grads_of(model, run_converted)
                 assert expected and set(actual) == set(expected), sorted(set(actual) ^ set(expected))
                 for name in expected:
                     torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4,
