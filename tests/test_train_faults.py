@@ -159,10 +159,13 @@ def test_a_rank_that_raises_is_named_with_its_message(setup, tmp_path):
 
 
 def _stop_pids(pid_dir) -> None:
-    """Teardown: a worker the test stopped (or that outlived its launcher) is continued and killed."""
+    """Teardown: a worker the test stopped (or that outlived its launcher) is killed, then continued.
+
+    SIGKILL first: a stopped process dies of it at once. Continued first, the worker would act on
+    the launcher's pending SIGTERM and print a line of its own before the kill lands."""
     for path in pid_dir.glob("*.pid"):
         pid = int(path.read_text())
-        for sig in (signal.SIGCONT, signal.SIGKILL):
+        for sig in (signal.SIGKILL, signal.SIGCONT):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
