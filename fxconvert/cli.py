@@ -44,7 +44,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _preset_list() -> str:
-    return "; ".join(f"{f.name}: {', '.join(f.presets)}" for f in families.all_families() if f.presets)
+    written = [f"{f.name}: {', '.join(f.presets)}" for f in families.all_families() if f.presets]
+    return "; ".join([*written, f"other types: {', '.join(families.derived_presets())}"])
 
 
 def build_parser() -> argparse.ArgumentParser:

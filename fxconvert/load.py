@@ -6,8 +6,9 @@
 2. a Hub id whose files are in the local Hugging Face cache;
 3. a Hub id downloaded from the Hub, when it is reachable (probed with a 2 s connect,
    not transformers' retry loop) and neither `offline=True` nor `HF_HUB_OFFLINE` is set;
-4. a built-in preset (`PRESETS`, from the family records in `fxconvert.families`): a
-   published architecture, with random weights.
+4. a built-in preset (`PRESETS`, from the family records in `fxconvert.families` and, for
+   types with no hand-written record, `fxconvert.families.checkpoints`): a published
+   architecture, with random weights.
 
 A path to a `.json` file is read as a config (an architecture without weights). Without
 weights a model gets random weights, but only when the caller opts in with
@@ -53,8 +54,9 @@ from fxconvert.errors import ModelResolutionError, RandomWeightsRefused, UsageEr
 from fxconvert import families
 from fxconvert.trace import SUPPORTED_ATTENTION, require_transformers
 
-# Preset name -> config.json dict, and other names of presets, from the family records.
-PRESETS = {name: config for name, (_, config) in families.presets().items()}
+# Preset name -> config.json dict, and other names of presets, from the family records and the
+# presets of types whose record is derived.
+PRESETS = {**{name: config for name, (_, config) in families.presets().items()}, **families.derived_presets()}
 ALIASES = families.aliases()
 
 # Random-weight models above this many parameters are built on the meta device.
@@ -432,6 +434,15 @@ def _download(name, build: _Build) -> LoadedModel | None:
     return _from_checkpoint(name, config, source, build, local_files_only=False)
 
 
+def _attention(cls, build: _Build, source: ModelSource) -> str:
+    """The attention to build `cls` with: the one asked, but eager for SDPA where the class has none (GPT-Neo,
+    BLOOM), as transformers itself builds such a class when asked for no attention; said in the notes."""
+    if build.attn == "sdpa" and getattr(cls, "_supports_sdpa", True) is False:
+        source.notes.append(f"{cls.__name__} has no SDPA attention: built with eager attention")
+        return "eager"
+    return build.attn
+
+
 class _WeightsUnavailable(Exception):
     pass
 
@@ -443,7 +454,8 @@ def _from_checkpoint(location, config: dict, source: ModelSource, build: _Build,
     config_obj = _config_object(config, source.location)
     try:
         with _held_warnings():
-            model, info = cls.from_pretrained(location, config=config_obj, attn_implementation=build.attn,
+            model, info = cls.from_pretrained(location, config=config_obj, attn_implementation=_attention(cls, build,
+                                                                                                          source),
                                               output_loading_info=True, ignore_mismatched_sizes=True,
                                               local_files_only=local_files_only,
                                               **({} if build.dtype is None else {"dtype": build.dtype}))
@@ -501,7 +513,8 @@ def _from_config(config: dict, source: ModelSource, build: _Build, *, why: str) 
     cls = getattr(transformers, model_class_name(config, source.location))
     config_obj = _config_object(config, source.location)
     meta = build.meta
-    kwargs = {"attn_implementation": build.attn, **({} if build.dtype is None else {"dtype": build.dtype})}
+    kwargs = {"attn_implementation": _attention(cls, build, source),
+              **({} if build.dtype is None else {"dtype": build.dtype})}
     if not meta and not build.allow_random:
         raise RandomWeightsRefused(why, f"{why}: pass allow_random=True to build it with random weights, or "
                                         f"meta=True for the architecture alone")

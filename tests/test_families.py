@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from fxconvert import families
+from fxconvert.families import checkpoints
 from fxconvert.objectives import OBJECTIVES
 
 FAMILIES = families.all_families()
@@ -56,7 +57,16 @@ def test_no_class_model_type_or_preset_name_belongs_to_two_families():
         names = [n for f in FAMILIES for n in getattr(f, attribute)]
         assert len(names) == len(set(names)), attribute
     every_name = [n for f in FAMILIES for n in (*f.presets, *f.aliases)]
+    every_name += [*checkpoints.PRESETS, *checkpoints.ALIASES]  # the presets of types with a derived record
     assert len(every_name) == len(set(every_name))
+
+
+def test_a_derived_records_preset_is_of_a_type_with_no_hand_written_record():
+    """A hand-written record's type keeps its presets in its record, where its checks see them."""
+    for name, config in checkpoints.PRESETS.items():
+        assert config["model_type"] not in families.model_types(), name
+        assert isinstance(config["architectures"], list) and len(config["architectures"]) == 1, name
+    assert set(checkpoints.ALIASES.values()) <= set(checkpoints.PRESETS)
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

@@ -220,11 +220,23 @@ def sequence_lengths(model_class: str) -> Mapping[str, str]:
 
 
 def presets() -> dict[str, tuple[Family, dict]]:
+    """The hand-written records' presets: name -> (record, config.json dict)."""
     return {name: (f, config) for f in all_families() for name, config in f.presets.items()}
 
 
+def derived_presets() -> dict[str, dict]:
+    """The presets of types with no hand-written record (`fxconvert.families.checkpoints`): name -> config.json
+    dict. Their record is derived when one is built."""
+    from fxconvert.families import checkpoints
+
+    return dict(checkpoints.PRESETS)
+
+
 def aliases() -> dict[str, str]:
-    return {a: p for f in all_families() for a, p in f.aliases.items()}
+    """Other name -> preset name, for every preset."""
+    from fxconvert.families import checkpoints
+
+    return {**{a: p for f in all_families() for a, p in f.aliases.items()}, **checkpoints.ALIASES}
 
 
 def input_specs(cls_name: str) -> Mapping[str, tuple[str, str]]:
