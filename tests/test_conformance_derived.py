@@ -17,6 +17,7 @@ refusal names, so each such test fails once the type starts working.
 """
 
 import functools
+import importlib.util
 import json
 import subprocess
 import sys
@@ -226,3 +227,26 @@ def test_training_a_derived_record_from_a_checkpoint_is_refused_in_one_line(neox
                    "convert it with --stages N and train the conversion if it is a causal LM, or train " + ", ".join(
                        f.title.split(" (")[0] for f in families.all_families() if f.objective) + " models")
     assert not (tmp_path / "run").exists()
+
+
+# -- the suite's data, which README.md's family table shows (scripts/family_table.py) -------------
+
+def _family_table():
+    spec = importlib.util.spec_from_file_location("family_table", REPO / "scripts" / "family_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_data_file_lists_the_suites_types_kinds_and_refusals():
+    data = _family_table().types()
+    assert [(e["type"], e["kind"]) for e in data] == [(t, KIND[t]) for t in (*DECODERS, *ENCODERS, *ENCODER_DECODERS)]
+    assert {e["type"] for e in data if e["refused"]} == set(REFUSED)
+
+
+def test_the_leaves_are_the_recorded_ones(case):
+    """The modules each conversion runs as leaves, as tests/conformance_derived.json records them for the README."""
+    family_table = _family_table()
+    recorded = next(e for e in family_table.types() if e["type"] == case.model_type)["leaves"]
+    assert family_table.leaf_patterns(case.conversion.leaves) == recorded, (
+        f"{case.model_type}'s leaves changed; run `PYTHONPATH=. python scripts/family_table.py --measure --write`")

@@ -1,7 +1,9 @@
 """README.md's Python blocks run as written: each ```python block in a fresh interpreter, offline,
 in an empty directory. A block that cannot run here (a Hub download, a GPU, several machines) is
-fenced as ```bash or ```text instead; there is none today."""
+fenced as ```bash or ```text instead; there is none today. Its family tables are the ones
+`scripts/family_table.py` renders from the records."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,3 +38,19 @@ def test_submodules_are_attributes_of_the_package_without_importing_torch():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["forward_source", "load_pipeline", "True", "True"]
+
+
+def _family_table():
+    spec = importlib.util.spec_from_file_location("family_table", REPO / "scripts" / "family_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_family_tables_are_the_ones_the_records_give():
+    """README.md's family tables are rendered from the records, the presets and the conformance suite's data
+    (`scripts/family_table.py`): a record, a preset or a leaf that changes without the README fails here."""
+    family_table = _family_table()
+    actual = family_table.readme_tables((REPO / "README.md").read_text())
+    assert actual == family_table.render(), (f"README.md's family tables differ from the records; run "
+                                             f"`{family_table.FIX}`")
