@@ -351,7 +351,8 @@ def _input_at(placeholder: torch.fx.Node, sizes: Sizes, specs) -> torch.Tensor:
                          f"known inputs are {', '.join(specs)}")
     kind, which = specs[placeholder.target]
     # A meta attention mask reads as padded (`runtime.padding_mask`): the dearer case is priced.
-    return torch.empty((sizes.batch, sizes.length(which), *val.shape[2:]), dtype=val.dtype, device="meta")
+    shape = (sizes.batch,) if kind == "class" else (sizes.batch, sizes.length(which), *val.shape[2:])  # a class id a row
+    return torch.empty(shape, dtype=val.dtype, device="meta")
 
 
 def parameter_bytes(tensors) -> int:

@@ -190,3 +190,14 @@ def test_training_a_classifier_is_refused_in_one_line(tmp_path, capsys, monkeypa
         "fxconvert.train: error: training a bert model needs a hand-written family record, which "
         "BertForSequenceClassification has not")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_classifier_converts_to_files_in_stages(tmp_path, capsys):
+    """The CLI's validation (padded random inputs) and the split's cost analysis size a class-id label as one per
+    row: both failed on its missing sequence dimension, so a classifier could not be written in stages."""
+    from helpers import cli_convert
+
+    report = cli_convert(Case("GPT2ForSequenceClassification").model, tmp_path, capsys, "--stages", 2)
+    assert report["validation"]["passed"] is True
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"stage_0.py", "stage_1.py", "pipeline.json", "family.json"} <= set(written), written
