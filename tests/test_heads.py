@@ -8,8 +8,9 @@ derived records (`fxconvert.families.derived`).
   records carry over the hand-written record's rules (BART's LayerDrop refusal, its config checks).
 
 Each converts with the loss, the logits and every gradient equal to eager at 1e-5, at two padded
-shapes, in eval and in train mode (dropout on, the same seed). Nothing here trains: fxconvert.train
-refuses these classes in one line.
+shapes, in eval and in train mode (dropout on, the same seed). Nothing here trains: the classifiers train
+from their conversions with stages (tests/test_train_families.py), and a checkpoint given to fxconvert.train
+as SOURCE is refused in one line.
 """
 
 import functools
