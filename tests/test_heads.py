@@ -22,6 +22,7 @@ import transformers
 from fxconvert import families, load
 from fxconvert.errors import ModelResolutionError, TraceError
 from fxconvert.families import derived
+from fxconvert.objectives import CAUSAL_LM, CLASSIFICATION
 from fxconvert.trace import family_of
 from fxconvert.workflow import convert
 
@@ -104,6 +105,8 @@ def test_the_record_carries_the_types_rules(case):
     if written is not None:
         assert record.check_config is written.check_config and record.rate_fields == written.rate_fields
     assert record.inputs["labels"][0] == ("class" if classifies(case.cls_name) else "ids")
+    # the objective is the class's (transformers' auto mappings), never the hand-written record's LM objective
+    assert record.objective == (CLASSIFICATION if classifies(case.cls_name) else CAUSAL_LM)
     assert set(record.sequence_lengths) == {"encoder"}  # one sequence, BartForCausalLM's too
 
 
