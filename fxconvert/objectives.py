@@ -57,7 +57,8 @@ class Objective:
     text_keys: ClassVar[tuple[str, ...]] = ("input", "target")  # a line of text, tokenized with the checkpoint's
     id_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels")  # a pre-tokenized line
     label_key: ClassVar[str | None] = None  # the key of both forms holding one class id (not tokens)
-    line_format: ClassVar[str] = 'each line must be {"input": str, "target": str} or {"input_ids": [int], "labels": [int]}'
+    line_format: ClassVar[str] = ('each line must be {"input": str, "target": str} or '
+                                  '{"input_ids": [int], "labels": [int]}')
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -73,7 +74,8 @@ class Objective:
         return max(len(example.input_ids), len(example.labels))
 
     def classes(self, config) -> int | None:
-        """The class ids a line's label may take, [0, classes), from config.json (a dict); None: no labels are class ids."""
+        """The class ids a line's label may take, [0, classes), from config.json (a dict); None where no label is
+        a class id."""
         return None
 
     def token_ids(self, config, vocab) -> dict[str, int]:
