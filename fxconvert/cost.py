@@ -351,7 +351,9 @@ def _input_at(placeholder: torch.fx.Node, sizes: Sizes, specs) -> torch.Tensor:
                          f"known inputs are {', '.join(specs)}")
     kind, which = specs[placeholder.target]
     # A meta attention mask reads as padded (`runtime.padding_mask`): the dearer case is priced.
-    return torch.empty((sizes.batch, sizes.length(which), *val.shape[2:]), dtype=val.dtype, device="meta")
+    # a class id per row (a classifier's labels), else a value per position
+    shape = (sizes.batch,) if kind == "class" else (sizes.batch, sizes.length(which), *val.shape[2:])
+    return torch.empty(shape, dtype=val.dtype, device="meta")
 
 
 def parameter_bytes(tensors) -> int:

@@ -43,7 +43,7 @@ def build_inputs(specs, names, *, batch: int, lengths: dict, hidden: int | None 
         else:
             high = {"type_ids": type_vocab, "class": classes}.get(kind, vocab)
             ids = torch.randint(0, high, shape, generator=generator)
-            if padded and name == "labels" and shape[1] > 1:
+            if padded and name == "labels" and kind != "class" and shape[1] > 1:
                 ids[-1, -1] = -100
             out[name] = ids
     return out

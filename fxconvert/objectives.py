@@ -3,10 +3,11 @@
 A family record names its objective (`Family.objective`); `fxconvert.train` reads and batches
 the data with it (`fxconvert.training.dataset`). An objective is one class here, and owns:
 
-- `name`: "seq2seq", "causal" or "masked", for messages and metrics;
-- what a line holds: `aligned` (labels aligned with input_ids: a line is pre-tokenized, and
-  its labels are cut and padded with its input) and `labels_are_tokens` (the model reads its
-  labels as input, so none may be -100);
+- `name`: "seq2seq", "causal", "masked" or "classification", for messages and metrics;
+- what a line holds: its keys (`text_keys`, `id_keys`, and `label_key`, a class id rather than
+  tokens, with `classes(config)` the ids allowed), `aligned` (labels aligned with input_ids: a
+  line is pre-tokenized, and its labels are cut and padded with its input) and
+  `labels_are_tokens` (the model reads its labels as input, so none may be -100);
 - the length rule: `length(example)`, the positions an example takes in the model, and
   `length_options`, the options that bound it;
 - the pad policy: `token_ids(config, vocab)`, the config's token ids the batches need, with
@@ -24,6 +25,10 @@ A batch is padded on the right to its own longest rows, or to the fixed lengths 
   are input + target, labels -100 on the input's positions; the model shifts the labels itself.
 - masked (`MaskedLM`): lines are pre-tokenized with labels aligned to input_ids (-100 where
   nothing is predicted); both are padded alike and token_type_ids are 0.
+- classification (`Classification`, a `*ForSequenceClassification`): input_ids and
+  attention_mask as a masked LM's, labels one class id per row (shape [B]). A decoder-only
+  classifier pools each row's last token that is not pad_token_id, so rows are padded with
+  exactly the config's pad_token_id (no fallback).
 
 Everything is int64. The rest of the contract (which examples make batch k, microbatches) is
 `fxconvert.training.data`'s.
@@ -49,6 +54,11 @@ class Objective:
     length_options: ClassVar[str]  # the options that bound `length`, as a too-long example's fix reads them
     token_fields: ClassVar[tuple[str, ...]] = ("pad_token_id",)  # the config's token ids `collate` takes
     pad_fallback: ClassVar[str | None] = None  # the config field read when pad_token_id is not set
+    text_keys: ClassVar[tuple[str, ...]] = ("input", "target")  # a line of text, tokenized with the checkpoint's
+    id_keys: ClassVar[tuple[str, ...]] = ("input_ids", "labels")  # a pre-tokenized line
+    label_key: ClassVar[str | None] = None  # the key of both forms holding one class id (not tokens)
+    line_format: ClassVar[str] = ('each line must be {"input": str, "target": str} or '
+                                  '{"input_ids": [int], "labels": [int]}')
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -62,6 +72,11 @@ class Objective:
     def length(self, example) -> int:
         """The positions `example` takes in the model: its longer sequence by default."""
         return max(len(example.input_ids), len(example.labels))
+
+    def classes(self, config) -> int | None:
+        """The class ids a line's label may take, [0, classes), from config.json (a dict); None where no label is
+        a class id."""
+        return None
 
     def token_ids(self, config, vocab) -> dict[str, int]:
         """The token ids of `token_fields` that config.json (a dict) gives, each an int below `vocab` (if known)."""
@@ -157,8 +172,51 @@ class MaskedLM(Objective):
                 "labels": labels}
 
 
-SEQ2SEQ, CAUSAL_LM, MASKED_LM = Seq2Seq(), CausalLM(), MaskedLM()
-OBJECTIVES = (SEQ2SEQ, CAUSAL_LM, MASKED_LM)
+class Classification(Objective):
+    """A sequence classifier (RoBERTa's, GPT-2's `*ForSequenceClassification`): text or ids -> one class id.
+
+    transformers' loss is the cross-entropy's mean over the batch's rows (single-label
+    classification: `problem_type`, set from the labels' dtype the first time the model runs).
+    A step's loss is the mean of its microbatches' losses, and microbatches are equal (--batch is
+    a multiple of --microbatches), so it is the mean over the whole batch's rows: one eager step."""
+
+    name, title = "classification", "sequence classifier"
+    length_options = "--max-source-length of"
+    text_keys, id_keys, label_key = ("input", "label"), ("input_ids", "label"), "label"
+    line_format = 'each line must be {"input": str, "label": int} or {"input_ids": [int], "label": int}'
+
+    def length(self, example) -> int:
+        return len(example.input_ids)  # the label takes no position
+
+    def classes(self, config) -> int:
+        """num_labels (config.json saves id2label; transformers' default is 2), refused unless single-label."""
+        kind = config.get("problem_type")
+        if kind not in (None, "single_label_classification"):
+            raise UsageError(f"the model's config has problem_type = {kind!r}, whose loss is not a cross-entropy over "
+                             f"class ids; fxconvert.train trains single-label classification: convert a model with "
+                             f"problem_type \"single_label_classification\" (or none)")
+        labels = config.get("id2label")
+        count = config.get("num_labels") or (len(labels) if isinstance(labels, dict) and labels else 2)
+        if type(count) is not int or count < 2:
+            raise UsageError(f"the model's config has {count!r} labels, and transformers trains one label as a "
+                             f"regression (mean squared error); give the model at least 2 labels (id2label in "
+                             f"config.json) and convert it again")
+        return count
+
+    def collate(self, examples, *, pad_token_id, pad_to=None) -> dict:
+        """input_ids, attention_mask, labels: one class id per row (each example's single label)."""
+        import torch  # not at the top: see the module docstring
+
+        self._check_batch(examples, {"pad_token_id": pad_token_id})
+        length = _pad_length(pad_to[0]) if pad_to is not None else None
+        input_ids = _pad([e.input_ids for e in examples], pad_token_id, length, "--max-source-length")
+        attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, length, "--max-source-length")
+        labels = torch.tensor([e.labels[0] for e in examples], dtype=torch.int64)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+SEQ2SEQ, CAUSAL_LM, MASKED_LM, CLASSIFICATION = Seq2Seq(), CausalLM(), MaskedLM(), Classification()
+OBJECTIVES = (SEQ2SEQ, CAUSAL_LM, MASKED_LM, CLASSIFICATION)
 
 
 def _pad_length(value) -> int:

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, T5Tokenizer
 
 import checkpoints
 import helpers
-from fxconvert.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
+from fxconvert.objectives import CAUSAL_LM, CLASSIFICATION, MASKED_LM, SEQ2SEQ
 from fxconvert.training.data import DataError, Example, batch_indices, load_tokenizer, microbatches, read_jsonl
 from fxconvert.errors import UsageError
 
@@ -499,3 +499,88 @@ def test_a_fifo_named_like_a_tokenizer_file_is_refused_not_waited_on(tmp_path, t
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith(f"{name} is not a regular file; replace it with the checkpoint's own "
                                        f"tokenizer file, or remove it")
+
+
+# --- sequence classification (RoBERTa, GPT-2 *ForSequenceClassification) -----------------------------------
+
+LABELLED = [Example([5, 6, 7], [2]), Example([10, 11, 12, 13, 14], [0]), Example([15], [1])]
+
+
+def test_classification_batches_are_padded_ids_and_one_class_id_per_row():
+    batch = CLASSIFICATION.collate(LABELLED, pad_token_id=3)
+    assert list(batch) == ["input_ids", "attention_mask", "labels"]
+    assert batch["labels"].tolist() == [2, 0, 1] and batch["labels"].dtype == torch.int64
+    for i, e in enumerate(LABELLED):
+        n = len(e.input_ids)
+        assert batch["input_ids"][i].tolist() == e.input_ids + [3] * (5 - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (5 - n)
+    assert CLASSIFICATION.collate(LABELLED, pad_token_id=3, pad_to=(8, 1))["input_ids"].shape == (3, 8)
+
+
+@pytest.mark.parametrize("cls_name", ["RobertaForSequenceClassification", "GPT2ForSequenceClassification"])
+def test_a_padded_classification_batch_gives_the_mean_of_its_examples_losses(cls_name):
+    """transformers' loss is the cross-entropy's mean over rows; GPT-2 pools each row's last token that is not
+    pad_token_id, so the padding must be exactly that id."""
+    from fxconvert.families import derived
+
+    model_type = "roberta" if cls_name.startswith("Roberta") else "gpt2"
+    config = derived.tiny_config(model_type, num_labels=3, pad_token_id=3)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():
+        together = model(**CLASSIFICATION.collate(LABELLED, pad_token_id=3)).loss
+        alone = [model(**CLASSIFICATION.collate([e], pad_token_id=3)).loss for e in LABELLED]
+    torch.testing.assert_close(together, torch.stack(alone).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_classification_text_is_tokenized_and_ids_cut_to_the_source_length(tmp_path, tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    direct = AutoTokenizer.from_pretrained(tokenizer_dir)
+    path = write(tmp_path / "d.jsonl", [{"input": "w1 w2 w3", "label": 2}, {"input_ids": [5, 6, 7, 8], "label": 0}])
+    examples = read_jsonl(path, tokenizer=tokenizer, objective=CLASSIFICATION, num_labels=3)
+    assert examples == [Example(direct("w1 w2 w3")["input_ids"], [2]), Example([5, 6, 7, 8], [0])]
+    cut = read_jsonl(path, tokenizer=tokenizer, objective=CLASSIFICATION, num_labels=3, max_source_length=2,
+                     max_target_length=1)
+    assert cut == [Example(direct("w1 w2 w3", truncation=True, max_length=2)["input_ids"], [2]), Example([5, 6], [0])]
+    assert CLASSIFICATION.length(cut[1]) == 2  # the label takes no position
+
+
+LABEL_FIX = r'each line must be \{"input": str, "label": int\} or \{"input_ids": \[int\], "label": int\}'
+HOSTILE_LABELS = {
+    "label_string": ({"input_ids": [5], "label": "1"}, rf"'label' is a str \(\"1\"\), not an int; {LABEL_FIX}"),
+    "label_float": ({"input": "w1", "label": 1.0}, rf"'label' is a float \(1.0\), not an int; {LABEL_FIX}"),
+    "label_bool": ({"input_ids": [5], "label": True}, r"'label' is a bool \(true\), not an int"),
+    "label_null": ({"input_ids": [5], "label": None}, r"'label' is a NoneType \(null\), not an int"),
+    "label_list": ({"input_ids": [5], "label": [1]}, r"'label' is a list \(\[1\]\), not an int"),
+    "label_negative": ({"input_ids": [5], "label": -1}, r"label = -1 is outside \[0, 3\), the model's 3 classes; "
+                                                        r"give a class id the model was converted with"),
+    "label_ignored": ({"input_ids": [5], "label": -100}, r"label = -100 is outside \[0, 3\)"),
+    "label_too_big": ({"input": "w1", "label": 3}, r"label = 3 is outside \[0, 3\), the model's 3 classes"),
+    "missing_label": ({"input_ids": [5]}, rf"missing key 'label'; {LABEL_FIX}"),
+    "missing_input": ({"label": 1}, r"missing key 'input_ids'"),
+    "labels_for_label": ({"input_ids": [5], "labels": [1]}, rf"unknown key 'labels'; {LABEL_FIX}"),
+    "a_target": ({"input": "w1", "target": "w2"}, rf"unknown key 'target'; {LABEL_FIX}"),
+    "mixed": ({"input": "w1", "input_ids": [5], "label": 1}, "mixes text and token-id keys"),
+    "empty_input": ({"input": " ", "label": 1}, rf"'input' is empty; {LABEL_FIX}"),
+    "input_not_text": ({"input": 5, "label": 1}, r"'input' is an int, not a string"),
+    "empty_ids": ({"input_ids": [], "label": 1}, r"'input_ids' is empty"),
+    "id_outside": ({"input_ids": [97], "label": 1}, r"input_ids\[0\] = 97 is outside \[0, 97\)"),
+    "blank_line": ("", rf"blank line; remove it \({LABEL_FIX}\)"),
+    "not_an_object": ("[1]", rf"a JSON list, not an object; {LABEL_FIX}"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_LABELS)
+def test_a_bad_classification_line_is_one_line_naming_the_file_and_line(tmp_path, tokenizer_dir, case):
+    good = {"input_ids": [5, 6], "label": 2}
+    bad, problem = HOSTILE_LABELS[case]
+    path = write(tmp_path / "data.jsonl", [good, {"input": "w1", "label": 0}, bad, good])
+    with pytest.raises(DataError, match=rf"^{tmp_path}/data\.jsonl:3: {problem}") as info:
+        read_jsonl(path, tokenizer=load_tokenizer(tokenizer_dir), vocab_size=97, objective=CLASSIFICATION, num_labels=3)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400 and ";" in message, message
+
+
+def test_an_empty_classification_file_names_the_classifiers_format(tmp_path):
+    with pytest.raises(DataError, match=rf"d\.jsonl is empty; {LABEL_FIX}, one per line$"):
+        read_jsonl(write(tmp_path / "d.jsonl", [], end=""), objective=CLASSIFICATION, num_labels=3)

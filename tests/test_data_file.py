@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import checkpoints
-from fxconvert.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
+from fxconvert.objectives import CAUSAL_LM, CLASSIFICATION, MASKED_LM, SEQ2SEQ
 from fxconvert.training import data_file
 from fxconvert.training.data import DataError, Example, load_jsonl, load_tokenizer, read_jsonl
 from fxconvert.training.dataset import FROM_LENGTHS, Data, reads_lines
@@ -194,7 +194,8 @@ def test_a_file_changed_while_it_is_checked_is_refused(tmp_path):
 # --- a rank whose stages read only masks --------------------------------------------------------------------
 
 OBJECTIVES = {"seq2seq": (SEQ2SEQ, {"pad_token_id": 0, "decoder_start_token_id": 0}),
-              "causal": (CAUSAL_LM, {"pad_token_id": 3}), "masked": (MASKED_LM, {"pad_token_id": 3})}
+              "causal": (CAUSAL_LM, {"pad_token_id": 3}), "masked": (MASKED_LM, {"pad_token_id": 3}),
+              "classification": (CLASSIFICATION, {"pad_token_id": 3})}
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
@@ -203,6 +204,8 @@ def test_a_rank_reading_no_line_collates_the_batchs_shapes_and_masks(tmp_path, n
     rows = rows_of(10, seed=4)
     if objective.aligned:
         rows = [{"input_ids": r["input_ids"], "labels": r["input_ids"][::-1]} for r in rows]
+    if objective.label_key:  # one class id a line
+        rows = [{"input_ids": r["input_ids"], "label": i % 3} for i, r in enumerate(rows)]
     path = write_rows(tmp_path / "d.jsonl", rows)
     reading = Data(load_jsonl(path, objective=objective), token_ids, objective, batch_size=4)
     masks_only = Data(load_jsonl(path, objective=objective, offsets=False, lengths=True), token_ids, objective,

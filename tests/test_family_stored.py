@@ -1,7 +1,7 @@
 """family.json (`fxconvert.families.stored`): a derived record written by the conversion, rebuilt on a rank.
 
 The rank reads a file a user may have edited: every malformed field is one line naming it,
-and a record that is no causal LM is refused in one line naming what trains.
+and a record that is no causal LM nor sequence classifier is refused in one line naming what trains.
 """
 
 import json
@@ -13,7 +13,7 @@ import transformers
 from fxconvert import families
 from fxconvert.errors import UsageError
 from fxconvert.families import derived, stored
-from fxconvert.objectives import CAUSAL_LM
+from fxconvert.objectives import CAUSAL_LM, CLASSIFICATION
 from fxconvert.training import model as rank_model
 
 CLASS = "OPTForCausalLM"
@@ -52,12 +52,35 @@ def test_the_rank_registers_the_rebuilt_record_by_class_name(tmp_path, record, m
     assert families.family_of_class(CLASS).train_inputs == record.train_inputs
 
 
+def test_a_classifiers_record_travels_and_is_registered(tmp_path, monkeypatch):
+    """A derived sequence classifier (RoBERTa's: one class id per row) trains from its conversion like a causal LM."""
+    record = derived.derive(transformers.RobertaForSequenceClassification, derived.tiny_config("roberta"),
+                            blocks=False)
+    assert record.objective == CLASSIFICATION and record.inputs["labels"] == ("class", "encoder")
+    monkeypatch.setattr(families, "_DERIVED", {})  # a rank: nothing converted in this process
+    write(tmp_path, stored.family_text(record))
+    rank_model._derived_record(tmp_path, "RobertaForSequenceClassification", "roberta")
+    rebuilt = families.family_of_class("RobertaForSequenceClassification")
+    assert rebuilt.objective == CLASSIFICATION and dict(rebuilt.inputs) == dict(record.inputs)
+    assert rebuilt.train_inputs == ("input_ids", "attention_mask", "labels")
+
+
 HOSTILE = {
     "not an object": ([], "does not hold a JSON object"),
     "a field missing": ({"drop": "objective"}, "has no objective"),
     "an unknown field": ({"set": {"run": "x"}}, "unknown fields (run)"),
     "an unknown objective": ({"set": {"objective": "telepathy"}}, "objective must be one of seq2seq, causal, masked"),
     "an objective of another type": ({"set": {"objective": 1}}, "objective must be one of"),
+    "classification spelled otherwise": ({"set": {"objective": "Classification"}}, "objective must be one of seq2seq, "
+                                         "causal, masked, classification or null"),
+    "classification as a list": ({"set": {"objective": ["classification"]}}, "objective must be one of"),
+    "classification of token labels": ({"set": {"objective": "classification"}},
+                                       'objective must be "classification" exactly where the labels are of kind '
+                                       '"class"'),
+    "class labels of a causal LM": ({"set": {"inputs": {"input_ids": ["ids", "encoder"],
+                                                        "attention_mask": ["mask", "encoder"],
+                                                        "labels": ["class", "encoder"]}}},
+                                    'objective must be "classification" exactly where'),
     "inputs as a list": ({"set": {"inputs": ["input_ids"]}}, "inputs must be an object of 1 to 64 input names"),
     "no inputs": ({"set": {"inputs": {}}}, "inputs must be an object of 1 to 64 input names"),
     "too many inputs": ({"set": {"inputs": {f"x{i}": ["ids", "encoder"] for i in range(65)}}}, "inputs must be"),
@@ -120,6 +143,7 @@ def test_a_derived_record_that_is_no_causal_lm_is_refused_in_one_line(tmp_path, 
     with pytest.raises(UsageError) as e:
         rank_model._derived_record(tmp_path, CLASS, "opt")
     trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
-    assert str(e.value) == (f"training a opt model that is no causal LM needs a hand-written family record, which "
-                            f"{CLASS} has not; fxconvert.train trains the causal LMs of derived records (a "
-                            f"*ForCausalLM class) and {trained} models")
+    assert str(e.value) == (f"training a opt model that is no causal LM nor sequence classifier needs a hand-written "
+                            f"family record, which {CLASS} has not; fxconvert.train trains the causal LMs and sequence "
+                            f"classifiers of derived records (a *ForCausalLM or *ForSequenceClassification class) and "
+                            f"{trained} models")

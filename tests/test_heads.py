@@ -8,8 +8,9 @@ derived records (`fxconvert.families.derived`).
   records carry over the hand-written record's rules (BART's LayerDrop refusal, its config checks).
 
 Each converts with the loss, the logits and every gradient equal to eager at 1e-5, at two padded
-shapes, in eval and in train mode (dropout on, the same seed). Nothing here trains: fxconvert.train
-refuses these classes in one line.
+shapes, in eval and in train mode (dropout on, the same seed). Nothing here trains: the classifiers train
+from their conversions with stages (tests/test_train_families.py), and a checkpoint given to fxconvert.train
+as SOURCE is refused in one line.
 """
 
 import functools
@@ -21,6 +22,7 @@ import transformers
 from fxconvert import families, load
 from fxconvert.errors import ModelResolutionError, TraceError
 from fxconvert.families import derived
+from fxconvert.objectives import CAUSAL_LM, CLASSIFICATION
 from fxconvert.trace import family_of
 from fxconvert.workflow import convert
 
@@ -103,6 +105,8 @@ def test_the_record_carries_the_types_rules(case):
     if written is not None:
         assert record.check_config is written.check_config and record.rate_fields == written.rate_fields
     assert record.inputs["labels"][0] == ("class" if classifies(case.cls_name) else "ids")
+    # the objective is the class's (transformers' auto mappings), never the hand-written record's LM objective
+    assert record.objective == (CLASSIFICATION if classifies(case.cls_name) else CAUSAL_LM)
     assert set(record.sequence_lengths) == {"encoder"}  # one sequence, BartForCausalLM's too
 
 
@@ -190,3 +194,14 @@ def test_training_a_classifier_is_refused_in_one_line(tmp_path, capsys, monkeypa
         "fxconvert.train: error: training a bert model needs a hand-written family record, which "
         "BertForSequenceClassification has not")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_classifier_converts_to_files_in_stages(tmp_path, capsys):
+    """The CLI's validation (padded random inputs) and the split's cost analysis size a class-id label as one per
+    row: both failed on its missing sequence dimension, so a classifier could not be written in stages."""
+    from helpers import cli_convert
+
+    report = cli_convert(Case("GPT2ForSequenceClassification").model, tmp_path, capsys, "--stages", 2)
+    assert report["validation"]["passed"] is True
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"stage_0.py", "stage_1.py", "pipeline.json", "family.json"} <= set(written), written

@@ -13,7 +13,7 @@ import pytest
 
 from fxconvert import families
 from fxconvert.errors import UsageError
-from fxconvert.objectives import CAUSAL_LM, MASKED_LM, OBJECTIVES, SEQ2SEQ, Objective
+from fxconvert.objectives import CAUSAL_LM, CLASSIFICATION, MASKED_LM, OBJECTIVES, SEQ2SEQ, Objective
 from fxconvert.training.data import Example
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fxconvert"
@@ -55,7 +55,7 @@ def test_a_record_survives_a_copy_with_its_objective():
     for family in families.all_families():
         copy = pickle.loads(pickle.dumps(family))
         assert copy == family and hash(copy.objective) == hash(family.objective)
-    assert len(set(OBJECTIVES)) == 3 and SEQ2SEQ != CAUSAL_LM
+    assert len(set(OBJECTIVES)) == 4 and SEQ2SEQ != CAUSAL_LM != CLASSIFICATION
 
 
 @pytest.mark.parametrize("objective, config, expected", [
@@ -63,6 +63,7 @@ def test_a_record_survives_a_copy_with_its_objective():
     (CAUSAL_LM, {"pad_token_id": 3, "eos_token_id": 1}, {"pad_token_id": 3}),
     (CAUSAL_LM, {"pad_token_id": None, "eos_token_id": [1, 2]}, {"pad_token_id": 1}),  # GPT-2, Llama: eos pads
     (MASKED_LM, {"pad_token_id": 0, "decoder_start_token_id": None}, {"pad_token_id": 0}),
+    (CLASSIFICATION, {"pad_token_id": 0, "eos_token_id": 1}, {"pad_token_id": 0}),
 ])
 def test_the_pad_policy_takes_the_ids_its_batches_need(objective, config, expected):
     assert objective.token_ids(config, 97) == expected
@@ -73,6 +74,8 @@ def test_the_pad_policy_takes_the_ids_its_batches_need(objective, config, expect
     (MASKED_LM, {"eos_token_id": 1}, "the model's config has pad_token_id = None; set it in config.json"),
     (CAUSAL_LM, {"eos_token_id": 97}, "the model's config has eos_token_id = 97, outside its vocabulary (vocab_size "
                                       "97); set pad_token_id in config.json to a token id below 97"),
+    # a decoder-only classifier pools the last token that is not pad_token_id: eos cannot stand in for it
+    (CLASSIFICATION, {"eos_token_id": 1}, "the model's config has pad_token_id = None; set it in config.json"),
 ])
 def test_the_pad_policy_refuses_in_one_line(objective, config, message):
     with pytest.raises(UsageError) as info:
@@ -84,6 +87,31 @@ def test_the_length_rule_counts_the_positions_an_example_takes():
     example = Example([1, 2, 3], [4, 5])
     assert (SEQ2SEQ.length(example), CAUSAL_LM.length(example)) == (3, 5)  # two sequences; one, input then target
     assert MASKED_LM.length(Example([1, 2, 3], [-100, 5, -100])) == 3
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"id2label": {"0": "neg", "1": "pos", "2": "neutral"}, "problem_type": "single_label_classification"}, 3),
+    ({"num_labels": 4}, 4),
+    ({}, 2),  # transformers' default
+])
+def test_a_classifier_takes_the_class_ids_its_config_counts(config, expected):
+    assert CLASSIFICATION.classes(config) == expected
+    assert SEQ2SEQ.classes(config) is None  # no class ids in its lines
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"problem_type": "regression", "id2label": {"0": "x"}}, "the model's config has problem_type = 'regression', "
+     "whose loss is not a cross-entropy over class ids; fxconvert.train trains single-label classification: "
+     "convert a model with problem_type \"single_label_classification\" (or none)"),
+    ({"problem_type": "multi_label_classification"}, "problem_type = 'multi_label_classification', whose loss"),
+    ({"id2label": {"0": "score"}}, "the model's config has 1 labels, and transformers trains one label as a "
+     "regression (mean squared error); give the model at least 2 labels (id2label in config.json) and convert it "
+     "again"),
+])
+def test_a_classifier_whose_loss_is_no_classification_is_refused_in_one_line(config, message):
+    with pytest.raises(UsageError) as info:
+        CLASSIFICATION.classes(config)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_importing_the_records_loads_neither_torch_nor_transformers():

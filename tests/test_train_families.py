@@ -1,6 +1,7 @@
 """`torchrun -m fxconvert.train` on GPT-2 (a causal LM), BART (seq2seq) and BERT (a masked LM) against eager transformers,
 and on OPT, a causal LM whose record is derived from transformers' declarations: its conversion
-carries the record to the ranks in family.json (`fxconvert.families.stored`).
+carries the record to the ranks in family.json (`fxconvert.families.stored`). Sequence classifiers
+(RoBERTa's and GPT-2's, both trained from family.json) equal one eager step on each whole batch.
 
 The same contract as tests/test_train_eager.py for T5, with each family's batching written
 here from the contract, not from fxconvert's code:
@@ -229,3 +230,78 @@ def test_a_padding_token_outside_the_vocabulary_is_one_line_before_training(tmp_
                                f"{VOCAB}); set pad_token_id in config.json to a token id below {VOCAB}")
     with torch.no_grad(), pytest.raises(IndexError):
         cls(CONFIGS["gpt2"][1]())(input_ids=torch.tensor([[5, 6, first]]))
+
+
+# Sequence classifiers, both with derived records: RoBERTa's type has no hand-written one, GPT-2's classifier is a class
+# its type's record does not list; GPT-2 pools each row's last token that is not pad_token_id.
+CLASSIFIERS = {
+    "roberta": (transformers.RobertaForSequenceClassification, lambda: derived.tiny_config(
+        "roberta", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)),
+    "gpt2": (transformers.GPT2ForSequenceClassification, lambda: transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0, num_labels=3)),
+}
+
+
+def write_labelled(path, n, seed) -> list[dict]:
+    """Pre-tokenized lines of 1 to 8 tokens (none the pad token), each with a class id in [0, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"input_ids": torch.randint(3, VOCAB, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist(),
+             "label": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(n)]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def labelled_batch(picked, pad):
+    """The rows padded on the right with pad_token_id (GPT-2 pools the last token that is not it), one class id each."""
+    width = max(len(r["input_ids"]) for r in picked)
+    batch = {"input_ids": torch.full((len(picked), width), pad), "attention_mask": torch.zeros(len(picked), width,
+                                                                                               dtype=torch.long),
+             "labels": torch.tensor([r["label"] for r in picked])}
+    for i, r in enumerate(picked):
+        batch["input_ids"][i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        batch["attention_mask"][i, :len(r["input_ids"])] = 1
+    return batch
+
+
+@pytest.mark.parametrize("family", sorted(CLASSIFIERS))
+def test_a_sequence_classifier_trains_as_one_eager_step_on_each_whole_batch(tmp_path, family):
+    """transformers' classification loss is the mean over the batch's rows: the pipeline's mean over its equal
+    microbatches is that mean, so each step equals ONE eager step on the whole batch (no accumulation), and the
+    eval loss over a held-out file cut into unequal batches (3, 3, 1) is the loss of the whole file at once."""
+    cls, config = CLASSIFIERS[family]
+    torch.manual_seed(0)
+    model = cls(config())
+    model.save_pretrained(tmp_path / "ckpt")
+    rows = write_labelled(tmp_path / "train.jsonl", 16, seed=3)
+    held = write_labelled(tmp_path / "eval.jsonl", 7, seed=4)
+    conv = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "fxconvert", str(tmp_path / "ckpt"), "--stages", "2", "--out",
+                           str(conv), "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((conv / "family.json").read_text())["objective"] == "classification"
+    out = tmp_path / "run"
+    proc = tr.torchrun(2, conv, "--data", tmp_path / "train.jsonl", "--out", out, "--steps", STEPS, "--batch", BATCH,
+                       "--microbatches", MICRO, "--optimizer", "sgd", "--lr", LR, "--schedule", "1f1b",
+                       "--eval-data", tmp_path / "eval.jsonl", "--eval-batch", 3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    eager = cls.from_pretrained(tmp_path / "ckpt").train()
+    pad = eager.config.pad_token_id
+    optimizer = torch.optim.SGD(eager.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        loss = eager(**labelled_batch([rows[i % len(rows)] for i in range(step * BATCH, step * BATCH + BATCH)], pad)).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        eval_loss = eager.eval()(**labelled_batch(held, pad)).loss.item()
+    records = tr.metrics(out)
+    got = [m["loss"] for m in records if "loss" in m]
+    assert max(abs(a - b) for a, b in zip(got, losses, strict=True)) <= TOL, (got, losses)
+    (evaluated,) = [m for m in records if m.get("record") == "eval"]
+    assert evaluated["eval_examples"] == 7 and abs(evaluated["eval_loss"] - eval_loss) <= TOL, (evaluated, eval_loss)
+    expected = {k: v.detach().clone() for k, v in eager.state_dict().items()}
+    assert tr.max_weight_diff(weights(cls, out / "hf"), expected) <= TOL
+    assert tr.max_weight_diff(weights(cls, tmp_path / "ckpt"), expected) > 1e-2  # the weights did move

@@ -13,9 +13,9 @@ builds one from the class and its config:
 - inputs: forward's parameters that are known input names, with their kinds and sequences;
 - sizes: the names under which the text config (`config.get_text_config()`) and its
   `attribute_map` give the hidden size, the vocabulary, the position table and the layer counts;
-- objective: from transformers' auto mappings (causal LM, seq2seq LM, masked LM; None for
-  any other head, which converts but does not train); a sequence-classification head's
-  labels are one class id per row (kind "class");
+- objective: from transformers' auto mappings (causal LM, seq2seq LM, masked LM, sequence
+  classification; None for any other head, which converts but does not train); a
+  sequence-classification head's labels are one class id per row (kind "class");
 - tiny: a config of the type with its defaults shrunk (two layers, width 32, vocabulary 97),
   for the conformance tests and the census.
 
@@ -38,6 +38,7 @@ from dataclasses import replace
 
 from fxconvert.families import (ENCODER_DECODER_LENGTHS, ONE_SEQUENCE_LENGTHS, Family, block_regex, model_types,
                                 register_derived)
+from fxconvert import objectives
 from fxconvert.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
 
 # Input name -> kind (`fxconvert.families.KINDS`); the sequence is the decoder's for `decoder_*`
@@ -87,8 +88,10 @@ COMPUTED = ("layer_types",)
 
 
 def objective_of(cls_name: str):
-    """The training objective of a transformers class, from the auto mappings (None for other heads)."""
-    return next((objective for mapping, objective in OBJECTIVES if _in_mapping(cls_name, mapping)), None)
+    """The training objective of a transformers class, from the auto mappings (None for other heads). A
+    sequence classifier's is classification (not in `OBJECTIVES`, which also choose a config's default class)."""
+    trained = (*OBJECTIVES, (CLASSIFICATION, objectives.CLASSIFICATION))
+    return next((objective for mapping, objective in trained if _in_mapping(cls_name, mapping)), None)
 
 
 def _in_mapping(cls_name: str, mapping: str) -> bool:

@@ -10,6 +10,7 @@ and a rank rebuilds the record from it (`read_family`) and registers it by class
 - `inputs`: input name -> [kind, sequence] (`KINDS`, `SEQUENCES`), in forward's order;
 - `train_inputs`: what fxconvert.train feeds the first stage, of `inputs`;
 - `objective`: the objective's name (`fxconvert.objectives`), or null for a head that does not train;
+  "classification" exactly where the labels are class ids (kind "class"), one per row;
 - `sequence_lengths`: sequence -> the name of its length;
 - `max_length`, `hidden_field`: config field names ("" for none);
 - `positive_int_fields`, `max_layers_fields`: config field names.
@@ -27,7 +28,7 @@ from pathlib import Path
 from fxconvert.errors import UsageError, printable
 from fxconvert.families import KINDS, ONE_SEQUENCE_LENGTHS, SEQUENCES, Family
 from fxconvert.manifest import text
-from fxconvert.objectives import OBJECTIVES
+from fxconvert.objectives import CLASSIFICATION, OBJECTIVES
 
 FILE = "family.json"
 MAX_BYTES = 64 * 1024  # a record is a few hundred bytes; a larger file is not one fxconvert wrote
@@ -121,8 +122,11 @@ def _checked(data, where: str) -> dict:
             fail(field, f"a list of at most {MAX_NAMES} names")
     if not data["train_inputs"] or not set(data["train_inputs"]) <= set(inputs):
         fail("train_inputs", "a list of names among inputs")
-    if data["objective"] is not None and data["objective"] not in {o.name for o in OBJECTIVES}:
+    if data["objective"] is not None and data["objective"] not in [o.name for o in OBJECTIVES]:  # a list is unhashable
         fail("objective", f"one of {', '.join(o.name for o in OBJECTIVES)} or null")
+    if (data["objective"] == CLASSIFICATION.name) != (inputs.get("labels", [None])[0] == "class"):
+        fail("objective", f'"{CLASSIFICATION.name}" exactly where the labels are of kind "class" (one class id '
+                          f'per row)')
     lengths = data["sequence_lengths"]
     used = {s for _, s in inputs.values()}
     if not (isinstance(lengths, dict) and set(lengths) <= set(SEQUENCES) and used <= set(lengths)

@@ -5,6 +5,10 @@ Each line of the file is one JSON object, in either of two forms:
     {"input": "translate: hi", "target": "hallo"}     text, tokenized with the checkpoint's tokenizer
     {"input_ids": [37, 5, 1], "labels": [8, 1]}        already tokenized
 
+A sequence classifier's lines hold one class id instead of a target (`Objective.label_key`):
+`{"input": "great film", "label": 1}` or `{"input_ids": [37, 5], "label": 1}`, the label in
+[0, num_labels).
+
 The batching contract is pinned, so that two runs (or a pipeline run and an eager run) on the
 same file see exactly the same batches, and a resumed run continues where it stopped:
 
@@ -39,7 +43,7 @@ from fxconvert.objectives import IGNORE_INDEX, SEQ2SEQ, Objective
 from fxconvert.training import data_file
 from fxconvert.training.data_file import DataError
 
-TEXT_KEYS, ID_KEYS = ("input", "target"), ("input_ids", "labels")
+ID_KEYS = SEQ2SEQ.id_keys  # a tokenized line of text, as a pre-tokenized one
 # Files that hold a vocabulary. AutoTokenizer on a directory with config.json alone builds a
 # T5 tokenizer of special tokens only, so without one of these there is no tokenizer.
 VOCAB_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -47,7 +51,6 @@ VOCAB_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tok
 TOKENIZER_READS = frozenset({*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                              "merges.txt", "chat_template.jinja", "chat_template.json", "config.json"})
 NO_TOKENIZER = "copy the checkpoint's tokenizer files beside it or give pre-tokenized input_ids/labels"
-FIX = 'each line must be {"input": str, "target": str} or {"input_ids": [int], "labels": [int]}'
 
 
 @dataclass
@@ -96,47 +99,51 @@ def _no_duplicates(pairs):
     return obj
 
 
-def _parse(raw: bytes, where: str) -> dict:
-    """One line -> its object, with the keys of exactly one format; DataError naming `where` (file:line)."""
+def _parse(raw: bytes, where: str, objective: Objective = SEQ2SEQ) -> dict:
+    """One line -> its object, with the keys of exactly one of `objective`'s formats; DataError naming `where`
+    (file:line)."""
+    form, text_keys, id_keys = objective.line_format, objective.text_keys, objective.id_keys
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not UTF-8 (byte {e.start + 1}); save the file as UTF-8") from None
     if not text.strip():
-        raise DataError(f"{where}: blank line; remove it ({FIX})")
+        raise DataError(f"{where}: blank line; remove it ({form})")
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {FIX}") from None
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {form}") from None
     except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply; {FIX}") from None
+        raise DataError(f"{where}: JSON nested too deeply; {form}") from None
     except ValueError as e:  # a repeated key, or an integer too long to convert
-        raise DataError(f"{where}: invalid JSON ({_shown(str(e).splitlines()[0][:120])}); {FIX}") from None
+        raise DataError(f"{where}: invalid JSON ({_shown(str(e).splitlines()[0][:120])}); {form}") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; {FIX}")
+        raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; {form}")
     if not obj:
-        raise DataError(f"{where}: an empty object; {FIX}")
-    unknown = sorted(set(obj) - {*TEXT_KEYS, *ID_KEYS})
+        raise DataError(f"{where}: an empty object; {form}")
+    unknown = sorted(set(obj) - {*text_keys, *id_keys})
     if unknown:
-        raise DataError(f"{where}: unknown key {unknown[0]!r}; {FIX}")
-    if set(obj) & set(TEXT_KEYS) and set(obj) & set(ID_KEYS):
-        raise DataError(f"{where}: mixes text and token-id keys ({', '.join(sorted(obj))}); {FIX}")
-    keys = TEXT_KEYS if set(obj) & set(TEXT_KEYS) else ID_KEYS
+        raise DataError(f"{where}: unknown key {unknown[0]!r}; {form}")
+    text_only, ids_only = set(text_keys) - set(id_keys), set(id_keys) - set(text_keys)  # a label is in both
+    if set(obj) & text_only and set(obj) & ids_only:
+        raise DataError(f"{where}: mixes text and token-id keys ({', '.join(sorted(obj))}); {form}")
+    keys = text_keys if set(obj) & text_only else id_keys
     missing = [k for k in keys if k not in obj]
     if missing:
-        raise DataError(f"{where}: missing key {missing[0]!r}; {FIX}")
+        raise DataError(f"{where}: missing key {missing[0]!r}; {form}")
     return obj
 
 
 def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, objective: Objective = SEQ2SEQ) -> list[int]:
+    form = objective.line_format
     if not isinstance(ids, list):
-        raise DataError(f"{where}: {key!r} is {with_article(type(ids).__name__)}, not a list of ints; {FIX}")
+        raise DataError(f"{where}: {key!r} is {with_article(type(ids).__name__)}, not a list of ints; {form}")
     if not ids:
         raise DataError(f"{where}: {key!r} is empty; give every line at least one token or remove it")
     allowed = f"[0, {vocab_size})" if vocab_size is not None else "[0, 2**63)"
     for i, value in enumerate(ids):
         if type(value) is not int:  # bool is an int subclass; floats and nested lists are wrong too
-            raise DataError(f"{where}: {key}[{i}] is {with_article(type(value).__name__)} ({json.dumps(value)[:40]}), not an int; {FIX}")
+            raise DataError(f"{where}: {key}[{i}] is {with_article(type(value).__name__)} ({json.dumps(value)[:40]}), not an int; {form}")
         if key == "labels" and value == IGNORE_INDEX:
             if objective.labels_are_tokens:
                 raise DataError(f"{where}: labels[{i}] is -100, but a {objective.title} reads its labels as tokens; "
@@ -159,6 +166,19 @@ def _check_aligned(obj: dict, where: str, objective: Objective) -> None:
                         f"{objective.title}'s labels are aligned with its input_ids (-100 where nothing is predicted)")
 
 
+def _check_label(value, where: str, rules: "_Rules") -> int:
+    """A line's class id (`Objective.label_key`): an int (not a bool) in [0, classes)."""
+    key, classes = rules.objective.label_key, rules.classes
+    if type(value) is not int:
+        raise DataError(f"{where}: {key!r} is {with_article(type(value).__name__)} ({json.dumps(value)[:40]}), not "
+                        f"an int; {rules.objective.line_format}")
+    if value < 0 or (classes is not None and value >= classes):
+        allowed = f"[0, {classes}), the model's {classes} classes" if classes is not None else "[0, 2**63)"
+        raise DataError(f"{where}: {key} = {value} is outside {allowed}; give a class id the model was converted "
+                        f"with (its config's id2label)")
+    return value
+
+
 def _nothing_to_learn(where: str):
     raise DataError(f"{where}: every label is -100, so the line teaches nothing; give it a real target or remove it")
 
@@ -178,6 +198,7 @@ class _Rules:
     max_target_length: int | None
     vocabulary: int | None  # the ids allowed: [0, vocabulary)
     objective: Objective
+    classes: int | None = None  # the class ids a label may take (`Objective.classes`): [0, classes)
 
 
 @dataclass
@@ -236,7 +257,8 @@ def read_jsonl(path, **options) -> list[Example]:
 
 
 def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_length=None, vocab_size=None,
-               objective: Objective = SEQ2SEQ, flag: str = "--data", offsets=True, lengths=False) -> DataFile:
+               objective: Objective = SEQ2SEQ, num_labels=None, flag: str = "--data", offsets=True,
+               lengths=False) -> DataFile:
     """The JSONL file `path`, every line checked in one pass before anything is returned, and its sha256.
 
     Text is tokenized as `tokenizer(input, truncation=True, max_length=max_source_length)` and
@@ -247,7 +269,9 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
     `objective` is the model family's (`Family.objective`): where its labels are tokens the model
     reads (a causal LM) -100 is refused; where its labels are aligned with the input (a masked
     LM) a line is pre-tokenized, its labels as long as its input_ids (-100 where nothing is
-    predicted), and both are cut to max_source_length. `flag` is the option the messages tell the user to
+    predicted), and both are cut to max_source_length; where its lines hold a class id (a sequence
+    classifier) that is an int in [0, `num_labels`) and only the input is tokenized and cut to
+    max_source_length. `flag` is the option the messages tell the user to
     pass a file to (`--eval-data` for the held-out file).
 
     The pass holds at most `CHUNK` lines, and keeps `offsets` (to read lines back) and/or
@@ -267,7 +291,7 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
         raise DataError(f"{name} does not exist; pass {flag} a JSONL file")
     if not path.is_file():
         raise DataError(f"{name} is not a regular file; pass {flag} a JSONL file")
-    rules = _Rules(tokenizer, max_source_length, max_target_length, vocab_size, objective)
+    rules = _Rules(tokenizer, max_source_length, max_target_length, vocab_size, objective, num_labels)
     try:
         file = path.open("rb")
     except OSError as e:
@@ -305,15 +329,15 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
                 blank = blank or number
                 continue
             if blank is not None:
-                _parse(b"", f"{name}:{blank}")
+                _parse(b"", f"{name}:{blank}", objective)
             chunk.append((number, _check_line(raw, f"{name}:{number}", rules)))
             if len(chunk) == CHUNK:
                 make()
         make()
     if blank == 1 or not lines.count:  # every line blank (or none): blank lines after the first line are refused
-        raise DataError(f"{name} is empty; {FIX}, one per line")
+        raise DataError(f"{name} is empty; {objective.line_format}, one per line")
     if blank is not None:
-        _parse(b"", f"{name}:{blank}")
+        _parse(b"", f"{name}:{blank}", objective)
     if late:
         raise late.get("tokenized", late.get("cut"))
     return DataFile(path, name, lines.sha256, lines.count, lines.stamp, rules, longest, lines.offsets,
@@ -322,20 +346,23 @@ def load_jsonl(path, *, tokenizer=None, max_source_length=None, max_target_lengt
 
 def _check_line(raw: bytes, where: str, rules: _Rules) -> dict:
     """One line parsed and checked (`where` is file:line), text not yet tokenized."""
-    obj = _parse(raw, where)
+    objective = rules.objective
+    obj = _parse(raw, where, objective)
+    if objective.label_key is not None:  # checked first: a wrong class id needs no tokenizer to be found
+        _check_label(obj[objective.label_key], where, rules)
     if "input" in obj and rules.tokenizer is None:
         raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; {NO_TOKENIZER}")
-    for key in ("input", "target") if "input" in obj else ():
+    for key in (k for k in objective.text_keys if k != objective.label_key) if "input" in obj else ():
         if not isinstance(obj[key], str) or not obj[key].strip():
             problem = "is empty" if isinstance(obj[key], str) else f"is {with_article(type(obj[key]).__name__)}, not a string"
-            raise DataError(f"{where}: {key!r} {problem}; {FIX}")
+            raise DataError(f"{where}: {key!r} {problem}; {objective.line_format}")
         try:  # JSON can escape half a surrogate pair ("\\ud800"), which no tokenizer takes
             obj[key].encode("utf-8")
         except UnicodeEncodeError as e:
             raise DataError(f"{where}: {key!r} is not valid Unicode text (a lone surrogate "
                             f"\\u{ord(obj[key][e.start]):04x} at character {e.start + 1}); write the "
                             f"character itself, or a complete surrogate pair") from None
-    for key in ("input_ids", "labels") if "input_ids" in obj else ():
+    for key in (k for k in objective.id_keys if k != objective.label_key) if "input_ids" in obj else ():
         _check_ids(obj[key], key, where, rules.vocabulary, fix="re-tokenize it with the model's tokenizer",
                    objective=rules.objective)
     if rules.objective.aligned:
@@ -350,8 +377,15 @@ def _tokenized(numbers: list[int], rows: list[dict], name: str, rules: _Rules) -
         return rows
     rows = list(rows)
     sources = _tokenize(rules.tokenizer, [rows[i]["input"] for i in texts], rules.max_source_length, target=False)
-    targets = _tokenize(rules.tokenizer, [rows[i]["target"] for i in texts], rules.max_target_length, target=True)
     fix = "the tokenizer does not fit the model; use the checkpoint's own tokenizer"
+    label = rules.objective.label_key
+    if label is not None:  # a class id: only the input is text
+        for i, input_ids in zip(texts, sources):
+            ids = _check_ids(input_ids, "input_ids", f"{name}:{numbers[i]} (tokenized)", rules.vocabulary, fix=fix,
+                             objective=rules.objective)
+            rows[i] = {"input_ids": ids, label: rows[i][label]}
+        return rows
+    targets = _tokenize(rules.tokenizer, [rows[i]["target"] for i in texts], rules.max_target_length, target=True)
     for i, input_ids, labels in zip(texts, sources, targets):
         where = f"{name}:{numbers[i]} (tokenized)"
         rows[i] = {key: _check_ids(ids, key, where, rules.vocabulary, fix=fix) for key, ids in zip(ID_KEYS, (input_ids, labels))}
@@ -364,6 +398,9 @@ def _cut(numbers: list[int], rows: list[dict], name: str, rules: _Rules) -> list
     cut, option = (rules.max_source_length, "--max-source-length") if objective.aligned else (
         rules.max_target_length, "--max-target-length")
     for number, obj in zip(numbers, rows):
+        if objective.label_key is not None:  # one class id, nothing to cut
+            examples.append(Example(obj["input_ids"][:rules.max_source_length], [obj[objective.label_key]]))
+            continue
         labels = obj["labels"][:cut]
         if cut is not None and all(v == IGNORE_INDEX for v in labels):
             _nothing_to_learn(f"{name}:{number} (cut to {option} {cut})")

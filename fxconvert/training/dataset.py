@@ -87,13 +87,13 @@ def load_data(cfg: TrainConfig, model: Model, *, held_out: bool = False) -> Data
     objective = family.objective if family is not None else SEQ2SEQ
     if objective is None:
         raise UsageError(f"fxconvert.train has no data format for {family.title} models; train a seq2seq "
-                         f"(T5, BART), causal LM (GPT-2, Llama-style) or masked LM (BERT) model")
+                         f"(T5, BART), causal LM (GPT-2, Llama-style), masked LM (BERT) or sequence classifier model")
     tokenizer = load_tokenizer(model.tokenizer_dir, required=False) if model.tokenizer_dir is not None else None
     vocab = families.vocabulary(config)
     reads = reads_lines(model)
     read = load_jsonl(path, tokenizer=tokenizer, max_source_length=cfg.max_source_length,
-                      max_target_length=cfg.max_target_length, vocab_size=vocab, objective=objective, flag=option,
-                      offsets=reads, lengths=not reads)
+                      max_target_length=cfg.max_target_length, vocab_size=vocab, objective=objective,
+                      num_labels=objective.classes(config), flag=option, offsets=reads, lengths=not reads)
     _check_lengths(read, path, family, config, objective)
     token_ids = objective.token_ids(config, vocab)  # the pad policy: which ids, their fallbacks, in the vocabulary
     return Data(read, token_ids, objective, sha256=read.sha256,

@@ -15,7 +15,7 @@ import torch
 from fxconvert import families, manifest
 from fxconvert.errors import RandomWeightsRefused, UsageError, printable
 from fxconvert.families import stored
-from fxconvert.objectives import CAUSAL_LM
+from fxconvert.objectives import CAUSAL_LM, CLASSIFICATION
 from fxconvert.stage_files import load_pipeline
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.recompute import chosen_blocks, describe, recompute_blocks
@@ -114,22 +114,24 @@ def _check_record(model_class: str, model_type) -> None:
     trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
     raise UsageError(f"training a {printable(model_type)} model needs a hand-written family record, which "
                      f"{printable(model_class)} has not (it converts with one derived from transformers' "
-                     f"declarations); convert it with --stages N and train the conversion if it is a causal LM, "
-                     f"or train {trained} models")
+                     f"declarations); convert it with --stages N and train the conversion if it is a causal LM or a "
+                     f"sequence classifier, or train {trained} models")
 
 
 def _derived_record(path: Path, model_class: str, model_type) -> None:
     """Rebuild and register the record of stages converted with a derived one, from the conversion's family.json
-    (`fxconvert.families.stored`): a rank has no transformers to derive it again. Causal LMs only, so far."""
+    (`fxconvert.families.stored`): a rank has no transformers to derive it again. Causal LMs and sequence
+    classifiers only, so far."""
     family = families.family_of_class(model_class)
     if model_type is None or (family is not None and not family.derived_from):
         return  # no transformers model (a plain module), or one with a hand-written record
     family = stored.read_family(path, model_class, model_type)
-    if family.objective != CAUSAL_LM:
+    if family.objective not in (CAUSAL_LM, CLASSIFICATION):
         trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
-        raise UsageError(f"training a {printable(model_type)} model that is no causal LM needs a hand-written family "
-                         f"record, which {printable(model_class)} has not; fxconvert.train trains the causal LMs of "
-                         f"derived records (a *ForCausalLM class) and {trained} models")
+        raise UsageError(f"training a {printable(model_type)} model that is no causal LM nor sequence classifier "
+                         f"needs a hand-written family record, which {printable(model_class)} has not; "
+                         f"fxconvert.train trains the causal LMs and sequence classifiers of derived records (a "
+                         f"*ForCausalLM or *ForSequenceClassification class) and {trained} models")
     families.register_derived(family)
 
 

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE",
                    help="a conversion directory written with --stages N, or a name fxconvert accepts")
     p.add_argument("--data", required=True, metavar="FILE.jsonl",
-                   help='one {"input": str, "target": str} or {"input_ids": [...], "labels": [...]} per line')
+                   help='one {"input": str, "target": str} or {"input_ids": [...], "labels": [...]} per line (a '
+                        'sequence classifier: "label": int in place of the target or labels)')
     p.add_argument("--out", required=True, metavar="RUN", help="run directory: metrics.jsonl, checkpoints/, hf/")
     p.add_argument("--steps", type=int, help=f"optimizer steps (default {STEPS})")
     p.add_argument("--epochs", type=int, metavar="E", help="instead of --steps: the steps that go through --data "
