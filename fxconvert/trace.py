@@ -25,6 +25,9 @@ tracer handles each of those without touching transformers' source:
   same shapes (its weights expanded from one zero, so no memory; real zeros, one leaf's
   weights, for an op that wants them dense, such as grouped_mm). `TraceResult.leaves` names
   each leaf's path and the source line that forced it. A leaf may not hold a shared weight.
+  A function of the model's own modeling module that decides on traced values (LongT5's
+  `_split_into_blocks`) is recorded as one `call_function` leaf running transformers'
+  function, before its enclosing module is tried; `TraceResult.leaves` names it `module.function()`.
 - Anything else that cannot be traced (or anything at all, with `leaves=False`) raises
   `TraceError` naming the module path and the source line.
 """

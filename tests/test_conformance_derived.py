@@ -12,8 +12,8 @@ bias or norm fails. For each type:
 - convert: the kept output (the loss) and every gradient equal eager at 1e-5, at two shapes with
   padding, in eval and in train mode (dropout on, the same seed).
 
-Types that do not convert yet are marked xfail(strict) with the construct and source line their
-refusal names, so each such test fails once the type starts working.
+Every type of the list converts; a type that stops converting fails here with the one-line refusal
+naming the construct and the source line.
 """
 
 import functools
@@ -26,7 +26,6 @@ import torch
 import transformers
 
 from fxconvert import families
-from fxconvert.errors import TraceError
 from fxconvert.families import derived
 from fxconvert.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
 from fxconvert.trace import trace
