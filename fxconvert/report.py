@@ -113,7 +113,7 @@ def model_section(conversion) -> Section:
         "dtype": ", ".join(dtypes),
         "attention": getattr(config, "_attn_implementation", None),
         "config": summary,
-        "leaves": [{"module": path, "source": where} for path, where in getattr(conversion, "leaves", {}).items()],
+        "leaves": [_leaf(name, where) for name, where in getattr(conversion, "leaves", {}).items()],
     }
     fields = {
         "class": conversion.model_class,
@@ -128,8 +128,17 @@ def model_section(conversion) -> Section:
         "config": ", ".join(f"{k} {v}" for k, v in summary.items()),
     }
     if data["leaves"]:  # modules run as eager code (`fxconvert.trace`)
-        fields["leaves"] = "; ".join(f"{leaf['module']} ({leaf['source']})" for leaf in data["leaves"])
+        fields["leaves"] = "; ".join(f"{leaf['module'] if 'module' in leaf else leaf['function'] + '()'} "
+                                     f"({leaf['source']})" for leaf in data["leaves"])
     return Section("model", "Model", data, fields)
+
+
+def _leaf(name: str, where: str) -> dict:
+    """A leaf's report entry: a module path, or a model function's qualified name (`name()`, see
+    `fxconvert.trace`), with the source line that made it a leaf."""
+    if name.endswith("()"):
+        return {"function": name[:-2], "source": where}
+    return {"module": name, "source": where}
 
 
 def _record(family) -> str | None:

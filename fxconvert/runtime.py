@@ -52,6 +52,39 @@ def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype | None = None)
     return _finish(mask, dtype)
 
 
+def sliding_window_padding_mask(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                                window: int, dtype: torch.dtype | None = None):
+    """Bidirectional sliding-window mask of shape (batch, 1, q, kv): a query at q sees a key at kv when
+    |q - kv| <= window (transformers' `create_bidirectional_sliding_window_mask`), and the key is not padding.
+
+    Boolean (True = attend) when `dtype` is None, else additive in `dtype`. Like transformers' SDPA
+    masks, the boolean form is None when nothing is padded and the window spans every key (kv < window),
+    decided at run time as `padding_mask` does.
+    """
+    q = inputs_embeds.shape[1]
+    kv = attention_mask.shape[-1] if attention_mask is not None else q
+    if dtype is None and kv < window and (attention_mask is None or _nothing_padded(attention_mask)):
+        return None
+    device = inputs_embeds.device
+    offset = torch.arange(q, device=device)[:, None] - torch.arange(kv, device=device)[None, :]
+    mask = (offset.abs() <= window)[None, None, :, :]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].to(device=device, dtype=torch.bool)
+    return _finish(mask, dtype)
+
+
+def recurrent_padding_mask(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+    """The 2-D padding mask a recurrent (Mamba, convolution) layer multiplies its states by, cut to the
+    last `inputs_embeds.shape[1]` positions (transformers' `create_recurrent_attention_mask`).
+
+    Where transformers returns None (one position, or nothing padded), its layers skip the multiply; a
+    mask of ones makes the same multiply exact (x * 1 == x, and so is its gradient), so the graph keeps
+    one path and the choice stays a run-time one.
+    """
+    mask = attention_mask[:, -inputs_embeds.shape[1]:].contiguous()
+    return torch.ones_like(mask) if inputs_embeds.shape[1] == 1 else mask
+
+
 def _nothing_padded(attention_mask: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or attention_mask.device.type == "meta":
         return False
@@ -124,5 +157,5 @@ def _finish(mask: torch.Tensor, dtype: torch.dtype | None):
 
 # Leaf functions whose result may be None at run time although their traced (meta) value is
 # a tensor: a None check on them cannot be decided from the graph.
-MAY_RETURN_NONE = frozenset({padding_mask})
+MAY_RETURN_NONE = frozenset({padding_mask, sliding_window_padding_mask})
 

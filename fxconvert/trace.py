@@ -25,6 +25,9 @@ tracer handles each of those without touching transformers' source:
   same shapes (its weights expanded from one zero, so no memory; real zeros, one leaf's
   weights, for an op that wants them dense, such as grouped_mm). `TraceResult.leaves` names
   each leaf's path and the source line that forced it. A leaf may not hold a shared weight.
+  A function of the model's own modeling module that decides on traced values (LongT5's
+  `_split_into_blocks`) is recorded as one `call_function` leaf running transformers'
+  function, before its enclosing module is tried; `TraceResult.leaves` names it `module.function()`.
 - Anything else that cannot be traced (or anything at all, with `leaves=False`) raises
   `TraceError` naming the module path and the source line.
 """
@@ -349,6 +352,7 @@ class TransformersTracer(torch.fx.Tracer):
         self.leaves: dict[str, str] = {}  # module path -> the source line that made it a leaf
         self._attr_proxies = None  # fx's parameter proxy cache, pruned when a partial trace is rolled back
         self._shared_ids: set = set()
+        self._leaf_functions: set = set()  # the model functions recorded as call_function leaves
         self._restore_names = contextlib.nullcontext  # set by _leaf_replacements
         self.input_names = list(input_names)
         self._meta_params: dict[str, torch.Tensor] = {}
@@ -385,7 +389,9 @@ class TransformersTracer(torch.fx.Tracer):
 
         def root(self_, *args):
             output = root_fn(self_, **dict(zip(names, args)), **extra, return_dict=True)
-            return {k: v for k, v in output.items() if v is not None}
+            # its tensors: T5Gemma returns its decoder's last hidden state again as a tuple, without
+            # output_hidden_states, which no caller of a graph asks for
+            return {k: v for k, v in output.items() if v is not None and type(v) not in (tuple, list)}
 
         root.__signature__ = inspect.Signature(
             [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -407,7 +413,12 @@ class TransformersTracer(torch.fx.Tracer):
             return a
         if kind is tuple or kind is list:
             return kind(self.create_arg(x) for x in a)
-        return super().create_arg(a)
+        node = super().create_arg(a)
+        if isinstance(a, torch.Tensor) and isinstance(node, torch.fx.Node) and "val" not in node.meta:
+            # a tensor the forward built from constants (T5Gemma's `torch.tensor(hidden_size**0.5)`), kept as a
+            # get_attr of the root: its metadata is its own
+            node.meta["val"] = _to_meta(a)
+        return node
 
     def proxy(self, node):
         return _TracedProxy(node, self)
@@ -491,6 +502,8 @@ class TransformersTracer(torch.fx.Tracer):
         return key
 
     def _run_meta(self, node, args, kwargs):
+        if node.op == "call_function" and node.target in self._leaf_functions:
+            return self._eager_meta(lambda state, a, k: node.target(*a, **k), {}, args, kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
@@ -559,7 +572,7 @@ class TransformersTracer(torch.fx.Tracer):
         if path is None:  # built on the fly inside a forward (e.g. CrossEntropyLoss): trace through it
             return forward(*args, **kwargs)
         self._path_stack.append(path)
-        mark, stack, calls = self.graph._root.prev, copy.copy(self.module_stack), dict(self.num_calls)
+        mark, stack, calls = self.mark()
         try:
             return super().call_module(m, forward, args, kwargs)
         except TraceError as e:
@@ -615,26 +628,85 @@ class TransformersTracer(torch.fx.Tracer):
         self.num_calls.update(calls)
         self._stack_snapshot = None
 
+    def function_leaf(self, error, where, fn, args, kwargs, mark):
+        """Record the call of a module-level model function as one `call_function` leaf running its eager
+        code, in place of its failed partial trace (LongT5's `_split_into_blocks` pads `if x.shape[dim] %
+        block_len != 0`), or re-raise `error` for the enclosing module where it cannot be one: its arguments
+        must be traced values and plain constants, which a graph holds."""
+        if not self.allow_leaves or not _recordable((args, kwargs)):
+            raise error
+        self._roll_back(*mark)
+        self._leaf_functions.add(fn)
+        name = f"{fn.__module__}.{fn.__qualname__}()"
+        try:
+            out = self.create_proxy("call_function", fn, args, kwargs)
+        except Exception:
+            self._roll_back(*mark)
+            raise error from None
+        self.leaves.setdefault(name, where)
+        return out
+
+    def mark(self):
+        """The state `_roll_back` returns to: the last node, the module stack and the module call counts."""
+        return self.graph._root.prev, copy.copy(self.module_stack), dict(self.num_calls)
+
     def _run_leaf(self, path, args, kwargs):
-        """A leaf's output metadata: its eager code on meta tensors, or on zeros of the same shapes where an
-        op cannot size its output on meta tensors (`nonzero`), outside the trace's patches."""
+        """A leaf module's output metadata (see `_eager_meta`)."""
         module = self._modules[path]
         state = dict(module.named_parameters(remove_duplicate=False))
         state.update(module.named_buffers(remove_duplicate=False))
+        return self._eager_meta(lambda weights, a, k: torch.func.functional_call(module, weights, a, k), state,
+                                args, kwargs)
+
+    def _eager_meta(self, run, state, args, kwargs):
+        """A leaf's output metadata: its eager code `run(state, args, kwargs)` on meta tensors, or on zeros of
+        the same shapes where an op cannot size its output on meta tensors (`nonzero`), outside the trace's
+        patches."""
         with self._restore_names(), _fx_patches_undone(), torch.no_grad():
             try:
                 meta = {k: _to_meta(v) for k, v in state.items()}
-                out = torch.func.functional_call(module, meta, args, kwargs)
+                out = run(meta, args, kwargs)
             except Exception:
                 real = torch.utils._pytree.tree_map_only(
                     torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype), (args, kwargs))
                 try:
                     zeros = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in state.items()}
-                    out = torch.func.functional_call(module, zeros, real[0], real[1])
+                    out = run(zeros, real[0], real[1])
                 except Exception:  # an op that wants dense weights (grouped_mm): real zeros, one leaf's worth
                     zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in state.items()}
-                    out = torch.func.functional_call(module, zeros, real[0], real[1])
+                    out = run(zeros, real[0], real[1])
         return torch.utils._pytree.tree_map_only(torch.Tensor, _to_meta, out)
+
+
+def _recordable(value) -> bool:
+    """Whether a function leaf's arguments are what a graph holds: traced values, plain constants, and
+    tuples, lists, dicts and slices of them (not a module, a config or a concrete tensor)."""
+    if isinstance(value, Proxy) or type(value) in _PLAIN_ARGS:
+        return True
+    if type(value) in (tuple, list):
+        return all(_recordable(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _recordable(v) for k, v in value.items())
+    if type(value) is slice:
+        return all(_recordable(v) for v in (value.start, value.stop, value.step))
+    return False
+
+
+def _function_leaf_wrapper(fn, tracer):
+    """`fn` for model code while tracing: its Python traced through, or, where it decides on traced values,
+    one call_function leaf (`TransformersTracer.function_leaf`), the innermost such function first."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        mark = tracer.mark()
+        try:
+            return fn(*args, **kwargs)
+        except TraceError as e:
+            where = getattr(e, "_fxconvert_leaf_where", None)
+            if where is None:
+                raise
+            return tracer.function_leaf(e, where, fn, args, kwargs, mark)
+    call.__wrapped_for_leaves__ = fn
+    return call
 
 
 class _Unkeyable(Exception):
@@ -806,6 +878,29 @@ class _MaskReplacements:
         return self._causal(runtime.sliding_window_causal_mask, inputs_embeds, attention_mask,
                             {"window": window, "dtype": _mask_dtype(config, inputs_embeds)})
 
+    def create_bidirectional_sliding_window_mask(self, config, inputs_embeds, attention_mask=None,
+                                                 encoder_hidden_states=None, cache=None, or_mask_function=None,
+                                                 and_mask_function=None, position_ids=None, **kwargs):
+        if or_mask_function is not None or and_mask_function is not None:
+            raise self.tracer.untraceable("a sliding-window mask with an or/and mask function is not recorded")
+        if attention_mask is None and (encoder_hidden_states is not None or position_ids is not None):
+            # transformers sizes it from the encoder states, or finds packed sequences in the position values
+            raise self.tracer.untraceable("a sliding-window mask without attention_mask is not recorded here")
+        window = getattr(config, "sliding_window", None)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise TraceError(f"a sliding-window mask needs config.sliding_window, a non-negative integer, not "
+                             f"{window!r}; set it in the config")
+        embeds = encoder_hidden_states if encoder_hidden_states is not None else inputs_embeds
+        return self.tracer.create_proxy("call_function", runtime.sliding_window_padding_mask,
+                                        (inputs_embeds, attention_mask),
+                                        {"window": window, "dtype": _mask_dtype(config, embeds)})
+
+    def create_recurrent_attention_mask(self, config, inputs_embeds, attention_mask=None, cache=None, **kwargs):
+        if attention_mask is None or attention_mask.ndim != 2:  # rank: a static fact of the traced value
+            return None
+        return self.tracer.create_proxy("call_function", runtime.recurrent_padding_mask,
+                                        (inputs_embeds, attention_mask), {})
+
     def _causal(self, leaf, inputs_embeds, attention_mask, kwargs):
         mask = self.tracer.create_proxy("call_function", leaf, (inputs_embeds, attention_mask), kwargs)
         if kwargs["dtype"] is None:
@@ -921,6 +1016,8 @@ def _leaf_replacements(model, tracer):
         "create_causal_mask": masks.create_causal_mask,
         "create_bidirectional_mask": masks.create_bidirectional_mask,
         "create_sliding_window_causal_mask": masks.create_sliding_window_causal_mask,
+        "create_bidirectional_sliding_window_mask": masks.create_bidirectional_sliding_window_mask,
+        "create_recurrent_attention_mask": masks.create_recurrent_attention_mask,
         "ALL_ATTENTION_FUNCTIONS": _AttentionFunctions(masks),
         "is_torchdynamo_compiling": traced_is_compiling,
     }
@@ -929,40 +1026,47 @@ def _leaf_replacements(model, tracer):
     builtins = {"isinstance": traced_isinstance}
     namespaces = {id(sys.modules[type(m).__module__].__dict__): sys.modules[type(m).__module__].__dict__
                   for m in model.modules() if type(m).__module__ in sys.modules}
-    saved, added = [], []
+    saved, added = [], []  # (namespace, name, original, replacement); (namespace, name, replacement)
 
     @contextlib.contextmanager
     def restore_names():  # while a leaf's eager code runs
-        for ns, name, original in saved:
+        for ns, name, original, _ in saved:
             ns[name] = original
-        popped = [(ns, name, ns.pop(name)) for ns, name in added if name in ns]
+        popped = [(ns, name, replacement) for ns, name, replacement in added if ns.pop(name, None) is not None]
         try:
             yield
         finally:
             for ns, name, replacement in popped:
                 ns[name] = replacement
-            for ns, name, original in saved:
-                ns[name] = replacements.get(name, builtins.get(name))
+            for ns, name, _, replacement in saved:
+                ns[name] = replacement
 
     tracer._restore_names = restore_names
     try:
         for ns in namespaces.values():
             for name, replacement in replacements.items():
                 if name in ns:
-                    saved.append((ns, name, ns[name]))
+                    saved.append((ns, name, ns[name], replacement))
                     ns[name] = replacement
-            if not ns.get("__name__", "").startswith("torch"):
-                for name, replacement in builtins.items():
-                    if name in ns:
-                        saved.append((ns, name, ns[name]))
-                    else:
-                        added.append((ns, name))
-                    ns[name] = replacement
+            module_name = ns.get("__name__", "")
+            if module_name.startswith("torch"):
+                continue
+            for name, value in list(ns.items()):  # the module's own functions: leaves where they must be
+                if inspect.isfunction(value) and value.__module__ == module_name and name not in replacements:
+                    wrapper = _function_leaf_wrapper(value, tracer)
+                    saved.append((ns, name, value, wrapper))
+                    ns[name] = wrapper
+            for name, replacement in builtins.items():
+                if name in ns:
+                    saved.append((ns, name, ns[name], replacement))
+                else:
+                    added.append((ns, name, replacement))
+                ns[name] = replacement
         yield
     finally:
-        for ns, name in added:
+        for ns, name, _ in added:
             ns.pop(name, None)
-        for ns, name, original in reversed(saved):
+        for ns, name, original, _ in reversed(saved):
             ns[name] = original
 
 

@@ -12,8 +12,8 @@ bias or norm fails. For each type:
 - convert: the kept output (the loss) and every gradient equal eager at 1e-5, at two shapes with
   padding, in eval and in train mode (dropout on, the same seed).
 
-Types that do not convert yet are marked xfail(strict) with the construct and source line their
-refusal names, so each such test fails once the type starts working.
+Every type of the list converts; a type that stops converting fails here with the one-line refusal
+naming the construct and the source line.
 """
 
 import functools
@@ -27,7 +27,6 @@ import torch
 import transformers
 
 from fxconvert import families
-from fxconvert.errors import TraceError
 from fxconvert.families import derived
 from fxconvert.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
 from fxconvert.trace import trace
@@ -50,18 +49,7 @@ KINDS = {"decoder": (transformers.AutoModelForCausalLM, CAUSAL_LM),
          "encoder-decoder": (transformers.AutoModelForSeq2SeqLM, SEQ2SEQ)}
 KIND = {**dict.fromkeys(DECODERS, "decoder"), **dict.fromkeys(ENCODERS, "encoder"),
         **dict.fromkeys(ENCODER_DECODERS, "encoder-decoder")}
-# Why a type is refused today: the construct and the source line its one-line refusal names. The module
-# that must run its eager code (a leaf) holds a tied weight, which a leaf cannot share.
-_TIED_LEAF = "`{}` ({}) decides on traced values, so '{}' must run as a leaf, but it holds the tied embedding"
-REFUSED = {
-    "modernbert": _TIED_LEAF.format("if kv_length + kv_offset - attention_mask.shape[-1] > 0", "masking_utils.py:229",
-                                    "model"),
-    "t5gemma": _TIED_LEAF.format("if kv_length + kv_offset - attention_mask.shape[-1] > 0",
-                                 "modeling_t5gemma.py:784", "model.decoder"),
-    "longt5": _TIED_LEAF.format("if x.shape[dim] % block_len != 0", "modeling_longt5.py:111", "encoder"),
-}
-TYPES = [pytest.param(t, marks=pytest.mark.xfail(strict=True, raises=TraceError, reason=REFUSED[t]))
-         if t in REFUSED else t for t in (*DECODERS, *ENCODERS, *ENCODER_DECODERS)]
+TYPES = [*DECODERS, *ENCODERS, *ENCODER_DECODERS]
 # (batch, encoder length, decoder length, padded tokens at the end of the first row)
 SHAPES = [(2, 7, 5, 2), (3, 12, 4, 3)]
 
