@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from fxconvert.errors import UsageError, describe_node
+from fxconvert.graph_utils import run_leaf_on_meta
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert import families
 
@@ -253,7 +254,10 @@ class _CostInterpreter(torch.fx.Interpreter):
             for table in (module._parameters, module._buffers):
                 for name, value in table.items():  # instance attributes shadow the module's tables
                     twin.__dict__[name] = self.meta(value)
-        return twin(*args, **kwargs)
+        try:
+            return twin(*args, **kwargs)
+        except Exception:  # a leaf whose eager code cannot run on meta tensors (an expert loop's grouped_mm)
+            return run_leaf_on_meta(self.fetch_attr(target), args, kwargs)
 
     def call_function(self, target, args, kwargs):
         if target is torch.nn.functional.embedding and kwargs.get("sparse"):
