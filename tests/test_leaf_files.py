@@ -24,6 +24,7 @@ import transformers
 from fxconvert.cli import main
 from fxconvert.families import derived
 from fxconvert.pipeline import PipelineError, load_pipeline
+from fxconvert.training.recompute import recompute_blocks
 
 import train_runs
 from helpers import grads_of
@@ -163,6 +164,31 @@ def test_model_and_stages_in_a_fresh_process_equal_eager_with_every_gradient(wri
         for name, grad in grads.items():
             torch.testing.assert_close(grad, by_id[id(params[name])], atol=1e-5, rtol=1e-4,
                                        msg=lambda m, name=name: f"{side} {name}: {m}")
+
+
+@pytest.mark.parametrize("written", ["mixtral"], indirect=True)
+def test_a_stage_with_leaves_runs_its_blocks_under_recompute(written):
+    """A rank re-traces a stage file's graph to recompute its blocks: a leaf stays one call (its expert loop
+    decides on values), and the loss and every gradient are those of the plain run."""
+    model_type, model, out = written
+    pipeline = load_pipeline(out)
+    inputs = inputs_for(model, pipeline.input_names)
+
+    def run(recompute):
+        stages = [pipeline.load_stage(i) for i in range(pipeline.num_stages)]
+        for i, (stage, spec) in enumerate(zip(stages, pipeline.stages)):
+            chosen = spec.blocks if recompute else ()
+            assert recompute_blocks(stage, spec.blocks, chosen, index=i) == chosen
+        values = stages[0](*(inputs[k] for k in pipeline.stages[0].inputs))
+        loss = stages[1](*values, **{k: inputs[k] for k in pipeline.stages[1].inputs})
+        loss.backward()
+        return {"loss": loss.detach(), **{f"{i}.{n}": p.grad for i, s in enumerate(stages)
+                                          for n, p in s.named_parameters()}}
+
+    plain, recomputed = run(False), run(True)
+    assert set(plain) == set(recomputed) and any("experts" in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # -- hostile ---------------------------------------------------------------------------------------
