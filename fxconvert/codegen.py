@@ -20,10 +20,15 @@ else raises `CodegenError` naming what and where.
 
 import ast
 import builtins
+import copy
+import importlib
 import inspect
+import json
 import keyword
 import math
+import pprint
 import re
+import textwrap
 import threading
 import types
 
@@ -170,7 +175,7 @@ from torch import nn
 LEAF_MODULES = {leaf_rows}
 # Tensors the graph reads directly (parameters unless marked as buffers): name -> (shape, dtype, is_parameter).
 TENSORS = {tensor_rows}
-# The shared weight(s) {wrapper} owns and passes to the graph, in the graph's order.
+{transformers_rows}# The shared weight(s) {wrapper} owns and passes to the graph, in the graph's order.
 SHARED_WEIGHTS = {shared_names}
 SHARED_WEIGHT_TENSORS = {shared_rows}
 # What load() reads: state-dict name -> key in the weights file.
@@ -196,7 +201,7 @@ class Graph(nn.Module):
         for name, (cls, kwargs) in LEAF_MODULES.items():
             owner, attr = _owner(self, name)
             owner.add_module(attr, getattr(nn, cls)(**kwargs))
-        for name, (shape, dtype, is_parameter) in TENSORS.items():
+{transformers_init}        for name, (shape, dtype, is_parameter) in TENSORS.items():
             owner, attr = _owner(self, name)
             tensor = torch.empty(shape, dtype=getattr(torch, dtype))
             if is_parameter:
@@ -246,18 +251,20 @@ def load(weights=None, device="cpu") -> {wrapper}:
                            f"it was not written with this file")
         state = {{name: f.get_tensor(key) for name, key in PARAMETERS.items()}}
     module.load_state_dict(state, assign=True)
-    return module.eval()
-'''
+{transformers_load}    return module.eval()
+{transformers_functions}'''
 
 # The names the template itself binds at module level; the forward's imports must not rebind them.
 _TEMPLATE_NAMES = {"os", "torch", "nn", "LEAF_MODULES", "TENSORS", "SHARED_WEIGHTS", "SHARED_WEIGHT_TENSORS",
-                   "PARAMETERS", "WEIGHTS", "_owner", "Graph", "build", "load"}
+                   "PARAMETERS", "WEIGHTS", "_owner", "Graph", "build", "load", "TRANSFORMERS_LEAVES",
+                   "TRANSFORMERS_VERSION", "LEAF_CONFIG", "_transformers_leaf", "_transformers_class",
+                   "_computed_buffers"}
 _DOC_SAFE = re.compile(r"[^\\\"\n]*")  # no backslash, no quote: nothing can end or escape the docstring
 
 
 def module_source(gm: torch.fx.GraphModule, *, filename: str, doc: str, constants: dict, wrapper: str,
                   wrapper_doc: str, graph_doc: str, signature: list[str], shared: dict, parameters: dict,
-                  weights: str, on_meta: bool, extra: str = "", wrap: str = "") -> str:
+                  weights: str, on_meta: bool, extra: str = "", wrap: str = "", config=None) -> str:
     """The text of an importable module for `gm` (see the module docstring).
 
     `doc`, `wrapper_doc` and `graph_doc` are fixed text and identifiers only; `constants`
@@ -265,9 +272,12 @@ def module_source(gm: torch.fx.GraphModule, *, filename: str, doc: str, constant
     forward parameters, passed on to the graph, then `shared` (name -> tensor, the
     shared weights the wrapper owns) and `self.training`. `parameters` maps the wrapper's
     state-dict names to keys in the weights file `weights`. `wrap` names a function in
-    `extra` that the wrapper's result passes through.
+    `extra` that the wrapper's result passes through. `config` is the model's transformers config,
+    which a graph with transformers leaves needs (`transformers_leaves`); `doc` should end with
+    `requirements(gm)`.
     """
-    leaves, tensors = _structure(gm)
+    leaves, tensors, foreign = _structure(gm)
+    rows = transformers_leaves(gm, foreign, config, filename)
     forward = forward_source(gm)
     head, _, body = forward.partition("\ndef forward(")
     lines = [line for line in head.splitlines() if line.strip() and line != "import torch"]
@@ -306,6 +316,7 @@ def module_source(gm: torch.fx.GraphModule, *, filename: str, doc: str, constant
         weights_default=weights if _DOC_SAFE.fullmatch(weights) and weights.isprintable() else "WEIGHTS",
         missing_hint="" if not on_meta else
         ": this conversion was made on the meta device, so no weights were written; use build()",
+        **_transformers_parts(rows, filename),
     )
     _check_module(text, filename)
     return text
@@ -373,8 +384,9 @@ def _indent(code: str) -> str:
 
 
 def _structure(gm: torch.fx.GraphModule):
-    """Leaf modules with constructor arguments, and tensors held by plain container modules."""
-    leaves, tensors = {}, {}
+    """torch.nn leaf modules with constructor arguments, tensors held by plain container modules, and the
+    leaves of other classes (path -> module)."""
+    leaves, tensors, foreign = {}, {}, {}  # foreign: leaves of other libraries' classes (transformers')
     leaf_prefixes = []
     for name, module in gm.named_modules():
         if any(name.startswith(p) for p in leaf_prefixes):
@@ -389,9 +401,12 @@ def _structure(gm: torch.fx.GraphModule):
                         raise CodegenError(f"generated code cannot restore the non-persistent buffer {name}.{attr}")
                     tensors[f"{name}.{attr}" if name else attr] = (tuple(t.shape), _dtype(t), False)
             continue
-        leaves[name] = (type(module).__name__, _constructor_args(name, module))
+        if getattr(torch.nn, type(module).__name__, None) is type(module):
+            leaves[name] = (type(module).__name__, _constructor_args(name, module))
+        else:
+            foreign[name] = module
         leaf_prefixes.append(name + ".")
-    return leaves, tensors
+    return leaves, tensors, foreign
 
 
 def _constructor_args(name: str, module: torch.nn.Module) -> dict:
@@ -423,3 +438,236 @@ def _constructor_args(name: str, module: torch.nn.Module) -> dict:
     if {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} != expected:
         raise CodegenError(f"cannot rebuild '{name}' ({cls.__name__}) from {args}: its tensors differ")
     return args
+
+
+# -- leaves that run transformers' own code --------------------------------------------------------
+# A leaf (`fxconvert.trace`) is one of the model's own transformers modules. A written file rebuilds
+# it as transformers does when it loads a checkpoint: its class, imported by name, built from the
+# model's config; then load() assigns its tensors from the weights file, and copies in the buffers its
+# constructor computes (a position table), which a checkpoint does not hold either. The class's module
+# and name and the config are repr() literals; the class must be transformers' own.
+
+_VERSION = re.compile(r"[0-9A-Za-z.+]+")
+_IMPLEMENTATION = re.compile(r"_[a-z]+_implementation_internal")
+
+_LEAF_ROWS = '''# Leaves that run transformers' own code, rebuilt as transformers builds them from LEAF_CONFIG:
+# module path -> (module, class, its config argument or None, the config's attribute path, other
+# arguments, whether its constructor computes buffers the weights file does not hold).
+TRANSFORMERS_LEAVES = {rows}
+TRANSFORMERS_VERSION = {version}
+# The model's config: (module, class, its to_dict() without the path it was loaded from, and the
+# implementations the model chose, which to_dict() leaves out: config path -> attribute -> value).
+LEAF_CONFIG = {config}
+'''
+
+_LEAF_INIT = '''        for name in TRANSFORMERS_LEAVES:
+            owner, attr = _owner(self, name)
+            owner.add_module(attr, _transformers_leaf(name))
+'''
+
+_LEAF_LOAD = '''    for name, row in TRANSFORMERS_LEAVES.items():
+        if row[5]:
+            with torch.device(device):
+                _computed_buffers(module.graph_module.get_submodule(name), _transformers_leaf(name))
+'''
+
+_LEAF_FUNCTIONS = '''
+
+def _transformers_class(module_name, class_name, leaf):
+    """transformers' class `module_name.class_name`; one line naming leaf `leaf` and the fix if it cannot be."""
+    import importlib
+
+    where = f"{module_name}.{class_name}"
+    if module_name != "transformers" and not module_name.startswith("transformers."):
+        raise ImportError(f"the leaf {leaf} names {where}, which is not transformers' own; this file was "
+                          f"altered: convert again")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ImportError(f"the leaf {leaf} needs transformers {TRANSFORMERS_VERSION}'s {where}, which cannot be "
+                          f"imported ({type(e).__name__}: {first}); install transformers {TRANSFORMERS_VERSION}"
+                          ) from None
+    if not isinstance(cls, type):
+        raise ImportError(f"the leaf {leaf} names {where}, which is not a class; this file was altered: "
+                          f"convert again")
+    return cls
+
+
+def _transformers_leaf(name):
+    """Leaf `name`, built by its transformers class from LEAF_CONFIG (its tensors are load()'s)."""
+    if name not in TRANSFORMERS_LEAVES:
+        raise KeyError(f"{name} is not a leaf of this file")
+    module_name, class_name, config_argument, config_path, kwargs, _ = TRANSFORMERS_LEAVES[name]
+    cls = _transformers_class(module_name, class_name, name)
+    if not issubclass(cls, nn.Module):
+        raise ImportError(f"the leaf {name} names {module_name}.{class_name}, which is not a module; this file "
+                          f"was altered: convert again")
+    if config_argument is not None:
+        import copy
+
+        config = _transformers_class(LEAF_CONFIG[0], LEAF_CONFIG[1], name).from_dict(copy.deepcopy(LEAF_CONFIG[2]))
+        for path, chosen in LEAF_CONFIG[3].items():
+            part = config
+            for attr in path:
+                part = getattr(part, attr)
+            for attr, value in chosen.items():
+                setattr(part, attr, value)
+        for attr in config_path:
+            config = getattr(config, attr)
+        kwargs = {**kwargs, config_argument: config}
+    return cls(**kwargs)
+
+
+def _computed_buffers(leaf, fresh):
+    """The buffers `fresh`'s constructor computed and no weights file holds, put into `leaf`."""
+    modules = dict(leaf.named_modules())
+    for path, module in fresh.named_modules():
+        for buffer in module._non_persistent_buffers_set:
+            if module._buffers.get(buffer) is not None:
+                modules[path]._buffers[buffer] = module._buffers[buffer]
+'''
+
+
+def requirements(gm: torch.fx.GraphModule) -> str:
+    """The sentence a written file's docstring ends with: what it needs to run, transformers only for leaves."""
+    foreign = _structure(gm)[2]
+    if not foreign:
+        return "Needs torch, safetensors and fxconvert.runtime; not transformers."
+    import transformers
+
+    if not _VERSION.fullmatch(transformers.__version__):
+        raise CodegenError(f"cannot write transformers' version {transformers.__version__!r} into a docstring")
+    return textwrap.fill(f"Needs torch, safetensors and fxconvert.runtime, and needs transformers "
+                         f"{transformers.__version__} for the leaves: {', '.join(foreign)}.", width=92)
+
+
+def transformers_leaves(gm: torch.fx.GraphModule, foreign: dict, config, filename: str) -> dict:
+    """Per leaf of a transformers class in `gm` (`foreign`), its TRANSFORMERS_LEAVES row, checked by
+    rebuilding it on the meta device from the config as the file will (see the comment above)."""
+    if not foreign:
+        return {}
+    import transformers
+
+    path = next(iter(foreign))
+    if config is None or not isinstance(config, transformers.PretrainedConfig):
+        raise CodegenError(f"cannot write {filename}: the leaf '{path}' is rebuilt from the model's transformers "
+                           f"config, and this conversion holds none")
+    config_class = type(config)
+    values = json.loads(config.to_json_string(use_diff=False))
+    values.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
+    if not is_literal(values):
+        raise CodegenError(f"cannot write {filename}: the config of the leaf '{path}' has a value that is not a "
+                           f"plain literal")
+    rebuilt_config = config_class.from_dict(copy.deepcopy(values))
+    chosen = {}  # the implementations the model chose (attention, experts): to_dict() leaves them out
+    for config_path in _config_paths(config):
+        part = _follow(config, config_path)
+        found = {k: v for k, v in vars(part).items() if _IMPLEMENTATION.fullmatch(k) and is_literal(v)}
+        if found:
+            chosen[config_path] = found
+            for k, v in found.items():
+                setattr(_follow(rebuilt_config, config_path), k, v)
+    rows = {}
+    for name, module in foreign.items():
+        rows[name] = _leaf_row(name, module, config, rebuilt_config)
+    return {"rows": rows, "version": transformers.__version__,
+            "config": (_class_path(config_class, path)[0], config_class.__qualname__, values, chosen)}
+
+
+def _class_path(cls, leaf: str) -> tuple[str, str]:
+    """The module and name of transformers' class `cls`, checked to import back as `cls`."""
+    module_name, name = cls.__module__, cls.__qualname__
+    if not (isinstance(module_name, str) and (module_name == "transformers" or module_name.startswith(
+            "transformers.")) and _is_dotted(module_name) and is_identifier(name)):
+        raise CodegenError(f"cannot write the leaf '{leaf}': its class {module_name}.{name} is not transformers' "
+                           f"own, which a written file can rebuild; convert with leaves=False (--no-leaves) to see "
+                           f"why it is a leaf")
+    if getattr(importlib.import_module(module_name), name, None) is not cls:
+        raise CodegenError(f"cannot write the leaf '{leaf}': its class {module_name}.{name} does not import back "
+                           f"under that name")
+    return module_name, name
+
+
+def _leaf_row(path: str, module: torch.nn.Module, config, rebuilt_config) -> tuple:
+    """(module, class, config argument, config path, other arguments, computes buffers) for leaf `path`."""
+    cls = type(module)
+    module_name, class_name = _class_path(cls, path)
+    config_argument, kwargs = None, {}
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
+            continue
+        if p.name == "config":
+            config_argument = p.name
+        elif hasattr(module, p.name) and is_literal(getattr(module, p.name)):
+            kwargs[p.name] = getattr(module, p.name)
+        elif p.default is p.empty:
+            raise CodegenError(f"cannot rebuild the leaf '{path}' ({class_name}): no attribute holds its argument "
+                               f"{p.name}")
+    # The config the model built it from: the model's, or one of its parts (a text or encoder config).
+    paths = _config_paths(config)
+    if config_argument is not None and isinstance(getattr(module, "config", None), _config_base()):
+        paths = [p for p in paths if _follow(config, p) is module.config]
+    for config_path in paths if config_argument is not None else [()]:
+        arguments = {**kwargs, **({config_argument: _follow(rebuilt_config, config_path)} if config_argument else {})}
+        try:
+            with torch.device("meta"):
+                rebuilt = cls(**arguments)
+        except Exception:  # noqa: BLE001 - a config part it was not built from
+            continue
+        if _same_build(module, rebuilt):
+            computes = any(m._non_persistent_buffers_set for m in module.modules())
+            return module_name, class_name, config_argument, config_path, kwargs, computes
+    raise CodegenError(f"cannot rebuild the leaf '{path}' ({class_name}) from the model's config: what it builds "
+                       f"differs from the model's module")
+
+
+def _config_base():
+    import transformers
+
+    return transformers.PretrainedConfig
+
+
+def _config_paths(config) -> list[tuple]:
+    """The model's config and its parts (a text, encoder or decoder config), as attribute paths."""
+    return [()] + [(k,) for k, v in vars(config).items() if isinstance(v, _config_base()) and is_identifier(k)]
+
+
+def _follow(config, path: tuple):
+    for attr in path:
+        config = getattr(config, attr)
+    return config
+
+
+def _same_build(module: torch.nn.Module, rebuilt: torch.nn.Module) -> bool:
+    """The same tensors (names and shapes) and the same plain settings (attributes that are literals)."""
+    if {k: tuple(v.shape) for k, v in module.state_dict().items()} != \
+            {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}:
+        return False
+    for (_, a), (_, b) in zip(module.named_modules(), rebuilt.named_modules()):
+        settings = {k: v for k, v in vars(a).items() if not k.startswith("_") and k != "training" and is_literal(v)}
+        if settings != {k: v for k, v in vars(b).items() if k in settings}:
+            return False
+    return True
+
+
+def _transformers_parts(leaves: dict, filename: str) -> dict:
+    """The template's pieces for transformers leaves (all empty without them)."""
+    if not leaves:
+        return dict.fromkeys(("transformers_rows", "transformers_init", "transformers_load",
+                              "transformers_functions"), "")
+    return {
+        "transformers_rows": _LEAF_ROWS.format(
+            rows=_literal(leaves["rows"], f"{filename}: TRANSFORMERS_LEAVES"), version=repr(leaves["version"]),
+            config=_literal_block(leaves["config"], f"{filename}: LEAF_CONFIG")),
+        "transformers_init": _LEAF_INIT,
+        "transformers_load": _LEAF_LOAD,
+        "transformers_functions": _LEAF_FUNCTIONS,
+    }
+
+
+def _literal_block(value, where: str) -> str:
+    """repr() of a literal, laid out over lines (pprint), for a long value such as a config."""
+    if not is_literal(value):
+        raise CodegenError(f"cannot write {where}: a value is not a plain literal")
+    return pprint.pformat(value, width=110, sort_dicts=False)

@@ -13,8 +13,8 @@ writers and the report):
 - `model` and `source`: the traced model (it shares its parameters with `module`) and,
   when it was loaded by name, where it came from (`fxconvert.load`).
 - `leaves`: the modules that run their eager code as one `call_module` node (path -> the
-  source line that forced it; `fxconvert.trace`). Writing such a graph is refused
-  (`refuse_leaves`): its code would need transformers at run time.
+  source line that forced it; `fxconvert.trace`). The files written for such a graph
+  import transformers to rebuild them (`fxconvert.codegen`).
 
 The public `fxconvert.convert(model)` and `Conversion.save(dir)` live a layer up, in
 `fxconvert.workflow`, which runs load -> trace -> passes -> validate -> split -> save.
@@ -28,7 +28,6 @@ import torch
 import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from fxconvert.errors import FxConvertError
 from fxconvert.analysis import count_kinds, find_shared_parameters, output_names, placeholder_names
 from fxconvert.graph_info import graph_info
 from fxconvert.passes import default_passes
@@ -171,11 +170,3 @@ def convert_traced(model: torch.nn.Module, traced: TraceResult, *, output: str |
         leaves=dict(traced.leaves),
     )
 
-
-def refuse_leaves(conversion: ConvertedGraph, doing: str) -> None:
-    """Refuse to write or split a conversion with leaves: its code would call transformers' modules."""
-    if conversion.leaves:
-        paths = ", ".join(conversion.leaves)
-        raise FxConvertError(f"{conversion.model_class} has leaves (module paths {paths}); {doing} it needs "
-                             f"transformers at run time, not supported yet; pass --no-leaves (leaves=False) to "
-                             f"see the refusal, or use fxconvert.convert in Python")

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from fxconvert.errors import UsageError, describe_node
+from fxconvert.graph_utils import run_leaf_on_meta
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 from fxconvert import families
 
@@ -222,7 +223,10 @@ class _CostInterpreter(torch.fx.Interpreter):
     """Runs the graph on meta tensors, naming the running node for the op counter and the saved-tensor hook.
 
     Leaf modules and attributes are read through meta twins: one meta leaf tensor (requiring
-    grad as the parameter does) per parameter, so a parameter used twice stays one tensor.
+    grad as the parameter does) per parameter, so a parameter used twice stays one tensor. A
+    leaf that runs transformers' code (`fxconvert.trace`) and cannot run on meta tensors is
+    priced by a run on zeros of the same shapes (`graph_utils.run_leaf_on_meta`), its backward
+    as free.
     """
 
     def __init__(self, gm, counter: _OpCounter):
@@ -233,6 +237,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         self._owner: dict = {}  # autograd node -> NodeCost of the fx node that created it
         self._meta: dict = {}  # id(tensor) -> its meta twin
         self._twins: dict = {}  # module path -> meta twin of that leaf module
+        self._reads: dict = {}  # module path -> what that module reads: its tensors' twins (and other attributes)
         self.weights: set = set()  # storages of the twins: parameters are not activations
 
     def meta(self, value):
@@ -246,14 +251,32 @@ class _CostInterpreter(torch.fx.Interpreter):
         return twin
 
     def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if next(iter(module.children()), None) is not None:  # a leaf of transformers' own, with submodules
+            return self._call_leaf(module, target, args, kwargs)
         twin = self._twins.get(target)
         if twin is None:
-            module = self.fetch_attr(target)
             twin = self._twins[target] = copy.copy(module)
             for table in (module._parameters, module._buffers):
                 for name, value in table.items():  # instance attributes shadow the module's tables
                     twin.__dict__[name] = self.meta(value)
-        return twin(*args, **kwargs)
+            self._reads[target] = list(twin.__dict__.values())
+        try:
+            return twin(*args, **kwargs)
+        except Exception:  # a leaf whose eager code cannot run on meta tensors (an expert loop's grouped_mm)
+            return run_leaf_on_meta(module, args, kwargs)
+
+    def _call_leaf(self, module, target, args, kwargs):
+        """A module with submodules: every tensor below it as its meta twin (a shallow twin would share the
+        submodules' real tensors); where its code cannot run on meta tensors, `run_leaf_on_meta`."""
+        state = dict(module.named_parameters(remove_duplicate=False))
+        state.update(module.named_buffers(remove_duplicate=False))
+        state = {name: self.meta(t) for name, t in state.items()}
+        self._reads[target] = list(state.values())
+        try:
+            return torch.func.functional_call(module, state, args, kwargs)
+        except Exception:  # noqa: BLE001 - an op without a meta kernel for data-dependent sizes
+            return run_leaf_on_meta(module, args, kwargs)
 
     def call_function(self, target, args, kwargs):
         if target is torch.nn.functional.embedding and kwargs.get("sparse"):
@@ -277,8 +300,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.values[n] = value
         self._claim(value, cost)
         reads = [self.values.get(a) for a in n.all_input_nodes]
-        reads += [value] if n.op == "get_attr" else list(self._twins[n.target].__dict__.values()) \
-            if n.op == "call_module" else []
+        reads += [value] if n.op == "get_attr" else self._reads[n.target] if n.op == "call_module" else []
         for t in pytree.tree_leaves(reads):
             if isinstance(t, torch.Tensor) and t.requires_grad and t.untyped_storage()._cdata in self.weights:
                 cost.weights[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()

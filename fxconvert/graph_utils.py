@@ -1,4 +1,4 @@
-"""Small graph-editing helpers shared by the tracer and the passes."""
+"""Small graph-editing helpers shared by the tracer and the passes, and how a leaf runs on meta tensors."""
 
 import contextlib
 import gc
@@ -118,3 +118,92 @@ def bind_containers(gm: torch.fx.GraphModule) -> None:
         for name in _BOUND_METHODS:
             setattr(cls, name, getattr(BoundContainer, name))
         gm.__dict__.update(gm._modules)
+
+
+# -- leaves on meta tensors --------------------------------------------------------------------
+
+
+def leaf_outputs(module: torch.nn.Module, args, kwargs):
+    """What leaf `module` returns for `args` and `kwargs` (meta tensors), as meta tensors, without its weights
+    (see `eager_outputs`)."""
+    state = dict(module.named_parameters(remove_duplicate=False))
+    state.update(module.named_buffers(remove_duplicate=False))
+    return eager_outputs(lambda weights, a, k: torch.func.functional_call(module, weights, a, k), state, args, kwargs)
+
+
+def eager_outputs(run, state: dict, args, kwargs):
+    """What eager code `run(state, args, kwargs)` returns for meta `args` and `kwargs`, as meta tensors.
+
+    It runs on meta copies of the tensors in `state`; where an op cannot size its output on meta
+    tensors (`nonzero`, or `grouped_mm`, whose meta kernel wants bf16), on zeros of the same
+    shapes (the weights expanded from one zero, so no memory), and for an op that wants dense
+    weights, on real zeros (one leaf's worth). No gradient is recorded.
+    """
+    with torch.no_grad():
+        try:
+            meta = {k: torch.empty_like(v, device="meta") for k, v in state.items()}
+            out = run(meta, args, kwargs)
+        except Exception:
+            real = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype), (args, kwargs))
+            try:
+                zeros = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in state.items()}
+                out = run(zeros, real[0], real[1])
+            except Exception:
+                zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in state.items()}
+                out = run(zeros, real[0], real[1])
+    return torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.detach() if t.device.type == "meta" else torch.empty_like(t, device="meta"), out)
+
+
+class _LeafOnMeta(torch.autograd.Function):
+    """A leaf's meta outputs, joined to its tensor inputs for autograd (their gradients are zeros), so a
+    backward on meta tensors still reaches the nodes before the leaf."""
+
+    @staticmethod
+    def forward(ctx, outputs, *inputs):
+        ctx.inputs = [(t.shape, t.dtype) if t.is_floating_point() else None for t in inputs]
+        return tuple(t.clone() for t in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *(None if s is None else torch.zeros(s[0], dtype=s[1], device="meta") for s in ctx.inputs))
+
+
+def run_leaf_on_meta(module: torch.nn.Module, args, kwargs=None):
+    """Leaf `module` called on meta `args`: its outputs as `leaf_outputs` computes them, with a gradient path
+    back to the inputs that need one (a meta backward then prices everything before the leaf)."""
+    kwargs = kwargs or {}
+    out = leaf_outputs(module, args, kwargs)
+    inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not inputs or not torch.is_grad_enabled():
+        return out
+    flat, spec = torch.utils._pytree.tree_flatten(out)
+    tensors = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    joined = _LeafOnMeta.apply([flat[i] for i in tensors], *inputs)
+    for i, t in zip(tensors, joined):
+        flat[i] = t
+    return torch.utils._pytree.tree_unflatten(flat, spec)
+
+
+class MetaLeaf(torch.nn.Module):
+    """Stands in for a leaf in a copy of a graph run on meta tensors (`run_leaf_on_meta`)."""
+
+    def __init__(self, leaf: torch.nn.Module):
+        super().__init__()
+        self.leaf = leaf
+
+    def forward(self, *args, **kwargs):
+        return run_leaf_on_meta(self.leaf, args, kwargs)
+
+
+def leaves_on_meta(gm: torch.nn.Module, paths) -> None:
+    """Replace the leaves at `paths` in `gm` (a copy about to run on meta tensors) by `MetaLeaf`s."""
+    for path in paths:
+        try:
+            leaf = gm.get_submodule(path)
+        except AttributeError:
+            continue  # not in this stage
+        parent, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, MetaLeaf(leaf))

@@ -31,11 +31,12 @@ import torch
 
 import fxconvert
 from fxconvert import families, manifest
-from fxconvert.codegen import check_names, module_source
+from fxconvert.codegen import check_names, module_source, requirements
 from fxconvert.convert import ConvertedGraph
 from fxconvert.errors import UsageError, printable
 from fxconvert.families import stored
 from fxconvert.files import read_copyable, roots_of, why_not_copyable
+from fxconvert.graph_utils import leaves_on_meta
 from fxconvert.inputs import SIZE_PROBES, build_inputs, meta_twins
 from fxconvert.report import stages_section
 from fxconvert.save import WEIGHTS_FILE
@@ -65,8 +66,8 @@ first stage, by keyword on later ones), and returns {returns}.
 
 `build()` gives the module without weights (on the meta device). Copies of a shared weight
 stay equal only if their gradients are summed over the stages that hold them before each
-optimizer step. pipeline.json describes every stage. Needs torch, safetensors and
-fxconvert.runtime; not transformers.
+optimizer step. pipeline.json describes every stage.
+{needs}
 """
 
 _SENT_FUNCTION = '''
@@ -88,8 +89,9 @@ def stage_parameters(stages: Stages, index: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def stage_sources(stages: Stages) -> dict[str, str]:
-    """`stage_<i>.py` -> its text: a module a user imports on its own, as model.py (see the docstrings)."""
+def stage_sources(stages: Stages, config=None) -> dict[str, str]:
+    """`stage_<i>.py` -> its text: a module a user imports on its own, as model.py (see the docstrings).
+    `config`, the model's transformers config, rebuilds the leaves of a stage that has some."""
     num_stages = len(stages.specs)
     on_meta = any(t.device.type == "meta" for t in stages.state_dict().values())
     (model_class,) = check_names("the model class name", [stages.model_class or "Model"])
@@ -105,6 +107,7 @@ def stage_sources(stages: Stages) -> dict[str, str]:
             blocks=", ".join(spec.blocks),
             returns=f"the model's output, `{output}`" if last else "the values in SENT, as a tuple of contiguous tensors",
             usage=f"{output if last else 'sent'} = stage({', '.join(arguments)})",
+            needs=requirements(gm),
         )
         constants = {
             "STAGE": spec.index,
@@ -124,17 +127,17 @@ def stage_sources(stages: Stages) -> dict[str, str]:
             graph_doc="the received values, then the model inputs",
             signature=received + inputs, shared={n: getattr(stages, n) for n in spec.shared_weights},
             parameters=parameters, weights=WEIGHTS_FILE, on_meta=on_meta,
-            extra="" if last else _SENT_FUNCTION, wrap="" if last else "_sent",
+            extra="" if last else _SENT_FUNCTION, wrap="" if last else "_sent", config=config,
         )
     return sources
 
 
-def write_stage_sources(stages: Stages, directory) -> list[Path]:
+def write_stage_sources(stages: Stages, directory, config=None) -> list[Path]:
     """Write the `stage_<i>.py` files into `directory`; return the paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, text in stage_sources(stages).items():
+    for name, text in stage_sources(stages, config).items():
         (directory / name).write_text(text)
         paths.append(directory / name)
     return paths
@@ -269,6 +272,7 @@ def _sent_values(stages: Stages, conversion: ConvertedGraph, sizes: dict) -> lis
     with torch.no_grad():
         for spec, gm in zip(stages.specs, stages.stages):
             meta = copy.deepcopy(gm, dict(memo))
+            leaves_on_meta(meta, conversion.leaves)
             args = (*values, *(inputs[n] for n in spec.inputs), *(memo[id(getattr(stages, w))]
                                                                    for w in spec.shared_weights), False)
             values = meta(*args) if spec.sent else ()
@@ -356,7 +360,7 @@ def pipeline_files(stages, conversion) -> dict[str, str | bytes]:
     if model is None or getattr(model, "config", None) is None:
         raise UsageError("this conversion holds no transformers model, so config.json cannot be written; "
                          "convert the model with fxconvert.convert")
-    files: dict[str, str | bytes] = dict(stage_sources(stages))
+    files: dict[str, str | bytes] = dict(stage_sources(stages, model.config))
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)  # where this process loaded it from, not part of the model
     config["architectures"] = [conversion.model_class]

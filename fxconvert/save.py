@@ -5,8 +5,9 @@
   arguments) and directly-held tensors, the class that rebuilds that structure, the
   generated `forward`, a wrapper that owns the shared weight(s) like
   `fxconvert.ConvertedModule`, and `build()` / `load()`. It imports torch, safetensors and
-  `fxconvert.runtime`, never transformers. User text (the source path) is only in the
-  repr() literal SOURCE.
+  `fxconvert.runtime`, and transformers only for a conversion with leaves, to rebuild them
+  (its docstring then says which version and which leaves). User text (the source path) is
+  only in the repr() literal SOURCE.
 - weights.safetensors is the state dict of `Conversion.module`: each shared weight once,
   under its placeholder name, the rest under `graph_module.<eager name>`. A model on the
   meta device has no weights, so the file is not written.
@@ -41,7 +42,7 @@ import torch
 
 import fxconvert
 from fxconvert import atomic_dir
-from fxconvert.codegen import check_names, module_source
+from fxconvert.codegen import check_names, module_source, requirements
 from fxconvert.errors import FxConvertError, UsageError
 from fxconvert.report import render
 from fxconvert.signals import deferred
@@ -293,7 +294,8 @@ SOURCE says where the model and its weights came from.
     {output} = m({call})
 
 `build()` gives the same module without weights (on the meta device), which is all a
-partitioner needs. Needs torch, safetensors and fxconvert.runtime; not transformers.
+partitioner needs.
+{needs}
 """
 
 
@@ -315,6 +317,7 @@ def model_source(conversion) -> str:
                               f"{', '.join(shared) or '(none)'}, then `training`; it returns `{output}`.", width=92),
         output=output,
         call=", ".join(f"{n}={n}" for n in names),
+        needs=requirements(conversion.graph_module),
     )
     constants = {
         "INPUT_NAMES": tuple(names),
@@ -327,5 +330,5 @@ def model_source(conversion) -> str:
         conversion.graph_module, filename=MODEL_FILE, doc=doc, constants=constants, wrapper="Converted",
         wrapper_doc="Owns the shared weight(s) and passes them, with `self.training`, to the graph.",
         graph_doc="the model inputs", signature=names, shared=shared, parameters={k: k for k in state},
-        weights=WEIGHTS_FILE, on_meta=_on_meta(conversion.module),
+        weights=WEIGHTS_FILE, on_meta=_on_meta(conversion.module), config=getattr(conversion.model, "config", None),
     )

@@ -8,7 +8,9 @@ file is imported by index only: a manifest cannot name another file.
 
 This is the rank's side of the data path, so it imports neither the converter (tracer,
 passes, stage splitting) nor transformers: the stage files need torch, safetensors and
-`fxconvert.runtime`. The converter's side, which writes these files, is `fxconvert.pipeline`.
+`fxconvert.runtime`, and a stage with leaves imports transformers when it is loaded, to
+rebuild them (`fxconvert.codegen`). The converter's side, which writes these files, is
+`fxconvert.pipeline`.
 """
 
 import importlib.util
@@ -92,6 +94,8 @@ class Pipeline:
         except KeyboardInterrupt:
             raise
         except BaseException as e:  # noqa: BLE001 - safetensors, torch and the file itself raise many kinds
+            if isinstance(e, ImportError):  # a leaf's transformers class (the message names it and the fix)
+                raise PipelineError(f"stage {index}: {printable(first_line(e))}") from e
             if isinstance(e, FileNotFoundError) and not weights.exists():
                 problem = str(e) if "meta device" in str(e) else f"{weights} is missing"
             elif isinstance(e, (KeyError, RuntimeError)) and _mismatch(e, weights.name, path.name):

@@ -59,7 +59,7 @@ from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes, meta_twins
 from fxconvert.cost import Sizes, analyze
 from fxconvert.convert import ConvertedGraph, ConvertedModule
 from fxconvert.errors import FxConvertError, UsageError, describe_node
-from fxconvert.graph_utils import is_impure
+from fxconvert.graph_utils import is_impure, leaves_on_meta
 from fxconvert.passes.lift_shared_weights_pass import sparse_embedding_gradients
 from fxconvert.passes.lift_training_flag_pass import PLACEHOLDER as TRAINING
 
@@ -657,6 +657,7 @@ def _meta_values(conversion: ConvertedGraph, sizes: dict, names: set) -> dict:
                           lengths={k: v for k, v in sizes.items() if k != "batch"}, hidden=hidden, dtype=dtype,
                           meta=True)
     meta_gm = copy.deepcopy(gm, meta_twins([*gm.parameters(), *gm.buffers()]))
+    leaves_on_meta(meta_gm, conversion.leaves)
     shared = [torch.empty_like(getattr(conversion.module, n), device="meta") for n in conversion.module.shared_names]
     interpreter = torch.fx.Interpreter(meta_gm, garbage_collect_values=False)
     with torch.no_grad():

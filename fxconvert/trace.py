@@ -55,7 +55,8 @@ from fxconvert import families, runtime
 from fxconvert.errors import FxConvertError, InputNameError, TraceError, with_article
 from fxconvert.graph_info import GraphInfo, set_graph_info
 from fxconvert.inputs import SIZE_PROBES, build_inputs, config_sizes
-from fxconvert.graph_utils import bind_containers, eliminate_dead_code, gc_paused, is_impure
+from fxconvert.graph_utils import (bind_containers, eager_outputs, eliminate_dead_code, gc_paused, is_impure,
+                                   leaf_outputs)
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -651,31 +652,16 @@ class TransformersTracer(torch.fx.Tracer):
         return self.graph._root.prev, copy.copy(self.module_stack), dict(self.num_calls)
 
     def _run_leaf(self, path, args, kwargs):
-        """A leaf module's output metadata (see `_eager_meta`)."""
-        module = self._modules[path]
-        state = dict(module.named_parameters(remove_duplicate=False))
-        state.update(module.named_buffers(remove_duplicate=False))
-        return self._eager_meta(lambda weights, a, k: torch.func.functional_call(module, weights, a, k), state,
-                                args, kwargs)
+        """A leaf module's output metadata, from its eager code (`graph_utils.leaf_outputs`), outside the
+        trace's patches."""
+        with self._restore_names(), _fx_patches_undone():
+            return leaf_outputs(self._modules[path], args, kwargs)
 
     def _eager_meta(self, run, state, args, kwargs):
-        """A leaf's output metadata: its eager code `run(state, args, kwargs)` on meta tensors, or on zeros of
-        the same shapes where an op cannot size its output on meta tensors (`nonzero`), outside the trace's
-        patches."""
-        with self._restore_names(), _fx_patches_undone(), torch.no_grad():
-            try:
-                meta = {k: _to_meta(v) for k, v in state.items()}
-                out = run(meta, args, kwargs)
-            except Exception:
-                real = torch.utils._pytree.tree_map_only(
-                    torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype), (args, kwargs))
-                try:
-                    zeros = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in state.items()}
-                    out = run(zeros, real[0], real[1])
-                except Exception:  # an op that wants dense weights (grouped_mm): real zeros, one leaf's worth
-                    zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in state.items()}
-                    out = run(zeros, real[0], real[1])
-        return torch.utils._pytree.tree_map_only(torch.Tensor, _to_meta, out)
+        """A function leaf's output metadata, from its eager code (`graph_utils.eager_outputs`), outside the
+        trace's patches."""
+        with self._restore_names(), _fx_patches_undone():
+            return eager_outputs(run, state, args, kwargs)
 
 
 def _recordable(value) -> bool:

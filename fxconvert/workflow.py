@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxconvert.convert import ConvertedGraph, convert_traced, refuse_leaves
+from fxconvert.convert import ConvertedGraph, convert_traced
 from fxconvert.errors import UsageError, with_article
 from fxconvert.graph_info import graph_info
 from fxconvert.graph_utils import gc_paused
@@ -164,7 +164,8 @@ def convert(model: "torch.nn.Module | str | os.PathLike", *, input_names=None, o
     `keep_traced_code` keeps the code as traced, before the passes, in
     `Conversion.traced_code` (for a diff; generating it costs a tenth of a conversion).
     A submodule whose Python decides on traced values runs its eager code as one leaf
-    (`Conversion.leaves`; such a conversion cannot be saved yet); `leaves=False` refuses it.
+    (`Conversion.leaves`; the files written for it import transformers to rebuild it); `leaves=False`
+    refuses it.
     """
     options = Options(input_names=input_names, output=output, offline=offline, meta=meta, attn=attn, seed=seed,
                       dtype=dtype, allow_random=allow_random, keep_traced_code=keep_traced_code, leaves=leaves)
@@ -200,7 +201,6 @@ def run(source, out_dir, *, options: Options = Options(), validation: Validation
                       force_name=options.force_name)  # before any work
     if not isinstance(source, ConvertedGraph):
         conversion = _converted(source, options, progress, timings)
-    refuse_leaves(conversion, "writing")
     result = Result(conversion, sections=[build(conversion) for asked, build in OPTIONAL_SECTIONS if asked(options)])
     result.validation = _validation(conversion, options, validation, progress, timings)
     if options.stages is not None:
@@ -321,7 +321,6 @@ def split(source, num_stages: int, *, offline: bool = False, seed: int = 0, allo
         source, offline=offline, seed=seed, allow_random=allow_random)
     if check is not None:
         check(conversion)
-    refuse_leaves(conversion, "splitting")
     stages = split_stages(conversion, num_stages, optimizer=optimizer)
     files = {name: text for name, text in pipeline_files(stages, conversion).items() if not name.startswith("stage_")}
     return Split(conversion, stages, files, skipped_tokenizer_files(conversion.source),

@@ -2,9 +2,9 @@
 
 Mixtral's expert loop (transformers' `integrations/moe.py`) sorts and counts tokens per expert, so its
 `experts` modules become leaves; equality with eager, outputs and every gradient, is the conformance
-suite's (tests/test_conformance_derived.py). Here: what the conversion says of its leaves, the strict
-refusal `leaves=False` keeps, the refusals of a leaf with a shared weight and of writing a conversion with
-leaves, and the training-only random draws a derived record refuses.
+suite's (tests/test_conformance_derived.py); the files written for leaves, tests/test_leaf_files.py. Here:
+what the conversion says of its leaves, the strict refusal `leaves=False` keeps, the refusal of a leaf with
+a shared weight, and the training-only random draws a derived record refuses.
 
 A model function (one defined in the model's own modeling module) that decides on traced values runs its
 eager code as one `call_function` node instead, so a module holding a tied embedding need not be a leaf
@@ -20,11 +20,11 @@ import transformers
 
 from fxconvert import runtime
 from fxconvert.cli import main
-from fxconvert.errors import FxConvertError, TraceError
+from fxconvert.errors import TraceError
 from fxconvert.families import derived
 from fxconvert.report import model_section
 from fxconvert.trace import trace
-from fxconvert.workflow import convert, split
+from fxconvert.workflow import convert
 
 from helpers import grads_of, seeded
 
@@ -68,27 +68,10 @@ def test_leaves_false_refuses_as_before(mixtral):
     assert message.endswith("decides Python control flow, which a graph cannot record")
 
 
-def test_writing_a_conversion_with_leaves_is_refused_in_one_line(conversion, tmp_path):
-    expected = (f"MixtralForCausalLM has leaves (module paths {', '.join(EXPERTS)}); writing it needs transformers "
-                f"at run time, not supported yet; pass --no-leaves (leaves=False) to see the refusal, or use "
-                f"fxconvert.convert in Python")
-    with pytest.raises(FxConvertError) as e:
-        conversion.save(tmp_path / "out")
-    assert str(e.value) == expected
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(FxConvertError) as e:
-        split(conversion, 2)
-    assert str(e.value) == expected.replace("writing it", "splitting it")
-
-
-def test_the_command_line_refuses_writing_leaves_and_no_leaves_shows_the_trace_refusal(mixtral, tmp_path, capsys):
+def test_no_leaves_on_the_command_line_shows_the_trace_refusal(mixtral, tmp_path, capsys):
+    """(Writing a conversion with leaves, and splitting it: tests/test_leaf_files.py.)"""
     mixtral.save_pretrained(tmp_path / "ckpt")
     capsys.readouterr()  # transformers' progress bar
-    assert main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "-q"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == ("fxconvert: error: MixtralForCausalLM has leaves (module paths model.layers.0.mlp.experts, "
-                   "model.layers.1.mlp.experts); writing it needs transformers at run time, not supported yet; pass "
-                   "--no-leaves (leaves=False) to see the refusal, or use fxconvert.convert in Python")
     assert main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "-q", "--no-leaves"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "cannot trace module 'model.layers.0.mlp.experts' at " in err

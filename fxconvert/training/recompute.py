@@ -115,10 +115,18 @@ def recompute_blocks(stage: torch.nn.Module, blocks, chosen, *, index: int = 0) 
     return found
 
 
+class _StageTracer(torch.fx.Tracer):
+    """Keeps every module that is not a plain container as one call: torch.nn's, and a leaf's transformers
+    module, whose code decides on values (`fxconvert.codegen`'s TRANSFORMERS_LEAVES)."""
+
+    def is_leaf_module(self, m, module_qualified_name):
+        return type(m) is not torch.nn.Module or super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(module: torch.nn.Module) -> torch.fx.Graph:
     """A stage file's graph module re-traced: its generated forward, node for node (buffers read as
-    attributes, as parameters are, and the runtime's leaf functions kept whole)."""
-    tracer = torch.fx.Tracer(autowrap_functions=RUNTIME_FUNCTIONS)
+    attributes, as parameters are, and the runtime's leaf functions and the leaf modules kept whole)."""
+    tracer = _StageTracer(autowrap_functions=RUNTIME_FUNCTIONS)
     tracer.proxy_buffer_attributes = True
     return tracer.trace(module)
 
