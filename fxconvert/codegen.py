@@ -36,7 +36,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from fxconvert.errors import FxConvertError, describe_node, with_article
+from fxconvert.errors import FxConvertError, describe_node, printable, with_article
 from fxconvert.graph_utils import BoundContainer
 
 
@@ -61,14 +61,24 @@ def _parse(text: str, filename: str = "<unknown>") -> ast.Module:
         return ast.parse(text, filename)
 
 
-def forward_source(gm: torch.fx.GraphModule) -> str:
-    """Imports plus `def forward(self, ...)`, exactly as `gm` runs it."""
+def forward_source(gm: torch.fx.GraphModule, functions: dict | None = None) -> str:
+    """Imports plus `def forward(self, ...)`, exactly as `gm` runs it.
+
+    With `functions` (a dict), the function leaves of transformers the graph calls are put there
+    (global name -> (module, name)) instead of imported: `module_source` imports them when a module is built.
+    """
     for node in gm.graph.nodes:
         _check_node(node)
     with _LOCK:
         code = gm.graph.python_code(root_module="self")
     used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code.src))  # fx lists globals the code may not use
-    imports = sorted({_import_line(name, obj) for name, obj in code.globals.items() if name in used} - {None})
+    globals_ = {name: obj for name, obj in code.globals.items() if name in used}
+    if functions is not None:
+        for name, obj in list(globals_.items()):
+            if _is_transformers_function(obj):
+                functions[check_names("the function leaf", [name])[0]] = _function_path(obj)
+                del globals_[name]
+    imports = sorted({_import_line(name, obj) for name, obj in globals_.items()} - {None})
     return "\n".join(imports) + "\n\n" + code.src.strip("\n") + "\n"
 
 
@@ -175,7 +185,10 @@ from torch import nn
 LEAF_MODULES = {leaf_rows}
 # Tensors the graph reads directly (parameters unless marked as buffers): name -> (shape, dtype, is_parameter).
 TENSORS = {tensor_rows}
-{transformers_rows}# The shared weight(s) {wrapper} owns and passes to the graph, in the graph's order.
+# Tensors the trace built from constants (fx's `_tensor_constant<i>`), rebuilt as non-persistent buffers:
+# name -> (shape, dtype, its values, or the key of the weights file that holds them).
+TENSOR_CONSTANTS = {constant_rows}
+{transformers_rows}{function_rows}# The shared weight(s) {wrapper} owns and passes to the graph, in the graph's order.
 SHARED_WEIGHTS = {shared_names}
 SHARED_WEIGHT_TENSORS = {shared_rows}
 # What load() reads: state-dict name -> key in the weights file.
@@ -208,7 +221,9 @@ class Graph(nn.Module):
                 owner.register_parameter(attr, nn.Parameter(tensor))
             else:
                 owner.register_buffer(attr, tensor)
-
+        for name in TENSOR_CONSTANTS:
+            self.register_buffer(name, _constant(name), persistent=False)
+{functions_init}
 {forward}
 
 class {wrapper}(nn.Module):
@@ -245,20 +260,38 @@ def load(weights=None, device="cpu") -> {wrapper}:
     module = build("meta")
     with safe_open(path, framework="pt", device=str(device)) as f:
         available = set(f.keys())
-        missing = [key for key in PARAMETERS.values() if key not in available]
+        keys = [*PARAMETERS.values(), *(row[2] for row in TENSOR_CONSTANTS.values() if isinstance(row[2], str))]
+        missing = [key for key in keys if key not in available]
         if missing:
             raise KeyError(f"{{path}} has no tensor {{missing[0]}} ({{len(missing)}} missing); "
                            f"it was not written with this file")
         state = {{name: f.get_tensor(key) for name, key in PARAMETERS.items()}}
+        with torch.device(device):
+            constants = {{name: _constant(name, f) for name in TENSOR_CONSTANTS}}
     module.load_state_dict(state, assign=True)
+    module.graph_module._buffers.update(constants)
 {transformers_load}    return module.eval()
-{transformers_functions}'''
+
+
+def _constant(name, f=None):
+    """TENSOR_CONSTANTS' tensor `name`: from its values, or read from the weights file `f` (empty without one)."""
+    shape, dtype, value = TENSOR_CONSTANTS[name]
+    dtype = getattr(torch, dtype)
+    if not isinstance(value, str):
+        return torch.tensor(value, dtype=dtype).reshape(shape)
+    tensor = torch.empty(shape, dtype=dtype) if f is None else f.get_tensor(value)
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        raise RuntimeError(f"{{value}} is {{tuple(tensor.shape)}} {{tensor.dtype}} in the weights file but "
+                           f"{{tuple(shape)}} {{dtype}} in this file")
+    return tensor
+{transformers_functions}{function_defs}'''
 
 # The names the template itself binds at module level; the forward's imports must not rebind them.
 _TEMPLATE_NAMES = {"os", "torch", "nn", "LEAF_MODULES", "TENSORS", "SHARED_WEIGHTS", "SHARED_WEIGHT_TENSORS",
                    "PARAMETERS", "WEIGHTS", "_owner", "Graph", "build", "load", "TRANSFORMERS_LEAVES",
                    "TRANSFORMERS_VERSION", "LEAF_CONFIG", "_transformers_leaf", "_transformers_class",
-                   "_computed_buffers"}
+                   "_computed_buffers", "TENSOR_CONSTANTS", "_constant", "TRANSFORMERS_FUNCTIONS",
+                   "_transformers_function", "_transformers_attribute", "_FUNCTIONS"}
 _DOC_SAFE = re.compile(r"[^\\\"\n]*")  # no backslash, no quote: nothing can end or escape the docstring
 
 
@@ -278,7 +311,10 @@ def module_source(gm: torch.fx.GraphModule, *, filename: str, doc: str, constant
     """
     leaves, tensors, foreign = _structure(gm)
     rows = transformers_leaves(gm, foreign, config, filename)
-    forward = forward_source(gm)
+    functions = {}
+    forward = forward_source(gm, functions)
+    parameters = dict(parameters)
+    constant_rows = {name: _constant_row(name, t, parameters) for name, t in tensor_constants(gm).items()}
     head, _, body = forward.partition("\ndef forward(")
     lines = [line for line in head.splitlines() if line.strip() and line != "import torch"]
     imports = [line for line in lines if line.startswith(("import ", "from "))]
@@ -286,6 +322,7 @@ def module_source(gm: torch.fx.GraphModule, *, filename: str, doc: str, constant
     constants = {"WEIGHTS": weights, **constants}
     bound = _bound_names(imports)
     reserved = _TEMPLATE_NAMES | set(constants) | {wrapper} | set(re.findall(r"^def (\w+)", extra, re.M))
+    bound |= set(functions)
     if bound & reserved:
         raise CodegenError(f"cannot write {filename}: the graph's global {sorted(bound & reserved)[0]!r} would "
                            f"clash with a name the file defines")
@@ -301,6 +338,7 @@ def module_source(gm: torch.fx.GraphModule, *, filename: str, doc: str, constant
         constants="\n".join(f"{name} = {_literal(value, f'{filename}: {name}')}" for name, value in constants.items()),
         leaf_rows=_literal(leaves, f"{filename}: LEAF_MODULES"),
         tensor_rows=_literal(tensors, f"{filename}: TENSORS"),
+        constant_rows=_literal(constant_rows, f"{filename}: TENSOR_CONSTANTS"),
         shared_names=_literal(list(shared), f"{filename}: SHARED_WEIGHTS"),
         shared_rows=_literal({n: (tuple(p.shape), _dtype(p)) for n, p in shared.items()}, f"{filename}: shared"),
         parameter_rows=_literal(parameters, f"{filename}: PARAMETERS"),
@@ -316,7 +354,7 @@ def module_source(gm: torch.fx.GraphModule, *, filename: str, doc: str, constant
         weights_default=weights if _DOC_SAFE.fullmatch(weights) and weights.isprintable() else "WEIGHTS",
         missing_hint="" if not on_meta else
         ": this conversion was made on the meta device, so no weights were written; use build()",
-        **_transformers_parts(rows, filename),
+        **_transformers_parts(rows, functions, filename),
     )
     _check_module(text, filename)
     return text
@@ -383,6 +421,30 @@ def _indent(code: str) -> str:
     return "\n".join(("    " + line) if line.strip() else "" for line in code.splitlines()) + "\n"
 
 
+# fx's name for a tensor the trace built from constants (`Tracer.create_arg`), held by the graph's root.
+_TENSOR_CONSTANT = re.compile(r"_tensor_constant[0-9]+")
+_LITERAL_ELEMENTS = 64  # a constant of at most this many elements is written as its values, a bigger one is read
+
+
+def tensor_constants(gm: torch.fx.GraphModule) -> dict:
+    """The tensors the trace built from constants (`_tensor_constant<i>` of the root): name -> tensor. They are
+    none of the model's tensors, so the written files rebuild them (TENSOR_CONSTANTS) and pipeline.json leaves
+    them out."""
+    return {name: t for name, t in gm._buffers.items() if _TENSOR_CONSTANT.fullmatch(name) and t is not None}
+
+
+def _constant_row(name: str, t: torch.Tensor, parameters: dict) -> tuple:
+    """(shape, dtype, values) of tensor constant `name`, or the weights file's key instead of the values for a
+    big one (or one whose values have no literal); it leaves `parameters`, which load_state_dict reads."""
+    key = f"graph_module.{name}"
+    stored = parameters.pop(key, None)
+    if t.numel() <= _LITERAL_ELEMENTS and t.device.type != "meta":
+        values = t.detach().cpu().tolist()
+        if is_literal(values):
+            return tuple(t.shape), _dtype(t), values
+    return tuple(t.shape), _dtype(t), stored or key
+
+
 def _structure(gm: torch.fx.GraphModule):
     """torch.nn leaf modules with constructor arguments, tensors held by plain container modules, and the
     leaves of other classes (path -> module)."""
@@ -392,11 +454,12 @@ def _structure(gm: torch.fx.GraphModule):
         if any(name.startswith(p) for p in leaf_prefixes):
             continue
         if module is gm or type(module) in (torch.nn.Module, BoundContainer):
+            constants = tensor_constants(gm) if module is gm else {}
             for attr, t in module._parameters.items():
                 if t is not None:
                     tensors[f"{name}.{attr}" if name else attr] = (tuple(t.shape), _dtype(t), True)
             for attr, t in module._buffers.items():
-                if t is not None:
+                if t is not None and attr not in constants:
                     if attr in module._non_persistent_buffers_set:
                         raise CodegenError(f"generated code cannot restore the non-persistent buffer {name}.{attr}")
                     tensors[f"{name}.{attr}" if name else attr] = (tuple(t.shape), _dtype(t), False)
@@ -454,7 +517,6 @@ _LEAF_ROWS = '''# Leaves that run transformers' own code, rebuilt as transformer
 # module path -> (module, class, its config argument or None, the config's attribute path, other
 # arguments, whether its constructor computes buffers the weights file does not hold).
 TRANSFORMERS_LEAVES = {rows}
-TRANSFORMERS_VERSION = {version}
 # The model's config: (module, class, its to_dict() without the path it was loaded from, and the
 # implementations the model chose, which to_dict() leaves out: config path -> attribute -> value).
 LEAF_CONFIG = {config}
@@ -471,23 +533,69 @@ _LEAF_LOAD = '''    for name, row in TRANSFORMERS_LEAVES.items():
                 _computed_buffers(module.graph_module.get_submodule(name), _transformers_leaf(name))
 '''
 
-_LEAF_FUNCTIONS = '''
+_VERSION_ROW = '''TRANSFORMERS_VERSION = {version}
+'''
 
-def _transformers_class(module_name, class_name, leaf):
-    """transformers' class `module_name.class_name`; one line naming leaf `leaf` and the fix if it cannot be."""
+_FUNCTION_ROWS = '''# Functions of transformers the graph calls as leaves (their code decides on traced values), imported
+# when the module is built: the name the forward calls -> (module, function).
+TRANSFORMERS_FUNCTIONS = {rows}
+'''
+
+_FUNCTION_INIT = '''        for name in TRANSFORMERS_FUNCTIONS:
+            _transformers_function(name)  # imported now: one that cannot be fails when the module is built
+'''
+
+_IMPORT_FUNCTION = '''
+
+def _transformers_attribute(module_name, name, leaf):
+    """transformers' `module_name.name`; one line naming leaf `leaf` and the fix if it cannot be imported."""
     import importlib
 
-    where = f"{module_name}.{class_name}"
+    where = f"{module_name}.{name}"
     if module_name != "transformers" and not module_name.startswith("transformers."):
         raise ImportError(f"the leaf {leaf} names {where}, which is not transformers' own; this file was "
                           f"altered: convert again")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ImportError(f"the leaf {leaf} needs transformers {TRANSFORMERS_VERSION}'s {where}, which cannot be "
                           f"imported ({type(e).__name__}: {first}); install transformers {TRANSFORMERS_VERSION}"
                           ) from None
+'''
+
+_FUNCTION_DEFS = '''
+
+_FUNCTIONS = {}  # TRANSFORMERS_FUNCTIONS, once imported
+
+
+def _transformers_function(name):
+    """The function leaf `name` of TRANSFORMERS_FUNCTIONS, imported from transformers once."""
+    if name not in _FUNCTIONS:
+        import types
+
+        module_name, function_name = TRANSFORMERS_FUNCTIONS[name]
+        function = _transformers_attribute(module_name, function_name, f"function {name}")
+        if not isinstance(function, types.FunctionType):
+            raise ImportError(f"the leaf function {name} names {module_name}.{function_name}, which is not a "
+                              f"function; this file was altered: convert again")
+        _FUNCTIONS[name] = function
+    return _FUNCTIONS[name]
+'''
+
+_FUNCTION_STUB = '''
+
+def {name}(*args, **kwargs):
+    """The function leaf {name} (TRANSFORMERS_FUNCTIONS), run as transformers' own code."""
+    return _transformers_function({name!r})(*args, **kwargs)
+'''
+
+_LEAF_FUNCTIONS = '''
+
+def _transformers_class(module_name, class_name, leaf):
+    """transformers' class `module_name.class_name`; one line naming leaf `leaf` and the fix if it cannot be."""
+    where = f"{module_name}.{class_name}"
+    cls = _transformers_attribute(module_name, class_name, leaf)
     if not isinstance(cls, type):
         raise ImportError(f"the leaf {leaf} names {where}, which is not a class; this file was altered: "
                           f"convert again")
@@ -531,7 +639,8 @@ def _computed_buffers(leaf, fresh):
 
 def requirements(gm: torch.fx.GraphModule) -> str:
     """The sentence a written file's docstring ends with: what it needs to run, transformers only for leaves."""
-    foreign = _structure(gm)[2]
+    foreign = [*_structure(gm)[2], *dict.fromkeys(
+        f"{module}.{name}()" for module, name in map(_function_path, _transformers_functions(gm)))]
     if not foreign:
         return "Needs torch, safetensors and fxconvert.runtime; not transformers."
     import transformers
@@ -651,19 +760,54 @@ def _same_build(module: torch.nn.Module, rebuilt: torch.nn.Module) -> bool:
     return True
 
 
-def _transformers_parts(leaves: dict, filename: str) -> dict:
-    """The template's pieces for transformers leaves (all empty without them)."""
-    if not leaves:
-        return dict.fromkeys(("transformers_rows", "transformers_init", "transformers_load",
-                              "transformers_functions"), "")
-    return {
-        "transformers_rows": _LEAF_ROWS.format(
-            rows=_literal(leaves["rows"], f"{filename}: TRANSFORMERS_LEAVES"), version=repr(leaves["version"]),
-            config=_literal_block(leaves["config"], f"{filename}: LEAF_CONFIG")),
-        "transformers_init": _LEAF_INIT,
-        "transformers_load": _LEAF_LOAD,
-        "transformers_functions": _LEAF_FUNCTIONS,
-    }
+def _transformers_parts(leaves: dict, functions: dict, filename: str) -> dict:
+    """The template's pieces for transformers leaves, modules and functions (all empty without them)."""
+    parts = dict.fromkeys(("transformers_rows", "transformers_init", "transformers_load", "transformers_functions",
+                           "function_rows", "functions_init", "function_defs"), "")
+    if not leaves and not functions:
+        return parts
+    import transformers
+
+    version = leaves["version"] if leaves else transformers.__version__
+    if not _VERSION.fullmatch(version):
+        raise CodegenError(f"cannot write transformers' version {version!r} into {filename}")
+    parts["transformers_rows"] = _VERSION_ROW.format(version=repr(version))
+    parts["transformers_functions"] = _IMPORT_FUNCTION
+    if leaves:
+        parts["transformers_rows"] += _LEAF_ROWS.format(
+            rows=_literal(leaves["rows"], f"{filename}: TRANSFORMERS_LEAVES"),
+            config=_literal_block(leaves["config"], f"{filename}: LEAF_CONFIG"))
+        parts.update(transformers_init=_LEAF_INIT, transformers_load=_LEAF_LOAD)
+        parts["transformers_functions"] += _LEAF_FUNCTIONS
+    if functions:
+        parts.update(function_rows=_FUNCTION_ROWS.format(rows=_literal(functions, f"{filename}: "
+                                                                                   f"TRANSFORMERS_FUNCTIONS")),
+                     functions_init=_FUNCTION_INIT,
+                     function_defs=_FUNCTION_DEFS + "".join(_FUNCTION_STUB.format(name=n) for n in functions))
+    return parts
+
+
+def _is_transformers_function(obj) -> bool:
+    """A plain function of transformers' own modules: what the graph calls as a function leaf (`fxconvert.trace`)."""
+    module = getattr(obj, "__module__", None)
+    return isinstance(obj, types.FunctionType) and isinstance(module, str) and (
+        module == "transformers" or module.startswith("transformers."))
+
+
+def _transformers_functions(gm: torch.fx.GraphModule) -> list:
+    """The function leaves `gm` calls, in graph order, each once."""
+    return list(dict.fromkeys(n.target for n in gm.graph.nodes
+                              if n.op == "call_function" and _is_transformers_function(n.target)))
+
+
+def _function_path(function) -> tuple[str, str]:
+    """The module and name of transformers' function leaf `function`, checked to import back as it."""
+    module_name, name = function.__module__, function.__qualname__
+    if not (_is_dotted(module_name) and is_identifier(name)) or \
+            getattr(importlib.import_module(module_name), name, None) is not function:
+        raise CodegenError(f"cannot write the function leaf {printable(module_name)}.{printable(name)}(): it does "
+                           f"not import back under that name")
+    return module_name, name
 
 
 def _literal_block(value, where: str) -> str:

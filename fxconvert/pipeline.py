@@ -31,7 +31,7 @@ import torch
 
 import fxconvert
 from fxconvert import families, manifest
-from fxconvert.codegen import check_names, module_source, requirements
+from fxconvert.codegen import check_names, module_source, requirements, tensor_constants
 from fxconvert.convert import ConvertedGraph
 from fxconvert.errors import UsageError, printable
 from fxconvert.families import stored
@@ -84,7 +84,8 @@ def _sent(values):
 def stage_parameters(stages: Stages, index: int) -> dict[str, torch.Tensor]:
     """Stage `index`'s state dict as its stage file names it (and as weights.safetensors keys it)."""
     spec, gm = stages.specs[index], stages.stages[index]
-    state = {f"graph_module.{name}": t for name, t in gm.state_dict(keep_vars=True).items()}
+    constants = tensor_constants(gm)  # the stage file rebuilds them; none is a transformers tensor
+    state = {f"graph_module.{name}": t for name, t in gm.state_dict(keep_vars=True).items() if name not in constants}
     state.update({name: getattr(stages, name) for name in spec.shared_weights})
     return state
 

@@ -1,0 +1,191 @@
+"""Writing and splitting a conversion with a function leaf or a tensor constant (`tests/test_leaf_files.py` for
+module leaves).
+
+LongT5 calls `_split_into_blocks`, a function of its modeling module that decides on traced values: the
+graph calls it as one `call_function` leaf, and the written files import it from transformers by
+module and name (repr() literals in TRANSFORMERS_FUNCTIONS) when they are built. LongT5's local
+attention mask (128 x 384) and T5Gemma's `hidden_size**0.5` are tensors the trace builds from
+constants: the files rebuild them (TENSOR_CONSTANTS: a literal when small, else from the weights file),
+and pipeline.json does not list them as transformers tensors. Here, written by the command line with
+--stages 2:
+
+- a fresh interpreter imports the stage files without transformers, then loads model.py and the
+  stages of both models, and their loss and every gradient equal eager transformers' at 1e-5;
+- a function leaf that cannot be imported, and a function table pointing outside transformers, fail
+  in one line.
+"""
+
+import ast
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from fxconvert.cli import main
+from fxconvert.families import derived
+from fxconvert.pipeline import PipelineError, load_pipeline
+
+import train_runs
+from helpers import grads_of
+
+TYPES = ("longt5", "t5gemma")
+FUNCTION = "transformers.models.longt5.modeling_longt5._split_into_blocks"
+GLOBAL = FUNCTION.replace(".", "_")  # the name the generated forward calls it by
+
+RUNNER = r"""
+import importlib.util, sys
+import torch
+from fxconvert.stage_files import load_pipeline
+
+jobs = [sys.argv[i:i + 3] for i in range(1, len(sys.argv), 3)]  # (directory, cases, result) per model
+pipelines = [load_pipeline(directory) for directory, _, _ in jobs]
+for pipeline in pipelines:
+    for i in range(pipeline.num_stages):
+        pipeline.import_stage(i)
+imported = "transformers" in sys.modules  # importing a stage file needs no transformers
+
+for (directory, cases, result), pipeline in zip(jobs, pipelines):
+    names = {p.name: p.hf_name for stage in pipeline.stages for p in stage.parameters}
+
+    def hf_grads(modules):
+        grads = {}
+        for module in modules:
+            for name, p in module.named_parameters():
+                if p.grad is not None:
+                    grads[names[name]] = grads.get(names[name], 0) + p.grad
+        return grads
+
+    spec = importlib.util.spec_from_file_location("model", f"{directory}/model.py")
+    model_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_file)
+    model = model_file.load()
+    inputs = torch.load(cases)
+    loss = model(**inputs)
+    loss.backward()
+    stages = [pipeline.load_stage(i) for i in range(pipeline.num_stages)]
+    values = stages[0](*(inputs[k] for k in pipeline.stages[0].inputs))
+    values = stages[1](*values, **{k: inputs[k] for k in pipeline.stages[1].inputs})
+    values.backward()
+    torch.save({"imported": imported, "model_loss": loss.detach(), "stage_loss": values.detach(),
+                "model_grads": hf_grads([model]), "stage_grads": hf_grads(stages)}, result)
+"""
+
+
+def tiny(model_type):
+    torch.manual_seed(0)
+    return transformers.AutoModelForSeq2SeqLM.from_config(derived.tiny_config(model_type)).eval()
+
+
+def inputs_for(model):
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    feed = {"input_ids": torch.randint(3, vocab, (2, 7), generator=g), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+            "decoder_input_ids": torch.randint(3, vocab, (2, 5), generator=g)}
+    feed["attention_mask"][0, -2:] = 0
+    feed["labels"] = feed["decoder_input_ids"].clone()
+    return feed
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """model type -> (eager model, output directory), each converted from a checkpoint by the command line."""
+    out = {}
+    for model_type in TYPES:
+        root = tmp_path_factory.mktemp(model_type)
+        model = tiny(model_type)
+        model.save_pretrained(root / "ckpt")
+        assert main([str(root / "ckpt"), "--stages", "2", "--out", str(root / "out"), "-q"]) == 0
+        out[model_type] = model, root / "out"
+    return out
+
+
+def test_the_files_import_the_function_leaf_from_transformers_and_rebuild_the_constants(written):
+    _, out = written["longt5"]
+    text = (out / "model.py").read_text()
+    imported = [alias.name if isinstance(stmt, ast.Import) else stmt.module for stmt in ast.parse(text).body
+                if isinstance(stmt, (ast.Import, ast.ImportFrom)) for alias in stmt.names]
+    assert imported and not any(name.startswith("transformers") for name in imported)  # imported when built
+    assert f"'{FUNCTION.rsplit('.', 1)[0]}', '_split_into_blocks')" in text
+    doc = " ".join(text.split('"""')[1].split())
+    assert f"{FUNCTION}()" in doc and doc.startswith("LongT5ForConditionalGeneration")
+    text = (written["t5gemma"][1] / "model.py").read_text()
+    assert "TENSOR_CONSTANTS" in text and "Needs torch, safetensors and fxconvert.runtime; not transformers." in text
+    for model_type in TYPES:  # pipeline.json names only the model's tensors, each in transformers terms
+        model, out = written[model_type]
+        eager = set(model.state_dict()) | {name for name, _ in model.named_buffers()}
+        for stage in load_pipeline(out).stages:
+            assert all(p.hf_name in eager for p in stage.parameters)
+
+
+def test_model_and_stages_in_a_fresh_process_equal_eager_with_every_gradient(written, tmp_path):
+    jobs = []
+    for model_type in TYPES:
+        model, out = written[model_type]
+        torch.save(inputs_for(model), tmp_path / f"{model_type}.pt")
+        jobs += [str(out), str(tmp_path / f"{model_type}.pt"), str(tmp_path / f"{model_type}.result.pt")]
+    run = subprocess.run([sys.executable, "-c", RUNNER, *jobs], env=train_runs.env(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for model_type in TYPES:
+        model, _ = written[model_type]
+        inputs = inputs_for(model)
+        result = torch.load(tmp_path / f"{model_type}.result.pt")
+        assert result["imported"] is False
+        params = dict(model.named_parameters(remove_duplicate=False))
+        expected_loss = model(**inputs, use_cache=False).loss
+        expected = grads_of(model, lambda: {"loss": model(**inputs, use_cache=False).loss})
+        assert expected
+        for side in ("model", "stage"):
+            torch.testing.assert_close(result[f"{side}_loss"], expected_loss.detach(), rtol=0, atol=1e-5)
+            grads = result[f"{side}_grads"]
+            reached = {id(params[name]) for name in grads}
+            assert reached == {id(p) for name, p in model.named_parameters() if name in expected}
+            by_id = {id(p): expected[name] for name, p in model.named_parameters() if name in expected}
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, by_id[id(params[name])], atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, name=name: f"{model_type} {side} {name}: {m}")
+
+
+# -- hostile ---------------------------------------------------------------------------------------
+
+def _stage_with_the_function(out) -> int:
+    pipeline = load_pipeline(out)
+    return next(i for i in range(pipeline.num_stages) if "_split_into_blocks'" in (out / f"stage_{i}.py").read_text())
+
+
+def test_a_function_leaf_that_cannot_be_imported_fails_in_one_line(written, monkeypatch):
+    from transformers.models.longt5 import modeling_longt5
+
+    out = written["longt5"][1]
+    index = _stage_with_the_function(out)
+    monkeypatch.delattr(modeling_longt5, "_split_into_blocks")  # as in a transformers that lacks it
+    with pytest.raises(PipelineError) as e:
+        load_pipeline(out).load_stage(index)
+    version, module = transformers.__version__, modeling_longt5.__name__
+    assert str(e.value) == (f"stage {index}: the leaf function {GLOBAL} needs transformers {version}'s {FUNCTION}, "
+                            f"which cannot be imported (AttributeError: module '{module}' has no attribute "
+                            f"'_split_into_blocks'); install transformers {version}")
+
+
+@pytest.mark.parametrize("new, expected", [
+    ("('os', 'system')", "names os.system, which is not transformers' own; this file was altered: convert again"),
+    (f"('{FUNCTION.rsplit('.', 1)[0]}', 'LongT5Config')",
+     f"names {FUNCTION.rsplit('.', 1)[0]}.LongT5Config, which is not a function; this file was altered: convert again"),
+])
+def test_a_tampered_function_leaf_in_a_stage_file_fails_in_one_line(written, tmp_path, new, expected):
+    out = tmp_path / "copy"
+    shutil.copytree(written["longt5"][1], out)
+    index = _stage_with_the_function(out)
+    path = out / f"stage_{index}.py"
+    old = f"('{FUNCTION.rsplit('.', 1)[0]}', '_split_into_blocks')"
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+    with pytest.raises(PipelineError) as e:
+        load_pipeline(out).load_stage(index)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"stage {index}: the leaf function ") and \
+        message.endswith(expected), message
