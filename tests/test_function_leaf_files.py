@@ -11,6 +11,7 @@ and pipeline.json does not list them as transformers tensors. Here, written by t
 
 - a fresh interpreter imports the stage files without transformers, then loads model.py and the
   stages of both models, and their loss and every gradient equal eager transformers' at 1e-5;
+- a rank recomputing a stage's blocks keeps the function leaf one call;
 - a function leaf that cannot be imported, and a function table pointing outside transformers, fail
   in one line.
 """
@@ -27,6 +28,7 @@ import transformers
 from fxconvert.cli import main
 from fxconvert.families import derived
 from fxconvert.pipeline import PipelineError, load_pipeline
+from fxconvert.training.recompute import recompute_blocks
 
 import train_runs
 from helpers import grads_of
@@ -147,6 +149,30 @@ def test_model_and_stages_in_a_fresh_process_equal_eager_with_every_gradient(wri
             for name, grad in grads.items():
                 torch.testing.assert_close(grad, by_id[id(params[name])], atol=1e-5, rtol=1e-4,
                                            msg=lambda m, name=name: f"{model_type} {side} {name}: {m}")
+
+
+def test_a_stage_with_a_function_leaf_runs_its_blocks_under_recompute(written):
+    """A rank re-traces a stage file's graph to recompute its blocks: the function leaf stays one call (it
+    decides on values), and the loss and every gradient are those of the plain run."""
+    model, out = written["longt5"]
+    pipeline = load_pipeline(out)
+    inputs = inputs_for(model)
+
+    def run(recompute):
+        stages = [pipeline.load_stage(i) for i in range(pipeline.num_stages)]
+        for i, (stage, spec) in enumerate(zip(stages, pipeline.stages)):
+            chosen = spec.blocks if recompute else ()
+            assert recompute_blocks(stage, spec.blocks, chosen, index=i) == chosen
+        values = stages[0](*(inputs[k] for k in pipeline.stages[0].inputs))
+        loss = stages[1](*values, **{k: inputs[k] for k in pipeline.stages[1].inputs})
+        loss.backward()
+        return {"loss": loss.detach(), **{f"{i}.{n}": p.grad for i, s in enumerate(stages)
+                                          for n, p in s.named_parameters()}}
+
+    plain, recomputed = run(False), run(True)
+    assert set(plain) == set(recomputed)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # -- hostile ---------------------------------------------------------------------------------------

@@ -125,8 +125,11 @@ class _StageTracer(torch.fx.Tracer):
 
 def _trace(module: torch.nn.Module) -> torch.fx.Graph:
     """A stage file's graph module re-traced: its generated forward, node for node (buffers read as
-    attributes, as parameters are, and the runtime's leaf functions and the leaf modules kept whole)."""
-    tracer = _StageTracer(autowrap_functions=RUNTIME_FUNCTIONS)
+    attributes, as parameters are, and the runtime's leaf functions, the file's function leaves
+    (TRANSFORMERS_FUNCTIONS) and the leaf modules kept whole)."""
+    names = getattr(type(module).forward, "__globals__", {})  # the stage file's function leaves, by name
+    leaves = tuple(names[n] for n in names.get("TRANSFORMERS_FUNCTIONS", {}) if callable(names.get(n)))
+    tracer = _StageTracer(autowrap_functions=RUNTIME_FUNCTIONS + leaves)
     tracer.proxy_buffer_attributes = True
     return tracer.trace(module)
 
