@@ -51,11 +51,15 @@ class Parameter:
     dtype: str
     bytes: int
     tied_hf_names: tuple[str, ...] = ()  # other names the eager model ties the same tensor under
+    # False for a buffer the eager model does not save (RoBERTa's non-persistent token_type_ids): a stage reads
+    # it, the export leaves it out as save_pretrained does. Written only when False.
+    persistent: bool = True
 
     def to_json(self) -> dict:
         return {"name": self.name, "weights_key": self.weights_key, "hf_name": self.hf_name,
                 "shape": list(self.shape), "dtype": self.dtype, "bytes": self.bytes,
-                **({"tied_hf_names": list(self.tied_hf_names)} if self.tied_hf_names else {})}
+                **({"tied_hf_names": list(self.tied_hf_names)} if self.tied_hf_names else {}),
+                **({"persistent": False} if not self.persistent else {})}
 
 
 @dataclass(frozen=True)
@@ -396,7 +400,8 @@ class _Reader:
         what = f"stage {stage}'s parameter {n} "
         if not isinstance(p, dict):
             self.fail(f"{what}must be an object")
-        self.fields(p, what, ("name", "weights_key", "hf_name", "shape", "dtype", "bytes"), ("tied_hf_names",))
+        self.fields(p, what, ("name", "weights_key", "hf_name", "shape", "dtype", "bytes"),
+                    ("tied_hf_names", "persistent"))
         if not _is_name(p["name"]):
             self.fail(f"{what}'name' must be a name")
         if not _is_name(p["weights_key"]):
@@ -411,7 +416,10 @@ class _Reader:
         tied = self.names(p.get("tied_hf_names", []), f"{what}'tied_hf_names' must be a list of names")
         if "tied_hf_names" in p and not tied:
             self.fail(f"{what}'tied_hf_names' is written only when it names something")
-        return Parameter(p["name"], p["weights_key"], p["hf_name"], tuple(p["shape"]), p["dtype"], p["bytes"], tied)
+        if "persistent" in p and p["persistent"] is not False:
+            self.fail(f"{what}'persistent' is written only as false (a buffer the eager model does not save)")
+        return Parameter(p["name"], p["weights_key"], p["hf_name"], tuple(p["shape"]), p["dtype"], p["bytes"], tied,
+                         persistent="persistent" not in p)
 
 
 __all__ = ["Manifest", "Stage", "Parameter", "Boundary", "SharedWeight", "Plan", "ManifestError", "read", "text",

@@ -185,6 +185,8 @@ HOSTILE = [
     (_set(["stages", 0, "parameters", 0, "bytes"], -4), "stage 0's parameter 0 'bytes' must be a byte count"),
     (_set(["stages", 0, "parameters", 0, "tied_hf_names"], []), "stage 0's parameter 0 'tied_hf_names' is"),
     (_set(["stages", 0, "parameters", 0, "tied_hf_names"], [1]), "'tied_hf_names' must be a list of names"),
+    (_set(["stages", 0, "parameters", 0, "persistent"], True), "stage 0's parameter 0 'persistent' is written only as"),
+    (_set(["stages", 0, "parameters", 0, "persistent"], 0), "stage 0's parameter 0 'persistent' is written only as"),
     (_drop(["model_class"]), "is malformed (KeyError: 'model_class' is missing)"),
     (_drop(["stages", 0, "inputs"]), "is malformed (KeyError: stage 0's 'inputs' is missing)"),
     (_set(["plan", "optimizer"], ""), "the plan's 'optimizer' must be an optimizer name"),
