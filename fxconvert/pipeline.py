@@ -200,7 +200,15 @@ def build_manifest(stages: Stages, conversion: ConvertedGraph) -> manifest.Manif
         },
         plan=split_plan(stages),  # how the split was chosen and its predicted costs (None without predictions)
         stages=tuple(rows),
+        token_ids=_token_ids(config),
     )
+
+
+def _token_ids(config) -> dict:
+    """The config's `manifest.TOKEN_IDS` the graph was traced with, as config.json has them (a rank compares)."""
+    values = config.to_dict() if config is not None else {}
+    return {name: values.get(name) for name in manifest.TOKEN_IDS
+            if values.get(name) is None or (type(values.get(name)) is int and values[name] >= 0)}
 
 
 def _hf_names(conversion: ConvertedGraph):

@@ -344,3 +344,36 @@ def test_a_sequence_classifier_trains_as_one_eager_step_on_each_whole_batch(tmp_
     expected = {k: v.detach().clone() for k, v in eager.state_dict().items()}
     assert tr.max_weight_diff(weights(cls, out / "hf"), expected) <= TOL
     assert tr.max_weight_diff(weights(cls, tmp_path / "ckpt"), expected) > 1e-2  # the weights did move
+
+
+def test_a_pad_token_id_edited_after_the_conversion_is_one_line(tmp_path):
+    """GPT-2's classifier pools each row's last token that is not pad_token_id, a constant of the converted graph:
+    a config.json edited to another pad_token_id would pad batches with a token the graph reads as a real one.
+    The rank refuses it in one line naming the value the stages were converted with."""
+    from fxconvert.cli import main
+    from fxconvert.errors import UsageError
+    from fxconvert.training.config import TrainConfig
+    from fxconvert.training.grad_sync import Topology
+    from fxconvert.training.model import load_model
+
+    cls, config = CLASSIFIERS["gpt2"]
+    torch.manual_seed(0)
+    cls(config()).save_pretrained(tmp_path / "ckpt")
+    conv = tmp_path / "conv"
+    assert main([str(tmp_path / "ckpt"), "--stages", "2", "--out", str(conv), "-q"]) == 0
+    topo = Topology(world_size=1, dp=1, virtual_stages=2, shared_stages={})
+    args = TrainConfig(source=str(conv), data="-", out="-")
+    assert load_model(args, topo, torch.device("cpu")).config["pad_token_id"] == 0
+    edited = json.loads((conv / "config.json").read_text())
+    (conv / "config.json").write_text(json.dumps({**edited, "pad_token_id": 5}))
+    with pytest.raises(UsageError) as info:
+        load_model(args, topo, torch.device("cpu"))
+    assert str(info.value) == (f"{conv / 'config.json'} has pad_token_id = 5, but the stages were converted with "
+                               f"pad_token_id = 0, which their graph was traced with; set pad_token_id back to 0 in "
+                               f"config.json, or convert the edited checkpoint again")
+    eager = cls(config()).eval()  # the fact behind it: eager pools another token when pad_token_id changes
+    ids = torch.tensor([[7, 8, 5, 0]])
+    with torch.no_grad():
+        as_converted = eager(input_ids=ids).logits
+        eager.config.pad_token_id = 5
+        assert not torch.allclose(eager(input_ids=ids).logits, as_converted)
