@@ -227,7 +227,8 @@ def test_a_roberta_line_as_long_as_its_position_table_is_one_line_before_trainin
     monkeypatch.setattr(families, "_DERIVED", {})  # a rank: only what family.json says
     (tmp_path / stored.FILE).write_text(stored.family_text(record))
     rank_model._derived_record(tmp_path, cls.__name__, "roberta")
-    model = Model(parts={}, num_stages=1, shared_stages={}, config={**config.to_dict(), "architectures": [cls.__name__]})
+    config_json = {**config.to_dict(), "architectures": [cls.__name__]}
+    model = Model(parts={}, num_stages=1, shared_stages={}, config=config_json)
     data = tmp_path / "d.jsonl"
     args = TrainConfig(source="-", data=str(data), out="-")
     for length in (64, 63):

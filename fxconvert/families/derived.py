@@ -304,7 +304,8 @@ def _position_offset(model, text, field_of) -> str:
     table, pad = getattr(text, "max_position_embeddings", None), getattr(text, "pad_token_id", None)
     for module in model.modules():
         positions = getattr(module, "position_embeddings", None)
-        if (_numbers_from_padding(type(module)) and isinstance(positions, torch.nn.Embedding) and positions.num_embeddings == table
+        if (_numbers_from_padding(type(module)) and isinstance(positions, torch.nn.Embedding)
+                and positions.num_embeddings == table
                 and pad is not None and getattr(module, "padding_idx", None) == pad):
             return field_of("pad_token_id")
     return ""
