@@ -29,7 +29,7 @@ of such a name is left alone. `run/` must be on a filesystem every rank sees.
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -61,17 +61,21 @@ class ExportPlan:
 
     `names[i]` maps stage i's state-dict names to transformers names; `shared` maps a
     shared weight's state-dict name to (the stage that writes it, its transformers name);
-    `files` are copied from the conversion directory.
+    `files` are copied from the conversion directory; `unsaved[i]`, stage i's buffers that the
+    eager model does not save (pipeline.json's `persistent: false`), which save_pretrained
+    leaves out and `from_pretrained` would report as unexpected.
     """
 
     num_stages: int
     names: dict[int, dict[str, str]]
     shared: dict[str, tuple[int, str]]
     files: list[str]
+    unsaved: dict[int, frozenset[str]] = field(default_factory=dict)
 
     def expected(self, stage: int) -> dict[str, str]:
         """Stage-state-dict name -> transformers name of what stage `stage` writes."""
-        out = {n: hf for n, hf in self.names[stage].items() if n not in self.shared}
+        unsaved = self.unsaved.get(stage, frozenset())
+        out = {n: hf for n, hf in self.names[stage].items() if n not in self.shared and n not in unsaved}
         out.update({n: hf for n, (owner, hf) in self.shared.items() if owner == stage})
         return out
 
@@ -92,7 +96,8 @@ def plan_from_manifest(manifest: "manifests.Manifest | dict", pipeline_dir) -> E
     if (directory / GENERATION_CONFIG).is_file():
         files.append(GENERATION_CONFIG)
     files += [f for f in manifest.tokenizer_files if f not in files]
-    plan = ExportPlan(manifest.num_stages, names, shared, files)
+    unsaved = {s.index: frozenset(p.name for p in s.parameters if not p.persistent) for s in manifest.stages}
+    plan = ExportPlan(manifest.num_stages, names, shared, files, unsaved)
     _check_plan(plan, directory)
     return plan
 

@@ -24,12 +24,13 @@ files needs neither torch's tracer nor transformers to read it.
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fxconvert.errors import UsageError, printable
 
 FILE, FORMAT, VERSION = "pipeline.json", "fxconvert-pipeline", 3
+TOKEN_IDS = ("pad_token_id",)  # config.json's token ids a graph may bake in, recorded as converted (`token_ids`)
 BALANCES = ("time", "params", "profile")
 _FIX = "convert again with --stages N"
 
@@ -51,11 +52,15 @@ class Parameter:
     dtype: str
     bytes: int
     tied_hf_names: tuple[str, ...] = ()  # other names the eager model ties the same tensor under
+    # False for a buffer the eager model does not save (RoBERTa's non-persistent token_type_ids): a stage reads
+    # it, the export leaves it out as save_pretrained does. Written only when False.
+    persistent: bool = True
 
     def to_json(self) -> dict:
         return {"name": self.name, "weights_key": self.weights_key, "hf_name": self.hf_name,
                 "shape": list(self.shape), "dtype": self.dtype, "bytes": self.bytes,
-                **({"tied_hf_names": list(self.tied_hf_names)} if self.tied_hf_names else {})}
+                **({"tied_hf_names": list(self.tied_hf_names)} if self.tied_hf_names else {}),
+                **({"persistent": False} if not self.persistent else {})}
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,10 @@ class Manifest:
     shared_weights: dict[str, SharedWeight]
     plan: Plan | None
     stages: tuple[Stage, ...]
+    # The config's token ids the graph was traced with (`TOKEN_IDS`: RoBERTa's positions and a decoder-only
+    # classifier's pooled token treat pad_token_id as padding), which a rank's batching must use too; empty in a
+    # file of an fxconvert that did not record them.
+    token_ids: dict[str, int | None] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "model_class": self.model_class, "model_type": self.model_type,
@@ -163,7 +172,8 @@ class Manifest:
                 "sequence_lengths": list(self.sequence_lengths),
                 "shared_weights": {name: w.to_json() for name, w in self.shared_weights.items()},
                 "plan": self.plan.to_json() if self.plan is not None else None,
-                "stages": [s.to_json() for s in self.stages]}
+                "stages": [s.to_json() for s in self.stages],
+                **({"token_ids": dict(self.token_ids)} if self.token_ids else {})}
 
     def text(self) -> str:
         """pipeline.json's text: indented, with lists of plain values (shapes, names) on one line."""
@@ -263,7 +273,7 @@ class _Reader:
             self.stage_count(obj["num_stages"], obj["stages"])
         self.fields(obj, "", ("format", "version", "model_class", "model_type", "num_stages", "input_names",
                               "output_name", "weights", "config", "tokenizer_files", "sequence_lengths",
-                              "shared_weights", "plan", "stages"))
+                              "shared_weights", "plan", "stages"), ("token_ids",))
         num_stages, rows = obj["num_stages"], obj["stages"]
         if not _is_name(obj["model_class"]):
             self.fail("'model_class' must be a class name")
@@ -294,7 +304,16 @@ class _Reader:
         return Manifest(model_class=obj["model_class"], model_type=obj["model_type"], num_stages=num_stages,
                         input_names=input_names, output_name=obj["output_name"], weights=obj["weights"],
                         config=obj["config"], tokenizer_files=tokenizer_files, sequence_lengths=lengths,
-                        shared_weights=shared, plan=plan, stages=stages)
+                        shared_weights=shared, plan=plan, stages=stages, token_ids=self.token_ids(obj))
+
+    def token_ids(self, obj: dict) -> dict[str, int | None]:
+        if "token_ids" not in obj:  # written by an fxconvert that did not record them: nothing to check against
+            return {}
+        value = obj["token_ids"]
+        if not (isinstance(value, dict) and value and set(value) <= set(TOKEN_IDS)
+                and all(v is None or (_is_int(v) and v >= 0) for v in value.values())):
+            self.fail(f"'token_ids' must be an object of {', '.join(TOKEN_IDS)}, each a token id or null")
+        return dict(value)
 
     def stage_count(self, num_stages, rows) -> None:
         indices = [r.get("index") if isinstance(r, dict) else None for r in rows] if isinstance(rows, list) else rows
@@ -396,7 +415,8 @@ class _Reader:
         what = f"stage {stage}'s parameter {n} "
         if not isinstance(p, dict):
             self.fail(f"{what}must be an object")
-        self.fields(p, what, ("name", "weights_key", "hf_name", "shape", "dtype", "bytes"), ("tied_hf_names",))
+        self.fields(p, what, ("name", "weights_key", "hf_name", "shape", "dtype", "bytes"),
+                    ("tied_hf_names", "persistent"))
         if not _is_name(p["name"]):
             self.fail(f"{what}'name' must be a name")
         if not _is_name(p["weights_key"]):
@@ -411,7 +431,10 @@ class _Reader:
         tied = self.names(p.get("tied_hf_names", []), f"{what}'tied_hf_names' must be a list of names")
         if "tied_hf_names" in p and not tied:
             self.fail(f"{what}'tied_hf_names' is written only when it names something")
-        return Parameter(p["name"], p["weights_key"], p["hf_name"], tuple(p["shape"]), p["dtype"], p["bytes"], tied)
+        if "persistent" in p and p["persistent"] is not False:
+            self.fail(f"{what}'persistent' is written only as false (a buffer the eager model does not save)")
+        return Parameter(p["name"], p["weights_key"], p["hf_name"], tuple(p["shape"]), p["dtype"], p["bytes"], tied,
+                         persistent="persistent" not in p)
 
 
 __all__ = ["Manifest", "Stage", "Parameter", "Boundary", "SharedWeight", "Plan", "ManifestError", "read", "text",

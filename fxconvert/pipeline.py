@@ -157,10 +157,14 @@ def build_manifest(stages: Stages, conversion: ConvertedGraph) -> manifest.Manif
 
     A parameter's `hf_name` is its transformers name; `tied_hf_names`, present only when the
     eager model ties the same tensor under more names without the graph sharing it, lists
-    the others. Shared weights list all their tied names under `shared_weights`.
+    the others. Shared weights list all their tied names under `shared_weights`. A buffer the
+    eager model's state dict leaves out (non-persistent: BERT's position_ids, RoBERTa's
+    token_type_ids) is marked `persistent: false`, and the export leaves it out as save_pretrained does.
     """
     weights_keys = set(conversion.module.state_dict())
     hf_names = _hf_names(conversion)
+    eager = conversion.model
+    saved = None if eager is None else {id(t) for t in eager.state_dict(keep_vars=True).values()}  # persistent
     sent = symbolic_boundaries(stages, conversion)
     rows = []
     for spec in stages.specs:
@@ -172,7 +176,8 @@ def build_manifest(stages: Stages, conversion: ConvertedGraph) -> manifest.Manif
             parameters.append(manifest.Parameter(
                 name=name, weights_key=name, hf_name=hf_name, shape=tuple(t.shape),
                 dtype=str(t.dtype).removeprefix("torch."), bytes=t.numel() * t.element_size(),
-                tied_hf_names=tuple(tied)))
+                tied_hf_names=tuple(tied),
+                persistent=saved is None or name in spec.shared_weights or id(t) in saved))
         rows.append(manifest.Stage(
             index=spec.index, file=f"stage_{spec.index}.py", blocks=tuple(spec.blocks), inputs=tuple(spec.inputs),
             received=sent[spec.index - 1] if spec.index else (), sent=sent[spec.index],
@@ -196,7 +201,15 @@ def build_manifest(stages: Stages, conversion: ConvertedGraph) -> manifest.Manif
         },
         plan=split_plan(stages),  # how the split was chosen and its predicted costs (None without predictions)
         stages=tuple(rows),
+        token_ids=_token_ids(config),
     )
+
+
+def _token_ids(config) -> dict:
+    """The config's `manifest.TOKEN_IDS` the graph was traced with, as config.json has them (a rank compares)."""
+    values = config.to_dict() if config is not None else {}
+    return {name: values.get(name) for name in manifest.TOKEN_IDS
+            if values.get(name) is None or (type(values.get(name)) is int and values[name] >= 0)}
 
 
 def _hf_names(conversion: ConvertedGraph):

@@ -246,11 +246,12 @@ def _sizes(batch, encoder_length, decoder_length, max_length: tuple[str, int] | 
 
 
 def _max_length(conversion) -> tuple[str, int] | None:
-    """(config field, value) bounding sequence lengths for families with absolute positions (`Family.max_length`)."""
+    """(config field, value) bounding sequence lengths for families with absolute positions
+    (`Family.max_positions`: RoBERTa's table less its padding offset)."""
     family = families.family_of_class(conversion.model_class)
     config = getattr(conversion.model, "config", None)
-    limit = getattr(config, family.max_length, None) if family is not None and family.max_length else None
-    return (family.max_length, limit) if isinstance(limit, int) and limit > 0 else None
+    bound = family.max_positions(config) if family is not None and config is not None else None
+    return bound if bound is not None and bound[1] > 0 else None
 
 
 def _choose(conversion, units, param_costs, num_stages, *, balance, schedule, microbatches, max_memory, recompute,

@@ -170,6 +170,22 @@ def test_text_without_a_tokenizer_is_refused(tmp_path):
         read_jsonl(path)
 
 
+@pytest.mark.parametrize("objective, keys", [(SEQ2SEQ, "input_ids/labels"), (CLASSIFICATION, "input_ids/label")],
+                         ids=["seq2seq", "classification"])
+def test_text_without_a_tokenizer_names_the_objectives_own_keys(tmp_path, objective, keys):
+    """A classifier's pre-tokenized line is {"input_ids", "label"}: the fix names those keys, not a language model's."""
+    good = {"input_ids": [5], **({"label": 1} if objective is CLASSIFICATION else {"labels": [6]})}
+    text = {"input": "w1", **({"label": 1} if objective is CLASSIFICATION else {"target": "w2"})}
+    path = write(tmp_path / "d.jsonl", [good, text])
+    with pytest.raises(DataError) as info:
+        read_jsonl(path, objective=objective, num_labels=3)
+    assert str(info.value) == (f"{path}:2: text needs a tokenizer and none is beside the checkpoint; copy the "
+                               f"checkpoint's tokenizer files beside it or give pre-tokenized {keys}")
+    with pytest.raises(DataError) as info:
+        load_tokenizer(tmp_path, objective=objective)
+    assert str(info.value).endswith(f"; copy the checkpoint's tokenizer files beside it or give pre-tokenized {keys}")
+
+
 def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, tokenizer_dir):
     path = write(tmp_path / "d.jsonl", [{"input": "w1", "target": "w39"}])  # w39 is id 42
     with pytest.raises(DataError, match=r"d\.jsonl:1 \(tokenized\): labels\[0\] = 42 is outside \[0, 40\).*checkpoint's own tokenizer"):

@@ -18,6 +18,7 @@ import helpers
 from fxconvert import convert, split_stages
 from fxconvert.atomic_dir import mark
 from fxconvert.export import INDEX, MARKER, ExportError, export_hf, shard_name
+from fxconvert.families import derived
 from fxconvert.pipeline import pipeline_manifest
 
 NAMES = ["input_ids", "attention_mask", "decoder_input_ids", "labels"]
@@ -359,6 +360,40 @@ def test_export_of_a_real_pipeline_conversion(tmp_path, capsys, variant_name):
         untrained = model(**batch, use_cache=False).loss
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     assert abs(untrained - ours) > 1e-4
+
+
+SAVED_BY_TRANSFORMERS = {
+    "roberta": lambda: transformers.RobertaForSequenceClassification(derived.tiny_config("roberta", num_labels=3)),
+    "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=97,
+        max_position_embeddings=64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED_BY_TRANSFORMERS))
+def test_the_export_names_what_save_pretrained_names(tmp_path, capsys, name):
+    """A stage reads the eager model's non-persistent buffers (RoBERTa's token_type_ids, BERT's position_ids), but
+    save_pretrained leaves them out and from_pretrained reports them as unexpected: the export writes exactly
+    the tensors transformers' own save_pretrained writes, and loads with nothing missing or unexpected."""
+    from safetensors import safe_open
+
+    from fxconvert.cli import main
+    from fxconvert.pipeline import load_pipeline
+
+    torch.manual_seed(0)
+    model = SAVED_BY_TRANSFORMERS[name]()
+    checkpoint, conv, out = tmp_path / "ck", tmp_path / "conv", tmp_path / "run" / "hf"
+    model.save_pretrained(checkpoint)
+    assert main([str(checkpoint), "--stages", "2", "--out", str(conv), "-q"]) == 0
+    capsys.readouterr()
+    loaded_pipeline = load_pipeline(conv)
+    modules = [loaded_pipeline.load_stage(i) for i in range(2)]
+    assert run_ranks([[0, 1]], modules, out, conv) == [None]
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert set(json.loads((out / INDEX).read_text())["weight_map"]) == saved
+    _, info = type(model).from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
 
 
 def test_an_unwritable_destination_is_one_line(setup, tmp_path):

@@ -37,8 +37,8 @@ def write(tmp_path, data) -> None:
 def test_a_rank_rebuilds_what_it_reads_of_the_record(tmp_path, record):
     write(tmp_path, stored.family_text(record))
     rebuilt = stored.read_family(tmp_path, CLASS, "opt")
-    for field in ("classes", "train_inputs", "objective", "max_length", "hidden_field", "positive_int_fields",
-                  "max_layers_fields", "derived_from"):
+    for field in ("classes", "train_inputs", "objective", "max_length", "position_offset", "hidden_field",
+                  "positive_int_fields", "max_layers_fields", "derived_from"):
         assert getattr(rebuilt, field) == getattr(record, field), field
     assert dict(rebuilt.inputs) == dict(record.inputs) and dict(rebuilt.sequence_lengths) == dict(
         record.sequence_lengths)
@@ -92,6 +92,7 @@ HOSTILE = {
     "a long name": ({"set": {"max_length": "m" * 101}}, "max_length must be a config field name or \"\""),
     "a number for a field name": ({"set": {"max_length": 10**30}}, "max_length must be a config field name"),
     "null for a field name": ({"set": {"hidden_field": None}}, "hidden_field must be a config field name"),
+    "a number for the position offset": ({"set": {"position_offset": 2}}, "position_offset must be a config field"),
     "size fields as a string": ({"set": {"positive_int_fields": "vocab_size"}}, "positive_int_fields must be"),
     "an unnamed sequence": ({"set": {"sequence_lengths": {}}}, "sequence_lengths must be an object naming"),
     "another class": ({"set": {"model_class": "GPT2LMHeadModel"}},

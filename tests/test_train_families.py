@@ -209,6 +209,46 @@ def test_examples_longer_than_the_positions_are_one_line_before_training(tmp_pat
             eager(**{k: torch.cat([v, v[:, :1]], dim=1) for k, v in batch.items()})
 
 
+def test_a_roberta_line_as_long_as_its_position_table_is_one_line_before_training(tmp_path, monkeypatch):
+    """RoBERTa numbers positions from pad_token_id + 1 (fairseq's): its 64-row table holds 64 - 1 - 1 = 62 tokens
+    when pad_token_id is 1. The bound travels in family.json to the rank, whose data check refuses a line of 64
+    tokens (which eager transformers fails on, index out of bounds) in one line naming the bound and the fix."""
+    from fxconvert import families
+    from fxconvert.errors import UsageError
+    from fxconvert.families import stored
+    from fxconvert.training import model as rank_model
+    from fxconvert.training.config import TrainConfig
+    from fxconvert.training.dataset import load_data
+    from fxconvert.training.model import Model
+
+    cls = transformers.RobertaForSequenceClassification
+    config = derived.tiny_config("roberta", max_position_embeddings=64, pad_token_id=1, num_labels=3)
+    record = derived.derive(cls, config)
+    monkeypatch.setattr(families, "_DERIVED", {})  # a rank: only what family.json says
+    (tmp_path / stored.FILE).write_text(stored.family_text(record))
+    rank_model._derived_record(tmp_path, cls.__name__, "roberta")
+    config_json = {**config.to_dict(), "architectures": [cls.__name__]}
+    model = Model(parts={}, num_stages=1, shared_stages={}, config=config_json)
+    data = tmp_path / "d.jsonl"
+    args = TrainConfig(source="-", data=str(data), out="-")
+    for length in (64, 63):
+        data.write_text(json.dumps({"input_ids": [5] * 3, "label": 0}) + "\n" +
+                        json.dumps({"input_ids": [5] * length, "label": 1}) + "\n")
+        with pytest.raises(UsageError) as info:
+            load_data(args, model)
+        assert str(info.value) == (f"{data}: example 2 is {length} tokens long, more than the model's "
+                                   f"max_position_embeddings - pad_token_id - 1 (62); pass --max-source-length of at "
+                                   f"most 62")
+    data.write_text(json.dumps({"input_ids": [5] * 62, "label": 1}) + "\n")
+    assert len(load_data(args, model).examples) == 1
+    torch.manual_seed(0)
+    eager = cls(config).eval()
+    with torch.no_grad():
+        assert torch.isfinite(eager(input_ids=torch.full((1, 62), 5)).logits).all()
+        with pytest.raises((IndexError, RuntimeError)):
+            eager(input_ids=torch.full((1, 63), 5))
+
+
 @pytest.mark.parametrize("eos", [VOCAB, -1, [VOCAB + 3, 1]], ids=["vocab", "negative", "list"])
 def test_a_padding_token_outside_the_vocabulary_is_one_line_before_training(tmp_path, eos):
     """GPT-2 defines no pad token: eos_token_id pads. Out of the vocabulary, the embedding lookup of every
@@ -305,3 +345,36 @@ def test_a_sequence_classifier_trains_as_one_eager_step_on_each_whole_batch(tmp_
     expected = {k: v.detach().clone() for k, v in eager.state_dict().items()}
     assert tr.max_weight_diff(weights(cls, out / "hf"), expected) <= TOL
     assert tr.max_weight_diff(weights(cls, tmp_path / "ckpt"), expected) > 1e-2  # the weights did move
+
+
+def test_a_pad_token_id_edited_after_the_conversion_is_one_line(tmp_path):
+    """GPT-2's classifier pools each row's last token that is not pad_token_id, a constant of the converted graph:
+    a config.json edited to another pad_token_id would pad batches with a token the graph reads as a real one.
+    The rank refuses it in one line naming the value the stages were converted with."""
+    from fxconvert.cli import main
+    from fxconvert.errors import UsageError
+    from fxconvert.training.config import TrainConfig
+    from fxconvert.training.grad_sync import Topology
+    from fxconvert.training.model import load_model
+
+    cls, config = CLASSIFIERS["gpt2"]
+    torch.manual_seed(0)
+    cls(config()).save_pretrained(tmp_path / "ckpt")
+    conv = tmp_path / "conv"
+    assert main([str(tmp_path / "ckpt"), "--stages", "2", "--out", str(conv), "-q"]) == 0
+    topo = Topology(world_size=1, dp=1, virtual_stages=2, shared_stages={})
+    args = TrainConfig(source=str(conv), data="-", out="-")
+    assert load_model(args, topo, torch.device("cpu")).config["pad_token_id"] == 0
+    edited = json.loads((conv / "config.json").read_text())
+    (conv / "config.json").write_text(json.dumps({**edited, "pad_token_id": 5}))
+    with pytest.raises(UsageError) as info:
+        load_model(args, topo, torch.device("cpu"))
+    assert str(info.value) == (f"{conv / 'config.json'} has pad_token_id = 5, but the stages were converted with "
+                               f"pad_token_id = 0, which their graph was traced with; set pad_token_id back to 0 in "
+                               f"config.json, or convert the edited checkpoint again")
+    eager = cls(config()).eval()  # the fact behind it: eager pools another token when pad_token_id changes
+    ids = torch.tensor([[7, 8, 5, 0]])
+    with torch.no_grad():
+        as_converted = eager(input_ids=ids).logits
+        eager.config.pad_token_id = 5
+        assert not torch.allclose(eager(input_ids=ids).logits, as_converted)

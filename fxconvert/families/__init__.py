@@ -69,6 +69,9 @@ class Family:
     rate_fields: tuple[str, ...] = ()  # dropout probabilities in [0, 1)
     token_id_fields: tuple[str, ...] = ()  # token ids in [0, vocab_size)
     max_length: str = ""  # config attribute bounding every sequence's length (absolute positions); "" for none
+    # config attribute whose value + 1 positions of that table come before the first token's: RoBERTa-style
+    # embeddings number positions from pad_token_id + 1 (fairseq's), "" for none (`max_positions`)
+    position_offset: str = ""
     notes: str = ""  # one line on what differs, shown in the report's model section
     # What fxconvert.train trains with (`fxconvert.objectives`): SEQ2SEQ (input -> target, decoder
     # inputs are the labels shifted right), CAUSAL_LM (input + target as one sequence, loss on the
@@ -109,6 +112,18 @@ class Family:
         classes = _read(config, "num_labels", len(labels) if isinstance(labels, Mapping) and labels else 2)
         return {"hidden": _read(config, self.hidden_field, None), "vocab": _read(config, "vocab_size", 2),
                 "type_vocab": _read(config, "type_vocab_size", 2) or 2, "classes": classes}
+
+    def max_positions(self, config) -> tuple[str, int] | None:
+        """(what a user reads the bound called, the longest sequence the position table holds) for `config`
+        (object or config.json dict), or None for no bound: `max_length`, less `position_offset` + 1 where
+        positions start after the padding index (RoBERTa's 514 positions hold 512 tokens)."""
+        limit = _read(config, self.max_length, None) if self.max_length else None
+        if not is_int(limit):
+            return None
+        offset = _read(config, self.position_offset, None) if self.position_offset else None
+        if not is_int(offset) or offset < 0:
+            return self.max_length, limit
+        return f"{self.max_length} - {self.position_offset} - 1", limit - offset - 1
 
     def vocab(self, config) -> int | None:
         """The vocabulary size the config gives, or None."""

@@ -12,7 +12,8 @@ builds one from the class and its config:
   the order the model registers them (an encoder before its decoder);
 - inputs: forward's parameters that are known input names, with their kinds and sequences;
 - sizes: the names under which the text config (`config.get_text_config()`) and its
-  `attribute_map` give the hidden size, the vocabulary, the position table and the layer counts;
+  `attribute_map` give the hidden size, the vocabulary, the position table and the layer counts,
+  and the padding offset of positions numbered from pad_token_id + 1 (RoBERTa's, `_position_offset`);
 - objective: from transformers' auto mappings (causal LM, seq2seq LM, masked LM, sequence
   classification; None for any other head, which converts but does not train); a
   sequence-classification head's labels are one class id per row (kind "class");
@@ -207,6 +208,7 @@ def derive(cls, config, model=None, *, blocks: bool = True) -> Family:
         max_layers_fields=tuple(dict.fromkeys(field_of(f) for f in LAYER_FIELDS if has(f))),
         positive_int_fields=tuple(field_of(f) for f in ("vocab_size", "hidden_size") if has(f)),
         max_length=field_of("max_position_embeddings") if has("max_position_embeddings") else "",
+        position_offset=_position_offset(model, text, field_of) if model is not None else "",
         objective=objective_of(cls.__name__),
         sequence_lengths=ENCODER_DECODER_LENGTHS if encoder_decoder else ONE_SEQUENCE_LENGTHS,
         tiny=_tiny_or_none(model_type),
@@ -287,6 +289,37 @@ def derive_for_config(config: dict) -> Family | None:
     except Exception:  # an unknown model_type
         return None
     return derive(cls, config_obj, blocks=False)
+
+
+def _position_offset(model, text, field_of) -> str:
+    """The config field (pad_token_id) after which the model's learned positions start, or "" when they start at 0.
+
+    RoBERTa-style embeddings (RoBERTa, XLM-RoBERTa, CamemBERT, ...: a module with fairseq's
+    `create_position_ids_from_input_ids`, a method or the modeling module's function, as ESM's and
+    Longformer's) number a row's tokens from `padding_idx` + 1, so a table of
+    max_position_embeddings rows holds max_position_embeddings - pad_token_id - 1 tokens. Found on the built
+    module, whose table and padding index must be the config's fields for a rank to compute the bound again."""
+    import torch
+
+    table, pad = getattr(text, "max_position_embeddings", None), getattr(text, "pad_token_id", None)
+    for module in model.modules():
+        positions = getattr(module, "position_embeddings", None)
+        if (_numbers_from_padding(type(module)) and isinstance(positions, torch.nn.Embedding)
+                and positions.num_embeddings == table
+                and pad is not None and getattr(module, "padding_idx", None) == pad):
+            return field_of("pad_token_id")
+    return ""
+
+
+def _numbers_from_padding(cls) -> bool:
+    """Whether an embeddings class numbers positions from its padding index (fairseq's
+    `create_position_ids_from_input_ids`), as its forward's source says."""
+    if callable(getattr(cls, "create_position_ids_from_input_ids", None)):
+        return True
+    try:
+        return "create_position_ids_from_input_ids(" in inspect.getsource(inspect.unwrap(cls.forward))
+    except (OSError, TypeError):  # no source to read
+        return False
 
 
 def _tiny_or_none(model_type: str) -> dict:

@@ -13,6 +13,8 @@ and a rank rebuilds the record from it (`read_family`) and registers it by class
   "classification" exactly where the labels are class ids (kind "class"), one per row;
 - `sequence_lengths`: sequence -> the name of its length;
 - `max_length`, `hidden_field`: config field names ("" for none);
+- `position_offset`: the config field (pad_token_id) after which the learned positions start, "" where
+  they start at 0 (`Family.max_positions`: the data check's bound);
 - `positive_int_fields`, `max_layers_fields`: config field names.
 
 The rank reads a file a user may have edited: anything that is not exactly this shape, with
@@ -36,7 +38,8 @@ MAX_NAMES = 64  # inputs or field names in one list
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")  # an input, config field or class name
 _FIX = "convert again with --stages N"
 _LISTS = ("train_inputs", "positive_int_fields", "max_layers_fields")
-_FIELDS = ("model_class", "inputs", "objective", "sequence_lengths", "max_length", "hidden_field", *_LISTS)
+_FIELDS = ("model_class", "inputs", "objective", "sequence_lengths", "max_length", "position_offset", "hidden_field",
+           *_LISTS)
 
 
 def family_data(family: Family) -> dict:
@@ -48,6 +51,7 @@ def family_data(family: Family) -> dict:
         "objective": family.objective.name if family.objective is not None else None,
         "sequence_lengths": dict(family.sequence_lengths),
         "max_length": family.max_length,
+        "position_offset": family.position_offset,
         "hidden_field": family.hidden_field,
         "positive_int_fields": list(family.positive_int_fields),
         "max_layers_fields": list(family.max_layers_fields),
@@ -89,7 +93,8 @@ def read_family(directory, model_class: str, model_type: str) -> Family:
         name=model_type, title=f"{model_type} (derived)", model_types={model_type: ("", model_class)},
         classes=(model_class,), inputs={n: tuple(s) for n, s in data["inputs"].items()},
         default_inputs=(("", tuple(data["train_inputs"])),), train_inputs=tuple(data["train_inputs"]),
-        hidden_field=data["hidden_field"], blocks=(), max_length=data["max_length"], objective=objective,
+        hidden_field=data["hidden_field"], blocks=(), max_length=data["max_length"],
+        position_offset=data["position_offset"], objective=objective,
         sequence_lengths=data["sequence_lengths"], positive_int_fields=tuple(data["positive_int_fields"]),
         max_layers_fields=tuple(data["max_layers_fields"]), derived_from=model_class)
 
@@ -133,7 +138,7 @@ def _checked(data, where: str) -> dict:
             and all(map(name, lengths.values()))):
         fail("sequence_lengths", f"an object naming the length of each sequence of inputs (like "
                                  f"{json.dumps(ONE_SEQUENCE_LENGTHS)})")
-    for field in ("max_length", "hidden_field"):
+    for field in ("max_length", "position_offset", "hidden_field"):
         if not (data[field] == "" or name(data[field])):
             fail(field, "a config field name or \"\"")
     return data

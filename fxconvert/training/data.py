@@ -50,7 +50,12 @@ VOCAB_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tok
 # What AutoTokenizer may open in a tokenizer directory, besides the vocabulary files.
 TOKENIZER_READS = frozenset({*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                              "merges.txt", "chat_template.jinja", "chat_template.json", "config.json"})
-NO_TOKENIZER = "copy the checkpoint's tokenizer files beside it or give pre-tokenized input_ids/labels"
+
+
+def no_tokenizer(objective: Objective = SEQ2SEQ) -> str:
+    """The fix for text without a tokenizer, naming the objective's own pre-tokenized keys (a classifier's
+    `input_ids`/`label`, a language model's `input_ids`/`labels`)."""
+    return f"copy the checkpoint's tokenizer files beside it or give pre-tokenized {'/'.join(objective.id_keys)}"
 
 
 @dataclass
@@ -64,17 +69,19 @@ def _shown(text) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def load_tokenizer(directory, *, required=True):
+def load_tokenizer(directory, *, required=True, objective: Objective = SEQ2SEQ):
     """The tokenizer saved in `directory`, loaded with AutoTokenizer's default settings.
 
     With `required=False` a directory without tokenizer files gives None (pre-tokenized data
-    needs none); files that exist but do not load are always an error.
+    needs none); files that exist but do not load are always an error. `objective` names the
+    pre-tokenized keys the missing tokenizer's error suggests.
     """
     directory = Path(directory)
     if not any((directory / name).is_file() for name in VOCAB_FILES):
         if not required:
             return None
-        raise DataError(f"{_shown(directory)} has no tokenizer (none of {', '.join(VOCAB_FILES)}); {NO_TOKENIZER}")
+        raise DataError(f"{_shown(directory)} has no tokenizer (none of {', '.join(VOCAB_FILES)}); "
+                        f"{no_tokenizer(objective)}")
     for path in sorted(directory.iterdir()):  # a FIFO or device read by the tokenizer would block or never end
         if path.name in TOKENIZER_READS and path.exists() and not path.is_file():
             raise DataError(f"{_shown(path)} is not a regular file; replace it with the checkpoint's own "
@@ -351,7 +358,8 @@ def _check_line(raw: bytes, where: str, rules: _Rules) -> dict:
     if objective.label_key is not None:  # checked first: a wrong class id needs no tokenizer to be found
         _check_label(obj[objective.label_key], where, rules)
     if "input" in obj and rules.tokenizer is None:
-        raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; {NO_TOKENIZER}")
+        raise DataError(f"{where}: text needs a tokenizer and none is beside the checkpoint; "
+                        f"{no_tokenizer(objective)}")
     for key in (k for k in objective.text_keys if k != objective.label_key) if "input" in obj else ():
         if not isinstance(obj[key], str) or not obj[key].strip():
             problem = "is empty" if isinstance(obj[key], str) else f"is {with_article(type(obj[key]).__name__)}, not a string"

@@ -102,11 +102,12 @@ def load_data(cfg: TrainConfig, model: Model, *, held_out: bool = False) -> Data
 
 
 def _check_lengths(read: DataFile, data, family, config: dict, objective: Objective) -> None:
-    """Refuse examples longer than a learned position table (`Family.max_length`): eager would fail mid-run."""
-    table = family.max_length if family is not None else ""
-    limit = config.get(table) if table else None
-    if type(limit) is not int or not len(read):
+    """Refuse examples longer than a learned position table holds (`Family.max_positions`): eager would fail
+    mid-run, on every rank, with an index out of bounds."""
+    bound = family.max_positions(config) if family is not None else None
+    if bound is None or not len(read):
         return
+    table, limit = bound
     longest, length = read.longest
     if length > limit:
         raise UsageError(f"{data}: example {longest + 1} is {length} tokens long, more than the model's "

@@ -91,6 +91,8 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device, recomput
                          f"(training needs the model's loss, from labels)")
     _derived_record(path, pipeline.model_class, pipeline.model_type)
     _check_inputs(path, pipeline.model_class, {n for s in pipeline.stages for n in s.inputs})
+    config = _read_config(path / pipeline.config)
+    _check_token_ids(path / pipeline.config, pipeline.manifest.token_ids, config)
     blocks = [s.blocks for s in pipeline.stages]
     plan = pipeline.manifest.plan
     where = f"the plan in {manifest.FILE}"
@@ -101,8 +103,21 @@ def _from_stage_files(path: Path, topo: Topology, device: torch.device, recomput
         recompute_blocks(module, blocks[i], chosen[i], index=i)
         parts[i] = StagePart(i, module.train(), list(pipeline.stages[i].inputs))
     shared = {name: list(info.stages) for name, info in pipeline.shared_weights.items()}
-    return Model(parts, pipeline.num_stages, shared, _read_config(path / pipeline.config), pipeline_dir=path,
+    return Model(parts, pipeline.num_stages, shared, config, pipeline_dir=path,
                  tokenizer_dir=path, recompute=describe(recompute, chosen, where=where))
+
+
+def _check_token_ids(where: Path, recorded: dict, config: dict) -> None:
+    """Refuse a config.json whose token ids differ from those the stages were converted with (pipeline.json's
+    `token_ids`): the graph treats the recorded pad_token_id as padding (RoBERTa's positions, a decoder-only
+    classifier's pooled token), so batches padded with another id would train on wrong values, silently."""
+    for name, value in recorded.items():
+        now = config.get(name) if isinstance(config, dict) else None
+        if type(now) is not type(value) or now != value:
+            raise UsageError(f"{printable(where)} has {name} = {printable(json.dumps(now))[:40]}, but the stages were "
+                             f"converted with {name} = {json.dumps(value)}, which their graph was traced with; set "
+                             f"{name} back to {json.dumps(value)} in config.json, or convert the edited checkpoint "
+                             f"again")
 
 
 def _check_record(model_class: str, model_type) -> None:
