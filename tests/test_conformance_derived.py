@@ -12,7 +12,10 @@ bias or norm fails. For each type:
 - convert: the kept output (the loss) and every gradient equal eager at 1e-5, at two shapes with
   padding, in eval and in train mode (dropout on, the same seed);
 - split in 2 stages (in process): a leaf stays whole in the stage of its block, and the stages run
-  in sequence equal the converted module, the loss and every gradient, in train mode.
+  in sequence equal the converted module, the loss and every gradient, in train mode;
+- for a causal LM (decoder-only), 2 SGD steps on the 2 stages equal 2 steps of eager transformers on
+  the same batches: the loss at each step and the weights after them (`fxconvert.train` does this
+  under torchrun for a few of them, tests/test_train_families.py).
 
 Every type of the list converts; a type that stops converting fails here with the one-line refusal
 naming the construct and the source line.
@@ -58,6 +61,7 @@ ONE_BLOCK = {"albert": "cannot split into 2 stages: the graph has 1 blocks (albe
                        "albert.encoder.albert_layer_groups.0) and a stage holds at least one; ask for at most 1"}
 # (batch, encoder length, decoder length, padded tokens at the end of the first row)
 SHAPES = [(2, 7, 5, 2), (3, 12, 4, 3)]
+TRAIN_LR = 0.5  # SGD's, for the 2 training steps on the stages
 
 
 class Case:
@@ -80,6 +84,11 @@ class Case:
     @functools.cached_property
     def conversion(self):
         return convert(self.model)
+
+    @functools.cached_property
+    def stages(self):
+        """The conversion split in 2 stages, in process: they run the model's own parameters."""
+        return split_stages(self.conversion, 2)
 
     def inputs(self, names, shape, seed):
         batch, enc, dec, pad = shape
@@ -175,7 +184,7 @@ def test_stages_equal_the_converted_module(case):
             split_stages(conversion, 2)
         assert str(e.value) == ONE_BLOCK[case.model_type]
         return
-    stages = split_stages(conversion, 2)
+    stages = case.stages
     assert all(spec.blocks for spec in stages.specs)
     for leaf in conversion.leaves:  # a module leaf: one call, in one stage: that of the block it lies in, if any
         if leaf.endswith("()"):  # a function leaf: called by some stage, a module's code around it traced
@@ -203,6 +212,48 @@ def test_stages_equal_the_converted_module(case):
     finally:
         module.eval()
         stages.eval()
+
+
+@pytest.mark.parametrize("case", DECODERS, indirect=True)
+def test_two_sgd_steps_on_the_stages_equal_eager_transformers(case):
+    """What `fxconvert.train` does on 2 stages, in process: 2 SGD steps on the stages (in train mode, on two
+    padded batches of different shapes) give eager transformers' loss at each step and its weights after
+    them, within 1e-5. The stages hold the model's own parameters (a tied weight once), so their steps
+    move the model; its state is restored afterwards for the module's other tests."""
+    model, stages, names = case.model, case.stages, case.conversion.input_names
+    owned = {id(p) for p in model.parameters()}
+    assert all(id(p) in owned for p in stages.parameters())
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batches = [case.inputs(names, shape, seed=10 + i) for i, shape in enumerate(SHAPES)]
+
+    def train(module, run):
+        optimizer = torch.optim.SGD(module.parameters(), lr=TRAIN_LR)
+        losses = []
+        for i, inputs in enumerate(batches):
+            optimizer.zero_grad(set_to_none=True)
+            loss = seeded(lambda: run(inputs), i)()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    model.train()
+    stages.train()
+    try:
+        expected_losses, expected = train(model, lambda inputs: case.eager(inputs)["loss"])
+        model.load_state_dict(start)
+        losses, trained = train(stages, lambda inputs: stages(*(inputs[n] for n in names)))
+    finally:
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        stages.eval()
+    assert max(abs(a - b) for a, b in zip(losses, expected_losses, strict=True)) <= 1e-5, (losses, expected_losses)
+    assert set(trained) == set(expected)
+    diffs = {k: (trained[k] - expected[k]).abs().max().item() for k in expected}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= 1e-5, (worst, diffs[worst])
+    assert max((expected[k] - start[k]).abs().max().item() for k in expected) > 1e-2  # the weights did move
 
 
 def test_a_sliding_window_mask_that_no_layer_reads_is_not_refused():

@@ -1,6 +1,8 @@
 """`torchrun -m fxconvert.train` on GPT-2 (a causal LM), BART (seq2seq) and BERT (a masked LM) against eager transformers,
-and on OPT, a causal LM whose record is derived from transformers' declarations: its conversion
-carries the record to the ranks in family.json (`fxconvert.families.stored`). Sequence classifiers
+and on OPT, Mixtral and Gemma 2, causal LMs whose records are derived from transformers' declarations: their
+conversions carry the record to the ranks in family.json (`fxconvert.families.stored`). Mixtral's expert blocks
+are leaves, which each rank rebuilds from transformers as its stage file names them; Gemma 2 ties its embedding
+across the stages, soft-caps its logits and slides a window shorter than the data's sequences. Sequence classifiers
 (RoBERTa's and GPT-2's, both trained from family.json) equal one eager step on each whole batch.
 
 The same contract as tests/test_train_eager.py for T5, with each family's batching written
@@ -32,6 +34,7 @@ import transformers
 
 import train_runs as tr
 from fxconvert.families import derived
+from fxconvert.stage_files import load_pipeline
 
 pytestmark = pytest.mark.xdist_group("ranks")  # torchrun runs: one at a time (tests/conftest.py)
 
@@ -59,7 +62,16 @@ CONFIGS = {
     # no hand-written record: the ranks rebuild the derived one from the conversion's family.json
     "opt": (transformers.OPTForCausalLM, lambda: derived.tiny_config("opt", dropout=0.0, attention_dropout=0.0,
                                                                      layerdrop=0.0), "causal"),
+    # derived, with leaves: each expert block runs its eager code, rebuilt on its rank from transformers; the
+    # router's auxiliary loss is off (transformers' default), so the loss is the language-model loss alone
+    "mixtral": (transformers.MixtralForCausalLM, lambda: derived.tiny_config("mixtral", output_router_logits=False),
+                "causal"),
+    # derived: a tied embedding held by both stages, logits soft-capped in attention and at the head, and a
+    # sliding window (every other layer) shorter than the batches' sequences
+    "gemma2": (transformers.Gemma2ForCausalLM, lambda: derived.tiny_config("gemma2", sliding_window=4), "causal"),
 }
+DERIVED = ("opt", "mixtral", "gemma2")  # no hand-written record: family.json carries the derived one
+LEAVES = {"mixtral": [["model.layers.0.mlp.experts"], ["model.layers.1.mlp.experts"]]}  # per stage; others: none
 
 
 def write_rows(path, objective, n=16, seed=3) -> list[dict]:
@@ -134,7 +146,10 @@ def test_pipeline_training_equals_eager_transformers(tmp_path, family):
                            str(conv), "-q"], cwd=tr.REPO, env=tr.env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((conv / "pipeline.json").read_text())
-    assert (conv / "family.json").is_file() == (family == "opt")  # only a derived record travels
+    assert (conv / "family.json").is_file() == (family in DERIVED)  # only a derived record travels
+    pipeline = load_pipeline(conv)
+    leaves = [sorted(getattr(pipeline.import_stage(i), "TRANSFORMERS_LEAVES", {})) for i in range(2)]
+    assert leaves == LEAVES.get(family, [[], []])  # each rank rebuilds its own from transformers
     if model.config.tie_word_embeddings:
         assert sorted(manifest["shared_weights"]["shared_embed_weight"]["stages"]) == [0, 1]  # held by both stages
     else:
