@@ -556,12 +556,17 @@ def _transformers_attribute(module_name, name, leaf):
         raise ImportError(f"the leaf {leaf} names {where}, which is not transformers' own; this file was "
                           f"altered: convert again")
     try:
-        return getattr(importlib.import_module(module_name), name)
+        found = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ImportError(f"the leaf {leaf} needs transformers {TRANSFORMERS_VERSION}'s {where}, which cannot be "
                           f"imported ({type(e).__name__}: {first}); install transformers {TRANSFORMERS_VERSION}"
                           ) from None
+    own = getattr(found, "__module__", None)  # a name transformers imported from elsewhere (shutil.copyfile)
+    if not isinstance(own, str) or (own != "transformers" and not own.startswith("transformers.")):
+        raise ImportError(f"the leaf {leaf} names {where}, which is not transformers' own; this file was "
+                          f"altered: convert again")
+    return found
 '''
 
 _FUNCTION_DEFS = '''
@@ -614,7 +619,13 @@ def _transformers_leaf(name):
     if config_argument is not None:
         import copy
 
-        config = _transformers_class(LEAF_CONFIG[0], LEAF_CONFIG[1], name).from_dict(copy.deepcopy(LEAF_CONFIG[2]))
+        import transformers
+
+        config_class = _transformers_class(LEAF_CONFIG[0], LEAF_CONFIG[1], name)
+        if not issubclass(config_class, transformers.PretrainedConfig):
+            raise ImportError(f"the leaf {name}'s config names {LEAF_CONFIG[0]}.{LEAF_CONFIG[1]}, which is not a "
+                              f"config; this file was altered: convert again")
+        config = config_class.from_dict(copy.deepcopy(LEAF_CONFIG[2]))
         for path, chosen in LEAF_CONFIG[3].items():
             part = config
             for attr in path:

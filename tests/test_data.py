@@ -572,6 +572,9 @@ HOSTILE_LABELS = {
                                                         r"give a class id the model was converted with"),
     "label_ignored": ({"input_ids": [5], "label": -100}, r"label = -100 is outside \[0, 3\)"),
     "label_too_big": ({"input": "w1", "label": 3}, r"label = 3 is outside \[0, 3\), the model's 3 classes"),
+    "label_huge": ({"input_ids": [5], "label": 10**4000},  # JSON ints have no bound: the message shows 40 digits
+                   r"label = 10{39}\.\.\. \(4001 digits\) is outside \[0, 3\), the model's 3 classes"),
+    "id_huge": ({"input_ids": [5, -10**4000], "label": 1}, r"input_ids\[1\] = -10{38}\.\.\. \(4001 digits\) is outside"),
     "missing_label": ({"input_ids": [5]}, rf"missing key 'label'; {LABEL_FIX}"),
     "missing_input": ({"label": 1}, r"missing key 'input_ids'"),
     "labels_for_label": ({"input_ids": [5], "labels": [1]}, rf"unknown key 'labels'; {LABEL_FIX}"),
@@ -595,6 +598,13 @@ def test_a_bad_classification_line_is_one_line_naming_the_file_and_line(tmp_path
         read_jsonl(path, tokenizer=load_tokenizer(tokenizer_dir), vocab_size=97, objective=CLASSIFICATION, num_labels=3)
     message = str(info.value)
     assert "\n" not in message and len(message) < 400 and ";" in message, message
+
+
+def test_a_class_id_past_int64_is_refused_without_the_models_classes(tmp_path):
+    """Without num_labels a label is still an int64 (the batch's dtype): 2**63 is refused in one line."""
+    path = write(tmp_path / "d.jsonl", [{"input_ids": [5], "label": 2**63 - 1}, {"input_ids": [5], "label": 2**63}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: label = 9223372036854775808 is outside \[0, 2\*\*63\); "):
+        read_jsonl(path, objective=CLASSIFICATION)
 
 
 def test_an_empty_classification_file_names_the_classifiers_format(tmp_path):

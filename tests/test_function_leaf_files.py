@@ -200,6 +200,10 @@ def test_a_function_leaf_that_cannot_be_imported_fails_in_one_line(written, monk
     ("('os', 'system')", "names os.system, which is not transformers' own; this file was altered: convert again"),
     (f"('{FUNCTION.rsplit('.', 1)[0]}', 'LongT5Config')",
      f"names {FUNCTION.rsplit('.', 1)[0]}.LongT5Config, which is not a function; this file was altered: convert again"),
+    # shutil.copyfile, which a transformers module imports: a function, but not transformers' own
+    ("('transformers.tokenization_utils_sentencepiece', 'copyfile')",
+     "names transformers.tokenization_utils_sentencepiece.copyfile, which is not transformers' own; this file was "
+     "altered: convert again"),
 ])
 def test_a_tampered_function_leaf_in_a_stage_file_fails_in_one_line(written, tmp_path, new, expected):
     out = tmp_path / "copy"

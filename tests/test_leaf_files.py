@@ -224,6 +224,16 @@ def test_a_leaf_class_that_cannot_be_imported_fails_in_one_line(written, monkeyp
      "which is not a module; this file was altered: convert again"),
     ("    'model.layers.0.mlp.experts': ('transformers.", "    'model.layers.0.mlp.expertz': ('transformers.",
      "stage 0: {weights} and stage_0.py were not written together ("),
+    # a torch class that a transformers module imports is not transformers' own: it is not even built
+    ("('transformers.models.mixtral.modeling_mixtral', 'MixtralExperts', 'config',",
+     "('transformers.models.bert.modeling_bert', 'CrossEntropyLoss', 'config',",
+     "stage 0: the leaf model.layers.0.mlp.experts names transformers.models.bert.modeling_bert.CrossEntropyLoss, "
+     "which is not transformers' own; this file was altered: convert again"),
+    # the config class must be a config: another transformers class's from_dict is not called
+    ("LEAF_CONFIG = ('transformers.models.mixtral.configuration_mixtral',\n 'MixtralConfig',",
+     "LEAF_CONFIG = ('transformers.models.mixtral.modeling_mixtral',\n 'MixtralExperts',",
+     "stage 0: the leaf model.layers.0.mlp.experts's config names transformers.models.mixtral.modeling_mixtral."
+     "MixtralExperts, which is not a config; this file was altered: convert again"),
 ])
 @pytest.mark.parametrize("written", ["mixtral"], indirect=True)
 def test_a_tampered_leaf_in_a_stage_file_fails_in_one_line(written, tmp_path, old, new, expected):

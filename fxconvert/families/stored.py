@@ -122,6 +122,8 @@ def _checked(data, where: str) -> dict:
     if not all(isinstance(s, list) and len(s) == 2 and s[0] in KINDS and s[1] in SEQUENCES for s in inputs.values()):
         fail("inputs", f"[kind, sequence] per input, a kind of {', '.join(KINDS)} and a sequence of "
                        f"{', '.join(SEQUENCES)}")
+    if any(kind == "class" and n != "labels" for n, (kind, _) in inputs.items()):
+        fail("inputs", 'of kind "class" only for labels (a sequence classifier\'s one class id per row)')
     for field in _LISTS:
         if not (isinstance(data[field], list) and len(data[field]) <= MAX_NAMES and all(map(name, data[field]))):
             fail(field, f"a list of at most {MAX_NAMES} names")

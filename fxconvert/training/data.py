@@ -69,6 +69,12 @@ def _shown(text) -> str:
     return text if text.isprintable() else repr(text)
 
 
+def _number(value: int) -> str:
+    """An int as a message shows it: its first 40 digits (JSON holds ints of thousands of digits)."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:40]}... ({len(text.lstrip('-'))} digits)"
+
+
 def load_tokenizer(directory, *, required=True, objective: Objective = SEQ2SEQ):
     """The tokenizer saved in `directory`, loaded with AutoTokenizer's default settings.
 
@@ -158,7 +164,7 @@ def _check_ids(ids, key: str, where: str, vocab_size, *, fix: str, objective: Ob
             continue
         if value < 0 or value >= (vocab_size if vocab_size is not None else 2**63):
             extra = " or -100 (ignored)" if key == "labels" else ""
-            raise DataError(f"{where}: {key}[{i}] = {value} is outside {allowed}{extra}; {fix}")
+            raise DataError(f"{where}: {key}[{i}] = {_number(value)} is outside {allowed}{extra}; {fix}")
     if key == "labels" and all(v == IGNORE_INDEX for v in ids):
         _nothing_to_learn(where)
     return ids
@@ -179,9 +185,9 @@ def _check_label(value, where: str, rules: "_Rules") -> int:
     if type(value) is not int:
         raise DataError(f"{where}: {key!r} is {with_article(type(value).__name__)} ({json.dumps(value)[:40]}), not "
                         f"an int; {rules.objective.line_format}")
-    if value < 0 or (classes is not None and value >= classes):
+    if value < 0 or value >= (classes if classes is not None else 2**63):
         allowed = f"[0, {classes}), the model's {classes} classes" if classes is not None else "[0, 2**63)"
-        raise DataError(f"{where}: {key} = {value} is outside {allowed}; give a class id the model was converted "
+        raise DataError(f"{where}: {key} = {_number(value)} is outside {allowed}; give a class id the model was converted "
                         f"with (its config's id2label)")
     return value
 
