@@ -192,7 +192,8 @@ class Classification(Objective):
         """num_labels (config.json saves id2label; transformers' default is 2), refused unless single-label."""
         kind = config.get("problem_type")
         if kind not in (None, "single_label_classification"):
-            raise UsageError(f"the model's config has problem_type = {kind!r}, whose loss is not a cross-entropy over "
+            shown = repr(kind) if len(repr(kind)) <= 80 else f"{repr(kind)[:80]}..."
+            raise UsageError(f"the model's config has problem_type = {shown}, whose loss is not a cross-entropy over "
                              f"class ids; fxconvert.train trains single-label classification: convert a model with "
                              f"problem_type \"single_label_classification\" (or none)")
         labels = config.get("id2label")
