@@ -269,9 +269,16 @@ def check_config(config: dict, where: str) -> None:
         if key in config and key not in family.max_layers_fields and config[key] > MAX_SIZE:
             refuse(key, f"a positive integer up to {MAX_SIZE}")
     limit = config.get(family.max_length) if family.max_length else None
-    if is_int(limit) and 0 < limit < MIN_POSITIONS:
+    bound, held = family.max_positions(config) if is_int(limit) and limit > 0 else (None, MIN_POSITIONS)
+    if held < MIN_POSITIONS and bound == family.max_length:
         refuse(family.max_length, f"at least {MIN_POSITIONS}: fxconvert traces, validates and probes the stages "
                                   f"with sequences of up to 13 tokens, which a shorter position table cannot hold")
+    if held < MIN_POSITIONS:  # positions start after position_offset (RoBERTa's pad_token_id)
+        offset = limit - held - 1
+        refuse(family.max_length, f"at least {MIN_POSITIONS + offset + 1} in the config, or lower "
+                                  f"{family.position_offset} ({offset}): the table holds {bound} = {held} positions, "
+                                  f"and fxconvert traces, validates and probes the stages with sequences of up to 13 "
+                                  f"tokens", tail="")
     for key in family.max_layers_fields:
         value = config.get(key)
         if value is None or (key.startswith("num_decoder") and cls_name.endswith("EncoderModel")):

@@ -12,7 +12,8 @@ the data with it (`fxconvert.training.dataset`). An objective is one class here,
   `length_options`, the options that bound it;
 - the pad policy: `token_ids(config, vocab)`, the config's token ids the batches need, with
   their fallbacks, each checked;
-- `collate(examples, pad_to=..., **token_ids)`: one padded int64 batch, by the contract below.
+- `collate(examples, pad_to=..., **token_ids)`: one padded int64 batch, by the contract below,
+  holding exactly `batch_keys` (a family trains with some of them: `Family.train_inputs`).
 
 A batch is padded on the right to its own longest rows, or to the fixed lengths `pad_to` =
 (source length, target length) for a runtime that sizes its buffers once:
@@ -59,6 +60,7 @@ class Objective:
     label_key: ClassVar[str | None] = None  # the key of both forms holding one class id (not tokens)
     line_format: ClassVar[str] = ('each line must be {"input": str, "target": str} or '
                                   '{"input_ids": [int], "labels": [int]}')
+    batch_keys: ClassVar[tuple[str, ...]]  # what `collate` returns: the inputs a family may train with
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -107,6 +109,7 @@ class Seq2Seq(Objective):
     """An encoder-decoder model (T5, BART): input -> target, the decoder reading the labels shifted right."""
 
     name, title = "seq2seq", "seq2seq model"
+    batch_keys = ("input_ids", "attention_mask", "labels", "decoder_input_ids")
     length_options = "--max-source-length and --max-target-length of"
     token_fields = ("pad_token_id", "decoder_start_token_id")
 
@@ -129,6 +132,7 @@ class CausalLM(Objective):
     """A decoder-only model (GPT-2, Llama): input + target as one sequence, only the target learned."""
 
     name, title = "causal", "causal LM"
+    batch_keys = ("input_ids", "attention_mask", "labels")
     labels_are_tokens = True
     length_options = "--max-source-length and --max-target-length that add up to"
     pad_fallback = "eos_token_id"  # GPT-2 and Llama define no pad token: padding is masked and never learned
@@ -153,6 +157,7 @@ class MaskedLM(Objective):
     """A masked LM (BERT): pre-tokenized lines, labels aligned with the input (-100 where nothing is predicted)."""
 
     name, title = "masked", "masked LM"
+    batch_keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
     aligned = True
     length_options = "--max-source-length of"
 
@@ -181,6 +186,7 @@ class Classification(Objective):
     a multiple of --microbatches), so it is the mean over the whole batch's rows: one eager step."""
 
     name, title = "classification", "sequence classifier"
+    batch_keys = ("input_ids", "attention_mask", "labels")
     length_options = "--max-source-length of"
     text_keys, id_keys, label_key = ("input", "label"), ("input_ids", "label"), "label"
     line_format = 'each line must be {"input": str, "label": int} or {"input_ids": [int], "label": int}'

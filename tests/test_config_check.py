@@ -210,6 +210,21 @@ def test_other_families_bad_fields_are_one_line_before_anything_is_built(family,
     assert refusal(path) == f"invalid config in {path}: {message}"
 
 
+def test_a_position_table_that_pad_token_id_leaves_too_short_is_one_line(tmp_path):
+    """RoBERTa numbers positions from pad_token_id + 1 (`Family.max_positions`): 24 rows hold 16 positions with
+    pad_token_id 7, but 3 with pad_token_id 20, fewer than the trace's 13 tokens (an IndexError mid-trace before)."""
+    config = dict(model_type="roberta", architectures=["RobertaForMaskedLM"], hidden_size=32, num_attention_heads=4,
+                  num_hidden_layers=2, intermediate_size=64, max_position_embeddings=24, vocab_size=97)
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps({**config, "pad_token_id": 7}))
+    assert load(path, meta=True).model.config.pad_token_id == 7
+    path.write_text(json.dumps({**config, "pad_token_id": 20}))
+    assert refusal(path) == (f"invalid config in {path}: max_position_embeddings is 24; set it to at least 37 in the "
+                             f"config, or lower pad_token_id (20): the table holds max_position_embeddings - "
+                             f"pad_token_id - 1 = 3 positions, and fxconvert traces, validates and probes the stages "
+                             f"with sequences of up to 13 tokens")
+
+
 def test_buffers_count_towards_building_on_the_meta_device(tmp_path, monkeypatch):
     """BERT holds position_ids and token_type_ids (int64) over max_position_embeddings: with 1.5e9 positions
     and a width of 1 the parameters (1.5e9) are below the 2e9 meta threshold, the buffers add 3e9 values

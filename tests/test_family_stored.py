@@ -65,6 +65,21 @@ def test_a_classifiers_record_travels_and_is_registered(tmp_path, monkeypatch):
     assert rebuilt.train_inputs == ("input_ids", "attention_mask", "labels")
 
 
+def test_a_classifiers_train_inputs_no_batch_holds_are_refused_in_one_line(tmp_path):
+    """A classifier's batches hold no token_type_ids: a family.json that feeds them is refused when the rank reads it,
+    not mid-run."""
+    record = derived.derive(transformers.RobertaForSequenceClassification, derived.tiny_config("roberta"),
+                            blocks=False)
+    data = stored.family_data(record)
+    assert "token_type_ids" in data["inputs"] and "token_type_ids" not in data["train_inputs"]
+    write(tmp_path, {**data, "train_inputs": [*data["train_inputs"], "token_type_ids"]})
+    with pytest.raises(UsageError) as e:
+        rank_model._derived_record(tmp_path, "RobertaForSequenceClassification", "roberta")
+    assert str(e.value) == (f"{tmp_path / stored.FILE}: train_inputs must be names the classification objective's "
+                            f"batches hold (input_ids, attention_mask, labels), not token_type_ids; convert again "
+                            f"with --stages N")
+
+
 HOSTILE = {
     "not an object": ([], "does not hold a JSON object"),
     "a field missing": ({"drop": "objective"}, "has no objective"),
@@ -91,6 +106,14 @@ HOSTILE = {
     "an input name with a newline": ({"set": {"inputs": {"input\nids": ["ids", "encoder"]}}}, "inputs must be"),
     "train inputs not among inputs": ({"set": {"train_inputs": ["pixel_values"]}},
                                       "train_inputs must be a list of names among inputs"),
+    "train inputs no causal batch holds": ({"set": {"inputs": {"input_ids": ["ids", "encoder"],
+                                                               "attention_mask": ["mask", "encoder"],
+                                                               "token_type_ids": ["type_ids", "encoder"],
+                                                               "labels": ["ids", "encoder"]},
+                                                    "train_inputs": ["input_ids", "attention_mask", "token_type_ids",
+                                                                     "labels"]}},
+                                           "train_inputs must be names the causal objective's batches hold "
+                                           "(input_ids, attention_mask, labels), not token_type_ids"),
     "train inputs as a string": ({"set": {"train_inputs": "input_ids"}}, "train_inputs must be a list of at most"),
     "a long name": ({"set": {"max_length": "m" * 101}}, "max_length must be a config field name or \"\""),
     "a number for a field name": ({"set": {"max_length": 10**30}}, "max_length must be a config field name"),

@@ -50,6 +50,15 @@ def test_a_record_owns_an_objective_that_builds_its_train_inputs(family):
     assert sorted(batch) == sorted(family.train_inputs)
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: o.name)
+def test_an_objectives_batch_holds_exactly_its_batch_keys(objective):
+    """family.json's train_inputs are checked against `batch_keys` (`fxconvert.families.stored`): they must be what
+    `collate` returns."""
+    config = {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+    batch = objective.collate([Example([5, 6], [7, 8])], **objective.token_ids(config, 97))
+    assert sorted(batch) == sorted(objective.batch_keys)
+
+
 def test_a_record_survives_a_copy_with_its_objective():
     """A record pickled to another process compares equal: an objective is equal to its copies, not only itself."""
     for family in families.all_families():

@@ -173,7 +173,7 @@ def derive(cls, config, model=None, *, blocks: bool = True) -> Family:
 
     `model` (an instance, e.g. the one being converted) gives the blocks; without one they
     are found on an instance built from `config` on the meta device, and with
-    `blocks=False` none are looked for (a record made from a config.json before its sizes
+    `blocks=False` none are looked for, not even on `model` (a record made from a config.json before its sizes
     are checked, which the trace derives again from the model).
     """
     import torch
@@ -190,7 +190,7 @@ def derive(cls, config, model=None, *, blocks: bool = True) -> Family:
     if model is None and blocks:
         with torch.device("meta"):
             model = cls._from_config(config)
-    paths = _block_paths(model) if model is not None else []
+    paths = _block_paths(model) if model is not None and blocks else []
     aliases = getattr(type(text), "attribute_map", {}) or {}
     field_of = lambda name: aliases.get(name, name)  # noqa: E731 -- the name a field is stored under
     has = lambda name: hasattr(text, name)  # noqa: E731
@@ -273,8 +273,9 @@ def _checks(*checks):
 
 def derive_for_config(config: dict) -> Family | None:
     """The record for a config.json dict of a type with no hand-written record, or None when
-    transformers knows no such type or class. The record has no blocks (nothing is built before the
-    config's sizes are checked); the trace derives it again from the model."""
+    transformers knows no such type or class. The record has no blocks (nothing of the config's sizes is
+    built before they are checked; a tiny model of the type on the meta device says where its positions start,
+    for the check's bound); the trace derives it again from the model."""
     from transformers import AutoConfig
 
     model_type = config.get("model_type")
@@ -284,11 +285,19 @@ def derive_for_config(config: dict) -> Family | None:
     cls = model_class(name) if isinstance(name, str) else None
     if cls is None or not derivable(cls):
         return None
+    import torch
+
     try:
-        config_obj = AutoConfig.for_model(model_type)
+        AutoConfig.for_model(model_type)
+        config_obj = tiny_config(model_type)
     except Exception:  # an unknown model_type
         return None
-    return derive(cls, config_obj, blocks=False)
+    try:  # the type's modules, tiny and on the meta device: where its positions start (`_position_offset`)
+        with torch.device("meta"):
+            model = cls._from_config(config_obj)
+    except Exception:  # the check goes on without the offset; the trace derives the record again
+        model = None
+    return derive(cls, config_obj, model, blocks=False)
 
 
 def _position_offset(model, text, field_of) -> str:

@@ -8,7 +8,8 @@ and a rank rebuilds the record from it (`read_family`) and registers it by class
 
 - `model_class`: the class the record is for (pipeline.json's, checked against it);
 - `inputs`: input name -> [kind, sequence] (`KINDS`, `SEQUENCES`), in forward's order;
-- `train_inputs`: what fxconvert.train feeds the first stage, of `inputs`;
+- `train_inputs`: what fxconvert.train feeds the first stage, of `inputs` and of the objective's
+  batches (`Objective.batch_keys`);
 - `objective`: the objective's name (`fxconvert.objectives`), or null for a head that does not train;
   "classification" exactly where the labels are class ids (kind "class"), one per row;
 - `sequence_lengths`: sequence -> the name of its length;
@@ -134,6 +135,11 @@ def _checked(data, where: str) -> dict:
     if (data["objective"] == CLASSIFICATION.name) != (inputs.get("labels", [None])[0] == "class"):
         fail("objective", f'"{CLASSIFICATION.name}" exactly where the labels are of kind "class" (one class id '
                           f'per row)')
+    objective = {o.name: o for o in OBJECTIVES}.get(data["objective"])
+    extra = [n for n in data["train_inputs"] if objective is not None and n not in objective.batch_keys]
+    if extra:  # the rank would feed the first stage an input no batch holds
+        fail("train_inputs", f"names the {objective.name} objective's batches hold "
+                             f"({', '.join(objective.batch_keys)}), not {', '.join(extra)[:200]}")
     lengths = data["sequence_lengths"]
     used = {s for _, s in inputs.values()}
     if not (isinstance(lengths, dict) and set(lengths) <= set(SEQUENCES) and used <= set(lengths)
