@@ -180,7 +180,7 @@ def op_bytes(func, args, kwargs, out) -> int:
     if func.is_view or func.overloadpacket in _FREE:
         return 0
     if func.overloadpacket is torch.ops.aten.embedding:
-        weight, indices = args[0], args[1]
+        indices = args[1]
         return indices.numel() * indices.element_size() + 2 * out.numel() * out.element_size()
     return sum(t.numel() * t.element_size() for t in pytree.tree_leaves((args, kwargs, out))
                if isinstance(t, torch.Tensor))

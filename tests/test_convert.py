@@ -3,7 +3,6 @@ shared weights, the pass records, and end-to-end agreement with the eager transf
 every gradient, an optimizer step) for every class and config variant, in eval and train mode."""
 
 import copy
-import warnings
 
 import pytest
 import torch

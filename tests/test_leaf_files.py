@@ -13,7 +13,6 @@ by the command line with --stages 2:
 """
 
 import json
-import os
 import subprocess
 import sys
 
