@@ -223,3 +223,37 @@ def cli_convert(model, tmp_path, capsys, *options) -> dict:
     report = json.loads(stdout)
     assert report["status"] == "ok" and report["validation"]["passed"] is True, report["validation"]
     return report
+
+
+def assert_written_runs_equal_eager(model, inputs, result: dict, label: str = "") -> None:
+    """A fresh process's run of a conversion's files against eager `model` on `inputs`: for "model" (model.py)
+    and "stage" (the stages in sequence), `result["<side>_loss"]` equals eager's loss and
+    `result["<side>_grads"]` (keyed by the model's parameter names) reaches every parameter eager's
+    gradient reaches, each within 1e-5."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected_loss = model(**inputs, use_cache=False).loss
+    expected = grads_of(model, lambda: {"loss": model(**inputs, use_cache=False).loss})
+    assert expected
+    by_id = {id(p): expected[name] for name, p in model.named_parameters() if name in expected}
+    for side in ("model", "stage"):
+        torch.testing.assert_close(result[f"{side}_loss"], expected_loss.detach(), rtol=0, atol=1e-5)
+        grads = result[f"{side}_grads"]
+        assert {id(params[name]) for name in grads} == set(by_id)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, by_id[id(params[name])], atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{label} {side} {name}: {m}")
+
+
+def two_stage_run(pipeline, inputs, recompute: bool) -> dict:
+    """The loss and every stage gradient of a 2-stage pipeline's files loaded afresh, with every block
+    recomputed in backward (as a rank's `--recompute` does) or none."""
+    from fxconvert.training.recompute import recompute_blocks
+
+    stages = [pipeline.load_stage(i) for i in range(pipeline.num_stages)]
+    for i, (stage, spec) in enumerate(zip(stages, pipeline.stages)):
+        chosen = spec.blocks if recompute else ()
+        assert recompute_blocks(stage, spec.blocks, chosen, index=i) == chosen
+    values = stages[0](*(inputs[k] for k in pipeline.stages[0].inputs))
+    loss = stages[1](*values, **{k: inputs[k] for k in pipeline.stages[1].inputs})
+    loss.backward()
+    return {"loss": loss.detach(), **{f"{i}.{n}": p.grad for i, s in enumerate(stages) for n, p in s.named_parameters()}}

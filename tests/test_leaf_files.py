@@ -23,10 +23,9 @@ import transformers
 from fxconvert.cli import main
 from fxconvert.families import derived
 from fxconvert.pipeline import PipelineError, load_pipeline
-from fxconvert.training.recompute import recompute_blocks
 
 import train_runs
-from helpers import grads_of
+from helpers import assert_written_runs_equal_eager, two_stage_run
 
 TYPES = {"mixtral": transformers.AutoModelForCausalLM, "m2m_100": transformers.AutoModelForSeq2SeqLM}
 
@@ -150,19 +149,7 @@ def test_model_and_stages_in_a_fresh_process_equal_eager_with_every_gradient(wri
     assert run.returncode == 0, run.stderr[-3000:]
     result = torch.load(tmp_path / "result.pt")
     assert result["imported"] is False and result["loaded"] is True
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected_loss = model(**inputs, use_cache=False).loss
-    expected = grads_of(model, lambda: {"loss": model(**inputs, use_cache=False).loss})
-    assert expected
-    for side in ("model", "stage"):
-        torch.testing.assert_close(result[f"{side}_loss"], expected_loss.detach(), rtol=0, atol=1e-5)
-        grads = result[f"{side}_grads"]
-        reached = {id(params[name]) for name in grads}
-        assert reached == {id(p) for name, p in model.named_parameters() if name in expected}
-        by_id = {id(p): expected[name] for name, p in model.named_parameters() if name in expected}
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, by_id[id(params[name])], atol=1e-5, rtol=1e-4,
-                                       msg=lambda m, name=name: f"{side} {name}: {m}")
+    assert_written_runs_equal_eager(model, inputs, result)
 
 
 @pytest.mark.parametrize("written", ["mixtral"], indirect=True)
@@ -172,19 +159,7 @@ def test_a_stage_with_leaves_runs_its_blocks_under_recompute(written):
     model_type, model, out = written
     pipeline = load_pipeline(out)
     inputs = inputs_for(model, pipeline.input_names)
-
-    def run(recompute):
-        stages = [pipeline.load_stage(i) for i in range(pipeline.num_stages)]
-        for i, (stage, spec) in enumerate(zip(stages, pipeline.stages)):
-            chosen = spec.blocks if recompute else ()
-            assert recompute_blocks(stage, spec.blocks, chosen, index=i) == chosen
-        values = stages[0](*(inputs[k] for k in pipeline.stages[0].inputs))
-        loss = stages[1](*values, **{k: inputs[k] for k in pipeline.stages[1].inputs})
-        loss.backward()
-        return {"loss": loss.detach(), **{f"{i}.{n}": p.grad for i, s in enumerate(stages)
-                                          for n, p in s.named_parameters()}}
-
-    plain, recomputed = run(False), run(True)
+    plain, recomputed = two_stage_run(pipeline, inputs, False), two_stage_run(pipeline, inputs, True)
     assert set(plain) == set(recomputed) and any("experts" in name for name in plain)
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
