@@ -225,6 +225,23 @@ def test_a_position_table_that_pad_token_id_leaves_too_short_is_one_line(tmp_pat
                              f"with sequences of up to 13 tokens")
 
 
+def test_a_type_whose_defaults_do_not_shrink_still_loads(tmp_path, monkeypatch):
+    """The config check's record builds a tiny model of the type to find a position offset; a type whose
+    defaults do not shrink (DBRX's tiny config misses `rope_theta` on transformers 5.25) is checked without
+    one, not treated as a type transformers does not know."""
+    from fxconvert.families import derived
+
+    def no_tiny(model_type, **overrides):
+        raise AttributeError("'DbrxAttentionConfig' object has no attribute 'rope_theta'")
+
+    monkeypatch.setattr(derived, "tiny_config", no_tiny)
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(dict(model_type="opt", architectures=["OPTForCausalLM"], hidden_size=32,
+                                    ffn_dim=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=97,
+                                    max_position_embeddings=64, word_embed_proj_dim=32)))
+    assert type(load(path, meta=True).model).__name__ == "OPTForCausalLM"
+
+
 def test_buffers_count_towards_building_on_the_meta_device(tmp_path, monkeypatch):
     """BERT holds position_ids and token_type_ids (int64) over max_position_embeddings: with 1.5e9 positions
     and a width of 1 the parameters (1.5e9) are below the 2e9 meta threshold, the buffers add 3e9 values

@@ -288,15 +288,16 @@ def derive_for_config(config: dict) -> Family | None:
     import torch
 
     try:
-        AutoConfig.for_model(model_type)
-        config_obj = tiny_config(model_type)
+        config_obj = AutoConfig.for_model(model_type)
     except Exception:  # an unknown model_type
         return None
     try:  # the type's modules, tiny and on the meta device: where its positions start (`_position_offset`)
+        tiny = tiny_config(model_type)
         with torch.device("meta"):
-            model = cls._from_config(config_obj)
-    except Exception:  # the check goes on without the offset; the trace derives the record again
-        model = None
+            model = cls._from_config(tiny)
+        config_obj = tiny
+    except Exception:  # a type whose defaults do not shrink: the check goes on without the offset, and
+        model = None   # the trace derives the record again from the model
     return derive(cls, config_obj, model, blocks=False)
 
 
