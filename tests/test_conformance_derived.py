@@ -309,7 +309,7 @@ def test_training_a_derived_record_from_a_checkpoint_is_refused_in_one_line(neox
     err = capsys.readouterr().err.strip()
     assert err == ("fxconvert.train: error: training a gpt_neox model needs a hand-written family record, which "
                    "GPTNeoXForCausalLM has not (it converts with one derived from transformers' declarations); "
-                   "convert it with --stages N and train the conversion if it is a causal LM or a sequence classifier, or "
+                   "convert it with --stages N and train the conversion, or "
                    "train " + ", ".join(
                        f.title.split(" (")[0] for f in families.all_families() if f.objective) + " models")
     assert not (tmp_path / "run").exists()

@@ -492,7 +492,8 @@ def test_every_family_that_trains_is_trained_against_eager_transformers():
     trained = {"t5"} | set(test_train_families.CONFIGS)
     assert "test_pipeline_training_equals_eager_transformers" in dir(test_train_eager)
     assert "test_pipeline_training_equals_eager_transformers" in dir(test_train_families)
-    # every hand-written family that trains, and derived causal LMs of three skeletons: learned positions
-    # (opt), expert leaves rebuilt on each rank (mixtral), a tied embedding with soft-capping and a sliding
-    # window (gemma2)
-    assert trained == {f.name for f in all_families() if f.objective} | {"opt", "mixtral", "gemma2"}
+    # every hand-written family that trains, derived causal LMs of three skeletons: learned positions (opt),
+    # expert leaves rebuilt on each rank (mixtral), a tied embedding with soft-capping and a sliding window
+    # (gemma2); a derived seq2seq model (marian) and a derived masked LM (roberta)
+    assert trained == {f.name for f in all_families() if f.objective} | {"opt", "mixtral", "gemma2", "marian",
+                                                                         "roberta"}

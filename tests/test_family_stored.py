@@ -1,11 +1,13 @@
 """family.json (`fxconvert.families.stored`): a derived record written by the conversion, rebuilt on a rank.
 
 The rank reads a file a user may have edited: every malformed field is one line naming it,
-and a record that is no causal LM nor sequence classifier is refused in one line naming what trains.
+and a record without an objective (a head that computes no loss) is refused in one line naming what
+trains.
 """
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import transformers
@@ -164,13 +166,54 @@ def test_a_missing_or_irregular_family_json_is_one_line(tmp_path):
     assert str(e.value) == f"{tmp_path / stored.FILE} is not a regular file; convert again with --stages N"
 
 
-@pytest.mark.parametrize("objective", ["masked", "seq2seq", None])
-def test_a_derived_record_that_is_no_causal_lm_is_refused_in_one_line(tmp_path, record, objective):
+@pytest.mark.parametrize("objective", ["masked", "seq2seq"])
+def test_a_derived_record_of_every_objective_is_registered_for_training(tmp_path, record, objective):
     write(tmp_path, {**stored.family_data(record), "objective": objective})
+    rank_model._derived_record(tmp_path, CLASS, "opt")
+    assert families.family_of_class(CLASS).objective.name == objective
+
+
+def test_a_derived_record_without_an_objective_is_refused_in_one_line(tmp_path, record):
+    write(tmp_path, {**stored.family_data(record), "objective": None})
+    before = families._DERIVED.get(CLASS)
     with pytest.raises(UsageError) as e:
         rank_model._derived_record(tmp_path, CLASS, "opt")
     trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
-    assert str(e.value) == (f"training a opt model that is no causal LM nor sequence classifier needs a hand-written "
-                            f"family record, which {CLASS} has not; fxconvert.train trains the causal LMs and sequence "
-                            f"classifiers of derived records (a *ForCausalLM or *ForSequenceClassification class) and "
-                            f"{trained} models")
+    assert str(e.value) == (f"training a opt model whose record has no objective needs a hand-written family record, "
+                            f"which {CLASS} has not; fxconvert.train trains the causal LMs, seq2seq models, masked LMs "
+                            f"and sequence classifiers of derived records (a *ForCausalLM, *ForConditionalGeneration, "
+                            f"*ForMaskedLM or *ForSequenceClassification class) and {trained} models")
+    assert families._DERIVED.get(CLASS) is before  # nothing registered from it
+
+
+@pytest.mark.parametrize("model_type", sorted(rank_model.LAST_TOKEN_START))
+def test_a_seq2seq_type_whose_decoder_starts_with_the_last_label_is_refused_in_one_line(tmp_path, record,
+                                                                                          model_type):
+    """mBART's model shifts labels into decoder inputs by wrapping each row's last token (its language id) to the
+    front; the seq2seq batches start with decoder_start_token_id, so training would match no eager step."""
+    write(tmp_path, {**stored.family_data(record), "objective": "seq2seq"})
+    with pytest.raises(UsageError) as e:
+        rank_model._derived_record(tmp_path, CLASS, model_type)
+    assert str(e.value) == (f"training a {model_type} model needs a hand-written family record, which {CLASS} has "
+                            f"not: its decoder starts with each row's last label token (the language id), not the "
+                            f"decoder_start_token_id the seq2seq batches start with; train another derived seq2seq "
+                            f"type (marian, pegasus, m2m_100, ...)")
+
+
+def test_the_types_refused_for_their_decoder_start_are_those_whose_shift_takes_no_start_token():
+    """LAST_TOKEN_START against transformers: of the derived seq2seq types, exactly those whose module's
+    shift_tokens_right takes no decoder_start_token_id (the others shift behind that id, as the batches do)."""
+    import importlib
+    import inspect
+
+    types = json.loads((Path(__file__).parent / "conformance_derived.json").read_text())["types"]
+    seq2seq = [t["type"] for t in types if t["kind"] == "encoder-decoder"]
+    assert {"marian", "mbart", "plbart"} <= set(seq2seq)  # the listing still names them
+    wraps = set()
+    for name in seq2seq:
+        module = importlib.import_module(f"transformers.models.{name.replace('-', '_')}.modeling_"
+                                         f"{name.replace('-', '_')}")
+        shift = getattr(module, "shift_tokens_right", None)
+        if shift is not None and "decoder_start_token_id" not in inspect.signature(shift).parameters:
+            wraps.add(name)
+    assert wraps == set(rank_model.LAST_TOKEN_START)

@@ -1,6 +1,7 @@
 """`torchrun -m fxconvert.train` on GPT-2 (a causal LM), BART (seq2seq) and BERT (a masked LM) against eager transformers,
-and on OPT, Mixtral and Gemma 2, causal LMs whose records are derived from transformers' declarations: their
-conversions carry the record to the ranks in family.json (`fxconvert.families.stored`). Mixtral's expert blocks
+and on OPT, Mixtral and Gemma 2 (causal LMs), Marian (seq2seq) and RoBERTa's masked LM, whose records are derived
+from transformers' declarations: their conversions carry the record to the ranks in family.json
+(`fxconvert.families.stored`). Mixtral's expert blocks
 are leaves, which each rank rebuilds from transformers as its stage file names them; Gemma 2 ties its embedding
 across the stages, soft-caps its logits and slides a window shorter than the data's sequences. Sequence classifiers
 (RoBERTa's and GPT-2's, both trained from family.json) equal one eager step on each whole batch.
@@ -69,8 +70,16 @@ CONFIGS = {
     # derived: a tied embedding held by both stages, logits soft-capped in attention and at the head, and a
     # sliding window (every other layer) shorter than the batches' sequences
     "gemma2": (transformers.Gemma2ForCausalLM, lambda: derived.tiny_config("gemma2", sliding_window=4), "causal"),
+    # derived seq2seq: the encoder's and decoder's embeddings and the head tied (held by both stages), a
+    # final_logits_bias buffer, and decoder inputs the trainer shifts from the labels as Marian itself does (its
+    # decoder_start_token_id set apart from pad_token_id, so the two cannot be confused)
+    "marian": (transformers.MarianMTModel, lambda: derived.tiny_config(
+        "marian", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, decoder_start_token_id=2), "seq2seq"),
+    # derived masked LM: RoBERTa numbers positions from pad_token_id + 1, so its padding must be exactly that id
+    "roberta": (transformers.RobertaForMaskedLM, lambda: derived.tiny_config(
+        "roberta", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "masked"),
 }
-DERIVED = ("opt", "mixtral", "gemma2")  # no hand-written record: family.json carries the derived one
+DERIVED = ("opt", "mixtral", "gemma2", "marian", "roberta")  # no hand-written record: family.json carries the derived one
 LEAVES = {"mixtral": [["model.layers.0.mlp.experts"], ["model.layers.1.mlp.experts"]]}  # per stage; others: none
 
 

@@ -15,7 +15,7 @@ import torch
 from fxconvert import families, manifest
 from fxconvert.errors import RandomWeightsRefused, UsageError, printable
 from fxconvert.families import stored
-from fxconvert.objectives import CAUSAL_LM, CLASSIFICATION
+from fxconvert.objectives import SEQ2SEQ
 from fxconvert.stage_files import load_pipeline
 from fxconvert.training.grad_sync import Topology
 from fxconvert.training.recompute import chosen_blocks, describe, recompute_blocks
@@ -129,24 +129,36 @@ def _check_record(model_class: str, model_type) -> None:
     trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
     raise UsageError(f"training a {printable(model_type)} model needs a hand-written family record, which "
                      f"{printable(model_class)} has not (it converts with one derived from transformers' "
-                     f"declarations); convert it with --stages N and train the conversion if it is a causal LM or a "
-                     f"sequence classifier, or train {trained} models")
+                     f"declarations); convert it with --stages N and train the conversion, or train {trained} models")
+
+
+# Seq2seq types whose transformers model, given labels alone, starts the decoder with each row's last label token
+# (mBART's language id) rather than decoder_start_token_id: the seq2seq batches would train another model. The
+# set is checked against transformers' shift_tokens_right (tests/test_family_stored.py).
+LAST_TOKEN_START = frozenset({"mbart", "plbart"})
 
 
 def _derived_record(path: Path, model_class: str, model_type) -> None:
     """Rebuild and register the record of stages converted with a derived one, from the conversion's family.json
-    (`fxconvert.families.stored`): a rank has no transformers to derive it again. Causal LMs and sequence
-    classifiers only, so far."""
+    (`fxconvert.families.stored`): a rank has no transformers to derive it again. Any record with an objective
+    trains (a seq2seq model's batches shift the decoder inputs from the labels, as transformers'
+    encoder-decoders do when given labels alone); one without (a head that computes no loss) is refused."""
     family = families.family_of_class(model_class)
     if model_type is None or (family is not None and not family.derived_from):
         return  # no transformers model (a plain module), or one with a hand-written record
     family = stored.read_family(path, model_class, model_type)
-    if family.objective not in (CAUSAL_LM, CLASSIFICATION):
+    if family.objective is None:
         trained = ", ".join(f.title.split(" (")[0] for f in families.all_families() if f.objective is not None)
-        raise UsageError(f"training a {printable(model_type)} model that is no causal LM nor sequence classifier "
-                         f"needs a hand-written family record, which {printable(model_class)} has not; "
-                         f"fxconvert.train trains the causal LMs and sequence classifiers of derived records (a "
-                         f"*ForCausalLM or *ForSequenceClassification class) and {trained} models")
+        raise UsageError(f"training a {printable(model_type)} model whose record has no objective needs a "
+                         f"hand-written family record, which {printable(model_class)} has not; fxconvert.train trains "
+                         f"the causal LMs, seq2seq models, masked LMs and sequence classifiers of derived records "
+                         f"(a *ForCausalLM, *ForConditionalGeneration, *ForMaskedLM or *ForSequenceClassification "
+                         f"class) and {trained} models")
+    if family.objective == SEQ2SEQ and model_type in LAST_TOKEN_START:
+        raise UsageError(f"training a {printable(model_type)} model needs a hand-written family record, which "
+                         f"{printable(model_class)} has not: its decoder starts with each row's last label token (the "
+                         f"language id), not the decoder_start_token_id the seq2seq batches start with; train another "
+                         f"derived seq2seq type (marian, pegasus, m2m_100, ...)")
     families.register_derived(family)
 
 
