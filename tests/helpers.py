@@ -225,6 +225,51 @@ def cli_convert(model, tmp_path, capsys, *options) -> dict:
     return report
 
 
+# A fresh process runs a conversion's written files: argv holds (directory, inputs file, result file) per
+# conversion. It imports every stage file first (which must import no transformers), then per conversion
+# runs model.py and the stages in sequence on the inputs (a torch.save'd dict) with a backward each, and saves
+# both losses and their gradients by the model's parameter names (`assert_written_runs_equal_eager`).
+WRITTEN_FILES_RUNNER = r"""
+import importlib.util, sys
+import torch
+from fxconvert.stage_files import load_pipeline
+
+jobs = [sys.argv[i:i + 3] for i in range(1, len(sys.argv), 3)]
+pipelines = [load_pipeline(directory) for directory, _, _ in jobs]
+for pipeline in pipelines:
+    for i in range(pipeline.num_stages):
+        pipeline.import_stage(i)
+imported = "transformers" in sys.modules  # importing a stage file needs no transformers
+
+for (directory, cases, result), pipeline in zip(jobs, pipelines):
+    names = {p.name: p.hf_name for stage in pipeline.stages for p in stage.parameters}
+
+    def hf_grads(modules):
+        grads = {}
+        for module in modules:
+            for name, p in module.named_parameters():
+                if p.grad is not None:
+                    grads[names[name]] = grads.get(names[name], 0) + p.grad
+        return grads
+
+    spec = importlib.util.spec_from_file_location("model", f"{directory}/model.py")
+    model_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_file)
+    model = model_file.load()
+    inputs = torch.load(cases)
+    loss = model(**inputs)
+    loss.backward()
+    stages = [pipeline.load_stage(i) for i in range(pipeline.num_stages)]
+    values = stages[0](*(inputs[k] for k in pipeline.stages[0].inputs))
+    for i in range(1, len(stages)):
+        values = stages[i](*values, **{k: inputs[k] for k in pipeline.stages[i].inputs})
+    values.backward()
+    torch.save({"imported": imported, "loaded": "transformers" in sys.modules, "model_loss": loss.detach(),
+                "stage_loss": values.detach(), "model_grads": hf_grads([model]), "stage_grads": hf_grads(stages)},
+               result)
+"""
+
+
 def assert_written_runs_equal_eager(model, inputs, result: dict, label: str = "") -> None:
     """A fresh process's run of a conversion's files against eager `model` on `inputs`: for "model" (model.py)
     and "stage" (the stages in sequence), `result["<side>_loss"]` equals eager's loss and

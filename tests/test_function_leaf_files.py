@@ -30,49 +30,11 @@ from fxconvert.families import derived
 from fxconvert.pipeline import PipelineError, load_pipeline
 
 import train_runs
-from helpers import assert_written_runs_equal_eager, two_stage_run
+from helpers import WRITTEN_FILES_RUNNER, assert_written_runs_equal_eager, two_stage_run
 
 TYPES = ("longt5", "t5gemma")
 FUNCTION = "transformers.models.longt5.modeling_longt5._split_into_blocks"
 GLOBAL = FUNCTION.replace(".", "_")  # the name the generated forward calls it by
-
-RUNNER = r"""
-import importlib.util, sys
-import torch
-from fxconvert.stage_files import load_pipeline
-
-jobs = [sys.argv[i:i + 3] for i in range(1, len(sys.argv), 3)]  # (directory, cases, result) per model
-pipelines = [load_pipeline(directory) for directory, _, _ in jobs]
-for pipeline in pipelines:
-    for i in range(pipeline.num_stages):
-        pipeline.import_stage(i)
-imported = "transformers" in sys.modules  # importing a stage file needs no transformers
-
-for (directory, cases, result), pipeline in zip(jobs, pipelines):
-    names = {p.name: p.hf_name for stage in pipeline.stages for p in stage.parameters}
-
-    def hf_grads(modules):
-        grads = {}
-        for module in modules:
-            for name, p in module.named_parameters():
-                if p.grad is not None:
-                    grads[names[name]] = grads.get(names[name], 0) + p.grad
-        return grads
-
-    spec = importlib.util.spec_from_file_location("model", f"{directory}/model.py")
-    model_file = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(model_file)
-    model = model_file.load()
-    inputs = torch.load(cases)
-    loss = model(**inputs)
-    loss.backward()
-    stages = [pipeline.load_stage(i) for i in range(pipeline.num_stages)]
-    values = stages[0](*(inputs[k] for k in pipeline.stages[0].inputs))
-    values = stages[1](*values, **{k: inputs[k] for k in pipeline.stages[1].inputs})
-    values.backward()
-    torch.save({"imported": imported, "model_loss": loss.detach(), "stage_loss": values.detach(),
-                "model_grads": hf_grads([model]), "stage_grads": hf_grads(stages)}, result)
-"""
 
 
 def tiny(model_type):
@@ -127,7 +89,7 @@ def test_model_and_stages_in_a_fresh_process_equal_eager_with_every_gradient(wri
         model, out = written[model_type]
         torch.save(inputs_for(model), tmp_path / f"{model_type}.pt")
         jobs += [str(out), str(tmp_path / f"{model_type}.pt"), str(tmp_path / f"{model_type}.result.pt")]
-    run = subprocess.run([sys.executable, "-c", RUNNER, *jobs], env=train_runs.env(), capture_output=True,
+    run = subprocess.run([sys.executable, "-c", WRITTEN_FILES_RUNNER, *jobs], env=train_runs.env(), capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     for model_type in TYPES:

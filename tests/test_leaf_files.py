@@ -25,48 +25,9 @@ from fxconvert.families import derived
 from fxconvert.pipeline import PipelineError, load_pipeline
 
 import train_runs
-from helpers import assert_written_runs_equal_eager, two_stage_run
+from helpers import WRITTEN_FILES_RUNNER, assert_written_runs_equal_eager, two_stage_run
 
 TYPES = {"mixtral": transformers.AutoModelForCausalLM, "m2m_100": transformers.AutoModelForSeq2SeqLM}
-
-RUNNER = r"""
-import importlib.util, json, sys
-import torch
-from fxconvert.stage_files import load_pipeline
-
-directory, cases = sys.argv[1], torch.load(sys.argv[2])
-pipeline = load_pipeline(directory)
-names = {p.name: p.hf_name for stage in pipeline.stages for p in stage.parameters}
-for i in range(pipeline.num_stages):
-    pipeline.import_stage(i)
-imported = "transformers" in sys.modules  # importing a stage file needs no transformers
-
-def hf_grads(modules):
-    grads = {}
-    for module in modules:
-        for name, p in module.named_parameters():
-            if p.grad is not None:
-                grads[names[name]] = grads.get(names[name], 0) + p.grad
-    return grads
-
-spec = importlib.util.spec_from_file_location("model", f"{directory}/model.py")
-model_file = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(model_file)
-model = model_file.load()
-inputs = cases["inputs"]
-loss = model(**inputs)
-loss.backward()
-stages = [pipeline.load_stage(i) for i in range(pipeline.num_stages)]
-values = ()
-for i, stage in enumerate(stages):
-    spec_inputs = pipeline.stages[i].inputs
-    values = stage(*values, *(inputs[k] for k in spec_inputs)) if i == 0 else \
-        stage(*values, **{k: inputs[k] for k in spec_inputs})
-values.backward()
-torch.save({"imported": imported, "loaded": "transformers" in sys.modules, "model_loss": loss.detach(),
-            "stage_loss": values.detach(), "model_grads": hf_grads([model]), "stage_grads": hf_grads(stages)},
-           sys.argv[3])
-"""
 
 
 def tiny(model_type):
@@ -142,8 +103,8 @@ def test_model_and_stages_in_a_fresh_process_equal_eager_with_every_gradient(wri
     model_type, model, out = written
     pipeline = load_pipeline(out)
     inputs = inputs_for(model, pipeline.input_names)
-    torch.save({"inputs": inputs}, tmp_path / "cases.pt")
-    run = subprocess.run([sys.executable, "-c", RUNNER, str(out), str(tmp_path / "cases.pt"),
+    torch.save(inputs, tmp_path / "cases.pt")
+    run = subprocess.run([sys.executable, "-c", WRITTEN_FILES_RUNNER, str(out), str(tmp_path / "cases.pt"),
                           str(tmp_path / "result.pt")], env=train_runs.env(), capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
